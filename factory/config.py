@@ -1,0 +1,312 @@
+"""factory.yaml: parsed and validated once, at the entry point, then passed in.
+
+Each field's docstring is its reference documentation (`factory validate --explain` and the
+README are built from them). Unknown keys are rejected with their full path and the closest
+valid key, and every problem is reported in one message.
+
+The sections `model`, `lora`, `training`, `dataset` and `save` are the training config of
+the Unsloth integration spec (seed 004) and load as printed there.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from factory.errors import ConfigError
+
+Auto = Literal["auto"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
+
+
+# --- data phases -----------------------------------------------------------------------
+
+InputFormat = Literal["auto", "alpaca", "sharegpt", "openai", "prompt_completion", "mapped", "text"]
+
+
+class InputSpec(Section):
+    path: str = "data/raw"
+    """A file or folder, relative to the workspace. Folders are read recursively
+    (.json, .jsonl, .csv, .tsv, .txt); hidden files are skipped."""
+
+    format: InputFormat = "auto"
+    """How to read the records: `auto` detects per file from its extension and first record;
+    or one of alpaca, sharegpt, openai, prompt_completion, mapped (fields named in `mapping`),
+    text (each .txt file is one document)."""
+
+    mapping: dict[Literal["system", "user", "assistant"], str] | None = None
+    """For `mapped` (and CSV/TSV): which field or column holds each role's text,
+    e.g. {user: question, assistant: answer}. Setting it implies format `mapped`."""
+
+    label_map: dict[str, str] | None = None
+    """Replace the assistant field's value through this table, e.g. {"0": negative, "1": positive}
+    for a classification label column. A value missing from the table is a rejected record."""
+
+    system_prompt: str | None = None
+    """A system turn added to every record read from this input."""
+
+    user_template: str | None = None
+    """Wrap the user text, e.g. "Sentiment of: {text}". `{text}` is replaced by the field's value."""
+
+    @model_validator(mode="after")
+    def _mapping_means_mapped(self) -> "InputSpec":
+        if self.format == "mapped" and not self.mapping:
+            raise ValueError("format 'mapped' needs a `mapping`, e.g. {user: question, assistant: answer}")
+        if self.mapping is not None and "assistant" not in self.mapping:
+            raise ValueError("`mapping` must name the field for `assistant`")
+        if self.mapping is not None and "user" not in self.mapping and "system" not in self.mapping:
+            raise ValueError("`mapping` must name the field for `user`")
+        return self
+
+
+class SplitConfig(Section):
+    train: float = Field(0.8, ge=0, le=1)
+    """Fraction of records (after de-duplication) in data/splits/train.jsonl."""
+
+    val: float = Field(0.1, ge=0, le=1)
+    """Fraction in val.jsonl."""
+
+    test: float = Field(0.1, ge=0, le=1)
+    """Fraction in test.jsonl."""
+
+    seed: int = 3407
+    """The same seed and data give byte-identical splits."""
+
+    stratify: str | None = None
+    """Keep each split's mix of this field's values, e.g. the assistant answer of a
+    classification task: `assistant` (the last assistant turn) or a top-level field kept in
+    the record."""
+
+    group_by_prompt: bool = True
+    """Records that share a prompt (all turns but the last answer, normalized) go to the same
+    split, so no test prompt was seen in training."""
+
+    @model_validator(mode="after")
+    def _ratios_sum_to_one(self) -> "SplitConfig":
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + val + test must be 1.0, got {total:g}")
+        return self
+
+
+class DedupConfig(Section):
+    exact: bool = True
+    """Drop records identical to an earlier one."""
+
+    normalized: bool = True
+    """Drop records equal to an earlier one after lower-casing and removing punctuation and
+    extra whitespace."""
+
+
+class DataConfig(Section):
+    inputs: list[InputSpec] = Field(default_factory=lambda: [InputSpec()])
+    """Where the raw data is: paths (strings) or objects with path, format, mapping,
+    label_map, system_prompt, user_template."""
+
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+
+    @field_validator("inputs", mode="before")
+    @classmethod
+    def _paths_as_specs(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("list at least one input path, e.g. [data/raw]")
+            return [{"path": v} if isinstance(v, str) else v for v in value]
+        return value
+
+
+# --- training (seed 004) ---------------------------------------------------------------
+
+
+class ModelConfig(Section):
+    name: str = "unsloth/gemma-3-4b-it"
+    """A hub id or a local folder with a Hugging Face model (config.json, weights, tokenizer)."""
+
+    max_seq_length: Union[int, Auto] = 2048
+    """Longest training sequence in tokens; longer examples are truncated. `auto` follows the
+    VRAM table of the spec."""
+
+    dtype: str | None = None
+    """null picks bfloat16 where supported, else float16 (float32 on CPU)."""
+
+    load_in_4bit: bool = True
+    """4-bit base weights (QLoRA). Needs CUDA; ignored with a warning elsewhere."""
+
+
+class LoraConfig(Section):
+    r: Union[int, Auto] = 8
+    """LoRA rank (8, 16, 32, 64, 128). `auto` follows the VRAM table."""
+
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    bias: Literal["none", "all", "lora_only"] = "none"
+    use_gradient_checkpointing: Union[bool, Literal["unsloth"]] = "unsloth"
+    """`unsloth` uses Unsloth's offloaded checkpointing on that backend, plain checkpointing elsewhere."""
+
+    finetune_vision_layers: bool = False
+    finetune_language_layers: bool = True
+    finetune_attention_modules: bool = True
+    finetune_mlp_modules: bool = True
+
+
+class TrainingConfig(Section):
+    per_device_train_batch_size: Union[int, Auto] = 2
+    gradient_accumulation_steps: Union[int, Auto] = 4
+    warmup_steps: int = 5
+    max_steps: int | None = None
+    """null trains for num_train_epochs; a number stops after that many optimizer steps."""
+
+    num_train_epochs: float = 3
+    learning_rate: float = 2e-4
+    lr_scheduler_type: str = "linear"
+    optim: str = "adamw_8bit"
+    """adamw_8bit needs bitsandbytes (CUDA); elsewhere adamw_torch is used and the log says so."""
+
+    weight_decay: float = 0.01
+    logging_steps: int = 1
+    seed: int = 3407
+    output_dir: str = "outputs"
+
+
+class DatasetConfig(Section):
+    path: str = "data/splits/train.jsonl"
+    text_field: str = "text"
+    chat_template: str = "gemma-3"
+
+
+class SaveConfig(Section):
+    lora_path: str = "models/checkpoints/lora"
+    merged_path: str = "models/checkpoints/merged"
+    gguf_path: str = "models/quantized"
+    gguf_quantization: Union[str, list[str]] = "Q8_0"
+    """One llama.cpp type or a list: f16, bf16, q8_0, q4_k_m, q5_k_m, q6_k, ..."""
+
+
+# --- the whole file --------------------------------------------------------------------
+
+
+class FactoryConfig(Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    save: SaveConfig = Field(default_factory=SaveConfig)
+    gates: dict[str, dict[str, Union[float, int, bool, str]]] = Field(default_factory=dict)
+    """Threshold overrides per gate: {gate-name: {metric.path: new threshold}}, e.g.
+    {data-valid: {format.records_out: 500}}. Edit gates/NAME.yaml for anything more."""
+
+    def section(self, name: str) -> dict[str, Any]:
+        """One section as plain JSON data (what a phase's fingerprint hashes)."""
+        return getattr(self, name).model_dump(mode="json")
+
+
+def load_config(path: Path) -> FactoryConfig:
+    """Read and validate factory.yaml (YAML or JSON). A missing file means all defaults."""
+    path = Path(path)
+    if not path.exists():
+        return FactoryConfig()
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (data, model, ...), not {type(raw).__name__}")
+    return parse_config(raw, source=str(path))
+
+
+# Names users bring from Axolotl, LLaMA-Factory and plain PEFT/transformers scripts.
+ALIASES = {
+    "rank": "r",
+    "lora_r": "r",
+    "alpha": "lora_alpha",
+    "dropout": "lora_dropout",
+    "lr": "learning_rate",
+    "epochs": "num_train_epochs",
+    "num_epochs": "num_train_epochs",
+    "batch_size": "per_device_train_batch_size",
+    "micro_batch_size": "per_device_train_batch_size",
+    "grad_accum": "gradient_accumulation_steps",
+    "sequence_len": "max_seq_length",
+    "cutoff_len": "max_seq_length",
+    "max_length": "max_seq_length",
+    "base_model": "name",
+    "model_name": "name",
+    "model_name_or_path": "name",
+    "quantization": "gguf_quantization",
+}
+
+
+def parse_config(raw: dict, source: str = "config") -> FactoryConfig:
+    try:
+        return FactoryConfig.model_validate(raw)
+    except ValidationError as e:
+        problems = [_describe(err) for err in e.errors()]
+        listing = "\n".join(f"  - {p}" for p in problems)
+        raise ConfigError(f"{source}: {len(problems)} problem(s):\n{listing}") from None
+
+
+def _describe(err: dict) -> str:
+    loc = [str(part) for part in err["loc"] if not _is_union_tag(part)]
+    where = ".".join(loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        known = _known_keys(loc[:-1])
+        close = [ALIASES[loc[-1]]] if ALIASES.get(loc[-1]) in known else difflib.get_close_matches(loc[-1], known + list(ALIASES), n=1, cutoff=0.5)
+        close = [ALIASES.get(c, c) for c in close if ALIASES.get(c, c) in known]
+        parent = ".".join(loc[:-1])
+        hint = f"did you mean {parent + '.' if parent else ''}{close[0]}?" if close else f"valid keys: {', '.join(known)}"
+        return f"{where}: unknown key; {hint}"
+    message = err["msg"].removeprefix("Value error, ")
+    if "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], (dict, list)):
+        message += f" (got {err['input']!r})"
+    return f"{where}: {message}"
+
+
+def _is_union_tag(part: Any) -> bool:
+    # pydantic puts validator and union-member names in the location
+    # ("inputs.0.function-after[...].path"); config keys are lower-case and bracket-free.
+    return isinstance(part, str) and ("[" in part or part[:1].isupper())
+
+
+def _known_keys(loc: list[str]) -> list[str]:
+    model: Any = FactoryConfig
+    for part in loc:
+        if part.isdigit():
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        model = _model_in(field.annotation)
+        if model is None:
+            return []
+    return list(getattr(model, "model_fields", {}))
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation like list[Union[str, InputSpec]]."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None

@@ -1,0 +1,58 @@
+"""The contract between the runner and a phase.
+
+A phase is one module in `phases/` that exposes `PHASE = Phase(...)`. Its `run` reads
+the config and its inputs, writes its artifacts, reports progress through the context, and
+returns its metrics as a dict. The runner owns everything else: it writes the returned
+metrics to metrics/<metrics>.json, checks the gates attached to the phase, keeps the
+fingerprints that let an unchanged phase be skipped, and writes the status files.
+Phases never write status and never read gates.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from factory.config import FactoryConfig
+from factory.workspace import Workspace
+
+
+class Progress(Protocol):
+    """How a phase reports progress; cheap enough to call every few thousand records."""
+
+    def start(self, total: int | None, unit: str) -> None: ...
+
+    def advance(self, n: int = 1) -> None: ...
+
+
+@dataclass
+class PhaseContext:
+    config: FactoryConfig
+    workspace: Workspace
+    progress: Progress
+    log: logging.Logger
+    run_id: str = ""
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    summary: str
+    metrics: str
+    """Stem of the metrics file the runner writes from run()'s result: metrics/<metrics>.json."""
+
+    run: Callable[[PhaseContext], dict[str, Any]] | None
+    """None while the phase is not implemented yet; `factory run` then says so plainly."""
+
+    config_sections: tuple[str, ...] = ()
+    """Config sections whose values change this phase's output (part of its fingerprint)."""
+
+    inputs: Callable[[FactoryConfig, Workspace], list[Path]] = field(default=lambda cfg, ws: [])
+    """Files (or folders) whose content is part of the fingerprint."""
+
+    outputs: Callable[[FactoryConfig, Workspace], list[Path]] = field(default=lambda cfg, ws: [])
+    """Artifacts that must still exist for the phase to be skipped."""
+
+    unavailable_reason: str = ""

@@ -1,0 +1,17 @@
+"""The pipeline, in order. Each module exposes PHASE; see factory.phase for the contract."""
+
+from __future__ import annotations
+
+from phases import baseline, evaluate, finetune, format, quantize, split
+from factory.phase import Phase
+
+PIPELINE: tuple[Phase, ...] = (
+    format.PHASE,
+    split.PHASE,
+    baseline.PHASE,
+    finetune.PHASE,
+    evaluate.PHASE,
+    quantize.PHASE,
+)
+
+BY_NAME: dict[str, Phase] = {phase.name: phase for phase in PIPELINE}
