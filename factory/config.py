@@ -310,3 +310,29 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
         if found is not None:
             return found
     return None
+
+
+def commented_template(model: type[BaseModel] = FactoryConfig, indent: int = 0) -> str:
+    """factory.yaml with every key at its default and its docstring as a comment."""
+    pad = " " * indent
+    lines: list[str] = []
+    defaults = model()
+    for name, field in model.model_fields.items():
+        if field.description:
+            lines += [f"{pad}# {line.strip()}" for line in field.description.splitlines()]
+        value = getattr(defaults, name)
+        if isinstance(value, BaseModel):
+            lines.append(f"{pad}{name}:")
+            lines.append(commented_template(type(value), indent + 2))
+        elif isinstance(value, list) and value and isinstance(value[0], BaseModel):
+            item = commented_template(type(value[0]), indent + 4).splitlines()
+            first = next(i for i, line in enumerate(item) if not line.lstrip().startswith("#"))
+            item[first] = f"{pad}  - {item[first].lstrip()}"
+            lines.append(f"{pad}{name}:")
+            lines += item
+        else:
+            dumped = yaml.safe_dump({name: value}, default_flow_style=True, sort_keys=False, width=1000).strip()
+            lines.append(f"{pad}{dumped[1:-1] if dumped.startswith('{') else dumped}")
+        if indent == 0:
+            lines.append("")
+    return "\n".join(lines)

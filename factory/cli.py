@@ -1,0 +1,301 @@
+"""The `factory` command. Config is read and validated here, once, and passed in.
+
+Exit codes, everywhere: 0 ok, 1 a gate failed, 2 bad input, config or usage,
+3 an internal error (a bug: please report it with the --debug traceback), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import click
+import orjson
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from factory import __version__
+from factory.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, Cancelled, FactoryError, GateFailed
+from factory.workspace import Workspace
+
+app = typer.Typer(
+    help=(
+        "Turn raw instruction data into a fine-tuned, evaluated, quantized model, one checked "
+        "phase at a time: format -> split -> baseline -> finetune -> evaluate -> quantize.\n\n"
+        "Start with `factory init`, put data in data/raw/, then `factory run split`."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
+)
+gate_app = typer.Typer(help="List and check the quality gates (gates/*.yaml).", no_args_is_help=True)
+app.add_typer(gate_app, name="gate")
+
+out = Console()
+err = Console(stderr=True)
+
+WorkspaceOpt = Annotated[
+    Path, typer.Option("--workspace", "-C", help="The workspace folder (holds factory.yaml).", show_default="current folder")
+]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")]
+PHASE_NAMES = ["format", "split", "baseline", "finetune", "evaluate", "quantize"]
+
+_debug = False
+
+
+def _setup(workspace: Path, debug: bool) -> Workspace:
+    global _debug
+    _debug = _debug or debug
+    ws = Workspace.at(workspace)
+    if not ws.root.is_dir():
+        raise FactoryError(f"workspace {ws.root} does not exist; create it with `factory init {workspace}`")
+    return ws
+
+
+def _config(ws: Workspace):
+    from factory.config import load_config
+
+    return load_config(ws.config_file)
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"factory {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = None,
+) -> None:
+    pass
+
+
+# --- init ----------------------------------------------------------------------------------
+
+
+@app.command()
+def init(
+    directory: Annotated[Path, typer.Argument(help="Where to create the workspace.")] = Path("."),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing factory.yaml.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Create a workspace: a commented factory.yaml, data/raw/, gates/ and output folders."""
+    from factory import resources
+    from factory.config import commented_template
+
+    global _debug
+    _debug = debug
+    ws = Workspace.at(directory)
+    config = ws.root / "factory.yaml"
+    if config.exists() and not force:
+        raise FactoryError(f"{config} already exists; use --force to overwrite it")
+    for folder in (ws.root / "data" / "raw", ws.models_dir, ws.metrics_dir, ws.state_dir, ws.gates_dir):
+        folder.mkdir(parents=True, exist_ok=True)
+    header = (
+        "# factory.yaml: the whole pipeline's configuration. Every key is shown at its default.\n"
+        "# Check it with `factory validate`; run with `factory run [PHASE]`.\n\n"
+    )
+    config.write_text(header + commented_template() + "\n", encoding="utf-8")
+    for gate in sorted(resources.data_dir("gates").glob("*.yaml")):
+        if not (ws.gates_dir / gate.name).exists():
+            shutil.copy(gate, ws.gates_dir / gate.name)
+    out.print(f"Created workspace in {ws.root}")
+    out.print("  factory.yaml   configuration (commented)")
+    out.print("  data/raw/      put your .jsonl / .json / .csv / .tsv / .txt files here")
+    out.print("  gates/         quality gates; edit thresholds here")
+    out.print(f"Next: add data, then `factory run split{'' if directory == Path('.') else f' -C {directory}'}`")
+
+
+# --- run -----------------------------------------------------------------------------------
+
+
+@app.command()
+def run(
+    phase: Annotated[Optional[str], typer.Argument(help="Run the pipeline up to this phase (all when omitted).", show_default=False)] = None,
+    only: Annotated[Optional[str], typer.Option("--only", help="Run just this one phase.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Re-run phases even when unchanged.")] = False,
+    workspace: WorkspaceOpt = Path("."),
+    debug: DebugOpt = False,
+) -> None:
+    """Run phases in order, skipping unchanged ones and stopping on a failed gate.
+
+    Phases: format -> split -> baseline -> finetune -> evaluate -> quantize.
+    Progress goes to the terminal and to .factory/status.json.
+    """
+    import phases
+    from factory.runner import run_pipeline
+    from factory.terminal import RunReporter
+
+    if phase and only:
+        raise FactoryError("give either PHASE (run up to it) or --only PHASE, not both")
+    ws = _setup(workspace, debug)
+    cfg = _config(ws)
+    reporter = RunReporter(err)
+    try:
+        with reporter:
+            result = run_pipeline(cfg, ws, phases.PIPELINE, target=phase, only=only, force=force, reporter=reporter)
+    except GateFailed as e:
+        for outcome in e.results:
+            _gate_table(outcome)
+        raise
+    reporter.summary(ws)
+    if not result.ran and result.skipped:
+        err.print("Nothing to do: every phase is unchanged (use --force to re-run).")
+
+
+# --- gates ---------------------------------------------------------------------------------
+
+
+@gate_app.command("list")
+def gate_list(workspace: WorkspaceOpt = Path("."), debug: DebugOpt = False) -> None:
+    """List the gates, the phase each follows, and their last result."""
+    from factory.gates import load_gates
+
+    ws = _setup(workspace, debug)
+    gates = load_gates(ws, _config(ws))
+    table = Table("gate", "after", "criteria", "last result", "file")
+    order = {name: i for i, name in enumerate(PHASE_NAMES)}
+    for gate in sorted(gates.values(), key=lambda g: (order.get(g.after, 99), g.name)):
+        result_file = ws.gate_results_dir / f"{gate.name}.json"
+        last = "[dim]not checked[/]"
+        if result_file.exists():
+            last = "[green]passed[/]" if orjson.loads(result_file.read_bytes())["passed"] else "[red]failed[/]"
+        table.add_row(gate.name, gate.after, str(len(gate.criteria)), last, ws.rel(gate.source))
+    out.print(table)
+
+
+@gate_app.command("check")
+def gate_check(
+    name: Annotated[str, typer.Argument(help="The gate, e.g. data-valid or model-performance.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    workspace: WorkspaceOpt = Path("."),
+    debug: DebugOpt = False,
+) -> None:
+    """Check one gate against the current metrics. Exit 0 pass, 1 fail, 2 missing metrics."""
+    import phases
+    from factory.gates import check_gate, load_gates
+    from factory.runner import metrics_producers
+
+    ws = _setup(workspace, debug)
+    gates = load_gates(ws, _config(ws))
+    if name not in gates:
+        raise FactoryError(f"no gate named {name!r}; gates: {', '.join(sorted(gates))}")
+    result = check_gate(gates[name], ws, metrics_producers(phases.PIPELINE))
+    if as_json:
+        sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        _gate_table(result)
+    if not result["passed"]:
+        raise GateFailed(f"gate {name} failed", [result])
+
+
+def _gate_table(result: dict) -> None:
+    mark = "[green]PASSED[/]" if result["passed"] else "[red]FAILED[/]"
+    table = Table(title=f"gate {result['gate']} (after {result['after']}): {mark}", title_justify="left")
+    for column in ("metric", "observed", "op", "required", "result"):
+        table.add_column(column)
+    for c in result["criteria"]:
+        verdict = {True: "[green]pass[/]", False: "[red]fail[/]", None: "[dim]skipped[/]"}[c["passed"]]
+        required = c["required"] if c["required"] is not None else c["value"]
+        if isinstance(c["value"], str) and c["required"] is not None:
+            required = f"{_fmt(c['required'])} ({c['value']})"
+        table.add_row(c["metric"], _fmt(c["observed"]), c["op"], _fmt(required), verdict)
+    out.print(table)
+    for c in result["criteria"]:
+        if c["passed"] is False and c.get("description"):
+            out.print(f"  [red]✗[/] {c['metric']}: {c['description']}")
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "—" if value is None else str(value)
+
+
+# --- status & validate -----------------------------------------------------------------------
+
+
+@app.command()
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="Print .factory/status.json as it is.")] = False,
+    workspace: WorkspaceOpt = Path("."),
+    debug: DebugOpt = False,
+) -> None:
+    """Show the pipeline state: each phase, its timing, progress and gates."""
+    from factory.status import idle_status, read_status
+
+    ws = _setup(workspace, debug)
+    doc = read_status(ws) or idle_status(PHASE_NAMES, {})
+    if as_json:
+        sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return
+    from factory.terminal import status_table
+
+    out.print(status_table(doc))
+
+
+@app.command()
+def validate(workspace: WorkspaceOpt = Path("."), debug: DebugOpt = False) -> None:
+    """Check factory.yaml, the gate files and the input paths; report every problem at once."""
+    from factory.config import load_config
+    from factory.errors import ConfigError
+    from factory.gates import load_gates
+
+    ws = _setup(workspace, debug)
+    problems: list[str] = []
+    cfg = None
+    try:
+        cfg = load_config(ws.config_file)
+    except ConfigError as e:
+        problems.append(str(e))
+    if cfg is not None:
+        try:
+            load_gates(ws, cfg)
+        except ConfigError as e:
+            problems.append(str(e))
+        for spec in cfg.data.inputs:
+            if not ws.path(spec.path).exists():
+                problems.append(f"data.inputs: {spec.path} does not exist (relative paths are under {ws.root})")
+    if problems:
+        raise FactoryError("\n".join(problems))
+    source = ws.rel(ws.config_file) if ws.config_file.exists() else "defaults (no factory.yaml)"
+    out.print(f"[green]OK[/]: {source}, gates and inputs are valid")
+
+
+# --- entry point -------------------------------------------------------------------------------
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        err.print("interrupted")
+        sys.exit(EXIT_INTERRUPTED)
+    except click.exceptions.ClickException as e:
+        e.show()
+        sys.exit(EXIT_USAGE)
+    except (KeyboardInterrupt, Cancelled) as e:
+        err.print(f"[yellow]interrupted[/]: {e or 'Ctrl-C'}; the status file records where it stopped")
+        sys.exit(EXIT_INTERRUPTED)
+    except FactoryError as e:
+        if _debug:
+            err.print_exception()
+        err.print(f"[red]error[/]: {e}", highlight=False)
+        sys.exit(e.exit_code)
+    except Exception as e:  # a bug, not the user's doing
+        if _debug:
+            err.print_exception()
+        else:
+            err.print(f"[red]internal error[/]: {type(e).__name__}: {e}\nRe-run with --debug for the traceback and please report it.")
+        sys.exit(EXIT_INTERNAL)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""The pipeline status file, .factory/status.json, owned by the runner.
+
+Every change is written atomically (temp file + rename) with a sequence number that only
+increases, across runs too, so a poller never reads a torn file and can order what it reads.
+Progress updates are throttled; state changes are written at once.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+import orjson
+
+from factory.io import write_json
+from factory.workspace import Workspace
+
+PROGRESS_INTERVAL_S = 0.5
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def read_status(ws: Workspace) -> dict | None:
+    """The last status written, or None when there is none (or it is unreadable)."""
+    try:
+        return orjson.loads(ws.status_file.read_bytes())
+    except (FileNotFoundError, orjson.JSONDecodeError):
+        return None
+
+
+def idle_status(phase_names: list[str], summaries: dict[str, str]) -> dict:
+    """What `factory status` shows before any run."""
+    return {
+        "schema_version": 1,
+        "run_id": None,
+        "seq": 0,
+        "state": "idle",
+        "target": None,
+        "started_at": None,
+        "updated_at": now_iso(),
+        "ended_at": None,
+        "pid": None,
+        "error": None,
+        "phases": [_pending(name, summaries.get(name, "")) for name in phase_names],
+    }
+
+
+def _pending(name: str, summary: str) -> dict:
+    return {
+        "name": name,
+        "state": "pending",
+        "summary": summary,
+        "started_at": None,
+        "ended_at": None,
+        "duration_seconds": None,
+        "reason": None,
+        "progress": None,
+        "metrics_file": None,
+        "gates": [],
+        "error": None,
+    }
+
+
+class StatusWriter:
+    """Holds the run's status in memory and writes it on every change."""
+
+    def __init__(self, ws: Workspace, phase_names: list[str], summaries: dict[str, str], target: str | None):
+        self.ws = ws
+        previous = read_status(ws)
+        self._seq = previous["seq"] if previous else 0
+        # Phases not part of this run keep what the last run recorded for them.
+        earlier = {p["name"]: p for p in (previous or {}).get("phases", [])}
+        self.doc = {
+            "schema_version": 1,
+            "run_id": uuid.uuid4().hex[:12],
+            "seq": self._seq,
+            "state": "running",
+            "target": target,
+            "started_at": now_iso(),
+            "updated_at": now_iso(),
+            "ended_at": None,
+            "pid": os.getpid(),
+            "error": None,
+            "phases": [earlier.get(n) or _pending(n, summaries.get(n, "")) for n in phase_names],
+        }
+        self._last_progress_write = 0.0
+        self.write()
+
+    @property
+    def run_id(self) -> str:
+        return self.doc["run_id"]
+
+    def phase(self, name: str) -> dict:
+        return next(p for p in self.doc["phases"] if p["name"] == name)
+
+    def write(self) -> None:
+        self._seq += 1
+        self.doc["seq"] = self._seq
+        self.doc["updated_at"] = now_iso()
+        write_json(self.ws.status_file, self.doc)
+
+    def reset_phase(self, name: str) -> None:
+        """Mark a phase of this run pending again (it is about to be run or skipped)."""
+        entry = self.phase(name)
+        summary = entry.get("summary", "")
+        entry.clear()
+        entry.update(_pending(name, summary))
+
+    def phase_started(self, name: str, metrics_file: str) -> None:
+        self.phase(name).update(state="running", started_at=now_iso(), metrics_file=metrics_file)
+        self.write()
+
+    def phase_progress(self, name: str, done: int, total: int | None, unit: str, force: bool = False) -> None:
+        self.phase(name)["progress"] = {"done": done, "total": total, "unit": unit}
+        now = time.monotonic()
+        if force or now - self._last_progress_write >= PROGRESS_INTERVAL_S:
+            self._last_progress_write = now
+            self.write()
+
+    def phase_finished(self, name: str, state: str, *, reason: str | None = None, error: dict | None = None,
+                       metrics_file: str | None = None) -> None:
+        entry = self.phase(name)
+        ended = now_iso()
+        started = entry["started_at"] or ended
+        entry.update(state=state, ended_at=ended, reason=reason, error=error)
+        if metrics_file:
+            entry["metrics_file"] = metrics_file
+        entry["duration_seconds"] = round(
+            (datetime.fromisoformat(ended) - datetime.fromisoformat(started)).total_seconds(), 3
+        )
+        if state == "skipped":
+            entry["started_at"] = entry["ended_at"] = ended
+            entry["duration_seconds"] = 0.0
+        self.write()
+
+    def gate_checked(self, phase: str, result: dict[str, Any]) -> None:
+        entry = self.phase(phase)
+        entry["gates"] = [g for g in entry["gates"] if g["name"] != result["gate"]]
+        entry["gates"].append(
+            {
+                "name": result["gate"],
+                "passed": result["passed"],
+                "failed_criteria": [c["metric"] for c in result["criteria"] if c["passed"] is False],
+                "result_file": self.ws.rel(self.ws.gate_results_dir / f"{result['gate']}.json"),
+            }
+        )
+        self.write()
+
+    def finish(self, state: str, error: dict | None = None) -> None:
+        self.doc.update(state=state, ended_at=now_iso(), error=error)
+        self.write()
