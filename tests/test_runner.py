@@ -1,0 +1,157 @@
+"""The runner's engine on a small pipeline of its own: skip by fingerprint, re-run on change,
+gates stop the run, status stays schema-valid, and a final state is written on SIGTERM and
+Ctrl-C in a real subprocess."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from factory.config import parse_config
+from factory.errors import GateFailed, PhaseUnavailable
+from factory.phase import Phase
+from factory.resources import validate
+from factory.runner import run_pipeline
+from factory.workspace import Workspace
+
+
+def _copy_upper(ctx):
+    """A phase: data/raw/in.txt -> data/formatted/all.jsonl, upper-cased."""
+    text = ctx.workspace.path("data/raw/in.txt").read_text()
+    ctx.progress.start(len(text), "chars")
+    out = ctx.workspace.formatted_file
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text.upper())
+    ctx.progress.advance(len(text))
+    return {"records_out": len(text.split()), "rejected_ratio": 0.0}
+
+
+def _count(ctx):
+    words = ctx.workspace.formatted_file.read_text().split()
+    return {"counts": {"test": len(words), "train": 1}, "leakage": {"total": 0}}
+
+
+PIPELINE = (
+    Phase("format", "upper-case", "format", _copy_upper, ("data",),
+          inputs=lambda c, w: [w.path("data/raw/in.txt")], outputs=lambda c, w: [w.formatted_file]),
+    Phase("split", "count", "split", _count, (),
+          inputs=lambda c, w: [w.formatted_file], outputs=lambda c, w: []),
+    Phase("baseline", "not yet", "baseline", None, unavailable_reason="the baseline phase is not available yet"),
+)
+CFG = parse_config({"gates": {"data-valid": {"format.records_out": 2}, "splits-ready": {"split.counts.test": 2}}})
+
+
+@pytest.fixture
+def ws(tmp_path):
+    ws = Workspace.at(tmp_path)
+    (tmp_path / "data" / "raw").mkdir(parents=True)
+    (tmp_path / "data" / "raw" / "in.txt").write_text("a b c")
+    return ws
+
+
+def status(ws):
+    doc = json.loads(ws.status_file.read_text())
+    validate(doc, "status")
+    return doc
+
+
+def test_runs_then_skips_unchanged_then_reruns_changed(ws):
+    first = run_pipeline(CFG, ws, PIPELINE, target="split")
+    assert first.ran == ["format", "split"] and [g["passed"] for g in first.gates] == [True, True]
+    doc = status(ws)
+    assert doc["state"] == "succeeded" and [p["state"] for p in doc["phases"]] == ["succeeded", "succeeded", "pending"]
+    assert json.loads(ws.metrics_file("format").read_text())["records_out"] == 3
+
+    second = run_pipeline(CFG, ws, PIPELINE, target="split")
+    assert second.ran == [] and second.skipped == ["format", "split"]
+    assert len(second.gates) == 2  # gates are re-checked on a skip
+    assert status(ws)["seq"] > doc["seq"]
+
+    (ws.root / "data" / "raw" / "in.txt").write_text("a b c d")  # input changed
+    assert run_pipeline(CFG, ws, PIPELINE, target="split").ran == ["format", "split"]
+
+    ws.formatted_file.write_text("tampered")  # an output changed behind our back
+    rerun = run_pipeline(CFG, ws, PIPELINE, target="split")
+    # format restores the same output, so split's input is unchanged again
+    assert rerun.ran == ["format"] and rerun.skipped == ["split"]
+
+    changed_cfg = parse_config({**CFG.model_dump(), "data": {"split": {"seed": 1, "train": 0.8, "val": 0.1, "test": 0.1}}})
+    assert run_pipeline(changed_cfg, ws, PIPELINE, target="split").ran == ["format"]  # only format reads `data`
+
+    assert run_pipeline(changed_cfg, ws, PIPELINE, target="split", force=True).ran == ["format", "split"]
+    assert run_pipeline(changed_cfg, ws, PIPELINE, only="split", force=True).ran == ["split"]
+
+
+def test_failed_gate_stops_the_run_and_is_recorded(ws):
+    strict = parse_config({"gates": {"data-valid": {"format.records_out": 10}}})
+    with pytest.raises(GateFailed) as info:
+        run_pipeline(strict, ws, PIPELINE, target="split")
+    assert info.value.exit_code == 1
+    doc = status(ws)
+    assert doc["state"] == "failed" and doc["error"]["type"] == "GateFailed"
+    fmt, split = doc["phases"][0], doc["phases"][1]
+    assert fmt["state"] == "succeeded" and fmt["gates"][0] == {
+        "name": "data-valid", "passed": False, "failed_criteria": ["format.records_out"],
+        "result_file": "metrics/gates/data-valid.json",
+    }
+    assert split["state"] == "pending"
+
+
+def test_unavailable_phase_is_said_plainly(ws):
+    with pytest.raises(PhaseUnavailable, match="baseline phase is not available yet. Completed before it: format, split"):
+        run_pipeline(CFG, ws, PIPELINE)
+    doc = status(ws)
+    assert doc["state"] == "failed" and doc["phases"][2]["state"] == "pending"
+    assert doc["phases"][2]["reason"] == "the baseline phase is not available yet"
+
+
+SLOW_RUN = textwrap.dedent("""
+    import sys, time
+    from factory.config import parse_config
+    from factory.phase import Phase
+    from factory.runner import run_pipeline
+    from factory.workspace import Workspace
+
+    def slow(ctx):
+        ctx.progress.start(1000, "ticks")
+        for _ in range(1000):
+            time.sleep(0.01)
+            ctx.progress.advance()
+        return {}
+
+    run_pipeline(parse_config({}), Workspace.at(sys.argv[1]), (Phase("format", "slow", "format", slow),))
+""")
+
+
+@pytest.mark.parametrize("sig, state", [(signal.SIGTERM, "cancelled"), (signal.SIGINT, "cancelled")])
+def test_final_state_written_when_killed_mid_phase(ws, sig, state):
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_RUN, str(ws.root)], stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if ws.status_file.exists() and (status(ws)["phases"][0].get("progress") or {}).get("done", 0) > 20:
+            break
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    proc.wait(timeout=30)
+    doc = status(ws)
+    assert doc["state"] == state
+    assert doc["phases"][0]["state"] == "failed" and doc["phases"][0]["error"]["type"] in ("Cancelled", "Interrupted")
+    assert doc["ended_at"] is not None
+
+
+def test_second_run_on_same_workspace_is_refused(ws):
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_RUN, str(ws.root)])
+    try:
+        deadline = time.monotonic() + 30
+        while not (ws.status_file.exists() and status(ws)["state"] == "running") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(Exception, match=rf"another factory run \(pid {proc.pid}\)"):
+            run_pipeline(CFG, ws, PIPELINE, target="split")
+    finally:
+        proc.kill()
+        proc.wait()
