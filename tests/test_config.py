@@ -117,3 +117,12 @@ def test_commented_template_round_trips_to_defaults():
     text = commented_template()
     assert "# LoRA rank" in text and "# The same seed and data give byte-identical splits." in text
     assert parse_config(yaml.safe_load(text)) == FactoryConfig()
+
+
+def test_readme_config_reference_is_current():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("<!-- config-reference:start -->")[1].split("<!-- config-reference:end -->")[0]
+    assert section.strip() == f"```yaml\n{commented_template()}\n```", (
+        "README's config reference is stale: replace the block between the config-reference "
+        "markers with the output of `python -c 'from factory.config import commented_template as t; print(t())'`"
+    )
