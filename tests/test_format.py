@@ -1,0 +1,519 @@
+"""The format phase on real files: every input shape, every kind of bad record, and the
+real datasets in ../shared/datasets (skipped when that folder is absent)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import orjson
+import pytest
+
+from factory.config import parse_config
+from factory.errors import InputError
+from factory.phase import PhaseContext
+from factory.resources import validate
+from factory.workspace import Workspace
+from phases.format import PHASE
+
+DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+
+
+class CountingProgress:
+    def __init__(self):
+        self.started = []
+        self.advanced = 0
+        self.calls = 0
+
+    def start(self, total, unit):
+        self.started.append((total, unit))
+
+    def advance(self, n=1):
+        self.advanced += n
+        self.calls += 1
+
+
+def run_format(root: Path, inputs=None, progress=None) -> dict:
+    """Run the phase on workspace `root`; check the invariants every run must keep."""
+    raw = {} if inputs is None else {"data": {"inputs": inputs}}
+    progress = progress or CountingProgress()
+    ctx = PhaseContext(parse_config(raw), Workspace.at(root), progress, logging.getLogger("test"))
+    metrics = PHASE.run(ctx)
+    assert metrics["records_in"] == metrics["records_out"] + metrics["rejected"]
+    assert sum(metrics["per_reason"].values()) == metrics["rejected"]
+    assert len(records(root)) == metrics["records_out"]
+    assert len(rejects(root)) == metrics["rejected"]
+    assert metrics["output_sha256"] == hashlib.sha256((root / metrics["output"]).read_bytes()).hexdigest()
+    assert progress.advanced == metrics["records_in"]
+    return metrics
+
+
+def records(root: Path) -> list[dict]:
+    return [orjson.loads(line) for line in (root / "data/formatted/all.jsonl").read_bytes().splitlines()]
+
+
+def rejects(root: Path) -> list[dict]:
+    return [orjson.loads(line) for line in (root / "data/formatted/rejects.jsonl").read_bytes().splitlines()]
+
+
+def write(root: Path, relative: str, content: str | bytes) -> Path:
+    path = root / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content.encode() if isinstance(content, str) else content)
+    return path
+
+
+def jsonl(*objs) -> bytes:
+    return b"".join(orjson.dumps(o) + b"\n" for o in objs)
+
+
+def turns(*pairs) -> list[dict]:
+    return [{"role": role, "content": content} for role, content in pairs]
+
+
+def the_reject(root: Path) -> dict:
+    (only,) = rejects(root)
+    return only
+
+
+# --- formats --------------------------------------------------------------------------
+
+
+def test_alpaca_jsonl_instruction_input_output(tmp_path):
+    write(tmp_path, "data/raw/a.jsonl", jsonl(
+        {"instruction": "Translate to French.", "input": "cat", "output": "chat"},
+        {"instruction": "Name a colour.", "input": "", "output": "Blue"},
+        {"instruction": "Say hi.", "output": "hi"},
+    ))
+    metrics = run_format(tmp_path)
+    assert records(tmp_path) == [
+        {"conversations": turns(("system", "Translate to French."), ("user", "cat"), ("assistant", "chat"))},
+        # no input: the instruction is the user turn, or Gemma's template finds no user turn
+        {"conversations": turns(("user", "Name a colour."), ("assistant", "Blue"))},
+        {"conversations": turns(("user", "Say hi."), ("assistant", "hi"))},
+    ]
+    assert metrics["per_file"]["data/raw/a.jsonl"]["format"] == "alpaca"
+    assert metrics["rejected"] == 0 and metrics["rejected_ratio"] == 0
+    assert metrics["output"] == "data/formatted/all.jsonl"
+    assert metrics["rejects"] == "data/formatted/rejects.jsonl"
+
+
+def test_alpaca_json_array(tmp_path):
+    write(tmp_path, "data/raw/a.json", orjson.dumps([
+        {"instruction": "Add.", "input": "1+1", "output": "2", "score": 1.5},
+        {"instruction": "Greet.", "input": "", "output": "Hello"},
+    ], option=orjson.OPT_INDENT_2))
+    run_format(tmp_path)
+    assert [r["conversations"][-1]["content"] for r in records(tmp_path)] == ["2", "Hello"]
+
+
+def test_sharegpt_tool_roles_and_tools_kept(tmp_path):
+    record = {
+        "system": "You can call functions.",
+        "conversations": [
+            {"from": "human", "value": "Weather in Paris?"},
+            {"from": "function_call", "value": '{"name": "weather", "arguments": {"city": "Paris"}}'},
+            {"from": "observation", "value": '{"temp": 20}'},
+            {"from": "gpt", "value": "It is 20 degrees."},
+            {"from": "human", "value": "Thanks"},
+            {"from": "gpt", "value": "You're welcome."},
+        ],
+        "tools": '[{"name": "weather"}]',
+    }
+    write(tmp_path, "data/raw/chat.json", orjson.dumps([record]))
+    metrics = run_format(tmp_path)
+    (out,) = records(tmp_path)
+    assert [t["role"] for t in out["conversations"]] == ["system", "user", "assistant", "tool", "assistant", "user", "assistant"]
+    assert out["tools"] == '[{"name": "weather"}]'
+    assert metrics["per_file"]["data/raw/chat.json"]["format"] == "sharegpt"
+
+
+def test_openai_messages_label_goes_to_meta(tmp_path):
+    write(tmp_path, "data/raw/m.jsonl", jsonl(
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}], "label": True},
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]}, {"role": "assistant", "content": "Hello"}]},
+    ))
+    metrics = run_format(tmp_path)
+    first, second = records(tmp_path)
+    assert first == {"conversations": turns(("system", "Be brief."), ("user", "2+2?"), ("assistant", "4")), "meta": {"label": True}}
+    assert second["conversations"][0] == {"role": "user", "content": "Hi there"}
+    assert metrics["per_file"]["data/raw/m.jsonl"]["format"] == "openai"
+
+
+def test_prompt_completion(tmp_path):
+    write(tmp_path, "data/raw/pc.jsonl", jsonl({"prompt": "Capital of France?", "completion": "Paris"}))
+    run_format(tmp_path)
+    assert records(tmp_path) == [{"conversations": turns(("user", "Capital of France?"), ("assistant", "Paris"))}]
+
+
+def test_mapped_jsonl_with_label_map(tmp_path):
+    write(tmp_path, "data/raw/q.jsonl", jsonl(
+        {"q": "good film", "y": 1},
+        {"q": "bad film", "y": 0},
+        {"q": "so-so film", "y": 2},
+    ))
+    inputs = [{"path": "data/raw", "mapping": {"user": "q", "assistant": "y"}, "label_map": {"0": "negative", "1": "positive"}}]
+    run_format(tmp_path, inputs)
+    assert records(tmp_path) == [
+        {"conversations": turns(("user", "good film"), ("assistant", "positive")), "meta": {"label": 1}},
+        {"conversations": turns(("user", "bad film"), ("assistant", "negative")), "meta": {"label": 0}},
+    ]
+    bad = the_reject(tmp_path)
+    assert (bad["file"], bad["line"], bad["reason"]) == ("data/raw/q.jsonl", 3, "unmapped_label")
+    assert "label_map" in bad["detail"] and "'2'" in bad["detail"]
+
+
+def test_csv_mapping_with_quoted_multiline_field(tmp_path):
+    write(tmp_path, "data/raw/qa.csv", 'question,answer\n"What is\na haiku?","A short, 3-line poem"\nWhy?,Because\n')
+    run_format(tmp_path, [{"path": "data/raw", "mapping": {"user": "question", "assistant": "answer"}}])
+    assert records(tmp_path) == [
+        {"conversations": turns(("user", "What is\na haiku?"), ("assistant", "A short, 3-line poem"))},
+        {"conversations": turns(("user", "Why?"), ("assistant", "Because"))},
+    ]
+
+
+def test_tsv_mapping_label_map_and_prompts(tmp_path):
+    write(tmp_path, "data/raw/s.tsv", 'sentence\tlabel\n"quoted" start\t1\nflat\t0\n')
+    inputs = [{
+        "path": "data/raw/s.tsv",
+        "mapping": {"user": "sentence", "assistant": "label"},
+        "label_map": {"0": "negative", "1": "positive"},
+        "system_prompt": "Classify sentiment.",
+        "user_template": "Sentiment of: {text}",
+    }]
+    run_format(tmp_path, inputs)
+    first, _ = records(tmp_path)
+    assert first == {
+        "conversations": turns(("system", "Classify sentiment."), ("user", 'Sentiment of: "quoted" start'), ("assistant", "positive")),
+        "meta": {"label": "1"},
+    }
+
+
+def test_csv_without_mapping_is_an_input_error_showing_its_columns(tmp_path):
+    write(tmp_path, "data/raw/s.tsv", "sentence\tlabel\nfine\t1\n")
+    with pytest.raises(InputError) as e:
+        run_format(tmp_path)
+    message = str(e.value)
+    assert "data/raw/s.tsv" in message and "sentence, label" in message
+    assert "mapping: {user: sentence, assistant: label}" in message
+    assert not (tmp_path / "data/formatted/all.jsonl").exists()
+
+
+def test_csv_short_first_row_is_a_reject_not_a_header_problem(tmp_path):
+    write(tmp_path, "data/raw/s.csv", "sentence,label\nno label here\nfine,1\n")
+    run_format(tmp_path, [{"path": "data/raw", "mapping": {"user": "sentence", "assistant": "label"}}])
+    assert [(r["line"], r["reason"]) for r in rejects(tmp_path)] == [(2, "missing_field")]
+    assert records(tmp_path) == [{"conversations": turns(("user", "fine"), ("assistant", "1"))}]
+
+
+def test_csv_mapping_naming_a_missing_column(tmp_path):
+    write(tmp_path, "data/raw/s.csv", "text,label\nfine,1\n")
+    with pytest.raises(InputError, match=r"data/raw/s.csv.*sentence.*text, label"):
+        run_format(tmp_path, [{"path": "data/raw", "mapping": {"user": "sentence", "assistant": "label"}}])
+
+
+def test_text_folder_one_document_per_file(tmp_path):
+    write(tmp_path, "data/raw/corpus/b.txt", "Second document.\r\nTwo lines.\r\n")
+    write(tmp_path, "data/raw/corpus/a.txt", "First document.")
+    write(tmp_path, "data/raw/corpus/empty.txt", "  \n")
+    metrics = run_format(tmp_path)
+    assert records(tmp_path) == [
+        {"conversations": [{"role": "assistant", "content": "First document."}]},
+        {"conversations": [{"role": "assistant", "content": "Second document.\nTwo lines.\n"}]},
+    ]
+    bad = the_reject(tmp_path)
+    assert (bad["file"], bad["reason"]) == ("data/raw/corpus/empty.txt", "empty_record")
+    assert metrics["per_file"]["data/raw/corpus/a.txt"]["format"] == "text"
+
+
+def test_single_top_level_object_is_one_record(tmp_path):
+    write(tmp_path, "data/raw/one.json", b'{\n  "prompt": "p",\n  "completion": "c"\n}\n')
+    assert run_format(tmp_path)["records_out"] == 1
+
+
+def test_explicit_format_overrides_detection(tmp_path):
+    write(tmp_path, "data/raw/t.jsonl", jsonl({"text": "a document", "id": 1}))
+    run_format(tmp_path, [{"path": "data/raw", "format": "text"}])
+    assert records(tmp_path) == [{"conversations": [{"role": "assistant", "content": "a document"}]}]
+
+
+def test_undetectable_format_names_file_keys_and_fix(tmp_path):
+    write(tmp_path, "data/raw/q.jsonl", jsonl({"question": "q", "answer": "a"}))
+    with pytest.raises(InputError) as e:
+        run_format(tmp_path)
+    message = str(e.value)
+    assert "data/raw/q.jsonl" in message and "question, answer" in message
+    assert "data.inputs" in message and "factory.yaml" in message
+
+
+def test_an_error_in_a_later_file_leaves_no_partial_output(tmp_path):
+    write(tmp_path, "data/raw/a.jsonl", jsonl({"prompt": "p", "completion": "c"}))
+    write(tmp_path, "data/raw/b.jsonl", jsonl({"question": "q", "answer": "a"}))
+    with pytest.raises(InputError, match="b.jsonl"):
+        run_format(tmp_path)
+    formatted = tmp_path / "data/formatted"
+    assert sorted(p.name for p in formatted.iterdir()) == []
+
+
+def test_folders_recursive_sorted_hidden_and_other_extensions_skipped(tmp_path):
+    write(tmp_path, "data/raw/b/z.jsonl", jsonl({"prompt": "3", "completion": "c"}))
+    write(tmp_path, "data/raw/a.jsonl", jsonl({"prompt": "1", "completion": "c"}))
+    write(tmp_path, "data/raw/b/a.jsonl", jsonl({"prompt": "2", "completion": "c"}))
+    write(tmp_path, "data/raw/.hidden.jsonl", jsonl({"prompt": "hidden", "completion": "c"}))
+    write(tmp_path, "data/raw/.cache/x.jsonl", jsonl({"prompt": "hidden", "completion": "c"}))
+    write(tmp_path, "data/raw/notes.md", "# notes")
+    metrics = run_format(tmp_path)
+    assert [r["conversations"][0]["content"] for r in records(tmp_path)] == ["1", "2", "3"]
+    assert list(metrics["per_file"]) == ["data/raw/a.jsonl", "data/raw/b/a.jsonl", "data/raw/b/z.jsonl"]
+    assert metrics["skipped_files"] == ["data/raw/notes.md"]
+
+
+def test_input_folder_containing_outputs_does_not_read_them(tmp_path):
+    write(tmp_path, "data/raw/a.jsonl", jsonl({"prompt": "p", "completion": "c"}))
+    run_format(tmp_path, ["data"])
+    metrics = run_format(tmp_path, ["data"])  # second run: data/formatted/all.jsonl now exists
+    assert list(metrics["per_file"]) == ["data/raw/a.jsonl"]
+
+
+def test_several_inputs_each_with_its_own_settings(tmp_path):
+    write(tmp_path, "raw1/a.jsonl", jsonl({"instruction": "i", "input": "x", "output": "o"}))
+    write(tmp_path, "raw2/b.csv", "q,a\nquestion,answer\n")
+    metrics = run_format(tmp_path, ["raw1", {"path": "raw2", "mapping": {"user": "q", "assistant": "a"}, "system_prompt": "S"}])
+    assert metrics["records_out"] == 2
+    assert records(tmp_path)[1] == {"conversations": turns(("system", "S"), ("user", "question"), ("assistant", "answer"))}
+
+
+def test_system_prompt_goes_before_a_records_own_system_turn(tmp_path):
+    write(tmp_path, "data/raw/a.jsonl", jsonl({"instruction": "Own.", "input": "x", "output": "y"}))
+    run_format(tmp_path, [{"path": "data/raw", "system_prompt": "Global."}])
+    assert records(tmp_path)[0]["conversations"][0] == {"role": "system", "content": "Global.\n\nOwn."}
+
+
+# --- bad records: each goes to rejects.jsonl with its location, reason and a fix ----------
+
+
+def test_each_bad_jsonl_line_is_rejected_with_line_reason_and_detail(tmp_path):
+    good = orjson.dumps({"instruction": "i", "input": "x", "output": "o"})
+    lines = [
+        good,                                                        # 1 ok
+        b'{"instruction": "i", "output": }',                        # 2 invalid_json
+        b'{"instruction": "caf\xe9", "output": "o"}',                # 3 undecodable (latin-1)
+        b'["a", "list"]',                                            # 4 wrong_type (record)
+        b'{"instruction": "i", "input": 5, "output": "o"}',          # 5 wrong_type (field)
+        b'{"instruction": "i", "input": "x"}',                       # 6 missing_field
+        b'{"instruction": "i", "input": "x", "output": "  "}',       # 7 empty_assistant
+        b'{"instruction": "", "input": "", "output": "o"}',          # 8 missing_field (no prompt)
+        b"",                                                         # 9 blank: not a record
+        good,                                                        # 10 ok
+        b'{"instruction": "i", "input": "x", "output": "o"',         # 11 truncated_json
+    ]
+    write(tmp_path, "data/raw/a.jsonl", b"\n".join(lines))
+    metrics = run_format(tmp_path)
+    got = [(r["file"], r["line"], r["reason"]) for r in rejects(tmp_path)]
+    assert got == [
+        ("data/raw/a.jsonl", 2, "invalid_json"),
+        ("data/raw/a.jsonl", 3, "undecodable"),
+        ("data/raw/a.jsonl", 4, "wrong_type"),
+        ("data/raw/a.jsonl", 5, "wrong_type"),
+        ("data/raw/a.jsonl", 6, "missing_field"),
+        ("data/raw/a.jsonl", 7, "empty_assistant"),
+        ("data/raw/a.jsonl", 8, "missing_field"),
+        ("data/raw/a.jsonl", 11, "truncated_json"),
+    ]
+    by_line = {r["line"]: r for r in rejects(tmp_path)}
+    assert "UTF-8" in by_line[3]["detail"] and "0xe9" in by_line[3]["detail"]
+    assert "array" in by_line[4]["detail"]
+    assert "`input`" in by_line[5]["detail"] and "string" in by_line[5]["detail"]
+    assert "`output`" in by_line[6]["detail"]
+    assert "`output` is empty" in by_line[7]["detail"]
+    assert by_line[2]["raw"] == '{"instruction": "i", "output": }'
+    assert metrics["records_in"] == 10 and metrics["records_out"] == 2 and metrics["rejected"] == 8
+    assert metrics["rejected_ratio"] == 0.8
+    assert metrics["per_reason"] == {
+        "empty_assistant": 1, "invalid_json": 1, "missing_field": 2, "truncated_json": 1, "undecodable": 1, "wrong_type": 2,
+    }
+    assert metrics["per_file"]["data/raw/a.jsonl"]["reasons"] == metrics["per_reason"]
+
+
+def test_raw_is_cut_to_300_characters(tmp_path):
+    write(tmp_path, "data/raw/a.jsonl", b'{"bad": ' + b"x" * 1000 + b"\n")
+    run_format(tmp_path)
+    assert the_reject(tmp_path)["raw"] == '{"bad": ' + "x" * 292
+
+
+def test_truncated_json_array_keeps_the_records_before_the_break(tmp_path):
+    items = [{"instruction": f"i{n}", "input": "", "output": "o"} for n in range(3)]
+    text = orjson.dumps(items)
+    write(tmp_path, "data/raw/a.json", text[: len(text) - 20])  # cut inside the third record
+    metrics = run_format(tmp_path)
+    assert [r["conversations"][0]["content"] for r in records(tmp_path)] == ["i0", "i1"]
+    bad = the_reject(tmp_path)
+    assert (bad["file"], bad["index"], bad["reason"]) == ("data/raw/a.json", 2, "truncated_json")
+    assert "record 2" in bad["detail"] and bad["raw"]
+    assert metrics["records_in"] == 3
+
+
+def test_invalid_json_array_is_rejected_at_its_index(tmp_path):
+    write(tmp_path, "data/raw/a.json", b'[{"prompt": "p", "completion": "c"}, {"prompt": oops}]')
+    run_format(tmp_path)
+    bad = the_reject(tmp_path)
+    assert (bad["index"], bad["reason"]) == (1, "invalid_json")
+
+
+def test_json_array_items_of_the_wrong_type(tmp_path):
+    write(tmp_path, "data/raw/a.json", b'[{"prompt": "p", "completion": "c"}, "just a string", {"prompt": "p", "completion": 7}]')
+    run_format(tmp_path)
+    assert [(r["index"], r["reason"]) for r in rejects(tmp_path)] == [(1, "wrong_type"), (2, "wrong_type")]
+    assert rejects(tmp_path)[0]["raw"] == '"just a string"'
+
+
+def test_role_order_unknown_role_and_empty_conversations(tmp_path):
+    write(tmp_path, "data/raw/c.jsonl", jsonl(
+        {"conversations": [{"from": "gpt", "value": "I speak first"}, {"from": "human", "value": "hm"}]},
+        {"conversations": [{"from": "human", "value": "a"}, {"from": "human", "value": "b"}, {"from": "gpt", "value": "c"}]},
+        {"conversations": [{"from": "human", "value": "a"}, {"from": "observation", "value": "b"}, {"from": "gpt", "value": "c"}]},
+        {"conversations": [{"from": "human", "value": "a"}, {"from": "robot", "value": "b"}]},
+        {"conversations": []},
+        {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": ""}]},
+        {"conversations": "not a list"},
+    ))
+    run_format(tmp_path, [{"path": "data/raw", "format": "sharegpt"}])
+    got = [(r["line"], r["reason"]) for r in rejects(tmp_path)]
+    assert got == [
+        (1, "role_order"), (2, "role_order"), (3, "role_order"), (4, "unknown_role"),
+        (5, "empty_record"), (6, "empty_assistant"), (7, "wrong_type"),
+    ]
+    details = [r["detail"] for r in rejects(tmp_path)]
+    assert "assistant, user" in details[0] and "expected an optional system turn" in details[0]
+    assert "'robot'" in details[3] and "human" in details[3]
+
+
+def test_openai_bad_roles(tmp_path):
+    write(tmp_path, "data/raw/m.jsonl", jsonl(
+        {"messages": [{"role": "user", "content": "q"}]},
+        {"messages": [{"role": "narrator", "content": "q"}, {"role": "assistant", "content": "a"}]},
+        {"messages": [{"role": "user", "content": None}, {"role": "assistant", "content": "a"}]},
+    ))
+    run_format(tmp_path)
+    assert [(r["line"], r["reason"]) for r in rejects(tmp_path)] == [(1, "role_order"), (2, "unknown_role"), (3, "missing_field")]
+
+
+def test_csv_bad_rows(tmp_path):
+    content = b"question,answer\nok,fine\nbad \xff byte,x\nonly question\nq,a,extra\nq,\n"
+    write(tmp_path, "data/raw/qa.csv", content)
+    run_format(tmp_path, [{"path": "data/raw", "mapping": {"user": "question", "assistant": "answer"}}])
+    got = [(r["file"], r["line"], r["reason"]) for r in rejects(tmp_path)]
+    assert got == [
+        ("data/raw/qa.csv", 3, "undecodable"),
+        ("data/raw/qa.csv", 4, "missing_field"),
+        ("data/raw/qa.csv", 5, "wrong_type"),
+        ("data/raw/qa.csv", 6, "empty_assistant"),
+    ]
+    assert rejects(tmp_path)[2]["raw"] == "q,a,extra"
+    assert "`answer`" in rejects(tmp_path)[1]["detail"]
+
+
+# --- encodings and empty input -------------------------------------------------------------
+
+
+def test_bom_and_crlf_per_format(tmp_path):
+    bom = b"\xef\xbb\xbf"
+    write(tmp_path, "raw/a.jsonl", bom + b'{"prompt": "p1", "completion": "c1"}\r\n{"prompt": "p2", "completion": "c2"}\r\n')
+    write(tmp_path, "raw/c.json", bom + b'[{"prompt": "p4",\r\n "completion": "c4"}]\r\n')
+    write(tmp_path, "csv/b.csv", bom + b'q,a\r\n"multi\r\nline",c3\r\n')
+    metrics = run_format(tmp_path, ["raw", {"path": "csv", "mapping": {"user": "q", "assistant": "a"}}])
+    assert metrics["rejected"] == 0
+    assert [r["conversations"][0]["content"] for r in records(tmp_path)] == ["p1", "p2", "p4", "multi\r\nline"]
+
+
+def test_no_input_files_is_an_input_error(tmp_path):
+    (tmp_path / "data/raw").mkdir(parents=True)
+    write(tmp_path, "data/raw/readme.md", "nothing here")
+    with pytest.raises(InputError) as e:
+        run_format(tmp_path)
+    assert "data/raw" in str(e.value) and ".jsonl/.json/.csv/.tsv/.txt" in str(e.value) and "data.inputs" in str(e.value)
+
+
+def test_files_without_records_are_an_input_error(tmp_path):
+    write(tmp_path, "data/raw/a.jsonl", "\n\n")
+    write(tmp_path, "data/raw/b.json", "[]")
+    write(tmp_path, "data/raw/c.csv", "q,a\n")
+    with pytest.raises(InputError, match=r"no records found in data/raw/a.jsonl, data/raw/b.json, data/raw/c.csv"):
+        run_format(tmp_path, [{"path": "data/raw", "mapping": {"user": "q", "assistant": "a"}}])
+    assert not (tmp_path / "data/formatted/all.jsonl").exists()
+
+
+def test_missing_input_path_is_named(tmp_path):
+    with pytest.raises(InputError, match=r"data\.inputs\[0\]\.path: nowhere/data does not exist"):
+        run_format(tmp_path, ["nowhere/data"])
+
+
+# --- output contract ---------------------------------------------------------------------
+
+
+def test_every_output_line_matches_the_record_schema_and_runs_are_deterministic(tmp_path):
+    write(tmp_path, "data/raw/a.jsonl", jsonl({"instruction": "i", "input": "x", "output": "o"}, {"instruction": "i", "input": "", "output": "o"}))
+    write(tmp_path, "data/raw/b.json", orjson.dumps([{"conversations": [{"from": "human", "value": "h"}, {"from": "gpt", "value": "g"}], "tools": "[]x"}]))
+    write(tmp_path, "data/raw/c.jsonl", jsonl({"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}], "label": False}))
+    write(tmp_path, "data/raw/d.jsonl", jsonl({"prompt": "p", "completion": "c", "system": "s"}))
+    write(tmp_path, "data/raw/e.txt", "a document")
+    first = run_format(tmp_path)
+    for record in records(tmp_path):
+        validate(record, "record")
+    assert first["records_out"] == 6
+    first_bytes = (tmp_path / "data/formatted/all.jsonl").read_bytes()
+    second = run_format(tmp_path)
+    assert second["output_sha256"] == first["output_sha256"]
+    assert (tmp_path / "data/formatted/all.jsonl").read_bytes() == first_bytes
+
+
+def test_progress_is_reported_in_batches(tmp_path):
+    write(tmp_path, "data/raw/a.jsonl", jsonl(*[{"prompt": str(n), "completion": "c"} for n in range(12_000)]))
+    progress = CountingProgress()
+    run_format(tmp_path, progress=progress)
+    assert progress.started == [(None, "records")]
+    assert progress.advanced == 12_000 and progress.calls <= 5
+
+
+def test_phase_declares_inputs_and_outputs(tmp_path):
+    ws = Workspace.at(tmp_path)
+    cfg = parse_config({"data": {"inputs": ["data/raw", "/abs/file.jsonl"]}})
+    assert PHASE.name == "format" and PHASE.metrics == "format" and PHASE.config_sections == ("data",)
+    assert PHASE.inputs(cfg, ws) == [ws.root / "data/raw", Path("/abs/file.jsonl")]
+    assert PHASE.outputs(cfg, ws) == [ws.formatted_file, ws.rejects_file]
+
+
+# --- the real datasets -------------------------------------------------------------------
+
+REAL = [
+    ("alpaca_en_demo.json", {}, "alpaca", 999),
+    ("alpaca_zh_demo.json", {}, "alpaca", 1000),
+    ("glaive_toolcall_en_demo.json", {}, "sharegpt", 300),
+    ("kto_en_demo.json", {}, "openai", 300),
+    ("sst2/dev.tsv", {"mapping": {"user": "sentence", "assistant": "label"}, "label_map": {"0": "negative", "1": "positive"}}, "mapped", None),
+    ("gsm8k/test.jsonl", {"mapping": {"user": "question", "assistant": "answer"}}, "mapped", 1319),
+]
+
+
+@pytest.mark.parametrize(("name", "settings", "fmt", "count"), REAL, ids=[r[0] for r in REAL])
+@pytest.mark.datasets
+@pytest.mark.skipif(not DATASETS.is_dir(), reason=f"{DATASETS} not present")
+def test_real_dataset(tmp_path, name, settings, fmt, count):
+    source = DATASETS / name
+    if count is None:  # a TSV: one record per line after the header
+        count = len(source.read_bytes().splitlines()) - 1
+    metrics = run_format(tmp_path, [{"path": str(source), **settings}])
+    assert metrics["records_in"] == count and metrics["rejected"] == 0
+    assert metrics["per_file"][str(source)]["format"] == fmt
+    out = records(tmp_path)
+    for record in out[:: max(1, len(out) // 150)]:  # jsonschema is slow; a spread sample
+        validate(record, "record")
+    if name.startswith("glaive"):
+        assert all(isinstance(r["tools"], str) for r in out)
+        assert any(t["role"] == "tool" for r in out for t in r["conversations"])
+    if name.startswith("kto"):
+        assert {r["meta"]["label"] for r in out} == {True, False}
+    if name.startswith("sst2"):
+        assert {r["conversations"][-1]["content"] for r in out} == {"negative", "positive"}
+        assert {r["meta"]["label"] for r in out} == {"0", "1"}
