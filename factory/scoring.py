@@ -1,0 +1,213 @@
+"""Per-example scorers and the paired comparison of two models on the same examples.
+
+Every scorer maps (prediction, reference) to a number in [0, 1], so that per-example
+scores of the base and fine-tuned models can be compared pairwise (seed 002: paired t-test).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import re
+import string
+from collections import Counter
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+Scorer = Callable[[str, str], float]
+
+_PUNCT = str.maketrans("", "", string.punctuation)
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD-style normalization: lower case, no punctuation, no articles, single spaces."""
+    return " ".join(_ARTICLES.sub(" ", text.lower().translate(_PUNCT)).split())
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    return float(prediction.strip() == reference.strip())
+
+
+def normalized_exact_match(prediction: str, reference: str) -> float:
+    return float(normalize_answer(prediction) == normalize_answer(reference))
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F-measure over whitespace tokens (longest common subsequence)."""
+    pred, ref = prediction.split(), reference.split()
+    if not pred or not ref:
+        return float(pred == ref)
+    previous = [0] * (len(ref) + 1)
+    for p in pred:
+        current = [0]
+        for j, r in enumerate(ref):
+            current.append(previous[j] + 1 if p == r else max(previous[j + 1], current[j]))
+        previous = current
+    lcs = previous[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(pred), lcs / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def bleu(prediction: str, reference: str) -> float:
+    import sacrebleu
+
+    return min(1.0, sacrebleu.sentence_bleu(prediction, [reference]).score / 100.0)
+
+
+def chrf(prediction: str, reference: str) -> float:
+    import sacrebleu
+
+    return min(1.0, sacrebleu.sentence_chrf(prediction, [reference]).score / 100.0)
+
+
+def json_valid(prediction: str, reference: str) -> float:
+    import json
+
+    try:
+        json.loads(prediction)
+    except ValueError:
+        return 0.0
+    return 1.0
+
+
+def regex_match(pattern: str) -> Scorer:
+    """Extract the first group of `pattern` from both texts and compare (numbers numerically).
+
+    The GSM8K convention: `#### (-?[\\d,.]+)` pulls the final answer out of a worked solution.
+    A prediction with no match scores 0.
+    """
+    compiled = re.compile(pattern)
+
+    def extract(text: str) -> str | None:
+        match = compiled.search(text)
+        if not match:
+            return None
+        value = (match.group(1) if compiled.groups else match.group(0)).strip()
+        number = value.replace(",", "").rstrip(".")
+        try:
+            return repr(float(number))
+        except ValueError:
+            return value
+
+    def score(prediction: str, reference: str) -> float:
+        expected = extract(reference)
+        if expected is None:
+            expected = reference.strip()
+        got = extract(prediction)
+        return float(got is not None and got == expected)
+
+    return score
+
+
+BUILTIN: dict[str, Scorer] = {
+    "exact_match": exact_match,
+    "normalized_exact_match": normalized_exact_match,
+    "token_f1": token_f1,
+    "rouge_l": rouge_l,
+    "bleu": bleu,
+    "chrf": chrf,
+    "json_valid": json_valid,
+}
+
+
+def build_scorers(names: Sequence[str], regex: str | None = None, custom: str | None = None) -> dict[str, Scorer]:
+    """The scorers named in the config. `regex_match` needs `regex`; `custom` is module:function."""
+    scorers: dict[str, Scorer] = {}
+    for name in names:
+        if name == "regex_match":
+            if not regex:
+                raise ValueError("evaluation.metrics has regex_match but evaluation.regex is not set")
+            scorers[name] = regex_match(regex)
+        elif name == "custom":
+            scorers[name] = load_custom(custom)
+        else:
+            scorers[name] = BUILTIN[name]
+    return scorers
+
+
+def load_custom(spec: str | None) -> Scorer:
+    """Import a scorer given as 'module:function' (the module must be importable)."""
+    if not spec or ":" not in spec:
+        raise ValueError(f"evaluation.custom_scorer must be 'module:function', got {spec!r}")
+    module_name, function_name = spec.split(":", 1)
+    function = getattr(importlib.import_module(module_name), function_name, None)
+    if not callable(function):
+        raise ValueError(f"evaluation.custom_scorer: {spec!r} is not a function")
+    return lambda prediction, reference: float(function(prediction, reference))
+
+
+# --- paired comparison -------------------------------------------------------------------
+
+
+def compare(baseline: Sequence[float], finetuned: Sequence[float], *, bootstrap: int = 10_000,
+            seed: int = 0) -> dict[str, Any]:
+    """Paired comparison of per-example scores on the same examples (seed 002).
+
+    Improvement (absolute and relative), paired t-test, Wilcoxon signed-rank, and a
+    bootstrap 95% confidence interval of the mean difference.
+    """
+    from scipy import stats
+
+    base = np.asarray(baseline, dtype=float)
+    tuned = np.asarray(finetuned, dtype=float)
+    if base.shape != tuned.shape or base.size == 0:
+        raise ValueError(f"paired scores must have the same non-zero length ({base.size} vs {tuned.size})")
+    diff = tuned - base
+    base_mean, tuned_mean = float(base.mean()), float(tuned.mean())
+    result: dict[str, Any] = {
+        "n": int(base.size),
+        "baseline": base_mean,
+        "finetuned": tuned_mean,
+        "improvement": tuned_mean - base_mean,
+        "relative_improvement": (tuned_mean - base_mean) / base_mean if base_mean else None,
+    }
+    if np.allclose(diff, diff[0]):
+        # No variance in the differences: the t statistic is undefined (scipy gives nan).
+        # Identical models -> no evidence (p = 1); a constant non-zero shift on every
+        # example -> as strong as it gets (p = 0).
+        result["t_statistic"] = None
+        result["p_value"] = 1.0 if diff[0] == 0 else 0.0
+        result["p_value_note"] = "differences have zero variance; p set to 1 if all zero, 0 otherwise"
+    else:
+        t = stats.ttest_rel(tuned, base)
+        result["t_statistic"] = float(t.statistic)
+        result["p_value"] = float(t.pvalue)
+    if np.any(diff != 0):
+        w = stats.wilcoxon(tuned, base, zero_method="wilcox")
+        result["wilcoxon_p_value"] = float(w.pvalue)
+    else:
+        result["wilcoxon_p_value"] = 1.0
+    rng = np.random.default_rng(seed)
+    samples = rng.integers(0, diff.size, size=(bootstrap, diff.size))
+    means = diff[samples].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    result["ci95"] = [float(low), float(high)]
+    result["significant"] = bool(result["p_value"] < 0.05 and result["improvement"] > 0)
+    return result
+
+
+def flips(baseline: Sequence[float], finetuned: Sequence[float]) -> dict[str, list[int]]:
+    """Indices of examples whose score went up (improved) or down (regressed)."""
+    improved = [i for i, (b, f) in enumerate(zip(baseline, finetuned)) if f > b + 1e-12]
+    regressed = [i for i, (b, f) in enumerate(zip(baseline, finetuned)) if f < b - 1e-12]
+    return {"improved": improved, "regressed": regressed}
+
+
+def mean_or_none(values: Sequence[float]) -> float | None:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(values) / len(values) if values else None
