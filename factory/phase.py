@@ -28,12 +28,22 @@ class Progress(Protocol):
 
 
 @dataclass
+class TrainingReporter(Protocol):
+    """Live training state (.factory/training-status.json); the runner owns the file."""
+
+    def update(self, **fields: Any) -> None: ...
+
+
+@dataclass
 class PhaseContext:
     config: FactoryConfig
     workspace: Workspace
     progress: Progress
     log: logging.Logger
     run_id: str = ""
+    training: TrainingReporter | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    """Per-invocation switches from the command line, e.g. {"restart": True} for finetune."""
 
 
 @dataclass(frozen=True)

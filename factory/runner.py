@@ -36,7 +36,7 @@ from factory.errors import Cancelled, FactoryError, GateFailed, PhaseUnavailable
 from factory.gates import Gate, check_gate, gates_after, load_gates
 from factory.io import read_json, write_json
 from factory.phase import Phase, PhaseContext
-from factory.status import StatusWriter
+from factory.status import StatusWriter, TrainingStatus
 from factory.workspace import Workspace
 
 log = logging.getLogger("factory")
@@ -92,6 +92,7 @@ def run_pipeline(
     only: str | None = None,
     force: bool = False,
     reporter: Reporter | None = None,
+    options: dict | None = None,
 ) -> RunResult:
     selected = select_phases(pipeline, target, only)
     gates = load_gates(ws, cfg)
@@ -110,7 +111,7 @@ def run_pipeline(
                     status.phase(phase.name)["reason"] = phase.unavailable_reason
                     done = ", ".join(result.ran + result.skipped) or "nothing"
                     raise PhaseUnavailable(f"{phase.unavailable_reason}. Completed before it: {done}.")
-                _run_one(phase, cfg, ws, status, reporter, force, result)
+                _run_one(phase, cfg, ws, status, reporter, force, result, options or {})
                 for gate in gates_after(gates, phase.name):
                     _check(gate, phase, ws, pipeline, status, reporter, result)
                 current = None
@@ -126,7 +127,7 @@ def run_pipeline(
 
 
 def _run_one(phase: Phase, cfg: FactoryConfig, ws: Workspace, status: StatusWriter, reporter: Reporter,
-             force: bool, result: RunResult) -> None:
+             force: bool, result: RunResult, options: dict) -> None:
     metrics_path = ws.metrics_file(phase.metrics)
     fingerprint = compute_fingerprint(phase, cfg, ws)
     reason = None if force else _unchanged_reason(phase, cfg, ws, fingerprint, metrics_path)
@@ -142,7 +143,16 @@ def _run_one(phase: Phase, cfg: FactoryConfig, ws: Workspace, status: StatusWrit
     log.info("%s: started", phase.name)
     started = time.monotonic()
     progress = _PhaseProgress(phase, status, reporter)
-    metrics = phase.run(PhaseContext(cfg, ws, progress, logging.getLogger(f"factory.{phase.name}"), status.run_id))
+    training = TrainingStatus(ws, status.run_id, phase.name)
+    context = PhaseContext(cfg, ws, progress, logging.getLogger(f"factory.{phase.name}"), status.run_id,
+                           training, options)
+    try:
+        metrics = phase.run(context)
+    except BaseException as exc:
+        cancelled = isinstance(exc, (KeyboardInterrupt, Cancelled))
+        training.finish("cancelled" if cancelled else "failed", f"{_error_type(exc)}: {exc}")
+        raise
+    training.finish("succeeded")
     progress.flush()
     seconds = time.monotonic() - started
     write_json(metrics_path, {

@@ -154,3 +154,68 @@ class StatusWriter:
     def finish(self, state: str, error: dict | None = None) -> None:
         self.doc.update(state=state, ended_at=now_iso(), error=error)
         self.write()
+
+
+class TrainingStatus:
+    """.factory/training-status.json, the live view of a training phase (seed 004's fields).
+
+    The phase reports through `update(...)` (via its context); the runner creates this object,
+    and writes the final state itself when the phase ends, whether it succeeded, failed or
+    was interrupted, so the file never stays "running" after the process is gone.
+    """
+
+    LIVE_FIELDS = {"step", "total_steps", "epoch", "total_epochs", "loss", "learning_rate", "eta_seconds",
+                   "checkpoint_at", "backend", "backend_reason"}
+
+    def __init__(self, ws: Workspace, run_id: str, phase: str):
+        self.ws, self.run_id, self.phase = ws, run_id, phase
+        self.doc: dict | None = None
+        try:
+            self._seq = orjson.loads(ws.training_status_file.read_bytes())["seq"]
+        except (FileNotFoundError, orjson.JSONDecodeError, KeyError, TypeError):
+            self._seq = 0
+
+    @property
+    def started(self) -> bool:
+        return self.doc is not None
+
+    def update(self, **fields: Any) -> None:
+        unknown = set(fields) - self.LIVE_FIELDS
+        if unknown:
+            raise ValueError(f"not training-status fields: {sorted(unknown)}")
+        if self.doc is None:
+            self.doc = {
+                "schema_version": 1,
+                "running": True,
+                "step": 0,
+                "total_steps": None,
+                "epoch": 0.0,
+                "total_epochs": None,
+                "loss": None,
+                "learning_rate": None,
+                "eta_seconds": None,
+                "started_at": now_iso(),
+                "checkpoint_at": None,
+                "error": None,
+                "status": "running",
+                "phase": self.phase,
+                "backend": None,
+                "backend_reason": None,
+                "seq": self._seq,
+                "updated_at": now_iso(),
+                "run_id": self.run_id,
+            }
+        self.doc.update(fields)
+        self._write()
+
+    def finish(self, status: str, error: str | None = None) -> None:
+        if self.doc is None or not self.doc["running"]:
+            return
+        self.doc.update(running=False, status=status, error=error, eta_seconds=0.0 if status == "succeeded" else None)
+        self._write()
+
+    def _write(self) -> None:
+        self._seq += 1
+        self.doc["seq"] = self._seq
+        self.doc["updated_at"] = now_iso()
+        write_json(self.ws.training_status_file, self.doc)
