@@ -101,8 +101,8 @@ class DedupConfig(Section):
     """Drop records identical to an earlier one."""
 
     normalized: bool = True
-    """Drop records equal to an earlier one after lower-casing and removing punctuation and
-    extra whitespace."""
+    """Drop records equal to an earlier one after lower-casing and removing whitespace,
+    punctuation and symbols (conversation text only; `tools` and `meta` are ignored)."""
 
 
 class DataConfig(Section):
