@@ -1,0 +1,145 @@
+"""The `factory` command as a user runs it: a real subprocess, real files, exit codes."""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from factory.resources import validate
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def factory(*args, cwd=None, check_rc=None):
+    proc = subprocess.run([sys.executable, "-m", "factory", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env={**os.environ, "COLUMNS": "200"})
+    if check_rc is not None:
+        assert proc.returncode == check_rc, proc.stdout + proc.stderr
+    return proc
+
+
+def alpaca_lines(n, start=0):
+    return "".join(
+        json.dumps({"instruction": f"Add {i} and {i + 1}.", "input": "", "output": str(2 * i + 1)}) + "\n"
+        for i in range(start, start + n)
+    )
+
+
+@pytest.fixture
+def ws(tmp_path):
+    factory("init", tmp_path / "ws", check_rc=0)
+    root = tmp_path / "ws"
+    (root / "data" / "raw" / "train.jsonl").write_text(alpaca_lines(300))
+    return root
+
+
+def test_help_is_fast_and_teaches():
+    started = time.monotonic()
+    proc = factory("--help", check_rc=0)
+    assert time.monotonic() - started < 3  # the interpreter start included; imports stay light
+    for command in ("init", "run", "status", "validate", "gate"):
+        assert command in proc.stdout
+    heavy = subprocess.run(
+        [sys.executable, "-c", "import sys, factory.cli, phases; "
+         "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'datasets', 'trl', 'unsloth'}))"],
+        capture_output=True, text=True, check=True).stdout.strip()
+    assert heavy == "[]"
+
+
+def test_run_split_end_to_end_then_skip(ws):
+    proc = factory("run", "split", "-C", ws, check_rc=0)
+    assert "format: succeeded" in proc.stderr and "gate splits-ready: passed" in proc.stderr
+    for name in ("train", "val", "test"):
+        assert (ws / "data" / "splits" / f"{name}.jsonl").stat().st_size > 0
+    status = json.loads(factory("status", "--json", "-C", ws, check_rc=0).stdout)
+    validate(status, "status")
+    assert status["state"] == "succeeded" and [p["state"] for p in status["phases"][:2]] == ["succeeded", "succeeded"]
+
+    again = factory("run", "split", "-C", ws, check_rc=0)
+    assert "format: skipped" in again.stderr and "Nothing to do" in again.stderr
+    assert "split" in factory("status", "-C", ws, check_rc=0).stdout
+
+
+def test_gate_failure_exit_1_with_table(ws):
+    (ws / "data" / "raw" / "bad.jsonl").write_text('{"instruction": "x", "output": ""}\n' * 20)  # 20 empty answers
+    proc = factory("run", "split", "-C", ws, check_rc=1)
+    assert "gate data-valid (after format): FAILED" in proc.stdout
+    assert "format.rejected_ratio" in proc.stdout and "0.0625" in proc.stdout and "0.01" in proc.stdout
+    assert "gate data-valid failed after format on: format.rejected_ratio" in proc.stderr
+    check = factory("gate", "check", "data-valid", "--json", "-C", ws, check_rc=1)
+    result = json.loads(check.stdout)
+    validate(result, "gate-result")
+    assert result["passed"] is False
+
+
+def test_exit_2_for_bad_config_missing_metrics_and_unknown_phase(ws):
+    factory("gate", "check", "splits-ready", "-C", ws, check_rc=2)
+    (ws / "factory.yaml").write_text("lora:\n  rnak: 8\ntraining:\n  epochs: 2\n")
+    proc = factory("validate", "-C", ws, check_rc=2)
+    assert "lora.rnak: unknown key; did you mean lora.r?" in proc.stderr
+    assert "training.epochs: unknown key; did you mean training.num_train_epochs?" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    factory("run", "-C", ws, check_rc=2)
+    (ws / "factory.yaml").write_text("")
+    assert "unknown phase 'nosuch'" in factory("run", "nosuch", "-C", ws, check_rc=2).stderr
+    assert "is not available yet" in factory("run", "--only", "quantize", "-C", ws, check_rc=2).stderr
+    factory("validate", "-C", ws, check_rc=0)
+    factory("run", "-C", ws / "nowhere", check_rc=2)
+
+
+def test_empty_input_is_a_clear_error(tmp_path):
+    factory("init", tmp_path, check_rc=0)
+    proc = factory("run", "format", "-C", tmp_path, check_rc=2)
+    assert "data/raw" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_status_file_valid_at_every_read_during_a_run(ws):
+    (ws / "data" / "raw" / "train.jsonl").write_text(alpaca_lines(200_000))
+    status_file = ws / ".factory" / "status.json"
+    reads, problems, stop = [], [], threading.Event()
+
+    def poll():
+        while not stop.is_set():
+            try:
+                doc = json.loads(status_file.read_bytes())
+                validate(doc, "status")
+                reads.append((doc["seq"], doc["state"]))
+            except FileNotFoundError:
+                pass
+            except Exception as e:  # a torn or invalid file
+                problems.append(repr(e))
+            time.sleep(0.005)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        factory("run", "split", "--force", "-C", ws, check_rc=0)
+    finally:
+        stop.set()
+        poller.join()
+    assert problems == []
+    assert any(state == "running" for _, state in reads) and reads[-1][1] == "succeeded"
+    seqs = [seq for seq, _ in reads]
+    assert seqs == sorted(seqs)
+
+
+def test_wheel_ships_schemas_and_gates(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", tmp_path, REPO], check=True,
+                   capture_output=True)
+    wheel = next(tmp_path.glob("factory-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "factory/_data/schemas/status.schema.json" in names
+    assert "factory/_data/gates/data-valid.yaml" in names
+    assert any(n.startswith("phases/") for n in names)
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    proc = subprocess.run(
+        [sys.executable, "-c", "from factory import resources; print(resources.data_dir('schemas'), resources.data_dir('gates'))"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(site)}, capture_output=True, text=True, check=True)
+    assert str(site) in proc.stdout and str(REPO) not in proc.stdout
