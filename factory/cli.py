@@ -81,10 +81,19 @@ def _root(
 @app.command()
 def init(
     directory: Annotated[Path, typer.Argument(help="Where to create the workspace.")] = Path("."),
+    example: Annotated[bool, typer.Option("--example", help=(
+        "Make a self-contained offline example: a generated localization dataset and a tiny Gemma-3 "
+        "model with random weights (needs the train extra)."))] = False,
+    records: Annotated[int, typer.Option("--records", help="With --example: how many records to generate.")] = 2500,
+    steps: Annotated[int, typer.Option("--steps", help="With --example: training steps in factory.yaml.")] = 600,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing factory.yaml.")] = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Create a workspace: a commented factory.yaml, data/raw/, gates/ and output folders."""
+    """Create a workspace: a commented factory.yaml, data/raw/, gates/ and output folders.
+
+    With --example, a complete offline workspace that `factory run` takes from raw data to an
+    evaluated model on a CPU in a few minutes.
+    """
     from factory import resources
     from factory.config import commented_template
 
@@ -100,7 +109,14 @@ def init(
         "# factory.yaml: the whole pipeline's configuration. Every key is shown at its default.\n"
         "# Check it with `factory validate`; run with `factory run [PHASE]`.\n\n"
     )
-    config.write_text(header + commented_template() + "\n", encoding="utf-8")
+    if example:
+        from factory import example as example_workspace
+
+        err.print(f"Generating {records} records and a tiny Gemma-3 model in {ws.root} ...")
+        example_workspace.write_example_workspace(ws.root, records=records)
+        config.write_text(example_workspace.example_config(steps=steps), encoding="utf-8")
+    else:
+        config.write_text(header + commented_template() + "\n", encoding="utf-8")
     for gate in sorted(resources.data_dir("gates").glob("*.yaml")):
         if not (ws.gates_dir / gate.name).exists():
             shutil.copy(gate, ws.gates_dir / gate.name)
@@ -108,7 +124,8 @@ def init(
     out.print("  factory.yaml   configuration (commented)")
     out.print("  data/raw/      put your .jsonl / .json / .csv / .tsv / .txt files here")
     out.print("  gates/         quality gates; edit thresholds here")
-    out.print(f"Next: add data, then `factory run split{'' if directory == Path('.') else f' -C {directory}'}`")
+    where = "" if directory == Path(".") else f" -C {directory}"
+    out.print(f"Next: `factory run{where}`" if example else f"Next: add data, then `factory run split{where}`")
 
 
 # --- run -----------------------------------------------------------------------------------
@@ -119,6 +136,7 @@ def run(
     phase: Annotated[Optional[str], typer.Argument(help="Run the pipeline up to this phase (all when omitted).", show_default=False)] = None,
     only: Annotated[Optional[str], typer.Option("--only", help="Run just this one phase.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Re-run phases even when unchanged.")] = False,
+    restart: Annotated[bool, typer.Option("--restart", help="finetune: ignore progress checkpoints and start over.")] = False,
     workspace: WorkspaceOpt = Path("."),
     debug: DebugOpt = False,
 ) -> None:
@@ -138,7 +156,8 @@ def run(
     reporter = RunReporter(err)
     try:
         with reporter:
-            result = run_pipeline(cfg, ws, phases.PIPELINE, target=phase, only=only, force=force, reporter=reporter)
+            result = run_pipeline(cfg, ws, phases.PIPELINE, target=phase, only=only, force=force, reporter=reporter,
+                                  options={"restart": restart})
     except GateFailed as e:
         for outcome in e.results:
             _gate_table(outcome)
@@ -265,6 +284,96 @@ def validate(workspace: WorkspaceOpt = Path("."), debug: DebugOpt = False) -> No
         raise FactoryError("\n".join(problems))
     source = ws.rel(ws.config_file) if ws.config_file.exists() else "defaults (no factory.yaml)"
     out.print(f"[green]OK[/]: {source}, gates and inputs are valid")
+
+
+# --- plan & sample ---------------------------------------------------------------------------
+
+
+@app.command()
+def plan(workspace: WorkspaceOpt = Path("."), debug: DebugOpt = False) -> None:
+    """Show the resolved training settings and a memory estimate; warn if it will not fit.
+
+    `auto` values follow the VRAM table of the Unsloth spec; the estimate adds weights, LoRA,
+    optimizer state, activations and the logits (vocab x sequence x 4 bytes).
+    """
+    import psutil
+
+    from factory import modeling, plan as planning
+
+    ws = _setup(workspace, debug)
+    cfg = _config(ws)
+    backend = modeling.select_backend(cfg.model.backend)
+    memory = planning.accelerator_memory_gib()
+    resolved = planning.resolve(cfg, memory)
+    table = Table("setting", "value", title=f"plan: backend {backend.name} on {backend.device} ({backend.reason})",
+                  title_justify="left")
+    for key, value in (("model", cfg.model.name), ("LoRA rank", resolved.rank), ("batch size", resolved.batch_size),
+                       ("gradient accumulation", resolved.gradient_accumulation_steps),
+                       ("max sequence length", resolved.max_seq_length),
+                       ("4-bit", cfg.model.load_in_4bit and backend.device == "cuda")):
+        table.add_row(key, str(value))
+    model_config = planning.read_model_config(ws.path(cfg.model.name))
+    if model_config is None:
+        out.print(table)
+        err.print(f"no memory estimate: {cfg.model.name} is not a local folder with config.json")
+        return
+    estimate = planning.estimate(model_config, resolved, load_in_4bit=cfg.model.load_in_4bit and backend.device == "cuda",
+                                 n_targets=len(cfg.lora.target_modules),
+                                 gradient_checkpointing=bool(cfg.lora.use_gradient_checkpointing))
+    for key, value in planning.as_dict(estimate).items():
+        table.add_row(key.replace("_gib", " (GiB)").replace("_", " "), f"{value:,}" if isinstance(value, int) else f"{value:.3f}")
+    available = memory if memory is not None else psutil.virtual_memory().available / 2**30
+    table.add_row("available (GiB)", f"{available:.1f} ({'GPU' if memory is not None else 'RAM'})")
+    out.print(table)
+    if estimate.total_gib > available:
+        err.print(f"[yellow]warning[/]: the estimate ({estimate.total_gib:.1f} GiB) exceeds the available {available:.1f} GiB; "
+                  "lower max_seq_length or the batch size, or raise gradient accumulation")
+
+
+@app.command()
+def sample(
+    prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="A user message (repeatable).")] = None,
+    model: Annotated[str, typer.Option("--model", "-m", help="base, adapter (base + LoRA), merged, or a model folder.")] = "adapter",
+    chat: Annotated[bool, typer.Option("--chat", help="An interactive loop; the conversation is kept.")] = False,
+    system: Annotated[Optional[str], typer.Option("--system", help="A system message.")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 256,
+    temperature: Annotated[float, typer.Option("--temperature", help="0 for greedy.")] = 1.0,
+    top_p: Annotated[float, typer.Option("--top-p")] = 0.95,
+    top_k: Annotated[int, typer.Option("--top-k")] = 64,
+    workspace: WorkspaceOpt = Path("."),
+    debug: DebugOpt = False,
+) -> None:
+    """Generate from the base model, the adapter or the merged model, streaming tokens.
+
+    Defaults follow the Gemma 3 inference example of the Unsloth spec (temperature 1.0,
+    top_p 0.95, top_k 64).
+    """
+    from factory import sampling
+
+    ws = _setup(workspace, debug)
+    cfg = _config(ws)
+    if not prompt and not chat:
+        raise FactoryError("give --prompt TEXT or --chat")
+    generator = sampling.Sampler(cfg, ws, model, max_new_tokens=max_new_tokens, temperature=temperature,
+                                 top_p=top_p, top_k=top_k)
+    history = [{"role": "system", "content": system}] if system else []
+    for text in prompt or []:
+        out.print(f"[bold]user[/]: {text}")
+        generator.reply([*history, {"role": "user", "content": text}], sys.stdout.write)
+        sys.stdout.write("\n")
+    if chat:
+        err.print("chat: empty line or Ctrl-D to stop")
+        while True:
+            try:
+                text = input("> ").strip()
+            except EOFError:
+                break
+            if not text:
+                break
+            history.append({"role": "user", "content": text})
+            answer = generator.reply(history, sys.stdout.write)
+            sys.stdout.write("\n")
+            history.append({"role": "assistant", "content": answer})
 
 
 # --- entry point -------------------------------------------------------------------------------

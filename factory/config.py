@@ -142,6 +142,10 @@ class ModelConfig(Section):
     load_in_4bit: bool = True
     """4-bit base weights (QLoRA). Needs CUDA; ignored with a warning elsewhere."""
 
+    backend: Literal["auto", "unsloth", "hf"] = "auto"
+    """`unsloth` (CUDA, fast 4-bit LoRA), `hf` (transformers + PEFT + TRL on CPU, Apple MPS or
+    CUDA), or `auto`: unsloth when a CUDA device is present and unsloth imports, else hf."""
+
 
 class LoraConfig(Section):
     r: Union[int, Auto] = 8
@@ -179,6 +183,11 @@ class TrainingConfig(Section):
     logging_steps: int = 1
     seed: int = 3407
     output_dir: str = "outputs"
+    """Where the trainer keeps its progress checkpoints (25/50/75/100% of the steps), relative
+    to models/checkpoints/; a killed run resumes from the last complete one."""
+
+    packing: bool = False
+    """Pack several short examples into each sequence (fewer padding tokens, faster)."""
 
 
 class DatasetConfig(Section):
@@ -195,6 +204,50 @@ class SaveConfig(Section):
     """One llama.cpp type or a list: f16, bf16, q8_0, q4_k_m, q5_k_m, q6_k, ..."""
 
 
+class EvaluationConfig(Section):
+    metrics: list[Literal["exact_match", "normalized_exact_match", "token_f1", "rouge_l", "bleu", "chrf",
+                          "regex_match", "json_valid", "custom"]] = Field(
+        default_factory=lambda: ["exact_match", "normalized_exact_match", "token_f1", "rouge_l", "chrf"])
+    """Scorers run on every test example (each gives 0..1 per example)."""
+
+    primary: str = "exact_match"
+    """The metric the model-performance gate compares (must be one of `metrics`)."""
+
+    regex: str | None = None
+    """For regex_match: the answer is the first group of this pattern in both texts,
+    e.g. "####\\s*(-?[\\d,.]+)" for GSM8K."""
+
+    custom_scorer: str | None = None
+    """For custom: 'module:function' taking (prediction, reference) and returning 0..1."""
+
+    max_new_tokens: int = Field(64, ge=1)
+    batch_size: int = Field(32, ge=1)
+    """Prompts generated at once (left-padded, greedy)."""
+
+    max_examples: int | None = None
+    """Score only the first N test examples (null: all)."""
+
+    loss: bool = True
+    """Also compute the test loss and perplexity on the assistant tokens."""
+
+    second_test_set: str | None = None
+    """Optional extra test file in canonical form (e.g. a safety set): the fine-tuned model
+    must not score lower than the base model on it by more than the gate's tolerance."""
+
+    bootstrap_samples: int = 10_000
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _primary_is_scored(self) -> "EvaluationConfig":
+        if self.primary not in self.metrics:
+            raise ValueError(f"primary {self.primary!r} must be one of metrics {self.metrics}")
+        if "regex_match" in self.metrics and not self.regex:
+            raise ValueError("metrics has regex_match: set `regex` too")
+        if "custom" in self.metrics and not self.custom_scorer:
+            raise ValueError("metrics has custom: set `custom_scorer` (module:function) too")
+        return self
+
+
 # --- the whole file --------------------------------------------------------------------
 
 
@@ -205,6 +258,7 @@ class FactoryConfig(Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
     save: SaveConfig = Field(default_factory=SaveConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     gates: dict[str, dict[str, Union[float, int, bool, str]]] = Field(default_factory=dict)
     """Threshold overrides per gate: {gate-name: {metric.path: new threshold}}, e.g.
     {data-valid: {format.records_out: 500}}. Edit gates/NAME.yaml for anything more."""

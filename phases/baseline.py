@@ -1,11 +1,59 @@
-"""baseline: evaluate the base model on the test split (not implemented yet)."""
+"""baseline: score the base model on the test split, so the fine-tune has something to beat.
 
-from factory.phase import Phase
+Loads the base model (model.name) exactly as evaluate will load it, generates an answer for
+every test example with the evaluation decoding (greedy, batched), scores each one, and
+returns per-example predictions and scores, the aggregates, the decoding settings and the
+fingerprints of the model and the test split (metrics/baseline.json). The
+baseline-established gate checks that every test example was scored.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from factory import modeling
+from factory.config import FactoryConfig
+from factory.phase import Phase, PhaseContext
+from factory.workspace import Workspace
+
+
+def run(ctx: PhaseContext) -> dict[str, Any]:
+    from factory import evaluation
+
+    cfg, ws = ctx.config, ctx.workspace
+    test_file = ws.split_file("test")
+    records = evaluation.read_split(test_file, ws, cfg.evaluation.max_examples)
+
+    backend = modeling.select_backend(cfg.model.backend)
+    ctx.log.info("scoring the base model %s on %d test examples (%s)", cfg.model.name, len(records), backend.device)
+    model, tokenizer = modeling.load_for_inference(cfg, ws, backend)
+    result = evaluation.score_model(ctx, model, tokenizer, records, what="base")
+
+    extra = {}
+    if cfg.evaluation.second_test_set:
+        second = evaluation.read_split(ws.path(cfg.evaluation.second_test_set), ws)
+        extra["second_test_set"] = {
+            **evaluation.split_identity(ws, ws.path(cfg.evaluation.second_test_set)),
+            **evaluation.score_model(ctx, model, tokenizer, second, what="base, second set"),
+        }
+    return {
+        "model": cfg.model.name,
+        "device": backend.device,
+        "test_split": evaluation.split_identity(ws, test_file),
+        **result,
+        **extra,
+    }
+
 
 PHASE = Phase(
     name="baseline",
     summary="Evaluate the base model on the test split",
     metrics="baseline",
-    run=None,
-    unavailable_reason="the baseline phase is not available yet (model phases are planned in the next release)",
+    run=run,
+    config_sections=("model", "evaluation"),
+    inputs=lambda cfg, ws: [ws.split_file("test"), *modeling.local_model_inputs(cfg, ws), *second_test_set(cfg, ws)],
 )
+
+
+def second_test_set(cfg: FactoryConfig, ws: Workspace) -> list:
+    return [ws.path(cfg.evaluation.second_test_set)] if cfg.evaluation.second_test_set else []

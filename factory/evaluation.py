@@ -1,0 +1,76 @@
+"""Scoring a model on a split: what the baseline and evaluate phases share.
+
+Generation is batched and greedy (the same decoding for both models, so the comparison is
+paired and fair); every example keeps its prediction and per-metric scores, so evaluate can
+compare the two models example by example.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from factory import modeling, scoring
+from factory.config import FactoryConfig
+from factory.errors import InputError
+from factory.io import file_sha256
+from factory.phase import PhaseContext
+from factory.workspace import Workspace
+
+
+def read_split(path: Path, ws: Workspace, limit: int | None = None) -> list[dict]:
+    if not path.exists():
+        raise InputError(f"{ws.rel(path)} not found; run `factory run split` first")
+    records = [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
+    if not records:
+        raise InputError(f"{ws.rel(path)} has no records")
+    return records[:limit] if limit else records
+
+
+def decoding(cfg: FactoryConfig) -> dict[str, Any]:
+    return {"strategy": "greedy", "max_new_tokens": cfg.evaluation.max_new_tokens, "batch_size": cfg.evaluation.batch_size}
+
+
+def score_model(ctx: PhaseContext, model, tokenizer, records: list[dict], *, what: str) -> dict[str, Any]:
+    """Generate for every record, score each prediction, and compute the answer loss."""
+    cfg = ctx.config.evaluation
+    scorers = scoring.build_scorers(cfg.metrics, regex=cfg.regex, custom=cfg.custom_scorer)
+    prompts, references = zip(*(modeling.prompt_and_answer(r) for r in records))
+    ctx.progress.start(len(records), f"examples ({what})")
+    started = time.monotonic()
+    predictions = modeling.generate(model, tokenizer, list(prompts), batch_size=cfg.batch_size,
+                                    max_new_tokens=cfg.max_new_tokens, on_batch=ctx.progress.advance)
+    generation_seconds = time.monotonic() - started
+    examples = []
+    for index, (prompt, reference, prediction) in enumerate(zip(prompts, references, predictions)):
+        examples.append({
+            "index": index,
+            "prompt": prompt[-1]["content"] if prompt else "",
+            "reference": reference,
+            "prediction": prediction,
+            "scores": {name: scorer(prediction, reference) for name, scorer in scorers.items()},
+        })
+    means = {name: sum(e["scores"][name] for e in examples) / len(examples) for name in scorers}
+    result: dict[str, Any] = {
+        "num_examples": len(examples),
+        "scores": means,
+        "primary": cfg.primary,
+        "primary_score": means[cfg.primary],
+        "generation_seconds": round(generation_seconds, 3),
+        "examples_per_second": round(len(examples) / generation_seconds, 2) if generation_seconds else None,
+        "decoding": decoding(ctx.config),
+    }
+    if cfg.loss:
+        loss, tokens = modeling.answer_loss(model, tokenizer, records, batch_size=cfg.batch_size)
+        result.update(loss=loss, perplexity=math.exp(loss) if math.isfinite(loss) and loss < 50 else None,
+                      loss_tokens=tokens)
+    result["examples"] = examples
+    return result
+
+
+def split_identity(ws: Workspace, path: Path) -> dict[str, str]:
+    return {"file": ws.rel(path), "sha256": file_sha256(path)}

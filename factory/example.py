@@ -1,0 +1,377 @@
+"""A self-contained, offline example: a learnable localization task and a tiny Gemma 3.
+
+`factory init --example DIR` builds a workspace with everything the pipeline needs and no
+download: raw records of an objective task (data/raw/), and a randomly initialised
+Gemma3ForCausalLM of about 250k parameters with a SentencePiece tokenizer trained on the
+spot and the real Gemma 3 chat template (models/base/). It is an ordinary Hugging Face
+folder, so every phase treats it exactly like `google/gemma-3-*`: the same architecture,
+special tokens, chat template and file layout, only tiny and untrained.
+
+The task: render a date and an amount of money the way a locale writes them.
+
+    instruction: "Format the date and amount for the locale."
+    input:       "Locale: de-DE. Date: 2024-03-07. Amount: 1234.50 EUR."
+    output:      "07.03.2024 | 1.234,50 €"
+
+Every answer is a deterministic function of the request, so exact match is a fair score;
+the values are drawn at random, so test requests were never seen in training and a model
+has to learn the rule, not the pairs. The untrained base model scores 0; LoRA on CPU
+learns it in a couple of minutes.
+
+torch, transformers and sentencepiece are imported inside the functions: the data phases
+and the CLI work without the `train` extra.
+"""
+
+from __future__ import annotations
+
+import calendar
+import json
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+# --- the task --------------------------------------------------------------------------
+
+INSTRUCTION = "Format the date and amount for the locale."
+
+CURRENCY_SYMBOLS = {"USD": "$", "EUR": "€", "GBP": "£"}
+
+
+# locale: (date order, date separator, thousands separator, decimal separator, symbol after)
+# Simplified CLDR conventions. French uses a plain space where CLDR has U+202F, so that the
+# answers stay easy to type and compare.
+LOCALES: dict[str, tuple[str, str, str, str, bool]] = {
+    "en-US": ("MDY", "/", ",", ".", False),
+    "en-GB": ("DMY", "/", ",", ".", False),
+    "de-DE": ("DMY", ".", ".", ",", True),
+    "fr-FR": ("DMY", "/", " ", ",", True),
+    "it-IT": ("DMY", "/", ".", ",", True),
+    "ja-JP": ("YMD", "/", ",", ".", False),
+}
+
+
+def format_request(locale: str, date: str, amount: str, currency: str) -> str:
+    """The user's request (the Alpaca `input`): `date` is ISO, `amount` has two decimals."""
+    return f"Locale: {locale}. Date: {date}. Amount: {amount} {currency}."
+
+
+def localize(locale: str, date: str, amount: str, currency: str) -> str:
+    """The answer: `DATE | AMOUNT` written the locale's way. The reference implementation."""
+    order, date_sep, group_sep, decimal_sep, symbol_after = LOCALES[locale]
+    year, month, day = date.split("-")
+    parts = {"Y": year, "M": month, "D": day}
+    local_date = date_sep.join(parts[c] for c in order)
+    whole, cents = amount.split(".")
+    groups = []
+    while whole:
+        groups.insert(0, whole[-3:])
+        whole = whole[:-3]
+    number = group_sep.join(groups) + decimal_sep + cents
+    symbol = CURRENCY_SYMBOLS[currency]
+    money = f"{number} {symbol}" if symbol_after else f"{symbol}{number}"
+    return f"{local_date} | {money}"
+
+
+def _random_case(rng: random.Random) -> tuple[str, str, str, str]:
+    locale = rng.choice(sorted(LOCALES))
+    year = rng.randint(1990, 2035)
+    month = rng.randint(1, 12)
+    day = rng.randint(1, calendar.monthrange(year, month)[1])
+    digits = rng.randint(1, 6)  # 0.05 .. 999999.99, every length equally likely
+    whole = rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10**digits - 1)
+    amount = f"{whole}.{rng.randint(0, 99):02d}"
+    currency = rng.choice(sorted(CURRENCY_SYMBOLS))
+    return locale, f"{year:04d}-{month:02d}-{day:02d}", amount, currency
+
+
+def generate_task_records(n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """`n` distinct Alpaca records {instruction, input, output} of the localization task.
+
+    Alpaca because it is the most common raw format and it keeps the fixed task
+    description (instruction) apart from the specific request (input); the format phase
+    turns it into a system turn plus a user turn, which the Gemma template renders as one
+    user turn "instruction\\n\\ninput". Requests are unique, so no split shares a prompt.
+    """
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    records = []
+    while len(records) < n:
+        case = _random_case(rng)
+        request = format_request(*case)
+        if request in seen:
+            continue
+        seen.add(request)
+        records.append({"instruction": INSTRUCTION, "input": request, "output": localize(*case)})
+    return records
+
+
+def check_answer(record: dict[str, Any], answer: str) -> bool:
+    """Exact match after trimming, the metric the example is meant to be scored by."""
+    return answer.strip() == str(record["output"]).strip()
+
+
+# --- the tiny Gemma 3 ------------------------------------------------------------------
+
+# The chat template of google/gemma-3-* (tokenizer_config.json), byte for byte. It equals
+# TRL's trl/chat_templates/gemma3.jinja, which lets SFTTrainer swap in its training variant
+# with {% generation %} markers for assistant_only_loss.
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}\n"
+    "{%- if messages[0]['role'] == 'system' -%}\n"
+    "    {%- if messages[0]['content'] is string -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}\n"
+    "    {%- else -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}\n"
+    "    {%- endif -%}\n"
+    "    {%- set loop_messages = messages[1:] -%}\n"
+    "{%- else -%}\n"
+    '    {%- set first_user_prefix = "" -%}\n'
+    "    {%- set loop_messages = messages -%}\n"
+    "{%- endif -%}\n"
+    "{%- for message in loop_messages -%}\n"
+    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
+    '        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}\n'
+    "    {%- endif -%}\n"
+    "    {%- if (message['role'] == 'assistant') -%}\n"
+    '        {%- set role = "model" -%}\n'
+    "    {%- else -%}\n"
+    "        {%- set role = message['role'] -%}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}\n"
+    "    {%- if message['content'] is string -%}\n"
+    "        {{ message['content'] | trim }}\n"
+    "    {%- elif message['content'] is iterable -%}\n"
+    "        {%- for item in message['content'] -%}\n"
+    "            {%- if item['type'] == 'image' -%}\n"
+    "                {{ '<start_of_image>' }}\n"
+    "            {%- elif item['type'] == 'text' -%}\n"
+    "                {{ item['text'] | trim }}\n"
+    "            {%- endif -%}\n"
+    "        {%- endfor -%}\n"
+    "    {%- else -%}\n"
+    '        {{ raise_exception("Invalid content type") }}\n'
+    "    {%- endif -%}\n"
+    "    {{ '<end_of_turn>\n' }}\n"
+    "{%- endfor -%}\n"
+    "{%- if add_generation_prompt -%}\n"
+    "    {{'<start_of_turn>model\n'}}\n"
+    "{%- endif -%}\n"
+)
+
+# Gemma's special pieces, in Gemma's order (ids 0..4); the turn markers follow at 5 and 6
+# (105 and 106 in the real vocabulary).
+SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"]
+PAD_ID, EOS_ID, BOS_ID, UNK_ID, MASK_ID, START_OF_TURN_ID, END_OF_TURN_ID = range(7)
+
+# Text the tokenizer must cover besides the corpus: the turn headers the template writes.
+TEMPLATE_TEXTS = ["<start_of_turn>user\n", "<end_of_turn>\n", "<start_of_turn>model\n", "<start_of_turn>system\n"]
+
+
+def train_sentencepiece(corpus: list[str], vocab_size: int = 400) -> bytes:
+    """A SentencePiece BPE model proto trained on `corpus`, shaped like Gemma's.
+
+    Byte fallback (any text encodes), no dummy prefix, identity normalization (newlines and
+    runs of spaces survive), digits split one per token (as Gemma does; it also makes the
+    number task learnable by a tiny model), Gemma's special ids, and the turn markers as
+    user-defined pieces, so that they tokenize from text. 256 byte pieces, the 7 specials
+    and the corpus's characters come first; `vocab_size` is a soft upper bound.
+    """
+    import io
+
+    import sentencepiece as spm
+
+    buffer = io.BytesIO()
+    lines = [text for text in corpus if text] + TEMPLATE_TEXTS
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=buffer,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        hard_vocab_limit=False,
+        byte_fallback=True,
+        add_dummy_prefix=False,
+        split_digits=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        split_by_whitespace=True,
+        character_coverage=1.0,
+        max_sentence_length=1 << 16,
+        pad_id=PAD_ID,
+        eos_id=EOS_ID,
+        bos_id=BOS_ID,
+        unk_id=UNK_ID,
+        pad_piece="<pad>",
+        eos_piece="<eos>",
+        bos_piece="<bos>",
+        unk_piece="<unk>",
+        user_defined_symbols=SPECIAL_TOKENS[4:],
+        num_threads=1,  # deterministic
+        minloglevel=2,
+    )
+    return buffer.getvalue()
+
+
+def build_tiny_gemma3(
+    out_dir: Path,
+    *,
+    corpus: list[str],
+    seed: int = 0,
+    hidden: int = 64,
+    layers: int = 6,
+    heads: int = 4,
+    kv_heads: int = 2,
+    head_dim: int = 16,
+    intermediate: int = 256,
+    vocab_size: int = 400,
+    initializer_range: float = 0.3,
+    max_positions: int = 1024,
+    sliding_window: int = 512,
+) -> Path:
+    """Write a randomly initialised Gemma3ForCausalLM with a tokenizer trained on `corpus`.
+
+    The folder is what `save_pretrained` writes for a real Gemma 3, plus what transformers 5
+    leaves out: tokenizer.model (llama.cpp's converter reads it) and added_tokens_decoder in
+    tokenizer_config.json (it marks the turn tokens as control tokens in a GGUF), and a
+    generation_config.json that stops at <eos> or <end_of_turn> like Gemma 3 -it does.
+    `initializer_range` 0.3 (not Gemma's 0.02) lets LoRA move a random model quickly.
+    Returns `out_dir`.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig, GenerationConfig
+    from transformers.models.gemma import GemmaTokenizer
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    # tokenizer: transformers converts tokenizer.model when it loads a folder that has only it
+    proto = train_sentencepiece(corpus, vocab_size=vocab_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "tokenizer.model").write_bytes(proto)
+        tokenizer = GemmaTokenizer.from_pretrained(tmp, add_bos_token=True, add_eos_token=False)
+    tokenizer.chat_template = GEMMA3_CHAT_TEMPLATE
+    real_vocab = len(tokenizer)
+
+    # model
+    config = Gemma3TextConfig(
+        vocab_size=real_vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        query_pre_attn_scalar=head_dim,
+        max_position_embeddings=max_positions,
+        sliding_window=sliding_window,
+        initializer_range=initializer_range,
+        pad_token_id=PAD_ID,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,  # the tokenizer's; the generation config adds <end_of_turn>
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = Gemma3ForCausalLM(config).to(torch.float32).eval()
+    model.generation_config = GenerationConfig(
+        bos_token_id=BOS_ID, eos_token_id=[EOS_ID, END_OF_TURN_ID], pad_token_id=PAD_ID, do_sample=False
+    )
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+    # what transformers 5 does not write
+    (out_dir / "tokenizer.model").write_bytes(proto)
+    _restore_tokenizer_config(out_dir / "tokenizer_config.json")
+
+    # it must load back the ordinary way
+    reloaded = AutoTokenizer.from_pretrained(out_dir)
+    AutoModelForCausalLM.from_pretrained(out_dir)
+    ids = reloaded.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=True)
+    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    if list(ids[:2]) != [BOS_ID, START_OF_TURN_ID]:
+        raise RuntimeError(f"tiny Gemma 3 tokenizer renders the chat template wrong: {ids}")
+    return out_dir
+
+
+def _restore_tokenizer_config(path: Path) -> None:
+    """Add what a google/gemma-3 tokenizer_config.json has and transformers 5 leaves out."""
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config.pop("vocab_file", None)  # an absolute path to the temporary folder
+    config.update(add_bos_token=True, add_eos_token=False, chat_template=GEMMA3_CHAT_TEMPLATE)
+    config["added_tokens_decoder"] = {
+        str(i): {"content": tok, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
+        for i, tok in enumerate(SPECIAL_TOKENS)
+    }
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+# --- the workspace ---------------------------------------------------------------------
+
+RAW_FILE = "data/raw/localization.jsonl"
+BASE_MODEL_DIR = "models/base"
+
+
+def record_texts(records: list[dict[str, Any]]) -> list[str]:
+    """The tokenizer's corpus: each Alpaca record as the Gemma template renders it (so that
+    newlines and the turn markers are learnt in context), without <bos>."""
+    texts = []
+    for r in records:
+        user = "\n\n".join(str(r[k]).strip() for k in ("instruction", "input") if r.get(k))
+        texts.append(f"<start_of_turn>user\n{user}<end_of_turn>\n<start_of_turn>model\n{str(r['output']).strip()}<end_of_turn>\n")
+    return texts
+
+
+def write_example_workspace(root: Path, *, records: int = 600, seed: int = 0, **model_kwargs: Any) -> dict[str, Path]:
+    """Write data/raw/localization.jsonl (`records` Alpaca rows) and models/base/ under `root`.
+
+    Returns {"raw": file, "model": folder}. The factory.yaml that points at them is the
+    caller's business.
+    """
+    root = Path(root)
+    rows = generate_task_records(records, seed=seed)
+    raw = root / RAW_FILE
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    raw.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    model_dir = root / BASE_MODEL_DIR
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    build_tiny_gemma3(model_dir, corpus=record_texts(rows), seed=seed, **model_kwargs)
+    return {"raw": raw, "model": model_dir}
+
+
+def example_config(*, steps: int = 600) -> str:
+    """factory.yaml for the example workspace: settings that learn the task on a CPU."""
+    return f"""\
+# Example workspace made by `factory init --example`: a localization task and a tiny Gemma-3
+# with random weights, all offline. `factory run` takes it from raw data to an evaluated model.
+data:
+  inputs: [{RAW_FILE}]
+  split: {{train: 0.9, val: 0.05, test: 0.05, seed: 3407}}
+
+model:
+  name: {BASE_MODEL_DIR}          # an ordinary Hugging Face folder, loaded like a hub model
+  max_seq_length: 128
+  load_in_4bit: false
+
+lora:
+  r: 16
+  lora_alpha: 32
+  use_gradient_checkpointing: false   # a tiny model: recomputation costs more than it saves
+
+training:
+  per_device_train_batch_size: 16
+  gradient_accumulation_steps: 1
+  warmup_steps: 10
+  max_steps: {steps}
+  learning_rate: 0.01               # high, because the base model is random
+  weight_decay: 0.0
+  optim: adamw_torch
+  logging_steps: 10
+
+evaluation:
+  metrics: [exact_match, normalized_exact_match, token_f1, chrf]
+  primary: exact_match
+  max_new_tokens: 32
+  batch_size: 64
+"""

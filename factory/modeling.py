@@ -1,0 +1,272 @@
+"""Models for the model phases: backend choice, loading, LoRA, chat formatting, generation.
+
+Two backends share TRL's SFTTrainer:
+- `unsloth`: Unsloth's FastModel (fast 4-bit LoRA), CUDA only;
+- `hf`: transformers + PEFT, on CPU, Apple MPS or CUDA (bitsandbytes 4-bit on CUDA).
+
+torch, transformers, peft and unsloth are imported inside the functions that need them, so
+that importing this module costs nothing (the CLI answers --help without them).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from factory.config import FactoryConfig
+from factory.errors import InputError
+from factory.workspace import Workspace
+
+log = logging.getLogger("factory.modeling")
+
+# The markers train_on_responses_only looks for, per chat template (Unsloth's names).
+RESPONSE_PARTS = {
+    "gemma-3": ("<start_of_turn>user\n", "<start_of_turn>model\n"),
+    "gemma3": ("<start_of_turn>user\n", "<start_of_turn>model\n"),
+    "llama-3.1": ("<|start_header_id|>user<|end_header_id|>\n\n", "<|start_header_id|>assistant<|end_header_id|>\n\n"),
+    "qwen-2.5": ("<|im_start|>user\n", "<|im_start|>assistant\n"),
+    "chatml": ("<|im_start|>user\n", "<|im_start|>assistant\n"),
+}
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str  # "unsloth" or "hf"
+    reason: str
+    device: str  # "cuda", "mps" or "cpu"
+
+
+def select_backend(requested: str) -> Backend:
+    """Pick the backend and say why (the log and training-status.json carry the reason)."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "mps" if torch.backends.mps.is_available() else "cpu"
+    has_unsloth = importlib.util.find_spec("unsloth") is not None
+    if requested == "hf":
+        return Backend("hf", "model.backend is hf", device)
+    if requested == "unsloth":
+        if not cuda:
+            raise InputError("model.backend is unsloth, but there is no CUDA device; set model.backend: hf (or auto)")
+        if not has_unsloth:
+            raise InputError('model.backend is unsloth, but unsloth is not installed: pip install -e ".[gpu]"')
+        _import_unsloth()
+        return Backend("unsloth", "model.backend is unsloth", device)
+    if not cuda:
+        return Backend("hf", f"no CUDA device (unsloth needs one); running on {device}", device)
+    if not has_unsloth:
+        return Backend("hf", 'CUDA found but unsloth is not installed (pip install -e ".[gpu]")', device)
+    try:
+        _import_unsloth()
+    except InputError as e:
+        return Backend("hf", str(e), device)
+    return Backend("unsloth", "CUDA found and unsloth imports", device)
+
+
+def _import_unsloth() -> None:
+    # Unsloth patches transformers, trl and peft: it must be imported before them.
+    try:
+        import unsloth  # noqa: F401
+    except (NotImplementedError, ImportError, RuntimeError) as e:
+        raise InputError(f"unsloth failed to import: {type(e).__name__}: {e}") from None
+
+
+def model_path(name: str, ws: Workspace) -> str:
+    """A local folder (relative to the workspace or absolute) or else a hub id."""
+    local = ws.path(name)
+    if local.is_dir():
+        if not (local / "config.json").exists():
+            raise InputError(f"{ws.rel(local)} has no config.json; model.name must be a Hugging Face model folder or hub id")
+        return str(local)
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise InputError(f"model.name {name!r}: no such folder, and it is not a hub id (owner/name)")
+    return name
+
+
+def torch_dtype(cfg: FactoryConfig, device: str):
+    import torch
+
+    if cfg.model.dtype:
+        return getattr(torch, cfg.model.dtype)
+    if device == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32  # CPU and MPS train reliably in fp32
+
+
+def load_model(cfg: FactoryConfig, ws: Workspace, backend: Backend, *, max_seq_length: int):
+    """The base model and its tokenizer, as the finetune phase needs them."""
+    path = model_path(cfg.model.name, ws)
+    if backend.name == "unsloth":
+        from unsloth import FastModel
+        from unsloth.chat_templates import get_chat_template
+
+        model, tokenizer = FastModel.from_pretrained(
+            model_name=path, max_seq_length=max_seq_length, dtype=cfg.model.dtype and torch_dtype(cfg, "cuda"),
+            load_in_4bit=cfg.model.load_in_4bit,
+        )
+        tokenizer = get_chat_template(tokenizer, chat_template=cfg.dataset.chat_template)
+        return model, tokenizer
+    return load_for_inference(cfg, ws, backend, path=path, quantize=cfg.model.load_in_4bit)
+
+
+def load_for_inference(cfg: FactoryConfig, ws: Workspace, backend: Backend, *, path: str | None = None,
+                       adapter: Path | None = None, quantize: bool = False):
+    """A model for generation: the base (from model.name or `path`), plus a LoRA adapter."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the phase has its own progress; keep CI logs readable
+    path = path or model_path(cfg.model.name, ws)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype(cfg, backend.device)}
+    if quantize and backend.device == "cuda":
+        if importlib.util.find_spec("bitsandbytes") is None:
+            log.warning('model.load_in_4bit needs bitsandbytes (pip install -e ".[gpu]"); loading in 16-bit')
+        else:
+            from transformers import BitsAndBytesConfig
+            import torch
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch_dtype(cfg, "cuda"),
+            )
+    elif quantize and backend.device != "cuda":
+        log.info("model.load_in_4bit is ignored on %s (4-bit needs CUDA); using %s", backend.device, kwargs["dtype"])
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
+    if backend.device != "cpu" and "quantization_config" not in kwargs:
+        model = model.to(backend.device)
+    model.eval()
+    return model, tokenizer
+
+
+def add_lora(model, cfg: FactoryConfig, backend: Backend, *, rank: int):
+    lora = cfg.lora
+    if backend.name == "unsloth":
+        from unsloth import FastModel
+
+        return FastModel.get_peft_model(
+            model, r=rank, target_modules=lora.target_modules, lora_alpha=lora.lora_alpha,
+            lora_dropout=lora.lora_dropout, bias=lora.bias,
+            use_gradient_checkpointing=lora.use_gradient_checkpointing, random_state=cfg.training.seed,
+            finetune_vision_layers=lora.finetune_vision_layers, finetune_language_layers=lora.finetune_language_layers,
+            finetune_attention_modules=lora.finetune_attention_modules, finetune_mlp_modules=lora.finetune_mlp_modules,
+        )
+    from peft import LoraConfig, get_peft_model
+
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    targets = [m for m in lora.target_modules if m in present]
+    if not targets:
+        raise InputError(f"lora.target_modules {lora.target_modules} match no layer of the model")
+    config = LoraConfig(r=rank, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout, bias=lora.bias,
+                        target_modules=targets, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+# --- conversations -------------------------------------------------------------------------
+
+
+def chat_messages(conversations: list[dict]) -> list[dict]:
+    """Canonical turns as chat-template messages.
+
+    Gemma's template knows user/assistant/system only and requires them to alternate, so a
+    tool result is passed as a user turn that says it is one.
+    """
+    return [
+        {"role": "user", "content": f"Tool result:\n{t['content']}"} if t["role"] == "tool" else dict(t)
+        for t in conversations
+    ]
+
+
+def prompt_and_answer(record: dict) -> tuple[list[dict], str]:
+    """The conversation up to the last assistant turn, and that turn's text (the reference)."""
+    turns = chat_messages(record["conversations"])
+    return turns[:-1], turns[-1]["content"]
+
+
+def unsloth_text(tokenizer, conversations: list[dict]) -> str:
+    """Seed 004's formatting_prompts_func: the chat template's text without a leading <bos>."""
+    text = tokenizer.apply_chat_template(chat_messages(conversations), tokenize=False, add_generation_prompt=False)
+    return text.removeprefix(tokenizer.bos_token or "<bos>")
+
+
+# --- generation and loss -----------------------------------------------------------------
+
+
+def generate(model, tokenizer, prompts: list[list[dict]], *, batch_size: int, max_new_tokens: int,
+             on_batch: Callable[[int], None] | None = None, temperature: float = 0.0, top_p: float = 1.0,
+             top_k: int = 0) -> list[str]:
+    """Generate an answer for each prompt, batched with left padding; greedy by default."""
+    import torch
+
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    device = next(model.parameters()).device
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k} if temperature > 0 else {"do_sample": False}
+    answers: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in chunk]
+        encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        with torch.inference_mode():
+            output = model.generate(**encoded, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                    **sampling)
+        new_tokens = output[:, encoded["input_ids"].shape[1] :]
+        answers += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+        if on_batch:
+            on_batch(len(chunk))
+    return answers
+
+
+def answer_loss(model, tokenizer, records: Iterable[dict], *, batch_size: int) -> tuple[float, int]:
+    """Mean cross-entropy over the final answer's tokens (the prompt gets label -100)."""
+    import torch
+
+    device = next(model.parameters()).device
+    rows = [answer_labels(tokenizer, r) for r in records]
+    total, count = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        width = max(len(ids) for ids, _ in chunk)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        ids = torch.tensor([i + [pad] * (width - len(i)) for i, _ in chunk], device=device)
+        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in chunk], device=device)
+        with torch.inference_mode():
+            logits = model(input_ids=ids, attention_mask=(labels != -100) | (ids != pad)).logits.float()
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
+        )
+        total += loss.item()
+        count += int((labels[:, 1:] != -100).sum())
+    return (total / count if count else float("nan")), count
+
+
+def answer_labels(tokenizer, record: dict) -> tuple[list[int], list[int]]:
+    """Token ids of the whole conversation and labels that are -100 except on the final answer."""
+    prompt, _ = prompt_and_answer(record)
+    full = tokenizer.apply_chat_template(chat_messages(record["conversations"]), tokenize=True, add_generation_prompt=False)
+    head = tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True)
+    full, head = _ids(full), _ids(head)
+    if full[: len(head)] != head:
+        raise InputError("the chat template renders the prompt differently inside the full conversation; "
+                         "cannot locate the answer tokens")
+    return full, [-100] * len(head) + full[len(head) :]
+
+
+def _ids(encoded) -> list[int]:
+    if isinstance(encoded, dict) or hasattr(encoded, "keys"):
+        encoded = encoded["input_ids"]
+    return list(encoded)
+
+
+def local_model_inputs(cfg: FactoryConfig, ws: Workspace) -> list[Path]:
+    """The base model folder when it is local: part of a phase's fingerprint."""
+    path = ws.path(cfg.model.name)
+    return [path] if path.is_dir() else []
