@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ test-fast: install
 bench: install
 	$(BIN)/python bench/data_split.py --records 100000
 	$(BIN)/python bench/data_split.py --records 1000000
+
+docs: install
+	$(BIN)/python scripts/update_readme_config.py
 
 clean:
 	rm -rf demo bench/out .pytest_cache

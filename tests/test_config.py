@@ -123,6 +123,5 @@ def test_readme_config_reference_is_current():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = readme.split("<!-- config-reference:start -->")[1].split("<!-- config-reference:end -->")[0]
     assert section.strip() == f"```yaml\n{commented_template()}\n```", (
-        "README's config reference is stale: replace the block between the config-reference "
-        "markers with the output of `python -c 'from factory.config import commented_template as t; print(t())'`"
+        "README's config reference is stale: run `make docs`"
     )
