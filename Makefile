@@ -18,7 +18,7 @@ install: $(STAMP)
 demo: install
 	rm -rf demo
 	$(BIN)/factory init --example demo
-	$(BIN)/factory run split -C demo
+	$(BIN)/factory run evaluate -C demo
 
 test: install
 	$(BIN)/python -m pytest -q
