@@ -480,10 +480,16 @@ def _check_columns(spec: InputSpec, header_row: dict, kind: str, rel: str) -> No
 
 
 def alpaca(obj: dict) -> dict:
-    """Seed 004's convert_to_sharegpt: instruction -> system, input -> user, output -> assistant."""
+    """Seed 004's convert_to_sharegpt: instruction -> system, input -> user, output -> assistant.
+
+    LLaMA-Factory's extensions are kept, not dropped: a `system` field joins the system turn,
+    and `history` ([[user, assistant], ...]) becomes the turns before the last exchange.
+    """
     # The common case inline (this runs a million times in the benchmark); anything
-    # unusual (missing, empty or non-string fields) takes the checked path below.
+    # unusual (missing, empty or non-string fields, system or history) takes the checked path.
     instruction, user, answer = obj.get("instruction"), obj.get("input"), obj.get("output")
+    if "system" in obj or "history" in obj:
+        return _alpaca_extended(obj)
     if type(answer) is str and type(user) is str and type(instruction) is str and answer and not answer.isspace():
         if user and instruction:
             return {"conversations": [
@@ -501,6 +507,22 @@ def alpaca(obj: dict) -> dict:
             ("instruction", "input", "output"),
         )
     }
+
+
+def _alpaca_extended(obj: dict) -> dict:
+    base = {k: v for k, v in obj.items() if k not in ("system", "history")}
+    conversation = alpaca(base)["conversations"]
+    system = _optional_text(obj, "system")
+    history = obj.get("history") or []
+    if type(history) is not list or any(
+        type(pair) is not list or len(pair) != 2 or any(type(t) is not str for t in pair) for pair in history
+    ):
+        raise Reject("wrong_type", "`history` must be a list of [user, assistant] text pairs; fix the record")
+    head = conversation[:1] if conversation[0]["role"] == "system" else []
+    earlier = [{"role": role, "content": text} for pair in history for role, text in zip(("user", "assistant"), pair)]
+    if system:
+        head = [{"role": "system", "content": system + ("\n\n" + head[0]["content"] if head else "")}]
+    return {"conversations": head + earlier + conversation[len(conversation) - 2:]}
 
 
 def prompt_completion(obj: dict) -> dict:

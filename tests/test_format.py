@@ -517,3 +517,18 @@ def test_real_dataset(tmp_path, name, settings, fmt, count):
     if name.startswith("sst2"):
         assert {r["conversations"][-1]["content"] for r in out} == {"negative", "positive"}
         assert {r["meta"]["label"] for r in out} == {"0", "1"}
+
+
+
+def test_alpaca_system_and_history_are_kept(tmp_path):
+    write(tmp_path, "data/raw/a.jsonl", jsonl(
+        {"instruction": "Translate.", "input": "chat", "output": "cat", "system": "You are terse.",
+         "history": [["Translate: chien", "dog"]]},
+        {"instruction": "x", "output": "y", "history": "oops"},
+    ))
+    metrics = run_format(tmp_path)
+    assert records(tmp_path)[0]["conversations"] == [
+        {"role": "system", "content": "You are terse.\n\nTranslate."},
+        *turns(("user", "Translate: chien"), ("assistant", "dog"), ("user", "chat"), ("assistant", "cat")),
+    ]
+    assert metrics["per_reason"] == {"wrong_type": 1} and the_reject(tmp_path)["line"] == 2
