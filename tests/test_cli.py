@@ -143,3 +143,22 @@ def test_wheel_ships_schemas_and_gates(tmp_path):
         [sys.executable, "-c", "from factory import resources; print(resources.data_dir('schemas'), resources.data_dir('gates'))"],
         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(site)}, capture_output=True, text=True, check=True)
     assert str(site) in proc.stdout and str(REPO) not in proc.stdout
+
+
+def test_plan_resolves_auto_and_warns_when_it_will_not_fit(tmp_path):
+    factory("init", tmp_path, check_rc=0)
+    model = tmp_path / "models" / "gemma-3-4b-config"
+    model.mkdir(parents=True)
+    # the text part of google/gemma-3-4b-it's config.json: no weights are needed for a plan
+    (model / "config.json").write_text(json.dumps({"text_config": {
+        "hidden_size": 2560, "num_hidden_layers": 34, "vocab_size": 262208, "intermediate_size": 10240,
+        "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256}}))
+    (tmp_path / "factory.yaml").write_text(
+        "model: {name: models/gemma-3-4b-config, max_seq_length: 16384}\n"
+        "lora: {r: auto}\ntraining: {per_device_train_batch_size: 2}\n")
+    proc = factory("plan", "-C", tmp_path, check_rc=0)
+    assert "backend hf on cpu" in proc.stdout and "LoRA rank" in proc.stdout
+    assert "│ LoRA rank             │ 8 " in proc.stdout  # auto: the smallest row of the VRAM table on a CPU
+    logits_gib = 262208 * 2 * 16384 * 4 / 2**30  # vocab x batch x sequence x 4 bytes (seed 002)
+    assert f"{logits_gib:.3f}" in proc.stdout
+    assert "warning" in proc.stderr and "exceeds the available" in proc.stderr

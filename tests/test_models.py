@@ -213,3 +213,17 @@ def test_gsm8k_regex_scorer_through_finetune(tmp_path):
     baseline = metrics(root, "baseline")
     assert baseline["primary"] == "regex_match" and "regex_match" in baseline["examples"][0]["scores"]
     assert all("####" in e["reference"] for e in baseline["examples"])
+
+
+def test_sample_streams_the_learned_answer(example):
+    factory("run", "evaluate", "-C", example, check_rc=0)  # a no-op when the pipeline test ran first
+    evaluation = metrics(example, "evaluation")
+    right = next(e for e in evaluation["examples"] if e["scores"]["exact_match"] == 1.0)
+    # the example's prompt is a system instruction plus the request, as the format phase made it
+    system = "Format the date and amount for the locale."
+    proc = factory("sample", "-C", example, "--system", system, "-p", right["prompt"], "--temperature", "0",
+                   "--max-new-tokens", "32", check_rc=0)
+    assert right["reference"] in proc.stdout
+    base = factory("sample", "-C", example, "-m", "base", "--system", system, "-p", right["prompt"],
+                   "--temperature", "0", "--max-new-tokens", "32", check_rc=0)
+    assert right["reference"] not in base.stdout
