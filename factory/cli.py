@@ -84,8 +84,11 @@ def init(
     example: Annotated[bool, typer.Option("--example", help=(
         "Make a self-contained offline example: a generated localization dataset and a tiny Gemma-3 "
         "model with random weights (needs the train extra)."))] = False,
-    records: Annotated[int, typer.Option("--records", help="With --example: how many records to generate.")] = 2500,
-    steps: Annotated[int, typer.Option("--steps", help="With --example: training steps in factory.yaml.")] = 600,
+    records: Annotated[int, typer.Option("--records", help="With --example: how many records to generate.")] = 4200,
+    steps: Annotated[int, typer.Option("--steps", help="With --example: training steps in factory.yaml.")] = 1000,
+    locales: Annotated[Optional[str], typer.Option("--locales", help=(
+        "With --example: a comma-separated subset of the task's locales; fewer locales learn in fewer "
+        "steps, e.g. en-US,de-DE,ja-JP."))] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing factory.yaml.")] = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -113,7 +116,8 @@ def init(
         from factory import example as example_workspace
 
         err.print(f"Generating {records} records and a tiny Gemma-3 model in {ws.root} ...")
-        example_workspace.write_example_workspace(ws.root, records=records)
+        example_workspace.write_example_workspace(ws.root, records=records,
+                                                  locales=locales.split(",") if locales else None)
         config.write_text(example_workspace.example_config(steps=steps), encoding="utf-8")
     else:
         config.write_text(header + commented_template() + "\n", encoding="utf-8")

@@ -2,7 +2,7 @@
 
 `factory init --example DIR` builds a workspace with everything the pipeline needs and no
 download: raw records of an objective task (data/raw/), and a randomly initialised
-Gemma3ForCausalLM of about 250k parameters with a SentencePiece tokenizer trained on the
+Gemma3ForCausalLM of about 530k parameters with a SentencePiece tokenizer trained on the
 spot and the real Gemma 3 chat template (models/base/). It is an ordinary Hugging Face
 folder, so every phase treats it exactly like `google/gemma-3-*`: the same architecture,
 special tokens, chat template and file layout, only tiny and untrained.
@@ -16,7 +16,7 @@ The task: render a date and an amount of money the way a locale writes them.
 Every answer is a deterministic function of the request, so exact match is a fair score;
 the values are drawn at random, so test requests were never seen in training and a model
 has to learn the rule, not the pairs. The untrained base model scores 0; LoRA on CPU
-learns it in a couple of minutes.
+learns it in about two minutes, or a three-locale variant (QUICK_LOCALES) in under one.
 
 torch, transformers and sentencepiece are imported inside the functions: the data phases
 and the CLI work without the `train` extra.
@@ -74,8 +74,8 @@ def localize(locale: str, date: str, amount: str, currency: str) -> str:
     return f"{local_date} | {money}"
 
 
-def _random_case(rng: random.Random) -> tuple[str, str, str, str]:
-    locale = rng.choice(sorted(LOCALES))
+def _random_case(rng: random.Random, locales: list[str]) -> tuple[str, str, str, str]:
+    locale = rng.choice(locales)
     year = rng.randint(1990, 2035)
     month = rng.randint(1, 12)
     day = rng.randint(1, calendar.monthrange(year, month)[1])
@@ -86,19 +86,26 @@ def _random_case(rng: random.Random) -> tuple[str, str, str, str]:
     return locale, f"{year:04d}-{month:02d}-{day:02d}", amount, currency
 
 
-def generate_task_records(n: int, seed: int = 0) -> list[dict[str, Any]]:
+def generate_task_records(n: int, seed: int = 0, *, locales: list[str] | None = None) -> list[dict[str, Any]]:
     """`n` distinct Alpaca records {instruction, input, output} of the localization task.
 
     Alpaca because it is the most common raw format and it keeps the fixed task
     description (instruction) apart from the specific request (input); the format phase
     turns it into a system turn plus a user turn, which the Gemma template renders as one
     user turn "instruction\\n\\ninput". Requests are unique, so no split shares a prompt.
+
+    `locales` narrows the task to some of LOCALES: fewer, more distinct locales (e.g.
+    en-US, de-DE, ja-JP: three date orders) learn in fewer steps, for a quick test.
     """
+    names = sorted(LOCALES) if locales is None else list(locales)
+    unknown = [x for x in names if x not in LOCALES]
+    if unknown or not names:
+        raise ValueError(f"unknown locale(s) {unknown}; known: {', '.join(sorted(LOCALES))}")
     rng = random.Random(seed)
     seen: set[str] = set()
     records = []
     while len(records) < n:
-        case = _random_case(rng)
+        case = _random_case(rng, names)
         request = format_request(*case)
         if request in seen:
             continue
@@ -236,7 +243,9 @@ def build_tiny_gemma3(
     leaves out: tokenizer.model (llama.cpp's converter reads it) and added_tokens_decoder in
     tokenizer_config.json (it marks the turn tokens as control tokens in a GGUF), and a
     generation_config.json that stops at <eos> or <end_of_turn> like Gemma 3 -it does.
-    `initializer_range` 0.3 (not Gemma's 0.02) lets LoRA move a random model quickly.
+    `initializer_range` 0.3 (not Gemma's 0.02) gives the frozen random weights enough scale
+    for LoRA to learn the task in a few hundred steps (0.1 needs about twice as many, 0.02
+    barely moves).
     Returns `out_dir`.
     """
     import torch
@@ -310,6 +319,11 @@ def _restore_tokenizer_config(path: Path) -> None:
 
 RAW_FILE = "data/raw/localization.jsonl"
 BASE_MODEL_DIR = "models/base"
+# Measured on 2 cores, 1 torch thread, batch 16, lr 1e-2, LoRA r16/alpha32 on all linear
+# layers, ~4000 train records: all six locales need about 1000 steps (110-130 s) to reach
+# exact match 1.00 on every seed tried (500-600 steps: 0.24-1.00 depending on the seed);
+# QUICK_LOCALES reach 0.93-1.00 in 480 steps (50-55 s).
+QUICK_LOCALES = ["en-US", "de-DE", "ja-JP"]
 
 
 def record_texts(records: list[dict[str, Any]]) -> list[str]:
@@ -322,14 +336,16 @@ def record_texts(records: list[dict[str, Any]]) -> list[str]:
     return texts
 
 
-def write_example_workspace(root: Path, *, records: int = 600, seed: int = 0, **model_kwargs: Any) -> dict[str, Path]:
+def write_example_workspace(
+    root: Path, *, records: int = 2500, seed: int = 0, locales: list[str] | None = None, **model_kwargs: Any
+) -> dict[str, Path]:
     """Write data/raw/localization.jsonl (`records` Alpaca rows) and models/base/ under `root`.
 
     Returns {"raw": file, "model": folder}. The factory.yaml that points at them is the
     caller's business.
     """
     root = Path(root)
-    rows = generate_task_records(records, seed=seed)
+    rows = generate_task_records(records, seed=seed, locales=locales)
     raw = root / RAW_FILE
     raw.parent.mkdir(parents=True, exist_ok=True)
     raw.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")

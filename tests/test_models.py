@@ -34,9 +34,9 @@ def metrics(ws, stem):
 
 @pytest.fixture(scope="module")
 def example(tmp_path_factory):
-    """A small example workspace, built once: 2,000 records, 500 steps."""
+    """A small example workspace, built once: three locales, 3,000 records, 500 steps."""
     root = tmp_path_factory.mktemp("example") / "ws"
-    factory("init", "--example", root, "--records", 2000, "--steps", 500, check_rc=0)
+    factory("init", "--example", root, "--records", 3000, "--steps", 500, "--locales", "en-US,de-DE,ja-JP", check_rc=0)
     factory("run", "split", "-C", root, check_rc=0)
     return root
 
