@@ -92,7 +92,7 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
         for e in trainer.state.log_history if "loss" in e
     ]
     state = trainer.state
-    tokens = int(state.num_input_tokens_seen or 0)
+    tokens = int(state.num_input_tokens_seen or 0) - tracker.resumed_tokens  # this run's share
     return {
         "completed": state.global_step >= state.max_steps,
         "backend": backend.name,
@@ -108,9 +108,9 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
         "nonfinite_losses": sum(1 for h in history if not math.isfinite(h["loss"])),
         "convergence": convergence(history),
         "tokens": tokens,
+        "tokens_note": "trained in this run (since resumed_from_step); tokens_per_second is over the same span",
         "train_seconds": round(train_seconds, 3),
         "tokens_per_second": round(tokens / train_seconds, 1) if train_seconds and tokens else None,
-        "tokens_counted_since_step": tracker.resumed_step,
         "peak_memory_mb": _peak_memory_mb(backend.device),
         "trainable_parameters": trainable,
         "resolved": plan.as_dict(resolved),
@@ -225,6 +225,7 @@ def _make_status_callback():
         def __init__(self, ctx: PhaseContext, fingerprint: str, ws: Workspace):
             self.ctx, self.fingerprint, self.ws = ctx, fingerprint, ws
             self.resumed_step = 0
+            self.resumed_tokens = 0
             self._t0 = time.monotonic()
             self._last = {"loss": None, "learning_rate": None}
             ws.logs_dir.mkdir(parents=True, exist_ok=True)
@@ -232,6 +233,7 @@ def _make_status_callback():
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.resumed_step = state.global_step
+            self.resumed_tokens = int(state.num_input_tokens_seen or 0)
             self._t0 = time.monotonic()
             self.ctx.progress.start(state.max_steps, "steps")
             self.ctx.progress.advance(state.global_step)
