@@ -167,7 +167,7 @@ def _build_trainer(cfg: FactoryConfig, ws: Workspace, backend, model, tokenizer,
         gradient_checkpointing=bool(cfg.lora.use_gradient_checkpointing) and backend.name == "hf",
         max_length=resolved.max_seq_length,
         packing=t.packing,
-        include_num_input_tokens_seen=True,
+        include_num_input_tokens_seen="non_padding",  # tokens/s counts real tokens, not padding
         dataloader_num_workers=0,
         dataset_num_proc=None,
     )
