@@ -34,9 +34,11 @@ def metrics(ws, stem):
 
 @pytest.fixture(scope="module")
 def example(tmp_path_factory):
-    """A small example workspace, built once: three locales, 3,000 records, 500 steps."""
+    """The demo's example workspace at its default size (4,200 records, 1,000 steps, about 70 s
+    of training here). Smaller sizes were tried and learn unreliably across seeds and thread
+    counts (EM 0.29 to 1.0 at 3 locales / 500 steps), which would make the gate test flaky."""
     root = tmp_path_factory.mktemp("example") / "ws"
-    factory("init", "--example", root, "--records", 3000, "--steps", 500, "--locales", "en-US,de-DE,ja-JP", check_rc=0)
+    factory("init", "--example", root, check_rc=0)
     factory("run", "split", "-C", root, check_rc=0)
     return root
 
@@ -104,7 +106,7 @@ def test_pipeline_to_evaluate_passes_the_gate_honestly(example):
     assert [json.loads(p.read_text())["progress_pct"] for p in checkpoints] == [25.0, 50.0, 75.0, 100.0]
     training = json.loads((example / ".factory" / "training-status.json").read_text())
     validate(training, "training-status")
-    assert training["status"] == "succeeded" and training["step"] == training["total_steps"] == 500
+    assert training["status"] == "succeeded" and training["step"] == training["total_steps"] == 1000
     assert factory("run", "evaluate", "-C", example, check_rc=0).stderr.count("skipped") >= 5
 
 
