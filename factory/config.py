@@ -187,7 +187,9 @@ class TrainingConfig(Section):
     to models/checkpoints/; a killed run resumes from the last complete one."""
 
     packing: bool = False
-    """Pack several short examples into each sequence (fewer padding tokens, faster)."""
+    """Pack several short examples into each sequence (no padding tokens). Faster on CUDA with
+    FlashAttention; on CPU, TRL's packing trained at 0.73x the tokens/s of unpacked batches
+    (BENCHMARKS.md), because attention then spans the whole packed row."""
 
 
 class DatasetConfig(Section):
