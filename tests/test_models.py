@@ -102,8 +102,8 @@ def test_pipeline_to_evaluate_passes_the_gate_honestly(example):
     assert (lora / "adapter_config.json").exists() and (lora / "adapter_model.safetensors").exists()
     assert (lora / "tokenizer.json").exists() or (lora / "tokenizer.model").exists()
     assert (example / "logs" / "training.log").exists()
-    checkpoints = sorted(example.glob("outputs/checkpoint-*/training_state.json"))
-    assert [json.loads(p.read_text())["progress_pct"] for p in checkpoints] == [25.0, 50.0, 75.0, 100.0]
+    checkpoints = example.glob("outputs/checkpoint-*/training_state.json")
+    assert sorted(json.loads(p.read_text())["progress_pct"] for p in checkpoints) == [25.0, 50.0, 75.0, 100.0]
     training = json.loads((example / ".factory" / "training-status.json").read_text())
     validate(training, "training-status")
     assert training["status"] == "succeeded" and training["step"] == training["total_steps"] == 1000
