@@ -6,6 +6,7 @@ Exit codes, everywhere: 0 ok, 1 a gate failed, 2 bad input, config or usage,
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import sys
 from pathlib import Path
@@ -324,7 +325,7 @@ def plan(workspace: WorkspaceOpt = Path("."), debug: DebugOpt = False) -> None:
     estimate = planning.estimate(model_config, resolved, load_in_4bit=cfg.model.load_in_4bit and backend.device == "cuda",
                                  n_targets=len(cfg.lora.target_modules),
                                  gradient_checkpointing=bool(cfg.lora.use_gradient_checkpointing))
-    for key, value in planning.as_dict(estimate).items():
+    for key, value in dataclasses.asdict(estimate).items():
         table.add_row(key.replace("_gib", " (GiB)").replace("_", " "), f"{value:,}" if isinstance(value, int) else f"{value:.3f}")
     available = memory if memory is not None else psutil.virtual_memory().available / 2**30
     table.add_row("available (GiB)", f"{available:.1f} ({'GPU' if memory is not None else 'RAM'})")

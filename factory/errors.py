@@ -7,7 +7,6 @@ Any other exception is a bug and is reported as one.
 
 from __future__ import annotations
 
-EXIT_OK = 0
 EXIT_GATE_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERNAL = 3

@@ -126,7 +126,6 @@ def load_for_inference(cfg: FactoryConfig, ws: Workspace, backend: Backend, *, p
             log.warning('model.load_in_4bit needs bitsandbytes (pip install -e ".[gpu]"); loading in 16-bit')
         else:
             from transformers import BitsAndBytesConfig
-            import torch
 
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -270,3 +269,8 @@ def local_model_inputs(cfg: FactoryConfig, ws: Workspace) -> list[Path]:
     """The base model folder when it is local: part of a phase's fingerprint."""
     path = ws.path(cfg.model.name)
     return [path] if path.is_dir() else []
+
+
+def second_test_set(cfg: FactoryConfig, ws: Workspace) -> list[Path]:
+    """The optional extra test file of evaluation.second_test_set: part of a fingerprint."""
+    return [ws.path(cfg.evaluation.second_test_set)] if cfg.evaluation.second_test_set else []

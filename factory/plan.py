@@ -8,7 +8,7 @@ dominate for Gemma 3's 262k vocabulary at long context.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from factory.config import FactoryConfig
@@ -91,6 +91,3 @@ def read_model_config(path: Path) -> dict | None:
     config = Path(path) / "config.json"
     return json.loads(config.read_text()) if config.exists() else None
 
-
-def as_dict(obj) -> dict:
-    return asdict(obj)

@@ -7,7 +7,6 @@ scores of the base and fine-tuned models can be compared pairwise (seed 002: pai
 from __future__ import annotations
 
 import importlib
-import math
 import re
 import string
 from collections import Counter
@@ -207,7 +206,3 @@ def flips(baseline: Sequence[float], finetuned: Sequence[float]) -> dict[str, li
     regressed = [i for i, (b, f) in enumerate(zip(baseline, finetuned)) if f < b - 1e-12]
     return {"improved": improved, "regressed": regressed}
 
-
-def mean_or_none(values: Sequence[float]) -> float | None:
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    return sum(values) / len(values) if values else None

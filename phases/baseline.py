@@ -12,9 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from factory import modeling
-from factory.config import FactoryConfig
 from factory.phase import Phase, PhaseContext
-from factory.workspace import Workspace
 
 
 def run(ctx: PhaseContext) -> dict[str, Any]:
@@ -51,9 +49,6 @@ PHASE = Phase(
     metrics="baseline",
     run=run,
     config_sections=("model", "evaluation"),
-    inputs=lambda cfg, ws: [ws.split_file("test"), *modeling.local_model_inputs(cfg, ws), *second_test_set(cfg, ws)],
+    inputs=lambda cfg, ws: [ws.split_file("test"), *modeling.local_model_inputs(cfg, ws),
+                            *modeling.second_test_set(cfg, ws)],
 )
-
-
-def second_test_set(cfg: FactoryConfig, ws: Workspace) -> list:
-    return [ws.path(cfg.evaluation.second_test_set)] if cfg.evaluation.second_test_set else []

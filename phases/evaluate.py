@@ -16,7 +16,6 @@ import orjson
 from factory import modeling
 from factory.errors import InputError
 from factory.phase import Phase, PhaseContext
-from phases.baseline import second_test_set
 
 FLIPPED_SHOWN = 20  # examples listed per direction
 
@@ -87,7 +86,7 @@ PHASE = Phase(
     run=run,
     config_sections=("model", "evaluation", "save"),
     inputs=lambda cfg, ws: [ws.split_file("test"), ws.metrics_file("baseline"), ws.path(cfg.save.lora_path),
-                            *modeling.local_model_inputs(cfg, ws), *second_test_set(cfg, ws)],
+                            *modeling.local_model_inputs(cfg, ws), *modeling.second_test_set(cfg, ws)],
 )
 
 

@@ -16,6 +16,8 @@ Reads top to bottom like a recipe:
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import json
 import math
 import resource
@@ -31,7 +33,7 @@ import xxhash
 from factory import modeling
 from factory.config import FactoryConfig
 from factory.errors import InputError
-from factory.io import write_json
+from factory.io import file_sha256, write_json
 from factory.phase import Phase, PhaseContext
 from factory.workspace import Workspace
 
@@ -113,10 +115,10 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
         "tokens_per_second": round(tokens / train_seconds, 1) if train_seconds and tokens else None,
         "peak_memory_mb": _peak_memory_mb(backend.device),
         "trainable_parameters": trainable,
-        "resolved": plan.as_dict(resolved),
+        "resolved": dataclasses.asdict(resolved),
         "adapter": ws.rel(lora_dir),
         "train_records": len(records),
-        "train_sha256": _sha256(train_file),
+        "train_sha256": file_sha256(train_file),
     }
 
 
@@ -141,7 +143,7 @@ def _build_trainer(cfg: FactoryConfig, ws: Workspace, backend, model, tokenizer,
     t = cfg.training
     cuda = backend.device == "cuda"
     optim = t.optim
-    if "8bit" in optim and not (cuda and _has("bitsandbytes")):
+    if "8bit" in optim and not (cuda and importlib.util.find_spec("bitsandbytes")):
         optim = "adamw_torch"
     args = dict(
         output_dir=str(output_dir),
@@ -336,14 +338,3 @@ def _peak_memory_mb(device: str) -> float:
         return round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
 
-
-def _sha256(path: Path) -> str:
-    from factory.io import file_sha256
-
-    return file_sha256(path)
-
-
-def _has(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is not None

@@ -39,10 +39,8 @@ def ws(tmp_path):
     return root
 
 
-def test_help_is_fast_and_teaches():
-    started = time.monotonic()
+def test_help_teaches_without_heavy_imports():
     proc = factory("--help", check_rc=0)
-    assert time.monotonic() - started < 3  # the interpreter start included; imports stay light
     for command in ("init", "run", "status", "validate", "gate"):
         assert command in proc.stdout
     heavy = subprocess.run(

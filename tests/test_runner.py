@@ -3,7 +3,6 @@ gates stop the run, status stays schema-valid, and a final state is written on S
 Ctrl-C in a real subprocess."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
