@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from factory.io import write_json
+from factory.io import atomic_write_bytes, write_json
 from factory.workspace import Workspace
 
 PROGRESS_INTERVAL_S = 0.5
@@ -31,6 +31,48 @@ def read_status(ws: Workspace) -> dict | None:
         return orjson.loads(ws.status_file.read_bytes())
     except (FileNotFoundError, orjson.JSONDecodeError):
         return None
+
+
+def read_training_status(ws: Workspace) -> dict | None:
+    """The last training status written, or None when there is none (or it is unreadable)."""
+    try:
+        return orjson.loads(ws.training_status_file.read_bytes())
+    except (FileNotFoundError, orjson.JSONDecodeError):
+        return None
+
+
+def runner_alive(doc: dict) -> bool:
+    """Whether the process that wrote a "running" status still exists: a run killed with
+    SIGKILL cannot write its final state, so its file says "running" forever."""
+    if doc.get("state") != "running" or not doc.get("pid"):
+        return False
+    try:
+        os.kill(doc["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+def read_training_history(ws: Workspace) -> list[dict]:
+    """The loss and learning-rate points of the last training, one per step, in step order.
+
+    A line torn by a kill -9 is skipped; a step logged twice (re-trained after a resume)
+    keeps its last value.
+    """
+    try:
+        lines = ws.training_history_file.read_bytes().splitlines()
+    except FileNotFoundError:
+        return []
+    by_step: dict[int, dict] = {}
+    for line in lines:
+        try:
+            point = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue
+        by_step[point["step"]] = point
+    return [by_step[step] for step in sorted(by_step)]
 
 
 def idle_status(phase_names: list[str], summaries: dict[str, str]) -> dict:
@@ -170,6 +212,7 @@ class TrainingStatus:
     def __init__(self, ws: Workspace, run_id: str, phase: str):
         self.ws, self.run_id, self.phase = ws, run_id, phase
         self.doc: dict | None = None
+        self._history_started = False
         try:
             self._seq = orjson.loads(ws.training_status_file.read_bytes())["seq"]
         except (FileNotFoundError, orjson.JSONDecodeError, KeyError, TypeError):
@@ -205,8 +248,27 @@ class TrainingStatus:
                 "updated_at": now_iso(),
                 "run_id": self.run_id,
             }
+        if not self._history_started and ("step" in fields or "loss" in fields):
+            self._start_history(fields.get("step", self.doc["step"]))
         self.doc.update(fields)
         self._write()
+        if fields.get("loss") is not None:
+            self._append_history()
+
+    def _start_history(self, step: int) -> None:
+        """Training (re)starts at `step`: keep the points up to it (a resume continues the
+        curve), drop the rest (they are re-trained, or belong to an older training)."""
+        self._history_started = True
+        kept = [p for p in read_training_history(self.ws) if p["step"] <= step]
+        atomic_write_bytes(self.ws.training_history_file, b"".join(orjson.dumps(p) + b"\n" for p in kept))
+
+    def _append_history(self) -> None:
+        point = {"step": self.doc["step"], "loss": self.doc["loss"], "learning_rate": self.doc["learning_rate"],
+                 "epoch": self.doc["epoch"], "run_id": self.run_id, "at": self.doc["updated_at"]}
+        # One whole line per write in append mode: only the last line can be caught half-written
+        # (by a reader, or by a kill -9), and read_training_history skips it.
+        with open(self.ws.training_history_file, "ab") as f:
+            f.write(orjson.dumps(point) + b"\n")
 
     def finish(self, status: str, error: str | None = None) -> None:
         if self.doc is None or not self.doc["running"]:

@@ -49,6 +49,10 @@ class Workspace:
         return self.state_dir / "training-status.json"
 
     @property
+    def training_history_file(self) -> Path:
+        return self.state_dir / "training-history.jsonl"
+
+    @property
     def fingerprints_dir(self) -> Path:
         return self.state_dir / "fingerprints"
 
