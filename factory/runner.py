@@ -36,6 +36,7 @@ from factory.errors import Cancelled, FactoryError, GateFailed, PhaseUnavailable
 from factory.gates import Gate, check_gate, gates_after, load_gates
 from factory.io import read_json, write_json
 from factory.phase import Phase, PhaseContext
+from factory.report import REPORTED_METRICS, write_report
 from factory.status import StatusWriter, TrainingStatus
 from factory.workspace import Workspace
 
@@ -53,12 +54,15 @@ class Reporter(Protocol):
 
     def gate_checked(self, result: dict) -> None: ...
 
+    def note(self, message: str) -> None: ...
+
 
 class _Silent:
     def phase_started(self, phase): pass
     def progress(self, phase, done, total, unit): pass
     def phase_finished(self, phase, state, seconds, note): pass
     def gate_checked(self, result): pass
+    def note(self, message): pass
 
 
 @dataclass
@@ -112,8 +116,12 @@ def run_pipeline(
                     done = ", ".join(result.ran + result.skipped) or "nothing"
                     raise PhaseUnavailable(f"{phase.unavailable_reason}. Completed before it: {done}.")
                 _run_one(phase, cfg, ws, status, reporter, force, result, options or {})
-                for gate in gates_after(gates, phase.name):
-                    _check(gate, phase, ws, pipeline, status, reporter, result)
+                try:
+                    for gate in gates_after(gates, phase.name):
+                        _check(gate, phase, ws, pipeline, status, reporter, result)
+                finally:  # a failed gate belongs in the report too
+                    if phase.metrics in REPORTED_METRICS:
+                        _write_report(ws, reporter)
                 current = None
         except BaseException as exc:
             error = {"type": _error_type(exc), "message": str(exc) or _error_type(exc)}
@@ -179,6 +187,18 @@ def _check(gate: Gate, phase: Phase, ws: Workspace, pipeline: tuple[Phase, ...],
     if not outcome["passed"]:
         failed = [c["metric"] for c in outcome["criteria"] if c["passed"] is False]
         raise GateFailed(f"gate {gate.name} failed after {phase.name} on: {', '.join(failed)}", [outcome])
+
+
+def _write_report(ws: Workspace, reporter: Reporter) -> None:
+    """metrics/report.{md,html}. A view of metrics already written, so a problem making it is
+    reported but does not turn the phase's result into a failure; `factory report` retries."""
+    try:
+        files = write_report(ws)
+    except Exception as exc:
+        log.warning("report not written: %s: %s", type(exc).__name__, exc, exc_info=True)
+        reporter.note(f"report not written ({type(exc).__name__}: {exc}); `factory report --debug` shows why")
+        return
+    reporter.note(f"report: {', '.join(ws.rel(f) for f in files if f.suffix != '.png')}")
 
 
 def _error_type(exc: BaseException) -> str:

@@ -79,6 +79,9 @@ class RunReporter:
         verdict = "[green]passed[/]" if result["passed"] else "[red]FAILED[/]"
         self.console.print(f"  gate {result['gate']}: {verdict}", highlight=False)
 
+    def note(self, message: str) -> None:
+        self.console.print(f"  {message}", highlight=False)
+
     def summary(self, ws: Workspace) -> None:
         doc = read_status(ws)
         if doc:

@@ -1,0 +1,294 @@
+"""metrics/report.md and metrics/report.html: a run's results, in one place to read or share.
+
+The loss curve and the score distributions of baseline vs fine-tuned (PNG, matplotlib), the
+gate table, the paired statistics, a sample of the examples that flipped, and the
+quantization table. The runner writes the report after the gates of evaluate and of quantize
+(REPORTED_METRICS) are checked; `factory report` writes it on demand. Both forms are made from
+the same blocks: the Markdown links the PNGs in metrics/report/, the HTML embeds them, so the
+HTML is one self-contained file. Only metrics and gate results are read, never models.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from factory.errors import InputError
+from factory.io import atomic_write_bytes
+from factory.workspace import Workspace
+
+REPORTED_METRICS = ("evaluation", "quantization")
+FLIPPED_SAMPLE = 5  # examples shown per direction
+TAG_START = re.compile(r"<(?=[A-Za-z/!?])")
+QUANT_COLUMNS = ["type", "size_bytes", "bits_per_weight", "score", "relative_score_drop", "perplexity_ratio",
+                 "mean_kl", "tokenizer_agreement", "generation_stops", "path"]
+
+
+@dataclass
+class Heading:
+    text: str
+
+
+@dataclass
+class Paragraph:
+    text: str
+
+
+@dataclass
+class TableBlock:
+    columns: list[str]
+    rows: list[list[Any]]
+
+
+@dataclass
+class Figure:
+    file: str  # under metrics/report/
+    png: bytes
+    alt: str
+
+
+Block = Heading | Paragraph | TableBlock | Figure
+
+
+def write_report(ws: Workspace) -> list[Path]:
+    """Write the report from the workspace's metrics; returns the files written."""
+    metrics = {stem: _read(ws.metrics_file(stem)) for stem in ("training-stats", "baseline", "evaluation", "quantization")}
+    if metrics["evaluation"] is None:
+        raise InputError(f"nothing to report yet: {ws.rel(ws.metrics_file('evaluation'))} does not exist; "
+                         "run `factory run evaluate` first")
+    gates = [g for g in (_read(p) for p in sorted(ws.gate_results_dir.glob("*.json"))) if g is not None]
+    blocks = _blocks(metrics, gates)
+    figures_dir = ws.metrics_dir / "report"
+    written = []
+    for block in blocks:
+        if isinstance(block, Figure):
+            atomic_write_bytes(figures_dir / block.file, block.png)
+            written.append(figures_dir / block.file)
+    for name, text in (("report.md", _markdown(blocks)), ("report.html", _html(blocks))):
+        atomic_write_bytes(ws.metrics_dir / name, text.encode("utf-8"))
+        written.append(ws.metrics_dir / name)
+    return written
+
+
+def _read(path: Path) -> Any:
+    try:
+        return orjson.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+
+
+# --- content -----------------------------------------------------------------------------
+
+
+def _blocks(metrics: dict[str, Any], gates: list[dict]) -> list[Block]:
+    evaluation, baseline = metrics["evaluation"], metrics["baseline"]
+    training, quantization = metrics["training-stats"], metrics["quantization"]
+    primary = evaluation.get("primary") or evaluation["comparison"].get("metric")
+    generated = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    blocks: list[Block] = [
+        Heading("Fine-tuning report"),
+        Paragraph(f"Model {evaluation.get('model')} with adapter {evaluation.get('adapter')}, scored on "
+                  f"{evaluation.get('num_examples')} test examples ({evaluation.get('test_split', {}).get('file')}). "
+                  f"Primary metric: {primary}. Run {evaluation.get('run_id')}; generated {generated}."),
+        Heading("Training"),
+    ]
+    history = (training or {}).get("loss_history") or []
+    if history:
+        blocks.append(Figure("loss.png", _loss_png(history), "Training loss and learning rate over steps"))
+        convergence = training.get("convergence") or {}
+        blocks.append(TableBlock(["steps", "final loss", "loss drop", "tokens/s", "train seconds", "backend"], [[
+            f"{training.get('steps')} / {training.get('total_steps')}", training.get("final_loss"),
+            convergence.get("loss_drop"), training.get("tokens_per_second"), training.get("train_seconds"),
+            training.get("backend")]]))
+    else:
+        blocks.append(Paragraph("No training statistics (metrics/training-stats.json) with a loss history."))
+
+    blocks.append(Heading("Scores: baseline vs fine-tuned"))
+    blocks.append(TableBlock(["metric", "baseline", "fine-tuned", "change"], [
+        [name + (" (primary)" if name == primary else ""), m["baseline"], m["finetuned"], m["improvement"]]
+        for name, m in evaluation.get("per_metric", {}).items()]))
+    if baseline and baseline.get("examples") and evaluation.get("examples"):
+        base_scores = [e["scores"][primary] for e in baseline["examples"]]
+        tuned_scores = [e["scores"][primary] for e in evaluation["examples"]]
+        blocks.append(Figure("scores.png", _scores_png(base_scores, tuned_scores, primary),
+                             f"Distribution of {primary} per test example, baseline vs fine-tuned"))
+
+    c = evaluation["comparison"]
+    blocks.append(Heading("Statistics"))
+    blocks.append(TableBlock(["statistic", "value"], [
+        ["examples (paired)", c.get("n")], ["baseline", c.get("baseline")], ["fine-tuned", c.get("finetuned")],
+        ["improvement", c.get("improvement")], ["relative improvement", c.get("relative_improvement")],
+        ["paired t-test p", c.get("p_value")], ["Wilcoxon signed-rank p", c.get("wilcoxon_p_value")],
+        ["bootstrap 95% interval", c.get("ci95")], ["significant", c.get("significant")]]))
+    if evaluation.get("regression"):
+        r = evaluation["regression"]
+        blocks.append(Paragraph(f"Second test set {r['file']}: largest drop {_fmt(r['max_drop'])}."))
+
+    blocks.append(Heading("Gates"))
+    if gates:
+        blocks.append(TableBlock(["gate", "after", "metric", "observed", "op", "required", "result"], [
+            [g["gate"], g["after"], cr["metric"], cr["observed"], cr["op"], _required(cr),
+             {True: "pass", False: "FAIL", None: "skipped"}[cr["passed"]]]
+            for g in gates for cr in g["criteria"]]))
+    else:
+        blocks.append(Paragraph("No gate results (metrics/gates/)."))
+
+    flipped = evaluation.get("flipped") or {}
+    blocks.append(Heading("Examples that flipped"))
+    blocks.append(Paragraph(f"{flipped.get('improved', 0)} improved, {flipped.get('regressed', 0)} regressed "
+                            f"(on {primary}); up to {FLIPPED_SAMPLE} of each below."))
+    for direction in ("improved", "regressed"):
+        examples = (flipped.get("examples") or {}).get(direction) or []
+        if examples:
+            blocks.append(TableBlock([direction, "reference", "baseline answer", "fine-tuned answer"], [
+                [e["prompt"], e["reference"], e["baseline"], e["finetuned"]] for e in examples[:FLIPPED_SAMPLE]]))
+
+    blocks.append(Heading("Quantization"))
+    if quantization:
+        types = quantization.get("types") or []
+        present = {key for t in types for key in t}
+        columns = [c for c in QUANT_COLUMNS if c in present] + sorted(present - set(QUANT_COLUMNS))
+        blocks.append(Paragraph(f"{quantization.get('gguf_files')} GGUF file(s); worst relative score drop "
+                                f"{_fmt(quantization.get('worst_relative_score_drop'))}; sizes within bounds: "
+                                f"{_fmt(quantization.get('all_sizes_within_bounds'))}."))
+        blocks.append(TableBlock([c.replace("_", " ") for c in columns],
+                                 [[_size(t.get(c)) if c == "size_bytes" else t.get(c) for c in columns] for t in types]))
+    else:
+        blocks.append(Paragraph("Not quantized yet (metrics/quantization.json is written by the quantize phase)."))
+    return blocks
+
+
+def _required(criterion: dict) -> Any:
+    if criterion["required"] is not None and isinstance(criterion["value"], str):
+        return f"{_fmt(criterion['required'])} ({criterion['value']})"
+    return criterion["required"] if criterion["required"] is not None else criterion["value"]
+
+
+def _size(value: Any) -> str:
+    return f"{value / 2**20:.1f} MiB" if isinstance(value, (int, float)) and not isinstance(value, bool) else _fmt(value)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_fmt(v) for v in value) + "]"
+    return str(value)
+
+
+# --- figures -----------------------------------------------------------------------------
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; files only
+    from matplotlib.figure import Figure as MplFigure
+
+    return MplFigure(figsize=(8, 3.6), dpi=100, layout="constrained")
+
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def _loss_png(history: list[dict]) -> bytes:
+    fig = _figure()
+    ax = fig.add_subplot()
+    points = [h for h in history if h.get("loss") is not None]
+    ax.plot([h["step"] for h in points], [h["loss"] for h in points], color="#c2410c", label="loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    rates = [h for h in points if h.get("learning_rate") is not None]
+    if rates:
+        right = ax.twinx()
+        right.plot([h["step"] for h in rates], [h["learning_rate"] for h in rates], color="#4338ca", linestyle="--",
+                   label="learning rate")
+        right.set_ylabel("learning rate")
+        lines = ax.get_lines() + right.get_lines()
+        ax.legend(lines, [line.get_label() for line in lines], loc="upper center")
+    ax.set_title("Training loss")
+    return _png(fig)
+
+
+def _scores_png(baseline: list[float], finetuned: list[float], metric: str) -> bytes:
+    fig = _figure()
+    ax = fig.add_subplot()
+    values = baseline + finetuned
+    bins = [i / 10 for i in range(11)] if all(0 <= v <= 1 for v in values) else 10
+    ax.hist([baseline, finetuned], bins=bins, label=["baseline", "fine-tuned"], color=["#9ca3af", "#15803d"])
+    ax.set_xlabel(f"{metric} per test example")
+    ax.set_ylabel("examples")
+    ax.set_title(f"Score distribution ({len(baseline)} examples)")
+    ax.legend(loc="upper center")
+    return _png(fig)
+
+
+# --- rendering ---------------------------------------------------------------------------
+
+
+def _markdown(blocks: list[Block]) -> str:
+    lines: list[str] = []
+    for i, block in enumerate(blocks):
+        if isinstance(block, Heading):
+            lines += [("# " if i == 0 else "## ") + block.text, ""]
+        elif isinstance(block, Paragraph):
+            lines += [_md_cell(block.text), ""]
+        elif isinstance(block, Figure):
+            lines += [f"![{block.alt}](report/{block.file})", ""]
+        else:
+            lines.append("| " + " | ".join(block.columns) + " |")
+            lines.append("|" + "---|" * len(block.columns))
+            lines += ["| " + " | ".join(_md_cell(_fmt(v)) for v in row) + " |" for row in block.rows]
+            lines.append("")
+    return "\n".join(lines)
+
+
+def _md_cell(text: str) -> str:
+    # Example text is data, not markup: no HTML tag may start (a `<` before a letter, `/`, `!`
+    # or `?`), and no `|` or newline may break the table. `>=` and `< 0.05` stay readable.
+    return TAG_START.sub("&lt;", text.replace("&", "&amp;")).replace("|", "\\|").replace("\n", "<br>")
+
+
+def _html(blocks: list[Block]) -> str:
+    body: list[str] = []
+    for i, block in enumerate(blocks):
+        if isinstance(block, Heading):
+            tag = "h1" if i == 0 else "h2"
+            body.append(f"<{tag}>{html.escape(block.text)}</{tag}>")
+        elif isinstance(block, Paragraph):
+            body.append(f"<p>{html.escape(block.text)}</p>")
+        elif isinstance(block, Figure):
+            data = base64.b64encode(block.png).decode("ascii")
+            body.append(f'<img src="data:image/png;base64,{data}" alt="{html.escape(block.alt)}">')
+        else:
+            head = "".join(f"<th>{html.escape(c)}</th>" for c in block.columns)
+            rows = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>" for row in block.rows)
+            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>factory report</title>
+<style>
+body {{ font: 15px/1.45 system-ui, sans-serif; max-width: 1000px; margin: 24px auto; padding: 0 16px; color: #1d2430; }}
+table {{ border-collapse: collapse; width: 100%; margin: 8px 0 16px; font-variant-numeric: tabular-nums; }}
+th, td {{ text-align: left; padding: 4px 8px; border-bottom: 1px solid #d8dde5; vertical-align: top; white-space: pre-wrap; }}
+th {{ color: #6b7280; font-size: 13px; }}
+img {{ max-width: 100%; }}
+</style></head>
+<body>
+{chr(10).join(body)}
+</body></html>
+"""
