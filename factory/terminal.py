@@ -46,6 +46,7 @@ class RunReporter:
         )
         self._tasks: dict[str, TaskID] = {}
         self._last_line = 0.0
+        self._origin: dict[str, tuple[float, int, str]] = {}  # per phase: when counting began, at what, in what unit
 
     def __enter__(self) -> "RunReporter":
         self._bars.__enter__()
@@ -63,9 +64,17 @@ class RunReporter:
         task = self._tasks.get(phase.name)
         if task is not None:
             self._bars.update(task, completed=done, total=total, unit=unit)
-        if not self.live and time.monotonic() - self._last_line >= PLAIN_INTERVAL_S:
-            self._last_line = time.monotonic()
-            self.console.print(f"{phase.name}: {done}{f'/{total}' if total else ''} {unit}", highlight=False)
+        now = time.monotonic()
+        origin = self._origin.get(phase.name)
+        if origin is None or origin[2] != unit or done < origin[1]:  # a new count (e.g. the next split scored)
+            origin = self._origin[phase.name] = (now, done, unit)
+        if not self.live and now - self._last_line >= PLAIN_INTERVAL_S:
+            self._last_line = now
+            line = f"{phase.name}: {done}{f'/{total}' if total else ''} {unit}"
+            if total and done > origin[1]:
+                rate = (done - origin[1]) / (now - origin[0])
+                line += f", {rate:.3g}/s, ETA {duration((total - done) / rate)}"
+            self.console.print(line, highlight=False)
 
     def phase_finished(self, phase, state: str, seconds: float, note: str) -> None:
         task = self._tasks.pop(phase.name, None)
@@ -115,6 +124,11 @@ def status_table(doc: dict) -> Table:
             note,
         )
     return table
+
+
+def duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 def _clock(timestamp: str | None) -> str:

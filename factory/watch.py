@@ -15,7 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from factory.status import idle_status, read_status, read_training_history, read_training_status, runner_alive
-from factory.terminal import STATE_STYLE, status_table
+from factory.terminal import STATE_STYLE, duration, status_table
 from factory.workspace import Workspace
 
 SPARK_CHARS = "▁▂▃▄▅▆▇█"
@@ -59,7 +59,7 @@ def training_view(training: dict, history: list[dict]) -> RenderableType:
              f"epoch {training['epoch']:.2f}" + (f"/{training['total_epochs']:g}" if training["total_epochs"] else ""),
              f"loss {_num(training['loss'])}", f"lr {_num(training['learning_rate'])}"]
     if training["eta_seconds"] is not None and training["running"]:
-        facts.append(f"ETA {_duration(training['eta_seconds'])}")
+        facts.append(f"ETA {duration(training['eta_seconds'])}")
     grid.add_row(Text.from_markup("  ".join(facts)))
     if total:
         grid.add_row(ProgressBar(total=total, completed=training["step"], width=SPARK_WIDTH))
@@ -85,7 +85,3 @@ def sparkline(values: list[float], width: int) -> str:
 def _num(value: float | None) -> str:
     return "—" if value is None else f"{value:.4g}"
 
-
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(int(round(seconds)), 60)
-    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"

@@ -109,3 +109,32 @@ def test_watch_with_nothing_running_prints_once_and_exits(tmp_path):
     both = subprocess.run([sys.executable, "-m", "factory", "status", "--watch", "--json", "-C", str(tmp_path)],
                           capture_output=True, text=True, timeout=30)
     assert both.returncode == 2 and "not both" in both.stderr
+
+
+def test_run_prints_plain_progress_lines_with_rate_and_eta_when_not_a_terminal(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from factory import terminal
+    from factory.phase import Phase
+
+    clock = [100.0]
+    monkeypatch.setattr(terminal.time, "monotonic", lambda: clock[0])
+    log = io.StringIO()
+    reporter = terminal.RunReporter(Console(file=log, force_terminal=False, width=120))
+    phase = Phase("finetune", "train", "training-stats", None)
+    with reporter:
+        reporter.phase_started(phase)
+        reporter.progress(phase, 0, 1000, "steps")  # counting starts
+        for step in range(1, 301):
+            clock[0] += 0.125  # 8 steps/s
+            reporter.progress(phase, step, 1000, "steps")
+        reporter.phase_finished(phase, "succeeded", 30.0, "")
+    lines = log.getvalue().splitlines()
+    assert lines[0] == "finetune: started (train)"
+    assert lines[1:4] == ["finetune: 0/1000 steps", "finetune: 40/1000 steps, 8/s, ETA 2m00s",  # every 5 s, not every step
+                          "finetune: 80/1000 steps, 8/s, ETA 1m55s"]
+    assert lines[-2] == "finetune: 280/1000 steps, 8/s, ETA 1m30s" and len(lines) == 10
+    assert lines[-1] == "finetune: succeeded (30.0s)"
+    assert "\x1b[" not in log.getvalue()  # no escape codes in a CI log
