@@ -4,23 +4,39 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install demo test test-fast bench docs clean
+DEMO_PORT ?= 8765
+
+.PHONY: install browser demo test test-fast bench docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# The CPU wheel of torch first: anything asking for an unpinned torch would pull CUDA builds.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[train,dev]"
+	# llama-cpp-python compiles from its sdist the first time (pip caches the wheel).
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install -q -e ".[train,gguf,dev]"
+	# llama.cpp's GGUF converter, from the same pinned sdist: nothing is fetched at run time.
+	$(BIN)/factory setup-gguf
 	rm -f $(VENV)/.installed-* && touch $@
 
 install: $(STAMP)
 
+# The dashboard comes up first (open the URL it prints) and stays up after the run, until Ctrl-C.
+# A non-interactive shell starts background jobs deaf to Ctrl-C, hence the trap.
 demo: install
-	rm -rf demo
-	$(BIN)/factory init --example demo
-	$(BIN)/factory run evaluate -C demo
+	rm -rf demo && mkdir demo
+	$(BIN)/factory serve -C demo --port $(DEMO_PORT) & server=$$!; \
+	trap 'kill $$server 2>/dev/null' EXIT INT TERM; \
+	$(BIN)/factory init --example demo && $(BIN)/factory run -C demo; \
+	echo "The run has ended; the dashboard stays at http://127.0.0.1:$(DEMO_PORT)/ until Ctrl-C."; \
+	wait $$server
 
-test: install
+# The dashboard test drives Debian's chromium through its own chromedriver: versions that match,
+# and no browser download.
+browser:
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver; }
+
+test: install browser
 	$(BIN)/python -m pytest -q
 
 test-fast: install
