@@ -134,6 +134,8 @@ def test_wheel_ships_schemas_and_gates(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "factory/_data/schemas/status.schema.json" in names
     assert "factory/_data/gates/data-valid.yaml" in names
+    assert {"factory/static/index.html", "factory/static/app.js", "factory/static/app.css"} <= set(names)  # the dashboard
+    assert "factory/_data/schemas/training-history.schema.json" in names
     assert any(n.startswith("phases/") for n in names)
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
