@@ -153,6 +153,16 @@ def test_kill_9_during_finetune_then_resume_with_live_poller(tmp_path):
     assert resumed and resumed[-1]["status"] == "succeeded"
     seqs = [r["seq"] for r in reads]
     assert seqs == sorted(seqs)
+    # the chart's history is one curve across the kill: the first run's points up to the step
+    # it resumed from, the second run's after it, none missing or repeated
+    from factory.status import read_training_history
+    from factory.workspace import Workspace
+
+    history = read_training_history(Workspace.at(root))
+    assert [p["step"] for p in history] == list(range(10, 121, 10))
+    before = {p["run_id"] for p in history if p["step"] <= stats["resumed_from_step"]}
+    after = {p["run_id"] for p in history if p["step"] > stats["resumed_from_step"]}
+    assert len(before) == len(after) == 1 and before != after and after == {reads[-1]["run_id"]}
 
 
 def _dataset_workspace(tmp_path, inputs: dict, evaluation: dict) -> Path:
