@@ -163,3 +163,59 @@ def test_dashboard_follows_a_real_run_to_the_end(served_example, browser, tmp_pa
     problems = [e["message"] for e in browser.get_log("browser")
                 if e["level"] == "SEVERE" and "status of 404" not in e["message"]]  # /api/training before training
     assert problems == []
+
+
+def test_dashboard_shows_quantization_and_says_when_a_run_was_killed(tmp_path, browser):
+    """Hand-written results (no training): the quantization table from the keys present, and
+    the banner for a run whose process died without writing its final state."""
+    from test_report import QUANTIZATION, evaluation_metrics, write_metrics
+
+    from factory.status import StatusWriter
+    from factory.workspace import Workspace
+
+    root = tmp_path / "ws"
+    factory("init", root, check_rc=0)
+    ws = Workspace.at(root)
+    baseline, evaluation = evaluation_metrics()
+    write_metrics(ws, baseline=baseline, evaluation=evaluation, quantization=QUANTIZATION)
+    names = ["format", "split", "baseline", "finetune", "evaluate", "quantize"]
+    status = StatusWriter(ws, names, {}, None)
+    for name in names:
+        status.phase_started(name, f"metrics/{name}.json")
+        status.phase_finished(name, "succeeded")
+    status.finish("succeeded")
+    server = subprocess.Popen([sys.executable, "-m", "factory", "serve", "-C", str(root), "--port", "0"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        url = re.search(r"http://[\d.]+:\d+/", server.stdout.readline()).group(0)
+        browser.get(url)
+        deadline = time.monotonic() + 15
+        while not browser.find_element("id", "quantization").is_displayed() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert page_state(browser)["state"] == "succeeded" and "Finished" in page_state(browser)["banner"]
+        rows = browser.execute_script("return [...document.querySelectorAll('#quantization tr')]"
+                                      ".map(r => [...r.cells].map(c => c.textContent))")
+        assert rows[0][:5] == ["type", "size bytes", "bits per weight", "score", "relative score drop"]
+        assert rows[0][-1] == "new measure"  # a key the page does not know still gets a column
+        assert rows[1][:5] == ["Q8_0", "3.0 MiB", "8.5", "0.97", "0"] and rows[2][:2] == ["Q4_K_M", "2.0 MiB"]
+        assert "worst relative score drop 0.031" in browser.find_element("id", "quantization").text
+
+        # a run killed with SIGKILL leaves "running" behind; the page says it stopped
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        doc = json.loads(ws.status_file.read_text())
+        ws.status_file.write_text(json.dumps({**doc, "state": "running", "pid": dead.pid, "ended_at": None}))
+        deadline = time.monotonic() + 15
+        while page_state(browser)["state"] != "stopped" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert page_state(browser)["state"] == "stopped" and f"the run (pid {dead.pid})" in page_state(browser)["banner"]
+
+        server.terminate()  # and when the server goes away, the page says that too
+        server.wait(timeout=10)
+        deadline = time.monotonic() + 15
+        while page_state(browser)["state"] != "offline" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "Cannot reach the factory server" in page_state(browser)["banner"]
+    finally:
+        server.kill()
+        server.wait()
