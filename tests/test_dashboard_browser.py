@@ -210,6 +210,12 @@ def test_dashboard_shows_quantization_and_says_when_a_run_was_killed(tmp_path, b
             time.sleep(0.1)
         assert page_state(browser)["state"] == "stopped" and f"the run (pid {dead.pid})" in page_state(browser)["banner"]
 
+        shutil.rmtree(root)  # the workspace removed under the server
+        deadline = time.monotonic() + 15
+        while "answered 404" not in page_state(browser)["banner"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "does not exist" in page_state(browser)["banner"], page_state(browser)
+
         server.terminate()  # and when the server goes away, the page says that too
         server.wait(timeout=10)
         deadline = time.monotonic() + 15

@@ -296,7 +296,13 @@ async function poll() {
   try {
     const [status, training, gates] = await Promise.all(
       [getJSON("/api/status"), getJSON("/api/training"), getJSON("/api/gates")]);
-    if (!status.ok) throw new Error((status.body && status.body.error) || `HTTP ${status.status}`);
+    if (!status.ok) {
+      const banner = $("state");
+      banner.dataset.state = "failed";
+      banner.replaceChildren(`The factory server answered ${status.status}.`,
+        el("span", { class: "detail" }, (status.body && status.body.error) || ""));
+      return;
+    }
     const alive = status.headers.get("X-Factory-Run-Alive") === "true";
     const live = training.ok ? training.body : null;
     renderBanner(status.body, alive);
