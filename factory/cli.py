@@ -7,6 +7,7 @@ Exit codes, everywhere: 0 ok, 1 a gate failed, 2 bad input, config or usage,
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -60,7 +61,7 @@ def _setup(workspace: Path, debug: bool) -> Workspace:
 def _config(ws: Workspace):
     from factory.config import load_config
 
-    return load_config(ws.config_file)
+    return load_config(ws.config_file, os.environ)
 
 
 def _version(value: bool) -> None:
@@ -168,8 +169,37 @@ def run(
             _gate_table(outcome)
         raise
     reporter.summary(ws)
+    if "quantize" in result.ran + result.skipped:
+        _handoff(cfg, ws)
     if not result.ran and result.skipped:
         err.print("Nothing to do: every phase is unchanged (use --force to re-run).")
+
+
+def _handoff(cfg, ws: Workspace) -> None:
+    """After a verified quantize: model cards, and where everything is and how to run it."""
+    from factory import handoff
+
+    cards = handoff.write_model_cards(cfg, ws)
+    err.print("[bold]Your model[/]", highlight=False)
+    for line in handoff.summary_lines(cfg, ws) + [f"model card: {ws.rel(c)}" for c in cards]:
+        err.print(f"  {line}", highlight=False, soft_wrap=True)
+
+
+@app.command("setup-gguf")
+def setup_gguf(
+    dest: Annotated[Optional[Path], typer.Option("--dest", help="Where to put it (default: inside this Python environment).")] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Install llama.cpp's GGUF converter for the quantize phase (once, needs the package registry).
+
+    Takes convert_hf_to_gguf.py and its gguf-py from the llama-cpp-python sdist of the pinned
+    version, the same llama.cpp as the runtime that verifies the files, so that quantize never
+    clones, builds or downloads anything. `make install` runs this.
+    """
+    from factory.llama_cpp import fetch_converter
+
+    _setup(Path("."), debug)
+    fetch_converter(dest, log=lambda line: err.print(line, highlight=False))
 
 
 # --- gates ---------------------------------------------------------------------------------
@@ -247,13 +277,22 @@ def _fmt(value) -> str:
 @app.command()
 def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print .factory/status.json as it is.")] = False,
+    watch: Annotated[bool, typer.Option("--watch", "-w", help=(
+        "Redraw the table and the training progress (with a loss sparkline) until the run ends."))] = False,
     workspace: WorkspaceOpt = Path("."),
     debug: DebugOpt = False,
 ) -> None:
     """Show the pipeline state: each phase, its timing, progress and gates."""
     from factory.status import idle_status, read_status
 
+    if as_json and watch:
+        raise FactoryError("give --json or --watch, not both")
     ws = _setup(workspace, debug)
+    if watch:
+        from factory.watch import watch as watch_run
+
+        watch_run(ws, out, PHASE_NAMES, {})
+        return
     doc = read_status(ws) or idle_status(PHASE_NAMES, {})
     if as_json:
         sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
@@ -274,7 +313,7 @@ def validate(workspace: WorkspaceOpt = Path("."), debug: DebugOpt = False) -> No
     problems: list[str] = []
     cfg = None
     try:
-        cfg = load_config(ws.config_file)
+        cfg = load_config(ws.config_file, os.environ)
     except ConfigError as e:
         problems.append(str(e))
     if cfg is not None:
@@ -338,7 +377,8 @@ def plan(workspace: WorkspaceOpt = Path("."), debug: DebugOpt = False) -> None:
 @app.command()
 def sample(
     prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="A user message (repeatable).")] = None,
-    model: Annotated[str, typer.Option("--model", "-m", help="base, adapter (base + LoRA), merged, or a model folder.")] = "adapter",
+    model: Annotated[str, typer.Option("--model", "-m", help=(
+        "base, adapter (base + LoRA), merged, a model folder, or a .gguf file (run by llama.cpp)."))] = "adapter",
     chat: Annotated[bool, typer.Option("--chat", help="An interactive loop; the conversation is kept.")] = False,
     system: Annotated[Optional[str], typer.Option("--system", help="A system message.")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 256,
@@ -348,7 +388,7 @@ def sample(
     workspace: WorkspaceOpt = Path("."),
     debug: DebugOpt = False,
 ) -> None:
-    """Generate from the base model, the adapter or the merged model, streaming tokens.
+    """Generate from the base model, the adapter, the merged model or a GGUF, streaming tokens.
 
     Defaults follow the Gemma 3 inference example of the Unsloth spec (temperature 1.0,
     top_p 0.95, top_k 64).
@@ -359,8 +399,8 @@ def sample(
     cfg = _config(ws)
     if not prompt and not chat:
         raise FactoryError("give --prompt TEXT or --chat")
-    generator = sampling.Sampler(cfg, ws, model, max_new_tokens=max_new_tokens, temperature=temperature,
-                                 top_p=top_p, top_k=top_k)
+    generator = sampling.open_sampler(cfg, ws, model, max_new_tokens=max_new_tokens, temperature=temperature,
+                                      top_p=top_p, top_k=top_k)
     history = [{"role": "system", "content": system}] if system else []
     for text in prompt or []:
         out.print(f"[bold]user[/]: {text}")
@@ -379,6 +419,45 @@ def sample(
             answer = generator.reply(history, sys.stdout.write)
             sys.stdout.write("\n")
             history.append({"role": "assistant", "content": answer})
+
+
+# --- dashboard & report -----------------------------------------------------------------------
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option("--host", help=(
+        "The address to listen on. The default is this machine only; 0.0.0.0 opens it to your network."))] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="The port; 0 picks a free one.")] = 8765,
+    workspace: WorkspaceOpt = Path("."),
+    debug: DebugOpt = False,
+) -> None:
+    """Serve the live dashboard and a read-only JSON API for this workspace, until Ctrl-C.
+
+    Open the printed URL while `factory run` works in another terminal: the phase timeline,
+    progress and ETA, the loss chart, gate results, then the evaluation and quantization.
+    API: /api/status, /api/training, /api/training/history, /api/metrics/PHASE, /api/gates.
+    """
+    from factory.server import serve as serve_dashboard
+
+    ws = _setup(workspace, debug)
+    serve_dashboard(ws, host, port, lambda url: out.print(
+        f"Dashboard for {ws.root}: {url}  (Ctrl-C to stop)", highlight=False, soft_wrap=True))
+
+
+@app.command()
+def report(workspace: WorkspaceOpt = Path("."), debug: DebugOpt = False) -> None:
+    """Write metrics/report.md and metrics/report.html from the current metrics.
+
+    `factory run` writes them after evaluate and after quantize; this regenerates them:
+    the loss curve, baseline vs fine-tuned scores and statistics, gates, flipped examples,
+    and the quantization table.
+    """
+    from factory.report import write_report
+
+    ws = _setup(workspace, debug)
+    for path in write_report(ws):
+        out.print(f"wrote {ws.rel(path)}", highlight=False)
 
 
 # --- entry point -------------------------------------------------------------------------------
@@ -401,7 +480,7 @@ def main() -> None:
     except FactoryError as e:
         if _debug:
             err.print_exception()
-        err.print(f"[red]error[/]: {e}", highlight=False)
+        err.print(f"[red]error[/]: {e}", highlight=False, soft_wrap=True)  # commands in messages stay copyable
         sys.exit(e.exit_code)
     except Exception as e:  # a bug, not the user's doing
         if _debug:

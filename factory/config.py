@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Mapping, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -203,7 +203,29 @@ class SaveConfig(Section):
     merged_path: str = "models/checkpoints/merged"
     gguf_path: str = "models/quantized"
     gguf_quantization: Union[str, list[str]] = "Q8_0"
-    """One llama.cpp type or a list: f16, bf16, q8_0, q4_k_m, q5_k_m, q6_k, ..."""
+    """One llama.cpp type or a list, each written as <gguf_path>/model-<TYPE>.gguf: F32, F16,
+    BF16 and Q8_0 come from llama.cpp's converter; Q6_K, Q5_K_M, Q5_K_S, Q5_1, Q5_0, Q4_K_M,
+    Q4_K_S, Q4_1, Q4_0, IQ4_NL, IQ4_XS, Q3_K_L, Q3_K_M, Q3_K_S and Q2_K from its quantizer."""
+
+    merged_dtype: Literal["bfloat16", "float16"] = "bfloat16"
+    """16-bit type of the merged model (never fp32: it doubles the memory, seed 002)."""
+
+    llama_cpp_dir: str | None = None
+    """A llama.cpp checkout to convert with (needs convert_hf_to_gguf.py and gguf-py/); the
+    FACTORY_LLAMA_CPP environment variable sets it too. Default: the converter that
+    `factory setup-gguf` took from the pinned llama-cpp-python sdist."""
+
+    @field_validator("gguf_quantization")
+    @classmethod
+    def _known_types(cls, value: Union[str, list[str]]) -> list[str]:
+        from factory.llama_cpp import TYPES
+
+        names = [value] if isinstance(value, str) else value
+        unknown = [n for n in names if n.upper() not in TYPES]
+        if unknown or not names:
+            raise ValueError(f"unknown GGUF type(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
+                             f"choose from {', '.join(TYPES)}")
+        return list(dict.fromkeys(n.upper() for n in names))
 
 
 class EvaluationConfig(Section):
@@ -265,28 +287,43 @@ class FactoryConfig(Section):
     """Threshold overrides per gate: {gate-name: {metric.path: new threshold}}, e.g.
     {data-valid: {format.records_out: 500}}. Edit gates/NAME.yaml for anything more."""
 
-    def section(self, name: str) -> dict[str, Any]:
-        """One section as plain JSON data (what a phase's fingerprint hashes)."""
-        return getattr(self, name).model_dump(mode="json")
+    def section(self, name: str) -> Any:
+        """A section ("save") or one key ("save.lora_path") as plain JSON data: what a phase's
+        fingerprint hashes."""
+        value: Any = self
+        for part in name.split("."):
+            value = getattr(value, part)
+        return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
 
 
-def load_config(path: Path) -> FactoryConfig:
-    """Read and validate factory.yaml (YAML or JSON). A missing file means all defaults."""
+# Environment variables that set a config key the file leaves unset: (section, key).
+ENVIRONMENT = {"FACTORY_LLAMA_CPP": ("save", "llama_cpp_dir")}
+
+
+def load_config(path: Path, environ: Mapping[str, str] | None = None) -> FactoryConfig:
+    """Read and validate factory.yaml (YAML or JSON). A missing file means all defaults.
+
+    `environ` (the CLI passes os.environ) fills the keys of ENVIRONMENT that the file leaves
+    unset; the file wins.
+    """
     path = Path(path)
-    if not path.exists():
-        return FactoryConfig()
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    raw: Any = {}
+    if path.exists():
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+            raise ConfigError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (data, model, ...), not {type(raw).__name__}")
+    for variable, (section, key) in ENVIRONMENT.items():
+        if (environ or {}).get(variable) and isinstance(raw.get(section, {}), dict) and key not in raw.get(section, {}):
+            raw.setdefault(section, {})[key] = environ[variable]
     return parse_config(raw, source=str(path))
 
 

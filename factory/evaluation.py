@@ -38,15 +38,31 @@ def decoding(cfg: FactoryConfig) -> dict[str, Any]:
 def score_model(ctx: PhaseContext, model, tokenizer, records: list[dict], *, what: str) -> dict[str, Any]:
     """Generate for every record, score each prediction, and compute the answer loss."""
     cfg = ctx.config.evaluation
-    scorers = scoring.build_scorers(cfg.metrics, regex=cfg.regex, custom=cfg.custom_scorer)
-    prompts, references = zip(*(modeling.prompt_and_answer(r) for r in records))
+    prompts = [modeling.prompt_and_answer(r)[0] for r in records]
     ctx.progress.start(len(records), f"examples ({what})")
     started = time.monotonic()
-    predictions = modeling.generate(model, tokenizer, list(prompts), batch_size=cfg.batch_size,
+    predictions = modeling.generate(model, tokenizer, prompts, batch_size=cfg.batch_size,
                                     max_new_tokens=cfg.max_new_tokens, on_batch=ctx.progress.advance)
-    generation_seconds = time.monotonic() - started
+    result = score_predictions(ctx.config, records, predictions, seconds=time.monotonic() - started)
+    if cfg.loss:
+        loss, tokens = modeling.answer_loss(model, tokenizer, records, batch_size=cfg.batch_size)
+        result.update(loss=loss, perplexity=perplexity(loss), loss_tokens=tokens)
+    result["examples"] = result.pop("examples")  # last: the aggregates read first in the file
+    return result
+
+
+def score_predictions(cfg: FactoryConfig, records: list[dict], predictions: list[str], *,
+                      seconds: float) -> dict[str, Any]:
+    """Score each prediction against its record's final answer with the configured scorers.
+
+    Shared by every model that is scored (HF models here, GGUF files in quantize), so all
+    of them are measured the same way.
+    """
+    scorers = scoring.build_scorers(cfg.evaluation.metrics, regex=cfg.evaluation.regex,
+                                    custom=cfg.evaluation.custom_scorer)
     examples = []
-    for index, (prompt, reference, prediction) in enumerate(zip(prompts, references, predictions)):
+    for index, (record, prediction) in enumerate(zip(records, predictions)):
+        prompt, reference = modeling.prompt_and_answer(record)
         examples.append({
             "index": index,
             "prompt": prompt[-1]["content"] if prompt else "",
@@ -55,21 +71,20 @@ def score_model(ctx: PhaseContext, model, tokenizer, records: list[dict], *, wha
             "scores": {name: scorer(prediction, reference) for name, scorer in scorers.items()},
         })
     means = {name: sum(e["scores"][name] for e in examples) / len(examples) for name in scorers}
-    result: dict[str, Any] = {
+    return {
         "num_examples": len(examples),
         "scores": means,
-        "primary": cfg.primary,
-        "primary_score": means[cfg.primary],
-        "generation_seconds": round(generation_seconds, 3),
-        "examples_per_second": round(len(examples) / generation_seconds, 2) if generation_seconds else None,
-        "decoding": decoding(ctx.config),
+        "primary": cfg.evaluation.primary,
+        "primary_score": means[cfg.evaluation.primary],
+        "generation_seconds": round(seconds, 3),
+        "examples_per_second": round(len(examples) / seconds, 2) if seconds else None,
+        "decoding": decoding(cfg),
+        "examples": examples,
     }
-    if cfg.loss:
-        loss, tokens = modeling.answer_loss(model, tokenizer, records, batch_size=cfg.batch_size)
-        result.update(loss=loss, perplexity=math.exp(loss) if math.isfinite(loss) and loss < 50 else None,
-                      loss_tokens=tokens)
-    result["examples"] = examples
-    return result
+
+
+def perplexity(loss: float) -> float | None:
+    return math.exp(loss) if math.isfinite(loss) and loss < 50 else None
 
 
 def split_identity(ws: Workspace, path: Path) -> dict[str, str]:

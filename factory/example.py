@@ -360,7 +360,7 @@ def example_config(*, steps: int = 600) -> str:
     """factory.yaml for the example workspace: settings that learn the task on a CPU."""
     return f"""\
 # Example workspace made by `factory init --example`: a localization task and a tiny Gemma-3
-# with random weights, all offline. `factory run` takes it from raw data to an evaluated model.
+# with random weights, all offline. `factory run` takes it from raw data to a verified GGUF.
 data:
   inputs: [{RAW_FILE}]
   split: {{train: 0.9, val: 0.05, test: 0.05, seed: 3407}}
@@ -384,6 +384,9 @@ training:
   weight_decay: 0.0
   optim: adamw_torch
   logging_steps: 10
+
+save:
+  gguf_quantization: [Q8_0, Q4_K_M]   # llama.cpp types, each checked against the merged model
 
 evaluation:
   metrics: [exact_match, normalized_exact_match, token_f1, chrf]

@@ -252,17 +252,54 @@ def answer_labels(tokenizer, record: dict) -> tuple[list[int], list[int]]:
     prompt, _ = prompt_and_answer(record)
     full = tokenizer.apply_chat_template(chat_messages(record["conversations"]), tokenize=True, add_generation_prompt=False)
     head = tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True)
-    full, head = _ids(full), _ids(head)
+    full, head = token_ids(full), token_ids(head)
     if full[: len(head)] != head:
         raise InputError("the chat template renders the prompt differently inside the full conversation; "
                          "cannot locate the answer tokens")
     return full, [-100] * len(head) + full[len(head) :]
 
 
-def _ids(encoded) -> list[int]:
+def token_ids(encoded) -> list[int]:
+    """apply_chat_template(tokenize=True) gives a list or a BatchEncoding, by version."""
     if isinstance(encoded, dict) or hasattr(encoded, "keys"):
         encoded = encoded["input_ids"]
     return list(encoded)
+
+
+def complete_tokenizer_files(source: str, out_dir: Path) -> list[str]:
+    """Put back what transformers 5's save_pretrained leaves out of a saved model folder.
+
+    llama.cpp's converter needs the SentencePiece `tokenizer.model` (without it a Gemma or
+    Llama-2 vocabulary is not recognised) and `added_tokens_decoder` (without it the turn
+    tokens become plain text in the GGUF and chat output never stops). Both are taken from
+    the base model (`source`: a folder or a hub id). Returns what was restored.
+    """
+    import json
+    import shutil
+
+    from transformers.utils import cached_file
+
+    def base_file(name: str) -> Path | None:
+        found = cached_file(source, name, _raise_exceptions_for_missing_entries=False,
+                            _raise_exceptions_for_connection_errors=False)
+        return Path(found) if found else None
+
+    restored = []
+    model_file = base_file("tokenizer.model")
+    if model_file and not (out_dir / "tokenizer.model").exists():
+        shutil.copyfile(model_file, out_dir / "tokenizer.model")
+        restored.append("tokenizer.model")
+    base_config, config_path = base_file("tokenizer_config.json"), out_dir / "tokenizer_config.json"
+    if base_config and config_path.exists():
+        base = json.loads(base_config.read_text(encoding="utf-8"))
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        missing = {k: base[k] for k in ("added_tokens_decoder", "add_bos_token", "add_eos_token")
+                   if k in base and k not in config}
+        if missing:
+            config.update(missing)
+            config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            restored += [f"tokenizer_config.json:{k}" for k in missing]
+    return restored
 
 
 def local_model_inputs(cfg: FactoryConfig, ws: Workspace) -> list[Path]:

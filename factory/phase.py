@@ -57,7 +57,8 @@ class Phase:
     """None while the phase is not implemented yet; `factory run` then says so plainly."""
 
     config_sections: tuple[str, ...] = ()
-    """Config sections whose values change this phase's output (part of its fingerprint)."""
+    """Config sections ("lora") or keys ("save.lora_path") whose values change this phase's
+    output (part of its fingerprint)."""
 
     inputs: Callable[[FactoryConfig, Workspace], list[Path]] = field(default=lambda cfg, ws: [])
     """Files (or folders) whose content is part of the fingerprint."""

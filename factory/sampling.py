@@ -1,5 +1,5 @@
-"""`factory sample`: generate from the base model, base + adapter, or the merged model,
-streaming tokens as they come (seed 000's sample step, seed 004's inference test)."""
+"""`factory sample`: generate from the base model, base + adapter, the merged model or a
+GGUF file, streaming tokens as they come (seed 000's sample step, seed 004's inference test)."""
 
 from __future__ import annotations
 
@@ -48,3 +48,35 @@ class Sampler:
             emit(piece)
         worker.join()
         return "".join(pieces).strip()
+
+
+class GGUFSampler:
+    """The same, through llama.cpp's runtime and the chat template embedded in the GGUF: what
+    llama-server and Ollama will do with the file."""
+
+    def __init__(self, cfg: FactoryConfig, ws: Workspace, path: Path, *, max_new_tokens: int, temperature: float,
+                 top_p: float, top_k: int):
+        from factory import llama_cpp
+
+        if not path.is_file():
+            raise InputError(f"{ws.rel(path)} not found; run `factory run quantize` first")
+        context = cfg.model.max_seq_length if isinstance(cfg.model.max_seq_length, int) else 4096
+        self.llm = llama_cpp.load(path, n_ctx=context + max_new_tokens)
+        self.settings = dict(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                             top_k=top_k if temperature > 0 else 1)
+
+    def reply(self, messages: list[dict], emit: Callable[[str], object]) -> str:
+        pieces = []
+        for chunk in self.llm.create_chat_completion(messages, stream=True, **self.settings):
+            piece = chunk["choices"][0]["delta"].get("content") or ""
+            if piece:
+                pieces.append(piece)
+                emit(piece)
+        return "".join(pieces).strip()
+
+
+def open_sampler(cfg: FactoryConfig, ws: Workspace, which: str, **settings) -> Sampler | GGUFSampler:
+    """A GGUF file goes to llama.cpp; anything else to transformers."""
+    if which.endswith(".gguf"):
+        return GGUFSampler(cfg, ws, ws.path(which), **settings)
+    return Sampler(cfg, ws, which, **settings)

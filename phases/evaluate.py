@@ -84,7 +84,7 @@ PHASE = Phase(
     summary="Evaluate the fine-tuned model and compare with the baseline",
     metrics="evaluation",
     run=run,
-    config_sections=("model", "evaluation", "save"),
+    config_sections=("model", "evaluation", "save.lora_path"),
     inputs=lambda cfg, ws: [ws.split_file("test"), ws.metrics_file("baseline"), ws.path(cfg.save.lora_path),
                             *modeling.local_model_inputs(cfg, ws), *modeling.second_test_set(cfg, ws)],
 )

@@ -127,7 +127,7 @@ PHASE = Phase(
     summary="Fine-tune LoRA adapters on the train split",
     metrics="training-stats",
     run=run,
-    config_sections=("model", "lora", "training", "dataset", "save"),
+    config_sections=("model", "lora", "training", "dataset", "save.lora_path"),
     inputs=lambda cfg, ws: [ws.split_file("train"), *modeling.local_model_inputs(cfg, ws)],
     outputs=lambda cfg, ws: [ws.path(cfg.save.lora_path)],
 )

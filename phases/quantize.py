@@ -1,11 +1,432 @@
-"""quantize: merge, export GGUF and verify it (not implemented yet)."""
+"""quantize: merge the adapter in 16-bit, export GGUF with llama.cpp, and check every file.
 
-from factory.phase import Phase
+Reads top to bottom like a recipe:
+
+1. merge base + LoRA adapter into save.merged_path in 16-bit (seed 002: never fp32), with
+   PEFT's merge_and_unload (Unsloth's save_pretrained_merged on that backend), and put back
+   the tokenizer files llama.cpp needs (tokenizer.model, special-token flags);
+2. check the merge: the saved model's logits equal base + adapter on a few test prompts (up
+   to 16-bit rounding) and differ from the base model's (a merge that dropped the adapter
+   fails the quantization-verified gate);
+3. score the merged model on the test split with the evaluate phase's scorers: the
+   reference every GGUF is compared with;
+4. export each save.gguf_quantization type with llama.cpp's converter (F32/F16/BF16/Q8_0)
+   or its quantizer (the K-quants and the rest), pinned, offline;
+5. verify each GGUF through llama.cpp's runtime: tokenizer agreement with the HF tokenizer,
+   the scorers on the test split, perplexity and KL divergence of the next-token
+   distribution against the merged model, and chat generation that stops at end of turn
+   with the template embedded in the file;
+6. hand off: an Ollama Modelfile next to the GGUF and the commands to run it.
+
+The model cards (which include gate results) are written after the gates, by the CLI.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+import resource
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from factory import llama_cpp, modeling
+from factory.config import FactoryConfig
+from factory.errors import InputError
+from factory.phase import Phase, PhaseContext
+from factory.workspace import Workspace
+
+MERGE_PROBES = 8  # test prompts whose logits check the merge
+DIVERGENCE_EXAMPLES = 64  # test examples for perplexity and KL (the merged log-probs stay in memory)
+STOP_CHECKS = 8  # chat completions that must end at end of turn
+
+
+def run(ctx: PhaseContext) -> dict[str, Any]:
+    from factory import evaluation
+
+    cfg, ws, log = ctx.config, ctx.workspace, ctx.log
+    # Both halves of llama.cpp must be there before anything slow starts.
+    converter = llama_cpp.converter_dir(ws.path(cfg.save.llama_cpp_dir) if cfg.save.llama_cpp_dir else None)
+    llama_cpp.runtime()
+    adapter = ws.path(cfg.save.lora_path)
+    if not (adapter / "adapter_config.json").exists():
+        raise InputError(f"{ws.rel(adapter)} has no adapter; run `factory run finetune` first")
+    types = [llama_cpp.TYPES[name] for name in cfg.save.gguf_quantization]
+    records = evaluation.read_split(ws.split_file("test"), ws, cfg.evaluation.max_examples)
+    backend = modeling.select_backend(cfg.model.backend)
+
+    # 1-2. merge and check
+    merged_dir = ws.path(cfg.save.merged_path)
+    log.info("merging %s into %s (%s)", ws.rel(adapter), ws.rel(merged_dir), cfg.save.merged_dtype)
+    merge = _merge(ctx, backend, adapter, merged_dir, records[:MERGE_PROBES])
+    log.info("merge check: max |merged - (base + adapter)| %.4g, max |merged - base| %.4g",
+             merge["max_abs_diff_vs_adapter"], merge["max_abs_diff_vs_base"])
+
+    # 3. the merged model's scores and next-token distributions: the reference
+    model, tokenizer = modeling.load_for_inference(cfg, ws, backend, path=str(merged_dir))
+    reference = evaluation.score_model(ctx, model, tokenizer, records, what="merged")
+    divergence_records = records[:DIVERGENCE_EXAMPLES]
+    reference_logprobs = [_answer_logprobs(_hf_logits(model, ids), head) for ids, head in
+                          (_ids_and_head(tokenizer, r) for r in divergence_records)]
+    shapes = [tuple(p.shape) for p in model.parameters()]  # what each file's size is checked against
+    del model
+    gc.collect()
+
+    # 4. GGUF files
+    quantized_dir = ws.path(cfg.save.gguf_path)
+    exported = _export(ctx, converter, merged_dir, quantized_dir, types)
+
+    # 5. verify each file with llama.cpp's runtime
+    verified = []
+    for gtype in types:
+        path = llama_cpp.gguf_file(quantized_dir, gtype.name)
+        log.info("verifying %s with llama.cpp", ws.rel(path))
+        verified.append({
+            "type": gtype.name,
+            "path": ws.rel(path),
+            **exported[gtype.name],
+            **_verify(ctx, path, gtype, shapes, tokenizer, records, reference, divergence_records, reference_logprobs),
+        })
+
+    # 6. handoff
+    modelfile = _write_modelfile(cfg, ws, quantized_dir, verified[0]["type"])
+    commands = _run_commands(cfg, ws, quantized_dir, verified[0]["type"], modelfile)
+    for line in commands.values():
+        log.info("run it: %s", line)
+    return {
+        "merge": merge,
+        "reference": {key: reference[key] for key in ("num_examples", "scores", "primary", "primary_score",
+                                                        "perplexity", "decoding") if key in reference},
+        "gguf_files": sum(1 for v in verified if Path(ws.path(v["path"])).is_file()),
+        "worst_relative_score_drop": max(v["relative_score_drop"] for v in verified),
+        "all_sizes_within_bounds": all(v["size_within_bounds"] for v in verified),
+        "all_generations_stop": all(v["generation_stops"] == 1.0 for v in verified),
+        "min_tokenizer_agreement": min(v["tokenizer_agreement"] for v in verified),
+        "types": verified,
+        "llama_cpp": {"converter": str(converter), "llama_cpp_python": llama_cpp.LLAMA_CPP_PYTHON_VERSION},
+        "modelfile": ws.rel(modelfile),
+        "commands": commands,
+    }
+
 
 PHASE = Phase(
     name="quantize",
     summary="Merge the adapter, export GGUF and verify the quantized model",
     metrics="quantization",
-    run=None,
-    unavailable_reason="the quantize phase is not available yet (planned after the model phases)",
+    run=run,
+    config_sections=("model", "save", "evaluation"),
+    inputs=lambda cfg, ws: [ws.split_file("test"), ws.path(cfg.save.lora_path), *modeling.local_model_inputs(cfg, ws)],
+    outputs=lambda cfg, ws: [ws.path(cfg.save.merged_path),
+                             *(llama_cpp.gguf_file(ws.path(cfg.save.gguf_path), t) for t in cfg.save.gguf_quantization)],
 )
+
+
+# --- 1-2. merge -------------------------------------------------------------------------------
+
+
+def _merge(ctx: PhaseContext, backend, adapter: Path, merged_dir: Path, probes: list[dict]) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg, ws = ctx.config, ctx.workspace
+    dtype = getattr(torch, cfg.save.merged_dtype)
+    base = modeling.model_path(cfg.model.name, ws)
+    started = time.monotonic()
+    tokenizer = AutoTokenizer.from_pretrained(adapter)  # the tokenizer the adapter was trained with
+    probe_ids = [_ids_and_head(tokenizer, r)[0] for r in probes]
+    staging = merged_dir.with_name(merged_dir.name + ".partial")  # the old merged model stays until the new one is whole
+    shutil.rmtree(staging, ignore_errors=True)
+    ctx.progress.start(3, "merge steps")
+
+    if backend.name == "unsloth":
+        from unsloth import FastModel
+
+        model, tokenizer = FastModel.from_pretrained(model_name=str(adapter), dtype=dtype, load_in_4bit=False)
+        adapter_logits = [_hf_logits(model, ids) for ids in probe_ids]
+        with model.disable_adapter():
+            base_logits = [_hf_logits(model, ids) for ids in probe_ids]
+        ctx.progress.advance()
+        model.save_pretrained_merged(str(staging), tokenizer, save_method="merged_16bit")
+        method = "unsloth save_pretrained_merged (merged_16bit)"
+    else:
+        from peft import PeftModel
+
+        # from_pretrained with a 16-bit dtype reads the safetensors straight into 16-bit
+        # tensors: the base never exists in fp32.
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+        model = PeftModel.from_pretrained(model, str(adapter)).to(backend.device if backend.device != "mps" else "cpu")
+        adapter_logits = [_hf_logits(model, ids) for ids in probe_ids]
+        with model.disable_adapter():
+            base_logits = [_hf_logits(model, ids) for ids in probe_ids]
+        ctx.progress.advance()
+        model = model.merge_and_unload()
+        model.save_pretrained(staging, max_shard_size="4GB")
+        tokenizer.save_pretrained(staging)
+        method = "peft merge_and_unload"
+    del model
+    gc.collect()
+    restored = modeling.complete_tokenizer_files(base, staging)
+    ctx.progress.advance()
+
+    # The check reads the model back from disk: a merge or a save that lost the adapter shows here.
+    reloaded = AutoModelForCausalLM.from_pretrained(staging, dtype=dtype).to(backend.device if backend.device == "cuda" else "cpu")
+    merged_logits = [_hf_logits(reloaded, ids) for ids in probe_ids]
+    del reloaded
+    gc.collect()
+    ctx.progress.advance()
+    if merged_dir.exists():
+        shutil.rmtree(merged_dir)
+    os.replace(staging, merged_dir)
+
+    vs_adapter = max(float((m - a).abs().max()) for m, a in zip(merged_logits, adapter_logits))
+    vs_base = max(float((m - b).abs().max()) for m, b in zip(merged_logits, base_logits))
+    positions = sum(m.shape[0] for m in merged_logits)
+    agree = sum(int((m.argmax(-1) == a.argmax(-1)).sum()) for m, a in zip(merged_logits, adapter_logits))
+    return {
+        "path": ws.rel(merged_dir),
+        "method": method,
+        "dtype": cfg.save.merged_dtype,
+        "probe_prompts": len(probe_ids),
+        "max_abs_diff_vs_adapter": vs_adapter,
+        "max_abs_diff_vs_base": vs_base,
+        "diff_ratio": vs_adapter / vs_base if vs_base else math.inf,
+        "argmax_agreement_vs_adapter": agree / positions if positions else None,
+        "logit_scale": max(float(a.abs().max()) for a in adapter_logits),
+        "tokenizer_files_restored": restored,
+        "size_bytes": sum(f.stat().st_size for f in merged_dir.glob("*.safetensors")),
+        "seconds": round(time.monotonic() - started, 3),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_note": "the process's peak so far (includes earlier phases run in the same process)",
+    }
+
+
+def _ids_and_head(tokenizer, record: dict) -> tuple[list[int], int]:
+    """The whole conversation's token ids and the length of the prompt part."""
+    ids, labels = modeling.answer_labels(tokenizer, record)
+    return ids, next(i for i, label in enumerate(labels) if label != -100)
+
+
+def _hf_logits(model, ids: list[int]):
+    import torch
+
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        return model(input_ids=torch.tensor([ids], device=device)).logits[0].float().cpu()
+
+
+def _answer_logprobs(logits, head: int):
+    """Log-probabilities of the next token at the positions that predict the answer (numpy)."""
+    import numpy as np
+
+    rows = np.asarray(logits[head - 1 : -1], dtype=np.float64)
+    rows -= rows.max(axis=-1, keepdims=True)
+    return rows - np.log(np.exp(rows).sum(axis=-1, keepdims=True))
+
+
+# --- 4. export --------------------------------------------------------------------------------
+
+
+def _export(ctx: PhaseContext, converter: Path, merged_dir: Path, out_dir: Path, types: list) -> dict[str, dict]:
+    cfg, ws, log = ctx.config, ctx.workspace, ctx.log
+    out_dir.mkdir(parents=True, exist_ok=True)
+    wanted = {t.name for t in types}
+    for stale in out_dir.glob("model-*.gguf"):  # types no longer asked for would pass for current ones
+        if stale.stem.removeprefix("model-") not in wanted:
+            stale.unlink()
+    # The quantizer starts from a 16-bit GGUF of the merged model's own type.
+    source_type = llama_cpp.TYPES["BF16" if cfg.save.merged_dtype == "bfloat16" else "F16"]
+    needs_source = any(t.ftype for t in types)
+    direct = [t for t in types if t.converter]
+    if needs_source and source_type not in direct:
+        direct.append(source_type)
+    source = llama_cpp.gguf_file(out_dir, source_type.name)
+    ctx.progress.start(len(direct) + sum(1 for t in types if t.ftype), "GGUF files")
+    ws.logs_dir.mkdir(parents=True, exist_ok=True)
+    done: dict[str, dict] = {}
+    for gtype in direct:
+        path = llama_cpp.gguf_file(out_dir, gtype.name)
+        started = time.monotonic()
+        log.info("converting %s to %s", ws.rel(merged_dir), ws.rel(path))
+        llama_cpp.convert(converter, merged_dir, path, gtype.converter, ws.logs_dir / f"gguf-convert-{gtype.name}.log")
+        done[gtype.name] = {"method": f"convert_hf_to_gguf.py --outtype {gtype.converter}",
+                            "export_seconds": round(time.monotonic() - started, 3)}
+        ctx.progress.advance()
+    threads = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    for gtype in (t for t in types if t.ftype):
+        path = llama_cpp.gguf_file(out_dir, gtype.name)
+        started = time.monotonic()
+        log.info("quantizing %s to %s", source.name, ws.rel(path))
+        llama_cpp.quantize(source, path, gtype, threads)
+        done[gtype.name] = {"method": f"llama_model_quantize from {source_type.name}",
+                            "export_seconds": round(time.monotonic() - started, 3)}
+        ctx.progress.advance()
+    if source_type.name not in wanted:
+        source.unlink(missing_ok=True)  # an intermediate, not asked for
+    return done
+
+
+# --- 5. verification --------------------------------------------------------------------------
+
+
+def _verify(ctx: PhaseContext, path: Path, gtype, shapes: list[tuple[int, ...]], tokenizer, records: list[dict], reference: dict,
+            divergence_records: list[dict], reference_logprobs: list) -> dict[str, Any]:
+    import numpy as np
+
+    from factory import evaluation
+
+    cfg = ctx.config
+    context = (cfg.model.max_seq_length if isinstance(cfg.model.max_seq_length, int) else 2048) + cfg.evaluation.max_new_tokens
+    llm = llama_cpp.load(path, n_ctx=context, logits_all=True)
+    size = path.stat().st_size
+    runtime = llama_cpp.runtime()
+    n_params = runtime.llama_model_n_params(llm.model)
+    bits_per_weight = runtime.llama_model_size(llm.model) * 8 / n_params  # tensor bytes, as llama.cpp reports BPW
+    low, high = llama_cpp.expected_bits_per_weight(gtype, shapes)
+
+    # tokenizer: the same ids as the HF tokenizer on every test conversation
+    texts = [tokenizer.apply_chat_template(modeling.chat_messages(r["conversations"]), tokenize=False) for r in records]
+    same = sum(tokenizer(t, add_special_tokens=False)["input_ids"] == llm.tokenize(t.encode(), add_bos=False, special=True)
+               for t in texts)
+
+    # the evaluate phase's scorers, greedy, from the same prompt ids the merged model saw
+    ctx.progress.start(len(records), f"examples ({gtype.name})")
+    started = time.monotonic()
+    predictions = []
+    for record in records:
+        prompt, _ = modeling.prompt_and_answer(record)
+        ids = modeling.token_ids(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True))
+        out = llm.create_completion(ids, max_tokens=cfg.evaluation.max_new_tokens, temperature=0.0, top_k=1)
+        predictions.append(out["choices"][0]["text"].strip())
+        ctx.progress.advance()
+    scored = evaluation.score_predictions(cfg, records, predictions, seconds=time.monotonic() - started)
+    score, merged_score = scored["primary_score"], reference["primary_score"]
+    drop = (merged_score - score) / merged_score if merged_score else merged_score - score
+
+    # next-token distributions against the merged model, on the answer tokens
+    nll_gguf, nll_merged, kl, tokens = 0.0, 0.0, 0.0, 0
+    for record, ref in zip(divergence_records, reference_logprobs):
+        ids, head = _ids_and_head(tokenizer, record)
+        llm.reset()
+        llm.eval(ids)
+        logits = np.asarray(llm.scores[: len(ids)])[:, : ref.shape[1]]
+        mine = _answer_logprobs(logits, head)
+        targets = np.asarray(ids[head:])
+        rows = np.arange(len(targets))
+        nll_gguf -= mine[rows, targets].sum()
+        nll_merged -= ref[rows, targets].sum()
+        kl += (np.exp(ref) * (ref - mine)).sum()
+        tokens += len(targets)
+
+    # chat completion with the file's own template must stop at end of turn
+    stops = agree = 0
+    checks = records[:STOP_CHECKS]
+    for record, prediction in zip(checks, predictions):
+        prompt, _ = modeling.prompt_and_answer(record)
+        llm.reset()
+        out = llm.create_chat_completion(prompt, max_tokens=cfg.evaluation.max_new_tokens, temperature=0.0, top_k=1)
+        stops += out["choices"][0]["finish_reason"] == "stop"
+        agree += (out["choices"][0]["message"]["content"] or "").strip() == prediction
+    embedded_template = llm.metadata.get("tokenizer.chat_template")
+    del llm
+    gc.collect()
+
+    return {
+        "size_bytes": size,
+        "parameters": n_params,
+        "bits_per_weight": round(bits_per_weight, 4),
+        "expected_bits_per_weight": [round(low, 4), round(high, 4)],
+        "size_within_bounds": low - 0.01 <= bits_per_weight <= high + 0.01,
+        "tokenizer_agreement": same / len(texts),
+        "score": score,
+        "merged_score": merged_score,
+        "relative_score_drop": drop,
+        "scores": scored["scores"],
+        "perplexity": math.exp(nll_gguf / tokens) if tokens else None,
+        "perplexity_merged": math.exp(nll_merged / tokens) if tokens else None,
+        "perplexity_ratio": math.exp((nll_gguf - nll_merged) / tokens) if tokens else None,
+        "mean_kl": kl / tokens if tokens else None,
+        "divergence_tokens": tokens,
+        "generation_stops": stops / len(checks) if checks else None,
+        "chat_template_embedded": embedded_template == tokenizer.chat_template,
+        "chat_matches_greedy": agree / len(checks) if checks else None,
+        "examples_per_second": scored["examples_per_second"],
+        "examples": scored["examples"][:20],
+    }
+
+
+# --- 6. handoff -------------------------------------------------------------------------------
+
+
+# Ollama's Go-template form of each chat template (Ollama does not run Jinja), and the
+# token that ends a turn. Templates outside this table get no TEMPLATE line: Ollama then
+# falls back to the Jinja template embedded in the GGUF.
+OLLAMA_TEMPLATES = {
+    "gemma-3": ("""{{- range $i, $_ := .Messages }}
+{{- $last := eq (len (slice $.Messages $i)) 1 }}
+{{- if or (eq .Role "user") (eq .Role "system") }}<start_of_turn>user
+{{ .Content }}<end_of_turn>
+{{ if $last }}<start_of_turn>model
+{{ end }}
+{{- else if eq .Role "assistant" }}<start_of_turn>model
+{{ .Content }}{{ if not $last }}<end_of_turn>
+{{ end }}
+{{- end }}
+{{- end }}""", "<end_of_turn>"),
+    "llama-3.1": ("""{{- range $i, $_ := .Messages }}
+{{- $last := eq (len (slice $.Messages $i)) 1 }}<|start_header_id|>{{ .Role }}<|end_header_id|>
+
+{{ .Content }}{{ if or (ne .Role "assistant") (not $last) }}<|eot_id|>{{ end }}
+{{- if and $last (ne .Role "assistant") }}<|start_header_id|>assistant<|end_header_id|>
+
+{{ end }}
+{{- end }}""", "<|eot_id|>"),
+    "chatml": ("""{{- range $i, $_ := .Messages }}
+{{- $last := eq (len (slice $.Messages $i)) 1 }}<|im_start|>{{ .Role }}
+{{ .Content }}{{ if or (ne .Role "assistant") (not $last) }}<|im_end|>
+{{ end }}
+{{- if and $last (ne .Role "assistant") }}<|im_start|>assistant
+{{ end }}
+{{- end }}""", "<|im_end|>"),
+}
+OLLAMA_TEMPLATES["gemma3"] = OLLAMA_TEMPLATES["gemma-3"]
+OLLAMA_TEMPLATES["qwen-2.5"] = OLLAMA_TEMPLATES["chatml"]
+# Sampling defaults of the Gemma 3 inference example in the Unsloth spec (as `factory sample`).
+SAMPLING = {"temperature": 1.0, "top_p": 0.95, "top_k": 64}
+
+
+def _write_modelfile(cfg: FactoryConfig, ws: Workspace, quantized_dir: Path, type_name: str) -> Path:
+    """An Ollama Modelfile next to the GGUF: FROM, TEMPLATE, stop token, sampling defaults."""
+    from factory.io import atomic_write_bytes
+
+    template = OLLAMA_TEMPLATES.get(cfg.dataset.chat_template)
+    lines = [f"# Ollama: ollama create {_model_name(cfg)} -f {ws.rel(quantized_dir / 'Modelfile')}",
+             f"FROM ./{llama_cpp.gguf_file(quantized_dir, type_name).name}"]
+    if template:
+        lines.append(f'TEMPLATE """{template[0]}"""')
+        lines.append(f'PARAMETER stop "{template[1]}"')
+    else:
+        lines.append(f"# chat template {cfg.dataset.chat_template!r}: Ollama uses the one embedded in the GGUF")
+    lines += [f"PARAMETER {key} {value}" for key, value in SAMPLING.items()]
+    if isinstance(cfg.model.max_seq_length, int):
+        lines.append(f"PARAMETER num_ctx {cfg.model.max_seq_length}")
+    path = quantized_dir / "Modelfile"
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+    return path
+
+
+def _run_commands(cfg: FactoryConfig, ws: Workspace, quantized_dir: Path, type_name: str, modelfile: Path) -> dict[str, str]:
+    gguf = ws.rel(llama_cpp.gguf_file(quantized_dir, type_name))
+    return {
+        "llama_server": f"llama-server -m {gguf} --port 8080 --jinja",
+        "llama_cli": f"llama-cli -m {gguf} --jinja -cnv",
+        "ollama": f"ollama create {_model_name(cfg)} -f {ws.rel(modelfile)} && ollama run {_model_name(cfg)}",
+        "factory_sample": f"factory sample --model {gguf} --prompt 'Hello'",
+    }
+
+
+def _model_name(cfg: FactoryConfig) -> str:
+    """A name for Ollama: the base model's last path part, fine-tuned."""
+    base = Path(cfg.model.name.rstrip("/")).name.lower() or "model"
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in base) + "-ft"

@@ -86,7 +86,7 @@ def test_exit_2_for_bad_config_missing_metrics_and_unknown_phase(ws):
     factory("run", "-C", ws, check_rc=2)
     (ws / "factory.yaml").write_text("")
     assert "unknown phase 'nosuch'" in factory("run", "nosuch", "-C", ws, check_rc=2).stderr
-    assert "is not available yet" in factory("run", "--only", "quantize", "-C", ws, check_rc=2).stderr
+    assert "has no adapter; run `factory run finetune` first" in factory("run", "--only", "quantize", "-C", ws, check_rc=2).stderr
     factory("validate", "-C", ws, check_rc=0)
     factory("run", "-C", ws / "nowhere", check_rc=2)
 
@@ -162,3 +162,23 @@ def test_plan_resolves_auto_and_warns_when_it_will_not_fit(tmp_path):
     logits_gib = 262208 * 2 * 16384 * 4 / 2**30  # vocab x batch x sequence x 4 bytes (seed 002)
     assert f"{logits_gib:.3f}" in proc.stdout
     assert "warning" in proc.stderr and "exceeds the available" in proc.stderr
+
+
+def test_quantize_without_llama_cpp_names_the_install_command(ws, tmp_path):
+    empty = tmp_path / "no-llama.cpp"
+    empty.mkdir()
+    # from the config file
+    (ws / "factory.yaml").write_text(f"save:\n  llama_cpp_dir: {empty}\n")
+    proc = factory("run", "--only", "quantize", "-C", ws, check_rc=2)
+    assert f"save.llama_cpp_dir {empty} has no convert_hf_to_gguf.py" in proc.stderr
+    assert "factory setup-gguf" in proc.stderr and "Traceback" not in proc.stderr
+    # from the environment, when the file leaves it unset
+    (ws / "factory.yaml").write_text("")
+    env_run = subprocess.run([sys.executable, "-m", "factory", "run", "--only", "quantize", "-C", str(ws)],
+                             capture_output=True, text=True,
+                             env={**os.environ, "COLUMNS": "300", "FACTORY_LLAMA_CPP": str(empty)})
+    assert env_run.returncode == 2 and str(empty) in env_run.stderr and "factory setup-gguf" in env_run.stderr
+    # an unknown type is a config error that lists the known ones
+    (ws / "factory.yaml").write_text("save:\n  gguf_quantization: [q8_0, q9_9]\n")
+    proc = factory("validate", "-C", ws, check_rc=2)
+    assert "save.gguf_quantization: unknown GGUF type(s) 'q9_9'" in proc.stderr and "Q4_K_M" in proc.stderr

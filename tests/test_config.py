@@ -73,7 +73,7 @@ def test_seed_training_config_loads_as_printed(tmp_path):
     assert cfg.lora.r == 8 and cfg.lora.use_gradient_checkpointing == "unsloth"
     assert cfg.training.learning_rate == pytest.approx(2e-4)  # YAML reads 2e-4 as a string
     assert cfg.training.max_steps is None
-    assert cfg.save.gguf_quantization == "Q8_0"
+    assert cfg.save.gguf_quantization == ["Q8_0"]
 
 
 @pytest.mark.skipif(not SEED_004.exists(), reason="../shared/seeds not present")

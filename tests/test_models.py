@@ -4,6 +4,7 @@ datasets for a few steps."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -239,3 +240,101 @@ def test_sample_streams_the_learned_answer(example):
     base = factory("sample", "-C", example, "-m", "base", "--system", system, "-p", right["prompt"],
                    "--temperature", "0", "--max-new-tokens", "32", check_rc=0)
     assert right["reference"] not in base.stdout
+
+
+def _network_namespace_works() -> bool:
+    return subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0
+
+
+def test_quantize_offline_gives_verified_gguf_files_that_do_the_task(example):
+    """The demo's types (Q8_0, Q4_K_M) from the trained example, with no network at all."""
+    import llama_cpp as _  # noqa: F401  (the gguf extra is installed)
+    from transformers import AutoTokenizer
+
+    from factory import llama_cpp
+
+    factory("run", "evaluate", "-C", example, check_rc=0)  # a no-op when the pipeline test ran first
+    command = [sys.executable, "-m", "factory", "run", "-C", str(example)]
+    if _network_namespace_works():  # no network interface but loopback: a git clone or download would fail
+        command = ["unshare", "-n", *command]
+    proc = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "gate quantization-verified: passed" in proc.stderr
+
+    q = metrics(example, "quantization")
+    # the merge is the fine-tune: equal to base + adapter up to bf16 rounding, far from the base
+    merge = q["merge"]
+    assert merge["dtype"] == "bfloat16" and merge["diff_ratio"] < 0.1 and merge["max_abs_diff_vs_base"] > 1.0
+    assert merge["argmax_agreement_vs_adapter"] >= 0.99
+    merged = example / "models" / "checkpoints" / "merged"
+    assert {"config.json", "tokenizer.model", "tokenizer_config.json", "generation_config.json"} <= {p.name for p in merged.iterdir()}
+    assert list(merged.glob("*.safetensors"))
+    tokenizer_config = json.loads((merged / "tokenizer_config.json").read_text())
+    assert tokenizer_config["added_tokens_decoder"]["6"]["content"] == "<end_of_turn>"
+
+    # every type the demo asks for: the file, its size, its tokenizer, its answers, its stops
+    assert [t["type"] for t in q["types"]] == ["Q8_0", "Q4_K_M"] and q["gguf_files"] == 2
+    for t in q["types"]:
+        path = example / t["path"]
+        assert path.is_file() and path.stat().st_size == t["size_bytes"]
+        low, high = t["expected_bits_per_weight"]
+        assert t["size_within_bounds"] and low - 0.01 <= t["bits_per_weight"] <= high + 0.01
+        assert t["tokenizer_agreement"] == 1.0 and t["chat_template_embedded"]
+        assert t["generation_stops"] == 1.0 and t["chat_matches_greedy"] == 1.0
+        assert t["score"] >= 0.8 and t["relative_score_drop"] < 0.05
+        assert t["mean_kl"] < 0.05 and 0.9 < t["perplexity_ratio"] < 1.1
+    q8, q4 = q["types"]
+    assert 8.5 <= q8["bits_per_weight"] < 9 and q4["size_bytes"] < q8["size_bytes"]
+    assert q8["mean_kl"] <= q4["mean_kl"]  # fewer bits, further from the merged model
+
+    # independently of the phase: llama.cpp's chat completion with the template in the file
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    llm = llama_cpp.load(example / q8["path"], n_ctx=256)
+    assert llm.metadata["tokenizer.chat_template"] == tokenizer.chat_template
+    right = next(e for e in metrics(example, "evaluation")["examples"] if e["scores"]["exact_match"] == 1.0)
+    system = "Format the date and amount for the locale."
+    out = llm.create_chat_completion([{"role": "system", "content": system}, {"role": "user", "content": right["prompt"]}],
+                                     max_tokens=32, temperature=0.0)
+    assert out["choices"][0]["finish_reason"] == "stop" and out["choices"][0]["message"]["content"].strip() == right["reference"]
+
+    # handoff: Ollama Modelfile, model cards with the gates, the commands printed at the end
+    modelfile = (example / "models" / "quantized" / "Modelfile").read_text()
+    assert "FROM ./model-Q8_0.gguf" in modelfile and 'PARAMETER stop "<end_of_turn>"' in modelfile
+    assert "<start_of_turn>model" in modelfile and "TEMPLATE" in modelfile
+    for card in (merged / "README.md", example / "models" / "quantized" / "README.md"):
+        text = card.read_text()
+        assert "| quantization-verified | passed |" in text and "| model-performance | passed |" in text
+        assert metrics(example, "split")["files"]["test"]["sha256"] in text and "model-Q4_K_M.gguf" in text
+    assert "llama-server -m models/quantized/model-Q8_0.gguf" in proc.stderr and "ollama create" in proc.stderr
+
+    # factory sample runs the GGUF through llama.cpp
+    sampled = factory("sample", "-C", example, "-m", q8["path"], "--system", system, "-p", right["prompt"],
+                      "--temperature", "0", "--max-new-tokens", "32", check_rc=0)
+    assert right["reference"] in sampled.stdout
+
+
+def test_a_merge_that_lost_the_adapter_fails_the_gate(example, tmp_path):
+    """Zero the adapter's B matrices (what a merge that drops the fine-tune produces); the
+    converter comes from FACTORY_LLAMA_CPP, a llama.cpp tree of the user's own."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from factory import llama_cpp
+
+    factory("run", "evaluate", "-C", example, check_rc=0)
+    ws = tmp_path / "ws"
+    shutil.copytree(example, ws, ignore=shutil.ignore_patterns("outputs", "quantized", "merged", "run.lock"))
+    weights_file = ws / "models" / "checkpoints" / "lora" / "adapter_model.safetensors"
+    weights = load_file(weights_file)
+    save_file({k: torch.zeros_like(v) if "lora_B" in k else v for k, v in weights.items()}, weights_file)
+    own_tree = tmp_path / "my-llama.cpp"
+    shutil.copytree(llama_cpp.default_converter_dir(), own_tree)
+    config = (ws / "factory.yaml").read_text().replace("[Q8_0, Q4_K_M]", "[F16]")
+    (ws / "factory.yaml").write_text(config + "  max_examples: 16\n")  # appended to the evaluation section
+    proc = subprocess.run([sys.executable, "-m", "factory", "run", "--only", "quantize", "-C", str(ws)],
+                          capture_output=True, text=True, env={**ENV, "FACTORY_LLAMA_CPP": str(own_tree)}, timeout=900)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "gate quantization-verified failed after quantize on: quantization.merge.max_abs_diff_vs_base" in proc.stderr
+    q = metrics(ws, "quantization")
+    assert q["merge"]["max_abs_diff_vs_base"] == 0.0 and q["llama_cpp"]["converter"] == str(own_tree)
+    assert not (ws / "models" / "quantized" / "README.md").exists()  # no model card for a model that did not earn it

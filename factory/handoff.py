@@ -1,0 +1,116 @@
+"""The handoff after quantize (seed 004 "Next steps"): model cards and how to run the model.
+
+Written by the CLI once the quantization-verified gate has passed, so a card only ever
+describes a model that earned it, with every gate's result. It reads the metrics and gate
+result files of the run; it computes nothing new.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from factory.config import FactoryConfig
+from factory.io import atomic_write_bytes
+from factory.workspace import Workspace
+
+
+def write_model_cards(cfg: FactoryConfig, ws: Workspace) -> list[Path]:
+    """README.md in the merged and the quantized folders; returns their paths."""
+    metrics = {name: _read(ws.metrics_file(name)) for name in ("split", "training-stats", "evaluation", "quantization")}
+    gates = [_read(p) for p in sorted(ws.metrics_dir.glob("gates/*.json"))]
+    written = []
+    for folder, what in ((ws.path(cfg.save.merged_path), "merged"), (ws.path(cfg.save.gguf_path), "quantized")):
+        if folder.is_dir():
+            path = folder / "README.md"
+            atomic_write_bytes(path, _card(cfg, ws, what, metrics, gates).encode())
+            written.append(path)
+    return written
+
+
+def _read(path: Path) -> dict[str, Any]:
+    return orjson.loads(path.read_bytes()) if path.exists() else {}
+
+
+def _card(cfg: FactoryConfig, ws: Workspace, what: str, m: dict[str, dict], gates: list[dict]) -> str:
+    split, train, evaluation, quant = m["split"], m["training-stats"], m["evaluation"], m["quantization"]
+    comparison = evaluation.get("comparison", {})
+    lines = [
+        "---",
+        f"base_model: {cfg.model.name}",
+        "library_name: " + ("transformers" if what == "merged" else "gguf"),
+        "tags: [factory, lora, " + ("merged" if what == "merged" else "gguf, llama.cpp") + "]",
+        "---",
+        f"# {Path(cfg.model.name).name} fine-tuned ({what})",
+        "",
+        f"Made by `factory` from the base model `{cfg.model.name}` with a LoRA adapter "
+        f"(r={train.get('resolved', {}).get('rank', cfg.lora.r)}, alpha={cfg.lora.lora_alpha}) merged in "
+        f"{quant.get('merge', {}).get('dtype', cfg.save.merged_dtype)}.",
+        "",
+        "## Data",
+        "",
+        "| split | records | sha256 |",
+        "|---|---|---|",
+        *(f"| {name} | {f.get('records')} | `{f.get('sha256')}` |" for name, f in split.get("files", {}).items()),
+        "",
+        "## Training",
+        "",
+        f"- backend: {train.get('backend')} on {train.get('device')} ({train.get('backend_reason')})",
+        f"- steps: {train.get('steps')} of {train.get('total_steps')}, epochs {_num(train.get('epochs'))}, "
+        f"final loss {_num(train.get('final_loss'))}",
+        f"- learning rate {cfg.training.learning_rate}, batch {train.get('resolved', {}).get('batch_size')} x "
+        f"{train.get('resolved', {}).get('gradient_accumulation_steps')} accumulation, "
+        f"max length {train.get('resolved', {}).get('max_seq_length')}, seed {cfg.training.seed}",
+        "",
+        "## Evaluation (test split, greedy decoding)",
+        "",
+        f"- {comparison.get('metric')}: base {_num(comparison.get('baseline'))} -> fine-tuned "
+        f"{_num(comparison.get('finetuned'))} on {evaluation.get('num_examples')} examples; "
+        f"paired t-test p = {_num(comparison.get('p_value'))}, "
+        f"95% bootstrap interval of the gain {comparison.get('ci95')}",
+        "",
+        "## GGUF files",
+        "",
+        "| type | file | size (MB) | bits/weight | score | drop vs merged | perplexity ratio | mean KL | stops at end of turn |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *(f"| {t['type']} | {Path(t['path']).name} | {t['size_bytes'] / 1e6:.2f} | {t['bits_per_weight']:.2f} | "
+          f"{_num(t['score'])} | {t['relative_score_drop']:.1%} | {_num(t.get('perplexity_ratio'))} | "
+          f"{_num(t.get('mean_kl'))} | {t.get('generation_stops', 0):.0%} |" for t in quant.get("types", [])),
+        "",
+        "## Gates",
+        "",
+        "| gate | result | criteria |",
+        "|---|---|---|",
+        *(f"| {g['gate']} | {'passed' if g['passed'] else 'FAILED'} | "
+          + "; ".join(f"{c['metric']} {c['op']} {c.get('required')} (observed {c.get('observed')})" for c in g["criteria"])
+          + " |" for g in gates),
+        "",
+        "## Run it",
+        "",
+        *(f"- {name.replace('_', ' ')}: `{command}`" for name, command in quant.get("commands", {}).items()),
+        "",
+    ]
+    if what == "merged":
+        lines += ["With transformers:", "", "```python",
+                  "from transformers import AutoModelForCausalLM, AutoTokenizer",
+                  f'model = AutoModelForCausalLM.from_pretrained("{ws.rel(ws.path(cfg.save.merged_path))}")',
+                  f'tokenizer = AutoTokenizer.from_pretrained("{ws.rel(ws.path(cfg.save.merged_path))}")', "```", ""]
+    return "\n".join(lines)
+
+
+def _num(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def summary_lines(cfg: FactoryConfig, ws: Workspace) -> list[str]:
+    """Where each artifact is and how to run it, for the end of `factory run`."""
+    quant = _read(ws.metrics_file("quantization"))
+    lines = [f"merged model: {ws.rel(ws.path(cfg.save.merged_path))}/"]
+    lines += [f"GGUF {t['type']}: {t['path']} ({t['size_bytes'] / 1e6:.1f} MB, score drop {t['relative_score_drop']:.1%})"
+              for t in quant.get("types", [])]
+    if quant.get("modelfile"):
+        lines.append(f"Ollama Modelfile: {quant['modelfile']}")
+    lines += [f"{name.replace('_', ' ')}: {command}" for name, command in quant.get("commands", {}).items()]
+    return lines

@@ -1,0 +1,216 @@
+"""llama.cpp, pinned and offline: the GGUF converter, the quantizer and the GGUF types.
+
+One version of llama.cpp serves every step. llama-cpp-python (the `gguf` extra) pins it:
+its wheel carries the runtime and the quantize API, and its sdist on the package registry
+carries the same llama.cpp source, with `convert_hf_to_gguf.py` and the matching `gguf-py`.
+`factory setup-gguf` (run by `make install`) takes the converter from that sdist once, at
+install time; at run time nothing is cloned, built or downloaded. A llama.cpp checkout of
+the user's own can stand in (`save.llama_cpp_dir` or the FACTORY_LLAMA_CPP variable).
+
+The converter writes F32, F16, BF16 and Q8_0 directly; every other type is quantized from
+an F16 (or BF16) GGUF through `llama_cpp.llama_model_quantize`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from factory.errors import InputError
+
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"
+CONVERTER = "convert_hf_to_gguf.py"
+# What the converter needs from the llama.cpp tree (it imports `conversion` and `gguf-py`).
+CONVERTER_PARTS = (CONVERTER, "conversion/", "gguf-py/", "LICENSE")
+INSTALL_HINT = ("run `factory setup-gguf` (or `make install`), which takes llama.cpp's converter from the "
+                f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} sdist on the package registry; "
+                "or point save.llama_cpp_dir (or FACTORY_LLAMA_CPP) at a llama.cpp checkout")
+
+
+@dataclass(frozen=True)
+class GGUFType:
+    name: str  # as llama.cpp prints it, and as it appears in the file name
+    bits_per_weight: tuple[float, float]
+    """Bits per weight of a 2-D tensor, low to high: the block format's own cost, up to the
+    higher types that the _S/_M/_L mixes give some tensors."""
+    converter: str | None = None  # the converter's --outtype when it writes this type itself
+    ftype: str | None = None  # else the llama_cpp LLAMA_FTYPE_MOSTLY_* constant
+    fallback: tuple[float, float] | None = None
+    """Bits per weight of a tensor whose rows are not a multiple of 256 values: llama.cpp
+    cannot store those in a K-quant and falls back (Q4_K to Q5_0, Q5_K to Q5_1, Q6_K to
+    Q8_0, Q2_K/Q3_K/IQ4_XS to IQ4_NL; llama-quant.cpp)."""
+
+
+TYPES = {t.name: t for t in (
+    GGUFType("F32", (32.0, 32.0), converter="f32"),
+    GGUFType("F16", (16.0, 16.0), converter="f16"),
+    GGUFType("BF16", (16.0, 16.0), converter="bf16"),
+    GGUFType("Q8_0", (8.5, 8.5), converter="q8_0"),
+    GGUFType("Q6_K", (6.5625, 6.5625), ftype="Q6_K", fallback=(8.5, 8.5)),
+    GGUFType("Q5_K_M", (5.5, 6.5625), ftype="Q5_K_M", fallback=(6.0, 8.5)),
+    GGUFType("Q5_K_S", (5.5, 6.5625), ftype="Q5_K_S", fallback=(6.0, 8.5)),
+    GGUFType("Q5_1", (6.0, 6.5625), ftype="Q5_1"),
+    GGUFType("Q5_0", (5.5, 6.5625), ftype="Q5_0"),
+    GGUFType("Q4_K_M", (4.5, 6.5625), ftype="Q4_K_M", fallback=(5.5, 8.5)),
+    GGUFType("Q4_K_S", (4.5, 5.5), ftype="Q4_K_S", fallback=(5.5, 6.0)),
+    GGUFType("Q4_1", (5.0, 6.5625), ftype="Q4_1"),
+    GGUFType("Q4_0", (4.5, 6.5625), ftype="Q4_0"),
+    GGUFType("IQ4_NL", (4.5, 6.5625), ftype="IQ4_NL"),
+    GGUFType("IQ4_XS", (4.25, 6.5625), ftype="IQ4_XS", fallback=(4.5, 8.5)),
+    GGUFType("Q3_K_L", (3.4375, 6.5625), ftype="Q3_K_L", fallback=(4.5, 8.5)),
+    GGUFType("Q3_K_M", (3.4375, 6.5625), ftype="Q3_K_M", fallback=(4.5, 8.5)),
+    GGUFType("Q3_K_S", (3.4375, 6.5625), ftype="Q3_K_S", fallback=(4.5, 8.5)),
+    GGUFType("Q2_K", (2.625, 6.5625), ftype="Q2_K", fallback=(4.5, 8.5)),
+)}
+K_QUANT_ROW = 256  # values per K-quant super-block
+
+
+def expected_bits_per_weight(gtype: GGUFType, shapes: list[tuple[int, ...]]) -> tuple[float, float]:
+    """The range of bits per weight a file of this type should have, given the model's tensor
+    shapes (rows are the last dimension): 1-D tensors stay F32, K-quant rows that are not a
+    multiple of 256 values take the fallback type. A file outside it is not what it claims."""
+    low = high = 0.0
+    total = 0
+    for shape in shapes:
+        count = math.prod(shape)
+        total += count
+        if len(shape) < 2:
+            bits = (32.0, 32.0)
+        elif gtype.fallback and shape[-1] % K_QUANT_ROW:
+            bits = gtype.fallback
+        else:
+            bits = gtype.bits_per_weight
+        low += bits[0] * count
+        high += bits[1] * count
+    return low / total, high / total
+
+
+def gguf_file(directory: Path, type_name: str) -> Path:
+    return directory / f"model-{type_name}.gguf"
+
+
+# --- the converter --------------------------------------------------------------------------
+
+
+def default_converter_dir() -> Path:
+    """Where `factory setup-gguf` puts the converter: inside the environment, per version."""
+    return Path(sys.prefix) / "share" / "factory" / f"llama.cpp-{LLAMA_CPP_PYTHON_VERSION}"
+
+
+def converter_dir(configured: Path | None) -> Path:
+    """The llama.cpp tree to convert with, or an error that says how to get one."""
+    folder = configured or default_converter_dir()
+    if not (folder / CONVERTER).is_file() or not (folder / "gguf-py").is_dir():
+        where = f"save.llama_cpp_dir {folder}" if configured else f"{folder}"
+        raise InputError(f"llama.cpp's converter is not installed: {where} has no {CONVERTER} and gguf-py/; {INSTALL_HINT}")
+    return folder
+
+
+def fetch_converter(dest: Path | None = None, *, log=print) -> Path:
+    """Take llama.cpp's converter out of the pinned llama-cpp-python sdist (install time)."""
+    dest = dest or default_converter_dir()
+    if (dest / CONVERTER).is_file():
+        log(f"llama.cpp converter already in {dest}")
+        return dest
+    with tempfile.TemporaryDirectory() as tmp:
+        log(f"downloading the llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} sdist (llama.cpp source, ~75 MB)")
+        done = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+             f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", "-d", tmp],
+            capture_output=True, text=True,
+        )
+        if done.returncode != 0:
+            raise InputError(f"pip could not download llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}: "
+                             f"{done.stderr.strip()[-500:]}")
+        (sdist,) = Path(tmp).glob("llama_cpp_python-*.tar.gz")
+        staging = Path(tmp) / "llama.cpp"
+        prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp/"
+        with tarfile.open(sdist) as archive:
+            members = []
+            for member in archive.getmembers():
+                inner = member.name.removeprefix(prefix)
+                if member.name.startswith(prefix) and (member.isfile() or member.isdir()) and inner.startswith(CONVERTER_PARTS):
+                    member.name = inner
+                    members.append(member)
+            archive.extractall(staging, members=members, filter="data")
+        (staging / "VERSION").write_text(f"llama-cpp-python {LLAMA_CPP_PYTHON_VERSION}\n", encoding="utf-8")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(staging), dest)  # whole folder at once: never a half-extracted converter
+    log(f"llama.cpp converter installed in {dest}")
+    return dest
+
+
+def convert(llama_cpp: Path, model_dir: Path, out_file: Path, outtype: str, log_file: Path) -> None:
+    """Run llama.cpp's converter on a Hugging Face folder; its output goes to `log_file`."""
+    env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}  # use the matching gguf-py
+    env["HF_HUB_OFFLINE"] = "1"
+    tmp = out_file.with_suffix(".gguf.partial")
+    with open(log_file, "w", encoding="utf-8") as log:
+        done = subprocess.run(
+            [sys.executable, str(llama_cpp / CONVERTER), str(model_dir), "--outfile", str(tmp), "--outtype", outtype],
+            stdout=log, stderr=subprocess.STDOUT, env=env,
+        )
+    if done.returncode != 0:
+        tail = "".join(log_file.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)[-15:])
+        tmp.unlink(missing_ok=True)
+        raise InputError(f"llama.cpp's converter failed on {model_dir} (exit {done.returncode}); "
+                         f"full log in {log_file}:\n{tail}")
+    os.replace(tmp, out_file)
+
+
+def quantize(source: Path, out_file: Path, gtype: GGUFType, threads: int) -> None:
+    """Quantize a GGUF through llama.cpp's own quantizer (the llama-quantize code)."""
+    llama_cpp = runtime()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{gtype.ftype}")
+    params.nthread = threads
+    tmp = out_file.with_suffix(".gguf.partial")
+    code = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), params)
+    if code != 0:
+        tmp.unlink(missing_ok=True)
+        raise InputError(f"llama.cpp could not quantize {source.name} to {gtype.name} (code {code})")
+    os.replace(tmp, out_file)
+
+
+def runtime():
+    """The llama_cpp module (llama-cpp-python), or an error naming the install command."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise InputError(f'llama-cpp-python is not installed: pip install -e ".[gguf]" '
+                         f"(llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}; it builds from source once, ~5 min)") from None
+    return llama_cpp
+
+
+def load(path: Path, *, n_ctx: int, logits_all: bool = False, threads: int | None = None):
+    """A llama_cpp.Llama on the plain CPU kernels.
+
+    ggml's extra CPU buffer types (the AMX and repacked-weight kernels, what llama.cpp's
+    --no-repack turns off) crashed with a segfault on this project's tiny test model (Q8_0,
+    64-wide rows, an AMX CPU) on any batch of more than one token; the plain kernels are
+    llama.cpp's reference path. llama-cpp-python has no argument for it, so the default
+    model parameters are wrapped while the model loads.
+    """
+    runtime_module = runtime()
+    from llama_cpp import llama as llama_module
+
+    defaults = llama_module.llama_cpp.llama_model_default_params
+
+    def plain_kernels():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    llama_module.llama_cpp.llama_model_default_params = plain_kernels
+    try:
+        return runtime_module.Llama(str(path), n_ctx=n_ctx, logits_all=logits_all, verbose=False, seed=0,
+                                    n_threads=threads or max(1, os.cpu_count() or 1))
+    finally:
+        llama_module.llama_cpp.llama_model_default_params = defaults
