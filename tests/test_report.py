@@ -157,9 +157,13 @@ def test_runner_writes_the_report_after_evaluate_even_when_its_gate_fails_and_ag
     assert "| model-performance | evaluate | evaluation.comparison.finetuned | 0.05 | >= | 0.1 (evaluation.comparison.baseline + 0.10) | FAIL |" in md
     assert "Not quantized yet" in md
 
+    # the quantize gate's own criteria are the quantize phase's business; here one criterion will do
+    (tmp_path / "gates").mkdir()
+    (tmp_path / "gates" / "quantization-verified.yaml").write_text(
+        "name: quantization-verified\nafter: quantize\ncriteria:\n"
+        "  - {metric: quantization.gguf_files, op: '>=', value: 1}\n")
     pipeline = (_phase("evaluate", "evaluation", evaluation), _phase("quantize", "quantization", QUANTIZATION))
-    run_pipeline(parse_config({"gates": {"quantization-verified": {"quantization.worst_relative_score_drop": 0.05}}}), ws,
-                 pipeline, force=True)
+    run_pipeline(parse_config({}), ws, pipeline, force=True)
     md = (tmp_path / "metrics" / "report.md").read_text()
     assert "| model-performance | evaluate | evaluation.comparison.finetuned | 0.85 |" in md and "FAIL" not in md
     assert "| Q4_K_M | 2.0 MiB |" in md and "| quantization-verified | quantize |" in md
