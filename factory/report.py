@@ -28,8 +28,8 @@ from factory.workspace import Workspace
 REPORTED_METRICS = ("evaluation", "quantization")
 FLIPPED_SAMPLE = 5  # examples shown per direction
 TAG_START = re.compile(r"<(?=[A-Za-z/!?])")
-QUANT_COLUMNS = ["type", "size_bytes", "bits_per_weight", "score", "relative_score_drop", "perplexity_ratio",
-                 "mean_kl", "tokenizer_agreement", "generation_stops", "path"]
+QUANT_COLUMNS = ["type", "size_bytes", "bits_per_weight", "size_within_bounds", "score", "merged_score",
+                 "relative_score_drop", "perplexity_ratio", "mean_kl", "tokenizer_agreement", "generation_stops", "path"]
 
 
 @dataclass
@@ -185,6 +185,8 @@ def _fmt(value: Any) -> str:
         return f"{value:.4g}"
     if isinstance(value, list):
         return "[" + ", ".join(_fmt(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_fmt(v)}" for k, v in value.items())
     return str(value)
 
 

@@ -4,8 +4,8 @@
 "use strict";
 
 const POLL_MS = 1000;
-const PREFERRED_QUANT_COLUMNS = ["type", "size_bytes", "bits_per_weight", "score", "relative_score_drop",
-  "perplexity_ratio", "mean_kl", "tokenizer_agreement", "generation_stops", "path"];
+const PREFERRED_QUANT_COLUMNS = ["type", "size_bytes", "bits_per_weight", "size_within_bounds", "score", "merged_score",
+  "relative_score_drop", "perplexity_ratio", "mean_kl", "tokenizer_agreement", "generation_stops", "path"];
 const seen = { trainingSeq: undefined, evaluate: undefined, quantize: undefined };
 
 const $ = (id) => document.getElementById(id);
@@ -37,6 +37,7 @@ function fmt(value) {
     return abs !== 0 && (abs < 1e-3 || abs >= 1e6) ? value.toExponential(2) : String(Number(value.toPrecision(4)));
   }
   if (Array.isArray(value)) return "[" + value.map(fmt).join(", ") + "]";
+  if (typeof value === "object") return Object.entries(value).map(([k, v]) => `${k} ${fmt(v)}`).join(", ");
   return String(value);
 }
 
@@ -274,7 +275,9 @@ function renderQuantization(quantization) {
   const rows = types.map((t) => columns.map((c) => c === "size_bytes" ? fmtBytes(t[c]) : fmt(t[c])));
   const summary = `${fmt(quantization.gguf_files)} GGUF file(s) · worst relative score drop ` +
     `${fmt(quantization.worst_relative_score_drop)} · sizes within bounds: ${fmt(quantization.all_sizes_within_bounds)}`;
-  $("quantization-table").replaceChildren(table(columns.map((c) => c.replace(/_/g, " ")), rows, summary));
+  // every key the phase wrote gets a column, so the table scrolls sideways rather than drop one
+  $("quantization-table").replaceChildren(el("div", { class: "scroll" },
+    table(columns.map((c) => c.replace(/_/g, " ")), rows, summary)));
 }
 
 // A phase's metrics are shown once it succeeded (or was skipped as unchanged) in the current
