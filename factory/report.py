@@ -183,7 +183,9 @@ def _fmt(value: Any) -> str:
         return "yes" if value else "no"
     if isinstance(value, float):
         return f"{value:.4g}"
-    if isinstance(value, list):
+    if isinstance(value, list):  # per-example records are counted, not spelled out in a cell
+        if any(isinstance(v, (dict, list)) for v in value):
+            return f"{len(value)} entries"
         return "[" + ", ".join(_fmt(v) for v in value) + "]"
     if isinstance(value, dict):
         return ", ".join(f"{k} {_fmt(v)}" for k, v in value.items())

@@ -196,7 +196,8 @@ def test_dashboard_shows_quantization_and_says_when_a_run_was_killed(tmp_path, b
         rows = browser.execute_script("return [...document.querySelectorAll('#quantization tr')]"
                                       ".map(r => [...r.cells].map(c => c.textContent))")
         assert rows[0][:5] == ["type", "size bytes", "bits per weight", "score", "relative score drop"]
-        assert rows[0][-2:] == ["new measure", "scores"]  # keys the page does not know still get a column
+        assert rows[0][-3:] == ["examples", "new measure", "scores"]  # keys the page does not know still get a column
+        assert rows[2][-3] == "30 entries"  # per-example records are counted
         assert rows[1][:5] == ["Q8_0", "3.0 MiB", "8.5", "0.97", "0"] and rows[2][:2] == ["Q4_K_M", "2.0 MiB"]
         assert rows[2][-1] == "exact_match 0.94, chrf 0.99"
         assert "worst relative score drop 0.031" in browser.find_element("id", "quantization").text

@@ -27,7 +27,7 @@ QUANTIZATION = {
          "tokenizer_agreement": 1.0, "generation_stops": True},
         {"type": "Q4_K_M", "path": "models/quantized/model-Q4_K_M.gguf", "size_bytes": 2 * 2**20, "bits_per_weight": 4.9,
          "score": 0.94, "relative_score_drop": 0.031, "generation_stops": True, "new_measure": 7,
-         "scores": {"exact_match": 0.94, "chrf": 0.99}},
+         "scores": {"exact_match": 0.94, "chrf": 0.99}, "examples": [{"index": 0, "prediction": "p"}] * 30},
     ],
 }
 
@@ -116,9 +116,9 @@ def test_factory_report_renders_every_section_from_the_metrics(tmp_path):
     assert "&lt;script>alert(1)&lt;/script> \\| a pipe<br>and a newline" in md and "<script" not in md
     # the quantization table from whatever keys are present, unknown ones last
     assert "| type | size bytes | bits per weight | score | relative score drop | perplexity ratio | mean kl | " \
-           "tokenizer agreement | generation stops | path | new measure | scores |" in md
-    assert "| Q8_0 | 3.0 MiB | 8.5 | 0.97 | 0 | 1.001 | 0.0004 | 1 | yes | models/quantized/model-Q8_0.gguf | — | — |" in md
-    assert "| Q4_K_M | 2.0 MiB | 4.9 | 0.94 | 0.031 | — | — | — | yes | models/quantized/model-Q4_K_M.gguf | 7 | " \
+           "tokenizer agreement | generation stops | path | examples | new measure | scores |" in md
+    assert "| Q8_0 | 3.0 MiB | 8.5 | 0.97 | 0 | 1.001 | 0.0004 | 1 | yes | models/quantized/model-Q8_0.gguf | — | — | — |" in md
+    assert "| Q4_K_M | 2.0 MiB | 4.9 | 0.94 | 0.031 | — | — | — | yes | models/quantized/model-Q4_K_M.gguf | 30 entries | 7 | " \
            "exact_match 0.94, chrf 0.99 |" in md
 
     page = (tmp_path / "metrics" / "report.html").read_text()

@@ -36,7 +36,9 @@ function fmt(value) {
     const abs = Math.abs(value);
     return abs !== 0 && (abs < 1e-3 || abs >= 1e6) ? value.toExponential(2) : String(Number(value.toPrecision(4)));
   }
-  if (Array.isArray(value)) return "[" + value.map(fmt).join(", ") + "]";
+  if (Array.isArray(value)) {  // per-example records are counted, not spelled out in a cell
+    return value.some((v) => v && typeof v === "object") ? `${value.length} entries` : "[" + value.map(fmt).join(", ") + "]";
+  }
   if (typeof value === "object") return Object.entries(value).map(([k, v]) => `${k} ${fmt(v)}`).join(", ");
   return String(value);
 }
@@ -260,7 +262,8 @@ function renderEvaluation(evaluation) {
       el("td", { class: "text" }, e.prompt), el("td", { class: "text" }, e.reference),
       el("td", { class: "text" }, e.baseline), el("td", { class: "text" }, e.finetuned)]);
     const caption = `${direction}: ${fmt(flipped[direction])} examples` + (examples.length ? ` (first ${rows.length})` : "");
-    parts.push(table(["prompt", "reference", "baseline answer", "fine-tuned answer"], rows, caption));
+    parts.push(rows.length ? table(["prompt", "reference", "baseline answer", "fine-tuned answer"], rows, caption)
+      : el("p", { class: "muted" }, caption));
   }
   $("evaluation-flipped").replaceChildren(...parts);
 }
