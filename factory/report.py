@@ -64,7 +64,11 @@ def write_report(ws: Workspace) -> list[Path]:
     if metrics["evaluation"] is None:
         raise InputError(f"nothing to report yet: {ws.rel(ws.metrics_file('evaluation'))} does not exist; "
                          "run `factory run evaluate` first")
+    import phases
+
+    order = {phase.name: i for i, phase in enumerate(phases.PIPELINE)}
     gates = [g for g in (_read(p) for p in sorted(ws.gate_results_dir.glob("*.json"))) if g is not None]
+    gates.sort(key=lambda g: (order.get(g["after"], len(order)), g["gate"]))  # pipeline order
     blocks = _blocks(metrics, gates)
     figures_dir = ws.metrics_dir / "report"
     written = []

@@ -169,3 +169,4 @@ def test_runner_writes_the_report_after_evaluate_even_when_its_gate_fails_and_ag
     md = (tmp_path / "metrics" / "report.md").read_text()
     assert "| model-performance | evaluate | evaluation.comparison.finetuned | 0.85 |" in md and "FAIL" not in md
     assert "| Q4_K_M | 2.0 MiB |" in md and "| quantization-verified | quantize |" in md
+    assert md.index("| training-completed |") < md.index("| model-performance |") < md.index("| quantization-verified |")
