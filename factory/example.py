@@ -236,6 +236,8 @@ def build_tiny_gemma3(
     initializer_range: float = 0.3,
     max_positions: int = 1024,
     sliding_window: int = 512,
+    padded_vocab: int | None = None,
+    save_dtype: str = "float32",
 ) -> Path:
     """Write a randomly initialised Gemma3ForCausalLM with a tokenizer trained on `corpus`.
 
@@ -246,6 +248,8 @@ def build_tiny_gemma3(
     `initializer_range` 0.3 (not Gemma's 0.02) gives the frozen random weights enough scale
     for LoRA to learn the task in a few hundred steps (0.1 needs about twice as many, 0.02
     barely moves).
+    `padded_vocab` gives the model a larger embedding than the tokenizer needs (a real
+    Gemma 3's 262,144, for benchmarks at real size); `save_dtype` is the checkpoint's dtype.
     Returns `out_dir`.
     """
     import torch
@@ -265,7 +269,7 @@ def build_tiny_gemma3(
 
     # model
     config = Gemma3TextConfig(
-        vocab_size=real_vocab,
+        vocab_size=padded_vocab or real_vocab,
         hidden_size=hidden,
         intermediate_size=intermediate,
         num_hidden_layers=layers,
@@ -282,7 +286,7 @@ def build_tiny_gemma3(
         tie_word_embeddings=True,
     )
     torch.manual_seed(seed)
-    model = Gemma3ForCausalLM(config).to(torch.float32).eval()
+    model = Gemma3ForCausalLM(config).to(getattr(torch, save_dtype)).eval()
     model.generation_config = GenerationConfig(
         bos_token_id=BOS_ID, eos_token_id=[EOS_ID, END_OF_TURN_ID], pad_token_id=PAD_ID, do_sample=False
     )

@@ -84,7 +84,7 @@ def _card(cfg: FactoryConfig, ws: Workspace, what: str, m: dict[str, dict], gate
         "| gate | result | criteria |",
         "|---|---|---|",
         *(f"| {g['gate']} | {'passed' if g['passed'] else 'FAILED'} | "
-          + "; ".join(f"{c['metric']} {c['op']} {c.get('required')} (observed {c.get('observed')})" for c in g["criteria"])
+          + "; ".join(_criterion(c) for c in g["criteria"])
           + " |" for g in gates),
         "",
         "## Run it",
@@ -98,6 +98,12 @@ def _card(cfg: FactoryConfig, ws: Workspace, what: str, m: dict[str, dict], gate
                   f'model = AutoModelForCausalLM.from_pretrained("{ws.rel(ws.path(cfg.save.merged_path))}")',
                   f'tokenizer = AutoTokenizer.from_pretrained("{ws.rel(ws.path(cfg.save.merged_path))}")', "```", ""]
     return "\n".join(lines)
+
+
+def _criterion(c: dict) -> str:
+    if c.get("passed") is None:  # an optional criterion whose metric this run does not have
+        return f"{c['metric']}: not applicable"
+    return f"{c['metric']} {c['op']} {_num(c.get('required'))} (observed {_num(c.get('observed'))})"
 
 
 def _num(value: Any) -> str:

@@ -186,6 +186,9 @@ def runtime():
     except ImportError:
         raise InputError(f'llama-cpp-python is not installed: pip install -e ".[gguf]" '
                          f"(llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}; it builds from source once, ~5 min)") from None
+    from llama_cpp import _logger
+
+    _logger.set_verbose(False)  # llama.cpp's own log (every tensor of every file) only on errors
     return llama_cpp
 
 

@@ -251,7 +251,9 @@ def _export(ctx: PhaseContext, converter: Path, merged_dir: Path, out_dir: Path,
         log.info("converting %s to %s", ws.rel(merged_dir), ws.rel(path))
         llama_cpp.convert(converter, merged_dir, path, gtype.converter, ws.logs_dir / f"gguf-convert-{gtype.name}.log")
         done[gtype.name] = {"method": f"convert_hf_to_gguf.py --outtype {gtype.converter}",
-                            "export_seconds": round(time.monotonic() - started, 3)}
+                            "export_seconds": round(time.monotonic() - started, 3),
+                            # the converter runs as a child: the largest child's peak so far
+                            "converter_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)}
         ctx.progress.advance()
     threads = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     for gtype in (t for t in types if t.ftype):
