@@ -96,6 +96,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=list(MODELS), default="tiny")
     parser.add_argument("--types", default="F16,Q8_0,Q4_K_M,Q6_K")
+    parser.add_argument("--max-wait", type=float, default=600, help="seconds to wait for a quiet machine per run")
     args = parser.parse_args()
     types = args.types.split(",")
     out = OUT / "quantize" / args.model
@@ -106,7 +107,7 @@ def main() -> None:
     base_size = sum(f.stat().st_size for f in (ws / "models" / "base").glob("*.safetensors"))
 
     factory = quiet_run(lambda: timed_run(factory_cli("run", "--only", "quantize", "--force", "-C", str(ws)),
-                                          env=env, cwd=ROOT, log=out / "factory.log", ok=(0, 1)))
+                                          env=env, cwd=ROOT, log=out / "factory.log", ok=(0, 1)), max_wait_s=args.max_wait)
     metrics = json.loads((ws / "metrics" / "quantization.json").read_text())
 
     script = out / "fp32_merge.py"
@@ -115,7 +116,7 @@ def main() -> None:
     shutil.rmtree(fp32_dir, ignore_errors=True)
     fp32 = quiet_run(lambda: timed_run([sys.executable, str(script), str(ws / "models" / "base"),
                                         str(ws / "models" / "checkpoints" / "lora"), str(fp32_dir), str(fp32_result)],
-                                       env=env, cwd=ROOT, log=out / "fp32.log"))
+                                       env=env, cwd=ROOT, log=out / "fp32.log"), max_wait_s=args.max_wait)
     fp32.update(json.loads(fp32_result.read_text()))
     fp32["size_bytes"] = sum(f.stat().st_size for f in fp32_dir.glob("*.safetensors"))
     shutil.rmtree(fp32_dir)

@@ -262,6 +262,7 @@ def test_quantize_offline_gives_verified_gguf_files_that_do_the_task(example):
     assert "gate quantization-verified: passed" in proc.stderr
 
     q = metrics(example, "quantization")
+    validate(q, "quantization")  # the contract the gate, the dashboard and the model cards read
     # the merge is the fine-tune: equal to base + adapter up to bf16 rounding, far from the base
     merge = q["merge"]
     assert merge["dtype"] == "bfloat16" and merge["diff_ratio"] < 0.1 and merge["max_abs_diff_vs_base"] > 1.0
