@@ -16,8 +16,9 @@ waiting for a quiet machine:
             verification of each file through llama.cpp. Times and peak memory per step come
             from metrics/quantization.json (merge.peak_rss_mb is the process's peak at the end
             of the merge; converter_peak_rss_mb the converter child's).
-  fp32      the merge as a plain script does it on CPU by default (seed 002's warning):
-            AutoModelForCausalLM in fp32, PeftModel, merge_and_unload, save_pretrained.
+  fp32      the merge as a plain script did it on CPU with transformers 4's default dtype
+            (seed 002's warning): AutoModelForCausalLM in fp32, PeftModel, merge_and_unload,
+            save_pretrained.
 
 Prints the table and writes bench/out/quantize/<model>/results.json.
 """
@@ -45,10 +46,12 @@ MODELS = {
 FP32_MERGE = r'''
 import json, resource, sys, time
 t0 = time.monotonic()
+import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 base, adapter, out, result = sys.argv[1:5]
-model = AutoModelForCausalLM.from_pretrained(base)  # fp32: the CPU default
+# fp32, as transformers 4 loads on CPU by default (transformers 5 defaults to the checkpoint's dtype)
+model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
 model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
 model.save_pretrained(out)
 json.dump({"seconds": time.monotonic() - t0,
@@ -97,12 +100,19 @@ def main() -> None:
     parser.add_argument("--model", choices=list(MODELS), default="tiny")
     parser.add_argument("--types", default="F16,Q8_0,Q4_K_M,Q6_K")
     parser.add_argument("--max-wait", type=float, default=600, help="seconds to wait for a quiet machine per run")
+    parser.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     types = args.types.split(",")
     out = OUT / "quantize" / args.model
     ws = out / "ws"
+    if args.build_only:
+        build(ws, args.model, types)
+        return
+    # The model is built in a child: Linux carries a parent's peak RSS into the ru_maxrss of
+    # the children it forks, so the measuring process must stay small.
     print(f"building {args.model} in {ws}", flush=True)
-    build(ws, args.model, types)
+    run_child = [sys.executable, __file__, "--build-only", "--model", args.model, "--types", args.types]
+    timed_run(run_child, env=thread_env(None), cwd=ROOT, log=out.parent / f"build-{args.model}.log")
     env = thread_env(None)
     base_size = sum(f.stat().st_size for f in (ws / "models" / "base").glob("*.safetensors"))
 
@@ -127,7 +137,7 @@ def main() -> None:
         "machine": f"{platform.node()} {platform.machine()}, {__import__('os').cpu_count()} cores",
         "model": args.model,
         "base_checkpoint_bytes": base_size,
-        "factory": {**factory, "merge": {k: merge[k] for k in ("seconds", "peak_rss_mb", "size_bytes", "dtype",
+        "factory": {**factory, "merge": {k: merge[k] for k in ("seconds", "check_seconds", "peak_rss_mb", "size_bytes", "dtype",
                                                                  "max_abs_diff_vs_adapter", "max_abs_diff_vs_base")},
                     "types": [{k: t.get(k) for k in ("type", "method", "export_seconds", "converter_peak_rss_mb",
                                                      "size_bytes", "bits_per_weight", "expected_bits_per_weight",
@@ -142,7 +152,7 @@ def main() -> None:
     (out / "results.json").write_text(json.dumps(result, indent=2))
     print(f"\n{args.model}: base checkpoint {base_size / 1e6:.1f} MB; factory quantize run {factory['wall_s']:.1f} s wall "
           f"(clean: {factory['clean']})")
-    print(f"merge (bf16, with checks): {merge['seconds']:.2f} s, peak RSS {merge['peak_rss_mb']:.0f} MB, "
+    print(f"merge (bf16, with checks): {merge['seconds']:.2f} s ({merge['check_seconds']:.2f} s of checks), peak RSS {merge['peak_rss_mb']:.0f} MB, "
           f"{merge['size_bytes'] / 1e6:.1f} MB on disk")
     print(f"fp32 merge script:         {fp32['seconds']:.2f} s, peak RSS {fp32['peak_rss_mb']:.0f} MB, "
           f"{fp32['size_bytes'] / 1e6:.1f} MB on disk")

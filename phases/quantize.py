@@ -39,7 +39,8 @@ from factory.phase import Phase, PhaseContext
 from factory.workspace import Workspace
 
 MERGE_PROBES = 8  # test prompts whose logits check the merge
-DIVERGENCE_EXAMPLES = 64  # test examples for perplexity and KL (the merged log-probs stay in memory)
+DIVERGENCE_EXAMPLES = 32  # test examples for perplexity and KL (their merged log-probs stay in memory:
+# answer tokens x vocabulary in float32, about 0.5 GB for Gemma 3's 262k vocabulary)
 STOP_CHECKS = 8  # chat completions that must end at end of turn
 
 
@@ -68,8 +69,8 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
     model, tokenizer = modeling.load_for_inference(cfg, ws, backend, path=str(merged_dir))
     reference = evaluation.score_model(ctx, model, tokenizer, records, what="merged")
     divergence_records = records[:DIVERGENCE_EXAMPLES]
-    reference_logprobs = [_answer_logprobs(_hf_logits(model, ids), head) for ids, head in
-                          (_ids_and_head(tokenizer, r) for r in divergence_records)]
+    reference_logprobs = [_answer_logprobs(_answer_logits(model, *_ids_and_head(tokenizer, r)))
+                          for r in divergence_records]
     shapes = [tuple(p.shape) for p in model.parameters()]  # what each file's size is checked against
     del model
     gc.collect()
@@ -135,7 +136,7 @@ def _merge(ctx: PhaseContext, backend, adapter: Path, merged_dir: Path, probes: 
     base = modeling.model_path(cfg.model.name, ws)
     started = time.monotonic()
     tokenizer = AutoTokenizer.from_pretrained(adapter)  # the tokenizer the adapter was trained with
-    probe_ids = [_ids_and_head(tokenizer, r)[0] for r in probes]
+    probe_ids = [_ids_and_head(tokenizer, r) for r in probes]
     staging = merged_dir.with_name(merged_dir.name + ".partial")  # the old merged model stays until the new one is whole
     shutil.rmtree(staging, ignore_errors=True)
     ctx.progress.start(3, "merge steps")
@@ -144,9 +145,11 @@ def _merge(ctx: PhaseContext, backend, adapter: Path, merged_dir: Path, probes: 
         from unsloth import FastModel
 
         model, tokenizer = FastModel.from_pretrained(model_name=str(adapter), dtype=dtype, load_in_4bit=False)
-        adapter_logits = [_hf_logits(model, ids) for ids in probe_ids]
+        checking = time.monotonic()
+        adapter_logits = [_answer_logits(model, ids, head) for ids, head in probe_ids]
         with model.disable_adapter():
-            base_logits = [_hf_logits(model, ids) for ids in probe_ids]
+            base_logits = [_answer_logits(model, ids, head) for ids, head in probe_ids]
+        checking = time.monotonic() - checking
         ctx.progress.advance()
         model.save_pretrained_merged(str(staging), tokenizer, save_method="merged_16bit")
         method = "unsloth save_pretrained_merged (merged_16bit)"
@@ -157,9 +160,11 @@ def _merge(ctx: PhaseContext, backend, adapter: Path, merged_dir: Path, probes: 
         # tensors: the base never exists in fp32.
         model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
         model = PeftModel.from_pretrained(model, str(adapter)).to(backend.device if backend.device != "mps" else "cpu")
-        adapter_logits = [_hf_logits(model, ids) for ids in probe_ids]
+        checking = time.monotonic()
+        adapter_logits = [_answer_logits(model, ids, head) for ids, head in probe_ids]
         with model.disable_adapter():
-            base_logits = [_hf_logits(model, ids) for ids in probe_ids]
+            base_logits = [_answer_logits(model, ids, head) for ids, head in probe_ids]
+        checking = time.monotonic() - checking
         ctx.progress.advance()
         model = model.merge_and_unload()
         model.save_pretrained(staging, max_shard_size="4GB")
@@ -171,10 +176,12 @@ def _merge(ctx: PhaseContext, backend, adapter: Path, merged_dir: Path, probes: 
     ctx.progress.advance()
 
     # The check reads the model back from disk: a merge or a save that lost the adapter shows here.
+    reloading = time.monotonic()
     reloaded = AutoModelForCausalLM.from_pretrained(staging, dtype=dtype).to(backend.device if backend.device == "cuda" else "cpu")
-    merged_logits = [_hf_logits(reloaded, ids) for ids in probe_ids]
+    merged_logits = [_answer_logits(reloaded, ids, head) for ids, head in probe_ids]
     del reloaded
     gc.collect()
+    checking += time.monotonic() - reloading
     ctx.progress.advance()
     if merged_dir.exists():
         shutil.rmtree(merged_dir)
@@ -191,14 +198,16 @@ def _merge(ctx: PhaseContext, backend, adapter: Path, merged_dir: Path, probes: 
         "probe_prompts": len(probe_ids),
         "max_abs_diff_vs_adapter": vs_adapter,
         "max_abs_diff_vs_base": vs_base,
-        "diff_ratio": vs_adapter / vs_base if vs_base else math.inf,
+        "diff_ratio": vs_adapter / vs_base if vs_base else None,  # None: the merged model is the base
         "argmax_agreement_vs_adapter": agree / positions if positions else None,
         "logit_scale": max(float(a.abs().max()) for a in adapter_logits),
         "tokenizer_files_restored": restored,
         "size_bytes": sum(f.stat().st_size for f in merged_dir.glob("*.safetensors")),
         "seconds": round(time.monotonic() - started, 3),
+        "check_seconds": round(checking, 3),
+        "check_note": "of `seconds`: the probe forwards (adapter, base, merged) and reading the merged model back",
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "peak_rss_note": "the process's peak so far (includes earlier phases run in the same process)",
+        "peak_rss_note": "the process peak so far: earlier phases in the same process and the memory-mapped checkpoint pages count",
     }
 
 
@@ -208,20 +217,23 @@ def _ids_and_head(tokenizer, record: dict) -> tuple[list[int], int]:
     return ids, next(i for i, label in enumerate(labels) if label != -100)
 
 
-def _hf_logits(model, ids: list[int]):
+def _answer_logits(model, ids: list[int], head: int):
+    """Logits at the positions that predict the answer's tokens (head - 1 to the second last);
+    only those are computed (`logits_to_keep`), so a 262k vocabulary costs little."""
     import torch
 
     device = next(model.parameters()).device
     with torch.inference_mode():
-        return model(input_ids=torch.tensor([ids], device=device)).logits[0].float().cpu()
+        logits = model(input_ids=torch.tensor([ids], device=device), logits_to_keep=len(ids) - head + 1).logits
+    return logits[0, :-1].float().cpu()
 
 
-def _answer_logprobs(logits, head: int):
-    """Log-probabilities of the next token at the positions that predict the answer (numpy)."""
+def _answer_logprobs(logits):
+    """Log-softmax of answer-position logits, as float32 numpy."""
     import numpy as np
 
-    rows = np.asarray(logits[head - 1 : -1], dtype=np.float64)
-    rows -= rows.max(axis=-1, keepdims=True)
+    rows = np.asarray(logits, dtype=np.float32)
+    rows = rows - rows.max(axis=-1, keepdims=True)
     return rows - np.log(np.exp(rows).sum(axis=-1, keepdims=True))
 
 
@@ -312,13 +324,12 @@ def _verify(ctx: PhaseContext, path: Path, gtype, shapes: list[tuple[int, ...]],
         ids, head = _ids_and_head(tokenizer, record)
         llm.reset()
         llm.eval(ids)
-        logits = np.asarray(llm.scores[: len(ids)])[:, : ref.shape[1]]
-        mine = _answer_logprobs(logits, head)
+        mine = _answer_logprobs(np.asarray(llm.scores[head - 1 : len(ids) - 1])[:, : ref.shape[1]])
         targets = np.asarray(ids[head:])
         rows = np.arange(len(targets))
-        nll_gguf -= mine[rows, targets].sum()
-        nll_merged -= ref[rows, targets].sum()
-        kl += (np.exp(ref) * (ref - mine)).sum()
+        nll_gguf -= float(mine[rows, targets].sum(dtype=np.float64))
+        nll_merged -= float(ref[rows, targets].sum(dtype=np.float64))
+        kl += float((np.exp(ref) * (ref - mine)).sum(dtype=np.float64))
         tokens += len(targets)
 
     # chat completion with the file's own template must stop at end of turn
