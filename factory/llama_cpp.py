@@ -20,8 +20,10 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from factory.errors import InputError
 
@@ -165,18 +167,35 @@ def convert(llama_cpp: Path, model_dir: Path, out_file: Path, outtype: str, log_
     os.replace(tmp, out_file)
 
 
-def quantize(source: Path, out_file: Path, gtype: GGUFType, threads: int) -> None:
-    """Quantize a GGUF through llama.cpp's own quantizer (the llama-quantize code)."""
+def quantize(source: Path, out_file: Path, gtype: GGUFType, threads: int, log_file: Path) -> None:
+    """Quantize a GGUF through llama.cpp's own quantizer (the llama-quantize code); what it
+    prints (a line per tensor that needs a fallback type) goes to `log_file`."""
     llama_cpp = runtime()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{gtype.ftype}")
     params.nthread = threads
     tmp = out_file.with_suffix(".gguf.partial")
-    code = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), params)
+    with _native_stderr_to(log_file):
+        code = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), params)
     if code != 0:
         tmp.unlink(missing_ok=True)
-        raise InputError(f"llama.cpp could not quantize {source.name} to {gtype.name} (code {code})")
+        raise InputError(f"llama.cpp could not quantize {source.name} to {gtype.name} (code {code}); see {log_file}")
     os.replace(tmp, out_file)
+
+
+@contextmanager
+def _native_stderr_to(path: Path | str) -> Iterator[None]:
+    """Send what C code writes to stderr (llama.cpp prints some lines past its log callback)
+    into a file, for the duration of the block."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(path, "wb") as target:
+        os.dup2(target.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def runtime():
@@ -213,7 +232,8 @@ def load(path: Path, *, n_ctx: int, logits_all: bool = False, threads: int | Non
 
     llama_module.llama_cpp.llama_model_default_params = plain_kernels
     try:
-        return runtime_module.Llama(str(path), n_ctx=n_ctx, logits_all=logits_all, verbose=False, seed=0,
-                                    n_threads=threads or max(1, os.cpu_count() or 1))
+        with _native_stderr_to(os.devnull):  # notes such as "using full-size SWA cache"
+            return runtime_module.Llama(str(path), n_ctx=n_ctx, logits_all=logits_all, verbose=False, seed=0,
+                                        n_threads=threads or max(1, os.cpu_count() or 1))
     finally:
         llama_module.llama_cpp.llama_model_default_params = defaults

@@ -272,7 +272,7 @@ def _export(ctx: PhaseContext, converter: Path, merged_dir: Path, out_dir: Path,
         path = llama_cpp.gguf_file(out_dir, gtype.name)
         started = time.monotonic()
         log.info("quantizing %s to %s", source.name, ws.rel(path))
-        llama_cpp.quantize(source, path, gtype, threads)
+        llama_cpp.quantize(source, path, gtype, threads, ws.logs_dir / f"gguf-quantize-{gtype.name}.log")
         done[gtype.name] = {"method": f"llama_model_quantize from {source_type.name}",
                             "export_seconds": round(time.monotonic() - started, 3)}
         ctx.progress.advance()
