@@ -145,14 +145,6 @@ def _merge(ctx: PhaseContext, backend, adapter: Path, merged_dir: Path, probes: 
         from unsloth import FastModel
 
         model, tokenizer = FastModel.from_pretrained(model_name=str(adapter), dtype=dtype, load_in_4bit=False)
-        checking = time.monotonic()
-        adapter_logits = [_answer_logits(model, ids, head) for ids, head in probe_ids]
-        with model.disable_adapter():
-            base_logits = [_answer_logits(model, ids, head) for ids, head in probe_ids]
-        checking = time.monotonic() - checking
-        ctx.progress.advance()
-        model.save_pretrained_merged(str(staging), tokenizer, save_method="merged_16bit")
-        method = "unsloth save_pretrained_merged (merged_16bit)"
     else:
         from peft import PeftModel
 
@@ -160,12 +152,17 @@ def _merge(ctx: PhaseContext, backend, adapter: Path, merged_dir: Path, probes: 
         # tensors: the base never exists in fp32.
         model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
         model = PeftModel.from_pretrained(model, str(adapter)).to(backend.device if backend.device != "mps" else "cpu")
-        checking = time.monotonic()
-        adapter_logits = [_answer_logits(model, ids, head) for ids, head in probe_ids]
-        with model.disable_adapter():
-            base_logits = [_answer_logits(model, ids, head) for ids, head in probe_ids]
-        checking = time.monotonic() - checking
-        ctx.progress.advance()
+    checking = time.monotonic()
+    adapter_logits = [_answer_logits(model, ids, head) for ids, head in probe_ids]
+    with model.disable_adapter():
+        base_logits = [_answer_logits(model, ids, head) for ids, head in probe_ids]
+    checking = time.monotonic() - checking
+    ctx.progress.advance()
+
+    if backend.name == "unsloth":
+        model.save_pretrained_merged(str(staging), tokenizer, save_method="merged_16bit")
+        method = "unsloth save_pretrained_merged (merged_16bit)"
+    else:
         model = model.merge_and_unload()
         model.save_pretrained(staging, max_shard_size="4GB")
         tokenizer.save_pretrained(staging)
