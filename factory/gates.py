@@ -122,6 +122,12 @@ def _load_gate(path: Path, overrides: dict[str, Any]) -> Gate:
     return Gate(raw["name"], raw["after"], tuple(criteria), path, raw.get("description", ""))
 
 
+def in_pipeline_order(results: list[dict], phase_names: list[str]) -> list[dict]:
+    """Gate results (metrics/gates/*.json) ordered by the phase each follows, then by name."""
+    order = {name: i for i, name in enumerate(phase_names)}
+    return sorted(results, key=lambda r: (order.get(r.get("after"), len(order)), r.get("gate", "")))
+
+
 def gates_after(gates: dict[str, Gate], phase: str) -> list[Gate]:
     return [g for g in gates.values() if g.after == phase]
 

@@ -10,17 +10,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from factory.config import FactoryConfig
-from factory.io import atomic_write_bytes
+from factory.io import atomic_write_bytes, read_json_if_exists
 from factory.workspace import Workspace
 
 
 def write_model_cards(cfg: FactoryConfig, ws: Workspace) -> list[Path]:
     """README.md in the merged and the quantized folders; returns their paths."""
-    metrics = {name: _read(ws.metrics_file(name)) for name in ("split", "training-stats", "evaluation", "quantization")}
-    gates = [_read(p) for p in sorted(ws.metrics_dir.glob("gates/*.json"))]
+    from factory.report import gate_results
+
+    metrics = {name: read_json_if_exists(ws.metrics_file(name)) or {}
+               for name in ("split", "training-stats", "evaluation", "quantization")}
+    gates = gate_results(ws)
     written = []
     for folder, what in ((ws.path(cfg.save.merged_path), "merged"), (ws.path(cfg.save.gguf_path), "quantized")):
         if folder.is_dir():
@@ -28,10 +29,6 @@ def write_model_cards(cfg: FactoryConfig, ws: Workspace) -> list[Path]:
             atomic_write_bytes(path, _card(cfg, ws, what, metrics, gates).encode())
             written.append(path)
     return written
-
-
-def _read(path: Path) -> dict[str, Any]:
-    return orjson.loads(path.read_bytes()) if path.exists() else {}
 
 
 def _card(cfg: FactoryConfig, ws: Workspace, what: str, m: dict[str, dict], gates: list[dict]) -> str:
@@ -112,7 +109,7 @@ def _num(value: Any) -> str:
 
 def summary_lines(cfg: FactoryConfig, ws: Workspace) -> list[str]:
     """Where each artifact is and how to run it, for the end of `factory run`."""
-    quant = _read(ws.metrics_file("quantization"))
+    quant = read_json_if_exists(ws.metrics_file("quantization")) or {}
     lines = [f"merged model: {ws.rel(ws.path(cfg.save.merged_path))}/"]
     lines += [f"GGUF {t['type']}: {t['path']} ({t['size_bytes'] / 1e6:.1f} MB, score drop {t['relative_score_drop']:.1%})"
               for t in quant.get("types", [])]

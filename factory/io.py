@@ -39,6 +39,14 @@ def read_json(path: Path) -> Any:
     return orjson.loads(Path(path).read_bytes())
 
 
+def read_json_if_exists(path: Path) -> Any | None:
+    """The JSON in `path`, or None when there is no such file (a phase that has not run)."""
+    try:
+        return read_json(path)
+    except FileNotFoundError:
+        return None
+
+
 class AtomicOutput:
     """A file opened for binary writing that appears at `path` only on success.
 

@@ -19,10 +19,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from factory.errors import InputError
-from factory.io import atomic_write_bytes
+from factory.io import atomic_write_bytes, read_json_if_exists
 from factory.workspace import Workspace
 
 REPORTED_METRICS = ("evaluation", "quantization")
@@ -60,15 +58,11 @@ Block = Heading | Paragraph | TableBlock | Figure
 
 def write_report(ws: Workspace) -> list[Path]:
     """Write the report from the workspace's metrics; returns the files written."""
-    metrics = {stem: _read(ws.metrics_file(stem)) for stem in ("training-stats", "baseline", "evaluation", "quantization")}
+    metrics = {stem: read_json_if_exists(ws.metrics_file(stem)) for stem in ("training-stats", "baseline", "evaluation", "quantization")}
     if metrics["evaluation"] is None:
         raise InputError(f"nothing to report yet: {ws.rel(ws.metrics_file('evaluation'))} does not exist; "
                          "run `factory run evaluate` first")
-    import phases
-
-    order = {phase.name: i for i, phase in enumerate(phases.PIPELINE)}
-    gates = [g for g in (_read(p) for p in sorted(ws.gate_results_dir.glob("*.json"))) if g is not None]
-    gates.sort(key=lambda g: (order.get(g["after"], len(order)), g["gate"]))  # pipeline order
+    gates = gate_results(ws)
     blocks = _blocks(metrics, gates)
     figures_dir = ws.metrics_dir / "report"
     written = []
@@ -82,11 +76,13 @@ def write_report(ws: Workspace) -> list[Path]:
     return written
 
 
-def _read(path: Path) -> Any:
-    try:
-        return orjson.loads(path.read_bytes())
-    except FileNotFoundError:
-        return None
+def gate_results(ws: Workspace) -> list[dict]:
+    """Every gate's last result, in pipeline order (the report and the model cards list them)."""
+    import phases
+    from factory.gates import in_pipeline_order
+
+    results = [g for g in (read_json_if_exists(p) for p in ws.gate_results_dir.glob("*.json")) if g is not None]
+    return in_pipeline_order(results, [phase.name for phase in phases.PIPELINE])
 
 
 # --- content -----------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from urllib.parse import unquote, urlsplit
 import orjson
 
 from factory.errors import FactoryError
+from factory.gates import in_pipeline_order
 from factory.status import idle_status, read_training_history, runner_alive
 from factory.workspace import Workspace
 
@@ -103,10 +104,8 @@ class DashboardServer(ThreadingHTTPServer):
 
     def gates(self) -> bytes:
         self._workspace_exists()
-        order = {name: i for i, name in enumerate(self.phase_metrics)}
-        results = [orjson.loads(self._file(path, absent="")) for path in sorted(self.ws.gate_results_dir.glob("*.json"))]
-        results.sort(key=lambda r: (order.get(r.get("after"), len(order)), r.get("gate", "")))
-        return orjson.dumps(results)
+        results = [orjson.loads(self._file(path, absent="")) for path in self.ws.gate_results_dir.glob("*.json")]
+        return orjson.dumps(in_pipeline_order(results, list(self.phase_metrics)))
 
     def report(self) -> bytes:
         path = self.ws.metrics_dir / "report.html"

@@ -248,7 +248,6 @@ def _network_namespace_works() -> bool:
 
 def test_quantize_offline_gives_verified_gguf_files_that_do_the_task(example):
     """The demo's types (Q8_0, Q4_K_M) from the trained example, with no network at all."""
-    import llama_cpp as _  # noqa: F401  (the gguf extra is installed)
     from transformers import AutoTokenizer
 
     from factory import llama_cpp
