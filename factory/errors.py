@@ -27,10 +27,6 @@ class InputError(FactoryError):
     """Input data or a required file is missing or unusable."""
 
 
-class PhaseUnavailable(FactoryError):
-    """A phase that is declared in the pipeline but not implemented yet."""
-
-
 class GateFailed(FactoryError):
     """A gate's criteria were not met. Carries the results for the report."""
 

@@ -25,7 +25,7 @@ import yaml
 from factory import resources
 from factory.config import FactoryConfig
 from factory.errors import ConfigError, InputError
-from factory.io import write_json
+from factory.io import read_json_if_exists, write_json
 from factory.workspace import Workspace
 
 OPERATORS = {
@@ -126,6 +126,15 @@ def in_pipeline_order(results: list[dict], phase_names: list[str]) -> list[dict]
     """Gate results (metrics/gates/*.json) ordered by the phase each follows, then by name."""
     order = {name: i for i, name in enumerate(phase_names)}
     return sorted(results, key=lambda r: (order.get(r.get("after"), len(order)), r.get("gate", "")))
+
+
+def last_results(ws: Workspace) -> list[dict]:
+    """Every gate's last result (metrics/gates/*.json), in pipeline order: what the report and
+    the model cards list."""
+    import phases
+
+    results = [g for g in (read_json_if_exists(p) for p in ws.gate_results_dir.glob("*.json")) if g is not None]
+    return in_pipeline_order(results, [phase.name for phase in phases.PIPELINE])
 
 
 def gates_after(gates: dict[str, Gate], phase: str) -> list[Gate]:

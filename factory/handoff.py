@@ -17,11 +17,11 @@ from factory.workspace import Workspace
 
 def write_model_cards(cfg: FactoryConfig, ws: Workspace) -> list[Path]:
     """README.md in the merged and the quantized folders; returns their paths."""
-    from factory.report import gate_results
+    from factory.gates import last_results
 
     metrics = {name: read_json_if_exists(ws.metrics_file(name)) or {}
                for name in ("split", "training-stats", "evaluation", "quantization")}
-    gates = gate_results(ws)
+    gates = last_results(ws)
     written = []
     for folder, what in ((ws.path(cfg.save.merged_path), "merged"), (ws.path(cfg.save.gguf_path), "quantized")):
         if folder.is_dir():

@@ -53,8 +53,7 @@ class Phase:
     metrics: str
     """Stem of the metrics file the runner writes from run()'s result: metrics/<metrics>.json."""
 
-    run: Callable[[PhaseContext], dict[str, Any]] | None
-    """None while the phase is not implemented yet; `factory run` then says so plainly."""
+    run: Callable[[PhaseContext], dict[str, Any]]
 
     config_sections: tuple[str, ...] = ()
     """Config sections ("lora") or keys ("save.lora_path") whose values change this phase's
@@ -66,4 +65,3 @@ class Phase:
     outputs: Callable[[FactoryConfig, Workspace], list[Path]] = field(default=lambda cfg, ws: [])
     """Artifacts that must still exist for the phase to be skipped."""
 
-    unavailable_reason: str = ""

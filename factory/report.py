@@ -62,7 +62,9 @@ def write_report(ws: Workspace) -> list[Path]:
     if metrics["evaluation"] is None:
         raise InputError(f"nothing to report yet: {ws.rel(ws.metrics_file('evaluation'))} does not exist; "
                          "run `factory run evaluate` first")
-    gates = gate_results(ws)
+    from factory.gates import last_results
+
+    gates = last_results(ws)
     blocks = _blocks(metrics, gates)
     figures_dir = ws.metrics_dir / "report"
     written = []
@@ -74,15 +76,6 @@ def write_report(ws: Workspace) -> list[Path]:
         atomic_write_bytes(ws.metrics_dir / name, text.encode("utf-8"))
         written.append(ws.metrics_dir / name)
     return written
-
-
-def gate_results(ws: Workspace) -> list[dict]:
-    """Every gate's last result, in pipeline order (the report and the model cards list them)."""
-    import phases
-    from factory.gates import in_pipeline_order
-
-    results = [g for g in (read_json_if_exists(p) for p in ws.gate_results_dir.glob("*.json")) if g is not None]
-    return in_pipeline_order(results, [phase.name for phase in phases.PIPELINE])
 
 
 # --- content -----------------------------------------------------------------------------

@@ -32,7 +32,7 @@ import xxhash
 
 from factory import __version__
 from factory.config import FactoryConfig
-from factory.errors import Cancelled, FactoryError, GateFailed, PhaseUnavailable
+from factory.errors import Cancelled, FactoryError, GateFailed
 from factory.gates import Gate, check_gate, gates_after, load_gates
 from factory.io import read_json, write_json
 from factory.phase import Phase, PhaseContext
@@ -111,10 +111,6 @@ def run_pipeline(
         try:
             for phase in selected:
                 current = phase
-                if phase.run is None:
-                    status.phase(phase.name)["reason"] = phase.unavailable_reason
-                    done = ", ".join(result.ran + result.skipped) or "nothing"
-                    raise PhaseUnavailable(f"{phase.unavailable_reason}. Completed before it: {done}.")
                 _run_one(phase, cfg, ws, status, reporter, force, result, options or {})
                 try:
                     for gate in gates_after(gates, phase.name):
@@ -234,10 +230,10 @@ class _PhaseProgress:
 
 def compute_fingerprint(phase: Phase, cfg: FactoryConfig, ws: Workspace) -> dict:
     """What the phase's output depends on: config sections, input contents, phase code."""
-    code = Path(phase.run.__code__.co_filename) if phase.run else None
+    code = Path(phase.run.__code__.co_filename)
     return {
         "factory_version": __version__,
-        "code": _hash_path(code) if code else None,
+        "code": _hash_path(code),
         "config": {s: cfg.section(s) for s in phase.config_sections},
         "inputs": {ws.rel(p): _hash_path(p) for p in phase.inputs(cfg, ws)},
     }

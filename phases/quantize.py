@@ -68,9 +68,9 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
     # 3. the merged model's scores and next-token distributions: the reference
     model, tokenizer = modeling.load_for_inference(cfg, ws, backend, path=str(merged_dir))
     reference = evaluation.score_model(ctx, model, tokenizer, records, what="merged")
-    divergence_records = records[:DIVERGENCE_EXAMPLES]
-    reference_logprobs = [_answer_logprobs(_answer_logits(model, *_ids_and_head(tokenizer, r)))
-                          for r in divergence_records]
+    # (token ids, prompt length, the merged model's answer log-probs) per example
+    divergence = [(ids, head, _answer_logprobs(_answer_logits(model, ids, head)))
+                  for ids, head in (_ids_and_head(tokenizer, r) for r in records[:DIVERGENCE_EXAMPLES])]
     shapes = [tuple(p.shape) for p in model.parameters()]  # what each file's size is checked against
     del model
     gc.collect()
@@ -88,7 +88,7 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
             "type": gtype.name,
             "path": ws.rel(path),
             **exported[gtype.name],
-            **_verify(ctx, path, gtype, shapes, tokenizer, records, reference, divergence_records, reference_logprobs),
+            **_verify(ctx, path, gtype, shapes, tokenizer, records, reference, divergence),
         })
 
     # 6. handoff
@@ -282,7 +282,7 @@ def _export(ctx: PhaseContext, converter: Path, merged_dir: Path, out_dir: Path,
 
 
 def _verify(ctx: PhaseContext, path: Path, gtype, shapes: list[tuple[int, ...]], tokenizer, records: list[dict], reference: dict,
-            divergence_records: list[dict], reference_logprobs: list) -> dict[str, Any]:
+            divergence: list[tuple[list[int], int, Any]]) -> dict[str, Any]:
     import numpy as np
 
     from factory import evaluation
@@ -317,8 +317,7 @@ def _verify(ctx: PhaseContext, path: Path, gtype, shapes: list[tuple[int, ...]],
 
     # next-token distributions against the merged model, on the answer tokens
     nll_gguf, nll_merged, kl, tokens = 0.0, 0.0, 0.0, 0
-    for record, ref in zip(divergence_records, reference_logprobs):
-        ids, head = _ids_and_head(tokenizer, record)
+    for ids, head, ref in divergence:
         llm.reset()
         llm.eval(ids)
         mine = _answer_logprobs(np.asarray(llm.scores[head - 1 : len(ids) - 1])[:, : ref.shape[1]])

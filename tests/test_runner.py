@@ -12,7 +12,7 @@ import time
 import pytest
 
 from factory.config import parse_config
-from factory.errors import GateFailed, PhaseUnavailable
+from factory.errors import GateFailed, InputError
 from factory.phase import Phase
 from factory.resources import validate
 from factory.runner import run_pipeline
@@ -30,6 +30,10 @@ def _copy_upper(ctx):
     return {"records_out": len(text.split()), "rejected_ratio": 0.0}
 
 
+def _missing_model(ctx):
+    raise InputError("models/base has no config.json")
+
+
 def _count(ctx):
     words = ctx.workspace.formatted_file.read_text().split()
     return {"counts": {"test": len(words), "train": 1}, "leakage": {"total": 0}}
@@ -40,7 +44,7 @@ PIPELINE = (
           inputs=lambda c, w: [w.path("data/raw/in.txt")], outputs=lambda c, w: [w.formatted_file]),
     Phase("split", "count", "split", _count, (),
           inputs=lambda c, w: [w.formatted_file], outputs=lambda c, w: []),
-    Phase("baseline", "not yet", "baseline", None, unavailable_reason="the baseline phase is not available yet"),
+    Phase("baseline", "needs a model", "baseline", _missing_model),
 )
 CFG = parse_config({"gates": {"data-valid": {"format.records_out": 2}, "splits-ready": {"split.counts.test": 2}}})
 
@@ -101,12 +105,14 @@ def test_failed_gate_stops_the_run_and_is_recorded(ws):
     assert split["state"] == "pending"
 
 
-def test_unavailable_phase_is_said_plainly(ws):
-    with pytest.raises(PhaseUnavailable, match="baseline phase is not available yet. Completed before it: format, split"):
+def test_a_failing_phase_is_recorded_and_the_ones_before_it_kept(ws):
+    with pytest.raises(InputError, match="models/base has no config.json"):
         run_pipeline(CFG, ws, PIPELINE)
     doc = status(ws)
-    assert doc["state"] == "failed" and doc["phases"][2]["state"] == "pending"
-    assert doc["phases"][2]["reason"] == "the baseline phase is not available yet"
+    assert doc["state"] == "failed" and doc["error"]["message"] == "models/base has no config.json"
+    assert [p["state"] for p in doc["phases"]] == ["succeeded", "succeeded", "failed"]
+    assert doc["phases"][2]["error"]["type"] == "InputError"
+    assert run_pipeline(CFG, ws, PIPELINE, target="split").skipped == ["format", "split"]
 
 
 SLOW_RUN = textwrap.dedent("""
