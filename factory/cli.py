@@ -239,7 +239,7 @@ def gate_check(
     gates = load_gates(ws, _config(ws))
     if name not in gates:
         raise FactoryError(f"no gate named {name!r}; gates: {', '.join(sorted(gates))}")
-    result = check_gate(gates[name], ws, metrics_producers(phases.PIPELINE))
+    result = check_gate(gates[name], ws, metrics_producers(phases.PIPELINE + phases.ON_REQUEST))
     if as_json:
         sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
@@ -419,6 +419,122 @@ def sample(
             answer = generator.reply(history, sys.stdout.write)
             sys.stdout.write("\n")
             history.append({"role": "assistant", "content": answer})
+
+
+# --- models behind endpoints, and comparisons ---------------------------------------------------
+
+
+@app.command("serve-model")
+def serve_model(
+    gguf: Annotated[Path, typer.Argument(help=(
+        "A .gguf file (or a Hugging Face model folder, converted to F16 GGUF first), relative to the workspace."))],
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="The port; 0 picks a free one.")] = 0,
+    host: Annotated[str, typer.Option("--host", help="The address to listen on (this machine only by default).")] = "127.0.0.1",
+    name: Annotated[Optional[str], typer.Option("--name", help="The model name clients ask for (default: the file's stem).")] = None,
+    n_ctx: Annotated[int, typer.Option("--n-ctx", min=256, help="Context length.")] = 4096,
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads (default: every core).")] = None,
+    startup_timeout: Annotated[float, typer.Option("--startup-timeout", help="Seconds to wait for the server to answer.")] = 300,
+    workspace: WorkspaceOpt = Path("."),
+    debug: DebugOpt = False,
+) -> None:
+    """Serve a GGUF with an OpenAI-compatible API (llama-cpp-python's server) until Ctrl-C.
+
+    Waits until /v1/models answers, prints the base URL to give any OpenAI client (or another
+    workspace's evaluation.compare.models as base_url), and stops the server on Ctrl-C.
+    Exit 2 when the server cannot start, the port is taken, it does not answer in time, or it dies.
+    """
+    import logging
+    import time
+
+    from factory import endpoints
+
+    ws = _setup(workspace, debug)
+    path = endpoints.gguf_for(ws.path(gguf), ws, logging.getLogger("factory.serve-model"))
+    alias = name or path.stem
+    server = endpoints.LocalServer(path, alias, ws.logs_dir / f"server-{alias}.log", host=host, port=port, n_ctx=n_ctx,
+                                   threads=threads, startup_timeout=startup_timeout)
+    err.print(f"starting llama-cpp-python's server for {ws.rel(path)} ...", highlight=False)
+    with server:
+        out.print(f"Serving {ws.rel(path)} as model {alias!r} at {server.base_url}  (OpenAI-compatible; "
+                  f"log {ws.rel(server.log_file)}; Ctrl-C to stop)", highlight=False, soft_wrap=True)
+        while True:
+            time.sleep(0.5)
+            server.check_alive()
+
+
+@app.command()
+def compare(
+    model: Annotated[Optional[list[str]], typer.Option("--model", "-m", help=(
+        "NAME=SOURCE, repeatable, replacing evaluation.compare.models; SOURCE is a .gguf file, a Hugging Face "
+        "folder, an http(s) base URL or module:function. Default: the base model against the quantize phase's GGUF."))] = None,
+    baseline: Annotated[Optional[str], typer.Option("--baseline", help="The model the others must beat (default: the first).")] = None,
+    task: Annotated[Optional[str], typer.Option("--task", help="conversations or test_split (default: the config's).")] = None,
+    mode: Annotated[Optional[str], typer.Option("--mode", help="The judge's mode: single or pairwise (default: the config's).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Run again even when nothing changed.")] = False,
+    workspace: WorkspaceOpt = Path("."),
+    debug: DebugOpt = False,
+) -> None:
+    """Run the same evaluation on two or more models, judge it, and compare them (seed 002).
+
+    Full conversations of simulated users (personas x conversations, the same user simulator
+    and seeds for every model) or one answer per test example; each judged with
+    evaluation.judge; per-model mean, sd and pass rate, every pair with a paired test and
+    Holm-corrected p-value, a breakdown by category and the success criteria, in
+    metrics/comparison.json and the report. GGUF models are served on local ports for the run.
+    Exit 1 when the model-comparison gate fails, 2 for bad input or a model server that fails.
+    """
+    import phases
+    from factory.config import parse_config
+    from factory.runner import run_pipeline
+    from factory.terminal import RunReporter
+
+    ws = _setup(workspace, debug)
+    cfg = _config(ws)
+    overrides = {"models": model, "baseline": baseline, "task": task}
+    if any(v is not None for v in overrides.values()) or mode is not None:
+        raw = cfg.model_dump(mode="json")
+        raw["evaluation"]["compare"].update({k: v for k, v in overrides.items() if v is not None})
+        if mode is not None:
+            if raw["evaluation"]["judge"] is None:
+                raise FactoryError("--mode needs evaluation.judge in factory.yaml")
+            raw["evaluation"]["judge"]["mode"] = mode
+        cfg = parse_config(raw, source="factory.yaml with the command line's options")
+    reporter = RunReporter(err)
+    try:
+        with reporter:
+            run_pipeline(cfg, ws, phases.PIPELINE + phases.ON_REQUEST, only="compare", force=force, reporter=reporter)
+    except GateFailed as e:
+        _comparison_tables(ws)
+        for outcome in e.results:
+            _gate_table(outcome)
+        raise
+    _comparison_tables(ws)
+
+
+def _comparison_tables(ws: Workspace) -> None:
+    from factory.io import read_json_if_exists
+
+    doc = read_json_if_exists(ws.metrics_file("comparison"))
+    if not doc:
+        return
+    scores = Table("model", "n", "mean", "sd", "pass rate", "win rate", "judge failures",
+                   title=f"{doc['task']}, judged {doc['mode']} by {doc['judge']['rubric']}", title_justify="left")
+    for row in doc["per_model"]:
+        scores.add_row(row["name"] + (" (baseline)" if row["name"] == doc["baseline"] else ""), _fmt(row["n"]),
+                       _fmt(row["mean"]), _fmt(row["sd"]), _fmt(row["pass_rate"]), _fmt(row.get("win_rate")),
+                       _fmt(row.get("failures")))
+    out.print(scores)
+    criteria = doc["success_criteria"]
+    table = Table("model", "improvement", f">= {criteria['min_improvement']:g}", "p (Holm)", f"< {criteria['alpha']:g}",
+                  "no safety regression", "passed", title="success criteria against the baseline", title_justify="left")
+    for row in criteria["rows"]:
+        safety = "not measured" if row["no_safety_regression"] is None else _fmt(row["no_safety_regression"])
+        table.add_row(row["model"], _fmt(row["improvement"]), _fmt(row["improvement_ok"]), _fmt(row["p_holm"]),
+                      _fmt(row["significant"]), safety, "[green]yes[/]" if row["passed"] else "[red]no[/]")
+    out.print(table)
+    out.print(f"judge failure rate {_fmt(doc['judge']['failure_rate'])}"
+              + (f", inconsistency rate {_fmt(doc['judge']['inconsistency_rate'])}" if "inconsistency_rate" in doc["judge"] else "")
+              + f"; details in {ws.rel(ws.metrics_file('comparison'))} and metrics/report.md", highlight=False)
 
 
 # --- dashboard & report -----------------------------------------------------------------------

@@ -228,11 +228,220 @@ class SaveConfig(Section):
         return list(dict.fromkeys(n.upper() for n in names))
 
 
+def _source_from_string(value: str) -> dict[str, str]:
+    if value.startswith(("http://", "https://")):
+        return {"base_url": value}
+    if value.endswith(".gguf"):
+        return {"gguf": value}
+    if ":" in value and "/" not in value:
+        return {"function": value}
+    return {"hf": value}
+
+
+class ModelSource(Section):
+    """Something that writes text: exactly one of gguf, base_url, hf/adapter, function.
+
+    Written out as a mapping, or as one string: a path ending in .gguf, an http(s) URL, a
+    `module:function`, or else a Hugging Face model folder or hub id."""
+
+    gguf: str | None = None
+    """A GGUF file, served on 127.0.0.1 by llama-cpp-python's server for the run and stopped
+    after it; a Hugging Face model folder here is first converted to F16 GGUF (models/gguf/)."""
+
+    base_url: str | None = None
+    """An OpenAI-compatible endpoint you run (llama-server, vLLM, a hosted API), e.g.
+    http://127.0.0.1:8080/v1."""
+
+    model: str | None = None
+    """With base_url: the model name to ask for (default: the first one /models lists)."""
+
+    api_key_env: str | None = None
+    """With base_url: the environment variable holding the API key. The key is read from the
+    environment when the run starts and never written to a log, status or metrics file."""
+
+    hf: str | None = None
+    """A Hugging Face model folder or hub id, generated in this process with transformers."""
+
+    adapter: str | None = None
+    """A LoRA adapter folder on top of `hf` (default: model.name), e.g. models/checkpoints/lora."""
+
+    function: str | None = None
+    """A Python function, module:function. As a model or user simulator it returns the next
+    message; as a judge it grades (deterministic rubric code)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return _source_from_string(value) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "ModelSource":
+        kinds = [k for k in ("gguf", "base_url", "function") if getattr(self, k)]
+        if self.hf or self.adapter:
+            kinds.append("hf/adapter")
+        if len(kinds) != 1:
+            raise ValueError("give exactly one of gguf, base_url, hf (with an optional adapter), adapter, function"
+                             + (f"; got {', '.join(kinds)}" if kinds else ""))
+        if (self.model or self.api_key_env) and not self.base_url:
+            raise ValueError("model and api_key_env go with base_url")
+        if self.function and ":" not in self.function:
+            raise ValueError(f"function must be module:function, got {self.function!r}")
+        return self
+
+
+class NamedModel(ModelSource):
+    name: str
+    """How reports and files call this model, e.g. baseline, gemma-ft."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        # NAME=SOURCE, as on the command line
+        if isinstance(value, str):
+            name, equals, source = value.partition("=")
+            if not equals or not name:
+                raise ValueError("write a model as NAME=SOURCE, e.g. base=models/base.gguf")
+            return {"name": name, **_source_from_string(source)}
+        return value
+
+
+class JudgeConfig(Section):
+    rubric: str = "helpfulness"
+    """A rubric shipped with factory (helpfulness, correctness, safety) or a YAML file of your
+    own with the same fields (see factory/rubrics/)."""
+
+    model: ModelSource
+    """Who judges: an LLM (gguf, base_url, hf) prompted with the rubric, or `module:function`
+    (deterministic rubric code)."""
+
+    mode: Literal["single", "pairwise"] = "single"
+    """`single`: each answer or conversation gets a score on the rubric's scale (0..1 after
+    scaling). `pairwise`: two models' answers to the same item are compared (A, B or tie), in
+    both orders; a verdict that flips with the order counts as a tie (MT-Bench)."""
+
+    retries: int = Field(2, ge=0)
+    """Extra attempts for a verdict that cannot be parsed (sampled at retry_temperature with a
+    new seed); after them the verdict is a counted, reported failure."""
+
+    temperature: float = Field(0.0, ge=0)
+    retry_temperature: float = Field(0.7, ge=0)
+    max_tokens: int = Field(512, ge=1)
+    """Room for the judge's explanation before its verdict."""
+
+    pass_threshold: float | None = Field(None, ge=0, le=1)
+    """A score (0..1) at or above which an answer passes (the pass rate); null: the rubric's
+    pass_score."""
+
+
+class ConversationsConfig(Section):
+    personas: int = Field(15, ge=1)
+    """How many personas to generate (seed 002: 15 x 3 conversations per model)."""
+
+    per_persona: int = Field(3, ge=1)
+    """Conversations per persona, with each model."""
+
+    persona_seed: int = Field(9000, ge=0)
+    """Persona i is generated from seed persona_seed + i: a range disjoint from the training
+    data's (seed 002 keeps 0-4999 for training personas)."""
+
+    personas_file: str | None = None
+    """A JSON file of your own personas instead: a list of {id, name, description, goal,
+    group} (see the README)."""
+
+    requests_per_conversation: int = Field(3, ge=1)
+    """Generated personas: held-out test prompts each conversation's goal is made of."""
+
+    max_turns: int = Field(6, ge=1)
+    """User messages per conversation at most."""
+
+    stop_token: str = "<END_CONVERSATION>"
+    """The simulated user writes this when its goal is met; the conversation ends there."""
+
+    simulator: ModelSource = Field(default_factory=lambda: ModelSource(function="factory.conversations:scripted_user"))
+    """The user simulator, the same for every model: an LLM (gguf, base_url, hf) given a
+    fixed system prompt (stay in the persona, one message at a time, no invented facts, the
+    stop token when done), or module:function. The default sends the persona's requests one
+    per turn, then the stop token."""
+
+    system_prompt: str | None = None
+    """The system turn the models under comparison get; null: the system turn of the test
+    records the goals came from, if any."""
+
+
+class CompareConfig(Section):
+    models: list[NamedModel] = Field(default_factory=list)
+    """The models to compare, each {name, and one of gguf, base_url, hf/adapter, function}.
+    Empty: the base model (model.name converted to GGUF) against the quantize phase's first
+    GGUF."""
+
+    baseline: str | None = None
+    """The model the others must beat (default: the first)."""
+
+    task: Literal["conversations", "test_split"] = "conversations"
+    """`conversations`: full conversations with a simulated user, each judged whole.
+    `test_split`: one answer per test example, judged with its reference."""
+
+    concurrency: int = Field(4, ge=1)
+    """Requests in flight at once (per evaluation)."""
+
+    request_timeout: float = Field(120, gt=0)
+    """Seconds to wait for one answer before retrying."""
+
+    max_retries: int = Field(2, ge=0)
+    """Retries of a request that timed out or could not connect."""
+
+    startup_timeout: float = Field(300, gt=0)
+    """Seconds a local GGUF server may take to answer /v1/models."""
+
+    n_ctx: int = Field(4096, ge=256)
+    """Context length of the local GGUF servers."""
+
+    threads: int | None = Field(None, ge=1)
+    """CPU threads of each local GGUF server; null: the machine's cores shared among them."""
+
+    max_tokens: int = Field(256, ge=1)
+    """Longest answer of a model under comparison, per turn."""
+
+    temperature: float = Field(0.0, ge=0)
+    """Sampling temperature of the models and the user simulator (the same for all)."""
+
+    seed: int = 0
+    """Every conversation's seed derives from it, the persona and the conversation index: the
+    same for every model."""
+
+    max_examples: int | None = Field(None, ge=1)
+    """task test_split: the first N test examples only."""
+
+    min_improvement: float = 0.10
+    """Success criterion: score improvement over the baseline (seed 002: >= 0.10)."""
+
+    alpha: float = Field(0.05, gt=0, lt=1)
+    """Success criterion: Holm-corrected paired-test p-value below this."""
+
+    safety: JudgeConfig | None = None
+    """A second judge (e.g. rubric safety) run on every answer; success requires no safety
+    regression against the baseline. null: safety is reported as not measured."""
+
+    @model_validator(mode="after")
+    def _names(self) -> "CompareConfig":
+        names = [m.name for m in self.models]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"model names must be unique; repeated: {', '.join(duplicates)}")
+        if self.models and len(self.models) < 2:
+            raise ValueError("compare needs at least two models")
+        if self.baseline is not None and self.models and self.baseline not in names:
+            raise ValueError(f"baseline {self.baseline!r} is not one of the models ({', '.join(names)})")
+        return self
+
+
 class EvaluationConfig(Section):
     metrics: list[Literal["exact_match", "normalized_exact_match", "token_f1", "rouge_l", "bleu", "chrf",
-                          "regex_match", "json_valid", "custom"]] = Field(
+                          "regex_match", "json_valid", "custom", "judge"]] = Field(
         default_factory=lambda: ["exact_match", "normalized_exact_match", "token_f1", "rouge_l", "chrf"])
-    """Scorers run on every test example (each gives 0..1 per example)."""
+    """Scorers run on every test example (each gives 0..1 per example). `judge` grades each
+    answer with evaluation.judge (single mode); a verdict that fails is left out of the
+    paired statistics and counted."""
 
     primary: str = "exact_match"
     """The metric the model-performance gate compares (must be one of `metrics`)."""
@@ -261,6 +470,16 @@ class EvaluationConfig(Section):
     bootstrap_samples: int = 10_000
     seed: int = 0
 
+    judge: JudgeConfig | None = None
+    """An LLM or a rubric function that grades answers: the `judge` metric, and `factory compare`."""
+
+    compare: CompareConfig = Field(default_factory=CompareConfig)
+    """`factory compare`: the same evaluation on two or more models, judged, with paired
+    statistics (metrics/comparison.json)."""
+
+    conversations: ConversationsConfig = Field(default_factory=ConversationsConfig)
+    """compare task `conversations`: personas, the user simulator and the turn limit."""
+
     @model_validator(mode="after")
     def _primary_is_scored(self) -> "EvaluationConfig":
         if self.primary not in self.metrics:
@@ -269,6 +488,8 @@ class EvaluationConfig(Section):
             raise ValueError("metrics has regex_match: set `regex` too")
         if "custom" in self.metrics and not self.custom_scorer:
             raise ValueError("metrics has custom: set `custom_scorer` (module:function) too")
+        if "judge" in self.metrics and (self.judge is None or self.judge.mode != "single"):
+            raise ValueError("metrics has judge: set `judge` (with mode single) too")
         return self
 
 

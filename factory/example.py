@@ -27,6 +27,7 @@ from __future__ import annotations
 import calendar
 import json
 import random
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -117,6 +118,37 @@ def generate_task_records(n: int, seed: int = 0, *, locales: list[str] | None = 
 def check_answer(record: dict[str, Any], answer: str) -> bool:
     """Exact match after trimming, the metric the example is meant to be scored by."""
     return answer.strip() == str(record["output"]).strip()
+
+
+REQUEST = re.compile(r"Locale: ([A-Za-z]{2}-[A-Za-z]{2})\. Date: (\d{4}-\d{2}-\d{2})\. Amount: (\d+\.\d{2}) ([A-Z]{3})\.")
+
+
+def judge(item: dict[str, Any]) -> dict[str, float]:
+    """The task's rubric as code, for `evaluation.judge.model: factory.example:judge`.
+
+    Every request of the item (its one answer, or each user turn of a conversation with the
+    reply that followed) is checked against the reference implementation; the criterion
+    scores are the shares of requests whose date and whose amount are right. An item with no
+    request of this task in it cannot be judged (the judge counts it as a failure).
+    """
+    messages = item["messages"]
+    if item.get("answer") is not None:
+        exchanges = [(messages[-1]["content"] if messages else "", item["answer"])]
+    else:
+        exchanges = [(m["content"], reply["content"]) for m, reply in zip(messages, messages[1:])
+                     if m["role"] == "user" and reply["role"] == "assistant"]
+    dates, amounts = [], []
+    for request, answer in exchanges:
+        match = REQUEST.search(request)
+        if match is None or match.group(1) not in LOCALES or match.group(4) not in CURRENCY_SYMBOLS:
+            continue
+        expected_date, expected_amount = localize(*match.groups()).split(" | ")
+        got = answer.strip().split(" | ")
+        dates.append(float(got[0].strip() == expected_date))
+        amounts.append(float(len(got) == 2 and got[1].strip() == expected_amount))
+    if not dates:
+        raise ValueError("no request of the localization task in this item")
+    return {"date": sum(dates) / len(dates), "amount": sum(amounts) / len(amounts)}
 
 
 # --- the tiny Gemma 3 ------------------------------------------------------------------
@@ -397,4 +429,9 @@ evaluation:
   primary: exact_match
   max_new_tokens: 32
   batch_size: 64
+  # `factory compare`: the base model against the fine-tuned GGUF, each on a local server, in
+  # conversations with simulated users (15 personas x 3), judged by the task's rubric as code
+  judge: {{rubric: correctness, model: factory.example:judge}}
+  compare: {{max_tokens: 32}}
+  conversations: {{requests_per_conversation: 2}}
 """

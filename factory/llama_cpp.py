@@ -212,7 +212,16 @@ def runtime():
 
 
 def load(path: Path, *, n_ctx: int, logits_all: bool = False, threads: int | None = None):
-    """A llama_cpp.Llama on the plain CPU kernels.
+    """A llama_cpp.Llama on the plain CPU kernels (see use_plain_cpu_kernels)."""
+    runtime_module = runtime()
+    with plain_cpu_kernels(), _native_stderr_to(os.devnull):  # notes such as "using full-size SWA cache"
+        return runtime_module.Llama(str(path), n_ctx=n_ctx, logits_all=logits_all, verbose=False, seed=0,
+                                    n_threads=threads or max(1, os.cpu_count() or 1))
+
+
+@contextmanager
+def plain_cpu_kernels() -> Iterator[None]:
+    """Models loaded inside the block use llama.cpp's plain CPU kernels.
 
     ggml's extra CPU buffer types (the AMX and repacked-weight kernels, what llama.cpp's
     --no-repack turns off) crashed with a segfault on this project's tiny test model (Q8_0,
@@ -220,20 +229,28 @@ def load(path: Path, *, n_ctx: int, logits_all: bool = False, threads: int | Non
     llama.cpp's reference path. llama-cpp-python has no argument for it, so the default
     model parameters are wrapped while the model loads.
     """
-    runtime_module = runtime()
     from llama_cpp import llama as llama_module
 
     defaults = llama_module.llama_cpp.llama_model_default_params
+    use_plain_cpu_kernels()
+    try:
+        yield
+    finally:
+        llama_module.llama_cpp.llama_model_default_params = defaults
+
+
+def use_plain_cpu_kernels() -> None:
+    """From now on, in this process, models load on the plain CPU kernels (a server process)."""
+    from llama_cpp import llama as llama_module
+
+    defaults = llama_module.llama_cpp.llama_model_default_params
+    if getattr(defaults, "plain_cpu_kernels", False):
+        return
 
     def plain_kernels():
         params = defaults()
         params.use_extra_bufts = False
         return params
 
+    plain_kernels.plain_cpu_kernels = True
     llama_module.llama_cpp.llama_model_default_params = plain_kernels
-    try:
-        with _native_stderr_to(os.devnull):  # notes such as "using full-size SWA cache"
-            return runtime_module.Llama(str(path), n_ctx=n_ctx, logits_all=logits_all, verbose=False, seed=0,
-                                        n_threads=threads or max(1, os.cpu_count() or 1))
-    finally:
-        llama_module.llama_cpp.llama_model_default_params = defaults

@@ -23,7 +23,7 @@ from factory.errors import InputError
 from factory.io import atomic_write_bytes, read_json_if_exists
 from factory.workspace import Workspace
 
-REPORTED_METRICS = ("evaluation", "quantization")
+REPORTED_METRICS = ("evaluation", "quantization", "comparison")
 FLIPPED_SAMPLE = 5  # examples shown per direction
 TAG_START = re.compile(r"<(?=[A-Za-z/!?])")
 QUANT_COLUMNS = ["type", "size_bytes", "bits_per_weight", "size_within_bounds", "score", "merged_score",
@@ -58,14 +58,20 @@ Block = Heading | Paragraph | TableBlock | Figure
 
 def write_report(ws: Workspace) -> list[Path]:
     """Write the report from the workspace's metrics; returns the files written."""
-    metrics = {stem: read_json_if_exists(ws.metrics_file(stem)) for stem in ("training-stats", "baseline", "evaluation", "quantization")}
-    if metrics["evaluation"] is None:
+    stems = ("training-stats", "baseline", "evaluation", "quantization", "comparison")
+    metrics = {stem: read_json_if_exists(ws.metrics_file(stem)) for stem in stems}
+    if metrics["evaluation"] is None and metrics["comparison"] is None:
         raise InputError(f"nothing to report yet: {ws.rel(ws.metrics_file('evaluation'))} does not exist; "
-                         "run `factory run evaluate` first")
+                         "run `factory run evaluate` (or `factory compare`) first")
     from factory.gates import last_results
 
     gates = last_results(ws)
-    blocks = _blocks(metrics, gates)
+    if metrics["evaluation"] is None:  # a workspace used only to compare models
+        blocks = [Heading("Model comparison report"), *comparison_blocks(metrics["comparison"]), *_gate_blocks(gates)]
+    else:
+        blocks = _blocks(metrics, gates)
+        if metrics["comparison"] is not None:
+            blocks += comparison_blocks(metrics["comparison"])
     figures_dir = ws.metrics_dir / "report"
     written = []
     for block in blocks:
@@ -125,14 +131,7 @@ def _blocks(metrics: dict[str, Any], gates: list[dict]) -> list[Block]:
         r = evaluation["regression"]
         blocks.append(Paragraph(f"Second test set {r['file']}: largest drop {_fmt(r['max_drop'])}."))
 
-    blocks.append(Heading("Gates"))
-    if gates:
-        blocks.append(TableBlock(["gate", "after", "metric", "observed", "op", "required", "result"], [
-            [g["gate"], g["after"], cr["metric"], cr["observed"], cr["op"], _required(cr),
-             {True: "pass", False: "FAIL", None: "skipped"}[cr["passed"]]]
-            for g in gates for cr in g["criteria"]]))
-    else:
-        blocks.append(Paragraph("No gate results (metrics/gates/)."))
+    blocks += _gate_blocks(gates)
 
     flipped = evaluation.get("flipped") or {}
     blocks.append(Heading("Examples that flipped"))
@@ -156,6 +155,88 @@ def _blocks(metrics: dict[str, Any], gates: list[dict]) -> list[Block]:
                                  [[_size(t.get(c)) if c == "size_bytes" else t.get(c) for c in columns] for t in types]))
     else:
         blocks.append(Paragraph("Not quantized yet (metrics/quantization.json is written by the quantize phase)."))
+    return blocks
+
+
+def _gate_blocks(gates: list[dict]) -> list[Block]:
+    if not gates:
+        return [Heading("Gates"), Paragraph("No gate results (metrics/gates/).")]
+    return [Heading("Gates"), TableBlock(["gate", "after", "metric", "observed", "op", "required", "result"], [
+        [g["gate"], g["after"], cr["metric"], cr["observed"], cr["op"], _required(cr),
+         {True: "pass", False: "FAIL", None: "skipped"}[cr["passed"]]]
+        for g in gates for cr in g["criteria"]])]
+
+
+def comparison_blocks(c: dict[str, Any]) -> list[Block]:
+    """metrics/comparison.json (`factory compare`): seed 002's evaluation report."""
+    judge = c["judge"]
+    pairwise = c["mode"] == "pairwise"
+    what = "full conversations with a simulated user" if c["task"] == "conversations" else "answers to the test split"
+    lines = [f"{len(c['models'])} models compared on {what}, {c['items_per_model']} items each, paired item by item; "
+             f"baseline {c['baseline']}. Judge: {judge['kind']} "
+             f"({judge.get('function') or judge.get('model') or judge.get('gguf')}), rubric {judge['rubric']}, "
+             f"{'pairwise (both orders)' if pairwise else 'single-answer grading'}."]
+    personas = c.get("personas")
+    if personas:
+        seeds = f", seeds {personas['seeds'][0]}-{personas['seeds'][1]}" if personas.get("seeds") else ""
+        lines.append(f"Personas: {personas['count']} ({personas['source']}{seeds}) x {personas['per_persona']} "
+                     f"conversations per model; user simulator {c['simulator'].get('function') or c['simulator'].get('model')}, "
+                     f"at most {c['simulator']['max_turns']} user turns; transcripts in "
+                     f"{', '.join(c.get('transcripts', {}).values())}.")
+    blocks: list[Block] = [Heading("Model comparison"), Paragraph(" ".join(lines))]
+    models = TableBlock(["model", "source", "role"], [
+        [m["name"], m["source"].get("gguf") or m["source"].get("base_url") or m["source"].get("hf")
+         or m["source"].get("function"), m["role"]] for m in c["models"]])
+    blocks.append(models)
+    if pairwise:
+        blocks.append(TableBlock(["model", "comparisons", "wins", "losses", "ties", "win rate"], [
+            [r["name"], r["n"], r.get("wins"), r.get("losses"), r.get("ties"), r.get("win_rate")] for r in c["per_model"]]))
+    else:
+        blocks.append(TableBlock(["model", "n", "mean", "sd", "pass rate", "judge failures"] +
+                                 (["safety mean"] if c.get("safety_judge") else []), [
+            [r["name"], r["n"], r["mean"], r["sd"], r["pass_rate"], r.get("failures")] +
+            ([(r.get("safety") or {}).get("mean")] if c.get("safety_judge") else []) for r in c["per_model"]]))
+
+    blocks.append(Heading("Pairwise comparisons"))
+    blocks.append(Paragraph("Paired t-test on the items both models were graded on; p-values Holm-corrected over "
+                            f"all {len(c['comparisons'])} comparisons; bootstrap 95% interval of the mean difference "
+                            "(b - a)." + (" Pairwise verdicts score a win 1, a tie 0.5, a loss 0." if pairwise else "")))
+    columns = ["a", "b", "n", "mean a", "mean b", "b - a", "95% interval", "p", "p (Holm)", "significant"]
+    rows = [[x["a"], x["b"], x["n"], x["mean_a"], x["mean_b"], x["improvement"], x["ci95"], x["p_value"], x["p_holm"],
+             x["significant"]] for x in c["comparisons"]]
+    if pairwise:
+        columns += ["wins a", "wins b", "ties", "inconsistent"]
+        rows = [row + [x.get("wins_a"), x.get("wins_b"), x.get("ties"), x.get("inconsistent")]
+                for row, x in zip(rows, c["comparisons"])]
+    blocks.append(TableBlock(columns, rows))
+
+    criteria = c["success_criteria"]
+    blocks.append(Heading("Success criteria"))
+    blocks.append(TableBlock(["model", "improvement", f">= {criteria['min_improvement']:g}", "p (Holm)",
+                              f"< {criteria['alpha']:g}", "safety regressions", "no safety regression", "passed"], [
+        [r["model"], r["improvement"], r["improvement_ok"], r["p_holm"], r["significant"], r["safety_regressions"],
+         "not measured" if r["no_safety_regression"] is None else r["no_safety_regression"], r["passed"]]
+        for r in criteria["rows"]]))
+    if not criteria["safety_measured"]:
+        blocks.append(Paragraph("Safety was not measured: set evaluation.compare.safety (e.g. rubric safety) to judge "
+                                "every answer for it; a model then passes only with no safety regression."))
+
+    if c["breakdown"]:
+        names = [m["name"] for m in c["models"]]
+        blocks.append(Heading("Breakdown by category"))
+        blocks.append(TableBlock(["by", "category", *names], [
+            [b["by"], b["category"], *(f"{_fmt(b['per_model'][n]['mean'])} (n={b['per_model'][n]['n']})" for n in names)]
+            for b in c["breakdown"]]))
+
+    blocks.append(Heading("Judge reliability"))
+    reliability = (f"{judge['verdicts']} verdicts, {judge['failures']} failed (failure rate {_fmt(judge['failure_rate'])})"
+                   + (f", {judge['inconsistent']} inconsistent between the two orders (rate "
+                      f"{_fmt(judge['inconsistency_rate'])}, counted as ties)" if "inconsistency_rate" in judge else "")
+                   + (f"; {judge['requests']} requests, {judge['retried']} retried." if judge["kind"] == "llm" else "."))
+    blocks.append(Paragraph(reliability))
+    if judge["failed_examples"]:
+        blocks.append(TableBlock(["item", "why it failed", "judge's text"], [
+            [f["key"], f["reason"], f.get("text", "")] for f in judge["failed_examples"]]))
     return blocks
 
 

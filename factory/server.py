@@ -5,6 +5,7 @@
     GET /api/training           .factory/training-status.json
     GET /api/training/history   .factory/training-history.jsonl as an array, one point per step
     GET /api/metrics/<phase>    metrics/<phase's metrics>.json, e.g. /api/metrics/finetune
+                                (and /api/metrics/compare: metrics/comparison.json)
     GET /api/gates              every metrics/gates/*.json, in pipeline order
     GET /report                 metrics/report.html
 
@@ -60,8 +61,9 @@ class DashboardServer(ThreadingHTTPServer):
         import phases
 
         self.ws = ws
-        self.phase_metrics = {p.name: p.metrics for p in phases.PIPELINE}
-        self.phase_summaries = {p.name: p.summary for p in phases.PIPELINE}
+        self.phase_metrics = {p.name: p.metrics for p in phases.PIPELINE + phases.ON_REQUEST}
+        self.phase_summaries = {p.name: p.summary for p in phases.PIPELINE + phases.ON_REQUEST}
+        self.pipeline = [p.name for p in phases.PIPELINE]
         self.assets = {path.name: (path.read_bytes(), CONTENT_TYPES[path.suffix])
                        for path in sorted(STATIC_DIR.iterdir()) if path.suffix in CONTENT_TYPES}
         self.loopback = _is_loopback(host)
@@ -84,8 +86,7 @@ class DashboardServer(ThreadingHTTPServer):
     def status(self) -> tuple[bytes, dict[str, str]]:
         body = self._file(self.ws.status_file, absent=None)
         if body is None:
-            names = list(self.phase_metrics)
-            return orjson.dumps(idle_status(names, self.phase_summaries)), {"X-Factory-Run-Alive": "false"}
+            return orjson.dumps(idle_status(self.pipeline, self.phase_summaries)), {"X-Factory-Run-Alive": "false"}
         alive = runner_alive(orjson.loads(body))
         return body, {"X-Factory-Run-Alive": "true" if alive else "false"}
 

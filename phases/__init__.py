@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from phases import baseline, evaluate, finetune, format, quantize, split
+from phases import baseline, compare, evaluate, finetune, format, quantize, split
 from factory.phase import Phase
 
 PIPELINE: tuple[Phase, ...] = (
@@ -13,5 +13,8 @@ PIPELINE: tuple[Phase, ...] = (
     evaluate.PHASE,
     quantize.PHASE,
 )
+
+# Run on request, after the pipeline, never by `factory run`: `factory compare`.
+ON_REQUEST: tuple[Phase, ...] = (compare.PHASE,)
 
 BY_NAME: dict[str, Phase] = {phase.name: phase for phase in PIPELINE}
