@@ -626,20 +626,21 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def commented_template(model: type[BaseModel] = FactoryConfig, indent: int = 0) -> str:
+def commented_template(model: type[BaseModel] = FactoryConfig, indent: int = 0,
+                       defaults: BaseModel | None = None) -> str:
     """factory.yaml with every key at its default and its docstring as a comment."""
     pad = " " * indent
     lines: list[str] = []
-    defaults = model()
+    defaults = model() if defaults is None else defaults
     for name, field in model.model_fields.items():
         if field.description:
             lines += [f"{pad}# {line.strip()}" for line in field.description.splitlines()]
         value = getattr(defaults, name)
         if isinstance(value, BaseModel):
             lines.append(f"{pad}{name}:")
-            lines.append(commented_template(type(value), indent + 2))
+            lines.append(commented_template(type(value), indent + 2, value))
         elif isinstance(value, list) and value and isinstance(value[0], BaseModel):
-            item = commented_template(type(value[0]), indent + 4).splitlines()
+            item = commented_template(type(value[0]), indent + 4, value[0]).splitlines()
             first = next(i for i, line in enumerate(item) if not line.lstrip().startswith("#"))
             item[first] = f"{pad}  - {item[first].lstrip()}"
             lines.append(f"{pad}{name}:")

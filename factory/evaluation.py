@@ -43,7 +43,8 @@ def score_model(ctx: PhaseContext, model, tokenizer, records: list[dict], *, wha
     started = time.monotonic()
     predictions = modeling.generate(model, tokenizer, prompts, batch_size=cfg.batch_size,
                                     max_new_tokens=cfg.max_new_tokens, on_batch=ctx.progress.advance)
-    result = score_predictions(ctx.config, records, predictions, seconds=time.monotonic() - started)
+    result = score_predictions(ctx.config, records, predictions, seconds=time.monotonic() - started,
+                               ws=ctx.workspace)
     if cfg.loss:
         loss, tokens = modeling.answer_loss(model, tokenizer, records, batch_size=cfg.batch_size)
         result.update(loss=loss, perplexity=perplexity(loss), loss_tokens=tokens)
@@ -52,14 +53,16 @@ def score_model(ctx: PhaseContext, model, tokenizer, records: list[dict], *, wha
 
 
 def score_predictions(cfg: FactoryConfig, records: list[dict], predictions: list[str], *,
-                      seconds: float) -> dict[str, Any]:
+                      seconds: float, ws: Workspace) -> dict[str, Any]:
     """Score each prediction against its record's final answer with the configured scorers.
 
     Shared by every model that is scored (HF models here, GGUF files in quantize), so all
-    of them are measured the same way.
+    of them are measured the same way. The `judge` metric is evaluation.judge's grade; an
+    example whose verdict failed has the score None (left out of means and paired tests) and
+    the judge's failure rate is in the result.
     """
-    scorers = scoring.build_scorers(cfg.evaluation.metrics, regex=cfg.evaluation.regex,
-                                    custom=cfg.evaluation.custom_scorer)
+    names = [name for name in cfg.evaluation.metrics if name != "judge"]
+    scorers = scoring.build_scorers(names, regex=cfg.evaluation.regex, custom=cfg.evaluation.custom_scorer)
     examples = []
     for index, (record, prediction) in enumerate(zip(records, predictions)):
         prompt, reference = modeling.prompt_and_answer(record)
@@ -70,8 +73,17 @@ def score_predictions(cfg: FactoryConfig, records: list[dict], predictions: list
             "prediction": prediction,
             "scores": {name: scorer(prediction, reference) for name, scorer in scorers.items()},
         })
-    means = {name: sum(e["scores"][name] for e in examples) / len(examples) for name in scorers}
+    extra: dict[str, Any] = {}
+    if "judge" in cfg.evaluation.metrics:
+        from factory.judge import grade_answers
+
+        prompts = [modeling.prompt_and_answer(r) for r in records]
+        scores, extra["judge"] = grade_answers(cfg, ws, [p for p, _ in prompts], predictions, [r for _, r in prompts])
+        for example, score in zip(examples, scores):
+            example["scores"]["judge"] = score
+    means = {name: _mean([e["scores"][name] for e in examples]) for name in cfg.evaluation.metrics}
     return {
+        **extra,
         "num_examples": len(examples),
         "scores": means,
         "primary": cfg.evaluation.primary,
@@ -81,6 +93,12 @@ def score_predictions(cfg: FactoryConfig, records: list[dict], predictions: list
         "decoding": decoding(cfg),
         "examples": examples,
     }
+
+
+def _mean(values: list[float | None]) -> float:
+    """The mean of the scores there are (NaN, written as null, when there are none)."""
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else math.nan
 
 
 def perplexity(loss: float) -> float | None:

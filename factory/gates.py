@@ -211,7 +211,8 @@ def _check_criterion(c: Criterion, reader: MetricReader) -> dict:
         row["description"] = c.description
     try:
         observed = reader.get(c.metric)
-        required = _evaluate(c.value, reader) if isinstance(c.value, str) else c.value
+        # a null observation fails as it is (a judge that could not judge): nothing to compute against
+        required = _evaluate(c.value, reader) if isinstance(c.value, str) and observed is not None else c.value
     except MissingMetric as e:
         if c.optional:
             row["note"] = f"skipped: {e}"

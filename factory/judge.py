@@ -368,6 +368,26 @@ def open_judge(config, cfg, ws: Workspace, stack, settings, log, *, name: str = 
     return Judge(rubric, model=open_model(name, config.model, cfg, ws, stack, settings, log), **common)
 
 
+def grade_answers(cfg, ws: Workspace, prompts: list[list[dict]], answers: list[str],
+                  references: list[str | None]) -> tuple[list[float | None], dict[str, Any]]:
+    """The evaluate phases' `judge` metric: every answer graded by evaluation.judge (its server,
+    if it is a GGUF, runs for this call), concurrently; (scores, the judge's reliability)."""
+    import logging
+    from contextlib import ExitStack
+
+    from factory.endpoints import EndpointSettings, run_concurrently
+
+    settings = cfg.evaluation.compare
+    connection = EndpointSettings(settings.request_timeout, settings.max_retries, settings.n_ctx,
+                                  settings.startup_timeout, settings.threads)
+    items = [Item(f"example-{i}", prompt, answer=answer, reference=reference)
+             for i, (prompt, answer, reference) in enumerate(zip(prompts, answers, references))]
+    with ExitStack() as servers:
+        judge = open_judge(cfg.evaluation.judge, cfg, ws, servers, connection, logging.getLogger("factory.judge"))
+        grades = run_concurrently(items, judge.grade, concurrency=settings.concurrency)
+    return [g.score for g in grades], reliability(judge, grades, keys=[item.key for item in items])
+
+
 # --- what the metrics say about the judge ------------------------------------------------------
 
 

@@ -158,18 +158,26 @@ def compare(baseline: Sequence[float], finetuned: Sequence[float], *, bootstrap:
     """Paired comparison of per-example scores on the same examples (seed 002).
 
     Improvement (absolute and relative), paired t-test, Wilcoxon signed-rank, and a
-    bootstrap 95% confidence interval of the mean difference.
+    bootstrap 95% confidence interval of the mean difference. An example without a score
+    on either side (None: a judge's verdict that failed) is left out and counted as
+    `unpaired`; with no pair left every statistic is None and nothing is significant.
     """
     from scipy import stats
 
-    base = np.asarray(baseline, dtype=float)
-    tuned = np.asarray(finetuned, dtype=float)
-    if base.shape != tuned.shape or base.size == 0:
-        raise ValueError(f"paired scores must have the same non-zero length ({base.size} vs {tuned.size})")
+    if len(baseline) != len(finetuned) or not len(baseline):
+        raise ValueError(f"paired scores must have the same non-zero length ({len(baseline)} vs {len(finetuned)})")
+    pairs = [(b, f) for b, f in zip(baseline, finetuned) if b is not None and f is not None]
+    unpaired = {"unpaired": len(baseline) - len(pairs)} if len(pairs) < len(baseline) else {}
+    if not pairs:
+        return {"n": 0, **unpaired, "baseline": None, "finetuned": None, "improvement": None, "relative_improvement": None,
+                "t_statistic": None, "p_value": None, "wilcoxon_p_value": None, "ci95": None, "significant": False}
+    base = np.asarray([b for b, _ in pairs], dtype=float)
+    tuned = np.asarray([f for _, f in pairs], dtype=float)
     diff = tuned - base
     base_mean, tuned_mean = float(base.mean()), float(tuned.mean())
     result: dict[str, Any] = {
         "n": int(base.size),
+        **unpaired,
         "baseline": base_mean,
         "finetuned": tuned_mean,
         "improvement": tuned_mean - base_mean,
@@ -201,8 +209,10 @@ def compare(baseline: Sequence[float], finetuned: Sequence[float], *, bootstrap:
 
 
 def flips(baseline: Sequence[float], finetuned: Sequence[float]) -> dict[str, list[int]]:
-    """Indices of examples whose score went up (improved) or down (regressed)."""
-    improved = [i for i, (b, f) in enumerate(zip(baseline, finetuned)) if f > b + 1e-12]
-    regressed = [i for i, (b, f) in enumerate(zip(baseline, finetuned)) if f < b - 1e-12]
+    """Indices of examples whose score went up (improved) or down (regressed); examples
+    without a score on either side are neither."""
+    pairs = [(i, b, f) for i, (b, f) in enumerate(zip(baseline, finetuned)) if b is not None and f is not None]
+    improved = [i for i, b, f in pairs if f > b + 1e-12]
+    regressed = [i for i, b, f in pairs if f < b - 1e-12]
     return {"improved": improved, "regressed": regressed}
 

@@ -311,7 +311,7 @@ def _verify(ctx: PhaseContext, path: Path, gtype, shapes: list[tuple[int, ...]],
         out = llm.create_completion(ids, max_tokens=cfg.evaluation.max_new_tokens, temperature=0.0, top_k=1)
         predictions.append(out["choices"][0]["text"].strip())
         ctx.progress.advance()
-    scored = evaluation.score_predictions(cfg, records, predictions, seconds=time.monotonic() - started)
+    scored = evaluation.score_predictions(cfg, records, predictions, seconds=time.monotonic() - started, ws=ctx.workspace)
     score, merged_score = scored["primary_score"], reference["primary_score"]
     drop = (merged_score - score) / merged_score if merged_score else merged_score - score
 

@@ -53,3 +53,12 @@ def test_compare_degenerate_cases():
     assert compare([0] * 6, [1] * 6)["p_value"] == 0.0
     with pytest.raises(ValueError, match="same non-zero length"):
         compare([1, 0], [1])
+
+
+def test_compare_leaves_out_examples_a_judge_could_not_grade():
+    result = compare([0.0, None, 0.0, 0.2, 0.0], [1.0, 1.0, None, 0.9, 0.8], bootstrap=1000)
+    assert result["n"] == 3 and result["unpaired"] == 2
+    assert result["improvement"] == pytest.approx((1.0 + 0.7 + 0.8) / 3)
+    nothing = compare([None, None], [1.0, None])
+    assert nothing["n"] == 0 and nothing["p_value"] is None and nothing["significant"] is False
+    assert flips([0, None, 1, 0], [1, 1, None, 0]) == {"improved": [0], "regressed": []}

@@ -6,7 +6,7 @@
 const POLL_MS = 1000;
 const PREFERRED_QUANT_COLUMNS = ["type", "size_bytes", "bits_per_weight", "size_within_bounds", "score", "merged_score",
   "relative_score_drop", "perplexity_ratio", "mean_kl", "tokenizer_agreement", "generation_stops", "path"];
-const seen = { trainingSeq: undefined, evaluate: undefined, quantize: undefined };
+const seen = { trainingSeq: undefined, evaluate: undefined, quantize: undefined, comparison: undefined };
 
 const $ = (id) => document.getElementById(id);
 
@@ -283,6 +283,56 @@ function renderQuantization(quantization) {
     table(columns.map((c) => c.replace(/_/g, " ")), rows, summary)));
 }
 
+// `factory compare` (metrics/comparison.json): per model, every pair (Holm-corrected), the
+// success criteria of seed 002 and the breakdown by category.
+function renderComparison(c) {
+  $("comparison").hidden = !c;
+  if (!c) return;
+  const pairwise = c.mode === "pairwise";
+  const judge = c.judge || {};
+  const what = c.task === "conversations" ? "conversations with a simulated user" : "answers to the test split";
+  const personas = c.personas ? ` · ${c.personas.count} personas × ${c.personas.per_persona} conversations` : "";
+  $("comparison-summary").textContent = `${c.models.length} models on ${what}, ${fmt(c.items_per_model)} items each` +
+    `${personas} · judge ${judge.kind} (${judge.function || judge.model || "—"}), rubric ${judge.rubric}, ` +
+    `${pairwise ? "pairwise" : "single-answer grading"} · judge failure rate ${fmt(judge.failure_rate)}` +
+    (judge.inconsistency_rate !== undefined ? ` · inconsistency rate ${fmt(judge.inconsistency_rate)}` : "");
+  const name = (n) => n + (n === c.baseline ? " (baseline)" : "");
+  const models = pairwise
+    ? table(["model", "comparisons", "wins", "losses", "ties", "win rate"],
+      c.per_model.map((r) => [name(r.name), fmt(r.n), fmt(r.wins), fmt(r.losses), fmt(r.ties), fmt(r.win_rate)]), "Per model")
+    : table(["model", "n", "mean", "sd", "pass rate", "judge failures"],
+      c.per_model.map((r) => [name(r.name), fmt(r.n), fmt(r.mean), fmt(r.sd), fmt(r.pass_rate), fmt(r.failures)]), "Per model");
+  $("comparison-models").replaceChildren(models);
+  $("comparison-pairs").replaceChildren(table(["a", "b", "n", "mean a", "mean b", "b − a", "95% interval", "p", "p (Holm)", "significant"],
+    c.comparisons.map((x) => [x.a, x.b, fmt(x.n), fmt(x.mean_a), fmt(x.mean_b), fmt(x.improvement), fmt(x.ci95),
+      fmt(x.p_value), fmt(x.p_holm), fmt(x.significant)]), "Every pair of models (paired test, Holm-corrected)"));
+  const s = c.success_criteria;
+  const success = table(["model", "improvement", `≥ ${s.min_improvement}`, "p (Holm)", `< ${s.alpha}`, "no safety regression", "passed"],
+    s.rows.map((r) => [r.model, fmt(r.improvement), fmt(r.improvement_ok), fmt(r.p_holm), fmt(r.significant),
+      r.no_safety_regression === null ? "not measured" : fmt(r.no_safety_regression),
+      el("td", { class: r.passed ? "pass" : "fail" }, r.passed ? "pass" : "fail")]),
+    `Success criteria against ${s.baseline}`);
+  success.dataset.passed = String(s.passed);
+  $("comparison-success").replaceChildren(success);
+  const names = c.models.map((m) => m.name);
+  $("comparison-breakdown").replaceChildren(c.breakdown.length
+    ? table(["by", "category", ...names], c.breakdown.map((b) => [b.by, b.category,
+      ...names.map((n) => `${fmt(b.per_model[n].mean)} (n=${b.per_model[n].n})`)]), "Breakdown by category")
+    : el("p", { class: "muted" }, "No categories to break down."));
+}
+
+// The last comparison is shown whether or not the last run was `factory compare`: fetched
+// again when a run starts or the compare phase finishes.
+async function refreshComparison(status) {
+  const phase = status.phases.find((p) => p.name === "compare");
+  const key = `${status.run_id}/${phase ? phase.state + phase.ended_at : "-"}`;
+  if (key === seen.comparison) return;
+  if (phase && phase.state === "running") { renderComparison(null); seen.comparison = key; return; }
+  const response = await getJSON("/api/metrics/compare");
+  seen.comparison = key;
+  renderComparison(response.ok ? response.body : null);
+}
+
 // A phase's metrics are shown once it succeeded (or was skipped as unchanged) in the current
 // run, and fetched again only when that changes.
 async function refreshPhaseMetrics(status, name, render) {
@@ -326,6 +376,7 @@ async function poll() {
     renderGates(gates.ok ? gates.body : []);
     await refreshPhaseMetrics(status.body, "evaluate", renderEvaluation);
     await refreshPhaseMetrics(status.body, "quantize", renderQuantization);
+    await refreshComparison(status.body);
     $("updated").textContent = `updated ${new Date().toLocaleTimeString()} (status seq ${status.body.seq})`;
   } catch (error) {
     const banner = $("state");
