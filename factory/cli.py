@@ -440,7 +440,7 @@ def serve_model(
     """Serve a GGUF with an OpenAI-compatible API (llama-cpp-python's server) until Ctrl-C.
 
     Waits until /v1/models answers, prints the base URL to give any OpenAI client (or another
-    workspace's evaluation.compare.models as base_url), and stops the server on Ctrl-C.
+    workspace's evaluation.compare.models as base_url), and stops the server on Ctrl-C (exit 0).
     Exit 2 when the server cannot start, the port is taken, it does not answer in time, or it dies.
     """
     import logging
@@ -457,9 +457,13 @@ def serve_model(
     with server:
         out.print(f"Serving {ws.rel(path)} as model {alias!r} at {server.base_url}  (OpenAI-compatible; "
                   f"log {ws.rel(server.log_file)}; Ctrl-C to stop)", highlight=False, soft_wrap=True)
-        while True:
-            time.sleep(0.5)
-            server.check_alive()
+        try:
+            while True:
+                time.sleep(0.5)
+                server.check_alive()
+        except KeyboardInterrupt:  # how it is meant to end, as `factory serve` does
+            pass
+    err.print("server stopped", highlight=False)
 
 
 @app.command()

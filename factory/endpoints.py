@@ -35,7 +35,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol, TypeVar
@@ -216,10 +216,11 @@ class OpenAIChat:
     """A model behind an OpenAI-compatible endpoint (chat completions)."""
 
     def __init__(self, name: str, base_url: str, model: str | None, *, api_key_env: str | None,
-                 settings: EndpointSettings, server: LocalServer | None = None):
+                 settings: EndpointSettings, server: LocalServer | None = None, gguf: str | None = None):
         from openai import OpenAI
 
         self.name, self.base_url, self.api_key_env, self.server = name, base_url.rstrip("/"), api_key_env, server
+        self.gguf = gguf  # how to show the served file (relative to the workspace)
         self.settings = settings
         key = None
         if api_key_env:
@@ -276,7 +277,7 @@ class OpenAIChat:
         # the name of the key's variable, never the key
         described = {"kind": "gguf" if self.server else "endpoint", "base_url": self.base_url, "model": self.model}
         if self.server:
-            described["gguf"] = str(self.server.gguf)
+            described["gguf"] = self.gguf or str(self.server.gguf)
         if self.api_key_env:
             described["api_key_env"] = self.api_key_env
         return described
@@ -359,7 +360,8 @@ def open_model(name: str, source, cfg, ws: Workspace, stack, settings: EndpointS
                              threads=settings.threads, startup_timeout=settings.startup_timeout)
         stack.enter_context(server)
         log.info("model %s: %s served at %s (log %s)", name, ws.rel(gguf), server.base_url, ws.rel(server.log_file))
-        return OpenAIChat(name, server.base_url, server.name, api_key_env=None, settings=settings, server=server)
+        return OpenAIChat(name, server.base_url, server.name, api_key_env=None, settings=settings, server=server,
+                          gguf=ws.rel(gguf))
     return HFChat(name, cfg, ws, hf=source.hf, adapter=source.adapter)
 
 
@@ -401,7 +403,7 @@ def run_concurrently(items: Iterable[T], work: Callable[[T], R], *, concurrency:
         futures = {pool.submit(work, item): i for i, item in enumerate(items)}
         pending = set(futures)
         while pending:
-            done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
                 if future.exception() is not None:
                     for other in pending:

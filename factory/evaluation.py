@@ -95,10 +95,15 @@ def score_predictions(cfg: FactoryConfig, records: list[dict], predictions: list
     }
 
 
-def _mean(values: list[float | None]) -> float:
-    """The mean of the scores there are (NaN, written as null, when there are none)."""
+def _mean(values: list[float | None]) -> float | None:
+    """The mean of the scores there are (None when there are none: a judge that judged nothing)."""
     present = [v for v in values if v is not None]
-    return sum(present) / len(present) if present else math.nan
+    return sum(present) / len(present) if present else None
+
+
+def difference(a: float | None, b: float | None) -> float | None:
+    """a - b, or None when either is unknown."""
+    return None if a is None or b is None else a - b
 
 
 def perplexity(loss: float) -> float | None:

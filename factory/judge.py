@@ -274,9 +274,9 @@ class Judge:
         self.kind = "function" if function is not None else "llm"
 
     def describe(self) -> dict[str, Any]:
-        who = {"function": self.spec} if self.function is not None else self.model.describe()
+        source = {"kind": "function", "function": self.spec} if self.function is not None else self.model.describe()
         return {"kind": self.kind, "rubric": self.rubric.name, "rubric_source": self.rubric.source,
-                "pass_threshold": self.pass_threshold, **who}
+                "pass_threshold": self.pass_threshold, "source": source}
 
     # single-answer grading
 

@@ -115,8 +115,9 @@ def _blocks(metrics: dict[str, Any], gates: list[dict]) -> list[Block]:
         [name + (" (primary)" if name == primary else ""), m["baseline"], m["finetuned"], m["improvement"]]
         for name, m in evaluation.get("per_metric", {}).items()]))
     if baseline and baseline.get("examples") and evaluation.get("examples"):
-        base_scores = [e["scores"][primary] for e in baseline["examples"]]
-        tuned_scores = [e["scores"][primary] for e in evaluation["examples"]]
+        # examples a judge could not grade (None) are not in the distribution
+        base_scores = [e["scores"][primary] for e in baseline["examples"] if e["scores"].get(primary) is not None]
+        tuned_scores = [e["scores"][primary] for e in evaluation["examples"] if e["scores"].get(primary) is not None]
         blocks.append(Figure("scores.png", _scores_png(base_scores, tuned_scores, primary),
                              f"Distribution of {primary} per test example, baseline vs fine-tuned"))
 
@@ -173,20 +174,17 @@ def comparison_blocks(c: dict[str, Any]) -> list[Block]:
     pairwise = c["mode"] == "pairwise"
     what = "full conversations with a simulated user" if c["task"] == "conversations" else "answers to the test split"
     lines = [f"{len(c['models'])} models compared on {what}, {c['items_per_model']} items each, paired item by item; "
-             f"baseline {c['baseline']}. Judge: {judge['kind']} "
-             f"({judge.get('function') or judge.get('model') or judge.get('gguf')}), rubric {judge['rubric']}, "
+             f"baseline {c['baseline']}. Judge: {judge['kind']} ({_source(judge['source'])}), rubric {judge['rubric']}, "
              f"{'pairwise (both orders)' if pairwise else 'single-answer grading'}."]
     personas = c.get("personas")
     if personas:
         seeds = f", seeds {personas['seeds'][0]}-{personas['seeds'][1]}" if personas.get("seeds") else ""
         lines.append(f"Personas: {personas['count']} ({personas['source']}{seeds}) x {personas['per_persona']} "
-                     f"conversations per model; user simulator {c['simulator'].get('function') or c['simulator'].get('model')}, "
+                     f"conversations per model; user simulator {_source(c['simulator'])}, "
                      f"at most {c['simulator']['max_turns']} user turns; transcripts in "
                      f"{', '.join(c.get('transcripts', {}).values())}.")
     blocks: list[Block] = [Heading("Model comparison"), Paragraph(" ".join(lines))]
-    models = TableBlock(["model", "source", "role"], [
-        [m["name"], m["source"].get("gguf") or m["source"].get("base_url") or m["source"].get("hf")
-         or m["source"].get("function"), m["role"]] for m in c["models"]])
+    models = TableBlock(["model", "source", "role"], [[m["name"], _source(m["source"]), m["role"]] for m in c["models"]])
     blocks.append(models)
     if pairwise:
         blocks.append(TableBlock(["model", "comparisons", "wins", "losses", "ties", "win rate"], [
@@ -238,6 +236,12 @@ def comparison_blocks(c: dict[str, Any]) -> list[Block]:
         blocks.append(TableBlock(["item", "why it failed", "judge's text"], [
             [f["key"], f["reason"], f.get("text", "")] for f in judge["failed_examples"]]))
     return blocks
+
+
+def _source(source: dict) -> str:
+    """A model source as a person would name it: the file, the URL, the folder or the function."""
+    shown = source.get("function") or source.get("gguf") or source.get("base_url") or source.get("hf") or "?"
+    return shown + (f" + {source['adapter']}" if source.get("adapter") else "")
 
 
 def _required(criterion: dict) -> Any:

@@ -48,7 +48,7 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
                                                         seed=cfg.evaluation.seed)}
     per_metric = {
         name: {"baseline": baseline["scores"][name], "finetuned": result["scores"][name],
-               "improvement": result["scores"][name] - baseline["scores"][name]}
+               "improvement": evaluation.difference(result["scores"][name], baseline["scores"][name])}
         for name in result["scores"] if name in baseline["scores"]
     }
     flipped = scoring.flips(base_scores, tuned_scores)

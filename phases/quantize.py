@@ -101,7 +101,8 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
         "reference": {key: reference[key] for key in ("num_examples", "scores", "primary", "primary_score",
                                                         "perplexity", "decoding") if key in reference},
         "gguf_files": sum(1 for v in verified if Path(ws.path(v["path"])).is_file()),
-        "worst_relative_score_drop": max(v["relative_score_drop"] for v in verified),
+        "worst_relative_score_drop": (None if any(v["relative_score_drop"] is None for v in verified)
+                                      else max(v["relative_score_drop"] for v in verified)),
         "all_sizes_within_bounds": all(v["size_within_bounds"] for v in verified),
         "all_generations_stop": all(v["generation_stops"] == 1.0 for v in verified),
         "min_tokenizer_agreement": min(v["tokenizer_agreement"] for v in verified),
@@ -313,7 +314,10 @@ def _verify(ctx: PhaseContext, path: Path, gtype, shapes: list[tuple[int, ...]],
         ctx.progress.advance()
     scored = evaluation.score_predictions(cfg, records, predictions, seconds=time.monotonic() - started, ws=ctx.workspace)
     score, merged_score = scored["primary_score"], reference["primary_score"]
-    drop = (merged_score - score) / merged_score if merged_score else merged_score - score
+    if score is None or merged_score is None:  # a judge metric that judged nothing
+        drop = None
+    else:
+        drop = (merged_score - score) / merged_score if merged_score else merged_score - score
 
     # next-token distributions against the merged model, on the answer tokens
     nll_gguf, nll_merged, kl, tokens = 0.0, 0.0, 0.0, 0

@@ -24,7 +24,9 @@ from factory.example import localize
 from factory.resources import validate
 
 pytestmark = pytest.mark.slow
-ENV = {**os.environ, "COLUMNS": "200", "HF_HUB_OFFLINE": "1"}
+# One torch thread: with other processes on a 2-core machine, two spinning threads trained the
+# example at 0.05 steps/s against 1.1 with one (measured here, 480 steps of batch 16).
+ENV = {**os.environ, "COLUMNS": "200", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 REQUEST = re.compile(r"Locale: (\S+)\. Date: (\S+)\. Amount: (\S+) (\S+)\.")
 
 
@@ -148,7 +150,7 @@ def test_the_documented_command_compares_base_and_fine_tuned_in_conversations(tr
     validate(status, "status")
     phase = next(p for p in status["phases"] if p["name"] == "compare")
     assert status["state"] == "succeeded" and phase["state"] == "succeeded"
-    assert phase["gates"] == [{"name": "model-comparison", "passed": True}]
+    assert [(g["name"], g["passed"]) for g in phase["gates"]] == [("model-comparison", True)]
     assert "gate model-comparison: passed" in proc.stderr and "success criteria" in proc.stdout
     report = (trained / "metrics" / "report.md").read_text()
     assert "## Model comparison" in report and "## Success criteria" in report and "| fine-tuned |" in report
@@ -192,24 +194,36 @@ def test_dashboard_serves_the_comparison(trained):
         server.server_close()
 
 
-# --- an LLM judge served from a GGUF ----------------------------------------------------------
+# --- an LLM judge and an LLM user simulator, served from GGUFs -----------------------------------
 
 
-def test_llm_judge_from_a_gguf_cannot_judge_counted_and_the_gate_fails(copy):
-    set_config(copy, judge={"rubric": "helpfulness", "model": "models/quantized/model-Q8_0.gguf", "max_tokens": 24,
-                            "retries": 1},
-               compare={"task": "test_split", "max_examples": 3, "max_tokens": 32})
+def test_llm_judge_and_llm_simulator_from_ggufs_run_end_to_end_and_the_unparseable_verdicts_fail_the_gate(copy):
+    """The tiny model cannot judge or play a user: its verdicts are counted as failures, the gate
+    fails (exit 1), nothing crashes; the conversations still run turn by turn, with the same
+    simulated user's first message for both models."""
+    gguf = "models/quantized/model-Q8_0.gguf"
+    set_config(copy, judge={"rubric": "helpfulness", "model": gguf, "max_tokens": 24, "retries": 1},
+               conversations={"personas": 2, "per_persona": 1, "max_turns": 2, "simulator": gguf},
+               compare={"max_tokens": 16})
     proc = factory("compare", "-C", copy, check_rc=1)
     assert "gate model-comparison failed after compare on: comparison.judge.failure_rate" in proc.stderr
+    assert "Traceback" not in proc.stderr
     c = read(copy, "metrics/comparison.json")
     validate(c, "comparison")
+    assert c["simulator"]["kind"] == "gguf" and "stay in character" in c["simulator"]["system_prompt"].lower()
     judge = c["judge"]
-    assert judge["kind"] == "llm" and judge["verdicts"] == 6 and judge["failures"] == 6 and judge["failure_rate"] == 1.0
-    assert judge["requests"] == 12  # each verdict asked twice: the first answer, then one retry
+    assert judge["kind"] == "llm" and judge["source"]["kind"] == "gguf" and judge["source"]["gguf"] == gguf
+    assert judge["verdicts"] == 4 and judge["failures"] == 4 and judge["failure_rate"] == 1.0
+    assert judge["requests"] == 8  # each verdict asked twice: the first answer, then one retry
     failed = judge["failed_examples"][0]
-    assert "unparseable verdict after 2 attempt(s): no verdict in double brackets" == failed["reason"] and failed["text"]
-    assert all(r["n"] == 0 and r["failures"] == 3 and r["mean"] is None for r in c["per_model"])
+    assert failed["reason"].startswith("unparseable verdict after 2 attempt(s):") and "text" in failed
+    assert all(r["n"] == 0 and r["failures"] == 2 and r["mean"] is None for r in c["per_model"])
     assert c["comparisons"][0]["n"] == 0 and c["comparisons"][0]["p_value"] is None
+    base, tuned = ([json.loads(line) for line in (copy / path).read_text().splitlines()] for path in c["transcripts"].values())
+    for b, t in zip(base, tuned):  # same simulator, same seed, same opening (the tiny model may open with nothing)
+        assert b["messages"][:1] == t["messages"][:1] and b["user_turns"] <= 2
+        assert b["stopped_by"] in ("turn_limit", "stop_token", "empty_user_message")
+    assert any(t["messages"] for t in base + tuned)
     status = read(copy, ".factory/status.json")
     assert status["state"] == "failed" and status["error"]["type"] == "GateFailed"
     assert "Judge reliability" in (copy / "metrics" / "report.md").read_text()
@@ -232,9 +246,12 @@ def test_an_endpoint_behind_an_api_key_and_an_adapter_in_process(copy):
         deadline = time.monotonic() + 120
         while not port_open(f"http://127.0.0.1:{port}") and time.monotonic() < deadline:
             time.sleep(0.2)
-        set_config(copy, compare={"task": "test_split", "max_examples": 8, "max_tokens": 32, "models": [
-            {"name": "adapter", "adapter": "models/checkpoints/lora"},
-            {"name": "remote", "base_url": f"http://127.0.0.1:{port}/v1", "model": "tuned", "api_key_env": "JUDGE_TEST_KEY"}]})
+        # rubric code stands in for a safety judge here: it exercises the safety columns, not safety itself
+        # the endpoint is opened first, so that a key problem is found before the adapter loads
+        set_config(copy, compare={"task": "test_split", "max_examples": 8, "max_tokens": 32, "baseline": "adapter",
+                                  "safety": {"rubric": "safety", "model": "factory.example:judge"}, "models": [
+            {"name": "remote", "base_url": f"http://127.0.0.1:{port}/v1", "model": "tuned", "api_key_env": "JUDGE_TEST_KEY"},
+            {"name": "adapter", "adapter": "models/checkpoints/lora"}]})
         missing = factory("compare", "-C", copy, check_rc=2)
         assert "environment variable JUDGE_TEST_KEY (api_key_env) is not set" in missing.stderr
         wrong = factory("compare", "-C", copy, env={**ENV, "JUDGE_TEST_KEY": "wrong"}, check_rc=2)
@@ -242,13 +259,18 @@ def test_an_endpoint_behind_an_api_key_and_an_adapter_in_process(copy):
         factory("compare", "-C", copy, env={**ENV, "JUDGE_TEST_KEY": secret})
         c = read(copy, "metrics/comparison.json")
         validate(c, "comparison")
-        assert [m["source"]["kind"] for m in c["models"]] == ["hf", "endpoint"]
-        assert c["models"][1]["source"]["api_key_env"] == "JUDGE_TEST_KEY"
+        assert [m["source"]["kind"] for m in c["models"]] == ["endpoint", "hf"] and c["baseline"] == "adapter"
+        assert c["models"][0]["source"]["api_key_env"] == "JUDGE_TEST_KEY"
         answers = {name: [json.loads(line)["answer"] for line in (copy / path).read_text().splitlines()]
                    for name, path in c["answers"].items()}
         # the same fine-tune through transformers (fp32 + adapter) and llama.cpp (Q8_0): mostly the same answers
         assert sum(a == b for a, b in zip(answers["adapter"], answers["remote"])) >= 6
-        assert all(r["n"] == 8 and r["mean"] > 0.5 for r in c["per_model"])
+        assert all(r["n"] == 8 and r["mean"] > 0.5 and r["safety"]["n"] == 8 for r in c["per_model"])
+        assert c["safety_judge"]["rubric"] == "safety" and c["success_criteria"]["safety_measured"]
+        # the same function as both judges: its safety regressions are countable from the paired main scores
+        expected = sum(1 for i in c["paired_items"] if i["scores"]["adapter"] >= 0.75 > i["scores"]["remote"])
+        row = c["success_criteria"]["rows"][0]
+        assert row["safety_regressions"] == expected and row["no_safety_regression"] == (expected == 0)
         for path in copy.rglob("*"):  # the key is nowhere: metrics, logs, status, transcripts
             if path.is_file() and path.stat().st_size < 50_000_000:
                 assert secret.encode() not in path.read_bytes(), path
@@ -301,8 +323,9 @@ def test_serve_model_port_in_use_startup_timeout_and_a_working_server(trained):
             right += reply.choices[0].message.content.strip() == record["conversations"][-1]["content"]
         assert right >= 5
     finally:
-        server.send_signal(signal.SIGINT)
-        assert server.wait(timeout=60) == 130
+        server.send_signal(signal.SIGINT)  # Ctrl-C: how serve-model is meant to end
+        assert server.wait(timeout=60) == 0
+    assert "server stopped" in server.stderr.read()
     assert not port_open(url) and servers_of(trained) == []
 
 
@@ -340,6 +363,7 @@ def test_an_endpoint_that_never_answers_times_out_clearly(copy):
 
 
 def test_a_server_killed_mid_run_fails_the_run_clearly(copy):
+    set_config(copy, compare={"max_tokens": 200})  # the base model's long answers keep requests in flight
     proc = subprocess.Popen([sys.executable, "-m", "factory", "compare", "-C", str(copy)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=ENV)
     status_file = copy / ".factory" / "status.json"
@@ -365,3 +389,31 @@ def test_a_server_killed_mid_run_fails_the_run_clearly(copy):
     assert phase["state"] == "failed" and phase["error"]["type"] == "EndpointError"
     assert "killed by signal 9" in phase["error"]["message"]
     assert not (copy / "metrics" / "comparison.json").exists() and servers_of(copy) == []
+
+
+# --- the judge in the evaluate phases ------------------------------------------------------------
+
+
+def test_judge_scores_feed_the_evaluate_phase_and_a_judge_that_cannot_judge_fails_its_gate(copy):
+    set_config(copy, metrics=["exact_match", "judge"], primary="judge",
+               judge={"rubric": "correctness", "model": "factory.example:judge"})
+    factory("run", "evaluate", "-C", copy, check_rc=0)
+    base, tuned = read(copy, "metrics/baseline.json"), read(copy, "metrics/evaluation.json")
+    assert tuned["comparison"]["metric"] == "judge" and tuned["judge"]["kind"] == "function"
+    assert base["judge"]["failure_rate"] == tuned["judge"]["failure_rate"] == 0
+    for e in tuned["examples"]:  # an exact answer gets full marks from the rubric code, and only it
+        assert (e["scores"]["judge"] == 1.0) == (e["scores"]["exact_match"] == 1.0) or 0 < e["scores"]["judge"] < 1
+    assert tuned["comparison"]["improvement"] > 0.5 and tuned["comparison"]["p_value"] < 0.05
+    gate = read(copy, "metrics/gates/model-performance.json")
+    judged = next(c for c in gate["criteria"] if c["metric"] == "evaluation.judge.failure_rate")
+    assert gate["passed"] and judged["passed"] and judged["observed"] == 0
+
+    # rubric code that returns text instead of a score: every verdict fails, counted; the gate fails
+    set_config(copy, judge={"rubric": "correctness", "model": "json:dumps"})
+    proc = factory("run", "--only", "evaluate", "-C", copy, check_rc=1)  # against the baseline judged above
+    assert "gate model-performance failed after evaluate on: evaluation.comparison.finetuned" in proc.stderr
+    assert "evaluation.judge.failure_rate" in proc.stderr and "Traceback" not in proc.stderr
+    tuned = read(copy, "metrics/evaluation.json")
+    assert tuned["judge"]["failure_rate"] == 1.0 and "not a score in 0..1" in tuned["judge"]["failed_examples"][0]["reason"]
+    assert tuned["comparison"]["n"] == 0 and tuned["comparison"]["unpaired"] == tuned["num_examples"]
+    assert tuned["scores"]["judge"] is None and all(e["scores"]["judge"] is None for e in tuned["examples"])

@@ -299,3 +299,63 @@ def test_model_sources_from_strings_and_their_errors():
                              ({"judge": {"rubric": "helpfulness"}}, "evaluation.judge.model: Field required")):
         with pytest.raises(ConfigError, match=re.escape(problem)):
             parse_config({"evaluation": section})
+
+
+# --- the commands' input errors (no model needed) ------------------------------------------------
+
+
+def run_factory(*args):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "factory", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "200"}, timeout=120)
+
+
+def test_compare_and_serve_model_input_errors_exit_2(tmp_path):
+    ws = tmp_path / "ws"
+    assert run_factory("init", ws).returncode == 0
+    proc = run_factory("compare", "-C", ws, "-m", "a=a.gguf", "-m", "b=b.gguf")
+    assert proc.returncode == 2 and "factory compare needs evaluation.judge" in proc.stderr
+    proc = run_factory("compare", "-C", ws, "-m", "a.gguf")
+    assert proc.returncode == 2 and "write a model as NAME=SOURCE" in proc.stderr
+    proc = run_factory("serve-model", "missing.gguf", "-C", ws)
+    assert proc.returncode == 2 and "neither a GGUF file nor a Hugging Face model folder" in proc.stderr
+    status = json.loads((ws / ".factory" / "status.json").read_text())  # the first one got as far as the phase
+    phase = next(p for p in status["phases"] if p["name"] == "compare")
+    assert status["state"] == "failed" and phase["state"] == "failed" and phase["error"]["type"] == "ConfigError"
+
+
+def test_run_concurrently_keeps_order_reports_each_completion_and_stops_at_the_first_error():
+    import threading
+    import time
+
+    from factory.endpoints import run_concurrently
+
+    ticks, active, peak, lock = [], [0], [0], threading.Lock()
+
+    def work(i):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.02 * (i % 3))
+        with lock:
+            active[0] -= 1
+        return i * i
+
+    assert run_concurrently(range(12), work, concurrency=3, on_done=lambda n: ticks.append(time.monotonic())) == \
+        [i * i for i in range(12)]
+    assert len(ticks) == 12 and peak[0] == 3 and ticks[-1] - ticks[0] > 0.05  # ticked as they finished
+    started = []
+
+    def fail_at_two(i):
+        started.append(i)
+        if i == 2:
+            raise ValueError("boom")
+        time.sleep(0.05)
+        return i
+
+    with pytest.raises(ValueError, match="boom"):
+        run_concurrently(range(50), fail_at_two, concurrency=2)
+    assert len(started) < 50  # the queued rest was cancelled

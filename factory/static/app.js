@@ -283,6 +283,10 @@ function renderQuantization(quantization) {
     table(columns.map((c) => c.replace(/_/g, " ")), rows, summary)));
 }
 
+function sourceName(source) {
+  return (source.function || source.gguf || source.base_url || source.hf || "—") + (source.adapter ? ` + ${source.adapter}` : "");
+}
+
 // `factory compare` (metrics/comparison.json): per model, every pair (Holm-corrected), the
 // success criteria of seed 002 and the breakdown by category.
 function renderComparison(c) {
@@ -293,7 +297,7 @@ function renderComparison(c) {
   const what = c.task === "conversations" ? "conversations with a simulated user" : "answers to the test split";
   const personas = c.personas ? ` · ${c.personas.count} personas × ${c.personas.per_persona} conversations` : "";
   $("comparison-summary").textContent = `${c.models.length} models on ${what}, ${fmt(c.items_per_model)} items each` +
-    `${personas} · judge ${judge.kind} (${judge.function || judge.model || "—"}), rubric ${judge.rubric}, ` +
+    `${personas} · judge ${judge.kind} (${sourceName(judge.source || {})}), rubric ${judge.rubric}, ` +
     `${pairwise ? "pairwise" : "single-answer grading"} · judge failure rate ${fmt(judge.failure_rate)}` +
     (judge.inconsistency_rate !== undefined ? ` · inconsistency rate ${fmt(judge.inconsistency_rate)}` : "");
   const name = (n) => n + (n === c.baseline ? " (baseline)" : "");
