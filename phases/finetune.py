@@ -75,7 +75,7 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
     resume_from = _last_complete_checkpoint(output_dir, fingerprint, log)
 
     # 4. trainer
-    trainer = _build_trainer(cfg, ws, backend, model, chat, records, resolved, output_dir)
+    trainer = _build_trainer(cfg, ws, backend, model, chat, records, resolved, output_dir, log)
     tracker = _make_status_callback()(ctx, fingerprint, ws)
     trainer.add_callback(tracker)
     if resume_from:
@@ -141,7 +141,8 @@ PHASE = Phase(
 # --- training set and trainer ---------------------------------------------------------------
 
 
-def _build_trainer(cfg: FactoryConfig, ws: Workspace, backend, model, chat, records: list[dict], resolved, output_dir: Path):
+def _build_trainer(cfg: FactoryConfig, ws: Workspace, backend, model, chat, records: list[dict], resolved, output_dir: Path,
+                   log):
     from trl import SFTConfig, SFTTrainer
 
     t = cfg.training
@@ -188,16 +189,35 @@ def _build_trainer(cfg: FactoryConfig, ws: Workspace, backend, model, chat, reco
         return train_on_responses_only(trainer, instruction_part=chat.instruction_part,
                                        response_part=chat.response_part)
 
+    dataset, dropped = _token_dataset(chat, records, resolved.max_seq_length)
+    if dropped:
+        log.warning("%d of %d training records have no answer token within max_seq_length %d and are left out",
+                    dropped, len(records), resolved.max_seq_length)
+    if not len(dataset):
+        raise InputError(f"no training record has an answer token within model.max_seq_length "
+                         f"({resolved.max_seq_length}); raise it")
     trainer_class = SFTTrainer if cuda else _cpu_safe_trainer()
-    return trainer_class(model=model, processing_class=chat.tokenizer, train_dataset=_token_dataset(chat, records),
-                         args=SFTConfig(**args))
+    # Already tokenized and cut: TRL's own preparation (and its progress bars) is skipped,
+    # except for packing, which it does.
+    prepared = {} if t.packing else {"dataset_kwargs": {"skip_prepare_dataset": True}}
+    return trainer_class(model=model, processing_class=chat.tokenizer, train_dataset=dataset,
+                         args=SFTConfig(**args, **prepared))
 
 
-def _token_dataset(chat, records: list[dict]):
-    """input_ids and labels from the chat format: what the hf backend trains on."""
+def _token_dataset(chat, records: list[dict], max_length: int) -> tuple[Any, int]:
+    """input_ids and labels from the chat format, cut to max_length: what the hf backend
+    trains on. Also returns how many records were left with no trained token by the cut."""
     from datasets import Dataset
 
-    return Dataset.from_list([chat.training_example(r) for r in records])
+    rows, dropped = [], 0
+    for record in records:
+        example = chat.training_example(record)
+        example = {key: values[:max_length] for key, values in example.items()}
+        if any(label != -100 for label in example["labels"]):
+            rows.append(example)
+        else:
+            dropped += 1
+    return Dataset.from_list(rows), dropped
 
 
 def _text_dataset(chat, records: list[dict]):

@@ -60,7 +60,7 @@ def test_prompt_tokens_get_label_minus_100_on_both_data_paths(example):
     chat = ChatFormat.from_tokenizer(tokenizer)
 
     # hf: the factory's ids and labels, through TRL's collator
-    row = _token_dataset(chat, [record])[0]
+    row = _token_dataset(chat, [record], 512)[0][0]
     trained = [i for i, label in zip(row["input_ids"], row["labels"]) if label != -100]
     assert tokenizer.decode(trained) == answer + "<end_of_turn>\n"  # the answer and its end-of-turn, nothing else
     first_trained = row["labels"].index(trained[0])
