@@ -98,8 +98,8 @@ class ChatFormat:
     """The literal text between the parts of a rendered conversation (see _probe)."""
 
     sampling: dict[str, float | int]
-    """Sampling defaults from the model's generation config (temperature, top_p, top_k), for
-    `factory sample` and the Ollama Modelfile."""
+    """Sampling settings the model's generation config sets (temperature, top_p, top_k), for
+    `factory sample` and the Ollama Modelfile; unset ones are left to the runtime."""
 
     # --- construction ------------------------------------------------------------------
 
@@ -133,7 +133,7 @@ class ChatFormat:
             stop_token_ids=stops, pad_token_id=-1,
             bos_token_id=tokenizer.bos_token_id if adds_bos and not bos_in_template else None,
             instruction_part=instruction, response_part=response, probe=probe,
-            sampling=_sampling(generation_config),
+            sampling=sampling_settings(generation_config),
         )
         chat.pad_token_id = _choose_pad(tokenizer, chat)
         if tokenizer.pad_token_id != chat.pad_token_id:
@@ -161,7 +161,7 @@ class ChatFormat:
                    eot_token_id=tokenizer.eos_token_id, eot_appended=True, stop_token_ids=[tokenizer.eos_token_id],
                    pad_token_id=-1,
                    bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token and _encoding_adds_bos(tokenizer) else None,
-                   instruction_part="", response_part="", probe={}, sampling=_sampling(generation_config))
+                   instruction_part="", response_part="", probe={}, sampling=sampling_settings(generation_config))
         chat.pad_token_id = _choose_pad(tokenizer, chat)
         if tokenizer.pad_token_id != chat.pad_token_id:
             tokenizer.pad_token = tokenizer.convert_ids_to_tokens(chat.pad_token_id)
@@ -278,13 +278,10 @@ class ChatFormat:
         )
 
 
-def _sampling(generation_config) -> dict[str, float | int]:
-    from transformers import GenerationConfig
-
-    config = generation_config or GenerationConfig()
-    default = GenerationConfig()
-    return {key: getattr(config, key) if getattr(config, key, None) is not None else getattr(default, key)
-            for key in ("temperature", "top_p", "top_k")}
+def sampling_settings(generation_config) -> dict[str, float | int]:
+    """The sampling settings the model's generation config sets (none: the runtime's defaults)."""
+    return {key: value for key in ("temperature", "top_p", "top_k")
+            if (value := getattr(generation_config, key, None)) is not None}
 
 
 def _go(text: str) -> str:

@@ -16,9 +16,14 @@ from factory.errors import InputError
 from factory.workspace import Workspace
 
 
-def _settings(defaults: dict, temperature: float | None, top_p: float | None, top_k: int | None) -> dict:
+# What transformers and llama.cpp do when neither the command line nor the model says.
+RUNTIME_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50}
+
+
+def _settings(model: dict, temperature: float | None, top_p: float | None, top_k: int | None) -> dict:
+    """Each setting from the command line, else the model's generation config, else the runtime's."""
     given = {"temperature": temperature, "top_p": top_p, "top_k": top_k}
-    return {key: value if value is not None else defaults[key] for key, value in given.items()}
+    return {key: value if value is not None else model.get(key, RUNTIME_DEFAULTS[key]) for key, value in given.items()}
 
 
 class Sampler:
@@ -71,15 +76,15 @@ class GGUFSampler:
         from transformers import GenerationConfig
 
         from factory import llama_cpp
+        from factory.chat import sampling_settings
 
         if not path.is_file():
             raise InputError(f"{ws.rel(path)} not found; run `factory run quantize` first")
         context = cfg.model.max_seq_length if isinstance(cfg.model.max_seq_length, int) else 4096
         self.llm = llama_cpp.load(path, n_ctx=context + max_new_tokens)
         merged = ws.path(cfg.save.merged_path)  # the GGUF's source: its generation config
-        config = GenerationConfig.from_pretrained(merged) if (merged / "generation_config.json").exists() else GenerationConfig()
-        chosen = _settings({"temperature": config.temperature, "top_p": config.top_p, "top_k": config.top_k},
-                           temperature, top_p, top_k)
+        config = GenerationConfig.from_pretrained(merged) if (merged / "generation_config.json").exists() else None
+        chosen = _settings(sampling_settings(config), temperature, top_p, top_k)
         self.settings = dict(max_tokens=max_new_tokens, **chosen)
         if chosen["temperature"] <= 0:
             self.settings["top_k"] = 1
