@@ -38,8 +38,8 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
     records = evaluation.read_split(test_file, ws, cfg.evaluation.max_examples)
     backend = modeling.select_backend(cfg.model.backend)
     ctx.log.info("scoring base + adapter %s on %d test examples", ws.rel(adapter), len(records))
-    model, tokenizer = modeling.load_for_inference(cfg, ws, backend, adapter=adapter)
-    result = evaluation.score_model(ctx, model, tokenizer, records, what="fine-tuned")
+    model, chat = modeling.load_for_inference(cfg, ws, backend, adapter=adapter)
+    result = evaluation.score_model(ctx, model, chat, records, what="fine-tuned")
 
     primary = cfg.evaluation.primary
     base_scores = [e["scores"][primary] for e in baseline["examples"]]
@@ -69,7 +69,7 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
     }
     if cfg.evaluation.second_test_set:
         second_file = ws.path(cfg.evaluation.second_test_set)
-        second = evaluation.score_model(ctx, model, tokenizer, evaluation.read_split(second_file, ws), what="second set")
+        second = evaluation.score_model(ctx, model, chat, evaluation.read_split(second_file, ws), what="second set")
         base_second = baseline.get("second_test_set")
         if base_second is None:
             raise InputError("evaluation.second_test_set is set but the baseline did not score it; run `factory run baseline --force`")

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from factory import llama_cpp, modeling
+from factory.chat import messages
 from factory.config import FactoryConfig
 from factory.errors import InputError
 from factory.phase import Phase, PhaseContext
@@ -66,11 +67,11 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
              merge["max_abs_diff_vs_adapter"], merge["max_abs_diff_vs_base"])
 
     # 3. the merged model's scores and next-token distributions: the reference
-    model, tokenizer = modeling.load_for_inference(cfg, ws, backend, path=str(merged_dir))
-    reference = evaluation.score_model(ctx, model, tokenizer, records, what="merged")
+    model, chat = modeling.load_for_inference(cfg, ws, backend, path=str(merged_dir))
+    reference = evaluation.score_model(ctx, model, chat, records, what="merged")
     # (token ids, prompt length, the merged model's answer log-probs) per example
     divergence = [(ids, head, _answer_logprobs(_answer_logits(model, ids, head)))
-                  for ids, head in (_ids_and_head(tokenizer, r) for r in records[:DIVERGENCE_EXAMPLES])]
+                  for ids, head in (_ids_and_head(chat, r) for r in records[:DIVERGENCE_EXAMPLES])]
     shapes = [tuple(p.shape) for p in model.parameters()]  # what each file's size is checked against
     del model
     gc.collect()
@@ -88,11 +89,11 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
             "type": gtype.name,
             "path": ws.rel(path),
             **exported[gtype.name],
-            **_verify(ctx, path, gtype, shapes, tokenizer, records, reference, divergence),
+            **_verify(ctx, path, gtype, shapes, chat, records, reference, divergence),
         })
 
     # 6. handoff
-    modelfile = _write_modelfile(cfg, ws, quantized_dir, verified[0]["type"])
+    modelfile = _write_modelfile(cfg, ws, quantized_dir, verified[0]["type"], chat)
     commands = _run_commands(cfg, ws, quantized_dir, verified[0]["type"], modelfile)
     for line in commands.values():
         log.info("run it: %s", line)
@@ -131,12 +132,15 @@ def _merge(ctx: PhaseContext, backend, adapter: Path, merged_dir: Path, probes: 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from factory.chat import ChatFormat
+
     cfg, ws = ctx.config, ctx.workspace
     dtype = getattr(torch, cfg.save.merged_dtype)
     base = modeling.model_path(cfg.model.name, ws)
     started = time.monotonic()
-    tokenizer = AutoTokenizer.from_pretrained(adapter)  # the tokenizer the adapter was trained with
-    probe_ids = [_ids_and_head(tokenizer, r) for r in probes]
+    # the tokenizer the adapter was trained with (its template and pad token included)
+    chat = ChatFormat.from_tokenizer(AutoTokenizer.from_pretrained(adapter), cfg.dataset.chat_template)
+    probe_ids = [_ids_and_head(chat, r) for r in probes]
     staging = merged_dir.with_name(merged_dir.name + ".partial")  # the old merged model stays until the new one is whole
     shutil.rmtree(staging, ignore_errors=True)
     ctx.progress.start(3, "merge steps")
@@ -144,7 +148,7 @@ def _merge(ctx: PhaseContext, backend, adapter: Path, merged_dir: Path, probes: 
     if backend.name == "unsloth":
         from unsloth import FastModel
 
-        model, tokenizer = FastModel.from_pretrained(model_name=str(adapter), dtype=dtype, load_in_4bit=False)
+        model, _ = FastModel.from_pretrained(model_name=str(adapter), dtype=dtype, load_in_4bit=False)
     else:
         from peft import PeftModel
 
@@ -160,12 +164,12 @@ def _merge(ctx: PhaseContext, backend, adapter: Path, merged_dir: Path, probes: 
     ctx.progress.advance()
 
     if backend.name == "unsloth":
-        model.save_pretrained_merged(str(staging), tokenizer, save_method="merged_16bit")
+        model.save_pretrained_merged(str(staging), chat.tokenizer, save_method="merged_16bit")
         method = "unsloth save_pretrained_merged (merged_16bit)"
     else:
         model = model.merge_and_unload()
         model.save_pretrained(staging, max_shard_size="4GB")
-        tokenizer.save_pretrained(staging)
+        chat.tokenizer.save_pretrained(staging)
         method = "peft merge_and_unload"
     del model
     gc.collect()
@@ -208,9 +212,9 @@ def _merge(ctx: PhaseContext, backend, adapter: Path, merged_dir: Path, probes: 
     }
 
 
-def _ids_and_head(tokenizer, record: dict) -> tuple[list[int], int]:
+def _ids_and_head(chat, record: dict) -> tuple[list[int], int]:
     """The whole conversation's token ids and the length of the prompt part."""
-    ids, labels = modeling.answer_labels(tokenizer, record)
+    ids, labels = chat.answer_example(record)
     return ids, next(i for i, label in enumerate(labels) if label != -100)
 
 
@@ -281,7 +285,7 @@ def _export(ctx: PhaseContext, converter: Path, merged_dir: Path, out_dir: Path,
 # --- 5. verification --------------------------------------------------------------------------
 
 
-def _verify(ctx: PhaseContext, path: Path, gtype, shapes: list[tuple[int, ...]], tokenizer, records: list[dict], reference: dict,
+def _verify(ctx: PhaseContext, path: Path, gtype, shapes: list[tuple[int, ...]], chat, records: list[dict], reference: dict,
             divergence: list[tuple[list[int], int, Any]]) -> dict[str, Any]:
     import numpy as np
 
@@ -297,8 +301,8 @@ def _verify(ctx: PhaseContext, path: Path, gtype, shapes: list[tuple[int, ...]],
     low, high = llama_cpp.expected_bits_per_weight(gtype, shapes)
 
     # tokenizer: the same ids as the HF tokenizer on every test conversation
-    texts = [tokenizer.apply_chat_template(modeling.chat_messages(r["conversations"]), tokenize=False) for r in records]
-    same = sum(tokenizer(t, add_special_tokens=False)["input_ids"] == llm.tokenize(t.encode(), add_bos=False, special=True)
+    texts = [chat.render(messages(r["conversations"]), generation_prompt=False) for r in records]
+    same = sum(chat.tokenizer(t, add_special_tokens=False)["input_ids"] == llm.tokenize(t.encode(), add_bos=False, special=True)
                for t in texts)
 
     # the evaluate phase's scorers, greedy, from the same prompt ids the merged model saw
@@ -306,9 +310,7 @@ def _verify(ctx: PhaseContext, path: Path, gtype, shapes: list[tuple[int, ...]],
     started = time.monotonic()
     predictions = []
     for record in records:
-        prompt, _ = modeling.prompt_and_answer(record)
-        ids = modeling.token_ids(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True))
-        out = llm.create_completion(ids, max_tokens=cfg.evaluation.max_new_tokens, temperature=0.0, top_k=1)
+        out = llm.create_completion(chat.prompt_ids(record), max_tokens=cfg.evaluation.max_new_tokens, temperature=0.0, top_k=1)
         predictions.append(out["choices"][0]["text"].strip())
         ctx.progress.advance()
     scored = evaluation.score_predictions(cfg, records, predictions, seconds=time.monotonic() - started)
@@ -332,9 +334,8 @@ def _verify(ctx: PhaseContext, path: Path, gtype, shapes: list[tuple[int, ...]],
     stops = agree = 0
     checks = records[:STOP_CHECKS]
     for record, prediction in zip(checks, predictions):
-        prompt, _ = modeling.prompt_and_answer(record)
         llm.reset()
-        out = llm.create_chat_completion(prompt, max_tokens=cfg.evaluation.max_new_tokens, temperature=0.0, top_k=1)
+        out = llm.create_chat_completion(chat.prompt_messages(record), max_tokens=cfg.evaluation.max_new_tokens, temperature=0.0, top_k=1)
         stops += out["choices"][0]["finish_reason"] == "stop"
         agree += (out["choices"][0]["message"]["content"] or "").strip() == prediction
     embedded_template = llm.metadata.get("tokenizer.chat_template")
@@ -358,7 +359,7 @@ def _verify(ctx: PhaseContext, path: Path, gtype, shapes: list[tuple[int, ...]],
         "mean_kl": kl / tokens if tokens else None,
         "divergence_tokens": tokens,
         "generation_stops": stops / len(checks) if checks else None,
-        "chat_template_embedded": embedded_template == tokenizer.chat_template,
+        "chat_template_embedded": embedded_template == chat.tokenizer.chat_template,
         "chat_matches_greedy": agree / len(checks) if checks else None,
         "examples_per_second": scored["examples_per_second"],
         "examples": scored["examples"][:20],
@@ -368,56 +369,17 @@ def _verify(ctx: PhaseContext, path: Path, gtype, shapes: list[tuple[int, ...]],
 # --- 6. handoff -------------------------------------------------------------------------------
 
 
-# Ollama's Go-template form of each chat template (Ollama does not run Jinja), and the
-# token that ends a turn. Templates outside this table get no TEMPLATE line: Ollama then
-# falls back to the Jinja template embedded in the GGUF.
-OLLAMA_TEMPLATES = {
-    "gemma-3": ("""{{- range $i, $_ := .Messages }}
-{{- $last := eq (len (slice $.Messages $i)) 1 }}
-{{- if or (eq .Role "user") (eq .Role "system") }}<start_of_turn>user
-{{ .Content }}<end_of_turn>
-{{ if $last }}<start_of_turn>model
-{{ end }}
-{{- else if eq .Role "assistant" }}<start_of_turn>model
-{{ .Content }}{{ if not $last }}<end_of_turn>
-{{ end }}
-{{- end }}
-{{- end }}""", "<end_of_turn>"),
-    "llama-3.1": ("""{{- range $i, $_ := .Messages }}
-{{- $last := eq (len (slice $.Messages $i)) 1 }}<|start_header_id|>{{ .Role }}<|end_header_id|>
-
-{{ .Content }}{{ if or (ne .Role "assistant") (not $last) }}<|eot_id|>{{ end }}
-{{- if and $last (ne .Role "assistant") }}<|start_header_id|>assistant<|end_header_id|>
-
-{{ end }}
-{{- end }}""", "<|eot_id|>"),
-    "chatml": ("""{{- range $i, $_ := .Messages }}
-{{- $last := eq (len (slice $.Messages $i)) 1 }}<|im_start|>{{ .Role }}
-{{ .Content }}{{ if or (ne .Role "assistant") (not $last) }}<|im_end|>
-{{ end }}
-{{- if and $last (ne .Role "assistant") }}<|im_start|>assistant
-{{ end }}
-{{- end }}""", "<|im_end|>"),
-}
-OLLAMA_TEMPLATES["gemma3"] = OLLAMA_TEMPLATES["gemma-3"]
-OLLAMA_TEMPLATES["qwen-2.5"] = OLLAMA_TEMPLATES["chatml"]
-# Sampling defaults of the Gemma 3 inference example in the Unsloth spec (as `factory sample`).
-SAMPLING = {"temperature": 1.0, "top_p": 0.95, "top_k": 64}
-
-
-def _write_modelfile(cfg: FactoryConfig, ws: Workspace, quantized_dir: Path, type_name: str) -> Path:
-    """An Ollama Modelfile next to the GGUF: FROM, TEMPLATE, stop token, sampling defaults."""
+def _write_modelfile(cfg: FactoryConfig, ws: Workspace, quantized_dir: Path, type_name: str, chat) -> Path:
+    """An Ollama Modelfile next to the GGUF: FROM, the TEMPLATE in Ollama's Go syntax and the
+    stop tokens (both read off the model's own chat template), its sampling defaults, num_ctx."""
     from factory.io import atomic_write_bytes
 
-    template = OLLAMA_TEMPLATES.get(cfg.dataset.chat_template)
     lines = [f"# Ollama: ollama create {_model_name(cfg)} -f {ws.rel(quantized_dir / 'Modelfile')}",
              f"FROM ./{llama_cpp.gguf_file(quantized_dir, type_name).name}"]
-    if template:
-        lines.append(f'TEMPLATE """{template[0]}"""')
-        lines.append(f'PARAMETER stop "{template[1]}"')
-    else:
-        lines.append(f"# chat template {cfg.dataset.chat_template!r}: Ollama uses the one embedded in the GGUF")
-    lines += [f"PARAMETER {key} {value}" for key, value in SAMPLING.items()]
+    if chat.has_template:
+        lines.append(f'TEMPLATE """{chat.ollama_template}"""')
+    lines += [f'PARAMETER stop "{token}"' for token in chat.stop_tokens]
+    lines += [f"PARAMETER {key} {value}" for key, value in chat.sampling.items()]
     if isinstance(cfg.model.max_seq_length, int):
         lines.append(f"PARAMETER num_ctx {cfg.model.max_seq_length}")
     path = quantized_dir / "Modelfile"
