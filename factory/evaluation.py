@@ -23,12 +23,13 @@ from factory.workspace import Workspace
 
 
 def read_split(path: Path, ws: Workspace, limit: int | None = None) -> list[dict]:
+    """The records of a split file; the first `limit` of them when it is set (evaluation.max_examples)."""
     if not path.exists():
         raise InputError(f"{ws.rel(path)} not found; run `factory run split` first")
     records = [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
     if not records:
         raise InputError(f"{ws.rel(path)} has no records")
-    return records[:limit] if limit else records
+    return records[:limit]
 
 
 def decoding(cfg: FactoryConfig) -> dict[str, Any]:
@@ -45,7 +46,10 @@ def score_model(ctx: PhaseContext, model, tokenizer, records: list[dict], *, wha
                                     max_new_tokens=cfg.max_new_tokens, on_batch=ctx.progress.advance)
     result = score_predictions(ctx.config, records, predictions, seconds=time.monotonic() - started)
     if cfg.loss:
-        loss, tokens = modeling.answer_loss(model, tokenizer, records, batch_size=cfg.batch_size)
+        rows = [modeling.answer_labels(tokenizer, r) for r in records]
+        # any id pads: answer_loss masks by row length, so the pad id never needs to be unused
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        loss, tokens = modeling.answer_loss(model, rows, batch_size=cfg.batch_size, pad_token_id=pad)
         result.update(loss=loss, perplexity=perplexity(loss), loss_tokens=tokens)
     result["examples"] = result.pop("examples")  # last: the aggregates read first in the file
     return result

@@ -56,12 +56,11 @@ class GGUFSampler:
 
     def __init__(self, cfg: FactoryConfig, ws: Workspace, path: Path, *, max_new_tokens: int, temperature: float,
                  top_p: float, top_k: int):
-        from factory import llama_cpp
+        from factory import llama_cpp, plan
 
         if not path.is_file():
             raise InputError(f"{ws.rel(path)} not found; run `factory run quantize` first")
-        context = cfg.model.max_seq_length if isinstance(cfg.model.max_seq_length, int) else 4096
-        self.llm = llama_cpp.load(path, n_ctx=context + max_new_tokens)
+        self.llm = llama_cpp.load(path, n_ctx=plan.context_length(cfg) + max_new_tokens)
         self.settings = dict(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                              top_k=top_k if temperature > 0 else 1)
 
