@@ -107,7 +107,8 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
         "all_generations_stop": all(v["generation_stops"] == 1.0 for v in verified),
         "min_tokenizer_agreement": min(v["tokenizer_agreement"] for v in verified),
         "types": verified,
-        "llama_cpp": {"converter": str(converter), "llama_cpp_python": llama_cpp.LLAMA_CPP_PYTHON_VERSION},
+        "llama_cpp": {"converter": str(converter), "llama_cpp_python": llama_cpp.LLAMA_CPP_PYTHON_VERSION,
+                      **llama_cpp.placement()},
         "modelfile": ws.rel(modelfile),
         "commands": commands,
     }

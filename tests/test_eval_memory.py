@@ -225,3 +225,56 @@ def test_context_length_comes_from_the_plan():
     assert plan.context_length(FactoryConfig.model_validate({"model": {"max_seq_length": 3000}})) == 3000
     auto = FactoryConfig.model_validate({"model": {"max_seq_length": "auto"}})
     assert plan.context_length(auto) == plan.resolve(auto, plan.accelerator_memory_gib()).max_seq_length
+
+
+# --- the GGUF divergence check, streamed --------------------------------------------------
+
+
+@pytest.mark.slow
+def test_streamed_divergence_equals_the_full_logits_computation(tmp_path, monkeypatch):
+    """quantize's KL and perplexities, from the merged model's kept hidden states, a few
+    positions at a time, against the old way: every answer position's full log-softmax of
+    both models in memory at once (numpy, written out here)."""
+    import numpy as np
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from factory import example, llama_cpp
+    from phases import quantize
+
+    cases = example.generate_task_records(6, seed=3)
+    folder = example.build_tiny_gemma3(tmp_path / "model", corpus=example.record_texts(example.generate_task_records(300)))
+    gguf = tmp_path / "model-Q8_0.gguf"
+    llama_cpp.convert(llama_cpp.converter_dir(None), folder, gguf, "q8_0", tmp_path / "convert.log")
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    records = [{"conversations": [{"role": "user", "content": f"{r['instruction']}\n{r['input']}"},
+                                  {"role": "assistant", "content": r["output"]}]} for r in cases]
+    llm = llama_cpp.load(gguf, n_ctx=256, logits_all=True)
+
+    def log_softmax(x):
+        x = x - x.max(axis=-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+    nll_gguf = nll_merged = kl = 0.0
+    tokens = 0
+    for record in records:
+        ids, labels = modeling.answer_labels(tokenizer, record)
+        head = next(i for i, label in enumerate(labels) if label != -100)
+        with torch.inference_mode():
+            ref = log_softmax(model(input_ids=torch.tensor([ids])).logits[0, head - 1 : -1].double().numpy())
+        llm.reset()
+        llm.eval(ids)
+        mine = log_softmax(np.asarray(llm.scores[head - 1 : len(ids) - 1], dtype=np.float64))
+        rows, targets = np.arange(len(ids) - head), np.asarray(ids[head:])
+        nll_gguf -= mine[rows, targets].sum()
+        nll_merged -= ref[rows, targets].sum()
+        kl += (np.exp(ref) * (ref - mine)).sum()
+        tokens += len(targets)
+
+    monkeypatch.setattr(modeling, "LOGIT_VALUES", 3 * model.config.vocab_size)  # 3 positions a chunk
+    reference = quantize._divergence_reference(model, tokenizer, records)
+    assert reference.head.positions == 3 and all(len(hidden) > 3 for _, _, hidden in reference.examples)
+    streamed = quantize._divergence(llm, reference)
+    assert streamed[3] == tokens
+    assert streamed[0] == pytest.approx(nll_gguf, rel=1e-5) and streamed[1] == pytest.approx(nll_merged, rel=1e-5)
+    assert kl > 0 and streamed[2] == pytest.approx(kl, rel=1e-3, abs=1e-7)
