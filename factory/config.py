@@ -266,8 +266,9 @@ class EvaluationConfig(Section):
     batch_size: int = Field(32, ge=1)
     """Prompts generated at once (left-padded, greedy)."""
 
-    max_examples: int | None = None
-    """Score only the first N test examples (null: all)."""
+    max_examples: int | None = Field(None, ge=1)
+    """Score only the first N test examples (null: all), in baseline, evaluate and quantize's
+    checks; the gates then check those N."""
 
     loss: bool = True
     """Also compute the test loss and perplexity on the assistant tokens."""

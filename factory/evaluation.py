@@ -24,12 +24,13 @@ from factory.workspace import Workspace
 
 
 def read_split(path: Path, ws: Workspace, limit: int | None = None) -> list[dict]:
+    """The records of a split file; the first `limit` of them when it is set (evaluation.max_examples)."""
     if not path.exists():
         raise InputError(f"{ws.rel(path)} not found; run `factory run split` first")
     records = [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
     if not records:
         raise InputError(f"{ws.rel(path)} has no records")
-    return records[:limit] if limit else records
+    return records[:limit]
 
 
 def decoding(cfg: FactoryConfig) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import importlib.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from factory.config import FactoryConfig
 from factory.errors import InputError
@@ -201,27 +201,118 @@ def generate(model, chat, records: list[dict], *, batch_size: int, max_new_token
     return results
 
 
-def answer_loss(model, rows: list[tuple[list[int], list[int]]], *, batch_size: int,
+LOGIT_VALUES = 1 << 25
+"""fp32 logits materialised at once when scoring answers: 32M values (128 MB), 128 positions of
+Gemma 3's 262,144-token vocabulary. Peak memory of the answer loss and the GGUF divergence
+check is O(this), not O(batch x sequence x vocabulary) (17 GB at 32 x 512 for Gemma 3)."""
+
+
+def answer_loss(model, rows: Sequence[tuple[list[int], list[int]]], *, batch_size: int,
                 pad_token_id: int) -> tuple[float, int]:
-    """Mean cross-entropy over the labelled tokens of (input_ids, labels) rows."""
+    """Mean cross-entropy over the labelled tokens of `rows` ((input_ids, labels) pairs,
+    labels -100 where not scored), and the number of those tokens.
+
+    The base transformer runs on batches of rows of similar length (sorted, right-padded,
+    the attention mask from each row's length, so a pad id that also occurs inside a
+    conversation, such as eos, masks nothing); the head then scores only the labelled
+    positions, a bounded number at a time.
+    """
     import torch
 
-    device = next(model.parameters()).device
+    if not rows:
+        return float("nan"), 0
+    head = LogitHead(model, probe=rows[0][0])
     total, count = 0.0, 0
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        width = max(len(ids) for ids, _ in chunk)
-        ids = torch.tensor([i + [pad_token_id] * (width - len(i)) for i, _ in chunk], device=device)
-        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in chunk], device=device)
-        mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in chunk], device=device)
-        with torch.inference_mode():
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
-        )
-        total += loss.item()
-        count += int((labels[:, 1:] != -100).sum())
+    for _, hidden, targets in answer_hidden_states(model, rows, batch_size=batch_size, pad_token_id=pad_token_id):
+        for start, logits in head.chunks(hidden):
+            chunk = targets[start : start + len(logits)]
+            total += float(torch.nn.functional.cross_entropy(logits, chunk, reduction="sum"))
+        count += len(targets)
     return (total / count if count else float("nan")), count
+
+
+def answer_hidden_states(model, rows: Sequence[tuple[list[int], list[int]]], *, batch_size: int, pad_token_id: int):
+    """The base transformer's final hidden states at the positions that predict a labelled
+    token, batch by batch, shortest rows first: yields (the rows' indices, hidden states of
+    those positions row after row (positions x hidden), the tokens they predict)."""
+    import torch
+
+    decoder = _base_transformer(model)
+    device = next(model.parameters()).device
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        lengths = [len(rows[i][0]) for i in batch]
+        width = max(lengths)
+        ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        for row, i in enumerate(batch):
+            ids[row, : lengths[row]] = torch.tensor(rows[i][0])
+            labels[row, : lengths[row]] = torch.tensor(rows[i][1])
+        attention = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()
+        targets = labels[:, 1:]
+        scored = targets != -100  # position t predicts token t + 1
+        with torch.inference_mode():
+            hidden = decoder(input_ids=ids.to(device), attention_mask=attention.to(device)).last_hidden_state
+            hidden = hidden[:, :-1][scored.to(device)]
+        yield batch, hidden, targets[scored].to(device)
+
+
+def _base_transformer(model):
+    """The model without its head (PEFT's LoRA layers stay in it): hidden states, no logits."""
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return causal.base_model
+
+
+class LogitHead:
+    """The model's last step, final hidden state -> next-token logits: its output embedding
+    and the logit post-processing its config declares (Gemma 2/3's final_logit_softcapping,
+    Cohere's logit_scale, Granite's logits_scaling), in fp32, LOGIT_VALUES at a time.
+
+    Built with a probe (a few token ids) on which the head must give the model's own logits:
+    that settles whether the class applies what its config declares (Gemma3ForCausalLM
+    applies final_logit_softcapping, Gemma3ForConditionalGeneration does not), and a model
+    that post-processes its logits some other way is an error naming the fix, never a
+    silently wrong loss.
+    """
+
+    PROBE_TOKENS = 16
+
+    def __init__(self, model, *, probe: Sequence[int]):
+        import torch
+
+        config = model.config.get_text_config()
+        self.embedding = model.get_output_embeddings()
+        self.positions = max(1, LOGIT_VALUES // self.embedding.weight.shape[0])
+        declared = (getattr(config, "final_logit_softcapping", None),
+                    (getattr(config, "logit_scale", None) or 1.0) / (getattr(config, "logits_scaling", None) or 1.0))
+        ids = torch.tensor([list(probe[: self.PROBE_TOKENS])], device=next(model.parameters()).device)
+        with torch.inference_mode():
+            own = model(input_ids=ids).logits[0].float()
+            hidden = _base_transformer(model)(input_ids=ids).last_hidden_state[0]
+        # fp32 agrees to rounding; 16-bit models post-process in 16 bits, the head in fp32
+        tolerance = (1e-4 if self.embedding.weight.dtype == torch.float32 else 2e-2) * max(1.0, float(own.abs().max()))
+        for self.softcap, self.scale in dict.fromkeys([declared, (None, 1.0)]):
+            if float((own - self(hidden)).abs().max()) <= tolerance:
+                return
+        raise InputError(f"{type(model).__name__}: its logits are not its output embedding with the post-processing "
+                         "factory knows (final_logit_softcapping, logit_scale, logits_scaling), so the answer loss and "
+                         "the GGUF divergence check cannot be computed in bounded memory for it; set "
+                         "evaluation.loss: false to skip the test loss")
+
+    def __call__(self, hidden):
+        import torch
+
+        with torch.inference_mode():
+            logits = self.embedding(hidden.to(self.embedding.weight.device)).float() * self.scale
+            if self.softcap:
+                logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def chunks(self, hidden):
+        """(offset, fp32 logits) for `hidden` (positions x hidden), a bounded number of positions at a time."""
+        for start in range(0, len(hidden), self.positions):
+            yield start, self(hidden[start : start + self.positions])
 
 
 def complete_tokenizer_files(source: str, out_dir: Path) -> list[str]:

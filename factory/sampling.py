@@ -75,13 +75,12 @@ class GGUFSampler:
                  temperature: float | None, top_p: float | None, top_k: int | None):
         from transformers import GenerationConfig
 
-        from factory import llama_cpp
+        from factory import llama_cpp, plan
         from factory.chat import sampling_settings
 
         if not path.is_file():
             raise InputError(f"{ws.rel(path)} not found; run `factory run quantize` first")
-        context = cfg.model.max_seq_length if isinstance(cfg.model.max_seq_length, int) else 4096
-        self.llm = llama_cpp.load(path, n_ctx=context + max_new_tokens)
+        self.llm = llama_cpp.load(path, n_ctx=plan.context_length(cfg) + max_new_tokens)
         merged = ws.path(cfg.save.merged_path)  # the GGUF's source: its generation config
         config = GenerationConfig.from_pretrained(merged) if (merged / "generation_config.json").exists() else None
         chosen = _settings(sampling_settings(config), temperature, top_p, top_k)

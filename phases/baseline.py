@@ -4,7 +4,8 @@ Loads the base model (model.name) exactly as evaluate will load it, generates an
 every test example with the evaluation decoding (greedy, batched), scores each one, and
 returns per-example predictions and scores, the aggregates, the decoding settings and the
 fingerprints of the model and the test split (metrics/baseline.json). The
-baseline-established gate checks that every test example was scored.
+baseline-established gate checks that every selected test example was scored: the whole
+split, or its first `evaluation.max_examples`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
 
     cfg, ws = ctx.config, ctx.workspace
     test_file = ws.split_file("test")
-    records = evaluation.read_split(test_file, ws, cfg.evaluation.max_examples)
+    split = evaluation.read_split(test_file, ws)
+    records = split[: cfg.evaluation.max_examples]
 
     backend = modeling.select_backend(cfg.model.backend)
     ctx.log.info("scoring the base model %s on %d test examples (%s)", cfg.model.name, len(records), backend.device)
@@ -37,7 +39,9 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
     return {
         "model": cfg.model.name,
         "device": backend.device,
-        "test_split": evaluation.split_identity(ws, test_file),
+        "test_split": {**evaluation.split_identity(ws, test_file), "records": len(split)},
+        "max_examples": cfg.evaluation.max_examples,
+        "examples_selected": len(records),
         **result,
         **extra,
     }

@@ -1,7 +1,8 @@
 """evaluate: score the fine-tuned model (base + adapter) and prove whether it beats the base.
 
 Same test split, same decoding and scorers as the baseline phase, so the comparison is
-paired example by example (seed 002): improvement (absolute and relative), paired t-test,
+paired example by example (seed 002): improvement (absolute and relative), the paired test
+(McNemar's exact test for 0/1 metrics such as exact match, the paired t-test otherwise),
 Wilcoxon signed-rank, a bootstrap 95% interval, and the examples that flipped either way.
 An optional second test set (e.g. safety) is checked for regressions. The model-performance
 gate reads `comparison` and `regression` from metrics/evaluation.json.
@@ -36,6 +37,9 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
         raise InputError(f"{ws.rel(adapter)} has no adapter; run `factory run finetune` first")
 
     records = evaluation.read_split(test_file, ws, cfg.evaluation.max_examples)
+    if baseline["num_examples"] != len(records):
+        raise InputError(f"the baseline scored {baseline['num_examples']} test examples, evaluate selects {len(records)} "
+                         "(evaluation.max_examples changed?); run `factory run baseline --force`")
     backend = modeling.select_backend(cfg.model.backend)
     ctx.log.info("scoring base + adapter %s on %d test examples", ws.rel(adapter), len(records))
     model, chat = modeling.load_for_inference(cfg, ws, backend, adapter=adapter)

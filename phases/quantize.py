@@ -29,6 +29,7 @@ import os
 import resource
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +41,10 @@ from factory.phase import Phase, PhaseContext
 from factory.workspace import Workspace
 
 MERGE_PROBES = 8  # test prompts whose logits check the merge
-DIVERGENCE_EXAMPLES = 32  # test examples for perplexity and KL (their merged log-probs stay in memory:
-# answer tokens x vocabulary in float32, about 0.5 GB for Gemma 3's 262k vocabulary)
+MERGE_PROBE_TOKENS = 8  # answer tokens per probe whose logits are kept (3 models x 8 x 8 x vocabulary in fp32:
+# 200 MB for Gemma 3's 262k vocabulary, whatever the answers' length)
+DIVERGENCE_EXAMPLES = 32  # test examples for perplexity and KL (the merged model's final hidden states on
+# their answer tokens stay in memory, not its logits: 32 x 500 tokens x 2,560 x 4 bytes = 164 MB for Gemma 3 4B)
 STOP_CHECKS = 8  # chat completions that must end at end of turn
 
 
@@ -69,11 +72,9 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
     # 3. the merged model's scores and next-token distributions: the reference
     model, chat = modeling.load_for_inference(cfg, ws, backend, path=str(merged_dir))
     reference = evaluation.score_model(ctx, model, chat, records, what="merged")
-    # (token ids, prompt length, the merged model's answer log-probs) per example
-    divergence = [(ids, head, _answer_logprobs(_answer_logits(model, ids, head)))
-                  for ids, head in (_ids_and_head(chat, r) for r in records[:DIVERGENCE_EXAMPLES])]
+    divergence = _divergence_reference(model, chat, records[:DIVERGENCE_EXAMPLES])
     shapes = [tuple(p.shape) for p in model.parameters()]  # what each file's size is checked against
-    del model
+    del model  # the divergence reference keeps only the output embedding
     gc.collect()
 
     # 4. GGUF files
@@ -107,7 +108,8 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
         "all_generations_stop": all(v["generation_stops"] == 1.0 for v in verified),
         "min_tokenizer_agreement": min(v["tokenizer_agreement"] for v in verified),
         "types": verified,
-        "llama_cpp": {"converter": str(converter), "llama_cpp_python": llama_cpp.LLAMA_CPP_PYTHON_VERSION},
+        "llama_cpp": {"converter": str(converter), "llama_cpp_python": llama_cpp.LLAMA_CPP_PYTHON_VERSION,
+                      **llama_cpp.placement()},
         "modelfile": ws.rel(modelfile),
         "commands": commands,
     }
@@ -140,7 +142,8 @@ def _merge(ctx: PhaseContext, backend, adapter: Path, merged_dir: Path, probes: 
     started = time.monotonic()
     # the tokenizer the adapter was trained with (its template and pad token included)
     chat = ChatFormat.from_tokenizer(AutoTokenizer.from_pretrained(adapter), cfg.dataset.chat_template)
-    probe_ids = [_ids_and_head(chat, r) for r in probes]
+    # Causal: the logits of the first answer tokens do not depend on the rest of the conversation.
+    probe_ids = [(ids[: head + MERGE_PROBE_TOKENS], head) for ids, head in (_ids_and_head(chat, r) for r in probes)]
     staging = merged_dir.with_name(merged_dir.name + ".partial")  # the old merged model stays until the new one is whole
     shutil.rmtree(staging, ignore_errors=True)
     ctx.progress.start(3, "merge steps")
@@ -229,13 +232,25 @@ def _answer_logits(model, ids: list[int], head: int):
     return logits[0, :-1].float().cpu()
 
 
-def _answer_logprobs(logits):
-    """Log-softmax of answer-position logits, as float32 numpy."""
-    import numpy as np
+@dataclass
+class DivergenceReference:
+    """What the KL and perplexity check needs of the merged model, in bounded memory: per
+    example the token ids, the answer tokens' positions and the final hidden states that
+    predict them; and the model's head, which turns those into logits a bounded number of
+    positions at a time (modeling.LogitHead). Never all the logits at once."""
 
-    rows = np.asarray(logits, dtype=np.float32)
-    rows = rows - rows.max(axis=-1, keepdims=True)
-    return rows - np.log(np.exp(rows).sum(axis=-1, keepdims=True))
+    head: Any  # modeling.LogitHead
+    examples: list[tuple[list[int], list[int], Any]]  # (token ids, labelled positions, hidden states)
+
+
+def _divergence_reference(model, chat, records: list[dict]) -> DivergenceReference:
+    rows = [chat.answer_example(r) for r in records]
+    examples = []
+    # batch_size 1: one example's states at a time, no padding (so the pad id is never used)
+    for (index,), hidden, _ in modeling.answer_hidden_states(model, rows, batch_size=1, pad_token_id=0):
+        ids, labels = rows[index]
+        examples.append((ids, [t for t in range(1, len(ids)) if labels[t] != -100], hidden.cpu()))
+    return DivergenceReference(modeling.LogitHead(model, probe=rows[0][0]), examples)
 
 
 # --- 4. export --------------------------------------------------------------------------------
@@ -286,14 +301,11 @@ def _export(ctx: PhaseContext, converter: Path, merged_dir: Path, out_dir: Path,
 
 
 def _verify(ctx: PhaseContext, path: Path, gtype, shapes: list[tuple[int, ...]], chat, records: list[dict], reference: dict,
-            divergence: list[tuple[list[int], int, Any]]) -> dict[str, Any]:
-    import numpy as np
-
-    from factory import evaluation
+            divergence: DivergenceReference) -> dict[str, Any]:
+    from factory import evaluation, plan
 
     cfg = ctx.config
-    context = (cfg.model.max_seq_length if isinstance(cfg.model.max_seq_length, int) else 2048) + cfg.evaluation.max_new_tokens
-    llm = llama_cpp.load(path, n_ctx=context, logits_all=True)
+    llm = llama_cpp.load(path, n_ctx=plan.context_length(cfg) + cfg.evaluation.max_new_tokens, logits_all=True)
     size = path.stat().st_size
     runtime = llama_cpp.runtime()
     n_params = runtime.llama_model_n_params(llm.model)
@@ -317,18 +329,7 @@ def _verify(ctx: PhaseContext, path: Path, gtype, shapes: list[tuple[int, ...]],
     score, merged_score = scored["primary_score"], reference["primary_score"]
     drop = (merged_score - score) / merged_score if merged_score else merged_score - score
 
-    # next-token distributions against the merged model, on the answer tokens
-    nll_gguf, nll_merged, kl, tokens = 0.0, 0.0, 0.0, 0
-    for ids, head, ref in divergence:
-        llm.reset()
-        llm.eval(ids)
-        mine = _answer_logprobs(np.asarray(llm.scores[head - 1 : len(ids) - 1])[:, : ref.shape[1]])
-        targets = np.asarray(ids[head:])
-        rows = np.arange(len(targets))
-        nll_gguf -= float(mine[rows, targets].sum(dtype=np.float64))
-        nll_merged -= float(ref[rows, targets].sum(dtype=np.float64))
-        kl += float((np.exp(ref) * (ref - mine)).sum(dtype=np.float64))
-        tokens += len(targets)
+    nll_gguf, nll_merged, kl, tokens = _divergence(llm, divergence)
 
     # chat completion with the file's own template must stop at end of turn
     stops = agree = 0
@@ -366,12 +367,41 @@ def _verify(ctx: PhaseContext, path: Path, gtype, shapes: list[tuple[int, ...]],
     }
 
 
+def _divergence(llm, reference: DivergenceReference) -> tuple[float, float, float, int]:
+    """Negative log-likelihood of the answer tokens under the GGUF and the merged model, and
+    the KL divergence of the GGUF's next-token distribution from the merged model's, summed
+    over the answer tokens (and their number). Streamed: one example at a time, and within it
+    a bounded number of positions (llama.cpp's scores of one example, at most n_ctx x vocabulary,
+    are the only full-vocabulary array; they are its own buffer)."""
+    import torch
+
+    nll_gguf = nll_merged = kl = 0.0
+    tokens = 0
+    for ids, positions, hidden in reference.examples:
+        llm.reset()
+        llm.eval(ids)
+        targets = torch.tensor([ids[t] for t in positions])
+        for start, merged in reference.head.chunks(hidden):
+            end = start + len(merged)
+            rows = [t - 1 for t in positions[start:end]]  # the logits at t - 1 predict token t
+            theirs = torch.from_numpy(llm.scores[rows, : merged.shape[1]])
+            ref = torch.log_softmax(merged.cpu(), dim=-1)
+            mine = torch.log_softmax(theirs.float(), dim=-1)
+            chunk = targets[start:end, None]
+            nll_gguf -= float(mine.gather(1, chunk).double().sum())
+            nll_merged -= float(ref.gather(1, chunk).double().sum())
+            kl += float((ref.exp() * (ref - mine)).sum(dtype=torch.float64))
+        tokens += len(targets)
+    return nll_gguf, nll_merged, kl, tokens
+
+
 # --- 6. handoff -------------------------------------------------------------------------------
 
 
 def _write_modelfile(cfg: FactoryConfig, ws: Workspace, quantized_dir: Path, type_name: str, chat) -> Path:
     """An Ollama Modelfile next to the GGUF: FROM, the TEMPLATE in Ollama's Go syntax and the
     stop tokens (both read off the model's own chat template), its sampling defaults, num_ctx."""
+    from factory import plan
     from factory.io import atomic_write_bytes
 
     lines = [f"# Ollama: ollama create {_model_name(cfg)} -f {ws.rel(quantized_dir / 'Modelfile')}",
@@ -380,8 +410,7 @@ def _write_modelfile(cfg: FactoryConfig, ws: Workspace, quantized_dir: Path, typ
         lines.append(f'TEMPLATE """{chat.ollama_template}"""')
     lines += [f'PARAMETER stop "{token}"' for token in chat.stop_tokens]
     lines += [f"PARAMETER {key} {value}" for key, value in chat.sampling.items()]
-    if isinstance(cfg.model.max_seq_length, int):
-        lines.append(f"PARAMETER num_ctx {cfg.model.max_seq_length}")
+    lines.append(f"PARAMETER num_ctx {plan.context_length(cfg)}")
     path = quantized_dir / "Modelfile"
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
     return path
