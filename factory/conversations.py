@@ -129,7 +129,7 @@ def generate_personas(records: list[dict], *, count: int, per_persona: int, requ
                       first_seed: int) -> list[Persona]:
     """`count` personas from seeds first_seed.. ; each conversation's goal is `requests`
     test prompts (with their reference answers), drawn without repeats inside a persona."""
-    from factory.modeling import prompt_and_answer
+    from factory.chat import messages, reference
 
     if not records:
         raise InputError("no test records to make personas' goals from")
@@ -146,9 +146,9 @@ def generate_personas(records: list[dict], *, count: int, per_persona: int, requ
         for k in range(per_persona):
             asks = []
             for record in chosen[k * requests:(k + 1) * requests]:
-                prompt, reference = prompt_and_answer(record)
+                prompt = messages(record["conversations"][:-1])
                 system = system or next((m["content"] for m in prompt if m["role"] == "system"), None)
-                asks.append(Request(text=prompt[-1]["content"], reference=reference))
+                asks.append(Request(text=prompt[-1]["content"], reference=reference(record)))
             goal = "Get a correct answer to each of these requests, one at a time: " + \
                    " ".join(f"({n}) {r.text}" for n, r in enumerate(asks, 1))
             conversations.append(Conversation(goal=goal, requests=asks))

@@ -139,7 +139,8 @@ class LocalServer:
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "factory.llama_server", "--model", str(self.gguf), "--model_alias", self.name,
                    "--host", self.host, "--port", str(self.port), "--n_ctx", str(self.n_ctx),
-                   "--n_threads", str(self.threads or max(1, os.cpu_count() or 1))]
+                   "--n_threads", str(self.threads or max(1, os.cpu_count() or 1)),
+                   "--n_gpu_layers", str(llama_cpp.placement()["n_gpu_layers"])]
         with open(self.log_file, "w", encoding="utf-8") as log:
             self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                             preexec_fn=_die_with_parent if sys.platform == "linux" else None)
@@ -311,7 +312,7 @@ class HFChat:
         if adapter_path is not None and not (adapter_path / "adapter_config.json").exists():
             raise InputError(f"model {name!r}: {ws.rel(adapter_path)} has no adapter (adapter_config.json)")
         path = modeling.model_path(self.hf, ws)
-        self.model, self.tokenizer = modeling.load_for_inference(cfg, ws, backend, path=path, adapter=adapter_path)
+        self.model, self.chat_format = modeling.load_for_inference(cfg, ws, backend, path=path, adapter=adapter_path)
         self.lock = threading.Lock()
 
     def chat(self, messages: list[dict], *, max_tokens: int, temperature: float, seed: int,
@@ -320,10 +321,13 @@ class HFChat:
 
         from factory import modeling
 
+        # generate() answers a record's last turn from the turns before it
+        record = {"conversations": [*messages, {"role": "assistant", "content": ""}]}
         with self.lock:
             torch.manual_seed(seed)
-            (answer,) = modeling.generate(self.model, self.tokenizer, [messages], batch_size=1, max_new_tokens=max_tokens,
-                                          temperature=temperature)
+            (generation,) = modeling.generate(self.model, self.chat_format, [record], batch_size=1,
+                                              max_new_tokens=max_tokens, temperature=temperature)
+        answer = generation.text
         for token in stop or []:
             answer = answer.split(token, 1)[0]
         return answer.strip()

@@ -23,7 +23,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from factory.errors import InputError
 
@@ -211,28 +211,36 @@ def runtime():
     return llama_cpp
 
 
+def placement() -> dict[str, Any]:
+    """Where `load` puts a model: every layer on the GPU when llama.cpp was built with one
+    (CUDA, Metal, ...), else none; and whether the plain CPU kernels are forced.
+
+    On a CPU with AMX, ggml's extra CPU buffer types (the AMX and repacked-weight kernels,
+    what llama.cpp's --no-repack turns off) crashed with a segfault on this project's tiny
+    test model (Q8_0, 64-wide rows) on any batch of more than one token; there the plain
+    kernels, llama.cpp's reference path, are used. Elsewhere llama.cpp's defaults stay.
+    """
+    return {"n_gpu_layers": -1 if runtime().llama_supports_gpu_offload() else 0, "plain_cpu_kernels": cpu_has_amx()}
+
+
 def load(path: Path, *, n_ctx: int, logits_all: bool = False, threads: int | None = None):
-    """A llama_cpp.Llama on the plain CPU kernels (see use_plain_cpu_kernels)."""
+    """A llama_cpp.Llama placed as `placement()` says."""
     runtime_module = runtime()
-    with plain_cpu_kernels(), _native_stderr_to(os.devnull):  # notes such as "using full-size SWA cache"
+    where = placement()
+    with _kernels(plain=where["plain_cpu_kernels"]), _native_stderr_to(os.devnull):  # notes such as "using full-size SWA cache"
         return runtime_module.Llama(str(path), n_ctx=n_ctx, logits_all=logits_all, verbose=False, seed=0,
-                                    n_threads=threads or max(1, os.cpu_count() or 1))
+                                    n_gpu_layers=where["n_gpu_layers"], n_threads=threads or max(1, os.cpu_count() or 1))
 
 
 @contextmanager
-def plain_cpu_kernels() -> Iterator[None]:
-    """Models loaded inside the block use llama.cpp's plain CPU kernels.
-
-    ggml's extra CPU buffer types (the AMX and repacked-weight kernels, what llama.cpp's
-    --no-repack turns off) crashed with a segfault on this project's tiny test model (Q8_0,
-    64-wide rows, an AMX CPU) on any batch of more than one token; the plain kernels are
-    llama.cpp's reference path. llama-cpp-python has no argument for it, so the default
-    model parameters are wrapped while the model loads.
-    """
+def _kernels(*, plain: bool) -> Iterator[None]:
+    """llama-cpp-python has no argument for the plain CPU kernels, so the default model
+    parameters are wrapped while a model loads inside the block."""
     from llama_cpp import llama as llama_module
 
     defaults = llama_module.llama_cpp.llama_model_default_params
-    use_plain_cpu_kernels()
+    if plain:
+        use_plain_cpu_kernels()
     try:
         yield
     finally:
@@ -240,17 +248,25 @@ def plain_cpu_kernels() -> Iterator[None]:
 
 
 def use_plain_cpu_kernels() -> None:
-    """From now on, in this process, models load on the plain CPU kernels (a server process)."""
+    """From now on, in this process, models load on the plain CPU kernels (see placement; the
+    local server process of factory.llama_server calls it on an AMX CPU)."""
     from llama_cpp import llama as llama_module
 
     defaults = llama_module.llama_cpp.llama_model_default_params
-    if getattr(defaults, "plain_cpu_kernels", False):
-        return
 
     def plain_kernels():
         params = defaults()
         params.use_extra_bufts = False
         return params
 
-    plain_kernels.plain_cpu_kernels = True
     llama_module.llama_cpp.llama_model_default_params = plain_kernels
+
+
+def cpu_has_amx(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether the CPU has Intel AMX (the amx_tile / amx_int8 / amx_bf16 flags Linux reports)."""
+    try:
+        text = cpuinfo.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return any(flag.startswith("amx") for line in text.splitlines() if line.startswith("flags")
+               for flag in line.split(":", 1)[1].split())

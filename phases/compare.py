@@ -210,12 +210,13 @@ def _transcript_item(t: dict) -> judging.Item:
 
 def _answers(ctx: PhaseContext, models: dict) -> tuple[dict, dict]:
     """One answer per test example from every model; answers under data/eval/answers/."""
-    from factory import evaluation, modeling
+    from factory import evaluation
+    from factory.chat import messages, reference
 
     cfg, ws = ctx.config, ctx.workspace
     settings = cfg.evaluation.compare
     records = evaluation.read_split(ws.split_file("test"), ws, settings.max_examples)
-    prompts = [modeling.prompt_and_answer(r) for r in records]
+    prompts = [(messages(r["conversations"][:-1]), reference(r)) for r in records]
     ctx.progress.start(len(records) * len(models), "answers")
     items, files = {}, {}
     for name, model in models.items():
