@@ -136,6 +136,8 @@ def test_wheel_ships_schemas_and_gates(tmp_path):
     assert "factory/_data/gates/data-valid.yaml" in names
     assert {"factory/static/index.html", "factory/static/app.js", "factory/static/app.css"} <= set(names)  # the dashboard
     assert "factory/_data/schemas/training-history.schema.json" in names
+    assert {"factory/_data/schemas/comparison.schema.json", "factory/_data/gates/model-comparison.yaml"} <= set(names)
+    assert {f"factory/rubrics/{r}.yaml" for r in ("helpfulness", "correctness", "safety")} <= set(names)  # the judge's
     assert any(n.startswith("phases/") for n in names)
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)

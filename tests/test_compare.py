@@ -22,6 +22,7 @@ import yaml
 
 from factory.example import localize
 from factory.resources import validate
+from test_dashboard_browser import browser  # noqa: F401  (the headless chromium fixture)
 
 pytestmark = pytest.mark.slow
 # One torch thread: with other processes on a 2-core machine, two spinning threads trained the
@@ -176,22 +177,34 @@ def test_fine_tuned_wins_the_pairwise_comparison_judged_by_rubric_code(trained):
     assert tuned["win_rate"] > 0.7 and tuned["mean"] is None  # no absolute score in pairwise mode
 
 
-def test_dashboard_serves_the_comparison(trained):
-    from factory.server import DashboardServer
-    from factory.workspace import Workspace
-    import urllib.request
-
-    server = DashboardServer(Workspace.at(trained), "127.0.0.1", 0)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+@pytest.mark.browser
+def test_dashboard_shows_the_comparison_in_a_real_browser(trained, browser):
+    """Debian's headless chromium on `factory serve`: the panel shows what comparison.json says."""
+    c = read(trained, "metrics/comparison.json")
+    server = subprocess.Popen([sys.executable, "-m", "factory", "serve", "-C", str(trained), "--port", "0"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     try:
-        with urllib.request.urlopen(server.url + "api/metrics/compare") as response:
-            assert response.read() == (trained / "metrics" / "comparison.json").read_bytes()
-        page = urllib.request.urlopen(server.url + "static/app.js").read().decode()
-        assert "renderComparison" in page and "/api/metrics/compare" in page
+        url = re.search(r"http://[\d.]+:\d+/", server.stdout.readline()).group(0)
+        browser.get(url)
+        deadline = time.monotonic() + 30
+        while not browser.find_element("id", "comparison").is_displayed() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        panel = browser.find_element("id", "comparison")
+        assert panel.is_displayed()
+        tables = browser.execute_script("return [...document.querySelectorAll('#comparison table')].map(t => "
+                                        "[...t.rows].map(r => [...r.cells].map(c => c.textContent)))")
+        per_model, pairs, success = tables[0], tables[1], tables[2]
+        assert [row[0] for row in per_model[1:]] == [f"{m['name']}{' (baseline)' if m['name'] == c['baseline'] else ''}"
+                                                    for m in c["models"]]
+        fmt = lambda v: browser.execute_script("return fmt(arguments[0])", v)  # noqa: E731  the page's own formatting
+        assert pairs[1][:6] == ["base", "fine-tuned", fmt(c["comparisons"][0]["n"]), fmt(c["comparisons"][0]["mean_a"]),
+                                fmt(c["comparisons"][0]["mean_b"]), fmt(c["comparisons"][0]["improvement"])]
+        assert success[1][0] == "fine-tuned" and success[1][-1] == ("pass" if c["success_criteria"]["rows"][0]["passed"] else "fail")
+        assert f"judge function (factory.example:judge), rubric correctness" in panel.text
+        assert "15 personas × 3 conversations" in panel.text
     finally:
-        server.shutdown()
-        server.server_close()
+        server.terminate()
+        server.wait(timeout=30)
 
 
 # --- an LLM judge and an LLM user simulator, served from GGUFs -----------------------------------
