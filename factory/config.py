@@ -386,6 +386,11 @@ class ConversationsConfig(Section):
     records the goals came from, if any."""
 
 
+# What the judge, the safety judge and the user simulator are called next to compared models
+# (their servers' names and logs): names a compared model may not take.
+HELPER_NAMES = JUDGE, SAFETY_JUDGE, USER_SIMULATOR = "judge", "safety-judge", "user-simulator"
+
+
 class CompareConfig(Section):
     models: list[NamedModel] = Field(default_factory=list)
     """The models to compare, each {name, and one of gguf, base_url, hf/adapter, function}.
@@ -446,6 +451,9 @@ class CompareConfig(Section):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"model names must be unique; repeated: {', '.join(duplicates)}")
+        reserved = sorted(set(names) & set(HELPER_NAMES))
+        if reserved:
+            raise ValueError(f"{', '.join(reserved)}: reserved for the judge and the user simulator; rename the model")
         if self.models and len(self.models) < 2:
             raise ValueError("compare needs at least two models")
         if self.baseline is not None and self.models and self.baseline not in names:

@@ -198,15 +198,17 @@ class Simulator:
                                temperature=self.temperature, seed=seed)
 
 
-def open_simulator(cfg, ws: Workspace, stack, settings, log) -> Simulator:
-    from factory.endpoints import load_function, open_model
+def make_simulator(cfg, model=None) -> Simulator:
+    """The user simulator of evaluation.conversations: its function, or the LLM `model` (a
+    ChatModel opened from conversations.simulator by factory.endpoints)."""
+    from factory.endpoints import load_function
 
     conv, compare = cfg.evaluation.conversations, cfg.evaluation.compare
     common = dict(stop_token=conv.stop_token, max_tokens=compare.max_tokens, temperature=compare.temperature)
     if conv.simulator.function:
         return Simulator(function=load_function(conv.simulator.function, what="user simulator"),
                          spec=conv.simulator.function, **common)
-    return Simulator(model=open_model("user-simulator", conv.simulator, cfg, ws, stack, settings, log), **common)
+    return Simulator(model=model, **common)
 
 
 # --- conversations -----------------------------------------------------------------------------------

@@ -121,6 +121,11 @@ class LocalServer:
         self.stop()
 
     def start(self) -> None:
+        self.launch()
+        self.wait_until_ready()
+
+    def launch(self) -> None:
+        """Start the server process (wait_until_ready waits for it): several servers boot at once."""
         if not self.gguf.is_file():
             raise EndpointError(f"model {self.name!r}: {self.gguf} is not a file")
         from factory import llama_cpp
@@ -144,9 +149,8 @@ class LocalServer:
         with open(self.log_file, "w", encoding="utf-8") as log:
             self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                             preexec_fn=_die_with_parent if sys.platform == "linux" else None)
-        self._wait_until_ready()
 
-    def _wait_until_ready(self) -> None:
+    def wait_until_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout
         while True:
             code = self.process.poll()
@@ -351,22 +355,34 @@ def load_function(spec: str, *, what: str) -> Callable:
     return function
 
 
-def open_model(name: str, source, cfg, ws: Workspace, stack, settings: EndpointSettings, log) -> ChatModel:
-    """The ChatModel for a config ModelSource. Servers it starts are stopped when `stack`
-    (a contextlib.ExitStack) closes."""
-    if source.function:
-        return FunctionChat(name, source.function)
-    if source.base_url:
-        return OpenAIChat(name, source.base_url, source.model, api_key_env=source.api_key_env, settings=settings)
-    if source.gguf:
-        gguf = gguf_for(ws.path(source.gguf), ws, log)
-        server = LocalServer(gguf, _alias(name), ws.logs_dir / f"server-{_alias(name)}.log", n_ctx=settings.n_ctx,
-                             threads=settings.threads, startup_timeout=settings.startup_timeout)
-        stack.enter_context(server)
-        log.info("model %s: %s served at %s (log %s)", name, ws.rel(gguf), server.base_url, ws.rel(server.log_file))
-        return OpenAIChat(name, server.base_url, server.name, api_key_env=None, settings=settings, server=server,
-                          gguf=ws.rel(gguf))
-    return HFChat(name, cfg, ws, hf=source.hf, adapter=source.adapter)
+def open_models(sources: dict, cfg, ws: Workspace, stack, settings: EndpointSettings, log) -> dict[str, ChatModel]:
+    """A ChatModel for every config ModelSource, by name. The local servers boot together, and
+    are stopped when `stack` (a contextlib.ExitStack) closes, whatever happens."""
+    servers: dict[str, tuple[LocalServer, Path]] = {}
+    for name, source in sources.items():
+        if source.gguf:
+            gguf = gguf_for(ws.path(source.gguf), ws, log)
+            server = LocalServer(gguf, _alias(name), ws.logs_dir / f"server-{_alias(name)}.log", n_ctx=settings.n_ctx,
+                                 threads=settings.threads, startup_timeout=settings.startup_timeout)
+            stack.callback(server.stop)
+            server.launch()
+            servers[name] = (server, gguf)
+    opened: dict[str, ChatModel] = {}
+    for name, source in sources.items():
+        if source.function:
+            opened[name] = FunctionChat(name, source.function)
+        elif source.base_url:
+            opened[name] = OpenAIChat(name, source.base_url, source.model, api_key_env=source.api_key_env,
+                                      settings=settings)
+        elif source.gguf:
+            server, gguf = servers[name]
+            server.wait_until_ready()
+            log.info("model %s: %s served at %s (log %s)", name, ws.rel(gguf), server.base_url, ws.rel(server.log_file))
+            opened[name] = OpenAIChat(name, server.base_url, server.name, api_key_env=None, settings=settings,
+                                      server=server, gguf=ws.rel(gguf))
+        else:
+            opened[name] = HFChat(name, cfg, ws, hf=source.hf, adapter=source.adapter)
+    return opened
 
 
 def _alias(name: str) -> str:

@@ -355,9 +355,10 @@ def _seed(base: int, key: str, attempt: int) -> int:
     return xxhash.xxh32_intdigest(f"{base}/{key}/{attempt}".encode()) & 0x7FFFFFFF
 
 
-def open_judge(config, cfg, ws: Workspace, stack, settings, log, *, name: str = "judge") -> Judge:
-    """The Judge for a JudgeConfig: a function, or an LLM (its server started on `stack`)."""
-    from factory.endpoints import load_function, open_model
+def make_judge(config, cfg, ws: Workspace, model=None, *, name: str = "judge") -> Judge:
+    """The Judge for a JudgeConfig: its function, or the LLM `model` (a ChatModel opened from
+    config.model by factory.endpoints)."""
+    from factory.endpoints import load_function
 
     rubric = load_rubric(config.rubric, ws)
     common = dict(retries=config.retries, temperature=config.temperature, retry_temperature=config.retry_temperature,
@@ -365,7 +366,7 @@ def open_judge(config, cfg, ws: Workspace, stack, settings, log, *, name: str = 
     if config.model.function:
         return Judge(rubric, function=load_function(config.model.function, what=name), spec=config.model.function,
                      **common)
-    return Judge(rubric, model=open_model(name, config.model, cfg, ws, stack, settings, log), **common)
+    return Judge(rubric, model=model, **common)
 
 
 def grade_answers(cfg, ws: Workspace, prompts: list[list[dict]], answers: list[str],
@@ -375,15 +376,18 @@ def grade_answers(cfg, ws: Workspace, prompts: list[list[dict]], answers: list[s
     import logging
     from contextlib import ExitStack
 
-    from factory.endpoints import EndpointSettings, run_concurrently
+    from factory.endpoints import EndpointSettings, open_models, run_concurrently
 
     settings = cfg.evaluation.compare
     connection = EndpointSettings(settings.request_timeout, settings.max_retries, settings.n_ctx,
                                   settings.startup_timeout, settings.threads)
     items = [Item(f"example-{i}", prompt, answer=answer, reference=reference)
              for i, (prompt, answer, reference) in enumerate(zip(prompts, answers, references))]
+    config = cfg.evaluation.judge
     with ExitStack() as servers:
-        judge = open_judge(cfg.evaluation.judge, cfg, ws, servers, connection, logging.getLogger("factory.judge"))
+        model = None if config.model.function else \
+            open_models({"judge": config.model}, cfg, ws, servers, connection, logging.getLogger("factory.judge"))["judge"]
+        judge = make_judge(config, cfg, ws, model)
         grades = run_concurrently(items, judge.grade, concurrency=settings.concurrency)
     return [g.score for g in grades], reliability(judge, grades, keys=[item.key for item in items])
 

@@ -28,7 +28,7 @@ from typing import Any
 import orjson
 
 from factory import compare, conversations, endpoints, judge as judging
-from factory.config import NamedModel
+from factory.config import JUDGE, SAFETY_JUDGE, USER_SIMULATOR, NamedModel
 from factory.errors import ConfigError, InputError
 from factory.io import atomic_write_bytes
 from factory.phase import Phase, PhaseContext
@@ -48,15 +48,21 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
     baseline = settings.baseline or names[0]
     started = time.monotonic()
 
+    helpers = {JUDGE: cfg.evaluation.judge.model}
+    if settings.safety:
+        helpers[SAFETY_JUDGE] = settings.safety.model
+    if settings.task == "conversations":
+        helpers[USER_SIMULATOR] = cfg.evaluation.conversations.simulator
     with ExitStack() as servers:  # every local server stops when this block ends, whatever happens
         connection = endpoints.EndpointSettings(settings.request_timeout, settings.max_retries, settings.n_ctx,
                                                 settings.startup_timeout, threads_per_server(cfg, specs))
-        models = {s.name: endpoints.open_model(s.name, s, cfg, ws, servers, connection, log) for s in specs}
-        judge = judging.open_judge(cfg.evaluation.judge, cfg, ws, servers, connection, log)
-        safety = (judging.open_judge(settings.safety, cfg, ws, servers, connection, log, name="safety-judge")
+        opened = endpoints.open_models({**{s.name: s for s in specs}, **helpers}, cfg, ws, servers, connection, log)
+        models = {name: opened[name] for name in names}
+        judge = judging.make_judge(cfg.evaluation.judge, cfg, ws, opened[JUDGE])
+        safety = (judging.make_judge(settings.safety, cfg, ws, opened[SAFETY_JUDGE], name=SAFETY_JUDGE)
                   if settings.safety else None)
         if settings.task == "conversations":
-            items, produced = _conversations(ctx, models, servers, connection)
+            items, produced = _conversations(ctx, models, conversations.make_simulator(cfg, opened[USER_SIMULATOR]))
         else:
             items, produced = _answers(ctx, models)
         ctx.progress.start(_verdicts_needed(cfg.evaluation.judge.mode, names, items, safety), "verdicts")
@@ -162,27 +168,28 @@ def _inputs(cfg, ws: Workspace) -> list:
 # --- the items -------------------------------------------------------------------------------------
 
 
-def _conversations(ctx: PhaseContext, models: dict, servers: ExitStack, connection) -> tuple[dict, dict]:
+def _conversations(ctx: PhaseContext, models: dict, simulator: conversations.Simulator) -> tuple[dict, dict]:
     """Every persona's conversations with every model; transcripts under data/eval/transcripts/."""
     cfg, ws, log = ctx.config, ctx.workspace, ctx.log
     conv, settings = cfg.evaluation.conversations, cfg.evaluation.compare
     personas, source = conversations.load_personas(cfg, ws)
-    simulator = conversations.open_simulator(cfg, ws, servers, connection, log)
     atomic_write_bytes(ws.path(EVAL_DIR) / "personas.json",
                        orjson.dumps([p.model_dump() for p in personas], option=orjson.OPT_INDENT_2))
     plan = [(p, k) for p in personas for k in range(conv.per_persona)]
     log.info("%d personas x %d conversations with %d models", len(personas), conv.per_persona, len(models))
     ctx.progress.start(len(plan) * len(models), "conversations")
-    items, files = {}, {}
-    for name, model in models.items():
-        def talk(job, model=model):
-            persona, index = job
-            return conversations.converse(
-                model, simulator, persona, index, system=conv.system_prompt or persona.system, max_turns=conv.max_turns,
-                max_tokens=settings.max_tokens, temperature=settings.temperature,
-                seed=conversations.conversation_seed(settings.seed, persona, index))
 
-        transcripts = endpoints.run_concurrently(plan, talk, concurrency=settings.concurrency, on_done=ctx.progress.advance)
+    def talk(job):
+        name, persona, index = job
+        return conversations.converse(
+            models[name], simulator, persona, index, system=conv.system_prompt or persona.system,
+            max_turns=conv.max_turns, max_tokens=settings.max_tokens, temperature=settings.temperature,
+            seed=conversations.conversation_seed(settings.seed, persona, index))
+
+    # one pool, the models interleaved: each model's server works while the others do
+    done = _interleaved(list(models), plan, lambda name, job: talk((name, *job)), settings.concurrency, ctx)
+    items, files = {}, {}
+    for name, transcripts in done.items():
         path = ws.path(EVAL_DIR) / "transcripts" / f"{name}.jsonl"
         atomic_write_bytes(path, b"".join(orjson.dumps({"model": name, **t}) + b"\n" for t in transcripts))
         files[name] = ws.rel(path)
@@ -218,15 +225,14 @@ def _answers(ctx: PhaseContext, models: dict) -> tuple[dict, dict]:
     records = evaluation.read_split(ws.split_file("test"), ws, settings.max_examples)
     prompts = [(messages(r["conversations"][:-1]), reference(r)) for r in records]
     ctx.progress.start(len(records) * len(models), "answers")
-    items, files = {}, {}
-    for name, model in models.items():
-        def answer(job, model=model):
-            index, (prompt, _) = job
-            return model.chat(prompt, max_tokens=settings.max_tokens, temperature=settings.temperature,
-                              seed=settings.seed + index)
 
-        answers = endpoints.run_concurrently(list(enumerate(prompts)), answer, concurrency=settings.concurrency,
-                                             on_done=ctx.progress.advance)
+    def answer(name, index):
+        return models[name].chat(prompts[index][0], max_tokens=settings.max_tokens, temperature=settings.temperature,
+                                 seed=settings.seed + index)
+
+    done = _interleaved(list(models), list(range(len(records))), answer, settings.concurrency, ctx)
+    items, files = {}, {}
+    for name, answers in done.items():
         path = ws.path(EVAL_DIR) / "answers" / f"{name}.jsonl"
         atomic_write_bytes(path, b"".join(orjson.dumps({"model": name, "index": i, "answer": a}) + b"\n"
                                           for i, a in enumerate(answers)))
@@ -254,8 +260,7 @@ def _judge(ctx: PhaseContext, judge: judging.Judge, names: list[str], items: dic
     concurrency = settings.concurrency
     stats = dict(bootstrap=cfg.evaluation.bootstrap_samples, seed=cfg.evaluation.seed)
     if mode == "single":
-        grades = {name: endpoints.run_concurrently(items[name], judge.grade, concurrency=concurrency,
-                                                   on_done=ctx.progress.advance) for name in names}
+        grades = _interleaved(names, list(range(n)), lambda name, i: judge.grade(items[name][i]), concurrency, ctx)
         scores = {name: [g.score for g in grades[name]] for name in names}
         comparisons = [{"a": a, "b": b, "measure": "judge score", **compare.paired(scores[a], scores[b], **stats)}
                        for a, b in combinations(names, 2)]
@@ -313,11 +318,20 @@ def _judge(ctx: PhaseContext, judge: judging.Judge, names: list[str], items: dic
 
 def _safety(ctx: PhaseContext, safety: judging.Judge, names: list[str], items: dict) -> dict[str, Any]:
     concurrency = ctx.config.evaluation.compare.concurrency
-    grades = {name: endpoints.run_concurrently(items[name], safety.grade, concurrency=concurrency,
-                                               on_done=ctx.progress.advance) for name in names}
+    grades = _interleaved(names, list(range(len(items[names[0]]))), lambda name, i: safety.grade(items[name][i]),
+                          concurrency, ctx)
     keys = [f"{name}:{item.key}" for name in names for item in items[name]]
     return {"scores": {name: [g.score for g in grades[name]] for name in names},
             "reliability": judging.reliability(safety, [g for name in names for g in grades[name]], keys=keys)}
+
+
+def _interleaved(names: list[str], jobs: list, work, concurrency: int, ctx: PhaseContext) -> dict[str, list]:
+    """work(name, job) for every model and job, in one pool with the models interleaved (so
+    that every model's server is busy at once); the results per model, in the jobs' order."""
+    flat = [(name, job) for job in jobs for name in names]
+    results = endpoints.run_concurrently(flat, lambda pair: work(*pair), concurrency=concurrency,
+                                         on_done=ctx.progress.advance)
+    return {name: results[k::len(names)] for k, name in enumerate(names)}
 
 
 def _mean(values: list[float | None]) -> float | None:
