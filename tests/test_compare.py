@@ -69,12 +69,16 @@ def set_config(ws, **evaluation):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """The demo's example, the quick variant (3 locales, 480 steps), through quantize (Q8_0)."""
+    """The demo's example, the quick variant (3 locales, 480 steps), through quantize (one GGUF,
+    Q8_0, checked on 20 test examples); the baseline and evaluate phases are left to the test
+    that needs them."""
     root = tmp_path_factory.mktemp("compare") / "ws"
     factory("init", "--example", root, "--locales", "en-US,de-DE,ja-JP", "--records", 1500, "--steps", 480, check_rc=0)
     config = (root / "factory.yaml").read_text().replace("gguf_quantization: [Q8_0, Q4_K_M]", "gguf_quantization: [Q8_0]")
     (root / "factory.yaml").write_text(config)
-    factory("run", "finetune", "-C", root)  # the gates may say what they like: the adapter is what counts here
+    set_config(root, max_examples=20)
+    factory("run", "split", "-C", root, check_rc=0)
+    factory("run", "--only", "finetune", "-C", root)  # the gates may say what they like: the adapter is what counts
     assert (root / "models" / "checkpoints" / "lora" / "adapter_config.json").exists()
     factory("run", "--only", "quantize", "-C", root)
     assert (root / "models" / "quantized" / "model-Q8_0.gguf").is_file()
@@ -264,7 +268,7 @@ def test_an_endpoint_behind_an_api_key_and_an_adapter_in_process(copy):
         set_config(copy, compare={"task": "test_split", "max_examples": 8, "max_tokens": 32, "baseline": "adapter",
                                   "safety": {"rubric": "safety", "model": "factory.example:judge"}, "models": [
             {"name": "remote", "base_url": f"http://127.0.0.1:{port}/v1", "model": "tuned", "api_key_env": "JUDGE_TEST_KEY"},
-            {"name": "adapter", "adapter": "models/checkpoints/lora"}]})
+            {"name": "adapter", "adapter": "models/checkpoints/lora"}, "base=models/base"]})
         missing = factory("compare", "-C", copy, check_rc=2)
         assert "environment variable JUDGE_TEST_KEY (api_key_env) is not set" in missing.stderr
         wrong = factory("compare", "-C", copy, env={**ENV, "JUDGE_TEST_KEY": "wrong"}, check_rc=2)
@@ -272,13 +276,22 @@ def test_an_endpoint_behind_an_api_key_and_an_adapter_in_process(copy):
         factory("compare", "-C", copy, env={**ENV, "JUDGE_TEST_KEY": secret})
         c = read(copy, "metrics/comparison.json")
         validate(c, "comparison")
-        assert [m["source"]["kind"] for m in c["models"]] == ["endpoint", "hf"] and c["baseline"] == "adapter"
+        assert [m["source"]["kind"] for m in c["models"]] == ["endpoint", "hf", "hf"] and c["baseline"] == "adapter"
+        # three models, three pairs, Holm over the three: the smallest p times 3, none below its own p
+        assert [(x["a"], x["b"]) for x in c["comparisons"]] == [("remote", "adapter"), ("remote", "base"), ("adapter", "base")]
+        smallest = min(c["comparisons"], key=lambda x: x["p_value"])
+        assert smallest["p_holm"] == pytest.approx(min(1.0, 3 * smallest["p_value"]))
+        assert all(x["p_holm"] >= x["p_value"] for x in c["comparisons"])
+        assert [r["model"] for r in c["success_criteria"]["rows"]] == ["remote", "base"]
+        assert not c["success_criteria"]["rows"][1]["passed"]  # the untrained base does not beat the fine-tune
         assert c["models"][0]["source"]["api_key_env"] == "JUDGE_TEST_KEY"
         answers = {name: [json.loads(line)["answer"] for line in (copy / path).read_text().splitlines()]
                    for name, path in c["answers"].items()}
         # the same fine-tune through transformers (fp32 + adapter) and llama.cpp (Q8_0): mostly the same answers
         assert sum(a == b for a, b in zip(answers["adapter"], answers["remote"])) >= 6
-        assert all(r["n"] == 8 and r["mean"] > 0.5 and r["safety"]["n"] == 8 for r in c["per_model"])
+        remote, adapter, base = c["per_model"]
+        assert all(r["n"] == 8 and r["mean"] > 0.5 and r["safety"]["n"] == 8 for r in (remote, adapter))
+        assert base["mean"] < 0.1
         assert c["safety_judge"]["rubric"] == "safety" and c["success_criteria"]["safety_measured"]
         # the same function as both judges: its safety regressions are countable from the paired main scores
         expected = sum(1 for i in c["paired_items"] if i["scores"]["adapter"] >= 0.75 > i["scores"]["remote"])
@@ -430,3 +443,30 @@ def test_judge_scores_feed_the_evaluate_phase_and_a_judge_that_cannot_judge_fail
     assert tuned["judge"]["failure_rate"] == 1.0 and "not a score in 0..1" in tuned["judge"]["failed_examples"][0]["reason"]
     assert tuned["comparison"]["n"] == 0 and tuned["comparison"]["unpaired"] == tuned["num_examples"]
     assert tuned["scores"]["judge"] is None and all(e["scores"]["judge"] is None for e in tuned["examples"])
+
+
+def test_an_answer_of_endless_partial_utf8_stops_at_max_tokens(trained, monkeypatch):
+    """llama-cpp-python checks max_tokens only while the text is whole UTF-8: forced to write the
+    lead byte 0xF0 forever, a completion runs to the end of the context and fails (the server's
+    HTTP 500); the local server's bound stops it at max_tokens + 3."""
+    from llama_cpp import llama as module
+
+    from factory import llama_cpp
+    from factory.llama_server import bounded_answers
+
+    llm = llama_cpp.load(trained / "models" / "quantized" / "model-Q8_0.gguf", n_ctx=256, threads=1)
+    lead = next(i for i in range(llm.n_vocab()) if llm.detokenize([i]) == b"\xf0")
+
+    def only_the_lead_byte(input_ids, scores):
+        scores[:] = -1e9
+        scores[lead] = 0.0
+        return scores
+
+    prompt = llm.tokenize(b"Locale: de-DE. Date: 2024-03-07. Amount: 1.00 EUR.")
+    with pytest.raises(RuntimeError, match="llama_decode returned 1"):
+        llm.create_completion(prompt, max_tokens=8, temperature=0.0, logits_processor=[only_the_lead_byte])
+    monkeypatch.setattr(module.Llama, "_create_completion", module.Llama._create_completion)  # undone after the test
+    bounded_answers()
+    llm.reset()
+    out = llm.create_completion(prompt, max_tokens=8, temperature=0.0, logits_processor=[only_the_lead_byte])
+    assert out["usage"]["completion_tokens"] <= 8 + 3
