@@ -105,7 +105,8 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
         "gguf_files": sum(1 for v in verified if Path(ws.path(v["path"])).is_file()),
         "worst_relative_score_drop": max(v["relative_score_drop"] for v in verified),
         "all_sizes_within_bounds": all(v["size_within_bounds"] for v in verified),
-        "all_generations_stop": all(v["generation_stops"] == 1.0 for v in verified),
+        **({} if reference.get("language_modelling") else  # plain text: no turns to end
+           {"all_generations_stop": all(v["generation_stops"] == 1.0 for v in verified)}),
         "min_tokenizer_agreement": min(v["tokenizer_agreement"] for v in verified),
         "types": verified,
         "llama_cpp": {"converter": str(converter), "llama_cpp_python": llama_cpp.LLAMA_CPP_PYTHON_VERSION,
@@ -313,7 +314,9 @@ def _verify(ctx: PhaseContext, path: Path, gtype, shapes: list[tuple[int, ...]],
     low, high = llama_cpp.expected_bits_per_weight(gtype, shapes)
 
     # tokenizer: the same ids as the HF tokenizer on every test conversation
-    texts = [chat.render(messages(r["conversations"]), generation_prompt=False) for r in records]
+    language_modelling = bool(reference.get("language_modelling"))  # plain text: nothing to generate
+    texts = [r["conversations"][0]["content"] if language_modelling else
+             chat.render(messages(r["conversations"]), generation_prompt=False) for r in records]
     same = sum(chat.tokenizer(t, add_special_tokens=False)["input_ids"] == llm.tokenize(t.encode(), add_bos=False, special=True)
                for t in texts)
 
@@ -321,19 +324,22 @@ def _verify(ctx: PhaseContext, path: Path, gtype, shapes: list[tuple[int, ...]],
     ctx.progress.start(len(records), f"examples ({gtype.name})")
     started = time.monotonic()
     predictions = []
-    for record in records:
+    for record in [] if language_modelling else records:
         out = llm.create_completion(chat.prompt_ids(record), max_tokens=cfg.evaluation.max_new_tokens, temperature=0.0, top_k=1)
         predictions.append(out["choices"][0]["text"].strip())
         ctx.progress.advance()
-    scored = evaluation.score_predictions(cfg, records, predictions, seconds=time.monotonic() - started)
-    score, merged_score = scored["primary_score"], reference["primary_score"]
-    drop = (merged_score - score) / merged_score if merged_score else merged_score - score
-
     nll_gguf, nll_merged, kl, tokens = _divergence(llm, divergence)
+    if language_modelling:  # the GGUF's token probability on the divergence documents vs the merged model's
+        score, merged_score = math.exp(-nll_gguf / tokens), math.exp(-nll_merged / tokens)
+        scored = {"scores": {reference["primary"]: score}, "examples_per_second": None, "examples": []}
+    else:
+        scored = evaluation.score_predictions(cfg, records, predictions, seconds=time.monotonic() - started)
+        score, merged_score = scored["primary_score"], reference["primary_score"]
+    drop = (merged_score - score) / merged_score if merged_score else merged_score - score
 
     # chat completion with the file's own template must stop at end of turn
     stops = agree = 0
-    checks = records[:STOP_CHECKS]
+    checks = [] if language_modelling else records[:STOP_CHECKS]
     for record, prediction in zip(checks, predictions):
         llm.reset()
         out = llm.create_chat_completion(chat.prompt_messages(record), max_tokens=cfg.evaluation.max_new_tokens, temperature=0.0, top_k=1)
