@@ -140,8 +140,9 @@ class ChatFormat:
             tokenizer.pad_token = tokenizer.convert_ids_to_tokens(chat.pad_token_id)
         # Masks are checked once here, on a multi-turn probe, so a template that cannot be
         # masked stops the run before any training (exit 2), not in the middle of it.
+        system = [{"role": "system", "content": _SYSTEM}] if probe["system_head"] or probe["system_to_user"] else []
         chat.training_example({"conversations": [
-            {"role": "system", "content": _SYSTEM}, {"role": "user", "content": _USER1},
+            *system, {"role": "user", "content": _USER1},
             {"role": "assistant", "content": _ANSWER1}, {"role": "user", "content": _USER2},
             {"role": "assistant", "content": _ANSWER1}]})
         log.info("chat format: template %s, end of turn %r (id %d%s), stops %s, pad %r, BOS %s",
@@ -184,8 +185,16 @@ class ChatFormat:
     # --- rendering and tokenizing ------------------------------------------------------
 
     def render(self, turns: list[dict], *, generation_prompt: bool) -> str:
+        from jinja2 import TemplateError
+
         self._require_template()
-        return self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
+        try:
+            return self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
+        except TemplateError as e:  # e.g. a template without a system role, given a system turn
+            roles = "/".join(t["role"] for t in turns)
+            raise InputError(f"the chat template ({self.template_source}) cannot render a conversation of roles "
+                             f"{roles}: {e}. Remove what it does not support from the data (for example system turns: "
+                             "data.inputs[].system_prompt), or choose another dataset.chat_template") from None
 
     def encode(self, text: str) -> list[int]:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -300,10 +309,12 @@ def _probe(tokenizer) -> dict[str, str]:
     system_head, system_to_user: around a system message (which some templates fold into the
                         first user turn)
     """
+    from jinja2 import TemplateError
+
     def render(turns, generation_prompt):
         try:
             return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
-        except Exception as e:  # a template that raises (e.g. on a system role) is the user's to fix
+        except TemplateError as e:  # a template that raises (e.g. on a system role) is the user's to fix
             raise InputError(f"the chat template failed to render a probe conversation: {type(e).__name__}: {e}") from None
 
     user = [{"role": "user", "content": _USER1}]

@@ -174,6 +174,8 @@ def test_plain_text_trains_as_language_modelling_on_a_base_model_without_chat_te
     rng = random.Random(0)
     for i, r in enumerate(generate_task_records(400, seed=1)):
         (raw / f"doc{i:04d}.txt").write_text(f"{r['input']} -> {r['output']}\n" * rng.randint(1, 3))
+    yaml_file = root / "factory.yaml"
+    yaml_file.write_text(yaml_file.read_text().replace("data/raw/localization.jsonl", "data/raw"))
     base = root / "models" / "base"
     config = json.loads((base / "tokenizer_config.json").read_text())
     config.pop("chat_template", None)
