@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from factory import llama_cpp, modeling
+from factory import llama_cpp, modeling, plan
 from factory.chat import messages
 from factory.config import FactoryConfig
 from factory.errors import InputError
@@ -72,7 +72,7 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
     # 3. the merged model's scores and next-token distributions: the reference
     model, chat = modeling.load_for_inference(cfg, ws, backend, path=str(merged_dir))
     reference = evaluation.score_model(ctx, model, chat, records, what="merged")
-    divergence = _divergence_reference(model, chat, records[:DIVERGENCE_EXAMPLES])
+    divergence = _divergence_reference(model, chat, records[:DIVERGENCE_EXAMPLES], plan.context_length(cfg))
     shapes = [tuple(p.shape) for p in model.parameters()]  # what each file's size is checked against
     del model  # the divergence reference keeps only the output embedding
     gc.collect()
@@ -244,8 +244,11 @@ class DivergenceReference:
     examples: list[tuple[list[int], list[int], Any]]  # (token ids, labelled positions, hidden states)
 
 
-def _divergence_reference(model, chat, records: list[dict]) -> DivergenceReference:
-    rows = [chat.answer_example(r) for r in records]
+def _divergence_reference(model, chat, records: list[dict], context: int) -> DivergenceReference:
+    # cut to the context the GGUF is loaded with (training saw no more); rows left with no
+    # answer token are left out
+    rows = [(ids[:context], labels[:context]) for ids, labels in map(chat.answer_example, records)]
+    rows = [(ids, labels) for ids, labels in rows if any(label != -100 for label in labels[1:])]
     examples = []
     # batch_size 1: one example's states at a time, no padding (so the pad id is never used)
     for (index,), hidden, _ in modeling.answer_hidden_states(model, rows, batch_size=1, pad_token_id=0):
@@ -303,7 +306,7 @@ def _export(ctx: PhaseContext, converter: Path, merged_dir: Path, out_dir: Path,
 
 def _verify(ctx: PhaseContext, path: Path, gtype, shapes: list[tuple[int, ...]], chat, records: list[dict], reference: dict,
             divergence: DivergenceReference) -> dict[str, Any]:
-    from factory import evaluation, plan
+    from factory import evaluation
 
     cfg = ctx.config
     llm = llama_cpp.load(path, n_ctx=plan.context_length(cfg) + cfg.evaluation.max_new_tokens, logits_all=True)
@@ -407,7 +410,7 @@ def _divergence(llm, reference: DivergenceReference) -> tuple[float, float, floa
 def _write_modelfile(cfg: FactoryConfig, ws: Workspace, quantized_dir: Path, type_name: str, chat) -> Path:
     """An Ollama Modelfile next to the GGUF: FROM, the TEMPLATE in Ollama's Go syntax and the
     stop tokens (both read off the model's own chat template), its sampling defaults, num_ctx."""
-    from factory import plan
+
     from factory.io import atomic_write_bytes
 
     lines = [f"# Ollama: ollama create {_model_name(cfg)} -f {ws.rel(quantized_dir / 'Modelfile')}",
