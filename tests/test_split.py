@@ -133,32 +133,42 @@ def test_exact_and_normalized_duplicates_are_dropped_and_counted(ws):
         base[5],  # exact duplicate
         record(base[7]["conversations"][0]["content"].upper(), base[7]["conversations"][1]["content"].lower()),
         record("  " + base[9]["conversations"][0]["content"].replace(" ", "\n\t "), base[9]["conversations"][1]["content"]),
+        # punctuation is meaning: not a duplicate
         record(base[11]["conversations"][0]["content"].replace(":", "").replace("?", "!!"), "the ANSWER is 22"),
-        # long answers go through the pre-key path; case/newline/punctuation variants still match
         record("Bake a cake", long_answer),
-        record("bake a cake!", long_answer.upper().replace(". ", ".\n\n")),
-        # same opening, different ending: not a duplicate
-        record("Bake a cake", long_answer + " Serve warm."),
-        # same text in Unicode: case folds, typographic punctuation goes
-        record("CAFÉ — “menu”?", "Crème brûlée"),
-        record("café menu", "CRÈME BRÛLÉE!"),
+        record("BAKE  a cake", long_answer.upper().replace(". ", ".\n\n")),  # case and whitespace only
+        record("Bake a cake", long_answer + " Serve warm."),  # same opening, different ending
+        # Unicode: NFKC folds full-width letters, case folds
+        record("ＣＡＦÉ ｍｅｎｕ？", "Crème brûlée"),
+        record("café menu?", "CRÈME BRÛLÉE"),
     ]
     write_input(ws, base + variants)
     m = run(ws)
     assert m["records_in"] == 50
     assert m["duplicates_exact"] == 2
-    assert m["duplicates_normalized"] == 5  # the variants of 7, 9 and 11, the long reflow, the café pair
-    assert m["records_out"] == 43
+    assert m["duplicates_normalized"] == 4  # the variants of 7 and 9, the long reflow, the café pair
+    assert m["records_out"] == 44
     kept = [rec for recs in outputs(ws).values() for rec in recs]
-    assert len(kept) == 43
+    assert len(kept) == 44
     answers = Counter(rec["conversations"][-1]["content"] for rec in kept)
     assert answers[long_answer] == 1 and answers[long_answer + " Serve warm."] == 1
     assert answers["Crème brûlée"] == 1  # the first occurrence is the one kept
 
 
+def test_symbols_digits_and_signs_are_not_normalized_away(ws):
+    distinct = [("Simplify: x = a + b", "x = a + b"), ("Simplify: x = a - b", "x = a - b"),
+                ("What is -5 + 10?", "5"), ("What is 5 + 10?", "15"), ('Parse {"a": [1, 2]}', "ok"),
+                ('Parse {"a": [1; 2]}', "error"), ("Sort 1,2", "1 2"), ("Sort 1.2", "1.2")]
+    write_input(ws, unique_records(30) + [record(q, a) for q, a in distinct])
+    m = run(ws)
+    assert m["duplicates_normalized"] == 0 and m["duplicates_exact"] == 0
+    assert m["records_out"] == 38
+    assert m["accounting"]["balanced"]
+
+
 def test_dedup_can_be_switched_off(ws):
     records = unique_records(30)
-    write_input(ws, records + records[:5] + [record("QUESTION number 1: what is 1 plus 1", "the answer is 2")])
+    write_input(ws, records + records[:5] + [record("QUESTION  number 1: what is 1 plus 1?", "the ANSWER is 2.")])
     m = run(ws, {"dedup": {"exact": False, "normalized": False}})
     assert m["duplicates_exact"] == m["duplicates_normalized"] == 0
     assert m["records_out"] == 36
@@ -172,7 +182,7 @@ def test_records_sharing_a_prompt_never_cross_splits(ws):
     records = unique_records(120)
     for i in range(40):  # 40 prompts with 3 to 5 different answers each
         records += [record(f"Shared prompt {i}", f"Answer {j} to prompt {i}", system="Be brief.") for j in range(3 + i % 3)]
-    records += [record(f"shared PROMPT {i}!", f"Yet another answer {i}", system="be brief") for i in range(10)]
+    records += [record(f"shared  PROMPT {i}", f"Yet another answer {i}", system="be brief.") for i in range(10)]
     write_input(ws, records)
     m = run(ws)
     assert m["groups"] == 160
@@ -183,8 +193,9 @@ def test_records_sharing_a_prompt_never_cross_splits(ws):
             text = " ".join(t["content"] for t in rec["conversations"][:-1]).lower().replace("!", "").replace(".", "")
             seen[text].add(name)
     assert all(len(where) == 1 for where in seen.values())
-    assert m["leakage"] == {"train_val": {"prompts": 0, "records": 0}, "train_test": {"prompts": 0, "records": 0},
-                            "val_test": {"prompts": 0, "records": 0}, "total": 0}
+    assert {pair: m["leakage"][pair] for pair in ("train_val", "train_test", "val_test")} == {
+        pair: {"user_turns": 0, "near_duplicates": 0} for pair in ("train_val", "train_test", "val_test")}
+    assert m["leakage"]["total"] == 0
     assert abs(m["counts"]["test"] - 0.1 * m["records_out"]) <= 6
 
 
@@ -200,7 +211,7 @@ def test_leakage_is_measured_when_prompt_grouping_is_off(ws):
             where[prompt_of(rec)].add(name)
     for a, b in split.PAIRS:
         expected = sum(1 for names in where.values() if {a, b} <= names)
-        assert m["leakage"][f"{a}_{b}"] == {"prompts": expected, "records": 0}
+        assert m["leakage"][f"{a}_{b}"] == {"user_turns": expected, "near_duplicates": 0}
     assert m["leakage"]["total"] > 0
 
 
@@ -327,15 +338,15 @@ def test_progress_is_reported(ws):
     cfg = parse_config({})
     progress = Progress()
     PHASE.run(PhaseContext(cfg, ws, progress, logging.getLogger("test.split")))
-    assert [unit for _, unit in progress.starts] == ["records scanned", "records written"]
-    assert progress.done == 80
+    assert [unit for _, unit in progress.starts] == ["records scanned", "records written", "records checked"]
+    assert progress.done == 120
 
 
 def test_phase_declaration(ws):
     cfg = parse_config({})
     assert PHASE.name == "split" and PHASE.metrics == "split" and PHASE.config_sections == ("data",)
     assert PHASE.inputs(cfg, ws) == [ws.formatted_file]
-    assert PHASE.outputs(cfg, ws) == [ws.split_file(n) for n in SPLITS]
+    assert PHASE.outputs(cfg, ws) == [ws.split_file(n) for n in SPLITS] + [ws.duplicates_file]
 
 
 def test_scan_workers_start_safely_beside_other_threads(tmp_path):

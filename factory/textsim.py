@@ -1,0 +1,225 @@
+"""Text keys shared by the data phases: normalization, word n-gram hashes, and MinHash
+near-duplicate search.
+
+normalize() folds what does not change meaning and nothing else: Unicode NFKC (full-width
+letters, ligatures, non-breaking spaces), case (str.casefold), and whitespace (every run
+becomes one space, ends stripped). Symbols, punctuation and digits stay, so "x = a + b" and
+"x = a - b" differ, and so do "-5" and "5".
+
+Near-duplicates: MinHash signatures in datasketch's "affine32" scheme, the default of
+datasketch 2.0 (each 32-bit shingle hash pre-mixed with the MurmurHash3 finalizer, then
+`a * h + b mod 2^32` per permutation, with the permutations of `datasketch.MinHash(num_perm,
+seed)`), computed for a whole block of texts in a few numpy operations instead of one
+`MinHash.update_batch` call per text (35 us a text with datasketch's objects, under 5 us
+here; tests/test_split.py checks the values are identical). Candidates come from LSH
+banding with the (bands, rows) that `datasketch.MinHashLSH` picks for the threshold,
+weighted towards recall; each candidate pair is then kept only if its estimated Jaccard
+similarity (the share of equal signature values) reaches the threshold.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from functools import lru_cache
+
+import numpy as np
+import xxhash
+
+NUM_PERM = 64
+"""Permutations per signature: an estimated Jaccard of 0.8 has a standard error of 0.05."""
+
+MINHASH_SEED = 1
+LSH_WEIGHTS = (0.1, 0.9)
+"""datasketch's (false positive, false negative) weights: candidates favour recall; the
+Jaccard estimate of each candidate pair decides."""
+
+MAX_ALL_PAIRS_BUCKET = 32
+"""An LSH bucket up to this size yields all its pairs; a larger one (a template repeated
+many times) yields each member with the bucket's first member and with its neighbour."""
+
+_U64 = np.uint64
+_BASE = 0x100000001B3  # odd, so invertible modulo 2^64
+_MIX = [_U64(c) for c in (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0x27D4EB2F165667C5,
+                          0x85EBCA77C2B2AE63, 0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53, 0x94D049BB133111EB,
+                          0xBF58476D1CE4E5B9, 0xD6E8FEB86659FD93)]
+
+
+def normalize(text: str) -> str:
+    """NFKC, case folded, whitespace runs as one space (see the module docstring)."""
+    if text.isascii():
+        return " ".join(text.lower().split())
+    return " ".join(unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold()).split())
+
+
+def text_key(normalized: str, seed: int = 0) -> int:
+    """A 64-bit key of an already normalized text (never 0, which means 'no key')."""
+    return xxhash.xxh3_64_intdigest(normalized.encode(), seed) or 1
+
+
+def words(normalized: str) -> int:
+    return normalized.count(" ") + 1 if normalized else 0
+
+
+# --- word n-grams ----------------------------------------------------------------------
+
+
+class _Powers:
+    """BASE^i and BASE^-i modulo 2^64 for i < n, grown on demand (per process)."""
+
+    pow = np.ones(1, _U64)
+    inv = np.ones(1, _U64)
+
+    @classmethod
+    def upto(cls, n: int) -> tuple[np.ndarray, np.ndarray]:
+        if cls.pow.size < n:
+            m = max(n, 2 * cls.pow.size, 1 << 16)
+            with np.errstate(over="ignore"):
+                cls.pow = np.concatenate(([_U64(1)], np.cumprod(np.full(m - 1, _BASE, _U64))))
+                cls.inv = np.concatenate(([_U64(1)], np.cumprod(np.full(m - 1, pow(_BASE, -1, 1 << 64), _U64))))
+        return cls.pow[:n], cls.inv[:n]
+
+
+def _fmix64(h: np.ndarray) -> np.ndarray:
+    h = h ^ (h >> _U64(33))
+    h = h * _U64(0xFF51AFD7ED558CCD)
+    h = h ^ (h >> _U64(33))
+    h = h * _U64(0xC4CEB9FE1A85EC53)
+    return h ^ (h >> _U64(33))
+
+
+def ngram_hashes(texts: list[str], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The 64-bit hashes of every run of n words in each normalized text, and the index of
+    the text each comes from (texts with fewer than n words give none). Vectorized over all
+    texts: words are hashed as polynomials over their UTF-8 bytes from one prefix sum, and n
+    consecutive word hashes are mixed into one."""
+    if not texts:
+        return np.zeros(0, _U64), np.zeros(0, np.int64)
+    data = np.frombuffer(("\n".join(texts) + "\n").encode(), np.uint8)
+    pw, inv = _Powers.upto(data.size + 1)
+    with np.errstate(over="ignore"):
+        prefix = np.zeros(data.size + 1, _U64)
+        np.cumsum((data.astype(_U64) + _U64(1)) * pw[:data.size], out=prefix[1:])
+        ends = np.flatnonzero((data == 32) | (data == 10))
+        starts = np.empty_like(ends)
+        starts[0] = 0
+        starts[1:] = ends[:-1] + 1
+        word = _fmix64((prefix[ends] - prefix[starts]) * inv[starts])
+        last_of_text = data[ends] == 10
+        text_of_word = np.cumsum(last_of_text) - last_of_text
+        count = word.size - n + 1
+        if count <= 0:
+            return np.zeros(0, _U64), np.zeros(0, np.int64)
+        mixed = word[:count] * _MIX[0]
+        for k in range(1, n):
+            mixed += word[k:count + k] * _MIX[k % len(_MIX)]
+    whole = text_of_word[:count] == text_of_word[n - 1:]  # the n words lie in one text
+    return _fmix64(mixed[whole]), text_of_word[:count][whole]
+
+
+# --- MinHash ---------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=None)
+def _permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    from datasketch import MinHash
+
+    a, b = MinHash(num_perm=num_perm, seed=seed, scheme="affine32").permutations
+    return a.astype(np.uint32), b.astype(np.uint32)
+
+
+def _fmix32(h: np.ndarray) -> np.ndarray:
+    h = h ^ (h >> np.uint32(16))
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> np.uint32(13))
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> np.uint32(16))
+
+
+def shingle_hash32(hashes: np.ndarray) -> np.ndarray:
+    """The 32-bit values fed to MinHash (datasketch's hashfunc output) from n-gram hashes."""
+    return (hashes >> _U64(32)).astype(np.uint32)
+
+
+def signatures(texts: list[str], n: int, num_perm: int = NUM_PERM, seed: int = MINHASH_SEED) -> np.ndarray:
+    """MinHash signatures (len(texts), num_perm) uint32 of the texts' word n-gram sets.
+    Every text must have at least n words. Row i equals the hashvalues of
+    datasketch.MinHash(num_perm, seed, hashfunc=identity, scheme="affine32") after
+    update_batch(shingle_hash32(n-gram hashes of text i))."""
+    if not texts:
+        return np.zeros((0, num_perm), np.uint32)
+    hashes, owner = ngram_hashes(texts, n)
+    first = np.flatnonzero(np.concatenate(([True], owner[1:] != owner[:-1])))
+    if first.size != len(texts):
+        raise ValueError(f"signatures need texts of at least {n} words")
+    a, b = _permutations(num_perm, seed)
+    mixed = _fmix32(shingle_hash32(hashes))
+    out = np.empty((len(texts), num_perm), np.uint32)
+    step = max(1, (1 << 22) // num_perm)  # shingles per slice: 16 MB of products at a time
+    with np.errstate(over="ignore"):
+        for lo in range(0, len(texts), step):
+            hi = min(len(texts), lo + step)
+            s0 = first[lo]
+            s1 = first[hi] if hi < len(texts) else mixed.size
+            products = mixed[s0:s1, None] * a[None, :] + b[None, :]
+            out[lo:hi] = np.minimum.reduceat(products, first[lo:hi] - s0, axis=0)
+    return out
+
+
+@lru_cache(maxsize=None)
+def lsh_params(threshold: float, num_perm: int = NUM_PERM) -> tuple[int, int]:
+    """(bands, rows per band) that datasketch.MinHashLSH picks for this threshold."""
+    from datasketch import MinHashLSH
+
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=LSH_WEIGHTS)
+    return lsh.b, lsh.r
+
+
+def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """(len(sig), bands) uint64: each band's rows mixed into one 64-bit key."""
+    keys = np.empty((sig.shape[0], bands), _U64)
+    with np.errstate(over="ignore"):
+        for k in range(bands):
+            part = sig[:, k * rows:(k + 1) * rows].astype(_U64)
+            mixed = part[:, 0] * _MIX[0] + _U64(k)
+            for j in range(1, rows):
+                mixed += part[:, j] * _MIX[j % len(_MIX)]
+            keys[:, k] = _fmix64(mixed)
+    return keys
+
+
+def similar_pairs(sig: np.ndarray, keys: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs (i, j), i < j, of signature rows whose estimated Jaccard similarity is at least
+    `threshold`, among the pairs that share an LSH band; with that estimate."""
+    m = sig.shape[0]
+    found: list[np.ndarray] = []
+    for k in range(keys.shape[1]):
+        order = np.argsort(keys[:, k], kind="stable")
+        sorted_keys = keys[order, k]
+        new = np.concatenate(([True], sorted_keys[1:] != sorted_keys[:-1]))
+        bucket = np.cumsum(new) - 1
+        start = np.flatnonzero(new)
+        size = np.diff(np.append(start, m))
+        if size.max(initial=1) < 2:
+            continue
+        small = size[bucket] <= MAX_ALL_PAIRS_BUCKET
+        for d in range(1, min(int(size.max()), MAX_ALL_PAIRS_BUCKET)):
+            same = (bucket[:-d] == bucket[d:]) & small[:-d]
+            found.append(np.stack((order[:-d][same], order[d:][same])))
+        large = np.flatnonzero(~small)
+        if large.size:
+            head = order[start[bucket[large]]]
+            found.append(np.stack((head, order[large])))
+            chain = large[:-1][bucket[large[:-1]] == bucket[large[1:]]]
+            found.append(np.stack((order[chain], order[chain + 1])))
+    if not found:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
+    pairs = np.concatenate(found, axis=1)
+    low, high = np.minimum(pairs[0], pairs[1]).astype(np.int64), np.maximum(pairs[0], pairs[1]).astype(np.int64)
+    packed = np.unique(low[low != high] * m + high[low != high])
+    low, high = packed // m, packed % m
+    similarity = np.empty(low.size)
+    for lo in range(0, low.size, 1 << 16):
+        hi = lo + (1 << 16)
+        similarity[lo:hi] = (sig[low[lo:hi]] == sig[high[lo:hi]]).mean(axis=1)
+    keep = similarity >= threshold - 1e-9
+    return low[keep], high[keep], similarity[keep]
