@@ -13,14 +13,16 @@ seed)`), computed for a whole block of texts in a few numpy operations instead o
 `MinHash.update_batch` call per text (35 us a text with datasketch's objects, under 5 us
 here; tests/test_split.py checks the values are identical). Candidates come from LSH
 banding with the (bands, rows) that `datasketch.MinHashLSH` picks for the threshold,
-weighted towards recall; each candidate pair is then kept only if its estimated Jaccard
-similarity (the share of equal signature values) reaches the threshold.
+weighted towards recall; candidates whose MinHash estimate is near the threshold are then
+measured exactly on their n-gram sets, and a pair is a near-duplicate when its Jaccard
+similarity reaches the threshold (exact, so the grouping and the leakage check agree).
 """
 
 from __future__ import annotations
 
 import unicodedata
 from functools import lru_cache
+from typing import Callable
 
 import numpy as np
 import xxhash
@@ -187,10 +189,10 @@ def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
     return keys
 
 
-def similar_pairs(sig: np.ndarray, keys: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pairs (i, j), i < j, of signature rows whose estimated Jaccard similarity is at least
-    `threshold`, among the pairs that share an LSH band; with that estimate."""
-    m = sig.shape[0]
+def candidate_pairs(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (i, j), i < j, of rows that share an LSH band: the pairs datasketch.MinHashLSH's
+    query returns for the same bands (all pairs of a bucket up to MAX_ALL_PAIRS_BUCKET)."""
+    m = keys.shape[0]
     found: list[np.ndarray] = []
     for k in range(keys.shape[1]):
         order = np.argsort(keys[:, k], kind="stable")
@@ -212,14 +214,46 @@ def similar_pairs(sig: np.ndarray, keys: np.ndarray, threshold: float) -> tuple[
             chain = large[:-1][bucket[large[:-1]] == bucket[large[1:]]]
             found.append(np.stack((order[chain], order[chain + 1])))
     if not found:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
-    pairs = np.concatenate(found, axis=1)
-    low, high = np.minimum(pairs[0], pairs[1]).astype(np.int64), np.maximum(pairs[0], pairs[1]).astype(np.int64)
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    pairs = np.concatenate(found, axis=1).astype(np.int64)
+    low, high = np.minimum(pairs[0], pairs[1]), np.maximum(pairs[0], pairs[1])
     packed = np.unique(low[low != high] * m + high[low != high])
-    low, high = packed // m, packed % m
-    similarity = np.empty(low.size)
+    return packed // m, packed % m
+
+
+def estimated_jaccard(sig: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """The share of equal signature values of each pair (datasketch's MinHash.jaccard)."""
+    out = np.empty(low.size)
     for lo in range(0, low.size, 1 << 16):
         hi = lo + (1 << 16)
-        similarity[lo:hi] = (sig[low[lo:hi]] == sig[high[lo:hi]]).mean(axis=1)
-    keep = similarity >= threshold - 1e-9
-    return low[keep], high[keep], similarity[keep]
+        out[lo:hi] = (sig[low[lo:hi]] == sig[high[lo:hi]]).mean(axis=1)
+    return out
+
+
+ESTIMATE_MARGIN = 0.2
+"""Candidates whose estimate is this far below the threshold are still measured exactly (4
+standard errors at 64 permutations): the estimate only filters, the exact Jaccard decides."""
+
+
+def near_duplicate_pairs(sig: np.ndarray, keys: np.ndarray, texts_of: Callable[[np.ndarray], list[str]], n: int,
+                         threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs (i, j), i < j, of rows whose word n-gram sets have a Jaccard similarity of at
+    least `threshold`, with that similarity: LSH candidates, filtered by their MinHash
+    estimate, measured exactly on the texts (`texts_of(rows)` gives the normalized texts)."""
+    low, high = candidate_pairs(keys)
+    close = estimated_jaccard(sig, low, high) >= threshold - ESTIMATE_MARGIN
+    low, high = low[close], high[close]
+    rows = np.unique(np.concatenate((low, high)))
+    sets = dict(zip(rows.tolist(), shingle_sets(texts_of(rows), n)))
+    similarity = np.array([len(sets[a] & sets[b]) / len(sets[a] | sets[b]) for a, b in zip(low.tolist(), high.tolist())])
+    keep = similarity >= threshold - 1e-12
+    return low[keep], high[keep], similarity[keep] if similarity.size else np.zeros(0)
+
+
+def shingle_sets(texts: list[str], n: int) -> list[set[int]]:
+    """The set of word n-gram hashes of each normalized text."""
+    hashes, owner = ngram_hashes(texts, n)
+    sets: list[set[int]] = [set() for _ in texts]
+    for h, o in zip(hashes.tolist(), owner.tolist()):
+        sets[o].add(h)
+    return sets

@@ -123,7 +123,7 @@ def split_records(ctx: PhaseContext, workers: int | None = None, chunk_bytes: in
     near_a = near_b = np.zeros(0, np.int64)
     near_pairs_found = 0
     if settings.near:
-        near_a, near_b, near_j = _near_record_pairs(scan, kind == 0, settings.threshold)
+        near_a, near_b, near_j = _near_record_pairs(scan, kind == 0, settings, source)
         near_pairs_found = int(near_a.size)
         if data.dedup.near == "drop":
             _drop_near(near_a, near_b, near_j, duplicate_of, kind, similarity)
@@ -570,13 +570,21 @@ def _mark_duplicates(keys: np.ndarray, among: np.ndarray, duplicate_of: np.ndarr
     kind[among[repeated]] = code
 
 
-def _near_record_pairs(scan: _Scan, alive: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _near_record_pairs(scan: _Scan, alive: np.ndarray, settings: Settings, source: Path
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Record pairs (a < b) with near-duplicate user turns (different texts), among live records;
     each user text is searched once (its first occurrence)."""
     rows = np.flatnonzero(alive[scan.near_record])
     _, first = np.unique(scan.near_key[rows], return_index=True)
     rows = rows[np.sort(first)]
-    low, high, similarity = textsim.similar_pairs(scan.near_sig[rows], scan.near_bands[rows], threshold)
+
+    def texts_of(found: np.ndarray) -> list[str]:
+        with open(source, "rb") as f:
+            return [_user_turn_with_key(f, int(scan.offset[scan.near_record[r]]), int(scan.near_key[r]), settings.seed,
+                                        normalized=True) for r in rows[found].tolist()]
+
+    low, high, similarity = textsim.near_duplicate_pairs(scan.near_sig[rows], scan.near_bands[rows], texts_of,
+                                                         settings.ngram, settings.threshold)
     a, b = scan.near_record[rows[low]], scan.near_record[rows[high]]
     a, b = np.minimum(a, b), np.maximum(a, b)
     different = a != b
@@ -793,11 +801,11 @@ def _load_benchmarks(cfg, ws, seed: int) -> Benchmarks:
     for f, (path, spec) in enumerate(files):
         rel = ws.rel(path)
         count = rejected = 0
-        for _, record, _ in canonical_records(path, spec, rel):
-            if isinstance(record, Reject):
+        for _, result, _ in canonical_records(path, spec, rel, ws.root):
+            if isinstance(result, Reject):
                 rejected += 1
                 continue
-            for conversation in record:
+            for conversation in [result] if type(result) is dict else result if type(result) is list else []:
                 turns = conversation["conversations"]
                 prompt = turns[:-1] if turns[-1]["role"] == "assistant" else turns
                 if not prompt:
@@ -991,7 +999,17 @@ def measure_leakage(ws, settings: Settings, workers: int = 1, chunk_bytes: int =
     # near-duplicates: each distinct text once per split; pairs of different texts in two splits
     packed = t["near_key"] & ~np.uint64(3) | t["near_split"].astype(np.uint64)
     _, rows = np.unique(packed, return_index=True)
-    low, high, similarity = textsim.similar_pairs(sig[rows], bands[rows], settings.threshold)
+    files = {k: open(ws.split_file(name), "rb") for k, name in enumerate(SPLITS)}
+    try:
+        def texts_of(found: np.ndarray) -> list[str]:
+            return [_user_turn_with_key(files[int(t["near_split"][r])], int(t["near_offset"][r]), int(t["near_key"][r]),
+                                        settings.seed, normalized=True) for r in rows[found].tolist()]
+
+        low, high, similarity = textsim.near_duplicate_pairs(sig[rows], bands[rows], texts_of, settings.ngram,
+                                                             settings.threshold)
+    finally:
+        for f in files.values():
+            f.close()
     a, b = rows[low], rows[high]
     across = (t["near_split"][a] != t["near_split"][b]) & (t["near_key"][a] != t["near_key"][b])
     a, b, similarity = a[across], b[across], similarity[across]
@@ -1042,12 +1060,13 @@ def _lines(data: bytes, start: int) -> Iterator[tuple[int, int, bytes]]:
             yield number, offset, line
 
 
-def _user_turn_with_key(f, offset: int, key: int, seed: int) -> str:
-    """The user turn of the line at `offset` whose normalized text has this key."""
+def _user_turn_with_key(f, offset: int, key: int, seed: int, normalized: bool = False) -> str:
+    """The user turn of the line at `offset` whose normalized text has this key (normalized or as written)."""
     record = orjson.loads(_line_at(f, offset))
     for turn in record["conversations"]:
-        if turn["role"] == "user" and (xxhash.xxh3_64_intdigest(textsim.normalize(turn["content"]).encode(), seed) or 1) == key:
-            return turn["content"]
+        text = textsim.normalize(turn["content"])
+        if turn["role"] == "user" and (xxhash.xxh3_64_intdigest(text.encode(), seed) or 1) == key:
+            return text if normalized else turn["content"]
     return ""
 
 
