@@ -216,6 +216,9 @@ def split_records(ctx: PhaseContext, workers: int | None = None, chunk_bytes: in
         _write_contaminated(ws, source, scan, hit, where, kinds, owners, benchmarks, data.decontaminate)
     laps("write")
 
+    strata = _strata(record_split, scan, values) if cfg.stratify else None
+    del scan  # the check forks its workers: not with the scan's arrays in memory
+
     # 7. check ------------------------------------------------------------------------
     ctx.progress.start(int(sum(counts.values())), "records checked")
     leakage = measure_leakage(ws, settings, workers, chunk_bytes, ctx.progress, log)
@@ -263,7 +266,7 @@ def split_records(ctx: PhaseContext, workers: int | None = None, chunk_bytes: in
         "ratios_actual": {name: round(counts[name] / written, 6) for name in SPLITS},
         "seed": cfg.seed,
         "stratify": cfg.stratify,
-        "strata": _strata(record_split, scan, values) if cfg.stratify else None,
+        "strata": strata,
         "strata_distinct": int(values.size) if cfg.stratify else None,
         "decontamination": contamination or {"benchmarks": [], "found": {name: 0 for name in SPLITS},
                                              "removed": 0, "remaining_in_train": 0},
@@ -390,13 +393,18 @@ def _read_block(path: str, start: int, end: int) -> bytes:
         return f.read(end - start)
 
 
-def _conversation(line: bytes, path: str, offset: int) -> tuple[dict, list[str], list[str]]:
-    """(record, roles, normalized texts) of one line; an InputError names a line that is no record."""
+def _conversation(line: bytes, path: str, offset: int, users_only: bool = False) -> tuple[dict, list[str], list[str]]:
+    """(record, roles, normalized texts) of one line (with users_only, other turns' texts are
+    left empty); an InputError names a line that is no record."""
+    normalize = textsim.normalize
     try:
         record = orjson.loads(line)
         turns = record["conversations"]
         roles = [turn["role"] for turn in turns]
-        texts = [textsim.normalize(turn["content"]) for turn in turns]
+        if users_only:
+            texts = [normalize(turn["content"]) if role == "user" else "" for role, turn in zip(roles, turns)]
+        else:
+            texts = [normalize(turn["content"]) for turn in turns]
         if not turns or not all(type(role) is str for role in roles):
             raise TypeError
     except (orjson.JSONDecodeError, TypeError, KeyError, AttributeError):
@@ -1036,7 +1044,7 @@ def _check_block(job: tuple[str, int, int, int]) -> dict[str, Any]:
     offsets, line_of = array("q"), array("q")
     i = 0
     for line_no, offset, line in _lines(data, start):
-        _, roles, texts = _conversation(line, path, offset)
+        _, roles, texts = _conversation(line, path, offset, users_only=True)
         turns.add(i, roles, texts)
         offsets.append(offset)
         line_of.append(line_no)
