@@ -625,3 +625,22 @@ def test_real_dataset_has_no_shared_user_turns_and_every_record_is_accounted_for
     assert recount_lines(ws.formatted_file) == f["records_out"] == \
         sum(recount_lines(ws.split_file(n)) for n in SPLITS) + recount_lines(ws.duplicates_file)
     assert m["accounting"]["balanced"]
+
+
+def test_the_report_shows_where_records_went_and_leaking_pairs(ws):
+    from factory.io import write_json
+    from factory.report import write_report
+
+    questions = [f"How do I reverse list number {i} in Python?" for i in range(60)]
+    records = [record(q, f"Use reversed() on list {i}.") for i, q in enumerate(questions)]
+    records += [multi((f"Hello, I have a coding problem {i}", f"Sure {i}."), (questions[i], f"Call reverse() {i}."))
+                for i in range(60)] + unique_records(100)
+    write_input(ws, records)
+    write_json(ws.metrics_file("split"), run(ws, {"split": {"group_by_prompt": False}}))  # leaks on purpose
+    write_json(ws.metrics_file("evaluation"), {"comparison": {}, "per_metric": {}})
+    write_report(ws)
+    text = (ws.metrics_dir / "report.md").read_text()
+    m = orjson.loads(ws.metrics_file("split").read_bytes())
+    assert "## Data" in text and m["accounting"]["equation"] in text
+    example = m["leakage"]["examples"][0]["pair"][0]
+    assert f"{example['split']}:{example['line']} {example['text']}" in text
