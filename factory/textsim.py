@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import unicodedata
 from functools import lru_cache
+from itertools import compress
 from typing import Callable
 
 import numpy as np
@@ -53,6 +54,36 @@ def normalize(text: str) -> str:
     return " ".join(unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold()).split())
 
 
+_ASCII_FOLD = bytes(c + 32 if 65 <= c <= 90 else 32 if c in (9, 10, 11, 12, 13, 28, 29, 30, 31) else c
+                    for c in range(256))
+"""ASCII upper case to lower, and str.split()'s ASCII whitespace to a space."""
+
+
+def normalize_batch(texts: list[str]) -> list[bytes]:
+    """[normalize(t).encode() for t in texts], with the ASCII texts (most of them) done
+    together in a few numpy passes over their joined bytes instead of per-text Python calls
+    (tests/test_split.py checks the equality); the others go one by one."""
+    ascii_ = [t.isascii() for t in texts]  # O(1) per text in CPython: a flag of the string
+    if all(ascii_):
+        return _normalize_ascii(texts)
+    done = iter(_normalize_ascii(list(compress(texts, ascii_))))
+    return [next(done) if a else normalize(t).encode() for t, a in zip(texts, ascii_)]
+
+
+def _normalize_ascii(texts: list[str]) -> list[bytes]:
+    if not texts:
+        return []
+    joined = "\x00".join(texts).encode()
+    if joined.count(b"\x00") != len(texts) - 1:  # a text holds a NUL itself
+        return [normalize(t).encode() for t in texts]
+    data = np.frombuffer(joined.translate(_ASCII_FOLD), np.uint8)  # lower case, every whitespace a space
+    space = data == 32
+    keep = np.ones(data.size, bool)
+    np.logical_not(space[1:] & space[:-1], out=keep[1:])  # runs of spaces: their first
+    once = data[keep].tobytes()
+    return once.replace(b" \x00", b"\x00").replace(b"\x00 ", b"\x00").strip(b" ").split(b"\x00")
+
+
 def text_key(normalized: str, seed: int = 0) -> int:
     """A 64-bit key of an already normalized text (never 0, which means 'no key')."""
     return xxhash.xxh3_64_intdigest(normalized.encode(), seed) or 1
@@ -81,7 +112,7 @@ class _Powers:
         return cls.pow[:n], cls.inv[:n]
 
 
-def _fmix64(h: np.ndarray) -> np.ndarray:
+def fmix64(h: np.ndarray) -> np.ndarray:
     h = h ^ (h >> _U64(33))
     h = h * _U64(0xFF51AFD7ED558CCD)
     h = h ^ (h >> _U64(33))
@@ -89,14 +120,15 @@ def _fmix64(h: np.ndarray) -> np.ndarray:
     return h ^ (h >> _U64(33))
 
 
-def ngram_hashes(texts: list[str], n: int) -> tuple[np.ndarray, np.ndarray]:
+def ngram_hashes(texts: list[str] | list[bytes], n: int) -> tuple[np.ndarray, np.ndarray]:
     """The 64-bit hashes of every run of n words in each normalized text, and the index of
     the text each comes from (texts with fewer than n words give none). Vectorized over all
     texts: words are hashed as polynomials over their UTF-8 bytes from one prefix sum, and n
     consecutive word hashes are mixed into one."""
     if not texts:
         return np.zeros(0, _U64), np.zeros(0, np.int64)
-    data = np.frombuffer(("\n".join(texts) + "\n").encode(), np.uint8)
+    joined = b"\n".join(texts) + b"\n" if type(texts[0]) is bytes else ("\n".join(texts) + "\n").encode()
+    data = np.frombuffer(joined, np.uint8)
     pw, inv = _Powers.upto(data.size + 1)
     with np.errstate(over="ignore"):
         prefix = np.zeros(data.size + 1, _U64)
@@ -105,7 +137,7 @@ def ngram_hashes(texts: list[str], n: int) -> tuple[np.ndarray, np.ndarray]:
         starts = np.empty_like(ends)
         starts[0] = 0
         starts[1:] = ends[:-1] + 1
-        word = _fmix64((prefix[ends] - prefix[starts]) * inv[starts])
+        word = fmix64((prefix[ends] - prefix[starts]) * inv[starts])
         last_of_text = data[ends] == 10
         text_of_word = np.cumsum(last_of_text) - last_of_text
         count = word.size - n + 1
@@ -115,7 +147,7 @@ def ngram_hashes(texts: list[str], n: int) -> tuple[np.ndarray, np.ndarray]:
         for k in range(1, n):
             mixed += word[k:count + k] * _MIX[k % len(_MIX)]
     whole = text_of_word[:count] == text_of_word[n - 1:]  # the n words lie in one text
-    return _fmix64(mixed[whole]), text_of_word[:count][whole]
+    return fmix64(mixed[whole]), text_of_word[:count][whole]
 
 
 # --- MinHash ---------------------------------------------------------------------------
@@ -142,7 +174,7 @@ def shingle_hash32(hashes: np.ndarray) -> np.ndarray:
     return (hashes >> _U64(32)).astype(np.uint32)
 
 
-def signatures(texts: list[str], n: int, num_perm: int = NUM_PERM, seed: int = MINHASH_SEED) -> np.ndarray:
+def signatures(texts: list[str] | list[bytes], n: int, num_perm: int = NUM_PERM, seed: int = MINHASH_SEED) -> np.ndarray:
     """MinHash signatures (len(texts), num_perm) uint32 of the texts' word n-gram sets.
     Every text must have at least n words. Row i equals the hashvalues of
     datasketch.MinHash(num_perm, seed, hashfunc=identity, scheme="affine32") after
@@ -155,16 +187,18 @@ def signatures(texts: list[str], n: int, num_perm: int = NUM_PERM, seed: int = M
         raise ValueError(f"signatures need texts of at least {n} words")
     a, b = _permutations(num_perm, seed)
     mixed = _fmix32(shingle_hash32(hashes))
-    out = np.empty((len(texts), num_perm), np.uint32)
-    step = max(1, (1 << 22) // num_perm)  # shingles per slice: 16 MB of products at a time
+    out = np.empty((num_perm, len(texts)), np.uint32)
+    # a permutation per row, the shingles of 1,024 texts along it: each minimum runs over
+    # contiguous memory, and a slice's products stay in the cache
     with np.errstate(over="ignore"):
-        for lo in range(0, len(texts), step):
-            hi = min(len(texts), lo + step)
+        for lo in range(0, len(texts), 1024):
+            hi = min(len(texts), lo + 1024)
             s0 = first[lo]
             s1 = first[hi] if hi < len(texts) else mixed.size
-            products = mixed[s0:s1, None] * a[None, :] + b[None, :]
-            out[lo:hi] = np.minimum.reduceat(products, first[lo:hi] - s0, axis=0)
-    return out
+            products = np.multiply(a[:, None], mixed[None, s0:s1])
+            products += b[:, None]
+            out[:, lo:hi] = np.minimum.reduceat(products, first[lo:hi] - s0, axis=1)
+    return np.ascontiguousarray(out.T)
 
 
 @lru_cache(maxsize=None)
@@ -185,7 +219,7 @@ def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
             mixed = part[:, 0] * _MIX[0] + _U64(k)
             for j in range(1, rows):
                 mixed += part[:, j] * _MIX[j % len(_MIX)]
-            keys[:, k] = _fmix64(mixed)
+            keys[:, k] = fmix64(mixed)
     return keys
 
 
@@ -235,22 +269,32 @@ ESTIMATE_MARGIN = 0.2
 standard errors at 64 permutations): the estimate only filters, the exact Jaccard decides."""
 
 
-def near_duplicate_pairs(sig: np.ndarray, keys: np.ndarray, texts_of: Callable[[np.ndarray], list[str]], n: int,
-                         threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def near_duplicate_pairs(keys: np.ndarray, texts_of: Callable[[np.ndarray], list[bytes]], n: int, threshold: float,
+                         wanted: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pairs (i, j), i < j, of rows whose word n-gram sets have a Jaccard similarity of at
-    least `threshold`, with that similarity: LSH candidates, filtered by their MinHash
-    estimate, measured exactly on the texts (`texts_of(rows)` gives the normalized texts)."""
+    least `threshold`, with that similarity: LSH candidates (from the band keys), those that
+    `wanted(i, j)` keeps, filtered by their MinHash estimate, measured exactly on the texts
+    (`texts_of(rows)` gives the normalized texts). Signatures are computed again for the
+    candidates only, so that callers keep 8 bytes a band per text, not the signatures."""
     low, high = candidate_pairs(keys)
-    close = estimated_jaccard(sig, low, high) >= threshold - ESTIMATE_MARGIN
-    low, high = low[close], high[close]
+    if wanted is not None:
+        chosen = wanted(low, high)
+        low, high = low[chosen], high[chosen]
     rows = np.unique(np.concatenate((low, high)))
-    sets = dict(zip(rows.tolist(), shingle_sets(texts_of(rows), n)))
-    similarity = np.array([len(sets[a] & sets[b]) / len(sets[a] | sets[b]) for a, b in zip(low.tolist(), high.tolist())])
+    texts = texts_of(rows)
+    sig = signatures(texts, n) if texts else np.zeros((0, NUM_PERM), np.uint32)
+    index_low, index_high = np.searchsorted(rows, low), np.searchsorted(rows, high)
+    close = estimated_jaccard(sig, index_low, index_high) >= threshold - ESTIMATE_MARGIN
+    low, high, index_low, index_high = low[close], high[close], index_low[close], index_high[close]
+    sets = shingle_sets(texts, n)
+    similarity = np.array([len(sets[a] & sets[b]) / len(sets[a] | sets[b])
+                           for a, b in zip(index_low.tolist(), index_high.tolist())])
     keep = similarity >= threshold - 1e-12
     return low[keep], high[keep], similarity[keep] if similarity.size else np.zeros(0)
 
 
-def shingle_sets(texts: list[str], n: int) -> list[set[int]]:
+def shingle_sets(texts: list[str] | list[bytes], n: int) -> list[set[int]]:
     """The set of word n-gram hashes of each normalized text."""
     hashes, owner = ngram_hashes(texts, n)
     sets: list[set[int]] = [set() for _ in texts]

@@ -38,6 +38,7 @@ import threading
 import time
 from array import array
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from itertools import compress
 from pathlib import Path
@@ -76,6 +77,7 @@ test item, and is not matched."""
 
 MISSING = "(missing)"
 _U64 = (1 << 64) - 1
+_MIX_TEXT, _MIX_ROLE, _MIX_POSITION = (np.uint64(c) for c in (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9))
 EXACT, NORMALIZED, NEAR = 1, 2, 3
 KINDS = {EXACT: "exact", NORMALIZED: "normalized", NEAR: "near"}
 
@@ -85,6 +87,11 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
 
 
 def split_records(ctx: PhaseContext, workers: int | None = None, chunk_bytes: int = CHUNK_BYTES) -> dict[str, Any]:
+    with ExitStack() as stack:
+        return _split(ctx, workers, chunk_bytes, stack)
+
+
+def _split(ctx: PhaseContext, workers: int | None, chunk_bytes: int, stack: ExitStack) -> dict[str, Any]:
     laps = _Laps()
     data, ws, log = ctx.config.data, ctx.workspace, ctx.log
     cfg = data.split
@@ -100,11 +107,13 @@ def split_records(ctx: PhaseContext, workers: int | None = None, chunk_bytes: in
                         benchmarks=benchmarks)
     laps("benchmarks")
 
+    pool = stack.enter_context(_worker_pool(settings, workers, log))
+
     # 1. scan -------------------------------------------------------------------------
     blocks = _blocks(source, chunk_bytes)
     ctx.progress.start(None, "records scanned")
-    scan = _Scan()
-    for part in _map_blocks(_scan_block, [(str(source), a, b) for a, b in blocks], settings, workers, log):
+    scan = _Scan(textsim.lsh_params(settings.threshold)[0])
+    for part in _map_blocks(_scan_block, [(str(source), a, b) for a, b in blocks], settings, workers, log, pool):
         scan.add(part)
         ctx.progress.advance(part["records"])
     scan.finish()
@@ -217,11 +226,12 @@ def split_records(ctx: PhaseContext, workers: int | None = None, chunk_bytes: in
     laps("write")
 
     strata = _strata(record_split, scan, values) if cfg.stratify else None
-    del scan  # the check forks its workers: not with the scan's arrays in memory
+    del scan
 
     # 7. check ------------------------------------------------------------------------
     ctx.progress.start(int(sum(counts.values())), "records checked")
-    leakage = measure_leakage(ws, settings, workers, chunk_bytes, ctx.progress, log)
+    leakage = measure_leakage(ws, settings, workers, chunk_bytes, ctx.progress, log, pool)
+    stack.close()
     if leakage["total"]:
         log.warning("split: %d user turns and %d near-duplicate pairs are shared between splits",
                     leakage["user_turns"], leakage["near_duplicates"])
@@ -373,18 +383,31 @@ def _default_workers(size: int) -> int:
     return max(1, min(cpus, MAX_WORKERS))
 
 
-def _map_blocks(function: Callable, jobs: list, settings: Settings, workers: int, log) -> Iterator[dict]:
-    """function(job) for every job, in order: in this process, or in a pool of workers."""
-    if workers <= 1 or len(jobs) <= 1:
-        _init_worker(settings, in_pool=False)
-        yield from map(function, jobs)
+@contextmanager
+def _worker_pool(settings: Settings, workers: int, log) -> Iterator[Any]:
+    """A pool of `workers` processes for the scan and the check, or None for one. It is
+    started before the scan keeps anything, so the forked workers share no large arrays."""
+    if workers <= 1:
+        yield None
         return
     # fork is instant; with other threads alive (a progress display) forking is unsafe.
     method = "fork" if threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    workers = min(workers, len(jobs))
-    log.info("split: %d blocks in %d worker processes (%s)", len(jobs), workers, method)
+    log.info("split: %d worker processes (%s)", workers, method)
     with multiprocessing.get_context(method).Pool(workers, initializer=_init_worker, initargs=(settings, True)) as pool:
+        yield pool
+
+
+def _map_blocks(function: Callable, jobs: list, settings: Settings, workers: int, log, pool=None) -> Iterator[dict]:
+    """function(job) for every job, in order: in the pool's workers, or in this process."""
+    if pool is not None and len(jobs) > 1:
         yield from pool.imap(function, jobs)
+        return
+    if pool is None and workers > 1 and len(jobs) > 1:
+        with _worker_pool(settings, min(workers, len(jobs)), log) as own:
+            yield from own.imap(function, jobs)
+        return
+    _init_worker(settings, in_pool=False)
+    yield from map(function, jobs)
 
 
 def _read_block(path: str, start: int, end: int) -> bytes:
@@ -393,26 +416,18 @@ def _read_block(path: str, start: int, end: int) -> bytes:
         return f.read(end - start)
 
 
-def _conversation(line: bytes, path: str, offset: int, users_only: bool = False) -> tuple[dict, list[str], list[str]]:
-    """(record, roles, normalized texts) of one line (with users_only, other turns' texts are
-    left empty); an InputError names a line that is no record."""
-    normalize = textsim.normalize
+def _conversation(line: bytes, path: str, offset: int) -> None:
+    """An InputError naming the line when it is no record (the check of one line, for the message)."""
     try:
         record = orjson.loads(line)
         turns = record["conversations"]
-        roles = [turn["role"] for turn in turns]
-        if users_only:
-            texts = [normalize(turn["content"]) if role == "user" else "" for role, turn in zip(roles, turns)]
-        else:
-            texts = [normalize(turn["content"]) for turn in turns]
-        if not turns or not all(type(role) is str for role in roles):
+        if not turns or not all(type(t["role"]) is str and type(t["content"]) is str for t in turns):
             raise TypeError
     except (orjson.JSONDecodeError, TypeError, KeyError, AttributeError):
         raise InputError(
             f"{path}, line {_line_number(path, offset)}: not a record with `conversations` (a list of "
             f"{{role, content}} turns); the file is written by `factory run format`: run it again"
         ) from None
-    return record, roles, texts
 
 
 def _line_number(path: str, offset: int) -> int:
@@ -420,39 +435,72 @@ def _line_number(path: str, offset: int) -> int:
         return f.read(offset).count(b"\n") + 1
 
 
-class _Turns:
-    """User turns of one block: keys for exact matching, texts for near-duplicate signatures."""
+class _Block:
+    """The records of one block, parsed at once: per record its file offset, its line in
+    the block (0-based) and its number of turns; per turn (all turns flattened in record
+    order) its role and its content."""
 
-    def __init__(self, settings: Settings):
-        self.settings = settings
-        self.record, self.key = array("q"), array("Q")
-        self.near_record, self.near_key, self.near_texts = array("q"), array("Q"), []
-        self._seen: set[int] = set()
+    def __init__(self, path: str, data: bytes, start: int):
+        raw = data.split(b"\n")
+        length = np.fromiter(map(len, raw), np.int64, len(raw))
+        filled = np.flatnonzero(length)
+        self.offset = (start + np.cumsum(length + 1) - length - 1)[filled]
+        self.line = filled
+        self.lines = data.count(b"\n") + (not data.endswith(b"\n") and bool(data))
+        lines = [raw[i] for i in filled.tolist()]
+        self.records = len(lines)
+        try:
+            self.parsed = list(map(orjson.loads, lines))
+            conversations = [record["conversations"] for record in self.parsed]
+            self.turns = np.fromiter(map(len, conversations), np.int64, len(conversations))
+            self.roles = [turn["role"] for turns in conversations for turn in turns]
+            self.contents = [turn["content"] for turns in conversations for turn in turns]
+            if not self.turns.all() or set(map(type, self.roles)) - {str} or set(map(type, self.contents)) - {str}:
+                raise TypeError
+        except (orjson.JSONDecodeError, TypeError, KeyError, AttributeError):
+            for line, offset in zip(lines, self.offset.tolist()):
+                _conversation(line, path, offset)  # raises the InputError that names the line
+            raise InputError(f"{path}: the records from byte {start} on are not records with `conversations`; "
+                             f"the file is written by `factory run format`: run it again") from None
+        self.first_turn = np.cumsum(self.turns) - self.turns
+        self.record_of_turn = np.repeat(np.arange(self.records), self.turns)
 
-    def add(self, i: int, roles: list[str], texts: list[str]) -> None:
-        s = self.settings
-        for role, text in zip(roles, texts):
-            if role != "user" or not text:
-                continue
-            words = text.count(" ") + 1
-            if words < s.min_turn_words:
-                continue
-            key = xxhash.xxh3_64_intdigest(text.encode(), s.seed) or 1
-            self.record.append(i)
-            self.key.append(key)
-            if s.near and words >= s.near_min_words and key not in self._seen:
-                self._seen.add(key)
-                self.near_record.append(i)
-                self.near_key.append(key)
-                self.near_texts.append(text)
+    def role_codes(self, seed: int) -> np.ndarray:
+        codes = {role: xxhash.xxh3_64_intdigest(role.encode(), seed) for role in set(self.roles)}
+        return np.fromiter(map(codes.__getitem__, self.roles), np.uint64, len(self.roles))
 
-    def result(self, base: int) -> dict[str, Any]:
-        s = self.settings
-        sig = textsim.signatures(self.near_texts, s.ngram) if self.near_texts else np.zeros((0, textsim.NUM_PERM), np.uint32)
-        bands = textsim.band_keys(sig, *textsim.lsh_params(s.threshold)) if s.near else np.zeros((0, 0), np.uint64)
-        return {"turn_record": (np.frombuffer(self.record, np.int64) + base).tobytes(), "turn_key": self.key.tobytes(),
-                "near_record": (np.frombuffer(self.near_record, np.int64) + base).tobytes(),
-                "near_key": self.near_key.tobytes(), "near_sig": sig.tobytes(), "near_bands": bands.tobytes()}
+
+def _user_turns(texts: list[bytes], record: np.ndarray, settings: Settings, near: bool) -> dict[str, Any]:
+    """Keys of the normalized user turns (of at least min_turn_words words) and, with `near`,
+    LSH band keys of each distinct one of at least near_min_words words (its first occurrence)."""
+    s = settings
+    h = xxhash.xxh3_64_intdigest
+    key = np.fromiter((h(t, s.seed) or 1 for t in texts), np.uint64, len(texts))
+    words = np.fromiter((t.count(b" ") + 1 if t else 0 for t in texts), np.int64, len(texts))
+    counted = np.flatnonzero((words > 0) & (words >= s.min_turn_words))
+    result = {"turn_record": record[counted].tobytes(), "turn_key": key[counted].tobytes()}
+    if near:
+        long_enough = np.flatnonzero(words >= max(1, s.near_min_words))
+        _, first = np.unique(key[long_enough], return_index=True)
+        rows = long_enough[np.sort(first)]
+        sig = textsim.signatures([texts[i] for i in rows.tolist()], s.ngram)
+        bands = textsim.band_keys(sig, *textsim.lsh_params(s.threshold))
+        result.update(near_record=record[rows].tobytes(), near_key=key[rows].tobytes(), near_bands=bands.tobytes())
+    else:
+        result.update(near_record=b"", near_key=b"", near_bands=b"")
+    return result
+
+
+def _combine(keys: np.ndarray, roles: np.ndarray, block: _Block, include: np.ndarray | None = None) -> np.ndarray:
+    """One 64-bit key per record from its turns' (role, normalized text key, position), in order."""
+    position = np.arange(keys.size, dtype=np.uint64) - np.repeat(block.first_turn, block.turns).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        mixed = textsim.fmix64(keys * _MIX_TEXT + roles * _MIX_ROLE + (position + np.uint64(1)) * _MIX_POSITION)
+    if include is not None:
+        mixed[~include] = 0
+    combined = textsim.fmix64(np.add.reduceat(mixed, block.first_turn)) if keys.size else np.zeros(0, np.uint64)
+    combined[combined == 0] = 1
+    return combined
 
 
 def _scan_block(job: tuple[str, int, int]) -> dict[str, Any]:
@@ -462,51 +510,54 @@ def _scan_block(job: tuple[str, int, int]) -> dict[str, Any]:
     data = _read_block(path, start, end)
     h = xxhash.xxh3_64_intdigest
     seed, stratify = s.seed, s.stratify
-    keys = {name: array("Q") for name in ("exact", "norm", "prompt", "offset", "line", "stratum")}
-    add_exact, add_norm, add_prompt, add_offset, add_line, add_stratum = (keys[k].append for k in keys)
-    turns = _Turns(s)
-    bench_texts: list[str] = []
-    bench_owner = array("q")
-    bench_exact = array("q"), array("Q")
+    block = _Block(path, data, start)
+    n = block.records
+    texts = textsim.normalize_batch(block.contents)
+    turn_key = np.fromiter((h(t, seed) or 1 for t in texts), np.uint64, len(texts))
+    roles = block.role_codes(seed)
+    assistant = h(b"assistant", seed)
+    last = block.first_turn + block.turns - 1
+    answered = roles[last] == assistant if n else np.zeros(0, bool)
+    in_prompt = np.ones(len(texts), bool)
+    in_prompt[last[answered]] = False
+    prompt = _combine(turn_key, roles, block, in_prompt)
+    prompt[block.turns - answered == 0] = 0
+    user = np.flatnonzero(roles == h(b"user", seed))
+    part = {"records": n, "lines": block.lines, "blank": block.lines - n,
+            "exact": np.fromiter((h(line, seed) for line in data.split(b"\n") if line), np.uint64, n).tobytes(),
+            "norm": _combine(turn_key, roles, block).tobytes(), "prompt": prompt.tobytes(),
+            "offset": block.offset.tobytes(), "line": block.line.tobytes()}
+    part.update(_user_turns([texts[i] for i in user.tolist()], block.record_of_turn[user], s, s.near))
     names: dict[int, str] = {}
     missing = 0
-    i = 0
-    for line_no, offset, line in _lines(data, start):
-        record, roles, texts = _conversation(line, path, offset)
-        add_exact(h(line, seed))
-        add_offset(offset)
-        add_line(line_no)
-        parts = [role + "\x1f" + text for role, text in zip(roles, texts)]
-        add_norm(h("\x1e".join(parts).encode(), seed) or 1)
-        in_prompt = len(parts) - 1 if roles[-1] == "assistant" else len(parts)
-        add_prompt(h("\x1e".join(parts[:in_prompt]).encode(), seed) or 1 if in_prompt else 0)
-        turns.add(i, roles, texts)
-        if s.benchmarks is not None:
-            prompt = "\n".join(texts[:in_prompt])
-            for text in [prompt] + [t for r, t in zip(roles, texts) if r == "user"]:
-                bench_exact[0].append(i)
-                bench_exact[1].append(h(text.encode(), seed) or 1)
-            for text in texts:
-                bench_texts.append(text)
-                bench_owner.append(i)
-        if stratify:
+    stratum = array("Q")
+    if stratify:
+        for record in block.parsed:
             value = _stratum_value(record, stratify)
             if value is None:
                 missing += 1
                 key = 0
             else:
                 key = h(value, 1) or 1
-            add_stratum(key)
+            stratum.append(key)
             if key not in names and len(names) < 4 * MAX_STRATA_SHOWN:
                 names[key] = MISSING if value is None else _show(value)
-        else:
-            add_stratum(0)
-        i += 1
-    lines = data.count(b"\n") + (not data.endswith(b"\n") and bool(data))
-    part = {"records": i, "names": names, "missing": missing, "blank": lines - i, "lines": lines,
-            **{name: values.tobytes() for name, values in keys.items()}}
-    part.update(turns.result(0))
+    else:
+        stratum = array("Q", bytes(8 * n))
+    part.update(names=names, missing=missing, stratum=stratum.tobytes())
     if s.benchmarks is not None:
+        bench_texts: list[bytes] = []
+        bench_owner = array("q")
+        bench_exact = array("q"), array("Q")
+        is_user = roles == h(b"user", seed)
+        for i, (a, count, answer) in enumerate(zip(block.first_turn.tolist(), block.turns.tolist(), answered.tolist())):
+            turns = texts[a:a + count]
+            exact = [b"\n".join(turns[:count - answer])] + [t for t, u in zip(turns, is_user[a:a + count]) if u]
+            for text in exact:
+                bench_exact[0].append(i)
+                bench_exact[1].append(h(text, seed) or 1)
+            bench_texts += turns
+            bench_owner.extend([i] * count)
         part.update(s.benchmarks.match(bench_texts, np.frombuffer(bench_owner, np.int64),
                                        np.frombuffer(bench_exact[0], np.int64), np.frombuffer(bench_exact[1], np.uint64)))
     return part
@@ -524,10 +575,11 @@ class _Scan:
 
     FIELDS = ("exact", "norm", "prompt", "offset", "line", "stratum")
     TURN_FIELDS = {"turn_record": np.int64, "turn_key": np.uint64, "near_record": np.int64, "near_key": np.uint64,
-                   "near_sig": np.uint32, "near_bands": np.uint64, "hit_record": np.int64, "hit_kind": np.int8,
+                   "near_bands": np.uint64, "hit_record": np.int64, "hit_kind": np.int8,
                    "hit_benchmark": np.int64}
 
-    def __init__(self) -> None:
+    def __init__(self, bands: int) -> None:
+        self.bands = bands
         self.parts: dict[str, array] = {f: array("Q") for f in self.FIELDS}
         self.pieces: dict[str, list[np.ndarray]] = {f: [] for f in self.TURN_FIELDS}
         self.block_records: list[int] = []
@@ -561,8 +613,7 @@ class _Scan:
             values = np.concatenate(self.pieces[f]) if self.pieces[f] else np.zeros(0, dtype)
             setattr(self, f, values)
             self.pieces[f] = []
-        self.near_sig = self.near_sig.reshape(-1, textsim.NUM_PERM)
-        self.near_bands = self.near_bands.reshape(self.near_sig.shape[0], -1 if self.near_sig.shape[0] else 0)
+        self.near_bands = self.near_bands.reshape(-1, self.bands)
 
 
 # --- 2. dedup --------------------------------------------------------------------------
@@ -591,8 +642,8 @@ def _near_record_pairs(scan: _Scan, alive: np.ndarray, settings: Settings, sourc
             return [_user_turn_with_key(f, int(scan.offset[scan.near_record[r]]), int(scan.near_key[r]), settings.seed,
                                         normalized=True) for r in rows[found].tolist()]
 
-    low, high, similarity = textsim.near_duplicate_pairs(scan.near_sig[rows], scan.near_bands[rows], texts_of,
-                                                         settings.ngram, settings.threshold)
+    low, high, similarity = textsim.near_duplicate_pairs(scan.near_bands[rows], texts_of, settings.ngram,
+                                                         settings.threshold)
     a, b = scan.near_record[rows[low]], scan.near_record[rows[high]]
     a, b = np.minimum(a, b), np.maximum(a, b)
     different = a != b
@@ -967,7 +1018,7 @@ def _write_contaminated(ws, source: Path, scan: _Scan, hit: np.ndarray, where: n
 
 
 def measure_leakage(ws, settings: Settings, workers: int = 1, chunk_bytes: int = CHUNK_BYTES, progress=None,
-                    log=None) -> dict[str, Any]:
+                    log=None, pool=None) -> dict[str, Any]:
     """Leakage between the split files as written, measured without the grouping: every
     normalized user turn (of at least data.split.min_turn_words words) found in two splits,
     and every pair of different user turns in two splits whose MinHash Jaccard estimate
@@ -981,9 +1032,8 @@ def measure_leakage(ws, settings: Settings, workers: int = 1, chunk_bytes: int =
     records = dict.fromkeys(SPLITS, 0)
     lines = dict.fromkeys(SPLITS, 0)
     pieces: dict[str, list[np.ndarray]] = {f: [] for f in ("split", "key", "offset", "line", "near_split", "near_key",
-                                                           "near_offset", "near_line", "near_sig", "near_bands")}
-    near_settings = Settings(**{**settings.__dict__, "near": True, "benchmarks": None})
-    for part in _map_blocks(_check_block, jobs, near_settings, workers, log):
+                                                           "near_offset", "near_line", "near_bands")}
+    for part in _map_blocks(_check_block, jobs, settings, workers, log, pool):
         name = SPLITS[part["split"]]
         base_line = lines[name]
         records[name] += part["records"]
@@ -994,14 +1044,13 @@ def measure_leakage(ws, settings: Settings, workers: int = 1, chunk_bytes: int =
             pieces[prefix + "key"].append(np.frombuffer(part[prefix + "key"], np.uint64))
             pieces[prefix + "offset"].append(np.frombuffer(part[prefix + "offset"], np.int64))
             pieces[prefix + "line"].append(np.frombuffer(part[prefix + "line"], np.int64) + base_line)
-        pieces["near_sig"].append(np.frombuffer(part["near_sig"], np.uint32))
         pieces["near_bands"].append(np.frombuffer(part["near_bands"], np.uint64))
         if progress is not None:
             progress.advance(part["records"])
-    dtypes = {"split": np.int8, "key": np.uint64, "offset": np.int64, "line": np.int64, "sig": np.uint32, "bands": np.uint64}
+    dtypes = {"split": np.int8, "key": np.uint64, "offset": np.int64, "line": np.int64, "bands": np.uint64}
     t = {f: np.concatenate(v) if v else np.zeros(0, dtypes[f.removeprefix("near_")]) for f, v in pieces.items()}
-    sig = t["near_sig"].reshape(-1, textsim.NUM_PERM)
-    bands = t["near_bands"].reshape(sig.shape[0], -1 if sig.shape[0] else 0)
+    pieces.clear()
+    bands = t["near_bands"].reshape(-1, textsim.lsh_params(settings.threshold)[0])
 
     shared = _shared_between_splits(t["key"], t["split"])
     # near-duplicates: each distinct text once per split; pairs of different texts in two splits
@@ -1013,8 +1062,12 @@ def measure_leakage(ws, settings: Settings, workers: int = 1, chunk_bytes: int =
             return [_user_turn_with_key(files[int(t["near_split"][r])], int(t["near_offset"][r]), int(t["near_key"][r]),
                                         settings.seed, normalized=True) for r in rows[found].tolist()]
 
-        low, high, similarity = textsim.near_duplicate_pairs(sig[rows], bands[rows], texts_of, settings.ngram,
-                                                             settings.threshold)
+        def across(low: np.ndarray, high: np.ndarray) -> np.ndarray:  # only pairs of two splits are leakage
+            a, b = rows[low], rows[high]
+            return (t["near_split"][a] != t["near_split"][b]) & (t["near_key"][a] != t["near_key"][b])
+
+        low, high, similarity = textsim.near_duplicate_pairs(bands[rows], texts_of, settings.ngram,
+                                                             settings.threshold, across)
     finally:
         for f in files.values():
             f.close()
@@ -1038,34 +1091,17 @@ def measure_leakage(ws, settings: Settings, workers: int = 1, chunk_bytes: int =
 
 def _check_block(job: tuple[str, int, int, int]) -> dict[str, Any]:
     path, start, end, split = job
-    s = _SETTINGS
-    data = _read_block(path, start, end)
-    turns = _Turns(s)
-    offsets, line_of = array("q"), array("q")
-    i = 0
-    for line_no, offset, line in _lines(data, start):
-        _, roles, texts = _conversation(line, path, offset, users_only=True)
-        turns.add(i, roles, texts)
-        offsets.append(offset)
-        line_of.append(line_no)
-        i += 1
-    part = turns.result(0)
-    offset, line_no = np.frombuffer(offsets, np.int64), np.frombuffer(line_of, np.int64)
+    block = _Block(path, _read_block(path, start, end), start)
+    user = [role == "user" for role in block.roles]
+    texts = textsim.normalize_batch(list(compress(block.contents, user)))
+    part = _user_turns(texts, block.record_of_turn[np.asarray(user, bool)], _SETTINGS, near=True)
     turn_record = np.frombuffer(part["turn_record"], np.int64)
     near_record = np.frombuffer(part["near_record"], np.int64)
-    return {"split": split, "records": i, "lines": data.count(b"\n") + (not data.endswith(b"\n") and bool(data)),
-            "key": part["turn_key"], "offset": offset[turn_record].tobytes(), "line": line_no[turn_record].tobytes(),
-            "near_key": part["near_key"], "near_offset": offset[near_record].tobytes(),
-            "near_line": line_no[near_record].tobytes(), "near_sig": part["near_sig"], "near_bands": part["near_bands"]}
-
-
-def _lines(data: bytes, start: int) -> Iterator[tuple[int, int, bytes]]:
-    """(0-based line number in the block, byte offset in the file, line) of each non-blank line."""
-    position = start
-    for number, line in enumerate(data.split(b"\n")):
-        offset, position = position, position + len(line) + 1
-        if line:
-            yield number, offset, line
+    return {"split": split, "records": block.records, "lines": block.lines,
+            "key": part["turn_key"], "offset": block.offset[turn_record].tobytes(),
+            "line": block.line[turn_record].tobytes(), "near_key": part["near_key"],
+            "near_offset": block.offset[near_record].tobytes(), "near_line": block.line[near_record].tobytes(),
+            "near_bands": part["near_bands"]}
 
 
 def _user_turn_with_key(f, offset: int, key: int, seed: int, normalized: bool = False) -> str:

@@ -588,12 +588,26 @@ def test_minhash_signatures_are_datasketchs_and_lsh_finds_what_datasketch_finds(
     assert set(zip(low.tolist(), high.tolist())) == theirs
     assert np.allclose(textsim.estimated_jaccard(sig, low, high), [minhashes[i].jaccard(minhashes[j]) for i, j in zip(low, high)])
     # the pairs kept are measured exactly on the word 3-gram sets
-    a, b, similarity = textsim.near_duplicate_pairs(sig, keys, lambda rows: [texts[r] for r in rows], 3, 0.8)
+    a, b, similarity = textsim.near_duplicate_pairs(keys, lambda rows: [texts[r] for r in rows], 3, 0.8)
     grams = [{tuple(t.split()[k:k + 3]) for k in range(len(t.split()) - 2)} for t in texts]
     exact = {(i, j) for i in range(len(texts)) for j in range(i + 1, len(texts))
              if len(grams[i] & grams[j]) / len(grams[i] | grams[j]) >= 0.8}
     assert set(zip(a.tolist(), b.tolist())) == exact and len(exact) >= 30
     assert all(abs(x - len(grams[i] & grams[j]) / len(grams[i] | grams[j])) < 1e-9 for i, j, x in zip(a, b, similarity))
+
+
+def test_normalize_batch_equals_normalize_text_by_text():
+    from factory import textsim
+
+    tricky = ["  A  b\t\nC ", "", " ", "\x1f", "x\u00a0y", "ÉCOLE  ß ﬁ", "\u2028a\u2029", "a\x85", "Σ AΣ",
+              " \u3000 ", "e\u0301", "\u0301x", "Ａ Ｂ", "\n\n", "a b", "İ", "x = a + b", "-5", " {\"k\": [1, 2]} ",
+              "a\x00b", "\x0b\x0c\r\x1c\x1dz\x1e", "ends  ", "  starts", "Tab\tand\r\nCRLF"]
+    texts = tricky + [t for r in unique_records(300) for t in (turn["content"] for turn in r["conversations"])]
+    expected = [textsim.normalize(t).encode() for t in texts]
+    assert textsim.normalize_batch(texts) == expected
+    ascii_only = [t for t in texts if t.isascii() and "\x00" not in t]
+    assert textsim.normalize_batch(ascii_only) == [textsim.normalize(t).encode() for t in ascii_only]
+    assert textsim.normalize_batch([]) == []
 
 
 # --- the real datasets: an independent re-count ---------------------------------------------
