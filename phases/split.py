@@ -6,7 +6,7 @@ Reads top to bottom:
 1. scan     stream all.jsonl in blocks (worker processes for big files); per record keep
             8-byte keys in flat arrays, never the record: the exact line, the normalized
             record, the normalized prompt (system and user turns), each normalized user turn,
-            MinHash signatures of the user turns (near-duplicates), benchmark matches
+            LSH band keys of the user turns' MinHash signatures (near-duplicates), benchmark matches
             (data.decontaminate), the stratum, and the line's offset
 2. dedup    drop exact, then normalized duplicates (the first occurrence is kept), then with
             dedup.near: drop, records whose user turn near-duplicates an earlier kept one
@@ -24,8 +24,13 @@ Reads top to bottom:
 Normalization (factory.textsim.normalize): Unicode NFKC, case folded, whitespace runs made
 one space; symbols, punctuation and digits are kept.
 
-Memory: about 60 bytes a record plus, with near-duplicates on, 330 bytes per distinct user
-turn of at least `dedup.ngram` words (its signature and LSH band keys), plus two blocks.
+Memory: about 60 bytes a record plus, with near-duplicates on, 88 bytes per distinct user
+turn of at least `dedup.ngram` words (its LSH band keys, record and key; signatures are
+recomputed for LSH candidates only), plus two blocks per worker.
+
+Speed: a block's records are parsed with one orjson call each, then handled together: all
+texts normalized at once (textsim.normalize_batch), record and prompt keys combined from
+the turn keys in numpy, MinHash for a block's distinct user turns in one batch.
 """
 
 from __future__ import annotations
