@@ -223,11 +223,20 @@ def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
     return keys
 
 
-def candidate_pairs(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def candidate_pairs(keys: np.ndarray, keep: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
     """Pairs (i, j), i < j, of rows that share an LSH band: the pairs datasketch.MinHashLSH's
-    query returns for the same bands (all pairs of a bucket up to MAX_ALL_PAIRS_BUCKET)."""
+    query returns for the same bands (all pairs of a bucket up to MAX_ALL_PAIRS_BUCKET), and
+    of those only the ones `keep(i, j)` accepts, filtered as they are found (a band can give
+    tens of millions of candidates on templated data)."""
     m = keys.shape[0]
     found: list[np.ndarray] = []
+
+    def add(pairs: np.ndarray) -> None:
+        for lo in range(0, pairs.shape[1], 1 << 20):
+            chunk = pairs[:, lo:lo + (1 << 20)]
+            found.append(chunk if keep is None else chunk[:, keep(chunk[0], chunk[1])])
+
     for k in range(keys.shape[1]):
         order = np.argsort(keys[:, k], kind="stable")
         sorted_keys = keys[order, k]
@@ -240,13 +249,13 @@ def candidate_pairs(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         small = size[bucket] <= MAX_ALL_PAIRS_BUCKET
         for d in range(1, min(int(size.max()), MAX_ALL_PAIRS_BUCKET)):
             same = (bucket[:-d] == bucket[d:]) & small[:-d]
-            found.append(np.stack((order[:-d][same], order[d:][same])))
+            add(np.stack((order[:-d][same], order[d:][same])))
         large = np.flatnonzero(~small)
         if large.size:
             head = order[start[bucket[large]]]
-            found.append(np.stack((head, order[large])))
+            add(np.stack((head, order[large])))
             chain = large[:-1][bucket[large[:-1]] == bucket[large[1:]]]
-            found.append(np.stack((order[chain], order[chain + 1])))
+            add(np.stack((order[chain], order[chain + 1])))
     if not found:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     pairs = np.concatenate(found, axis=1).astype(np.int64)
@@ -269,29 +278,33 @@ ESTIMATE_MARGIN = 0.2
 standard errors at 64 permutations): the estimate only filters, the exact Jaccard decides."""
 
 
-def near_duplicate_pairs(keys: np.ndarray, texts_of: Callable[[np.ndarray], list[bytes]], n: int, threshold: float,
-                         wanted: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
+def sketch(sig: np.ndarray) -> np.ndarray:
+    """The low byte of each signature value: 64 bytes a text instead of 256. Equal values have
+    equal low bytes, so the share of equal bytes is never below datasketch's estimate (and
+    above it by at most (1 - J) / 256): as a filter it keeps every pair the estimate keeps."""
+    return sig.astype(np.uint8)
+
+
+def near_duplicate_pairs(keys: np.ndarray, sketches: np.ndarray, texts_of: Callable[[np.ndarray], list],
+                         n: int, threshold: float, wanted: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pairs (i, j), i < j, of rows whose word n-gram sets have a Jaccard similarity of at
-    least `threshold`, with that similarity: LSH candidates (from the band keys), those that
-    `wanted(i, j)` keeps, filtered by their MinHash estimate, measured exactly on the texts
-    (`texts_of(rows)` gives the normalized texts). Signatures are computed again for the
-    candidates only, so that callers keep 8 bytes a band per text, not the signatures."""
-    low, high = candidate_pairs(keys)
-    if wanted is not None:
-        chosen = wanted(low, high)
-        low, high = low[chosen], high[chosen]
+    least `threshold`, with that similarity: LSH candidates (from the band keys) that
+    `wanted(i, j)` keeps, filtered by their estimate from the signature sketches, measured
+    exactly on the texts (`texts_of(rows)` gives the normalized texts)."""
+    def keep(low: np.ndarray, high: np.ndarray) -> np.ndarray:
+        chosen = estimated_jaccard(sketches, low, high) >= threshold - ESTIMATE_MARGIN
+        return chosen & wanted(low, high) if wanted is not None else chosen
+
+    low, high = candidate_pairs(keys, keep)
     rows = np.unique(np.concatenate((low, high)))
     texts = texts_of(rows)
-    sig = signatures(texts, n) if texts else np.zeros((0, NUM_PERM), np.uint32)
     index_low, index_high = np.searchsorted(rows, low), np.searchsorted(rows, high)
-    close = estimated_jaccard(sig, index_low, index_high) >= threshold - ESTIMATE_MARGIN
-    low, high, index_low, index_high = low[close], high[close], index_low[close], index_high[close]
     sets = shingle_sets(texts, n)
     similarity = np.array([len(sets[a] & sets[b]) / len(sets[a] | sets[b])
                            for a, b in zip(index_low.tolist(), index_high.tolist())])
-    keep = similarity >= threshold - 1e-12
-    return low[keep], high[keep], similarity[keep] if similarity.size else np.zeros(0)
+    keep_pair = similarity >= threshold - 1e-12
+    return low[keep_pair], high[keep_pair], similarity[keep_pair] if similarity.size else np.zeros(0)
 
 
 def shingle_sets(texts: list[str] | list[bytes], n: int) -> list[set[int]]:

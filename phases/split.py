@@ -24,9 +24,9 @@ Reads top to bottom:
 Normalization (factory.textsim.normalize): Unicode NFKC, case folded, whitespace runs made
 one space; symbols, punctuation and digits are kept.
 
-Memory: about 60 bytes a record plus, with near-duplicates on, 88 bytes per distinct user
-turn of at least `dedup.ngram` words (its LSH band keys, record and key; signatures are
-recomputed for LSH candidates only), plus two blocks per worker.
+Memory: about 60 bytes a record plus, with near-duplicates on, 152 bytes per distinct user
+turn of at least `dedup.ngram` words (LSH band keys 72, a signature sketch 64, record and
+key), plus two blocks per worker; LSH candidates are filtered band by band as found.
 
 Speed: a block's records are parsed with one orjson call each, then handled together: all
 texts normalized at once (textsim.normalize_batch), record and prompt keys combined from
@@ -490,9 +490,10 @@ def _user_turns(texts: list[bytes], record: np.ndarray, settings: Settings, near
         rows = long_enough[np.sort(first)]
         sig = textsim.signatures([texts[i] for i in rows.tolist()], s.ngram)
         bands = textsim.band_keys(sig, *textsim.lsh_params(s.threshold))
-        result.update(near_record=record[rows].tobytes(), near_key=key[rows].tobytes(), near_bands=bands.tobytes())
+        result.update(near_record=record[rows].tobytes(), near_key=key[rows].tobytes(), near_bands=bands.tobytes(),
+                      near_sketch=textsim.sketch(sig).tobytes())
     else:
-        result.update(near_record=b"", near_key=b"", near_bands=b"")
+        result.update(near_record=b"", near_key=b"", near_bands=b"", near_sketch=b"")
     return result
 
 
@@ -580,7 +581,7 @@ class _Scan:
 
     FIELDS = ("exact", "norm", "prompt", "offset", "line", "stratum")
     TURN_FIELDS = {"turn_record": np.int64, "turn_key": np.uint64, "near_record": np.int64, "near_key": np.uint64,
-                   "near_bands": np.uint64, "hit_record": np.int64, "hit_kind": np.int8,
+                   "near_bands": np.uint64, "near_sketch": np.uint8, "hit_record": np.int64, "hit_kind": np.int8,
                    "hit_benchmark": np.int64}
 
     def __init__(self, bands: int) -> None:
@@ -619,6 +620,7 @@ class _Scan:
             setattr(self, f, values)
             self.pieces[f] = []
         self.near_bands = self.near_bands.reshape(-1, self.bands)
+        self.near_sketch = self.near_sketch.reshape(-1, textsim.NUM_PERM)
 
 
 # --- 2. dedup --------------------------------------------------------------------------
@@ -647,8 +649,8 @@ def _near_record_pairs(scan: _Scan, alive: np.ndarray, settings: Settings, sourc
             return [_user_turn_with_key(f, int(scan.offset[scan.near_record[r]]), int(scan.near_key[r]), settings.seed,
                                         normalized=True) for r in rows[found].tolist()]
 
-    low, high, similarity = textsim.near_duplicate_pairs(scan.near_bands[rows], texts_of, settings.ngram,
-                                                         settings.threshold)
+    low, high, similarity = textsim.near_duplicate_pairs(scan.near_bands[rows], scan.near_sketch[rows], texts_of,
+                                                         settings.ngram, settings.threshold)
     a, b = scan.near_record[rows[low]], scan.near_record[rows[high]]
     a, b = np.minimum(a, b), np.maximum(a, b)
     different = a != b
@@ -1037,7 +1039,7 @@ def measure_leakage(ws, settings: Settings, workers: int = 1, chunk_bytes: int =
     records = dict.fromkeys(SPLITS, 0)
     lines = dict.fromkeys(SPLITS, 0)
     pieces: dict[str, list[np.ndarray]] = {f: [] for f in ("split", "key", "offset", "line", "near_split", "near_key",
-                                                           "near_offset", "near_line", "near_bands")}
+                                                           "near_offset", "near_line", "near_bands", "near_sketch")}
     for part in _map_blocks(_check_block, jobs, settings, workers, log, pool):
         name = SPLITS[part["split"]]
         base_line = lines[name]
@@ -1050,12 +1052,15 @@ def measure_leakage(ws, settings: Settings, workers: int = 1, chunk_bytes: int =
             pieces[prefix + "offset"].append(np.frombuffer(part[prefix + "offset"], np.int64))
             pieces[prefix + "line"].append(np.frombuffer(part[prefix + "line"], np.int64) + base_line)
         pieces["near_bands"].append(np.frombuffer(part["near_bands"], np.uint64))
+        pieces["near_sketch"].append(np.frombuffer(part["near_sketch"], np.uint8))
         if progress is not None:
             progress.advance(part["records"])
-    dtypes = {"split": np.int8, "key": np.uint64, "offset": np.int64, "line": np.int64, "bands": np.uint64}
+    dtypes = {"split": np.int8, "key": np.uint64, "offset": np.int64, "line": np.int64, "bands": np.uint64,
+              "sketch": np.uint8}
     t = {f: np.concatenate(v) if v else np.zeros(0, dtypes[f.removeprefix("near_")]) for f, v in pieces.items()}
     pieces.clear()
     bands = t["near_bands"].reshape(-1, textsim.lsh_params(settings.threshold)[0])
+    sketches = t["near_sketch"].reshape(-1, textsim.NUM_PERM)
 
     shared = _shared_between_splits(t["key"], t["split"])
     # near-duplicates: each distinct text once per split; pairs of different texts in two splits
@@ -1071,7 +1076,7 @@ def measure_leakage(ws, settings: Settings, workers: int = 1, chunk_bytes: int =
             a, b = rows[low], rows[high]
             return (t["near_split"][a] != t["near_split"][b]) & (t["near_key"][a] != t["near_key"][b])
 
-        low, high, similarity = textsim.near_duplicate_pairs(bands[rows], texts_of, settings.ngram,
+        low, high, similarity = textsim.near_duplicate_pairs(bands[rows], sketches[rows], texts_of, settings.ngram,
                                                              settings.threshold, across)
     finally:
         for f in files.values():
@@ -1106,7 +1111,7 @@ def _check_block(job: tuple[str, int, int, int]) -> dict[str, Any]:
             "key": part["turn_key"], "offset": block.offset[turn_record].tobytes(),
             "line": block.line[turn_record].tobytes(), "near_key": part["near_key"],
             "near_offset": block.offset[near_record].tobytes(), "near_line": block.line[near_record].tobytes(),
-            "near_bands": part["near_bands"]}
+            "near_bands": part["near_bands"], "near_sketch": part["near_sketch"]}
 
 
 def _user_turn_with_key(f, offset: int, key: int, seed: int, normalized: bool = False) -> str:
