@@ -98,16 +98,16 @@ def check_masks(root: Path, eot: str) -> None:
 
 
 def check_artifacts(root: Path, eot: str) -> None:
-    baseline, evaluation, stats, quantization = (metrics(root, METRICS[p]) for p in PHASES)
+    baseline, stats, evaluation, quantization = (metrics(root, METRICS[p]) for p in PHASES)
     assert stats["completed"] and stats["chat_format"]["end_of_turn"] == eot
     for scored in (baseline, evaluation):
         assert scored["stopping"]["end_of_turn"] == eot and scored["stopping"]["rate"] is not None
     # generation stops at end of turn once trained (the base model, untrained, rarely does)
     assert evaluation["stopping"]["rate"] >= 0.9, evaluation["stopping"]
-    (gguf,) = quantization["types"]
-    assert gguf["tokenizer_agreement"] == 1.0
-    assert gguf["chat_template_embedded"]
-    assert gguf["generation_stops"] == 1.0  # llama.cpp's chat completion with the embedded template
+    for gguf in quantization["types"]:
+        assert gguf["tokenizer_agreement"] == 1.0
+        assert gguf["chat_template_embedded"]
+        assert gguf["generation_stops"] == 1.0  # llama.cpp's chat completion with the embedded template
     modelfile = (root / "models" / "quantized" / "Modelfile").read_text()
     assert f'PARAMETER stop "{eot}"' in modelfile and "TEMPLATE" in modelfile
 
@@ -141,8 +141,7 @@ def test_a_model_with_a_template_of_its_own_and_no_pad_token_runs_every_phase(tm
     stats, quantization = metrics(root, "training-stats"), metrics(root, "quantization")
     assert stats["completed"] and stats["chat_format"]["template"].startswith("auto")
     assert stats["chat_format"]["pad_token"] not in (None, base.eos_token)
-    (gguf,) = quantization["types"]
-    assert gguf["tokenizer_agreement"] == 1.0 and gguf["chat_template_embedded"]
+    assert all(g["tokenizer_agreement"] == 1.0 and g["chat_template_embedded"] for g in quantization["types"])
     assert "TEMPLATE" in (root / "models" / "quantized" / "Modelfile").read_text()
 
 
@@ -182,12 +181,11 @@ def test_plain_text_trains_as_language_modelling_on_a_base_model_without_chat_te
     (base / "tokenizer_config.json").write_text(json.dumps(config))
     (base / "chat_template.jinja").unlink(missing_ok=True)
     run_every_phase(root)
-    stats, baseline, evaluation, quantization = (metrics(root, METRICS[p]) for p in PHASES)
+    baseline, stats, evaluation, quantization = (metrics(root, METRICS[p]) for p in PHASES)
     assert stats["completed"] and stats["chat_format"]["template"] == "none"
     assert baseline["language_modelling"] and evaluation["language_modelling"]
     assert evaluation["primary"] == "token_probability" and evaluation["perplexity"] < baseline["perplexity"]
     assert evaluation["comparison"]["finetuned"] > evaluation["comparison"]["baseline"]
     assert "all_generations_stop" not in quantization
-    (gguf,) = quantization["types"]
-    assert gguf["tokenizer_agreement"] == 1.0 and gguf["perplexity_ratio"] < 1.1
+    assert all(g["tokenizer_agreement"] == 1.0 and g["perplexity_ratio"] < 1.1 for g in quantization["types"])
     assert "TEMPLATE" not in (root / "models" / "quantized" / "Modelfile").read_text()
