@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from factory.chat import read_named_template
+
 # --- the task --------------------------------------------------------------------------
 
 INSTRUCTION = "Format the date and amount for the locale."
@@ -219,7 +221,7 @@ def build_tiny_gemma3(
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "tokenizer.model").write_bytes(proto)
         tokenizer = GemmaTokenizer.from_pretrained(tmp, add_bos_token=True, add_eos_token=False)
-    tokenizer.chat_template = named_template("gemma-3")
+    tokenizer.chat_template = read_named_template("gemma-3")
     real_vocab = len(tokenizer)
 
     # model
@@ -266,7 +268,7 @@ def _restore_tokenizer_config(path: Path) -> None:
     """Add what a google/gemma-3 tokenizer_config.json has and transformers 5 leaves out."""
     config = json.loads(path.read_text(encoding="utf-8"))
     config.pop("vocab_file", None)  # an absolute path to the temporary folder
-    config.update(add_bos_token=True, add_eos_token=False, chat_template=named_template("gemma-3"))
+    config.update(add_bos_token=True, add_eos_token=False, chat_template=read_named_template("gemma-3"))
     config["added_tokens_decoder"] = {
         str(i): {"content": tok, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
         for i, tok in enumerate(SPECIAL_TOKENS)
@@ -275,14 +277,6 @@ def _restore_tokenizer_config(path: Path) -> None:
 
 
 # --- the other model families ---------------------------------------------------------
-
-TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
-
-
-def named_template(name: str) -> str:
-    """A named chat template: factory/templates/NAME.jinja (its README gives each one's source)."""
-    return (TEMPLATES_DIR / f"{name}.jinja").read_text(encoding="utf-8")
-
 
 # The sizes every tiny model gets; the real model's other settings stay (vocabulary, tied or
 # untied embeddings, RoPE, norms, special token ids). Heads keep the real ratio of query to
@@ -463,7 +457,7 @@ def build_family_model(out_dir: Path, family: Family, *, seed: int = 0, chat_tem
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    template = chat_template if chat_template is not None else named_template(family.template)
+    template = chat_template if chat_template is not None else read_named_template(family.template)
 
     real_tokenizers.copy_files(family.vocab, out_dir)
     spec_path = out_dir / "tokenizer.json"
