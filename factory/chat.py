@@ -26,7 +26,7 @@ log = logging.getLogger("factory.chat")
 TEMPLATES_DIR = Path(__file__).parent / "templates"
 # Other spellings of the shipped template files' names (the file stem is the canonical name).
 TEMPLATE_ALIASES = {"gemma3": "gemma-3", "gemma": "gemma-3", "llama-3": "llama-3.1", "llama3": "llama-3.1",
-                    "qwen-2.5": "chatml", "qwen2.5": "chatml", "qwen": "chatml", "phi3": "phi-3"}
+                    "qwen2.5": "qwen-2.5", "qwen": "qwen-2.5", "phi3": "phi-3"}
 
 # Placeholders for probe conversations: letters only, so no template's trimming or escaping
 # changes them, and unlikely to merge with the text around them.
