@@ -25,7 +25,8 @@ log = logging.getLogger("factory.chat")
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"
 # Other spellings of the shipped template files' names (the file stem is the canonical name).
-TEMPLATE_ALIASES = {"gemma3": "gemma-3", "llama3.1": "llama-3.1", "qwen2.5": "qwen-2.5", "phi3": "phi-3"}
+TEMPLATE_ALIASES = {"gemma3": "gemma-3", "gemma": "gemma-3", "llama-3": "llama-3.1", "llama3": "llama-3.1",
+                    "qwen2.5": "qwen-2.5", "qwen": "qwen-2.5", "phi3": "phi-3"}
 
 # Placeholders for probe conversations: letters only, so no template's trimming or escaping
 # changes them, and unlikely to merge with the text around them.
@@ -139,9 +140,8 @@ class ChatFormat:
             tokenizer.pad_token = tokenizer.convert_ids_to_tokens(chat.pad_token_id)
         # Masks are checked once here, on a multi-turn probe, so a template that cannot be
         # masked stops the run before any training (exit 2), not in the middle of it.
-        system = [{"role": "system", "content": _SYSTEM}] if probe["system_head"] or probe["system_to_user"] else []
         chat.training_example({"conversations": [
-            *system, {"role": "user", "content": _USER1},
+            {"role": "system", "content": _SYSTEM}, {"role": "user", "content": _USER1},
             {"role": "assistant", "content": _ANSWER1}, {"role": "user", "content": _USER2},
             {"role": "assistant", "content": _ANSWER1}]})
         log.info("chat format: template %s, end of turn %r (id %d%s), stops %s, pad %r, BOS %s",
@@ -184,16 +184,8 @@ class ChatFormat:
     # --- rendering and tokenizing ------------------------------------------------------
 
     def render(self, turns: list[dict], *, generation_prompt: bool) -> str:
-        from jinja2 import TemplateError
-
         self._require_template()
-        try:
-            return self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
-        except TemplateError as e:  # e.g. a template without a system role, given a system turn
-            roles = "/".join(t["role"] for t in turns)
-            raise InputError(f"the chat template ({self.template_source}) cannot render a conversation of roles "
-                             f"{roles}: {e}. Remove what it does not support from the data (for example system turns: "
-                             "data.inputs[].system_prompt), or choose another dataset.chat_template") from None
+        return self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
 
     def encode(self, text: str) -> list[int]:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -308,12 +300,10 @@ def _probe(tokenizer) -> dict[str, str]:
     system_head, system_to_user: around a system message (which some templates fold into the
                         first user turn)
     """
-    from jinja2 import TemplateError
-
     def render(turns, generation_prompt):
         try:
             return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
-        except TemplateError as e:  # a template that raises (e.g. on a system role) is the user's to fix
+        except Exception as e:  # a template that raises (e.g. on a system role) is the user's to fix
             raise InputError(f"the chat template failed to render a probe conversation: {type(e).__name__}: {e}") from None
 
     user = [{"role": "user", "content": _USER1}]
