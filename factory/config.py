@@ -287,7 +287,7 @@ class DatasetConfig(Section):
     chat_template: str = "auto"
     """`auto`: the model tokenizer's own chat template (the one it was trained with). Or a
     template the factory ships, applied to a tokenizer that has none or when you want another:
-    gemma-3, llama-3.1, chatml (also qwen-2.5), mistral, phi-3, alpaca. Everything else (end
+    gemma-3, llama-3.1, qwen-2.5, chatml, mistral, phi-3, alpaca. Everything else (end
     of turn and stop tokens, pad token, BOS, training masks, the Ollama template) is read off
     the template; it must render a conversation as a prefix-preserving text (each turn the same
     whatever follows), or the run stops before training with exit 2."""
@@ -295,13 +295,14 @@ class DatasetConfig(Section):
     @field_validator("chat_template")
     @classmethod
     def _known_template(cls, value: str) -> str:
-        from factory.chat import TEMPLATE_ALIASES, TEMPLATES_DIR
+        from factory.chat import read_named_template
+        from factory.errors import InputError
 
-        if value != "auto" and not (TEMPLATES_DIR / f"{TEMPLATE_ALIASES.get(value, value)}.jinja").is_file():
-            from factory.chat import named_templates
-
-            raise ValueError(f"unknown chat template {value!r}; use auto (the tokenizer's own) or one of "
-                             f"{', '.join(named_templates())}")
+        if value != "auto":
+            try:
+                read_named_template(value)
+            except InputError as e:  # names the known templates
+                raise ValueError(str(e)) from None
         return value
 
 

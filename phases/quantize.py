@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from factory import llama_cpp, modeling
+from factory import llama_cpp, modeling, plan
 from factory.chat import messages
 from factory.config import FactoryConfig
 from factory.errors import InputError
@@ -72,7 +72,7 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
     # 3. the merged model's scores and next-token distributions: the reference
     model, chat = modeling.load_for_inference(cfg, ws, backend, path=str(merged_dir))
     reference = evaluation.score_model(ctx, model, chat, records, what="merged")
-    divergence = _divergence_reference(model, chat, records[:DIVERGENCE_EXAMPLES])
+    divergence = _divergence_reference(model, chat, records[:DIVERGENCE_EXAMPLES], plan.context_length(cfg))
     shapes = [tuple(p.shape) for p in model.parameters()]  # what each file's size is checked against
     del model  # the divergence reference keeps only the output embedding
     gc.collect()
@@ -105,7 +105,8 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
         "gguf_files": sum(1 for v in verified if Path(ws.path(v["path"])).is_file()),
         "worst_relative_score_drop": max(v["relative_score_drop"] for v in verified),
         "all_sizes_within_bounds": all(v["size_within_bounds"] for v in verified),
-        "all_generations_stop": all(v["generation_stops"] == 1.0 for v in verified),
+        **({} if reference.get("language_modelling") else  # plain text: no turns to end
+           {"all_generations_stop": all(v["generation_stops"] == 1.0 for v in verified)}),
         "min_tokenizer_agreement": min(v["tokenizer_agreement"] for v in verified),
         "types": verified,
         "llama_cpp": {"converter": str(converter), "llama_cpp_python": llama_cpp.LLAMA_CPP_PYTHON_VERSION,
@@ -243,8 +244,11 @@ class DivergenceReference:
     examples: list[tuple[list[int], list[int], Any]]  # (token ids, labelled positions, hidden states)
 
 
-def _divergence_reference(model, chat, records: list[dict]) -> DivergenceReference:
-    rows = [chat.answer_example(r) for r in records]
+def _divergence_reference(model, chat, records: list[dict], context: int) -> DivergenceReference:
+    # cut to the context the GGUF is loaded with (training saw no more); rows left with no
+    # answer token are left out
+    rows = [(ids[:context], labels[:context]) for ids, labels in map(chat.answer_example, records)]
+    rows = [(ids, labels) for ids, labels in rows if any(label != -100 for label in labels[1:])]
     examples = []
     # batch_size 1: one example's states at a time, no padding (so the pad id is never used)
     for (index,), hidden, _ in modeling.answer_hidden_states(model, rows, batch_size=1, pad_token_id=0):
@@ -302,7 +306,7 @@ def _export(ctx: PhaseContext, converter: Path, merged_dir: Path, out_dir: Path,
 
 def _verify(ctx: PhaseContext, path: Path, gtype, shapes: list[tuple[int, ...]], chat, records: list[dict], reference: dict,
             divergence: DivergenceReference) -> dict[str, Any]:
-    from factory import evaluation, plan
+    from factory import evaluation
 
     cfg = ctx.config
     llm = llama_cpp.load(path, n_ctx=plan.context_length(cfg) + cfg.evaluation.max_new_tokens, logits_all=True)
@@ -313,7 +317,9 @@ def _verify(ctx: PhaseContext, path: Path, gtype, shapes: list[tuple[int, ...]],
     low, high = llama_cpp.expected_bits_per_weight(gtype, shapes)
 
     # tokenizer: the same ids as the HF tokenizer on every test conversation
-    texts = [chat.render(messages(r["conversations"]), generation_prompt=False) for r in records]
+    language_modelling = bool(reference.get("language_modelling"))  # plain text: nothing to generate
+    texts = [r["conversations"][0]["content"] if language_modelling else
+             chat.render(messages(r["conversations"]), generation_prompt=False) for r in records]
     same = sum(chat.tokenizer(t, add_special_tokens=False)["input_ids"] == llm.tokenize(t.encode(), add_bos=False, special=True)
                for t in texts)
 
@@ -321,19 +327,22 @@ def _verify(ctx: PhaseContext, path: Path, gtype, shapes: list[tuple[int, ...]],
     ctx.progress.start(len(records), f"examples ({gtype.name})")
     started = time.monotonic()
     predictions = []
-    for record in records:
+    for record in [] if language_modelling else records:
         out = llm.create_completion(chat.prompt_ids(record), max_tokens=cfg.evaluation.max_new_tokens, temperature=0.0, top_k=1)
         predictions.append(out["choices"][0]["text"].strip())
         ctx.progress.advance()
-    scored = evaluation.score_predictions(cfg, records, predictions, seconds=time.monotonic() - started)
-    score, merged_score = scored["primary_score"], reference["primary_score"]
-    drop = (merged_score - score) / merged_score if merged_score else merged_score - score
-
     nll_gguf, nll_merged, kl, tokens = _divergence(llm, divergence)
+    if language_modelling:  # the GGUF's token probability on the divergence documents vs the merged model's
+        score, merged_score = math.exp(-nll_gguf / tokens), math.exp(-nll_merged / tokens)
+        scored = {"scores": {reference["primary"]: score}, "examples_per_second": None, "examples": []}
+    else:
+        scored = evaluation.score_predictions(cfg, records, predictions, seconds=time.monotonic() - started)
+        score, merged_score = scored["primary_score"], reference["primary_score"]
+    drop = (merged_score - score) / merged_score if merged_score else merged_score - score
 
     # chat completion with the file's own template must stop at end of turn
     stops = agree = 0
-    checks = records[:STOP_CHECKS]
+    checks = [] if language_modelling else records[:STOP_CHECKS]
     for record, prediction in zip(checks, predictions):
         llm.reset()
         out = llm.create_chat_completion(chat.prompt_messages(record), max_tokens=cfg.evaluation.max_new_tokens, temperature=0.0, top_k=1)
@@ -401,7 +410,7 @@ def _divergence(llm, reference: DivergenceReference) -> tuple[float, float, floa
 def _write_modelfile(cfg: FactoryConfig, ws: Workspace, quantized_dir: Path, type_name: str, chat) -> Path:
     """An Ollama Modelfile next to the GGUF: FROM, the TEMPLATE in Ollama's Go syntax and the
     stop tokens (both read off the model's own chat template), its sampling defaults, num_ctx."""
-    from factory import plan
+
     from factory.io import atomic_write_bytes
 
     lines = [f"# Ollama: ollama create {_model_name(cfg)} -f {ws.rel(quantized_dir / 'Modelfile')}",

@@ -273,7 +273,7 @@ def test_streamed_divergence_equals_the_full_logits_computation(tmp_path, monkey
         tokens += len(targets)
 
     monkeypatch.setattr(modeling, "LOGIT_VALUES", 3 * model.config.vocab_size)  # 3 positions a chunk
-    reference = quantize._divergence_reference(model, chat, records)
+    reference = quantize._divergence_reference(model, chat, records, 256)
     assert reference.head.positions == 3 and all(len(hidden) > 3 for _, _, hidden in reference.examples)
     streamed = quantize._divergence(llm, reference)
     assert streamed[3] == tokens

@@ -98,16 +98,16 @@ def check_masks(root: Path, eot: str) -> None:
 
 
 def check_artifacts(root: Path, eot: str) -> None:
-    baseline, evaluation, stats, quantization = (metrics(root, METRICS[p]) for p in PHASES)
+    baseline, stats, evaluation, quantization = (metrics(root, METRICS[p]) for p in PHASES)
     assert stats["completed"] and stats["chat_format"]["end_of_turn"] == eot
     for scored in (baseline, evaluation):
         assert scored["stopping"]["end_of_turn"] == eot and scored["stopping"]["rate"] is not None
     # generation stops at end of turn once trained (the base model, untrained, rarely does)
     assert evaluation["stopping"]["rate"] >= 0.9, evaluation["stopping"]
-    (gguf,) = quantization["types"]
-    assert gguf["tokenizer_agreement"] == 1.0
-    assert gguf["chat_template_embedded"]
-    assert gguf["generation_stops"] == 1.0  # llama.cpp's chat completion with the embedded template
+    for gguf in quantization["types"]:
+        assert gguf["tokenizer_agreement"] == 1.0
+        assert gguf["chat_template_embedded"]
+        assert gguf["generation_stops"] == 1.0  # llama.cpp's chat completion with the embedded template
     modelfile = (root / "models" / "quantized" / "Modelfile").read_text()
     assert f'PARAMETER stop "{eot}"' in modelfile and "TEMPLATE" in modelfile
 
@@ -141,8 +141,7 @@ def test_a_model_with_a_template_of_its_own_and_no_pad_token_runs_every_phase(tm
     stats, quantization = metrics(root, "training-stats"), metrics(root, "quantization")
     assert stats["completed"] and stats["chat_format"]["template"].startswith("auto")
     assert stats["chat_format"]["pad_token"] not in (None, base.eos_token)
-    (gguf,) = quantization["types"]
-    assert gguf["tokenizer_agreement"] == 1.0 and gguf["chat_template_embedded"]
+    assert all(g["tokenizer_agreement"] == 1.0 and g["chat_template_embedded"] for g in quantization["types"])
     assert "TEMPLATE" in (root / "models" / "quantized" / "Modelfile").read_text()
 
 
@@ -157,3 +156,36 @@ def test_mistral_demo_sized_pipeline_passes_every_gate_honestly(tmp_path):
     assert evaluation["stopping"]["rate"] >= 0.95 and evaluation["stopping"]["end_of_turn"] == "</s>"
     train = (root / "data" / "splits" / "train.jsonl").read_text()
     assert all(e["prompt"] not in train for e in evaluation["examples"])  # learned, not memorised
+
+
+def test_plain_text_trains_as_language_modelling_on_a_base_model_without_chat_template(tmp_path):
+    """The `text` input format (seed 000's plain corpus) on a base model with no chat template:
+    language modelling on the text itself, scored by loss and perplexity, exported to GGUF."""
+    import random
+
+    from factory.example import generate_task_records
+
+    root = tmp_path / "text"
+    factory("init", "--example", root, "--records", 300, "--steps", 120, check_rc=0)
+    raw = root / "data" / "raw"
+    for f in raw.iterdir():
+        f.unlink()
+    rng = random.Random(0)
+    for i, r in enumerate(generate_task_records(400, seed=1)):
+        (raw / f"doc{i:04d}.txt").write_text(f"{r['input']} -> {r['output']}\n" * rng.randint(1, 3))
+    yaml_file = root / "factory.yaml"
+    yaml_file.write_text(yaml_file.read_text().replace("data/raw/localization.jsonl", "data/raw"))
+    base = root / "models" / "base"
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(config))
+    (base / "chat_template.jinja").unlink(missing_ok=True)
+    run_every_phase(root)
+    baseline, stats, evaluation, quantization = (metrics(root, METRICS[p]) for p in PHASES)
+    assert stats["completed"] and stats["chat_format"]["template"] == "none"
+    assert baseline["language_modelling"] and evaluation["language_modelling"]
+    assert evaluation["primary"] == "token_probability" and evaluation["perplexity"] < baseline["perplexity"]
+    assert evaluation["comparison"]["finetuned"] > evaluation["comparison"]["baseline"]
+    assert "all_generations_stop" not in quantization
+    assert all(g["tokenizer_agreement"] == 1.0 and g["perplexity_ratio"] < 1.1 for g in quantization["types"])
+    assert "TEMPLATE" not in (root / "models" / "quantized" / "Modelfile").read_text()
