@@ -392,14 +392,16 @@ def _divergence(llm, reference: DivergenceReference) -> tuple[float, float, floa
         targets = torch.tensor([ids[t] for t in positions])
         for start, merged in reference.head.chunks(hidden):
             end = start + len(merged)
-            rows = [t - 1 for t in positions[start:end]]  # the logits at t - 1 predict token t
-            theirs = torch.from_numpy(llm.scores[rows, : merged.shape[1]])
             ref = torch.log_softmax(merged.cpu(), dim=-1)
-            mine = torch.log_softmax(theirs.float(), dim=-1)
+            del merged
+            rows = [t - 1 for t in positions[start:end]]  # the logits at t - 1 predict token t
+            mine = torch.log_softmax(torch.from_numpy(llm.scores[rows, : ref.shape[1]]), dim=-1)
             chunk = targets[start:end, None]
             nll_gguf -= float(mine.gather(1, chunk).double().sum())
             nll_merged -= float(ref.gather(1, chunk).double().sum())
-            kl += float((ref.exp() * (ref - mine)).sum(dtype=torch.float64))
+            # in place, so that a chunk costs three (positions x vocabulary) arrays, not six
+            difference = mine.neg_().add_(ref)  # log p_merged - log p_gguf
+            kl += float(difference.mul_(ref.exp_()).sum(dtype=torch.float64))
         tokens += len(targets)
     return nll_gguf, nll_merged, kl, tokens
 
