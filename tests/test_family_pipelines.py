@@ -49,6 +49,14 @@ def metrics(ws: Path, stem: str) -> dict:
     return json.loads((ws / "metrics" / f"{stem}.json").read_text())
 
 
+def small_run(root: Path) -> None:
+    """Batches of 4 and one GGUF type: a full vocabulary (up to Qwen's 151,936) makes every
+    token's logits cost, and these runs check that each phase works, not how well."""
+    config = root / "factory.yaml"
+    text = config.read_text().replace("per_device_train_batch_size: 16", "per_device_train_batch_size: 4")
+    config.write_text(text.replace("gguf_quantization: [Q8_0, Q4_K_M]", "gguf_quantization: [Q8_0]"))
+
+
 def run_every_phase(root: Path) -> None:
     """format and split (their gates must pass), then each model phase on its own: a failed
     gate (exit 1) on a small run does not stop the next phase from being tried."""
@@ -115,7 +123,8 @@ def check_artifacts(root: Path, eot: str) -> None:
 @pytest.mark.parametrize("family", list(END_OF_TURN))
 def test_family_runs_every_phase(tmp_path, family):
     root = tmp_path / family
-    factory("init", "--example", root, "--family", family, "--records", 600, "--steps", 150, check_rc=0)
+    factory("init", "--example", root, "--family", family, "--records", 400, "--steps", 150, check_rc=0)
+    small_run(root)
     check_masks(root, END_OF_TURN[family])
     run_every_phase(root)
     check_artifacts(root, END_OF_TURN[family])
@@ -131,7 +140,8 @@ def test_a_model_with_a_template_of_its_own_and_no_pad_token_runs_every_phase(tm
     from factory.example import build_custom_template_model
 
     root = tmp_path / "custom"
-    factory("init", "--example", root, "--records", 600, "--steps", 150, check_rc=0)
+    factory("init", "--example", root, "--records", 400, "--steps", 150, check_rc=0)
+    small_run(root)
     shutil.rmtree(root / "models" / "base")
     build_custom_template_model(root / "models" / "base")
     base = AutoTokenizer.from_pretrained(root / "models" / "base")
@@ -167,6 +177,7 @@ def test_plain_text_trains_as_language_modelling_on_a_base_model_without_chat_te
 
     root = tmp_path / "text"
     factory("init", "--example", root, "--records", 300, "--steps", 120, check_rc=0)
+    small_run(root)
     raw = root / "data" / "raw"
     for f in raw.iterdir():
         f.unlink()
