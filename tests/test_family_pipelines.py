@@ -49,6 +49,14 @@ def metrics(ws: Path, stem: str) -> dict:
     return json.loads((ws / "metrics" / f"{stem}.json").read_text())
 
 
+def small_run(root: Path) -> None:
+    """Batches of 4 and one GGUF type: a full vocabulary (up to Qwen's 151,936) makes every
+    token's logits cost, and these runs check that each phase works, not how well."""
+    config = root / "factory.yaml"
+    text = config.read_text().replace("per_device_train_batch_size: 16", "per_device_train_batch_size: 4")
+    config.write_text(text.replace("gguf_quantization: [Q8_0, Q4_K_M]", "gguf_quantization: [Q8_0]"))
+
+
 def run_every_phase(root: Path) -> None:
     """format and split (their gates must pass), then each model phase on its own: a failed
     gate (exit 1) on a small run does not stop the next phase from being tried."""
@@ -97,17 +105,25 @@ def check_masks(root: Path, eot: str) -> None:
     assert chat.pad_token_id not in ids
 
 
+def gguf_stops_at(path: Path, token: str) -> bool:
+    """llama.cpp's own word: the GGUF's vocabulary marks `token` as end of generation, so
+    llama-server, llama-cli and Ollama stop there."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    (token_id,) = llm.tokenize(token.encode(), add_bos=False, special=True)
+    return bool(llama_cpp.llama_vocab_is_eog(llama_cpp.llama_model_get_vocab(llm.model), token_id))
+
+
 def check_artifacts(root: Path, eot: str) -> None:
     baseline, stats, evaluation, quantization = (metrics(root, METRICS[p]) for p in PHASES)
     assert stats["completed"] and stats["chat_format"]["end_of_turn"] == eot
-    for scored in (baseline, evaluation):
+    for scored in (baseline, evaluation):  # measured; a small run need not have learned to stop yet
         assert scored["stopping"]["end_of_turn"] == eot and scored["stopping"]["rate"] is not None
-    # generation stops at end of turn once trained (the base model, untrained, rarely does)
-    assert evaluation["stopping"]["rate"] >= 0.9, evaluation["stopping"]
     for gguf in quantization["types"]:
         assert gguf["tokenizer_agreement"] == 1.0
-        assert gguf["chat_template_embedded"]
-        assert gguf["generation_stops"] == 1.0  # llama.cpp's chat completion with the embedded template
+        assert gguf["chat_template_embedded"] and gguf["generation_stops"] is not None
+        assert gguf_stops_at(root / gguf["path"], eot)
     modelfile = (root / "models" / "quantized" / "Modelfile").read_text()
     assert f'PARAMETER stop "{eot}"' in modelfile and "TEMPLATE" in modelfile
 
@@ -115,7 +131,8 @@ def check_artifacts(root: Path, eot: str) -> None:
 @pytest.mark.parametrize("family", list(END_OF_TURN))
 def test_family_runs_every_phase(tmp_path, family):
     root = tmp_path / family
-    factory("init", "--example", root, "--family", family, "--records", 600, "--steps", 150, check_rc=0)
+    factory("init", "--example", root, "--family", family, "--records", 400, "--steps", 150, check_rc=0)
+    small_run(root)
     check_masks(root, END_OF_TURN[family])
     run_every_phase(root)
     check_artifacts(root, END_OF_TURN[family])
@@ -131,7 +148,8 @@ def test_a_model_with_a_template_of_its_own_and_no_pad_token_runs_every_phase(tm
     from factory.example import build_custom_template_model
 
     root = tmp_path / "custom"
-    factory("init", "--example", root, "--records", 600, "--steps", 150, check_rc=0)
+    factory("init", "--example", root, "--records", 400, "--steps", 150, check_rc=0)
+    small_run(root)
     shutil.rmtree(root / "models" / "base")
     build_custom_template_model(root / "models" / "base")
     base = AutoTokenizer.from_pretrained(root / "models" / "base")
@@ -142,6 +160,7 @@ def test_a_model_with_a_template_of_its_own_and_no_pad_token_runs_every_phase(tm
     assert stats["completed"] and stats["chat_format"]["template"].startswith("auto")
     assert stats["chat_format"]["pad_token"] not in (None, base.eos_token)
     assert all(g["tokenizer_agreement"] == 1.0 and g["chat_template_embedded"] for g in quantization["types"])
+    assert gguf_stops_at(root / quantization["types"][0]["path"], stats["chat_format"]["end_of_turn"])
     assert "TEMPLATE" in (root / "models" / "quantized" / "Modelfile").read_text()
 
 
@@ -154,6 +173,8 @@ def test_mistral_demo_sized_pipeline_passes_every_gate_honestly(tmp_path):
     baseline, evaluation = metrics(root, "baseline"), metrics(root, "evaluation")
     assert baseline["scores"]["exact_match"] <= 0.05 and evaluation["scores"]["exact_match"] >= 0.8
     assert evaluation["stopping"]["rate"] >= 0.95 and evaluation["stopping"]["end_of_turn"] == "</s>"
+    quantization = metrics(root, "quantization")
+    assert all(g["generation_stops"] == 1.0 and g["tokenizer_agreement"] == 1.0 for g in quantization["types"])
     train = (root / "data" / "splits" / "train.jsonl").read_text()
     assert all(e["prompt"] not in train for e in evaluation["examples"])  # learned, not memorised
 
@@ -167,6 +188,7 @@ def test_plain_text_trains_as_language_modelling_on_a_base_model_without_chat_te
 
     root = tmp_path / "text"
     factory("init", "--example", root, "--records", 300, "--steps", 120, check_rc=0)
+    small_run(root)
     raw = root / "data" / "raw"
     for f in raw.iterdir():
         f.unlink()
