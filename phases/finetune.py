@@ -135,7 +135,7 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
     tokens = int(state.num_input_tokens_seen or 0) - tracker.resumed_tokens  # this run's share
     return {
         "completed": state.global_step >= state.max_steps or stopped_early,
-        "stop_reason": "early_stopping" if stopped_early else "max_steps" if state.global_step >= state.max_steps else "interrupted",
+        "stop_reason": "early_stopping" if stopped_early else "max_steps" if state.global_step >= state.max_steps else None,
         "backend": backend.name,
         "backend_reason": backend.reason,
         "device": backend.device,
