@@ -382,16 +382,16 @@ def sample(
     chat: Annotated[bool, typer.Option("--chat", help="An interactive loop; the conversation is kept.")] = False,
     system: Annotated[Optional[str], typer.Option("--system", help="A system message.")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 256,
-    temperature: Annotated[float, typer.Option("--temperature", help="0 for greedy.")] = 1.0,
-    top_p: Annotated[float, typer.Option("--top-p")] = 0.95,
-    top_k: Annotated[int, typer.Option("--top-k")] = 64,
+    temperature: Annotated[Optional[float], typer.Option("--temperature", help="0 for greedy. Default: the model's.")] = None,
+    top_p: Annotated[Optional[float], typer.Option("--top-p", help="Default: the model's.")] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Default: the model's.")] = None,
     workspace: WorkspaceOpt = Path("."),
     debug: DebugOpt = False,
 ) -> None:
     """Generate from the base model, the adapter, the merged model or a GGUF, streaming tokens.
 
-    Defaults follow the Gemma 3 inference example of the Unsloth spec (temperature 1.0,
-    top_p 0.95, top_k 64).
+    Sampling defaults are the model's own (its generation_config.json; for a GGUF, the merged
+    model's), and answers stop at the end-of-turn token of its chat template.
     """
     from factory import sampling
 

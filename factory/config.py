@@ -242,7 +242,25 @@ class TrainingConfig(Section):
 class DatasetConfig(Section):
     path: str = "data/splits/train.jsonl"
     text_field: str = "text"
-    chat_template: str = "gemma-3"
+    chat_template: str = "auto"
+    """`auto`: the model tokenizer's own chat template (the one it was trained with). Or a
+    template the factory ships, applied to a tokenizer that has none or when you want another:
+    gemma-3, llama-3.1, chatml (also qwen-2.5), mistral, phi-3, alpaca. Everything else (end
+    of turn and stop tokens, pad token, BOS, training masks, the Ollama template) is read off
+    the template; it must render a conversation as a prefix-preserving text (each turn the same
+    whatever follows), or the run stops before training with exit 2."""
+
+    @field_validator("chat_template")
+    @classmethod
+    def _known_template(cls, value: str) -> str:
+        from factory.chat import TEMPLATE_ALIASES, TEMPLATES_DIR
+
+        if value != "auto" and not (TEMPLATES_DIR / f"{TEMPLATE_ALIASES.get(value, value)}.jinja").is_file():
+            from factory.chat import named_templates
+
+            raise ValueError(f"unknown chat template {value!r}; use auto (the tokenizer's own) or one of "
+                             f"{', '.join(named_templates())}")
+        return value
 
 
 class SaveConfig(Section):
@@ -295,8 +313,9 @@ class EvaluationConfig(Section):
     batch_size: int = Field(32, ge=1)
     """Prompts generated at once (left-padded, greedy)."""
 
-    max_examples: int | None = None
-    """Score only the first N test examples (null: all)."""
+    max_examples: int | None = Field(None, ge=1)
+    """Score only the first N test examples (null: all), in baseline, evaluate and quantize's
+    checks; the gates then check those N."""
 
     loss: bool = True
     """Also compute the test loss and perplexity on the assistant tokens."""

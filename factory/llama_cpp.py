@@ -23,7 +23,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from factory.errors import InputError
 
@@ -211,15 +211,21 @@ def runtime():
     return llama_cpp
 
 
-def load(path: Path, *, n_ctx: int, logits_all: bool = False, threads: int | None = None):
-    """A llama_cpp.Llama on the plain CPU kernels.
+def placement() -> dict[str, Any]:
+    """Where `load` puts a model: every layer on the GPU when llama.cpp was built with one
+    (CUDA, Metal, ...), else none; and whether the plain CPU kernels are forced.
 
-    ggml's extra CPU buffer types (the AMX and repacked-weight kernels, what llama.cpp's
-    --no-repack turns off) crashed with a segfault on this project's tiny test model (Q8_0,
-    64-wide rows, an AMX CPU) on any batch of more than one token; the plain kernels are
-    llama.cpp's reference path. llama-cpp-python has no argument for it, so the default
-    model parameters are wrapped while the model loads.
+    On a CPU with AMX, ggml's extra CPU buffer types (the AMX and repacked-weight kernels,
+    what llama.cpp's --no-repack turns off) crashed with a segfault on this project's tiny
+    test model (Q8_0, 64-wide rows) on any batch of more than one token; there the plain
+    kernels, llama.cpp's reference path, are used. Elsewhere llama.cpp's defaults stay.
     """
+    return {"n_gpu_layers": -1 if runtime().llama_supports_gpu_offload() else 0, "plain_cpu_kernels": cpu_has_amx()}
+
+
+def load(path: Path, *, n_ctx: int, logits_all: bool = False, threads: int | None = None):
+    """A llama_cpp.Llama placed as `placement()` says. llama-cpp-python has no argument for
+    the plain CPU kernels, so the default model parameters are wrapped while the model loads."""
     runtime_module = runtime()
     from llama_cpp import llama as llama_module
 
@@ -230,10 +236,22 @@ def load(path: Path, *, n_ctx: int, logits_all: bool = False, threads: int | Non
         params.use_extra_bufts = False
         return params
 
-    llama_module.llama_cpp.llama_model_default_params = plain_kernels
+    where = placement()
+    if where["plain_cpu_kernels"]:
+        llama_module.llama_cpp.llama_model_default_params = plain_kernels
     try:
         with _native_stderr_to(os.devnull):  # notes such as "using full-size SWA cache"
             return runtime_module.Llama(str(path), n_ctx=n_ctx, logits_all=logits_all, verbose=False, seed=0,
-                                        n_threads=threads or max(1, os.cpu_count() or 1))
+                                        n_gpu_layers=where["n_gpu_layers"], n_threads=threads or max(1, os.cpu_count() or 1))
     finally:
         llama_module.llama_cpp.llama_model_default_params = defaults
+
+
+def cpu_has_amx(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether the CPU has Intel AMX (the amx_tile / amx_int8 / amx_bf16 flags Linux reports)."""
+    try:
+        text = cpuinfo.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return any(flag.startswith("amx") for line in text.splitlines() if line.startswith("flags")
+               for flag in line.split(":", 1)[1].split())

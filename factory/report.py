@@ -130,7 +130,8 @@ def _blocks(metrics: dict[str, Any], gates: list[dict]) -> list[Block]:
     blocks.append(TableBlock(["statistic", "value"], [
         ["examples (paired)", c.get("n")], ["baseline", c.get("baseline")], ["fine-tuned", c.get("finetuned")],
         ["improvement", c.get("improvement")], ["relative improvement", c.get("relative_improvement")],
-        ["paired t-test p", c.get("p_value")], ["Wilcoxon signed-rank p", c.get("wilcoxon_p_value")],
+        [f"{c.get('test_name', 'paired test')} p", c.get("p_value")],
+        ["Wilcoxon signed-rank p", c.get("wilcoxon_p_value")],
         ["bootstrap 95% interval", c.get("ci95")], ["significant", c.get("significant")]]))
     if evaluation.get("regression"):
         r = evaluation["regression"]

@@ -5,9 +5,10 @@ Reads top to bottom like a recipe:
 1. pick the backend (unsloth when CUDA and unsloth are there, else hf) and say why;
 2. resolve `auto` values (seed 004's VRAM table), load the base model, add LoRA adapters;
 3. turn the train and val splits into datasets with one function, so that loss falls on
-   assistant tokens only in both: on hf through TRL's `assistant_only_loss` (a chat template
-   with {% generation %} markers), on unsloth through seed 004's text formatting and
-   `train_on_responses_only`;
+   assistant tokens only in both, with the model's chat format (factory.chat, read from its
+   own template): on hf as token ids and labels (every assistant turn and its end-of-turn
+   token trained, the rest -100); on unsloth through seed 004's text formatting and
+   `train_on_responses_only` with the markers the chat format found;
 4. train with TRL's SFTTrainer, saving progress checkpoints at 25/50/75/100% of the steps
    (seed 003), each with a training_state.json; a killed run resumes from the last complete
    one; live state goes to .factory/training-status.json through the runner. The validation
@@ -80,7 +81,7 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
 
     # 2. model and adapters
     resolved = plan.resolve(cfg, plan.accelerator_memory_gib())
-    model, tokenizer = modeling.load_model(cfg, ws, backend, max_seq_length=resolved.max_seq_length)
+    model, chat = modeling.load_model(cfg, ws, backend, max_seq_length=resolved.max_seq_length)
     model = modeling.add_lora(model, cfg, backend, rank=resolved.rank)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("LoRA r=%d: %d trainable parameters; batch %d x %d accumulation, max length %d", resolved.rank,
@@ -104,7 +105,7 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
     with contextlib.closing(TrainingLog(ws.logs_dir / "training.log")) as training_log, \
             contextlib.redirect_stdout(training_log), training_log.capturing_library_logs(), \
             trackers.environment(cfg.training.trackers, ws, run_name):
-        trainer = _build_trainer(cfg, ws, backend, model, tokenizer, records, val_records, resolved, output_dir,
+        trainer = _build_trainer(cfg, ws, backend, model, chat, records, val_records, resolved, output_dir, log,
                                  run_name=run_name, evaluate_first=resume_from is None)
         trainer.add_callback(_make_best_adapter_callback()(best_dir, fingerprint))
         tracker = _make_status_callback()(ctx, fingerprint, ws, run_name, training_log)
@@ -127,7 +128,7 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
                            f"evaluation is at step {best['step']}")
     selection = select_adapter(cfg.training.select, best, last)
     for folder in [best_dir, last_dir] if best else [last_dir]:
-        tokenizer.save_pretrained(str(folder))
+        chat.tokenizer.save_pretrained(str(folder))
     _replace_dir(best_dir if selection["adapter"] == "best" else last_dir, lora_dir, copy=True)
     log.info("%s", selection["reason"])
     stopper = next((c for c in trainer.callback_handler.callbacks if type(c).__name__ == "EarlyStoppingCallback"), None)
@@ -162,6 +163,10 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
         "adapter": ws.rel(lora_dir),
         "adapters": {"best": ws.rel(best_dir) if best else None, "last": ws.rel(last_dir)},
         "train_records": len(records),
+        "chat_format": {"template": chat.template_source, "end_of_turn": chat.eot_token,
+                        "end_of_turn_appended": chat.eot_appended, "stop_token_ids": chat.stop_token_ids,
+                        "pad_token": chat.tokenizer.pad_token, "instruction_part": chat.instruction_part,
+                        "response_part": chat.response_part},
         "train_sha256": file_sha256(train_file),
         "val_records": len(val_records),
         "val_sha256": file_sha256(val_file) if val_records else None,
@@ -247,8 +252,8 @@ def _read_records(path: Path) -> list[dict]:
 # --- training set and trainer ---------------------------------------------------------------
 
 
-def _build_trainer(cfg: FactoryConfig, ws: Workspace, backend, model, tokenizer, records: list[dict],
-                   val_records: list[dict], resolved, output_dir: Path, *, run_name: str, evaluate_first: bool):
+def _build_trainer(cfg: FactoryConfig, ws: Workspace, backend, model, chat, records: list[dict], val_records: list[dict],
+                   resolved, output_dir: Path, log, *, run_name: str, evaluate_first: bool):
     from transformers import EarlyStoppingCallback, PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
@@ -285,7 +290,15 @@ def _build_trainer(cfg: FactoryConfig, ws: Workspace, backend, model, tokenizer,
         dataset_num_proc=None,
         **trackers.trainer_arguments(t.trackers, ws, run_name),
     )
-    if val_records:
+    import datasets
+
+    datasets.disable_progress_bars()  # the tokenizing bars are not the factory's progress
+    train_set = _dataset(backend, chat, records, resolved.max_seq_length, "training", log)
+    if not len(train_set):
+        raise InputError(f"no training record has an answer token within model.max_seq_length "
+                         f"({resolved.max_seq_length}); raise it")
+    eval_set = _dataset(backend, chat, val_records, resolved.max_seq_length, "validation", log) if val_records else None
+    if eval_set is not None and len(eval_set):
         args.update(
             eval_strategy="steps",
             eval_steps=t.eval_steps if t.eval_steps != "auto" else EVAL_FRACTION,
@@ -300,40 +313,70 @@ def _build_trainer(cfg: FactoryConfig, ws: Workspace, backend, model, tokenizer,
             greater_is_better=False,
             restore_callback_states_from_checkpoint=True,  # early stopping's patience count survives a resume
         )
-    import datasets
-
-    datasets.disable_progress_bars()  # the tokenizing bars are not the factory's progress
-    train_set = _dataset(backend, tokenizer, records)
-    eval_set = _dataset(backend, tokenizer, val_records) if val_records else None
+    else:
+        eval_set = None
     if backend.name == "unsloth":
-        # Seed 004, steps 4-5: chat-template text without <bos>, then mask everything but
-        # the model's turns with train_on_responses_only (train and eval sets alike).
+        # Seed 004, steps 4-5: chat-template text (BOS left to the tokenizer), then mask
+        # everything but the model's turns with train_on_responses_only (train and eval sets
+        # alike), given the markers the chat format read off this model's template.
         from unsloth.chat_templates import train_on_responses_only
 
-        trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=train_set, eval_dataset=eval_set,
-                             args=SFTConfig(dataset_text_field="text", **args))
-        instruction, response = modeling.RESPONSE_PARTS.get(cfg.dataset.chat_template, modeling.RESPONSE_PARTS["gemma-3"])
-        trainer = train_on_responses_only(trainer, instruction_part=instruction, response_part=response)
+        trainer = SFTTrainer(model=model, processing_class=chat.tokenizer, train_dataset=train_set,
+                             eval_dataset=eval_set, args=SFTConfig(dataset_text_field="text", **args))
+        trainer = train_on_responses_only(trainer, instruction_part=chat.instruction_part,
+                                          response_part=chat.response_part)
     else:
         trainer_class = SFTTrainer if cuda else _cpu_safe_trainer()
-        trainer = trainer_class(model=model, processing_class=tokenizer, train_dataset=train_set, eval_dataset=eval_set,
-                                args=SFTConfig(assistant_only_loss=True, **args))
+        # Already tokenized and cut: TRL's own preparation is skipped, except for packing,
+        # which it does.
+        prepared = {} if t.packing else {"dataset_kwargs": {"skip_prepare_dataset": True}}
+        trainer = trainer_class(model=model, processing_class=chat.tokenizer, train_dataset=train_set,
+                                eval_dataset=eval_set, args=SFTConfig(**args, **prepared))
     # The raw log dicts belong in logs/training.log and the trackers, not between the progress lines.
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(_make_checkpoint_evaluation_callback()())
-    if val_records and t.early_stopping_patience:
+    if eval_set is not None and t.early_stopping_patience:
         trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
     return trainer
 
 
-def _dataset(backend, tokenizer, records: list[dict]):
+def _dataset(backend, chat, records: list[dict], max_length: int, split: str, log):
     """The records as the trainer's dataset: one function for the train and the val split, so
-    that both are formatted and masked the same way."""
+    that both are formatted and masked the same way (the loss on answer tokens only)."""
+    if backend.name == "unsloth":
+        return _text_dataset(chat, records)
+    dataset, dropped = _token_dataset(chat, records, max_length)
+    if dropped:
+        log.warning("%d of %d %s records have no answer token within max_seq_length %d and are left out",
+                    dropped, len(records), split, max_length)
+    return dataset
+
+
+def _token_dataset(chat, records: list[dict], max_length: int) -> tuple[Any, int]:
+    """input_ids and labels from the chat format, cut to max_length: what the hf backend
+    trains on. Also returns how many records were left with no trained token by the cut."""
     from datasets import Dataset
 
-    if backend.name == "unsloth":
-        return Dataset.from_list([{"text": modeling.unsloth_text(tokenizer, r["conversations"])} for r in records])
-    return Dataset.from_list([{"messages": modeling.chat_messages(r["conversations"])} for r in records])
+    rows, dropped = [], 0
+    for record in records:
+        example = chat.training_example(record)
+        example = {key: values[:max_length] for key, values in example.items()}
+        if any(label != -100 for label in example["labels"]):
+            rows.append(example)
+        else:
+            dropped += 1
+    return Dataset.from_list(rows), dropped
+
+
+def _text_dataset(chat, records: list[dict]):
+    """Rendered conversations without a leading BOS (the tokenizer adds it): the unsloth backend."""
+    from datasets import Dataset
+
+    from factory.chat import messages
+
+    bos = chat.tokenizer.bos_token or "\0"
+    return Dataset.from_list([{"text": chat.render(messages(r["conversations"]), generation_prompt=False).removeprefix(bos)}
+                              for r in records])
 
 
 def _cpu_safe_trainer():
