@@ -428,9 +428,11 @@ def _make_status_callback():
             self._last["eval_loss"] = evals[-1] if evals else None
             self.ctx.progress.start(state.max_steps, "steps")
             self.ctx.progress.advance(state.global_step)
+            # A resumed run knows its best loss at once; its last one is on the curve already,
+            # and eval_loss shows this run's evaluations.
             self.ctx.training.update(step=state.global_step, total_steps=state.max_steps,
                                      epoch=float(state.epoch or 0), total_epochs=float(state.num_train_epochs),
-                                     eval_loss=self._last["eval_loss"], best_eval_loss=state.best_metric)
+                                     best_eval_loss=state.best_metric)
             self._write_log({"event": "train_begin", "step": state.global_step, "total_steps": state.max_steps,
                              "best_eval_loss": state.best_metric, "best_step": state.best_global_step})
 
