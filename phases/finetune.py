@@ -79,8 +79,11 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
     log.info("backend %s on %s: %s", backend.name, backend.device, backend.reason)
     ctx.training.update(backend=backend.name, backend_reason=backend.reason)
 
-    # 2. model and adapters
+    # 2. model and adapters, seeded first: LoRA's initial weights are random draws (both backends)
     resolved = plan.resolve(cfg, plan.accelerator_memory_gib())
+    from transformers import set_seed  # after select_backend: unsloth must be imported first
+
+    set_seed(cfg.training.seed)  # python, numpy and torch on every device
     model, chat = modeling.load_model(cfg, ws, backend, max_seq_length=resolved.max_seq_length)
     model = modeling.add_lora(model, cfg, backend, rank=resolved.rank)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -340,13 +340,23 @@ class StatusPoller:
             time.sleep(0.02)
 
 
-@pytest.mark.slow
-def test_a_run_that_overfits_fails_the_gate_and_best_beats_last_on_test(noisy_workspace, tmp_path):
+@pytest.fixture(scope="module")
+def overfit_run(noisy_workspace, tmp_path_factory):
+    """The noisy workspace trained for 80 steps, with TensorBoard and Trackio (offline), a
+    poller on the live status file; also the early-stopping test's uninterrupted reference."""
+    tmp_path = tmp_path_factory.mktemp("overfit")
     root = workspace_from(noisy_workspace, tmp_path, "  report_to: [tensorboard, trackio]\n")
     env = {**ENV, "TRACKIO_DIR": str(tmp_path / "trackio")}
     with StatusPoller(root) as poller:
         # --only: the split phase would rewrite the noisy train split
         proc = factory("run", "--only", "finetune", "-C", root, env=env)
+    return root, env, proc, poller
+
+
+@pytest.mark.slow
+def test_a_run_that_overfits_fails_the_gate_and_best_beats_last_on_test(overfit_run):
+    root, env, proc, poller = overfit_run
+    tmp_path = root.parent
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
     assert "gate training-completed failed after finetune on: training-stats.validation.overfit_rise" in out
@@ -371,7 +381,7 @@ def test_a_run_that_overfits_fails_the_gate_and_best_beats_last_on_test(noisy_wo
     assert [e["step"] for e in evals] == list(range(0, 81, 5))  # before the first step and every 5 (checkpoints too)
     best = min(evals[1:], key=lambda e: e["eval_loss"])
     assert best["step"] < 80 and evals[-1]["eval_loss"] > best["eval_loss"] * 1.2
-    assert stats["loss_history"][-1]["loss"] < stats["selection"]["best"]["train_loss"] / 5
+    assert stats["loss_history"][-1]["loss"] < stats["selection"]["best"]["train_loss"] / 2
     validation = stats["validation"]
     assert validation["rising_while_training_falls"] and validation["overfit_rise"] > 0.02
 
@@ -434,60 +444,72 @@ def trackio_metrics(store: Path, project: str, run: str) -> list[dict]:
             "SELECT metrics FROM metrics WHERE run_name = ? ORDER BY step, timestamp", (run,))]
 
 
-@pytest.mark.slow
-def test_early_stopping_survives_kill_9_with_its_best_loss_and_patience(noisy_workspace, tmp_path):
-    # The overfitting run's settings and curve, with early stopping: it stops a few evaluations
-    # after its best, and a checkpoint falls between the two.
-    patience, steps = 5, 80
-    root = workspace_from(noisy_workspace, tmp_path, f"  early_stopping_patience: {patience}\n")
+def early_stopping(evals: list[dict], patience: int) -> tuple[int, int] | None:
+    """Where transformers' rule stops a curve: (best step, stop step), or None if it does not.
+    The evaluation before the first step is the curve's start, not a candidate."""
+    best, count = None, 0
+    for e in evals:
+        if e["step"] == 0:
+            continue
+        if best is None or e["eval_loss"] < best[1]:
+            best, count = (e["step"], e["eval_loss"]), 0
+        else:
+            count += 1
+            if count == patience:
+                return best[0], e["step"]
+    return None
 
-    def checkpoint_after_the_best() -> Path | None:
-        """A complete checkpoint (its training_state.json is written last) saved after the best
-        evaluation and before early stopping triggered: the patience count is running."""
-        for marker in (root / "outputs").glob("checkpoint-*/training_state.json"):
-            state = json.loads((marker.parent / "trainer_state.json").read_text())
-            count = state["stateful_callbacks"]["EarlyStoppingCallback"]["attributes"]["early_stopping_patience_counter"]
-            if 0 < count < patience:
-                return marker.parent
-        return None
+
+@pytest.mark.slow
+def test_early_stopping_survives_kill_9_with_its_best_loss_and_patience(noisy_workspace, overfit_run, tmp_path):
+    # The overfitting run's settings with early stopping: up to the stop, the same training. Its
+    # curve says where the stop comes; the run is killed at the last checkpoint between its best
+    # evaluation and the stop, so a lost best or count would move the stop.
+    patience = 5
+    reference = metrics(overfit_run[0], "training-stats")
+    stop = early_stopping(reference["eval_history"], patience)
+    assert stop, "the reference curve does not trigger early stopping"
+    best_step, stop_step = stop
+    save_every = reference["total_steps"] // 4
+    kill_at = max(step for step in range(save_every, stop_step, save_every) if step > best_step)
+    root = workspace_from(noisy_workspace, tmp_path, f"  early_stopping_patience: {patience}\n")
+    marker = root / "outputs" / f"checkpoint-{kill_at}" / "training_state.json"
 
     with StatusPoller(root) as poller:
         proc = subprocess.Popen([sys.executable, "-m", "factory", "run", "--only", "finetune", "-C", str(root)],
                                 env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 600
-        while (checkpoint := checkpoint_after_the_best()) is None and proc.poll() is None and time.monotonic() < deadline:
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        assert checkpoint and not (root / "metrics" / "training-stats.json").exists(), \
-            "the run ended before it could be killed after a checkpoint past its best evaluation"
+        assert marker.exists() and not (root / "metrics" / "training-stats.json").exists(), \
+            f"the run ended before it could be killed at its checkpoint-{kill_at}"
 
         # what the checkpoint holds: the trainer's best loss and step, and early stopping's count
-        killed_at = int(checkpoint.name.split("-")[1])
+        checkpoint = marker.parent
         trainer_state = json.loads((checkpoint / "trainer_state.json").read_text())
-        best_step, best_loss = trainer_state["best_global_step"], trainer_state["best_metric"]
         counter = trainer_state["stateful_callbacks"]["EarlyStoppingCallback"]["attributes"]["early_stopping_patience_counter"]
-        evals_before = [e for e in trainer_state["log_history"] if "eval_loss" in e]
-        assert 0 < best_step < killed_at and 0 < counter < patience
-        assert counter == sum(1 for e in evals_before if e["step"] > best_step)
+        assert trainer_state["best_global_step"] == best_step
+        assert counter == sum(1 for e in reference["eval_history"] if best_step < e["step"] <= kill_at) > 0
         assert json.loads((checkpoint / "best-adapter" / "training_state.json").read_text())["step"] == best_step
 
-        resumed = factory("run", "--only", "finetune", "-C", root)  # stopped early at its best
+        resumed = factory("run", "--only", "finetune", "-C", root)  # stopped early at its best: the gate passes
         assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     stats = metrics(root, "training-stats")
     evals = stats["eval_history"]
-    assert stats["resumed_from_step"] == killed_at and stats["stop_reason"] == "early_stopping" and stats["completed"]
-    # the resumed run kept the best loss (no later evaluation beat it) and the count: it stopped at
-    # the patience-th evaluation after the best, not `patience` evaluations after the resume
-    assert stats["selection"]["best"]["step"] == best_step and stats["validation"]["best_loss"] == best_loss
-    assert sum(1 for e in evals if e["step"] > best_step) == patience
-    assert killed_at < stats["steps"] < steps and evals[-1]["step"] == stats["steps"]
-    assert [e["step"] for e in evals] == sorted({e["step"] for e in evals})  # one curve, no step twice
+    assert stats["resumed_from_step"] == kill_at and stats["stop_reason"] == "early_stopping" and stats["completed"]
+    # the same stop, best and curve as the uninterrupted run: without the restored count it would
+    # stop `patience` evaluations after the resume; without the best loss, later still
+    assert stats["steps"] == stop_step < reference["total_steps"] and stats["selection"]["best"]["step"] == best_step
+    expected = [e for e in reference["eval_history"] if e["step"] <= stop_step]
+    assert [e["step"] for e in evals] == [e["step"] for e in expected]
+    assert [e["eval_loss"] for e in evals] == pytest.approx([e["eval_loss"] for e in expected], rel=1e-3)
     assert stats["validation"]["stopped_early"] and stats["validation"]["overfit_rise"] == 0.0
     checkpoints = root / "models" / "checkpoints"
     assert json.loads((checkpoints / "lora" / "training_state.json").read_text())["step"] == best_step
     assert (checkpoints / "lora" / "adapter_model.safetensors").read_bytes() == \
            (checkpoints / "best" / "adapter_model.safetensors").read_bytes()
     assert poller.problems == []
-    resumed_reads = [r for r in poller.reads if r["run_id"] == poller.reads[-1]["run_id"] and r["step"] >= killed_at]
-    assert resumed_reads[0]["best_eval_loss"] == best_loss  # the live view knew the best from the resumed step on
+    resumed_reads = [r for r in poller.reads if r["run_id"] == poller.reads[-1]["run_id"] and r["step"] >= kill_at]
+    assert resumed_reads[0]["best_eval_loss"] == trainer_state["best_metric"]  # known from the resumed step on
