@@ -49,7 +49,11 @@ from factory.workspace import Workspace
 CHECKPOINT_FRACTION = 0.25  # seed 003: checkpoints at 25, 50, 75 and 100% of training
 EVAL_FRACTION = 0.1  # training.eval_steps: auto evaluates every tenth of the steps (at least 10 times)
 STATE_FILE = "training_state.json"  # written last: a checkpoint without it is incomplete
-BEST_IN_CHECKPOINT = "best-adapter"  # the best adapter as of a checkpoint, restored on resume
+# The best adapter's weights as of a checkpoint, restored on resume. A file, not an adapter
+# folder: the Trainer takes any sub-folder holding adapter_model.safetensors for an adapter of
+# the model it resumes, and would then not load the trained one.
+BEST_IN_CHECKPOINT = "best_adapter.safetensors"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 CONVERGENCE_WINDOW_FRACTION = 0.25  # of the evaluations up to the selected adapter: its trend window
 TREND_MIN_POINTS = 3  # a trend is a line fitted through at least this many points
 LIBRARY_LOGGERS = ("trl", "peft", "accelerate", "datasets", "torch", "py.warnings")  # besides transformers
@@ -98,7 +102,7 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
         shutil.rmtree(output_dir)
     resume_from = _last_complete_checkpoint(output_dir, fingerprint, log)
     resumed_state = json.loads((resume_from / STATE_FILE).read_text()) if resume_from else {}
-    _restore_best_adapter(resume_from, best_dir, last_dir)
+    _restore_best_adapter(resume_from, best_dir, last_dir, fingerprint)
     run_name = resumed_state.get("tracker_run") or trackers.run_name(ws, ctx.run_id)
 
     # 4. trainer; what it prints (its log dicts, a tracker's banner) goes to logs/training.log,
@@ -529,11 +533,11 @@ def _make_best_adapter_callback():
                                                      "fingerprint": self.fingerprint})
 
         def on_save(self, args, state, control, **kwargs):
-            # Runs before StatusCallback.on_save writes training_state.json, which marks the
-            # checkpoint complete.
-            if state.best_global_step and self.best_dir.is_dir():
+            # Runs before StatusCallback.on_save writes training_state.json (with the best
+            # step and loss), which marks the checkpoint complete.
+            if state.best_global_step:
                 checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-                _replace_dir(self.best_dir, checkpoint / BEST_IN_CHECKPOINT, copy=True)
+                shutil.copyfile(self.best_dir / ADAPTER_WEIGHTS, checkpoint / BEST_IN_CHECKPOINT)
 
     return BestAdapter
 
@@ -549,11 +553,13 @@ def _save_adapter(model, folder: Path, state: dict) -> None:
     _replace_dir(partial, folder)
 
 
-def _adapter_step(folder: Path) -> int | None:
+def _adapter_step(folder: Path, fingerprint: str | None = None) -> int | None:
+    """The step of the adapter in `folder` (of the training with `fingerprint`, when given)."""
     try:
-        return json.loads((folder / STATE_FILE).read_text())["step"]
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        state = json.loads((folder / STATE_FILE).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
         return None
+    return state.get("step") if fingerprint is None or state.get("fingerprint") == fingerprint else None
 
 
 def _replace_dir(source: Path, target: Path, *, copy: bool = False) -> None:
@@ -576,7 +582,7 @@ def _replace_dir(source: Path, target: Path, *, copy: bool = False) -> None:
         shutil.rmtree(old)
 
 
-def _restore_best_adapter(resume_from: Path | None, best_dir: Path, last_dir: Path) -> None:
+def _restore_best_adapter(resume_from: Path | None, best_dir: Path, last_dir: Path, fingerprint: str) -> None:
     """A fresh training starts without adapters of an older one; a resumed one gets back the best
     adapter as of its checkpoint (a later one the killed run saved is trained again)."""
     if resume_from is None:
@@ -584,12 +590,20 @@ def _restore_best_adapter(resume_from: Path | None, best_dir: Path, last_dir: Pa
             if folder.exists():
                 shutil.rmtree(folder)
         return
-    saved = resume_from / BEST_IN_CHECKPOINT
-    if not saved.is_dir():
+    state = json.loads((resume_from / STATE_FILE).read_text())
+    if state.get("best_step") is None or not (resume_from / BEST_IN_CHECKPOINT).exists():
         if best_dir.exists():
             shutil.rmtree(best_dir)
-    elif _adapter_step(best_dir) != _adapter_step(saved):
-        _replace_dir(saved, best_dir, copy=True)
+    elif _adapter_step(best_dir, fingerprint) != state["best_step"]:
+        staged = best_dir.with_name(f".{best_dir.name}.partial")
+        if staged.exists():
+            shutil.rmtree(staged)
+        staged.mkdir(parents=True)
+        shutil.copyfile(resume_from / "adapter_config.json", staged / "adapter_config.json")
+        shutil.copyfile(resume_from / BEST_IN_CHECKPOINT, staged / ADAPTER_WEIGHTS)
+        write_json(staged / STATE_FILE, {"schema_version": 1, "step": state["best_step"],
+                                         "eval_loss": state["best_eval_loss"], "fingerprint": fingerprint})
+        _replace_dir(staged, best_dir)
 
 
 # --- selection and the curves' statistics ---------------------------------------------------
