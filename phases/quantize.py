@@ -141,8 +141,9 @@ def _merge(ctx: PhaseContext, backend, adapter: Path, merged_dir: Path, probes: 
     dtype = getattr(torch, cfg.save.merged_dtype)
     base = modeling.model_path(cfg.model.name, ws)
     started = time.monotonic()
-    # the tokenizer the adapter was trained with (its template and pad token included)
-    chat = ChatFormat.from_tokenizer(AutoTokenizer.from_pretrained(adapter), cfg.dataset.chat_template)
+    # the base model's tokenizer with the chat format it was trained with (a saved copy can lose
+    # settings such as SentencePiece's `legacy`, which change the ids)
+    chat = ChatFormat.from_tokenizer(AutoTokenizer.from_pretrained(base), cfg.dataset.chat_template)
     # Causal: the logits of the first answer tokens do not depend on the rest of the conversation.
     probe_ids = [(ids[: head + MERGE_PROBE_TOKENS], head) for ids, head in (_ids_and_head(chat, r) for r in probes)]
     staging = merged_dir.with_name(merged_dir.name + ".partial")  # the old merged model stays until the new one is whole
