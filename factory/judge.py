@@ -407,7 +407,7 @@ def reliability(judge: Judge, grades: list[Grade] | None = None, verdicts: list[
         "retried": sum(1 for o in outcomes if judge.kind == "llm" and o.attempts > (2 if isinstance(o, PairVerdict) else 1)),
         "failures": len(failed),
         "failure_rate": len(failed) / len(outcomes) if outcomes else 1.0,
-        "failed_examples": [{"key": k, "reason": o.failure, **({"text": o.raw} if o.raw else {})}
+        "failed_examples": [{"key": k, "reason": o.failure, **({"text": o.raw} if o.raw is not None else {})}
                             for k, o in failed[:FAILED_SHOWN]],
     }
     if verdicts is not None:
