@@ -1,12 +1,18 @@
-"""Small file helpers shared by the engine and the phases: atomic writes and hashing."""
+"""Small file helpers shared by the engine and the phases: atomic writes, hashing, and a few
+switches scoped to where they are needed."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import json
 import os
+import sys
 import tempfile
+import zipfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import orjson
 
@@ -50,9 +56,10 @@ def read_json_if_exists(path: Path) -> Any | None:
 class AtomicOutput:
     """A file opened for binary writing that appears at `path` only on success.
 
-    Use as a context manager: on an exception the partial file is removed, so an
-    interrupted phase never leaves a half-written artifact where the next phase reads.
-    Keeps a running SHA-256 of what was written.
+    Use as a context manager: on an exception (a full disk included, which can also surface
+    when the last buffer is flushed) the partial file is removed, so an interrupted phase
+    never leaves a half-written artifact where the next phase reads. Keeps a running SHA-256
+    of what was written.
     """
 
     def __init__(self, path: Path):
@@ -71,7 +78,15 @@ class AtomicOutput:
         self.sha256.update(data)
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self._file.close()
+        try:
+            if exc_type is None:
+                self._file.flush()
+                os.fsync(self._file.fileno())
+            self._file.close()
+        except BaseException:
+            self._file = None
+            self._tmp.unlink(missing_ok=True)
+            raise
         if exc_type is None:
             os.replace(self._tmp, self.path)
         else:
@@ -84,3 +99,51 @@ def file_sha256(path: Path) -> str:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+# --- checking a file someone else wrote -----------------------------------------------------
+
+
+def damaged_file_problem(path: Path) -> str | None:
+    """Why a saved file cannot be read back whole (None: it can), cheaply and without the
+    library that wrote it: a safetensors file must be exactly as long as its header says, a
+    torch .pt/.pth/.bin (a zip archive) must pass its CRC checks, a .json must parse."""
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            with open(path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    return "shorter than a safetensors header"
+                header_size = int.from_bytes(head, "little")
+                header = json.loads(f.read(header_size))
+            ends = [info["data_offsets"][1] for name, info in header.items() if name != "__metadata__"]
+            expected = 8 + header_size + max(ends, default=0)
+            size = path.stat().st_size
+            if size != expected:
+                return f"{size} bytes where its header describes {expected} (truncated)"
+        elif path.suffix in (".pt", ".pth", ".bin") and zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+            if bad:
+                return f"member {bad} fails its CRC check"
+        elif path.suffix == ".pt" or path.suffix == ".pth":
+            return "not a readable torch archive (truncated)"
+        elif path.suffix == ".json":
+            json.loads(path.read_bytes())
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as e:
+        return f"unreadable ({type(e).__name__}: {e})"
+    return None
+
+
+# --- process-wide switches, scoped -------------------------------------------------------------
+
+
+@contextmanager
+def csv_field_size_limit(limit: int = min(sys.maxsize, 2**31 - 1)) -> Iterator[None]:
+    """csv.field_size_limit is process-wide: raise it for one reader, then put it back."""
+    previous = csv.field_size_limit(limit)
+    try:
+        yield
+    finally:
+        csv.field_size_limit(previous)

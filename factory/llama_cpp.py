@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from factory.errors import InputError
+from factory.errors import InputError, disk_full, is_disk_full
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 CONVERTER = "convert_hf_to_gguf.py"
@@ -72,6 +72,7 @@ TYPES = {t.name: t for t in (
     GGUFType("Q2_K", (2.625, 6.5625), ftype="Q2_K", fallback=(4.5, 8.5)),
 )}
 K_QUANT_ROW = 256  # values per K-quant super-block
+FULL_BELOW_BYTES = 1 << 20  # a disk with less free space than this after a failed write was full
 
 
 def expected_bits_per_weight(gtype: GGUFType, shapes: list[tuple[int, ...]]) -> tuple[float, float]:
@@ -161,7 +162,10 @@ def convert(llama_cpp: Path, model_dir: Path, out_file: Path, outtype: str, log_
         )
     if done.returncode != 0:
         tail = "".join(log_file.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)[-15:])
+        full = _out_of_space(out_file.parent, tail)
         tmp.unlink(missing_ok=True)
+        if full:
+            raise disk_full(out_file.parent, f"writing {out_file.name}")
         raise InputError(f"llama.cpp's converter failed on {model_dir} (exit {done.returncode}); "
                          f"full log in {log_file}:\n{tail}")
     os.replace(tmp, out_file)
@@ -178,9 +182,19 @@ def quantize(source: Path, out_file: Path, gtype: GGUFType, threads: int, log_fi
     with _native_stderr_to(log_file):
         code = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), params)
     if code != 0:
+        full = _out_of_space(out_file.parent, log_file.read_text(encoding="utf-8", errors="replace")[-4000:])
         tmp.unlink(missing_ok=True)
+        if full:
+            raise disk_full(out_file.parent, f"writing {out_file.name}")
         raise InputError(f"llama.cpp could not quantize {source.name} to {gtype.name} (code {code}); see {log_file}")
     os.replace(tmp, out_file)
+
+
+def _out_of_space(folder: Path, log_text: str) -> bool:
+    """Whether a llama.cpp write into `folder` failed for lack of space: its log says so, or
+    (when the log itself could not be written) the disk is full now, before the partial file
+    is removed."""
+    return is_disk_full(OSError(log_text)) or shutil.disk_usage(folder).free < FULL_BELOW_BYTES
 
 
 @contextmanager

@@ -21,7 +21,6 @@ import importlib.util
 import json
 import math
 import resource
-import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,15 +29,15 @@ from typing import Any
 import orjson
 import xxhash
 
-from factory import modeling
+from factory import checkpoints, modeling
 from factory.config import FactoryConfig
 from factory.errors import InputError
 from factory.io import file_sha256, write_json
-from factory.phase import Phase, PhaseContext
-from factory.workspace import Workspace
+from factory.phase import TRAINING_LIBRARIES, Phase, PhaseContext
+from factory.workspace import Workspace, staged_dir
 
 CHECKPOINT_FRACTION = 0.25  # seed 003: checkpoints at 25, 50, 75 and 100% of training
-STATE_FILE = "training_state.json"  # written last: a checkpoint without it is incomplete
+STATE_FILE = checkpoints.STATE_FILE  # written last: a checkpoint without it is incomplete
 
 
 def run(ctx: PhaseContext) -> dict[str, Any]:
@@ -57,8 +56,11 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
     log.info("backend %s on %s: %s", backend.name, backend.device, backend.reason)
     ctx.training.update(backend=backend.name, backend_reason=backend.reason)
 
-    # 2. model and adapters
+    # 2. model and adapters, seeded first: LoRA's initial weights are random draws (both backends)
     resolved = plan.resolve(cfg, plan.accelerator_memory_gib())
+    from transformers import set_seed  # after select_backend: unsloth must be imported first
+
+    set_seed(cfg.training.seed)  # python, numpy and torch on every device
     model, tokenizer = modeling.load_model(cfg, ws, backend, max_seq_length=resolved.max_seq_length)
     model = modeling.add_lora(model, cfg, backend, rank=resolved.rank)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -68,15 +70,15 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
     # 3. checkpoints from an earlier, interrupted run of the same config and data
     output_dir = ws.path(cfg.training.output_dir)
     fingerprint = _fingerprint(cfg, train_file, resolved)
-    if ctx.options.get("restart") and output_dir.exists():
-        log.info("--restart: removing %s", ws.rel(output_dir))
-        shutil.rmtree(output_dir)
-    resume_from = _last_complete_checkpoint(output_dir, fingerprint, log)
+    if ctx.options.get("restart"):
+        checkpoints.remove_all(ws, output_dir, log)
+    resume_from = checkpoints.last_complete(output_dir, fingerprint, log)
 
     # 4. trainer
     trainer = _build_trainer(cfg, ws, backend, model, tokenizer, records, resolved, output_dir)
     tracker = _make_status_callback()(ctx, fingerprint, ws)
     trainer.add_callback(tracker)
+    trainer.add_callback(checkpoints.recorder(ws, output_dir))
     if resume_from:
         log.info("resuming from %s", ws.rel(resume_from))
     started = time.monotonic()
@@ -85,10 +87,9 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
 
     # 5. adapter, tokenizer, statistics
     lora_dir = ws.path(cfg.save.lora_path)
-    if lora_dir.exists():
-        shutil.rmtree(lora_dir)
-    model.save_pretrained(str(lora_dir))
-    tokenizer.save_pretrained(str(lora_dir))
+    with staged_dir(ws, lora_dir, "save.lora_path") as staging:  # never a half-written adapter in place
+        model.save_pretrained(str(staging))
+        tokenizer.save_pretrained(str(staging))
     history = [
         {"step": e["step"], "loss": e["loss"], "learning_rate": e.get("learning_rate"), "epoch": e.get("epoch")}
         for e in trainer.state.log_history if "loss" in e
@@ -130,6 +131,7 @@ PHASE = Phase(
     config_sections=("model", "lora", "training", "dataset", "save.lora_path"),
     inputs=lambda cfg, ws: [ws.split_file("train"), *modeling.local_model_inputs(cfg, ws)],
     outputs=lambda cfg, ws: [ws.path(cfg.save.lora_path)],
+    libraries=TRAINING_LIBRARIES,
 )
 
 
@@ -282,24 +284,6 @@ def _make_status_callback():
             self._log.flush()
 
     return StatusCallback
-
-
-def _last_complete_checkpoint(output_dir: Path, fingerprint: str, log) -> Path | None:
-    """The newest checkpoint-N whose training_state.json exists and matches this config and data."""
-    if not output_dir.is_dir():
-        return None
-    candidates = sorted((p for p in output_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-                        key=lambda p: int(p.name.split("-")[-1]), reverse=True)
-    for checkpoint in candidates:
-        state_file = checkpoint / STATE_FILE
-        if not state_file.exists():
-            log.warning("ignoring incomplete checkpoint %s (no %s: the run died while saving)", checkpoint.name, STATE_FILE)
-            continue
-        if json.loads(state_file.read_text()).get("fingerprint") != fingerprint:
-            log.info("checkpoints in %s are from another config or data; starting over", output_dir)
-            return None
-        return checkpoint
-    return None
 
 
 def convergence(history: list[dict], window_fraction: float = 0.1) -> dict[str, Any]:

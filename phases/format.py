@@ -30,7 +30,6 @@ from __future__ import annotations
 import csv
 import os
 import re
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -41,7 +40,7 @@ import orjson
 
 from factory.config import FactoryConfig, InputSpec
 from factory.errors import InputError
-from factory.io import AtomicOutput
+from factory.io import AtomicOutput, csv_field_size_limit
 from factory.phase import Phase, PhaseContext
 from factory.workspace import Workspace
 
@@ -205,7 +204,7 @@ def format_file(path: Path, rel: str, spec: InputSpec, out: AtomicOutput, reject
         stats["rejected"] += 1
         stats["reasons"][reason] += 1
 
-    with open(path, "rb") as f:
+    with open(path, "rb") as f, csv_field_size_limit():  # long documents in one cell are fine
         if f.read(3) != BOM:
             f.seek(0)
         if kind == "jsonl":
@@ -369,7 +368,6 @@ def csv_items(f, kind: str, reject: Callable) -> Iterator[tuple[int, Any, Any]]:
         reader = csv.reader(decoded_lines(), delimiter="\t", quoting=csv.QUOTE_NONE)
     else:
         reader = csv.reader(decoded_lines())
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long documents in one cell are fine
     header: list[str] | None = None
     while True:
         try:

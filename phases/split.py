@@ -31,7 +31,6 @@ import multiprocessing
 import os
 import re
 import signal
-import threading
 import time
 from array import array
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -46,6 +45,7 @@ import xxhash
 from factory.errors import InputError
 from factory.io import AtomicOutput
 from factory.phase import Phase, PhaseContext
+from factory.status import fork_is_safe
 
 SPLITS = ("train", "val", "test")
 PAIRS = (("train", "val"), ("train", "test"), ("val", "test"))
@@ -273,7 +273,7 @@ def _scan_all(path: Path, blocks: list[tuple[int, int]], seed: int, stratify: st
         yield from map(_scan_block, jobs)
         return
     # fork is instant; with other threads alive (a progress display) forking is unsafe.
-    method = "fork" if threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    method = "fork" if fork_is_safe() and "fork" in multiprocessing.get_all_start_methods() else "spawn"
     workers = min(workers, len(jobs))
     log.info("split: scanning %d blocks with %d worker processes (%s)", len(jobs), workers, method)
     with multiprocessing.get_context(method).Pool(workers, initializer=_worker_signals) as pool:
