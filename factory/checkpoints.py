@@ -72,7 +72,9 @@ def remove_all(ws: Workspace, output_dir: Path, log: logging.Logger) -> None:
 
 def recorder(ws: Workspace, output_dir: Path):
     """A TrainerCallback that records each checkpoint folder as the factory's just before the
-    trainer writes it (the trainer decides to save in on_step_end, then saves)."""
+    trainer writes it (the trainer decides to save in on_step_end, then saves), and as complete
+    once saved; add it after the callback that writes training_state.json. A folder still
+    marked as being written when a run fails or is killed is removed by the runner."""
     from transformers import TrainerCallback
 
     class CheckpointRecorder(TrainerCallback):
@@ -81,5 +83,9 @@ def recorder(ws: Workspace, output_dir: Path):
                 folder = output_dir / f"{PREFIX}{state.global_step}"
                 folder.mkdir(parents=True, exist_ok=True)
                 record_created(ws, folder, writing=True)
+
+        def on_save(self, args, state, control, **kwargs):
+            # after the trainer's files and the phase's training_state.json (an earlier callback)
+            record_created(ws, output_dir / f"{PREFIX}{state.global_step}")
 
     return CheckpointRecorder()

@@ -521,7 +521,12 @@ def main() -> None:
 
     exits, aborts, usage_errors = _cli_exceptions()
     try:
-        app(standalone_mode=False, prog_name="factory")
+        # Not standalone, so that errors come here; a Ctrl-C, and an Exit raised by a command,
+        # then come back as the exit code (Typer turns KeyboardInterrupt into Exit(130)).
+        code = app(standalone_mode=False, prog_name="factory")
+        if code == EXIT_INTERRUPTED:
+            raise KeyboardInterrupt
+        sys.exit(code if isinstance(code, int) else 0)
     except exits as e:
         sys.exit(e.exit_code)
     except aborts:
@@ -537,7 +542,7 @@ def main() -> None:
                       highlight=False)
         sys.exit(EXIT_USAGE)
     except (KeyboardInterrupt, Cancelled) as e:
-        err.print(f"[yellow]interrupted[/]: {e or 'Ctrl-C'}; the status file records where it stopped")
+        err.print(f"[yellow]interrupted[/]: {str(e) or 'Ctrl-C'}; the status file records where it stopped")
         sys.exit(EXIT_INTERRUPTED)
     except FactoryError as e:
         if _debug:

@@ -64,8 +64,15 @@ _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _NO_SPACE_TEXT = re.compile(r"No space left on device|Disk quota exceeded|os error (28|122)\b|errno (28|122)\b", re.I)
 
 
-def is_disk_full(exc: BaseException) -> bool:
-    """Whether `exc`, or an exception it was raised from, is a write that ran out of space."""
+FULL_BELOW_BYTES = 1 << 20  # a write that failed on a disk with less free space than this ran out of it
+
+
+def is_disk_full(exc: BaseException, where: Path | str | None = None) -> bool:
+    """Whether `exc`, or an exception it was raised from, is a write that ran out of space.
+    Some writers lose the OS's reason (torch.save: "file write failed"); with `where`, a
+    failure while the disk holding it is practically full counts too."""
+    if where is not None and _free_bytes(where) < FULL_BELOW_BYTES:
+        return True
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
@@ -75,6 +82,16 @@ def is_disk_full(exc: BaseException) -> bool:
             return True
         exc = exc.__cause__ or exc.__context__
     return False
+
+
+def _free_bytes(path: Path | str) -> int:
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        return shutil.disk_usage(probe).free
+    except OSError:
+        return FULL_BELOW_BYTES
 
 
 def disk_full(path: Path | str, what: str) -> DiskFull:

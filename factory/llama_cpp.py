@@ -72,7 +72,6 @@ TYPES = {t.name: t for t in (
     GGUFType("Q2_K", (2.625, 6.5625), ftype="Q2_K", fallback=(4.5, 8.5)),
 )}
 K_QUANT_ROW = 256  # values per K-quant super-block
-FULL_BELOW_BYTES = 1 << 20  # a disk with less free space than this after a failed write was full
 
 
 def expected_bits_per_weight(gtype: GGUFType, shapes: list[tuple[int, ...]]) -> tuple[float, float]:
@@ -194,7 +193,7 @@ def _out_of_space(folder: Path, log_text: str) -> bool:
     """Whether a llama.cpp write into `folder` failed for lack of space: its log says so, or
     (when the log itself could not be written) the disk is full now, before the partial file
     is removed."""
-    return is_disk_full(OSError(log_text)) or shutil.disk_usage(folder).free < FULL_BELOW_BYTES
+    return is_disk_full(OSError(log_text), folder)
 
 
 @contextmanager
@@ -247,7 +246,28 @@ def load(path: Path, *, n_ctx: int, logits_all: bool = False, threads: int | Non
     llama_module.llama_cpp.llama_model_default_params = plain_kernels
     try:
         with _native_stderr_to(os.devnull):  # notes such as "using full-size SWA cache"
-            return runtime_module.Llama(str(path), n_ctx=n_ctx, logits_all=logits_all, verbose=False, seed=0,
-                                        n_threads=threads or max(1, os.cpu_count() or 1))
+            return _bounded(runtime_module.Llama)(str(path), n_ctx=n_ctx, logits_all=logits_all, verbose=False, seed=0,
+                                                  n_threads=threads or max(1, os.cpu_count() or 1))
     finally:
         llama_module.llama_cpp.llama_model_default_params = defaults
+
+
+def _bounded(llama_class):
+    """Llama whose generation ends at the end of its context instead of failing there.
+
+    llama-cpp-python 0.3's completion loop holds back a token that ends in an incomplete UTF-8
+    sequence and then skips its own max_tokens check (`continue`), so a model that keeps
+    emitting such byte tokens (an undertrained one does) generates until the context is full
+    and dies with "could not broadcast input array ... into shape (0,)": an internal error on
+    the user's model. Stopping there gives a completion that ends with finish_reason "length".
+    """
+
+    class BoundedLlama(llama_class):
+        def generate(self, tokens, *args, **kwargs):
+            rows = self.scores.shape[0]
+            for token in super().generate(tokens, *args, **kwargs):
+                if self.n_tokens >= rows:  # evaluating this token would run past the context
+                    return
+                yield token
+
+    return BoundedLlama

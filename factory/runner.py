@@ -18,6 +18,7 @@ a status left "running" by a process killed outright is finalized by the next co
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from contextlib import contextmanager
@@ -35,7 +36,7 @@ from factory.phase import Phase, PhaseContext
 from factory.redact import RedactingFormatter
 from factory.report import REPORTED_METRICS, write_report
 from factory.status import Heartbeat, StatusWriter, TrainingStatus, finalize_abandoned, run_lock
-from factory.workspace import Workspace, check_replaceable, record_created
+from factory.workspace import Workspace, check_replaceable, discard_unfinished, output_settings, record_created
 
 log = logging.getLogger("factory")
 
@@ -99,11 +100,14 @@ def run_pipeline(
 ) -> RunResult:
     selected = select_phases(pipeline, target, only)
     gates = load_gates(ws, cfg)
+    settings = output_settings(cfg, ws)  # none may be the workspace or contain it: refused before anything runs
     reporter = reporter or _Silent()
     result = RunResult()
     with run_lock(ws), _sigterm_as_cancel(), _log_to_file(ws):
         for rewritten in finalize_abandoned(ws, lock_held=True):
             reporter.note(f"{rewritten}: the previous run had disappeared without a final state; marked failed")
+        for removed in discard_unfinished(ws):
+            log.info("removed %s: the previous run stopped while writing it", removed)
         status = StatusWriter(ws, [p.name for p in pipeline], {p.name: p.summary for p in pipeline}, only or target)
         cache = fingerprints.HashCache(ws)
         heartbeat = Heartbeat(status)
@@ -115,7 +119,8 @@ def run_pipeline(
             with heartbeat:
                 for phase in selected:
                     current = phase
-                    ran = _run_one(phase, cfg, ws, status, reporter, force, result, options or {}, cache, heartbeat)
+                    ran = _run_one(phase, cfg, ws, status, reporter, force, result, options or {}, cache, heartbeat,
+                                   settings)
                     stale_report = ran or not (ws.metrics_dir / "report.md").exists()
                     try:
                         for gate in gates_after(gates, phase.name):
@@ -143,7 +148,8 @@ def run_pipeline(
 
 
 def _run_one(phase: Phase, cfg: FactoryConfig, ws: Workspace, status: StatusWriter, reporter: Reporter,
-             force: bool, result: RunResult, options: dict, cache: fingerprints.HashCache, heartbeat: Heartbeat) -> bool:
+             force: bool, result: RunResult, options: dict, cache: fingerprints.HashCache, heartbeat: Heartbeat,
+             settings: dict[Path, str]) -> bool:
     """Run or skip one phase; True when it ran."""
     metrics_path = ws.metrics_file(phase.metrics)
     fingerprint = fingerprints.compute(phase, cfg, ws, cache)
@@ -156,7 +162,7 @@ def _run_one(phase: Phase, cfg: FactoryConfig, ws: Workspace, status: StatusWrit
         return False
 
     for output in phase.outputs(cfg, ws):  # refuse before any work, not after an hour of it
-        check_replaceable(ws, output, f"the {phase.name} phase's output")
+        check_replaceable(ws, output, settings.get(Path(os.path.abspath(output)), f"the {phase.name} phase's output"))
     fingerprints.invalidate(ws, phase)
     status.phase_started(phase.name, ws.rel(metrics_path))
     reporter.phase_started(phase)
@@ -170,7 +176,11 @@ def _run_one(phase: Phase, cfg: FactoryConfig, ws: Workspace, status: StatusWrit
     try:
         metrics = phase.run(context)
     except BaseException as exc:
-        exc = _as_user_error(exc, ws, f"running {phase.name}")
+        exc = _as_user_error(exc, ws, f"running {phase.name}")  # while the disk is as the failure left it
+        try:
+            discard_unfinished(ws)  # on a full disk, that is the space the final status needs
+        except OSError as e:
+            log.warning("could not remove what %s left unfinished: %s", phase.name, e)
         cancelled = isinstance(exc, (KeyboardInterrupt, Cancelled))
         training.finish("cancelled" if cancelled else "failed", f"{_error_type(exc)}: {exc}")
         raise exc
@@ -209,9 +219,11 @@ def _after_gates(phase: Phase, cfg: FactoryConfig, ws: Workspace, reporter: Repo
 def _as_user_error(exc: BaseException, ws: Workspace, what: str) -> BaseException:
     """A full disk is the user's to fix, however deep in a library it surfaced: DiskFull
     (exit 2) naming the disk, instead of an internal error."""
-    if isinstance(exc, Exception) and not isinstance(exc, FactoryError) and is_disk_full(exc):
-        where = next((e.filename for e in _chain(exc) if isinstance(e, OSError) and e.filename), None)
-        user_error = disk_full(where or ws.root, what)
+    if not isinstance(exc, Exception) or isinstance(exc, FactoryError):
+        return exc
+    where = next((e.filename for e in _chain(exc) if isinstance(e, OSError) and e.filename), None) or ws.root
+    if is_disk_full(exc, where):
+        user_error = disk_full(where, what)
         user_error.__cause__ = exc
         return user_error
     return exc

@@ -181,15 +181,34 @@ def created_under(ws: Workspace, folder: Path) -> list[Path]:
     return sorted(ws.path(key) for key in _created(ws) if Path(os.path.abspath(ws.path(key))).parent == folder)
 
 
+# The config keys that name where the factory writes (and may later replace what it wrote).
+OUTPUT_SETTINGS = ("training.output_dir", "save.lora_path", "save.merged_path", "save.gguf_path")
+
+
+def output_settings(cfg, ws: Workspace) -> dict[Path, str]:
+    """Each output folder the config names, checked with `output_folder`, and its key."""
+    return {output_folder(ws, ws.path(cfg.section(key)), key): key for key in OUTPUT_SETTINGS}
+
+
+def output_folder(ws: Workspace, path: Path, setting: str) -> Path:
+    """`path` as an absolute path, or UnsafePath when it is the workspace, a folder that
+    contains it, the home folder or the file system's root: no place for the factory's output
+    (a trainer writes files such as README.md into its output folder; replacing it would take
+    everything with it)."""
+    path = Path(os.path.abspath(path))
+    if path == ws.root or path in ws.root.parents or path in (Path.home(), Path(path.anchor)):
+        shown = f"{setting} ({path})" if setting else str(path)
+        raise UnsafePath(f"{shown} is the workspace or a folder that contains it; the factory will not replace it "
+                         f"or write into it. Point {setting or 'it'} at a folder of its own, e.g. models/checkpoints/NAME")
+    return path
+
+
 def check_replaceable(ws: Workspace, path: Path, setting: str) -> None:
     """Raise UnsafePath unless the factory may replace `path` (`setting` names the config key
     it came from): it must not be the workspace or an ancestor of it (nor the file system's
     root or the home folder), nor hold anything the factory did not write."""
-    path = Path(os.path.abspath(path))
+    path = output_folder(ws, path, setting)
     shown = f"{setting} ({path})" if setting else str(path)
-    if path == ws.root or path in ws.root.parents or path in (Path.home(), Path(path.anchor)):
-        raise UnsafePath(f"{shown} is the workspace or a folder that contains it; the factory will not replace it. "
-                         f"Point {setting or 'it'} at a folder of its own, e.g. models/checkpoints/NAME")
     if path.is_symlink():
         raise UnsafePath(f"{shown} is a symbolic link; the factory replaces only what it created. "
                          f"Point {setting or 'it'} at a plain folder")
@@ -216,6 +235,20 @@ def remove_created(ws: Workspace, path: Path, setting: str = "") -> None:
     else:
         path.unlink(missing_ok=True)
     forget_created(ws, path)
+
+
+def discard_unfinished(ws: Workspace) -> list[str]:
+    """Remove what the factory began to write and never finished (a checkpoint or a staging
+    folder of a run that failed or was killed): it only holds disk space. Returns their names."""
+    removed = []
+    for key, entry in _created(ws).items():
+        if entry.get("files") == WRITING:
+            path = ws.path(key)
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            forget_created(ws, path)
+            removed.append(key)
+    return removed
 
 
 def remove_if_created(ws: Workspace, path: Path) -> bool:

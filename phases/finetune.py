@@ -34,7 +34,7 @@ from factory.config import FactoryConfig
 from factory.errors import InputError
 from factory.io import file_sha256, write_json
 from factory.phase import TRAINING_LIBRARIES, Phase, PhaseContext
-from factory.workspace import Workspace, staged_dir
+from factory.workspace import Workspace, output_folder, staged_dir
 
 CHECKPOINT_FRACTION = 0.25  # seed 003: checkpoints at 25, 50, 75 and 100% of training
 STATE_FILE = checkpoints.STATE_FILE  # written last: a checkpoint without it is incomplete
@@ -68,7 +68,7 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
              trainable, resolved.batch_size, resolved.gradient_accumulation_steps, resolved.max_seq_length)
 
     # 3. checkpoints from an earlier, interrupted run of the same config and data
-    output_dir = ws.path(cfg.training.output_dir)
+    output_dir = output_folder(ws, ws.path(cfg.training.output_dir), "training.output_dir")
     fingerprint = _fingerprint(cfg, train_file, resolved)
     if ctx.options.get("restart"):
         checkpoints.remove_all(ws, output_dir, log)
