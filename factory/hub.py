@@ -26,8 +26,16 @@ OFFLINE_OPTIONS = ("to work offline, set model.name to a local folder with the m
 def resolved_revision(name: str) -> str:
     """The commit of `name` that the model phases will load (see the module docstring)."""
     from huggingface_hub import constants
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, HFValidationError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+    from huggingface_hub.utils import validate_repo_id
 
+    try:
+        if name.startswith((".", "/", "~")) or name.count("/") != 1:
+            raise HFValidationError(name)
+        validate_repo_id(name)
+    except HFValidationError:
+        raise InputError(f"model.name {name!r}: no such folder, and it is not a hub id (owner/name)") from None
     if constants.HF_HUB_OFFLINE:
         cached = cached_revision(name)
         if cached is None:

@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import tempfile
+import threading
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -53,6 +54,9 @@ def read_json_if_exists(path: Path) -> Any | None:
         return None
 
 
+_OPEN_OUTPUTS = threading.local()  # the AtomicOutputs open in this thread, outermost first
+
+
 class AtomicOutput:
     """A file opened for binary writing that appears at `path` only on success.
 
@@ -60,6 +64,11 @@ class AtomicOutput:
     when the last buffer is flushed) the partial file is removed, so an interrupted phase
     never leaves a half-written artifact where the next phase reads. Keeps a running SHA-256
     of what was written.
+
+    Outputs opened together (`with AtomicOutput(a) as x, AtomicOutput(b) as y:`) appear
+    together: one that completes inside another waits, written and synced, until the
+    outermost completes, and is removed if it fails; a phase never leaves `b` new and `a`
+    missing.
     """
 
     def __init__(self, path: Path):
@@ -67,10 +76,12 @@ class AtomicOutput:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = self.path.with_name(f".{self.path.name}.partial")
         self._file = None
+        self._waiting: list[AtomicOutput] = []  # completed inner outputs, renamed when this one is
         self.sha256 = hashlib.sha256()
 
     def __enter__(self) -> "AtomicOutput":
         self._file = open(self._tmp, "wb", buffering=1 << 20)
+        _open_outputs().append(self)
         return self
 
     def write(self, data: bytes) -> None:
@@ -78,19 +89,33 @@ class AtomicOutput:
         self.sha256.update(data)
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        stack = _open_outputs()
+        stack.remove(self)
         try:
             if exc_type is None:
                 self._file.flush()
                 os.fsync(self._file.fileno())
             self._file.close()
         except BaseException:
-            self._file = None
-            self._tmp.unlink(missing_ok=True)
+            self._discard()
             raise
-        if exc_type is None:
-            os.replace(self._tmp, self.path)
+        if exc_type is not None:
+            self._discard()
+        elif stack:  # inside another output that is still being written
+            stack[-1]._waiting += [self, *self._waiting]
         else:
-            self._tmp.unlink(missing_ok=True)
+            for output in (*self._waiting, self):
+                os.replace(output._tmp, output.path)
+
+    def _discard(self) -> None:
+        for output in (self, *self._waiting):
+            output._tmp.unlink(missing_ok=True)
+
+
+def _open_outputs() -> list[AtomicOutput]:
+    if not hasattr(_OPEN_OUTPUTS, "stack"):
+        _OPEN_OUTPUTS.stack = []
+    return _OPEN_OUTPUTS.stack
 
 
 def file_sha256(path: Path) -> str:

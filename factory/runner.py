@@ -167,7 +167,7 @@ def _run_one(phase: Phase, cfg: FactoryConfig, ws: Workspace, status: StatusWrit
     status.phase_started(phase.name, ws.rel(metrics_path))
     reporter.phase_started(phase)
     log.info("%s: started", phase.name)
-    started = time.monotonic()
+    started, started_wall = time.monotonic(), time.time()
     progress = _PhaseProgress(phase, status, reporter)
     training = TrainingStatus(ws, status.run_id, phase.name)
     heartbeat.writers.append(training)
@@ -179,8 +179,9 @@ def _run_one(phase: Phase, cfg: FactoryConfig, ws: Workspace, status: StatusWrit
         exc = _as_user_error(exc, ws, f"running {phase.name}")  # while the disk is as the failure left it
         try:
             discard_unfinished(ws)  # on a full disk, that is the space the final status needs
+            _record_written_since(phase, cfg, ws, started_wall)
         except OSError as e:
-            log.warning("could not remove what %s left unfinished: %s", phase.name, e)
+            log.warning("could not tidy up after %s: %s", phase.name, e)
         cancelled = isinstance(exc, (KeyboardInterrupt, Cancelled))
         training.finish("cancelled" if cancelled else "failed", f"{_error_type(exc)}: {exc}")
         raise exc
@@ -205,6 +206,17 @@ def _run_one(phase: Phase, cfg: FactoryConfig, ws: Workspace, status: StatusWrit
     result.ran.append(phase.name)
     log.info("%s: succeeded in %.1fs; metrics in %s", phase.name, seconds, ws.rel(metrics_path))
     return True
+
+
+def _record_written_since(phase: Phase, cfg: FactoryConfig, ws: Workspace, since: float) -> None:
+    """Outputs a failed phase wrote whole before it failed are still the factory's to replace."""
+    for output in phase.outputs(cfg, ws):
+        try:
+            stat = output.stat()
+        except FileNotFoundError:
+            continue
+        if max(stat.st_mtime, stat.st_ctime) >= since - 1.0:
+            record_created(ws, output)
 
 
 def _after_gates(phase: Phase, cfg: FactoryConfig, ws: Workspace, reporter: Reporter, result: RunResult,
