@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 
 from factory import modeling, scoring
+from factory.chat import last_user_text, reference
 from factory.config import FactoryConfig
 from factory.errors import InputError
 from factory.io import file_sha256
@@ -23,29 +24,33 @@ from factory.workspace import Workspace
 
 
 def read_split(path: Path, ws: Workspace, limit: int | None = None) -> list[dict]:
+    """The records of a split file; the first `limit` of them when it is set (evaluation.max_examples)."""
     if not path.exists():
         raise InputError(f"{ws.rel(path)} not found; run `factory run split` first")
     records = [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
     if not records:
         raise InputError(f"{ws.rel(path)} has no records")
-    return records[:limit] if limit else records
+    return records[:limit]
 
 
 def decoding(cfg: FactoryConfig) -> dict[str, Any]:
     return {"strategy": "greedy", "max_new_tokens": cfg.evaluation.max_new_tokens, "batch_size": cfg.evaluation.batch_size}
 
 
-def score_model(ctx: PhaseContext, model, tokenizer, records: list[dict], *, what: str) -> dict[str, Any]:
+def score_model(ctx: PhaseContext, model, chat, records: list[dict], *, what: str) -> dict[str, Any]:
     """Generate for every record, score each prediction, and compute the answer loss."""
     cfg = ctx.config.evaluation
-    prompts = [modeling.prompt_and_answer(r)[0] for r in records]
     ctx.progress.start(len(records), f"examples ({what})")
     started = time.monotonic()
-    predictions = modeling.generate(model, tokenizer, prompts, batch_size=cfg.batch_size,
+    generations = modeling.generate(model, chat, records, batch_size=cfg.batch_size,
                                     max_new_tokens=cfg.max_new_tokens, on_batch=ctx.progress.advance)
-    result = score_predictions(ctx.config, records, predictions, seconds=time.monotonic() - started)
+    result = score_predictions(ctx.config, records, [g.text for g in generations], seconds=time.monotonic() - started)
+    for example, generation in zip(result["examples"], generations):
+        example["stopped"] = generation.stopped
+    result["stopping"] = stopping(chat, records, generations, cfg.max_new_tokens)
     if cfg.loss:
-        loss, tokens = modeling.answer_loss(model, tokenizer, records, batch_size=cfg.batch_size)
+        loss, tokens = modeling.answer_loss(model, [chat.answer_example(r) for r in records], batch_size=cfg.batch_size,
+                                            pad_token_id=chat.pad_token_id)
         result.update(loss=loss, perplexity=perplexity(loss), loss_tokens=tokens)
     result["examples"] = result.pop("examples")  # last: the aggregates read first in the file
     return result
@@ -62,13 +67,13 @@ def score_predictions(cfg: FactoryConfig, records: list[dict], predictions: list
                                     custom=cfg.evaluation.custom_scorer)
     examples = []
     for index, (record, prediction) in enumerate(zip(records, predictions)):
-        prompt, reference = modeling.prompt_and_answer(record)
+        answer = reference(record)
         examples.append({
             "index": index,
-            "prompt": prompt[-1]["content"] if prompt else "",
-            "reference": reference,
+            "prompt": last_user_text(record),
+            "reference": answer,
             "prediction": prediction,
-            "scores": {name: scorer(prediction, reference) for name, scorer in scorers.items()},
+            "scores": {name: scorer(prediction, answer) for name, scorer in scorers.items()},
         })
     means = {name: sum(e["scores"][name] for e in examples) / len(examples) for name in scorers}
     return {
@@ -81,6 +86,38 @@ def score_predictions(cfg: FactoryConfig, records: list[dict], predictions: list
         "decoding": decoding(cfg),
         "examples": examples,
     }
+
+
+STOP_RATE_WARNING = 0.9  # below this share of answers ending at end of turn, the metrics say why
+
+
+def stopping(chat, records: list[dict], generations: list, max_new_tokens: int) -> dict[str, Any]:
+    """How many answers ended with the end-of-turn token rather than at max_new_tokens, and
+    when too few did, the likely causes, checked rather than guessed."""
+    rate = sum(g.stopped for g in generations) / len(generations) if generations else None
+    out: dict[str, Any] = {"rate": rate, "end_of_turn": chat.eot_token, "stop_token_ids": chat.stop_token_ids,
+                           "max_new_tokens": max_new_tokens, "causes": []}
+    if rate is None or rate >= STOP_RATE_WARNING:
+        return out
+    causes = out["causes"]
+    sample = records[: min(len(records), 50)]
+    trained = [chat.eot_token_id in chat.training_example(r)["labels"] for r in sample]
+    if not all(trained):
+        causes.append(f"the end-of-turn token {chat.eot_token!r} is not in the trained span of "
+                      f"{trained.count(False)} of {len(sample)} examples: the template's end token is outside the "
+                      "answer, so training never taught the model to stop")
+    lengths = sorted(len(chat.tokenizer(reference(r), add_special_tokens=False)["input_ids"]) for r in sample)
+    longest = lengths[-1] if lengths else 0
+    if longest + 1 > max_new_tokens:
+        causes.append(f"reference answers run to {longest} tokens, more than evaluation.max_new_tokens "
+                      f"({max_new_tokens}) allows with the end token: raise it")
+    if chat.eot_appended:
+        causes.append(f"the template writes no end-of-turn token; the factory appends {chat.eot_token!r} in training, "
+                      "so a base model that was not trained this way will not stop")
+    if not causes:
+        causes.append(f"the model has not (yet) learned to end answers with {chat.eot_token!r}: too few training "
+                      "steps, or a learning rate too low for the end token to be learned")
+    return out
 
 
 def perplexity(loss: float) -> float | None:

@@ -78,7 +78,7 @@ def _card(cfg: FactoryConfig, ws: Workspace, what: str, m: dict[str, dict], gate
         "",
         f"- {comparison.get('metric')}: base {_num(comparison.get('baseline'))} -> fine-tuned "
         f"{_num(comparison.get('finetuned'))} on {evaluation.get('num_examples')} examples; "
-        f"paired t-test p = {_num(comparison.get('p_value'))}, "
+        f"{comparison.get('test_name', 'paired test')} p = {_num(comparison.get('p_value'))}, "
         f"95% bootstrap interval of the gain {comparison.get('ci95')}",
         "",
         "## GGUF files",

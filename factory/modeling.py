@@ -1,4 +1,6 @@
-"""Models for the model phases: backend choice, loading, LoRA, chat formatting, generation.
+"""Models for the model phases: backend choice, loading, LoRA, generation and answer loss.
+
+How a model writes a conversation is factory.chat's (one ChatFormat per loaded model).
 
 Two backends share TRL's SFTTrainer:
 - `unsloth`: Unsloth's FastModel (fast 4-bit LoRA), CUDA only;
@@ -14,23 +16,13 @@ import importlib.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Sequence
 
 from factory.config import FactoryConfig
 from factory.errors import InputError
 from factory.workspace import Workspace
 
 log = logging.getLogger("factory.modeling")
-
-# The markers train_on_responses_only looks for, per chat template (Unsloth's names).
-RESPONSE_PARTS = {
-    "gemma-3": ("<start_of_turn>user\n", "<start_of_turn>model\n"),
-    "gemma3": ("<start_of_turn>user\n", "<start_of_turn>model\n"),
-    "llama-3.1": ("<|start_header_id|>user<|end_header_id|>\n\n", "<|start_header_id|>assistant<|end_header_id|>\n\n"),
-    "qwen-2.5": ("<|im_start|>user\n", "<|im_start|>assistant\n"),
-    "chatml": ("<|im_start|>user\n", "<|im_start|>assistant\n"),
-}
-
 
 @dataclass(frozen=True)
 class Backend:
@@ -97,25 +89,28 @@ def torch_dtype(cfg: FactoryConfig, device: str):
 
 
 def load_model(cfg: FactoryConfig, ws: Workspace, backend: Backend, *, max_seq_length: int):
-    """The base model and its tokenizer, as the finetune phase needs them."""
+    """The base model and its chat format, as the finetune phase needs them."""
+    from factory.chat import ChatFormat
+
     path = model_path(cfg.model.name, ws)
     if backend.name == "unsloth":
         from unsloth import FastModel
-        from unsloth.chat_templates import get_chat_template
 
         model, tokenizer = FastModel.from_pretrained(
             model_name=path, max_seq_length=max_seq_length, dtype=cfg.model.dtype and torch_dtype(cfg, "cuda"),
             load_in_4bit=cfg.model.load_in_4bit,
         )
-        tokenizer = get_chat_template(tokenizer, chat_template=cfg.dataset.chat_template)
-        return model, tokenizer
+        return model, ChatFormat.from_tokenizer(tokenizer, cfg.dataset.chat_template, model.generation_config)
     return load_for_inference(cfg, ws, backend, path=path, quantize=cfg.model.load_in_4bit)
 
 
 def load_for_inference(cfg: FactoryConfig, ws: Workspace, backend: Backend, *, path: str | None = None,
                        adapter: Path | None = None, quantize: bool = False):
-    """A model for generation: the base (from model.name or `path`), plus a LoRA adapter."""
+    """A model for generation and its chat format: the base (from model.name or `path`), plus a
+    LoRA adapter."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from factory.chat import ChatFormat
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the phase has its own progress; keep CI logs readable
@@ -142,7 +137,7 @@ def load_for_inference(cfg: FactoryConfig, ws: Workspace, backend: Backend, *, p
     if backend.device != "cpu" and "quantization_config" not in kwargs:
         model = model.to(backend.device)
     model.eval()
-    return model, tokenizer
+    return model, ChatFormat.from_tokenizer(tokenizer, cfg.dataset.chat_template, model.generation_config)
 
 
 def add_lora(model, cfg: FactoryConfig, backend: Backend, *, rank: int):
@@ -168,102 +163,156 @@ def add_lora(model, cfg: FactoryConfig, backend: Backend, *, rank: int):
     return get_peft_model(model, config)
 
 
-# --- conversations -------------------------------------------------------------------------
-
-
-def chat_messages(conversations: list[dict]) -> list[dict]:
-    """Canonical turns as chat-template messages.
-
-    Gemma's template knows user/assistant/system only and requires them to alternate, so a
-    tool result is passed as a user turn that says it is one.
-    """
-    return [
-        {"role": "user", "content": f"Tool result:\n{t['content']}"} if t["role"] == "tool" else dict(t)
-        for t in conversations
-    ]
-
-
-def prompt_and_answer(record: dict) -> tuple[list[dict], str]:
-    """The conversation up to the last assistant turn, and that turn's text (the reference)."""
-    turns = chat_messages(record["conversations"])
-    return turns[:-1], turns[-1]["content"]
-
-
-def unsloth_text(tokenizer, conversations: list[dict]) -> str:
-    """Seed 004's formatting_prompts_func: the chat template's text without a leading <bos>."""
-    text = tokenizer.apply_chat_template(chat_messages(conversations), tokenize=False, add_generation_prompt=False)
-    return text.removeprefix(tokenizer.bos_token or "<bos>")
-
-
 # --- generation and loss -----------------------------------------------------------------
 
 
-def generate(model, tokenizer, prompts: list[list[dict]], *, batch_size: int, max_new_tokens: int,
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    stopped: bool
+    """True when the answer ended with a stop token, False when it ran to max_new_tokens."""
+
+
+def generate(model, chat, records: list[dict], *, batch_size: int, max_new_tokens: int,
              on_batch: Callable[[int], None] | None = None, temperature: float = 0.0, top_p: float = 1.0,
-             top_k: int = 0) -> list[str]:
-    """Generate an answer for each prompt, batched with left padding; greedy by default."""
+             top_k: int = 0) -> list[Generation]:
+    """Generate the final answer of each record from the conversation before it, batched with
+    left padding; greedy by default. Stops at the chat format's end-of-turn tokens."""
     import torch
 
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     device = next(model.parameters()).device
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k} if temperature > 0 else {"do_sample": False}
-    answers: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in chunk]
-        encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    stops = set(chat.stop_token_ids)
+    results: list[Generation] = []
+    for start in range(0, len(records), batch_size):
+        chunk = [chat.prompt_ids(r) for r in records[start : start + batch_size]]
+        width = max(len(ids) for ids in chunk)
+        ids = torch.tensor([[chat.pad_token_id] * (width - len(i)) + i for i in chunk], device=device)
+        mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in chunk], device=device)
         with torch.inference_mode():
-            output = model.generate(**encoded, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                    **sampling)
-        new_tokens = output[:, encoded["input_ids"].shape[1] :]
-        answers += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+            output = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                    pad_token_id=chat.pad_token_id, eos_token_id=chat.stop_token_ids, **sampling)
+        for row in output[:, width:].tolist():
+            ended = next((i for i, token in enumerate(row) if token in stops), None)
+            answer = row[:ended] if ended is not None else row
+            results.append(Generation(chat.tokenizer.decode(answer, skip_special_tokens=True).strip(), ended is not None))
         if on_batch:
             on_batch(len(chunk))
-    return answers
+    return results
 
 
-def answer_loss(model, tokenizer, records: Iterable[dict], *, batch_size: int) -> tuple[float, int]:
-    """Mean cross-entropy over the final answer's tokens (the prompt gets label -100)."""
+LOGIT_VALUES = 1 << 25
+"""fp32 logits materialised at once when scoring answers: 32M values (128 MB), 128 positions of
+Gemma 3's 262,144-token vocabulary. Peak memory of the answer loss and the GGUF divergence
+check is O(this), not O(batch x sequence x vocabulary) (17 GB at 32 x 512 for Gemma 3)."""
+
+
+def answer_loss(model, rows: Sequence[tuple[list[int], list[int]]], *, batch_size: int,
+                pad_token_id: int) -> tuple[float, int]:
+    """Mean cross-entropy over the labelled tokens of `rows` ((input_ids, labels) pairs,
+    labels -100 where not scored), and the number of those tokens.
+
+    The base transformer runs on batches of rows of similar length (sorted, right-padded,
+    the attention mask from each row's length, so a pad id that also occurs inside a
+    conversation, such as eos, masks nothing); the head then scores only the labelled
+    positions, a bounded number at a time.
+    """
     import torch
 
-    device = next(model.parameters()).device
-    rows = [answer_labels(tokenizer, r) for r in records]
+    if not rows:
+        return float("nan"), 0
+    head = LogitHead(model, probe=rows[0][0])
     total, count = 0.0, 0
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        width = max(len(ids) for ids, _ in chunk)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        ids = torch.tensor([i + [pad] * (width - len(i)) for i, _ in chunk], device=device)
-        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in chunk], device=device)
-        with torch.inference_mode():
-            logits = model(input_ids=ids, attention_mask=(labels != -100) | (ids != pad)).logits.float()
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
-        )
-        total += loss.item()
-        count += int((labels[:, 1:] != -100).sum())
+    for _, hidden, targets in answer_hidden_states(model, rows, batch_size=batch_size, pad_token_id=pad_token_id):
+        for start, logits in head.chunks(hidden):
+            chunk = targets[start : start + len(logits)]
+            total += float(torch.nn.functional.cross_entropy(logits, chunk, reduction="sum"))
+        count += len(targets)
     return (total / count if count else float("nan")), count
 
 
-def answer_labels(tokenizer, record: dict) -> tuple[list[int], list[int]]:
-    """Token ids of the whole conversation and labels that are -100 except on the final answer."""
-    prompt, _ = prompt_and_answer(record)
-    full = tokenizer.apply_chat_template(chat_messages(record["conversations"]), tokenize=True, add_generation_prompt=False)
-    head = tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True)
-    full, head = token_ids(full), token_ids(head)
-    if full[: len(head)] != head:
-        raise InputError("the chat template renders the prompt differently inside the full conversation; "
-                         "cannot locate the answer tokens")
-    return full, [-100] * len(head) + full[len(head) :]
+def answer_hidden_states(model, rows: Sequence[tuple[list[int], list[int]]], *, batch_size: int, pad_token_id: int):
+    """The base transformer's final hidden states at the positions that predict a labelled
+    token, batch by batch, shortest rows first: yields (the rows' indices, hidden states of
+    those positions row after row (positions x hidden), the tokens they predict)."""
+    import torch
+
+    decoder = _base_transformer(model)
+    device = next(model.parameters()).device
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        lengths = [len(rows[i][0]) for i in batch]
+        width = max(lengths)
+        ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        for row, i in enumerate(batch):
+            ids[row, : lengths[row]] = torch.tensor(rows[i][0])
+            labels[row, : lengths[row]] = torch.tensor(rows[i][1])
+        attention = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()
+        targets = labels[:, 1:]
+        scored = targets != -100  # position t predicts token t + 1
+        with torch.inference_mode():
+            hidden = decoder(input_ids=ids.to(device), attention_mask=attention.to(device)).last_hidden_state
+            hidden = hidden[:, :-1][scored.to(device)]
+        yield batch, hidden, targets[scored].to(device)
 
 
-def token_ids(encoded) -> list[int]:
-    """apply_chat_template(tokenize=True) gives a list or a BatchEncoding, by version."""
-    if isinstance(encoded, dict) or hasattr(encoded, "keys"):
-        encoded = encoded["input_ids"]
-    return list(encoded)
+def _base_transformer(model):
+    """The model without its head (PEFT's LoRA layers stay in it): hidden states, no logits."""
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return causal.base_model
+
+
+class LogitHead:
+    """The model's last step, final hidden state -> next-token logits: its output embedding
+    and the logit post-processing its config declares (Gemma 2/3's final_logit_softcapping,
+    Cohere's logit_scale, Granite's logits_scaling), in fp32, LOGIT_VALUES at a time.
+
+    Built with a probe (a few token ids) on which the head must give the model's own logits:
+    that settles whether the class applies what its config declares (Gemma3ForCausalLM
+    applies final_logit_softcapping, Gemma3ForConditionalGeneration does not), and a model
+    that post-processes its logits some other way is an error naming the fix, never a
+    silently wrong loss.
+    """
+
+    PROBE_TOKENS = 16
+
+    def __init__(self, model, *, probe: Sequence[int]):
+        import torch
+
+        config = model.config.get_text_config()
+        self.embedding = model.get_output_embeddings()
+        self.positions = max(1, LOGIT_VALUES // self.embedding.weight.shape[0])
+        declared = (getattr(config, "final_logit_softcapping", None),
+                    (getattr(config, "logit_scale", None) or 1.0) / (getattr(config, "logits_scaling", None) or 1.0))
+        ids = torch.tensor([list(probe[: self.PROBE_TOKENS])], device=next(model.parameters()).device)
+        with torch.inference_mode():
+            own = model(input_ids=ids).logits[0].float()
+            hidden = _base_transformer(model)(input_ids=ids).last_hidden_state[0]
+        # fp32 agrees to rounding; 16-bit models post-process in 16 bits, the head in fp32
+        tolerance = (1e-4 if self.embedding.weight.dtype == torch.float32 else 2e-2) * max(1.0, float(own.abs().max()))
+        for self.softcap, self.scale in dict.fromkeys([declared, (None, 1.0)]):
+            if float((own - self(hidden)).abs().max()) <= tolerance:
+                return
+        raise InputError(f"{type(model).__name__}: its logits are not its output embedding with the post-processing "
+                         "factory knows (final_logit_softcapping, logit_scale, logits_scaling), so the answer loss and "
+                         "the GGUF divergence check cannot be computed in bounded memory for it; set "
+                         "evaluation.loss: false to skip the test loss")
+
+    def __call__(self, hidden):
+        import torch
+
+        with torch.inference_mode():
+            logits = self.embedding(hidden.to(self.embedding.weight.device)).float() * self.scale
+            if self.softcap:
+                logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def chunks(self, hidden):
+        """(offset, fp32 logits) for `hidden` (positions x hidden), a bounded number of positions at a time."""
+        for start in range(0, len(hidden), self.positions):
+            yield start, self(hidden[start : start + self.positions])
 
 
 def complete_tokenizer_files(source: str, out_dir: Path) -> list[str]:

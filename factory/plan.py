@@ -43,6 +43,13 @@ def resolve(cfg: FactoryConfig, memory_gib: float | None) -> Resolved:
     )
 
 
+def context_length(cfg: FactoryConfig) -> int:
+    """The sequence length the model is trained and served at: model.max_seq_length, or what
+    `auto` resolves to on this machine (what GGUF verification, `factory sample` and the
+    Modelfile's num_ctx use)."""
+    return resolve(cfg, accelerator_memory_gib()).max_seq_length
+
+
 def accelerator_memory_gib() -> float | None:
     import torch
 

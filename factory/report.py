@@ -58,7 +58,8 @@ Block = Heading | Paragraph | TableBlock | Figure
 
 def write_report(ws: Workspace) -> list[Path]:
     """Write the report from the workspace's metrics; returns the files written."""
-    metrics = {stem: read_json_if_exists(ws.metrics_file(stem)) for stem in ("training-stats", "baseline", "evaluation", "quantization")}
+    metrics = {stem: read_json_if_exists(ws.metrics_file(stem))
+               for stem in ("format", "split", "training-stats", "baseline", "evaluation", "quantization")}
     if metrics["evaluation"] is None:
         raise InputError(f"nothing to report yet: {ws.rel(ws.metrics_file('evaluation'))} does not exist; "
                          "run `factory run evaluate` first")
@@ -91,8 +92,9 @@ def _blocks(metrics: dict[str, Any], gates: list[dict]) -> list[Block]:
         Paragraph(f"Model {evaluation.get('model')} with adapter {evaluation.get('adapter')}, scored on "
                   f"{evaluation.get('num_examples')} test examples ({evaluation.get('test_split', {}).get('file')}). "
                   f"Primary metric: {primary}. Run {evaluation.get('run_id')}; generated {generated}."),
-        Heading("Training"),
     ]
+    blocks += _data_blocks(metrics["format"], metrics["split"])
+    blocks.append(Heading("Training"))
     history = (training or {}).get("loss_history") or []
     if history:
         blocks.append(Figure("loss.png", _loss_png(history), "Training loss and learning rate over steps"))
@@ -119,7 +121,8 @@ def _blocks(metrics: dict[str, Any], gates: list[dict]) -> list[Block]:
     blocks.append(TableBlock(["statistic", "value"], [
         ["examples (paired)", c.get("n")], ["baseline", c.get("baseline")], ["fine-tuned", c.get("finetuned")],
         ["improvement", c.get("improvement")], ["relative improvement", c.get("relative_improvement")],
-        ["paired t-test p", c.get("p_value")], ["Wilcoxon signed-rank p", c.get("wilcoxon_p_value")],
+        [f"{c.get('test_name', 'paired test')} p", c.get("p_value")],
+        ["Wilcoxon signed-rank p", c.get("wilcoxon_p_value")],
         ["bootstrap 95% interval", c.get("ci95")], ["significant", c.get("significant")]]))
     if evaluation.get("regression"):
         r = evaluation["regression"]
@@ -156,6 +159,52 @@ def _blocks(metrics: dict[str, Any], gates: list[dict]) -> list[Block]:
                                  [[_size(t.get(c)) if c == "size_bytes" else t.get(c) for c in columns] for t in types]))
     else:
         blocks.append(Paragraph("Not quantized yet (metrics/quantization.json is written by the quantize phase)."))
+    return blocks
+
+
+def _data_blocks(fmt: dict | None, split: dict | None) -> list[Block]:
+    """The data: where every record went, leakage measured on the split files (with example
+    pairs), near-duplicates and benchmark contamination."""
+    blocks: list[Block] = [Heading("Data")]
+    if fmt:
+        a = fmt.get("accounting") or {}
+        blocks.append(Paragraph(f"format: {a.get('equation', '')}. Rejected ratio {_fmt(fmt.get('rejected_ratio'))}; "
+                                f"files not read to their end: {fmt.get('files_incomplete', 0)}."))
+        for item in fmt.get("incomplete_files") or []:
+            blocks.append(Paragraph(f"{item['file']}: {item['detail']} (records lost: "
+                                    f"{'unknown' if item.get('records_lost') is None else item['records_lost']})."))
+    if not split:
+        blocks.append(Paragraph("No split metrics (metrics/split.json)."))
+        return blocks
+    a = split.get("accounting") or {}
+    blocks.append(Paragraph(f"split: {a.get('equation', '')}; re-read by the leakage check: {a.get('reread')} "
+                            f"(balanced: {_fmt(a.get('balanced'))}). {split.get('groups')} groups, the largest "
+                            f"{split.get('largest_group')} records."))
+    leakage = split.get("leakage") or {}
+    blocks.append(TableBlock(["splits", "shared user turns", "near-duplicate user turns"], [
+        [pair.replace("_", " / "), (leakage.get(pair) or {}).get("user_turns"), (leakage.get(pair) or {}).get("near_duplicates")]
+        for pair in ("train_val", "train_test", "val_test")]))
+    if leakage.get("method"):
+        blocks.append(Paragraph(f"Measured: {leakage['method']}."))
+    examples = leakage.get("examples") or []
+    if examples:
+        blocks.append(TableBlock(["kind", "jaccard", "first", "second"], [
+            [e["kind"].replace("_", " "), e.get("jaccard"),
+             f"{e['pair'][0]['split']}:{e['pair'][0]['line']} {e['pair'][0]['text']}",
+             f"{e['pair'][1]['split']}:{e['pair'][1]['line']} {e['pair'][1]['text']}"] for e in examples]))
+    near = split.get("near_duplicates") or {}
+    blocks.append(Paragraph(f"Duplicates dropped: {split.get('duplicates_exact')} exact, {split.get('duplicates_normalized')} "
+                            f"normalized, {near.get('dropped')} near (mode {near.get('mode')}, Jaccard >= "
+                            f"{near.get('threshold')}); {near.get('pairs')} near-duplicate pairs found; each dropped "
+                            f"record is in {(split.get('duplicates_file') or {}).get('path')}."))
+    d = split.get("decontamination") or {}
+    if d.get("benchmarks"):
+        blocks.append(Paragraph(f"Benchmark contamination ({', '.join(b['file'] for b in d['benchmarks'])}): found "
+                                f"{_fmt(d.get('found'))}; removed from train {d.get('removed')}, left in train "
+                                f"{d.get('remaining_in_train')}."))
+        if d.get("examples"):
+            blocks.append(TableBlock(["split", "line", "match", "record", "benchmark prompt"], [
+                [e["split"], e["line"], e["match"], e["text"], e["benchmark"]["prompt"]] for e in d["examples"]]))
     return blocks
 
 

@@ -1,7 +1,8 @@
 """Per-example scorers and the paired comparison of two models on the same examples.
 
 Every scorer maps (prediction, reference) to a number in [0, 1], so that per-example
-scores of the base and fine-tuned models can be compared pairwise (seed 002: paired t-test).
+scores of the base and fine-tuned models can be compared pairwise (seed 002): McNemar's
+exact test for 0/1 scores, the paired t-test for continuous ones.
 """
 
 from __future__ import annotations
@@ -153,12 +154,21 @@ def load_custom(spec: str | None) -> Scorer:
 # --- paired comparison -------------------------------------------------------------------
 
 
+BOOTSTRAP_BATCH_VALUES = 1 << 22  # resampled values held at once (32 MB of float64), whatever n is
+
+
 def compare(baseline: Sequence[float], finetuned: Sequence[float], *, bootstrap: int = 10_000,
             seed: int = 0) -> dict[str, Any]:
     """Paired comparison of per-example scores on the same examples (seed 002).
 
-    Improvement (absolute and relative), paired t-test, Wilcoxon signed-rank, and a
-    bootstrap 95% confidence interval of the mean difference.
+    Improvement (absolute and relative), the paired test (`test`, `p_value`), Wilcoxon
+    signed-rank, and a bootstrap 95% confidence interval of the mean difference.
+
+    The paired test: McNemar's exact test when every score is 0 or 1 (exact match, regex
+    match, JSON validity): a two-sided binomial test on the discordant pairs; the paired
+    t-test otherwise. When the differences have zero variance the t statistic is undefined
+    and the exact sign test stands in (p = 1 for identical scores, 2 / 2**n for a constant
+    shift on all n examples), so no finite sample ever gives p = 0.
     """
     from scipy import stats
 
@@ -175,29 +185,50 @@ def compare(baseline: Sequence[float], finetuned: Sequence[float], *, bootstrap:
         "improvement": tuned_mean - base_mean,
         "relative_improvement": (tuned_mean - base_mean) / base_mean if base_mean else None,
     }
-    if np.allclose(diff, diff[0]):
-        # No variance in the differences: the t statistic is undefined (scipy gives nan).
-        # Identical models -> no evidence (p = 1); a constant non-zero shift on every
-        # example -> as strong as it gets (p = 0).
-        result["t_statistic"] = None
-        result["p_value"] = 1.0 if diff[0] == 0 else 0.0
-        result["p_value_note"] = "differences have zero variance; p set to 1 if all zero, 0 otherwise"
+    improved, regressed = int((diff > 0).sum()), int((diff < 0).sum())
+    if np.isin(base, (0.0, 1.0)).all() and np.isin(tuned, (0.0, 1.0)).all():
+        result["test"] = "mcnemar_exact"
+        result["discordant"] = {"improved": improved, "regressed": regressed}
+        result["p_value"] = _sign_test(improved, regressed)
+    elif np.allclose(diff, diff[0]):
+        result["test"] = "sign_test"
+        result["test_note"] = "the differences have zero variance (no t statistic): exact sign test instead"
+        result["p_value"] = _sign_test(improved, regressed)
     else:
         t = stats.ttest_rel(tuned, base)
+        result["test"] = "paired_t"
         result["t_statistic"] = float(t.statistic)
         result["p_value"] = float(t.pvalue)
-    if np.any(diff != 0):
+    if improved or regressed:
         w = stats.wilcoxon(tuned, base, zero_method="wilcox")
         result["wilcoxon_p_value"] = float(w.pvalue)
     else:
         result["wilcoxon_p_value"] = 1.0
-    rng = np.random.default_rng(seed)
-    samples = rng.integers(0, diff.size, size=(bootstrap, diff.size))
-    means = diff[samples].mean(axis=1)
-    low, high = np.percentile(means, [2.5, 97.5])
-    result["ci95"] = [float(low), float(high)]
+    result["ci95"] = bootstrap_ci95(diff, resamples=bootstrap, seed=seed)
+    result["test_name"] = TEST_NAMES[result["test"]]
     result["significant"] = bool(result["p_value"] < 0.05 and result["improvement"] > 0)
     return result
+
+
+TEST_NAMES = {"mcnemar_exact": "McNemar's exact test", "paired_t": "paired t-test", "sign_test": "exact sign test"}
+
+
+def _sign_test(up: int, down: int) -> float:
+    """Two-sided exact binomial test of up vs down counts at p = 1/2 (McNemar's exact test
+    on discordant pairs; the sign test on non-zero differences). No discordance: p = 1."""
+    from scipy import stats
+
+    return float(stats.binomtest(up, up + down, 0.5).pvalue) if up + down else 1.0
+
+
+def bootstrap_ci95(diff: np.ndarray, *, resamples: int, seed: int) -> list[float]:
+    """Percentile bootstrap 95% interval of the mean of `diff`, resampled in batches so that
+    memory stays bounded (BOOTSTRAP_BATCH_VALUES) at any number of examples."""
+    from scipy import stats
+
+    found = stats.bootstrap((diff,), np.mean, n_resamples=resamples, batch=max(1, BOOTSTRAP_BATCH_VALUES // diff.size),
+                            method="percentile", confidence_level=0.95, rng=np.random.default_rng(seed))
+    return [float(found.confidence_interval.low), float(found.confidence_interval.high)]
 
 
 def flips(baseline: Sequence[float], finetuned: Sequence[float]) -> dict[str, list[int]]:

@@ -99,6 +99,14 @@ class Workspace:
         return self.formatted_dir / "rejects.jsonl"
 
     @property
+    def duplicates_file(self) -> Path:
+        return self.formatted_dir / "duplicates.jsonl"
+
+    @property
+    def contaminated_file(self) -> Path:
+        return self.formatted_dir / "contaminated.jsonl"
+
+    @property
     def splits_dir(self) -> Path:
         return self.root / "data" / "splits"
 

@@ -4,7 +4,8 @@ Loads the base model (model.name) exactly as evaluate will load it, generates an
 every test example with the evaluation decoding (greedy, batched), scores each one, and
 returns per-example predictions and scores, the aggregates, the decoding settings and the
 fingerprints of the model and the test split (metrics/baseline.json). The
-baseline-established gate checks that every test example was scored.
+baseline-established gate checks that every selected test example was scored: the whole
+split, or its first `evaluation.max_examples`.
 """
 
 from __future__ import annotations
@@ -20,24 +21,27 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
 
     cfg, ws = ctx.config, ctx.workspace
     test_file = ws.split_file("test")
-    records = evaluation.read_split(test_file, ws, cfg.evaluation.max_examples)
+    split = evaluation.read_split(test_file, ws)
+    records = split[: cfg.evaluation.max_examples]
 
     backend = modeling.select_backend(cfg.model.backend)
     ctx.log.info("scoring the base model %s on %d test examples (%s)", cfg.model.name, len(records), backend.device)
-    model, tokenizer = modeling.load_for_inference(cfg, ws, backend)
-    result = evaluation.score_model(ctx, model, tokenizer, records, what="base")
+    model, chat = modeling.load_for_inference(cfg, ws, backend)
+    result = evaluation.score_model(ctx, model, chat, records, what="base")
 
     extra = {}
     if cfg.evaluation.second_test_set:
         second = evaluation.read_split(ws.path(cfg.evaluation.second_test_set), ws)
         extra["second_test_set"] = {
             **evaluation.split_identity(ws, ws.path(cfg.evaluation.second_test_set)),
-            **evaluation.score_model(ctx, model, tokenizer, second, what="base, second set"),
+            **evaluation.score_model(ctx, model, chat, second, what="base, second set"),
         }
     return {
         "model": cfg.model.name,
         "device": backend.device,
-        "test_split": evaluation.split_identity(ws, test_file),
+        "test_split": {**evaluation.split_identity(ws, test_file), "records": len(split)},
+        "max_examples": cfg.evaluation.max_examples,
+        "examples_selected": len(records),
         **result,
         **extra,
     }

@@ -1,7 +1,8 @@
 """evaluate: score the fine-tuned model (base + adapter) and prove whether it beats the base.
 
 Same test split, same decoding and scorers as the baseline phase, so the comparison is
-paired example by example (seed 002): improvement (absolute and relative), paired t-test,
+paired example by example (seed 002): improvement (absolute and relative), the paired test
+(McNemar's exact test for 0/1 metrics such as exact match, the paired t-test otherwise),
 Wilcoxon signed-rank, a bootstrap 95% interval, and the examples that flipped either way.
 An optional second test set (e.g. safety) is checked for regressions. The model-performance
 gate reads `comparison` and `regression` from metrics/evaluation.json.
@@ -36,10 +37,13 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
         raise InputError(f"{ws.rel(adapter)} has no adapter; run `factory run finetune` first")
 
     records = evaluation.read_split(test_file, ws, cfg.evaluation.max_examples)
+    if baseline["num_examples"] != len(records):
+        raise InputError(f"the baseline scored {baseline['num_examples']} test examples, evaluate selects {len(records)} "
+                         "(evaluation.max_examples changed?); run `factory run baseline --force`")
     backend = modeling.select_backend(cfg.model.backend)
     ctx.log.info("scoring base + adapter %s on %d test examples", ws.rel(adapter), len(records))
-    model, tokenizer = modeling.load_for_inference(cfg, ws, backend, adapter=adapter)
-    result = evaluation.score_model(ctx, model, tokenizer, records, what="fine-tuned")
+    model, chat = modeling.load_for_inference(cfg, ws, backend, adapter=adapter)
+    result = evaluation.score_model(ctx, model, chat, records, what="fine-tuned")
 
     primary = cfg.evaluation.primary
     base_scores = [e["scores"][primary] for e in baseline["examples"]]
@@ -69,7 +73,7 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
     }
     if cfg.evaluation.second_test_set:
         second_file = ws.path(cfg.evaluation.second_test_set)
-        second = evaluation.score_model(ctx, model, tokenizer, evaluation.read_split(second_file, ws), what="second set")
+        second = evaluation.score_model(ctx, model, chat, evaluation.read_split(second_file, ws), what="second set")
         base_second = baseline.get("second_test_set")
         if base_second is None:
             raise InputError("evaluation.second_test_set is set but the baseline did not score it; run `factory run baseline --force`")

@@ -4,9 +4,10 @@ Reads top to bottom like a recipe:
 
 1. pick the backend (unsloth when CUDA and unsloth are there, else hf) and say why;
 2. resolve `auto` values (seed 004's VRAM table), load the base model, add LoRA adapters;
-3. build the training set so that loss falls on assistant tokens only: on hf through TRL's
-   `assistant_only_loss` (a chat template with {% generation %} markers), on unsloth through
-   seed 004's text formatting and `train_on_responses_only`;
+3. build the training set so that loss falls on assistant tokens only, with the model's chat
+   format (factory.chat, read from its own template): on hf as token ids and labels (every
+   assistant turn and its end-of-turn token trained, the rest -100); on unsloth through seed
+   004's text formatting and `train_on_responses_only` with the markers the chat format found;
 4. train with TRL's SFTTrainer, saving progress checkpoints at 25/50/75/100% of the steps
    (seed 003), each with a training_state.json; a killed run resumes from the last complete
    one; live state goes to .factory/training-status.json through the runner;
@@ -61,7 +62,7 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
     from transformers import set_seed  # after select_backend: unsloth must be imported first
 
     set_seed(cfg.training.seed)  # python, numpy and torch on every device
-    model, tokenizer = modeling.load_model(cfg, ws, backend, max_seq_length=resolved.max_seq_length)
+    model, chat = modeling.load_model(cfg, ws, backend, max_seq_length=resolved.max_seq_length)
     model = modeling.add_lora(model, cfg, backend, rank=resolved.rank)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("LoRA r=%d: %d trainable parameters; batch %d x %d accumulation, max length %d", resolved.rank,
@@ -75,7 +76,7 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
     resume_from = checkpoints.last_complete(output_dir, fingerprint, log)
 
     # 4. trainer
-    trainer = _build_trainer(cfg, ws, backend, model, tokenizer, records, resolved, output_dir)
+    trainer = _build_trainer(cfg, ws, backend, model, chat, records, resolved, output_dir, log)
     tracker = _make_status_callback()(ctx, fingerprint, ws)
     trainer.add_callback(tracker)
     trainer.add_callback(checkpoints.recorder(ws, output_dir))
@@ -89,7 +90,7 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
     lora_dir = ws.path(cfg.save.lora_path)
     with staged_dir(ws, lora_dir, "save.lora_path") as staging:  # never a half-written adapter in place
         model.save_pretrained(str(staging))
-        tokenizer.save_pretrained(str(staging))
+        chat.tokenizer.save_pretrained(str(staging))
     history = [
         {"step": e["step"], "loss": e["loss"], "learning_rate": e.get("learning_rate"), "epoch": e.get("epoch")}
         for e in trainer.state.log_history if "loss" in e
@@ -119,6 +120,10 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
         "resolved": dataclasses.asdict(resolved),
         "adapter": ws.rel(lora_dir),
         "train_records": len(records),
+        "chat_format": {"template": chat.template_source, "end_of_turn": chat.eot_token,
+                        "end_of_turn_appended": chat.eot_appended, "stop_token_ids": chat.stop_token_ids,
+                        "pad_token": chat.tokenizer.pad_token, "instruction_part": chat.instruction_part,
+                        "response_part": chat.response_part},
         "train_sha256": file_sha256(train_file),
     }
 
@@ -138,8 +143,8 @@ PHASE = Phase(
 # --- training set and trainer ---------------------------------------------------------------
 
 
-def _build_trainer(cfg: FactoryConfig, ws: Workspace, backend, model, tokenizer, records: list[dict], resolved, output_dir: Path):
-    from datasets import Dataset
+def _build_trainer(cfg: FactoryConfig, ws: Workspace, backend, model, chat, records: list[dict], resolved, output_dir: Path,
+                   log):
     from trl import SFTConfig, SFTTrainer
 
     t = cfg.training
@@ -176,20 +181,56 @@ def _build_trainer(cfg: FactoryConfig, ws: Workspace, backend, model, tokenizer,
         dataset_num_proc=None,
     )
     if backend.name == "unsloth":
-        # Seed 004, steps 4-5: chat-template text without <bos>, then mask everything but
-        # the model's turns with train_on_responses_only.
+        # Seed 004, steps 4-5: chat-template text (BOS left to the tokenizer), then mask
+        # everything but the model's turns with train_on_responses_only, given the markers
+        # the chat format read off this model's template.
         from unsloth.chat_templates import train_on_responses_only
 
-        texts = Dataset.from_list([{"text": modeling.unsloth_text(tokenizer, r["conversations"])} for r in records])
-        trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=texts,
+        trainer = SFTTrainer(model=model, processing_class=chat.tokenizer, train_dataset=_text_dataset(chat, records),
                              args=SFTConfig(dataset_text_field="text", **args))
-        instruction, response = modeling.RESPONSE_PARTS.get(cfg.dataset.chat_template, modeling.RESPONSE_PARTS["gemma-3"])
-        return train_on_responses_only(trainer, instruction_part=instruction, response_part=response)
+        return train_on_responses_only(trainer, instruction_part=chat.instruction_part,
+                                       response_part=chat.response_part)
 
-    messages = Dataset.from_list([{"messages": modeling.chat_messages(r["conversations"])} for r in records])
+    dataset, dropped = _token_dataset(chat, records, resolved.max_seq_length)
+    if dropped:
+        log.warning("%d of %d training records have no answer token within max_seq_length %d and are left out",
+                    dropped, len(records), resolved.max_seq_length)
+    if not len(dataset):
+        raise InputError(f"no training record has an answer token within model.max_seq_length "
+                         f"({resolved.max_seq_length}); raise it")
     trainer_class = SFTTrainer if cuda else _cpu_safe_trainer()
-    return trainer_class(model=model, processing_class=tokenizer, train_dataset=messages,
-                         args=SFTConfig(assistant_only_loss=True, **args))
+    # Already tokenized and cut: TRL's own preparation (and its progress bars) is skipped,
+    # except for packing, which it does.
+    prepared = {} if t.packing else {"dataset_kwargs": {"skip_prepare_dataset": True}}
+    return trainer_class(model=model, processing_class=chat.tokenizer, train_dataset=dataset,
+                         args=SFTConfig(**args, **prepared))
+
+
+def _token_dataset(chat, records: list[dict], max_length: int) -> tuple[Any, int]:
+    """input_ids and labels from the chat format, cut to max_length: what the hf backend
+    trains on. Also returns how many records were left with no trained token by the cut."""
+    from datasets import Dataset
+
+    rows, dropped = [], 0
+    for record in records:
+        example = chat.training_example(record)
+        example = {key: values[:max_length] for key, values in example.items()}
+        if any(label != -100 for label in example["labels"]):
+            rows.append(example)
+        else:
+            dropped += 1
+    return Dataset.from_list(rows), dropped
+
+
+def _text_dataset(chat, records: list[dict]):
+    """Rendered conversations without a leading BOS (the tokenizer adds it): the unsloth backend."""
+    from datasets import Dataset
+
+    from factory.chat import messages
+
+    bos = chat.tokenizer.bos_token or "\0"
+    return Dataset.from_list([{"text": chat.render(messages(r["conversations"]), generation_prompt=False).removeprefix(bos)}
+                              for r in records])
 
 
 def _cpu_safe_trainer():

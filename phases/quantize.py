@@ -29,18 +29,22 @@ import math
 import os
 import resource
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from factory import handoff, llama_cpp, modeling
+from factory.chat import messages
 from factory.config import FactoryConfig
 from factory.errors import InputError
 from factory.phase import GGUF_LIBRARIES, Phase, PhaseContext
 from factory.workspace import Workspace, record_created, remove_if_created, staged_dir
 
 MERGE_PROBES = 8  # test prompts whose logits check the merge
-DIVERGENCE_EXAMPLES = 32  # test examples for perplexity and KL (their merged log-probs stay in memory:
-# answer tokens x vocabulary in float32, about 0.5 GB for Gemma 3's 262k vocabulary)
+MERGE_PROBE_TOKENS = 8  # answer tokens per probe whose logits are kept (3 models x 8 x 8 x vocabulary in fp32:
+# 200 MB for Gemma 3's 262k vocabulary, whatever the answers' length)
+DIVERGENCE_EXAMPLES = 32  # test examples for perplexity and KL (the merged model's final hidden states on
+# their answer tokens stay in memory, not its logits: 32 x 500 tokens x 2,560 x 4 bytes = 164 MB for Gemma 3 4B)
 STOP_CHECKS = 8  # chat completions that must end at end of turn
 
 
@@ -67,13 +71,11 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
              merge["max_abs_diff_vs_adapter"], merge["max_abs_diff_vs_base"])
 
     # 3. the merged model's scores and next-token distributions: the reference
-    model, tokenizer = modeling.load_for_inference(cfg, ws, backend, path=str(merged_dir))
-    reference = evaluation.score_model(ctx, model, tokenizer, records, what="merged")
-    # (token ids, prompt length, the merged model's answer log-probs) per example
-    divergence = [(ids, head, _answer_logprobs(_answer_logits(model, ids, head)))
-                  for ids, head in (_ids_and_head(tokenizer, r) for r in records[:DIVERGENCE_EXAMPLES])]
+    model, chat = modeling.load_for_inference(cfg, ws, backend, path=str(merged_dir))
+    reference = evaluation.score_model(ctx, model, chat, records, what="merged")
+    divergence = _divergence_reference(model, chat, records[:DIVERGENCE_EXAMPLES])
     shapes = [tuple(p.shape) for p in model.parameters()]  # what each file's size is checked against
-    del model
+    del model  # the divergence reference keeps only the output embedding
     gc.collect()
 
     # 4. GGUF files
@@ -89,11 +91,11 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
             "type": gtype.name,
             "path": ws.rel(path),
             **exported[gtype.name],
-            **_verify(ctx, path, gtype, shapes, tokenizer, records, reference, divergence),
+            **_verify(ctx, path, gtype, shapes, chat, records, reference, divergence),
         })
 
     # 6. handoff
-    modelfile = _write_modelfile(cfg, ws, quantized_dir, verified[0]["type"])
+    modelfile = _write_modelfile(cfg, ws, quantized_dir, verified[0]["type"], chat)
     commands = _run_commands(cfg, ws, quantized_dir, verified[0]["type"], modelfile)
     for line in commands.values():
         log.info("run it: %s", line)
@@ -107,7 +109,8 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
         "all_generations_stop": all(v["generation_stops"] == 1.0 for v in verified),
         "min_tokenizer_agreement": min(v["tokenizer_agreement"] for v in verified),
         "types": verified,
-        "llama_cpp": {"converter": str(converter), "llama_cpp_python": llama_cpp.LLAMA_CPP_PYTHON_VERSION},
+        "llama_cpp": {"converter": str(converter), "llama_cpp_python": llama_cpp.LLAMA_CPP_PYTHON_VERSION,
+                      **llama_cpp.placement()},
         "modelfile": ws.rel(modelfile),
         "commands": commands,
     }
@@ -135,18 +138,22 @@ def _merge(ctx: PhaseContext, backend, adapter: Path, merged_dir: Path, staging:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from factory.chat import ChatFormat
+
     cfg, ws = ctx.config, ctx.workspace
     dtype = getattr(torch, cfg.save.merged_dtype)
     base = modeling.model_path(cfg.model.name, ws)
     started = time.monotonic()
-    tokenizer = AutoTokenizer.from_pretrained(adapter)  # the tokenizer the adapter was trained with
-    probe_ids = [_ids_and_head(tokenizer, r) for r in probes]
+    # the tokenizer the adapter was trained with (its template and pad token included)
+    chat = ChatFormat.from_tokenizer(AutoTokenizer.from_pretrained(adapter), cfg.dataset.chat_template)
+    # Causal: the logits of the first answer tokens do not depend on the rest of the conversation.
+    probe_ids = [(ids[: head + MERGE_PROBE_TOKENS], head) for ids, head in (_ids_and_head(chat, r) for r in probes)]
     ctx.progress.start(3, "merge steps")
 
     if backend.name == "unsloth":
         from unsloth import FastModel
 
-        model, tokenizer = FastModel.from_pretrained(model_name=str(adapter), dtype=dtype, load_in_4bit=False)
+        model, _ = FastModel.from_pretrained(model_name=str(adapter), dtype=dtype, load_in_4bit=False)
     else:
         from peft import PeftModel
 
@@ -162,12 +169,12 @@ def _merge(ctx: PhaseContext, backend, adapter: Path, merged_dir: Path, staging:
     ctx.progress.advance()
 
     if backend.name == "unsloth":
-        model.save_pretrained_merged(str(staging), tokenizer, save_method="merged_16bit")
+        model.save_pretrained_merged(str(staging), chat.tokenizer, save_method="merged_16bit")
         method = "unsloth save_pretrained_merged (merged_16bit)"
     else:
         model = model.merge_and_unload()
         model.save_pretrained(staging, max_shard_size="4GB")
-        tokenizer.save_pretrained(staging)
+        chat.tokenizer.save_pretrained(staging)
         method = "peft merge_and_unload"
     del model
     gc.collect()
@@ -207,9 +214,9 @@ def _merge(ctx: PhaseContext, backend, adapter: Path, merged_dir: Path, staging:
     }
 
 
-def _ids_and_head(tokenizer, record: dict) -> tuple[list[int], int]:
+def _ids_and_head(chat, record: dict) -> tuple[list[int], int]:
     """The whole conversation's token ids and the length of the prompt part."""
-    ids, labels = modeling.answer_labels(tokenizer, record)
+    ids, labels = chat.answer_example(record)
     return ids, next(i for i, label in enumerate(labels) if label != -100)
 
 
@@ -224,13 +231,25 @@ def _answer_logits(model, ids: list[int], head: int):
     return logits[0, :-1].float().cpu()
 
 
-def _answer_logprobs(logits):
-    """Log-softmax of answer-position logits, as float32 numpy."""
-    import numpy as np
+@dataclass
+class DivergenceReference:
+    """What the KL and perplexity check needs of the merged model, in bounded memory: per
+    example the token ids, the answer tokens' positions and the final hidden states that
+    predict them; and the model's head, which turns those into logits a bounded number of
+    positions at a time (modeling.LogitHead). Never all the logits at once."""
 
-    rows = np.asarray(logits, dtype=np.float32)
-    rows = rows - rows.max(axis=-1, keepdims=True)
-    return rows - np.log(np.exp(rows).sum(axis=-1, keepdims=True))
+    head: Any  # modeling.LogitHead
+    examples: list[tuple[list[int], list[int], Any]]  # (token ids, labelled positions, hidden states)
+
+
+def _divergence_reference(model, chat, records: list[dict]) -> DivergenceReference:
+    rows = [chat.answer_example(r) for r in records]
+    examples = []
+    # batch_size 1: one example's states at a time, no padding (so the pad id is never used)
+    for (index,), hidden, _ in modeling.answer_hidden_states(model, rows, batch_size=1, pad_token_id=0):
+        ids, labels = rows[index]
+        examples.append((ids, [t for t in range(1, len(ids)) if labels[t] != -100], hidden.cpu()))
+    return DivergenceReference(modeling.LogitHead(model, probe=rows[0][0]), examples)
 
 
 # --- 4. export --------------------------------------------------------------------------------
@@ -282,15 +301,12 @@ def _export(ctx: PhaseContext, converter: Path, merged_dir: Path, out_dir: Path,
 # --- 5. verification --------------------------------------------------------------------------
 
 
-def _verify(ctx: PhaseContext, path: Path, gtype, shapes: list[tuple[int, ...]], tokenizer, records: list[dict], reference: dict,
-            divergence: list[tuple[list[int], int, Any]]) -> dict[str, Any]:
-    import numpy as np
-
-    from factory import evaluation
+def _verify(ctx: PhaseContext, path: Path, gtype, shapes: list[tuple[int, ...]], chat, records: list[dict], reference: dict,
+            divergence: DivergenceReference) -> dict[str, Any]:
+    from factory import evaluation, plan
 
     cfg = ctx.config
-    context = (cfg.model.max_seq_length if isinstance(cfg.model.max_seq_length, int) else 2048) + cfg.evaluation.max_new_tokens
-    llm = llama_cpp.load(path, n_ctx=context, logits_all=True)
+    llm = llama_cpp.load(path, n_ctx=plan.context_length(cfg) + cfg.evaluation.max_new_tokens, logits_all=True)
     size = path.stat().st_size
     runtime = llama_cpp.runtime()
     n_params = runtime.llama_model_n_params(llm.model)
@@ -298,8 +314,8 @@ def _verify(ctx: PhaseContext, path: Path, gtype, shapes: list[tuple[int, ...]],
     low, high = llama_cpp.expected_bits_per_weight(gtype, shapes)
 
     # tokenizer: the same ids as the HF tokenizer on every test conversation
-    texts = [tokenizer.apply_chat_template(modeling.chat_messages(r["conversations"]), tokenize=False) for r in records]
-    same = sum(tokenizer(t, add_special_tokens=False)["input_ids"] == llm.tokenize(t.encode(), add_bos=False, special=True)
+    texts = [chat.render(messages(r["conversations"]), generation_prompt=False) for r in records]
+    same = sum(chat.tokenizer(t, add_special_tokens=False)["input_ids"] == llm.tokenize(t.encode(), add_bos=False, special=True)
                for t in texts)
 
     # the evaluate phase's scorers, greedy, from the same prompt ids the merged model saw
@@ -307,35 +323,21 @@ def _verify(ctx: PhaseContext, path: Path, gtype, shapes: list[tuple[int, ...]],
     started = time.monotonic()
     predictions = []
     for record in records:
-        prompt, _ = modeling.prompt_and_answer(record)
-        ids = modeling.token_ids(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True))
-        out = llm.create_completion(ids, max_tokens=cfg.evaluation.max_new_tokens, temperature=0.0, top_k=1)
+        out = llm.create_completion(chat.prompt_ids(record), max_tokens=cfg.evaluation.max_new_tokens, temperature=0.0, top_k=1)
         predictions.append(out["choices"][0]["text"].strip())
         ctx.progress.advance()
     scored = evaluation.score_predictions(cfg, records, predictions, seconds=time.monotonic() - started)
     score, merged_score = scored["primary_score"], reference["primary_score"]
     drop = (merged_score - score) / merged_score if merged_score else merged_score - score
 
-    # next-token distributions against the merged model, on the answer tokens
-    nll_gguf, nll_merged, kl, tokens = 0.0, 0.0, 0.0, 0
-    for ids, head, ref in divergence:
-        llm.reset()
-        llm.eval(ids)
-        mine = _answer_logprobs(np.asarray(llm.scores[head - 1 : len(ids) - 1])[:, : ref.shape[1]])
-        targets = np.asarray(ids[head:])
-        rows = np.arange(len(targets))
-        nll_gguf -= float(mine[rows, targets].sum(dtype=np.float64))
-        nll_merged -= float(ref[rows, targets].sum(dtype=np.float64))
-        kl += float((np.exp(ref) * (ref - mine)).sum(dtype=np.float64))
-        tokens += len(targets)
+    nll_gguf, nll_merged, kl, tokens = _divergence(llm, divergence)
 
     # chat completion with the file's own template must stop at end of turn
     stops = agree = 0
     checks = records[:STOP_CHECKS]
     for record, prediction in zip(checks, predictions):
-        prompt, _ = modeling.prompt_and_answer(record)
         llm.reset()
-        out = llm.create_chat_completion(prompt, max_tokens=cfg.evaluation.max_new_tokens, temperature=0.0, top_k=1)
+        out = llm.create_chat_completion(chat.prompt_messages(record), max_tokens=cfg.evaluation.max_new_tokens, temperature=0.0, top_k=1)
         stops += out["choices"][0]["finish_reason"] == "stop"
         agree += (out["choices"][0]["message"]["content"] or "").strip() == prediction
     embedded_template = llm.metadata.get("tokenizer.chat_template")
@@ -359,68 +361,57 @@ def _verify(ctx: PhaseContext, path: Path, gtype, shapes: list[tuple[int, ...]],
         "mean_kl": kl / tokens if tokens else None,
         "divergence_tokens": tokens,
         "generation_stops": stops / len(checks) if checks else None,
-        "chat_template_embedded": embedded_template == tokenizer.chat_template,
+        "chat_template_embedded": embedded_template == chat.tokenizer.chat_template,
         "chat_matches_greedy": agree / len(checks) if checks else None,
         "examples_per_second": scored["examples_per_second"],
         "examples": scored["examples"][:20],
     }
 
 
+def _divergence(llm, reference: DivergenceReference) -> tuple[float, float, float, int]:
+    """Negative log-likelihood of the answer tokens under the GGUF and the merged model, and
+    the KL divergence of the GGUF's next-token distribution from the merged model's, summed
+    over the answer tokens (and their number). Streamed: one example at a time, and within it
+    a bounded number of positions (llama.cpp's scores of one example, at most n_ctx x vocabulary,
+    are the only full-vocabulary array; they are its own buffer)."""
+    import torch
+
+    nll_gguf = nll_merged = kl = 0.0
+    tokens = 0
+    for ids, positions, hidden in reference.examples:
+        llm.reset()
+        llm.eval(ids)
+        targets = torch.tensor([ids[t] for t in positions])
+        for start, merged in reference.head.chunks(hidden):
+            end = start + len(merged)
+            rows = [t - 1 for t in positions[start:end]]  # the logits at t - 1 predict token t
+            theirs = torch.from_numpy(llm.scores[rows, : merged.shape[1]])
+            ref = torch.log_softmax(merged.cpu(), dim=-1)
+            mine = torch.log_softmax(theirs.float(), dim=-1)
+            chunk = targets[start:end, None]
+            nll_gguf -= float(mine.gather(1, chunk).double().sum())
+            nll_merged -= float(ref.gather(1, chunk).double().sum())
+            kl += float((ref.exp() * (ref - mine)).sum(dtype=torch.float64))
+        tokens += len(targets)
+    return nll_gguf, nll_merged, kl, tokens
+
+
 # --- 6. handoff -------------------------------------------------------------------------------
 
 
-# Ollama's Go-template form of each chat template (Ollama does not run Jinja), and the
-# token that ends a turn. Templates outside this table get no TEMPLATE line: Ollama then
-# falls back to the Jinja template embedded in the GGUF.
-OLLAMA_TEMPLATES = {
-    "gemma-3": ("""{{- range $i, $_ := .Messages }}
-{{- $last := eq (len (slice $.Messages $i)) 1 }}
-{{- if or (eq .Role "user") (eq .Role "system") }}<start_of_turn>user
-{{ .Content }}<end_of_turn>
-{{ if $last }}<start_of_turn>model
-{{ end }}
-{{- else if eq .Role "assistant" }}<start_of_turn>model
-{{ .Content }}{{ if not $last }}<end_of_turn>
-{{ end }}
-{{- end }}
-{{- end }}""", "<end_of_turn>"),
-    "llama-3.1": ("""{{- range $i, $_ := .Messages }}
-{{- $last := eq (len (slice $.Messages $i)) 1 }}<|start_header_id|>{{ .Role }}<|end_header_id|>
-
-{{ .Content }}{{ if or (ne .Role "assistant") (not $last) }}<|eot_id|>{{ end }}
-{{- if and $last (ne .Role "assistant") }}<|start_header_id|>assistant<|end_header_id|>
-
-{{ end }}
-{{- end }}""", "<|eot_id|>"),
-    "chatml": ("""{{- range $i, $_ := .Messages }}
-{{- $last := eq (len (slice $.Messages $i)) 1 }}<|im_start|>{{ .Role }}
-{{ .Content }}{{ if or (ne .Role "assistant") (not $last) }}<|im_end|>
-{{ end }}
-{{- if and $last (ne .Role "assistant") }}<|im_start|>assistant
-{{ end }}
-{{- end }}""", "<|im_end|>"),
-}
-OLLAMA_TEMPLATES["gemma3"] = OLLAMA_TEMPLATES["gemma-3"]
-OLLAMA_TEMPLATES["qwen-2.5"] = OLLAMA_TEMPLATES["chatml"]
-# Sampling defaults of the Gemma 3 inference example in the Unsloth spec (as `factory sample`).
-SAMPLING = {"temperature": 1.0, "top_p": 0.95, "top_k": 64}
-
-
-def _write_modelfile(cfg: FactoryConfig, ws: Workspace, quantized_dir: Path, type_name: str) -> Path:
-    """An Ollama Modelfile next to the GGUF: FROM, TEMPLATE, stop token, sampling defaults."""
+def _write_modelfile(cfg: FactoryConfig, ws: Workspace, quantized_dir: Path, type_name: str, chat) -> Path:
+    """An Ollama Modelfile next to the GGUF: FROM, the TEMPLATE in Ollama's Go syntax and the
+    stop tokens (both read off the model's own chat template), its sampling defaults, num_ctx."""
+    from factory import plan
     from factory.io import atomic_write_bytes
 
-    template = OLLAMA_TEMPLATES.get(cfg.dataset.chat_template)
     lines = [f"# Ollama: ollama create {_model_name(cfg)} -f {ws.rel(quantized_dir / 'Modelfile')}",
              f"FROM ./{llama_cpp.gguf_file(quantized_dir, type_name).name}"]
-    if template:
-        lines.append(f'TEMPLATE """{template[0]}"""')
-        lines.append(f'PARAMETER stop "{template[1]}"')
-    else:
-        lines.append(f"# chat template {cfg.dataset.chat_template!r}: Ollama uses the one embedded in the GGUF")
-    lines += [f"PARAMETER {key} {value}" for key, value in SAMPLING.items()]
-    if isinstance(cfg.model.max_seq_length, int):
-        lines.append(f"PARAMETER num_ctx {cfg.model.max_seq_length}")
+    if chat.has_template:
+        lines.append(f'TEMPLATE """{chat.ollama_template}"""')
+    lines += [f'PARAMETER stop "{token}"' for token in chat.stop_tokens]
+    lines += [f"PARAMETER {key} {value}" for key, value in chat.sampling.items()]
+    lines.append(f"PARAMETER num_ctx {plan.context_length(cfg)}")
     path = quantized_dir / "Modelfile"
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
     return path

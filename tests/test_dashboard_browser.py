@@ -141,7 +141,7 @@ def test_dashboard_follows_a_real_run_to_the_end(served_example, browser, tmp_pa
     # after evaluate: the scores, the statistics and the flipped examples
     section = browser.find_element("id", "evaluation")
     assert section.is_displayed()
-    assert "exact_match (primary)" in section.text and "paired t-test p" in section.text
+    assert "exact_match (primary)" in section.text and "McNemar's exact test p" in section.text  # 0/1 scores
     assert f"improved: {evaluation['flipped']['improved']} examples" in section.text
 
     # the report was written after evaluate and is served

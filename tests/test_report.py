@@ -53,8 +53,8 @@ def evaluation_metrics(n=40, right=34):
         "test_split": {"file": "data/splits/test.jsonl", "sha256": "0" * 64}, "primary": "exact_match",
         "scores": {"exact_match": right / n},
         "comparison": {"metric": "exact_match", "n": n, "baseline": 0.0, "finetuned": right / n,
-                       "improvement": right / n, "relative_improvement": None, "t_statistic": 17.2,
-                       "p_value": 1.5e-18, "wilcoxon_p_value": 2.0e-9, "ci95": [0.72, 0.95], "significant": True},
+                       "improvement": right / n, "relative_improvement": None, "test": "mcnemar_exact",
+                       "test_name": "McNemar's exact test", "p_value": 1.5e-18, "wilcoxon_p_value": 2.0e-9, "ci95": [0.72, 0.95], "significant": True},
         "per_metric": {"exact_match": {"baseline": 0.0, "finetuned": right / n, "improvement": right / n}},
         "flipped": {"improved": right, "regressed": 0, "examples": {"improved": flipped[:20], "regressed": []}},
         "examples": tuned,
@@ -109,7 +109,7 @@ def test_factory_report_renders_every_section_from_the_metrics(tmp_path):
         assert f"\n{heading}\n" in f"\n{md}", heading
     assert "![Training loss and learning rate over steps](report/loss.png)" in md and "(report/scores.png)" in md
     assert "| exact_match (primary) | 0 | 0.85 | 0.85 |" in md
-    assert "| paired t-test p | 1.5e-18 |" in md and "| bootstrap 95% interval | [0.72, 0.95] |" in md
+    assert "| McNemar's exact test p | 1.5e-18 |" in md and "| bootstrap 95% interval | [0.72, 0.95] |" in md
     assert "| training-completed | finetune | training-stats.completed | yes | == | yes | pass |" in md
     assert "34 improved, 0 regressed" in md
     # example text is data: escaped, and unable to break the table

@@ -36,20 +36,23 @@ def test_custom_scorer_module_function():
 
 
 def test_compare_matches_scipy_and_reports_ci():
-    base = [0, 0, 1, 0, 0, 0, 1, 0, 0, 1]
+    base = [0, 0, 1, 0, 0, 0, 1, 0, 0, 0]
     tuned = [1, 1, 1, 1, 0, 1, 1, 1, 0, 1]
     result = compare(base, tuned, seed=1)
-    assert result["improvement"] == pytest.approx(0.5)
-    assert result["p_value"] == pytest.approx(stats.ttest_rel(tuned, base).pvalue)
+    assert result["improvement"] == pytest.approx(0.6)
+    assert result["test"] == "mcnemar_exact"  # 0/1 scores: 6 discordant pairs, all improved
+    assert result["p_value"] == pytest.approx(stats.binomtest(6, 6, 0.5).pvalue)
     assert result["wilcoxon_p_value"] == pytest.approx(stats.wilcoxon(tuned, base).pvalue)
     low, high = result["ci95"]
-    assert low <= 0.5 <= high and low > 0
+    assert low <= 0.6 <= high and low > 0
     assert result["significant"] is True
-    assert flips(base, tuned) == {"improved": [0, 1, 3, 5, 7], "regressed": []}
+    assert flips(base, tuned) == {"improved": [0, 1, 3, 5, 7, 9], "regressed": []}
+    # five of ten is not enough for McNemar's exact test (p = 2 / 2**5), though a t-test says p = 0.01
+    assert compare(base[:9] + [1], tuned, seed=1)["significant"] is False
 
 
 def test_compare_degenerate_cases():
     assert compare([0] * 6, [0] * 6)["p_value"] == 1.0
-    assert compare([0] * 6, [1] * 6)["p_value"] == 0.0
+    assert compare([0] * 6, [1] * 6)["p_value"] == pytest.approx(2 / 2**6)  # never 0 on a finite sample
     with pytest.raises(ValueError, match="same non-zero length"):
         compare([1, 0], [1])

@@ -248,7 +248,7 @@ function renderEvaluation(evaluation) {
     ["examples (paired)", fmt(c.n)],
     ["improvement", fmt(c.improvement)],
     ["relative improvement", fmt(c.relative_improvement)],
-    ["paired t-test p", fmt(c.p_value)],
+    [`${c.test_name || "paired test"} p`, fmt(c.p_value)],
     ["Wilcoxon signed-rank p", fmt(c.wilcoxon_p_value)],
     ["bootstrap 95% interval", fmt(c.ci95)],
     ["significant", fmt(c.significant)],
