@@ -226,7 +226,10 @@ def test_an_unchanged_run_does_not_read_big_inputs_again(tmp_path):
     pipeline = (Phase("format", "copy", "format", _copy, ("data",),
                       inputs=lambda c, w: [w.path("data/raw/in.txt"), w.path("models/base")],
                       outputs=lambda c, w: [w.formatted_file]),)
-    cfg = parse_config({"gates": {"data-valid": {"format.records_out": 1}}})
+    (tmp_path / "gates").mkdir()  # this pipeline's own gate in place of the packaged one
+    (tmp_path / "gates" / "data-valid.yaml").write_text(
+        "name: data-valid\nafter: format\ncriteria:\n  - {metric: format.records_out, op: '>=', value: 1}\n")
+    cfg = parse_config({})
 
     before = _io_read_bytes()
     assert run_pipeline(cfg, ws, pipeline).ran == ["format"]
