@@ -72,9 +72,9 @@ def remove_all(ws: Workspace, output_dir: Path, log: logging.Logger) -> None:
 
 def recorder(ws: Workspace, output_dir: Path):
     """A TrainerCallback that records each checkpoint folder as the factory's just before the
-    trainer writes it (the trainer decides to save in on_step_end, then saves), and as complete
-    once saved; add it after the callback that writes training_state.json. A folder still
-    marked as being written when a run fails or is killed is removed by the runner."""
+    trainer writes it (the trainer decides to save in on_step_end, then saves), and as finished
+    once saved; add it before the callback that writes training_state.json. A folder still
+    unfinished when a run fails or is killed is removed by the runner."""
     from transformers import TrainerCallback
 
     class CheckpointRecorder(TrainerCallback):
@@ -82,10 +82,12 @@ def recorder(ws: Workspace, output_dir: Path):
             if control.should_save:
                 folder = output_dir / f"{PREFIX}{state.global_step}"
                 folder.mkdir(parents=True, exist_ok=True)
-                record_created(ws, folder, writing=True)
+                record_created(ws, folder, unfinished=True)
 
         def on_save(self, args, state, control, **kwargs):
-            # after the trainer's files and the phase's training_state.json (an earlier callback)
-            record_created(ws, output_dir / f"{PREFIX}{state.global_step}")
+            # The trainer's files are written. Finished before training_state.json follows (a
+            # later callback), so a kill in between never discards a complete checkpoint; one
+            # without that file is skipped at resume.
+            record_created(ws, output_dir / f"{PREFIX}{state.global_step}", whole=True)
 
     return CheckpointRecorder()

@@ -142,7 +142,7 @@ class Workspace:
 
 # --- what the factory created, and may therefore replace --------------------------------------
 
-WRITING = "writing"  # a folder being written: everything in it is the factory's
+WHOLE = "*"  # a folder whose every file is the factory's (a checkpoint the trainer writes, a staging folder)
 
 
 def _created(ws: Workspace) -> dict[str, dict]:
@@ -166,12 +166,18 @@ def _files_under(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() or p.is_symlink())
 
 
-def record_created(ws: Workspace, path: Path, *, writing: bool = False) -> None:
-    """Note that the factory wrote `path` (a file, or a folder and the files now in it);
-    `writing=True` before a folder is filled, so that a run killed halfway leaves a folder
-    the next run may still clear."""
+def record_created(ws: Workspace, path: Path, *, whole: bool = False, unfinished: bool = False) -> None:
+    """Note that the factory wrote `path`: a file, or a folder and the files now in it, or
+    (`whole`) a folder all of whose content is the factory's. `unfinished=True` before a
+    folder is filled: a run that fails or is killed halfway leaves a folder that the next run
+    removes (`discard_unfinished`); record it again, finished, once it is complete."""
     path = Path(path)
-    entry: dict = {"kind": "file"} if path.is_file() else {"kind": "dir", "files": WRITING if writing else _files_under(path)}
+    if path.is_file():
+        entry: dict = {"kind": "file"}
+    else:
+        entry = {"kind": "dir", "files": WHOLE if whole or unfinished else _files_under(path)}
+        if unfinished:
+            entry["unfinished"] = True
     paths = _created(ws)
     paths[_key(ws, path)] = entry
     _save_created(ws, paths)
@@ -226,7 +232,7 @@ def check_replaceable(ws: Workspace, path: Path, setting: str) -> None:
     if entry is None:
         raise UnsafePath(f"{shown} already exists and was not written by the factory; nothing was removed. "
                          f"Move it away, or point {setting or 'it'} elsewhere")
-    if path.is_dir() and entry.get("files") != WRITING:
+    if path.is_dir() and entry.get("files") != WHOLE:
         foreign = sorted(set(_files_under(path)) - set(entry.get("files", [])))
         if foreign:
             listed = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
@@ -250,7 +256,7 @@ def discard_unfinished(ws: Workspace) -> list[str]:
     folder of a run that failed or was killed): it only holds disk space. Returns their names."""
     removed = []
     for key, entry in _created(ws).items():
-        if entry.get("files") == WRITING:
+        if entry.get("unfinished"):
             path = ws.path(key)
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path, ignore_errors=True)
@@ -284,7 +290,7 @@ def staged_dir(ws: Workspace, target: Path, setting: str) -> Iterator[Path]:
     if staging.exists():
         remove_created(ws, staging, f"{setting} (staging folder)")
     staging.mkdir(parents=True)
-    record_created(ws, staging, writing=True)
+    record_created(ws, staging, unfinished=True)
     try:
         yield staging
     except BaseException:
@@ -297,7 +303,7 @@ def staged_dir(ws: Workspace, target: Path, setting: str) -> Iterator[Path]:
         if old.exists():
             remove_created(ws, old)
         os.replace(target, old)
-        record_created(ws, old, writing=True)
+        record_created(ws, old, unfinished=True)
     os.replace(staging, target)
     forget_created(ws, staging)
     record_created(ws, target)

@@ -77,9 +77,9 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
 
     # 4. trainer
     trainer = _build_trainer(cfg, ws, backend, model, chat, records, resolved, output_dir, log)
+    trainer.add_callback(checkpoints.recorder(ws, output_dir))
     tracker = _make_status_callback()(ctx, fingerprint, ws)
     trainer.add_callback(tracker)
-    trainer.add_callback(checkpoints.recorder(ws, output_dir))
     if resume_from:
         log.info("resuming from %s", ws.rel(resume_from))
     started = time.monotonic()
