@@ -134,7 +134,6 @@ def run_pipeline(
                     if phase.after_gates is not None:
                         _after_gates(phase, cfg, ws, reporter, result, cache)
                     current = None
-                cache.save()
         except BaseException as exc:
             exc = _as_user_error(exc, ws, f"running {current.name}" if current else "writing the run's results")
             error = {"type": _error_type(exc), "message": str(exc) or _error_type(exc)}
@@ -143,8 +142,19 @@ def run_pipeline(
                 status.phase_finished(current.name, "cancelled" if cancelled else "failed", error=error)
             status.finish("cancelled" if cancelled else "failed", error)
             raise exc
+        finally:
+            _save_hash_cache(cache)
         status.finish("succeeded")
     return result
+
+
+def _save_hash_cache(cache: fingerprints.HashCache) -> None:
+    """What was hashed stays known after a failed run too; a cache that cannot be written
+    (a full disk) only means hashing again."""
+    try:
+        cache.save()
+    except OSError as e:
+        log.warning("hash cache not saved: %s", e)
 
 
 def _run_one(phase: Phase, cfg: FactoryConfig, ws: Workspace, status: StatusWriter, reporter: Reporter,

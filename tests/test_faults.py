@@ -176,8 +176,8 @@ def test_replacing_is_refused_for_the_workspace_its_ancestors_and_foreign_files(
         check_replaceable(ws, link, "save.merged_path")
 
 
-@pytest.mark.parametrize("setting", ["save.lora_path: .", "save.lora_path: models", "save.merged_path: ..",
-                                     "save.merged_path: models"])
+@pytest.mark.parametrize("setting", ["training.output_dir: .", "save.lora_path: .", "save.lora_path: models",
+                                     "save.merged_path: ..", "save.merged_path: models", "save.gguf_path: ."])
 def test_config_paths_over_the_workspace_exit_2_at_once_and_remove_nothing(tmp_path, setting):
     """Each of these once led to an rmtree of the workspace or of the user's models folder."""
     root = tmp_path / "ws"
@@ -195,7 +195,8 @@ def test_config_paths_over_the_workspace_exit_2_at_once_and_remove_nothing(tmp_p
                       if not {".factory", "logs"} & set(p.relative_to(tmp_path).parts))
 
     before = listing()
-    proc = factory("run", "--only", "finetune" if name == "lora_path" else "quantize", "-C", root, timeout=300)
+    phase = "finetune" if name in ("lora_path", "output_dir") else "quantize"
+    proc = factory("run", "--only", phase, "--restart", "-C", root, timeout=300)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert f"{key} (" in proc.stderr and "internal error" not in proc.stderr
     assert "the factory will not replace it" in proc.stderr or "was not written by the factory" in proc.stderr
@@ -578,10 +579,21 @@ def test_kill_9_after_force_restart_is_never_taken_for_the_earlier_success(train
     validate(training, "training-status")
     assert training["running"] is False and training["status"] == "failed" and f"pid {proc.pid}" in training["error"]
 
+    # --restart removes the checkpoints the factory recorded and nothing else: a checkpoint-N
+    # it did not write is refused (a resume could take it), a user's file stays
+    (root / "outputs" / "notes.txt").write_text("the user's notes")
+    stranger = root / "outputs" / "checkpoint-99"
+    stranger.mkdir()
+    refused = factory("run", "finetune", "--restart", "-C", root)
+    assert refused.returncode == 2 and "outputs/checkpoint-99" in refused.stderr
+    assert "not written by the factory" in refused.stderr and len(list((root / "outputs").glob("checkpoint-*"))) == 5
+    stranger.rmdir()
+
     # no --force: the phase runs because the killed run had already forgotten the earlier success
     # (--restart: trained from scratch, not resumed from the checkpoints the first training left)
     again = factory("run", "finetune", "--restart", "-C", root, check_rc=0)
     assert "Nothing to do" not in again.stderr and "finetune: succeeded" in again.stderr
+    assert (root / "outputs" / "notes.txt").read_text() == "the user's notes"
     stats = metrics(root, "training-stats")
     assert stats["resumed_from_step"] == 0 and stats["steps"] == 4
     fingerprint = read(root / ".factory" / "fingerprints" / "finetune.json")["fingerprint"]
@@ -608,30 +620,6 @@ def test_damaged_checkpoints_are_skipped_for_the_one_before(trained, tmp_path):
     assert re.search(r"WARNING factory.finetune: skipping checkpoint checkpoint-4: adapter_model.safetensors is damaged: "
                      r"\d+ bytes where its header describes \d+ \(truncated\)", log)
     assert "skipping checkpoint checkpoint-3: incomplete: no training_state.json" in log
-
-
-@pytest.mark.slow
-def test_output_dir_in_the_workspace_is_refused_and_restart_removes_only_checkpoints(trained, tmp_path):
-    root = copy_of(trained, tmp_path)
-    config = root / "factory.yaml"
-    original = config.read_text()
-    config.write_text(original.replace("logging_steps: 1}", "logging_steps: 1, output_dir: .}"))
-    proc = factory("run", "finetune", "--force", "--restart", "-C", root)
-    assert proc.returncode == 2 and "training.output_dir" in proc.stderr and "the workspace" in proc.stderr
-    assert (root / "factory.yaml").exists() and (root / "models" / "base" / "config.json").exists()
-
-    # --restart removes the checkpoints the factory recorded, and nothing else in that folder
-    config.write_text(original)
-    (root / "outputs" / "notes.txt").write_text("the user's notes")
-    stranger = root / "outputs" / "checkpoint-99"
-    stranger.mkdir()
-    proc = factory("run", "finetune", "--force", "--restart", "-C", root)
-    assert proc.returncode == 2 and "outputs/checkpoint-99" in proc.stderr and "not written by the factory" in proc.stderr
-    assert len(list((root / "outputs").glob("checkpoint-*"))) == 5  # nothing was removed
-    stranger.rmdir()
-    factory("run", "finetune", "--force", "--restart", "-C", root, check_rc=0)
-    assert metrics(root, "training-stats")["resumed_from_step"] == 0  # restarted: the old checkpoints were removed
-    assert (root / "outputs" / "notes.txt").read_text() == "the user's notes"
 
 
 def _default_sigint():
