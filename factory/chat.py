@@ -14,6 +14,7 @@ language-modelling examples: BOS + the text + EOS, every token trained.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -26,7 +27,7 @@ log = logging.getLogger("factory.chat")
 TEMPLATES_DIR = Path(__file__).parent / "templates"
 # Other spellings of the shipped template files' names (the file stem is the canonical name).
 TEMPLATE_ALIASES = {"gemma3": "gemma-3", "gemma": "gemma-3", "llama-3": "llama-3.1", "llama3": "llama-3.1",
-                    "qwen-2.5": "chatml", "qwen2.5": "chatml", "qwen": "chatml", "phi3": "phi-3"}
+                    "qwen2.5": "qwen-2.5", "qwen": "qwen-2.5", "phi3": "phi-3"}
 
 # Placeholders for probe conversations: letters only, so no template's trimming or escaping
 # changes them, and unlikely to merge with the text around them.
@@ -117,8 +118,12 @@ class ChatFormat:
         bos_in_template = bool(bos) and probe["head"].startswith(bos)
         adds_bos = bool(bos) and _encoding_adds_bos(tokenizer)
         eot_id, eot_appended = _end_of_turn(tokenizer, probe["assistant_end"])
-        eos_id = tokenizer.eos_token_id
-        stops = [eot_id] + ([eos_id] if eos_id is not None and eos_id != eot_id and eos_id != tokenizer.bos_token_id else [])
+        # the end of turn, EOS, and whatever else the model's generation config stops at (Llama
+        # 3.1 lists <|end_of_text|>, <|eom_id|> and <|eot_id|>)
+        configured = getattr(generation_config, "eos_token_id", None)
+        configured = configured if isinstance(configured, list) else [configured]
+        stops = list(dict.fromkeys(i for i in [eot_id, tokenizer.eos_token_id, *configured]
+                                   if i is not None and i != tokenizer.bos_token_id))
         # The assistant header: what add_generation_prompt adds, or, for templates that write it
         # after every user turn anyway, what follows the user turn's end.
         eot_text = tokenizer.convert_ids_to_tokens(eot_id)
@@ -224,18 +229,22 @@ class ChatFormat:
         for index in answers:
             prompt = self.render(turns[:index], generation_prompt=True)
             through = self.render(turns[: index + 1], generation_prompt=False)
-            if not (through.startswith(prompt) and text.startswith(through)) or spans and len(prompt) < spans[-1][1]:
+            # A template may close a conversation differently from a turn that others follow
+            # (Phi-3 ends with EOS): the answer's span ends where the two renderings part.
+            end = len(through) if text.startswith(through) else len(os.path.commonprefix([text, through]))
+            if not (text.startswith(prompt) and through.startswith(prompt)) or end <= len(prompt) \
+                    or spans and len(prompt) < spans[-1][1]:
                 raise InputError(
                     f"the chat template ({self.template_source}) is not prefix-preserving: the conversation up to "
                     f"assistant turn {index} renders differently inside the longer conversation, so the answer "
                     "tokens cannot be located for the training mask. Use a template that renders each turn the "
                     f"same way whatever follows (dataset.chat_template: one of {', '.join(named_templates())})")
-            spans.append((len(prompt), len(through)))
-        ids, starts = self._tokens_with_starts(text)
+            spans.append((len(prompt), end))
+        ids, offsets = self._tokens_with_offsets(text)
         labels = [-100] * len(ids)
         ends = []  # index of each span's last token
         for begin, end in spans:
-            inside = [i for i, start in enumerate(starts) if begin <= start < end]
+            inside = [i for i, (start, stop) in enumerate(offsets) if begin <= start and stop <= end]
             for i in inside:
                 labels[i] = ids[i]
             ends.append(inside[-1] if inside else None)
@@ -245,18 +254,18 @@ class ChatFormat:
                 labels.insert(i + 1, self.eot_token_id)
         return {"input_ids": ids, "labels": labels}
 
-    def _tokens_with_starts(self, text: str) -> tuple[list[int], list[int]]:
-        """Token ids of `text` and the character where each starts (-1 for an added BOS).
+    def _tokens_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids of `text` and the characters each spans ((-1, -1) for an added BOS).
 
         Tokenizing the whole text once and locating answers by character keeps the training
         tokens exactly those of the conversation, even where a tokenizer merges the end of a
         header with the start of an answer."""
         encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(encoded["input_ids"])
-        starts = [start for start, _ in encoded["offset_mapping"]]
+        offsets = [tuple(span) for span in encoded["offset_mapping"]]
         if self.bos_token_id is not None:
-            return [self.bos_token_id, *ids], [-1, *starts]
-        return ids, starts
+            return [self.bos_token_id, *ids], [(-1, -1), *offsets]
+        return ids, offsets
 
     # --- handoff ----------------------------------------------------------------------
 
@@ -315,14 +324,14 @@ def _probe(tokenizer) -> dict[str, str]:
         system = render([{"role": "system", "content": _SYSTEM}] + user, True)
     except InputError:
         system = ""
-    if not prompted.startswith(one):
-        raise InputError("the chat template is not prefix-preserving: the generation prompt changes the text before it")
     parts = {
         "head": _between(one, None, _USER1),
         "user_to_assistant": _between(two, _USER1, _ANSWER1),
         "assistant_to_user": _between(two, _ANSWER1, _USER2),
         "assistant_end": _between(answered, _ANSWER1, None),
-        "generation_prompt": prompted[len(one):],
+        # empty when a template ends a conversation differently without the prompt (Phi-3
+        # writes EOS there): the assistant header is then read off user_to_assistant
+        "generation_prompt": prompted[len(one):] if prompted.startswith(one) else "",
     }
     if _SYSTEM in system:
         parts["system_head"] = _between(system, None, _SYSTEM)

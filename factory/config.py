@@ -255,6 +255,9 @@ class LoraConfig(Section):
     finetune_mlp_modules: bool = True
 
 
+Tracker = Literal["none", "tensorboard", "trackio", "wandb", "mlflow"]
+
+
 class TrainingConfig(Section):
     per_device_train_batch_size: Union[int, Auto] = 2
     gradient_accumulation_steps: Union[int, Auto] = 4
@@ -280,6 +283,50 @@ class TrainingConfig(Section):
     FlashAttention; on CPU, TRL's packing trained at 0.73x the tokens/s of unpacked batches
     (BENCHMARKS.md), because attention then spans the whole packed row."""
 
+    eval_steps: Union[int, Auto] = "auto"
+    """Evaluate the loss on the validation split (data/splits/val.jsonl; answer tokens only,
+    masked as in training) every this many optimizer steps, at every progress checkpoint, and
+    once before the first step. `auto`: a tenth of the steps, so at least 10 evaluations.
+    Without validation records nothing is evaluated and the training loss is judged instead."""
+
+    select: Literal["best", "last"] = "best"
+    """The adapter written to save.lora_path: `best`, the one with the lowest validation loss,
+    or `last`, the one at the end of training. Both are kept in models/checkpoints/best and
+    models/checkpoints/last; metrics/training-stats.json says which was chosen and why. Without
+    validation records the last one is taken."""
+
+    early_stopping_patience: int | None = Field(None, ge=1)
+    """Stop training once this many evaluations in a row have not lowered the validation loss
+    (null: train every step). A killed run resumes with the same best loss and count."""
+
+    report_to: Union[Tracker, list[Tracker]] = "none"
+    """Experiment trackers that receive the training and validation losses, a name or a list:
+    none, tensorboard (event files in logs/tensorboard/RUN), trackio (local, in trackio's store:
+    $TRACKIO_DIR or ~/.cache/huggingface/trackio), wandb, mlflow (these two need their package
+    and an account or server). The run is named WORKSPACE-RUNID after the workspace folder and
+    the factory run that started the training; the factory's own results (baseline vs
+    fine-tuned scores, gate results) are logged to the same run at the end of `factory run`."""
+
+    @field_validator("eval_steps")
+    @classmethod
+    def _positive_interval(cls, value: Union[int, str]) -> Union[int, str]:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be at least 1 (or auto)")
+        return value
+
+    @field_validator("report_to")
+    @classmethod
+    def _none_alone(cls, value: Union[str, list[str]]) -> Union[str, list[str]]:
+        if isinstance(value, list) and "none" in value and len(set(value)) > 1:
+            raise ValueError("`none` cannot be combined with a tracker")
+        return value
+
+    @property
+    def trackers(self) -> list[str]:
+        """report_to as a list of tracker names, empty for none."""
+        names = [self.report_to] if isinstance(self.report_to, str) else self.report_to
+        return [n for n in dict.fromkeys(names) if n != "none"]
+
 
 class DatasetConfig(Section):
     path: str = "data/splits/train.jsonl"
@@ -287,7 +334,7 @@ class DatasetConfig(Section):
     chat_template: str = "auto"
     """`auto`: the model tokenizer's own chat template (the one it was trained with). Or a
     template the factory ships, applied to a tokenizer that has none or when you want another:
-    gemma-3, llama-3.1, chatml (also qwen-2.5), mistral, phi-3, alpaca. Everything else (end
+    gemma-3, llama-3.1, qwen-2.5, chatml, mistral, phi-3, alpaca. Everything else (end
     of turn and stop tokens, pad token, BOS, training masks, the Ollama template) is read off
     the template; it must render a conversation as a prefix-preserving text (each turn the same
     whatever follows), or the run stops before training with exit 2."""
@@ -295,13 +342,14 @@ class DatasetConfig(Section):
     @field_validator("chat_template")
     @classmethod
     def _known_template(cls, value: str) -> str:
-        from factory.chat import TEMPLATE_ALIASES, TEMPLATES_DIR
+        from factory.chat import read_named_template
+        from factory.errors import InputError
 
-        if value != "auto" and not (TEMPLATES_DIR / f"{TEMPLATE_ALIASES.get(value, value)}.jinja").is_file():
-            from factory.chat import named_templates
-
-            raise ValueError(f"unknown chat template {value!r}; use auto (the tokenizer's own) or one of "
-                             f"{', '.join(named_templates())}")
+        if value != "auto":
+            try:
+                read_named_template(value)
+            except InputError as e:  # names the known templates
+                raise ValueError(str(e)) from None
         return value
 
 

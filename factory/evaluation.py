@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from factory import modeling, scoring
-from factory.chat import last_user_text, reference
+from factory.chat import is_plain_text, last_user_text, reference
 from factory.config import FactoryConfig
 from factory.errors import InputError
 from factory.io import file_sha256
@@ -38,8 +38,11 @@ def decoding(cfg: FactoryConfig) -> dict[str, Any]:
 
 
 def score_model(ctx: PhaseContext, model, chat, records: list[dict], *, what: str) -> dict[str, Any]:
-    """Generate for every record, score each prediction, and compute the answer loss."""
+    """Generate for every record, score each prediction, and compute the answer loss. A test
+    split of plain text (the `text` input format) is scored as language modelling instead."""
     cfg = ctx.config.evaluation
+    if all(is_plain_text(r) for r in records):
+        return score_language_model(ctx, model, chat, records, what=what)
     ctx.progress.start(len(records), f"examples ({what})")
     started = time.monotonic()
     generations = modeling.generate(model, chat, records, batch_size=cfg.batch_size,
@@ -54,6 +57,44 @@ def score_model(ctx: PhaseContext, model, chat, records: list[dict], *, what: st
         result.update(loss=loss, perplexity=perplexity(loss), loss_tokens=tokens)
     result["examples"] = result.pop("examples")  # last: the aggregates read first in the file
     return result
+
+
+LANGUAGE_MODELLING_METRIC = "token_probability"
+"""Per document, exp(-mean token loss): the geometric mean probability the model gives each
+token, 1 / perplexity, between 0 and 1, higher is better, so the paired statistics and the
+model-performance gate read it like any other score."""
+
+
+def score_language_model(ctx: PhaseContext, model, chat, records: list[dict], *, what: str) -> dict[str, Any]:
+    """Plain-text documents: loss and perplexity per document, nothing generated."""
+    cfg = ctx.config.evaluation
+    ctx.progress.start(len(records), f"documents ({what})")
+    started = time.monotonic()
+    examples, total, tokens = [], 0.0, 0
+    for index, record in enumerate(records):
+        loss, count = modeling.answer_loss(model, [chat.answer_example(record)], batch_size=1,
+                                           pad_token_id=chat.pad_token_id)
+        total, tokens = total + loss * count, tokens + count
+        text = record["conversations"][0]["content"]
+        examples.append({"index": index, "prompt": text[:200], "reference": "", "prediction": "", "loss": loss,
+                         "scores": {LANGUAGE_MODELLING_METRIC: math.exp(-loss) if math.isfinite(loss) else 0.0}})
+        ctx.progress.advance()
+    score = sum(e["scores"][LANGUAGE_MODELLING_METRIC] for e in examples) / len(examples)
+    loss = total / tokens if tokens else float("nan")
+    seconds = time.monotonic() - started
+    return {
+        "num_examples": len(examples),
+        "language_modelling": True,
+        "scores": {LANGUAGE_MODELLING_METRIC: score},
+        "primary": LANGUAGE_MODELLING_METRIC,
+        "primary_score": score,
+        "loss": loss, "perplexity": perplexity(loss), "loss_tokens": tokens,
+        "generation_seconds": round(seconds, 3),
+        "examples_per_second": round(len(examples) / seconds, 2) if seconds else None,
+        "decoding": decoding(ctx.config),
+        "stopping": None,
+        "examples": examples,
+    }
 
 
 def score_predictions(cfg: FactoryConfig, records: list[dict], predictions: list[str], *,

@@ -1,4 +1,4 @@
-"""A self-contained, offline example: a learnable localization task and a tiny Gemma 3.
+"""A self-contained, offline example: a learnable localization task and a tiny model.
 
 `factory init --example DIR` builds a workspace with everything the pipeline needs and no
 download: raw records of an objective task (data/raw/), and a randomly initialised
@@ -6,6 +6,11 @@ Gemma3ForCausalLM of about 530k parameters with a SentencePiece tokenizer traine
 spot and the real Gemma 3 chat template (models/base/). It is an ordinary Hugging Face
 folder, so every phase treats it exactly like `google/gemma-3-*`: the same architecture,
 special tokens, chat template and file layout, only tiny and untrained.
+
+`--family` picks another family (FAMILIES): Llama 3.1, Qwen 2.5, Mistral or Phi-3, each
+from its real model's config.json with tiny sizes, its real tokenizer (factory.real_tokenizers)
+and its real chat template. build_custom_template_model makes, for tests, a model with a
+template of its own that no table knows.
 
 The task: render a date and an amount of money the way a locale writes them.
 
@@ -32,6 +37,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from factory.chat import read_named_template
 
 # --- the task --------------------------------------------------------------------------
 
@@ -219,7 +226,7 @@ def build_tiny_gemma3(
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "tokenizer.model").write_bytes(proto)
         tokenizer = GemmaTokenizer.from_pretrained(tmp, add_bos_token=True, add_eos_token=False)
-    tokenizer.chat_template = named_template("gemma-3")
+    tokenizer.chat_template = read_named_template("gemma-3")
     real_vocab = len(tokenizer)
 
     # model
@@ -266,7 +273,7 @@ def _restore_tokenizer_config(path: Path) -> None:
     """Add what a google/gemma-3 tokenizer_config.json has and transformers 5 leaves out."""
     config = json.loads(path.read_text(encoding="utf-8"))
     config.pop("vocab_file", None)  # an absolute path to the temporary folder
-    config.update(add_bos_token=True, add_eos_token=False, chat_template=named_template("gemma-3"))
+    config.update(add_bos_token=True, add_eos_token=False, chat_template=read_named_template("gemma-3"))
     config["added_tokens_decoder"] = {
         str(i): {"content": tok, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
         for i, tok in enumerate(SPECIAL_TOKENS)
@@ -275,14 +282,6 @@ def _restore_tokenizer_config(path: Path) -> None:
 
 
 # --- the other model families ---------------------------------------------------------
-
-TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
-
-
-def named_template(name: str) -> str:
-    """A named chat template: factory/templates/NAME.jinja (its README gives each one's source)."""
-    return (TEMPLATES_DIR / f"{name}.jinja").read_text(encoding="utf-8")
-
 
 # The sizes every tiny model gets; the real model's other settings stay (vocabulary, tied or
 # untied embeddings, RoPE, norms, special token ids). Heads keep the real ratio of query to
@@ -311,21 +310,20 @@ class Family:
     tokenizer: dict[str, Any] = field(default_factory=dict)
     """tokenizer_config.json without added_tokens_decoder and chat_template, which the builder
     writes from the tokenizer and the template."""
-    added_tokens: dict[int, tuple[str, bool, bool]] = field(default_factory=dict)
-    """The model's added tokens where they differ from its vocabulary's: id -> (content,
-    special, rstrip)."""
+    added_tokens: dict[int, tuple[str, bool]] = field(default_factory=dict)
+    """The model's added tokens where they differ from its vocabulary's: id -> (content, special)."""
     tokenizer_json: dict[str, Any] = field(default_factory=dict)
     """Top-level entries of tokenizer.json where the model's differ from its vocabulary's."""
 
 
-def _llama31_added_tokens() -> dict[int, tuple[str, bool, bool]]:
+def _llama31_added_tokens() -> dict[int, tuple[str, bool]]:
     """Llama 3.1 named eight of the 256 special tokens (llama-bpe has Llama 3.0's names) and
     numbers the remaining reserved ones from 0."""
     named = {128000: "<|begin_of_text|>", 128001: "<|end_of_text|>", 128004: "<|finetune_right_pad_id|>",
              128006: "<|start_header_id|>", 128007: "<|end_header_id|>", 128008: "<|eom_id|>", 128009: "<|eot_id|>",
              128010: "<|python_tag|>"}
     reserved = iter(range(256))
-    return {i: (named.get(i) or f"<|reserved_special_token_{next(reserved)}|>", True, False) for i in range(128000, 128256)}
+    return {i: (named.get(i) or f"<|reserved_special_token_{next(reserved)}|>", True) for i in range(128000, 128256)}
 
 
 # Qwen 2.5's 22 added tokens from 151643 (qwen2 has Qwen 2's first three); the tool-call and
@@ -335,15 +333,12 @@ QWEN25_ADDED = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_sta
                 "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>",
                 "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"]
 
-# Phi-3's chat tokens, and </s>, which Phi-3 does not mark special. The real ones also strip
-# the whitespace that follows them (rstrip), but llama.cpp strips it only in a GGUF whose
-# general.name contains "phi3" or "phi-3", which its converter does not write (it names the
-# file "Phi 3 ..."): its tokenizer would then disagree with transformers on every chat turn.
-# The example's tokens keep the whitespace, in both.
-PHI3_ADDED = {2: ("</s>", False, False), **{
-    i: (content, True, False) for i, content in zip(range(32000, 32011), [
-        "<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>", "<|placeholder3|>",
-        "<|placeholder4|>", "<|system|>", "<|end|>", "<|placeholder5|>", "<|placeholder6|>", "<|user|>"])}}
+# Phi-3 does not mark </s> special; its chat tokens (<|user|>, <|end|>, ...) are phi-3's own.
+# The real ones also strip the whitespace that follows them (rstrip), but llama.cpp strips it
+# only in a GGUF whose general.name contains "phi3" or "phi-3", which its converter does not
+# write (it names the file "Phi 3 ..."), and would then disagree with transformers on every
+# chat turn: the example's tokens keep the whitespace, in both.
+PHI3_ADDED = {2: ("</s>", False)}
 
 # SentencePiece without the space prefix (Mistral's add_prefix_space false), as transformers
 # writes it for a LlamaTokenizer.
@@ -388,7 +383,7 @@ FAMILIES: dict[str, Family] = {
                    "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": None,
                    "additional_special_tokens": QWEN25_ADDED[1:14], "clean_up_tokenization_spaces": False,
                    "errors": "replace", "model_max_length": 131072, "split_special_tokens": False},
-        added_tokens={151643 + i: (t, i < 14, False) for i, t in enumerate(QWEN25_ADDED)}),
+        added_tokens={151643 + i: (t, i < 14) for i, t in enumerate(QWEN25_ADDED)}),
     # llama.cpp has no Mistral vocabulary: Llama 2's stands in, a SentencePiece BPE model of the
     # same size, byte fallback and special ids (<unk> <s> </s> = 0 1 2) as Mistral 7B v0.1's.
     # add_prefix_space false: the template writes the space before [INST] and the answer itself,
@@ -463,14 +458,14 @@ def build_family_model(out_dir: Path, family: Family, *, seed: int = 0, chat_tem
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    template = chat_template if chat_template is not None else named_template(family.template)
+    template = chat_template if chat_template is not None else read_named_template(family.template)
 
     real_tokenizers.copy_files(family.vocab, out_dir)
     spec_path = out_dir / "tokenizer.json"
     spec = json.loads(spec_path.read_text(encoding="utf-8"))
     added = {t["id"]: t for t in spec["added_tokens"]}
-    for token_id, (content, special, rstrip) in family.added_tokens.items():
-        added[token_id] = {"id": token_id, "content": content, "single_word": False, "lstrip": False, "rstrip": rstrip,
+    for token_id, (content, special) in family.added_tokens.items():
+        added[token_id] = {"id": token_id, "content": content, "single_word": False, "lstrip": False, "rstrip": False,
                            "normalized": False, "special": special}
     spec["added_tokens"] = [added[i] for i in sorted(added)]
     spec.update(family.tokenizer_json)

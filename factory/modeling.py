@@ -342,7 +342,8 @@ def complete_tokenizer_files(source: str, out_dir: Path) -> list[str]:
     if base_config and config_path.exists():
         base = json.loads(base_config.read_text(encoding="utf-8"))
         config = json.loads(config_path.read_text(encoding="utf-8"))
-        missing = {k: base[k] for k in ("added_tokens_decoder", "add_bos_token", "add_eos_token")
+        missing = {k: base[k] for k in ("added_tokens_decoder", "add_bos_token", "add_eos_token", "legacy",
+                                         "add_prefix_space")
                    if k in base and k not in config}
         if missing:
             config.update(missing)

@@ -80,7 +80,8 @@ def build_all(log=print) -> None:
     for name in llama_cpp.VOCABS:
         start = time.monotonic()
         path = folder(name)
-        log(f"tokenizer {name}: {path} ({time.monotonic() - start:.0f} s)")
+        log(f"tokenizer {name} ready ({time.monotonic() - start:.0f} s)")
+    log(f"tokenizers in {path.parent}")
 
 
 def reference_tokenizations(name: str) -> list[tuple[str, list[int]]]:

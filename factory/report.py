@@ -1,7 +1,7 @@
 """metrics/report.md and metrics/report.html: a run's results, in one place to read or share.
 
-The loss curve and the score distributions of baseline vs fine-tuned (PNG, matplotlib), the
-gate table, the paired statistics, a sample of the examples that flipped, and the
+The loss curves (training and validation) and the score distributions of baseline vs fine-tuned
+(PNG, matplotlib), the adapter selected and why, the gate table, the paired statistics, a sample of the examples that flipped, and the
 quantization table. The runner writes the report after the gates of evaluate and of quantize
 (REPORTED_METRICS) are checked; `factory report` writes it on demand. Both forms are made from
 the same blocks: the Markdown links the PNGs in metrics/report/, the HTML embeds them, so the
@@ -97,12 +97,23 @@ def _blocks(metrics: dict[str, Any], gates: list[dict]) -> list[Block]:
     blocks.append(Heading("Training"))
     history = (training or {}).get("loss_history") or []
     if history:
-        blocks.append(Figure("loss.png", _loss_png(history), "Training loss and learning rate over steps"))
+        evals = training.get("eval_history") or []
+        blocks.append(Figure("loss.png", _loss_png(history, evals),
+                             "Training loss, validation loss and learning rate over steps" if evals
+                             else "Training loss and learning rate over steps"))
         convergence = training.get("convergence") or {}
-        blocks.append(TableBlock(["steps", "final loss", "loss drop", "tokens/s", "train seconds", "backend"], [[
+        blocks.append(TableBlock(["steps", "final loss", f"loss drop ({convergence.get('curve', 'training')})",
+                                  "tokens/s", "train seconds", "backend"], [[
             f"{training.get('steps')} / {training.get('total_steps')}", training.get("final_loss"),
             convergence.get("loss_drop"), training.get("tokens_per_second"), training.get("train_seconds"),
             training.get("backend")]]))
+        selection = training.get("selection")
+        if selection:
+            blocks.append(Paragraph(f"Adapter: {selection['adapter']} (training.select: {selection['select']}): "
+                                    f"{selection['reason']}."))
+            rows = [[name, point["step"], point["train_loss"], point["eval_loss"]]
+                    for name, point in (("best", selection.get("best")), ("last", selection.get("last"))) if point]
+            blocks.append(TableBlock(["adapter", "step", "training loss", "validation loss"], rows))
     else:
         blocks.append(Paragraph("No training statistics (metrics/training-stats.json) with a loss history."))
 
@@ -252,11 +263,15 @@ def _png(fig) -> bytes:
     return buffer.getvalue()
 
 
-def _loss_png(history: list[dict]) -> bytes:
+def _loss_png(history: list[dict], evals: list[dict]) -> bytes:
     fig = _figure()
     ax = fig.add_subplot()
     points = [h for h in history if h.get("loss") is not None]
-    ax.plot([h["step"] for h in points], [h["loss"] for h in points], color="#c2410c", label="loss")
+    ax.plot([h["step"] for h in points], [h["loss"] for h in points], color="#c2410c", label="training loss")
+    evaluated = [e for e in evals if e.get("eval_loss") is not None]
+    if evaluated:
+        ax.plot([e["step"] for e in evaluated], [e["eval_loss"] for e in evaluated], color="#047857", marker="o",
+                markersize=3, label="validation loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     rates = [h for h in points if h.get("learning_rate") is not None]
@@ -267,7 +282,9 @@ def _loss_png(history: list[dict]) -> bytes:
         right.set_ylabel("learning rate")
         lines = ax.get_lines() + right.get_lines()
         ax.legend(lines, [line.get_label() for line in lines], loc="upper center")
-    ax.set_title("Training loss")
+    else:
+        ax.legend(loc="upper center")
+    ax.set_title("Training and validation loss" if evaluated else "Training loss")
     return _png(fig)
 
 

@@ -135,6 +135,11 @@ class Workspace:
     def models_dir(self) -> Path:
         return self.root / "models"
 
+    def adapter_dir(self, which: str) -> Path:
+        """An adapter finetune keeps besides save.lora_path: `best` (lowest validation loss) or
+        `last` (end of training), seed 000's adapters/best and adapters/last."""
+        return self.models_dir / "checkpoints" / which
+
     @property
     def logs_dir(self) -> Path:
         return self.root / "logs"

@@ -30,7 +30,7 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
     identity = evaluation.split_identity(ws, test_file)
     if baseline["test_split"]["sha256"] != identity["sha256"]:
         raise InputError("the test split changed since the baseline was scored; run `factory run baseline --force`")
-    if baseline["decoding"] != evaluation.decoding(cfg) or baseline["primary"] != cfg.evaluation.primary:
+    if baseline["decoding"] != evaluation.decoding(cfg):
         raise InputError("the evaluation settings changed since the baseline was scored; run `factory run baseline --force`")
     adapter = ws.path(cfg.save.lora_path)
     if not (adapter / "adapter_config.json").exists():
@@ -45,7 +45,9 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
     model, chat = modeling.load_for_inference(cfg, ws, backend, adapter=adapter)
     result = evaluation.score_model(ctx, model, chat, records, what="fine-tuned")
 
-    primary = cfg.evaluation.primary
+    primary = result["primary"]  # the configured metric; for plain text, the language-modelling one
+    if baseline["primary"] != primary:
+        raise InputError("the evaluation settings changed since the baseline was scored; run `factory run baseline --force`")
     base_scores = [e["scores"][primary] for e in baseline["examples"]]
     tuned_scores = [e["scores"][primary] for e in result["examples"]]
     comparison = {"metric": primary, **scoring.compare(base_scores, tuned_scores, bootstrap=cfg.evaluation.bootstrap_samples,

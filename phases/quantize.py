@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from factory import handoff, llama_cpp, modeling
+from factory import handoff, llama_cpp, modeling, plan
 from factory.chat import messages
 from factory.config import FactoryConfig
 from factory.errors import InputError
@@ -73,7 +73,7 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
     # 3. the merged model's scores and next-token distributions: the reference
     model, chat = modeling.load_for_inference(cfg, ws, backend, path=str(merged_dir))
     reference = evaluation.score_model(ctx, model, chat, records, what="merged")
-    divergence = _divergence_reference(model, chat, records[:DIVERGENCE_EXAMPLES])
+    divergence = _divergence_reference(model, chat, records[:DIVERGENCE_EXAMPLES], plan.context_length(cfg))
     shapes = [tuple(p.shape) for p in model.parameters()]  # what each file's size is checked against
     del model  # the divergence reference keeps only the output embedding
     gc.collect()
@@ -106,7 +106,8 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
         "gguf_files": sum(1 for v in verified if Path(ws.path(v["path"])).is_file()),
         "worst_relative_score_drop": max(v["relative_score_drop"] for v in verified),
         "all_sizes_within_bounds": all(v["size_within_bounds"] for v in verified),
-        "all_generations_stop": all(v["generation_stops"] == 1.0 for v in verified),
+        **({} if reference.get("language_modelling") else  # plain text: no turns to end
+           {"all_generations_stop": all(v["generation_stops"] == 1.0 for v in verified)}),
         "min_tokenizer_agreement": min(v["tokenizer_agreement"] for v in verified),
         "types": verified,
         "llama_cpp": {"converter": str(converter), "llama_cpp_python": llama_cpp.LLAMA_CPP_PYTHON_VERSION,
@@ -144,8 +145,9 @@ def _merge(ctx: PhaseContext, backend, adapter: Path, merged_dir: Path, staging:
     dtype = getattr(torch, cfg.save.merged_dtype)
     base = modeling.model_path(cfg.model.name, ws)
     started = time.monotonic()
-    # the tokenizer the adapter was trained with (its template and pad token included)
-    chat = ChatFormat.from_tokenizer(AutoTokenizer.from_pretrained(adapter), cfg.dataset.chat_template)
+    # the base model's tokenizer with the chat format it was trained with (a saved copy can lose
+    # settings such as SentencePiece's `legacy`, which change the ids)
+    chat = ChatFormat.from_tokenizer(AutoTokenizer.from_pretrained(base), cfg.dataset.chat_template)
     # Causal: the logits of the first answer tokens do not depend on the rest of the conversation.
     probe_ids = [(ids[: head + MERGE_PROBE_TOKENS], head) for ids, head in (_ids_and_head(chat, r) for r in probes)]
     ctx.progress.start(3, "merge steps")
@@ -242,8 +244,11 @@ class DivergenceReference:
     examples: list[tuple[list[int], list[int], Any]]  # (token ids, labelled positions, hidden states)
 
 
-def _divergence_reference(model, chat, records: list[dict]) -> DivergenceReference:
-    rows = [chat.answer_example(r) for r in records]
+def _divergence_reference(model, chat, records: list[dict], context: int) -> DivergenceReference:
+    # cut to the context the GGUF is loaded with (training saw no more); rows left with no
+    # answer token are left out
+    rows = [(ids[:context], labels[:context]) for ids, labels in map(chat.answer_example, records)]
+    rows = [(ids, labels) for ids, labels in rows if any(label != -100 for label in labels[1:])]
     examples = []
     # batch_size 1: one example's states at a time, no padding (so the pad id is never used)
     for (index,), hidden, _ in modeling.answer_hidden_states(model, rows, batch_size=1, pad_token_id=0):
@@ -303,7 +308,7 @@ def _export(ctx: PhaseContext, converter: Path, merged_dir: Path, out_dir: Path,
 
 def _verify(ctx: PhaseContext, path: Path, gtype, shapes: list[tuple[int, ...]], chat, records: list[dict], reference: dict,
             divergence: DivergenceReference) -> dict[str, Any]:
-    from factory import evaluation, plan
+    from factory import evaluation
 
     cfg = ctx.config
     llm = llama_cpp.load(path, n_ctx=plan.context_length(cfg) + cfg.evaluation.max_new_tokens, logits_all=True)
@@ -314,7 +319,9 @@ def _verify(ctx: PhaseContext, path: Path, gtype, shapes: list[tuple[int, ...]],
     low, high = llama_cpp.expected_bits_per_weight(gtype, shapes)
 
     # tokenizer: the same ids as the HF tokenizer on every test conversation
-    texts = [chat.render(messages(r["conversations"]), generation_prompt=False) for r in records]
+    language_modelling = bool(reference.get("language_modelling"))  # plain text: nothing to generate
+    texts = [r["conversations"][0]["content"] if language_modelling else
+             chat.render(messages(r["conversations"]), generation_prompt=False) for r in records]
     same = sum(chat.tokenizer(t, add_special_tokens=False)["input_ids"] == llm.tokenize(t.encode(), add_bos=False, special=True)
                for t in texts)
 
@@ -322,19 +329,22 @@ def _verify(ctx: PhaseContext, path: Path, gtype, shapes: list[tuple[int, ...]],
     ctx.progress.start(len(records), f"examples ({gtype.name})")
     started = time.monotonic()
     predictions = []
-    for record in records:
+    for record in [] if language_modelling else records:
         out = llm.create_completion(chat.prompt_ids(record), max_tokens=cfg.evaluation.max_new_tokens, temperature=0.0, top_k=1)
         predictions.append(out["choices"][0]["text"].strip())
         ctx.progress.advance()
-    scored = evaluation.score_predictions(cfg, records, predictions, seconds=time.monotonic() - started)
-    score, merged_score = scored["primary_score"], reference["primary_score"]
-    drop = (merged_score - score) / merged_score if merged_score else merged_score - score
-
     nll_gguf, nll_merged, kl, tokens = _divergence(llm, divergence)
+    if language_modelling:  # the GGUF's token probability on the divergence documents vs the merged model's
+        score, merged_score = math.exp(-nll_gguf / tokens), math.exp(-nll_merged / tokens)
+        scored = {"scores": {reference["primary"]: score}, "examples_per_second": None, "examples": []}
+    else:
+        scored = evaluation.score_predictions(cfg, records, predictions, seconds=time.monotonic() - started)
+        score, merged_score = scored["primary_score"], reference["primary_score"]
+    drop = (merged_score - score) / merged_score if merged_score else merged_score - score
 
     # chat completion with the file's own template must stop at end of turn
     stops = agree = 0
-    checks = records[:STOP_CHECKS]
+    checks = [] if language_modelling else records[:STOP_CHECKS]
     for record, prediction in zip(checks, predictions):
         llm.reset()
         out = llm.create_chat_completion(chat.prompt_messages(record), max_tokens=cfg.evaluation.max_new_tokens, temperature=0.0, top_k=1)
@@ -384,14 +394,16 @@ def _divergence(llm, reference: DivergenceReference) -> tuple[float, float, floa
         targets = torch.tensor([ids[t] for t in positions])
         for start, merged in reference.head.chunks(hidden):
             end = start + len(merged)
-            rows = [t - 1 for t in positions[start:end]]  # the logits at t - 1 predict token t
-            theirs = torch.from_numpy(llm.scores[rows, : merged.shape[1]])
             ref = torch.log_softmax(merged.cpu(), dim=-1)
-            mine = torch.log_softmax(theirs.float(), dim=-1)
+            del merged
+            rows = [t - 1 for t in positions[start:end]]  # the logits at t - 1 predict token t
+            mine = torch.log_softmax(torch.from_numpy(llm.scores[rows, : ref.shape[1]]), dim=-1)
             chunk = targets[start:end, None]
             nll_gguf -= float(mine.gather(1, chunk).double().sum())
             nll_merged -= float(ref.gather(1, chunk).double().sum())
-            kl += float((ref.exp() * (ref - mine)).sum(dtype=torch.float64))
+            # in place, so that a chunk costs three (positions x vocabulary) arrays, not six
+            difference = mine.neg_().add_(ref)  # log p_merged - log p_gguf
+            kl += float(difference.mul_(ref.exp_()).sum(dtype=torch.float64))
         tokens += len(targets)
     return nll_gguf, nll_merged, kl, tokens
 
@@ -402,7 +414,7 @@ def _divergence(llm, reference: DivergenceReference) -> tuple[float, float, floa
 def _write_modelfile(cfg: FactoryConfig, ws: Workspace, quantized_dir: Path, type_name: str, chat) -> Path:
     """An Ollama Modelfile next to the GGUF: FROM, the TEMPLATE in Ollama's Go syntax and the
     stop tokens (both read off the model's own chat template), its sampling defaults, num_ctx."""
-    from factory import plan
+
     from factory.io import atomic_write_bytes
 
     lines = [f"# Ollama: ollama create {_model_name(cfg)} -f {ws.rel(quantized_dir / 'Modelfile')}",

@@ -273,9 +273,41 @@ def test_streamed_divergence_equals_the_full_logits_computation(tmp_path, monkey
         tokens += len(targets)
 
     monkeypatch.setattr(modeling, "LOGIT_VALUES", 3 * model.config.vocab_size)  # 3 positions a chunk
-    reference = quantize._divergence_reference(model, chat, records)
+    reference = quantize._divergence_reference(model, chat, records, 256)
     assert reference.head.positions == 3 and all(len(hidden) > 3 for _, _, hidden in reference.examples)
     streamed = quantize._divergence(llm, reference)
     assert streamed[3] == tokens
     assert streamed[0] == pytest.approx(nll_gguf, rel=1e-5) and streamed[1] == pytest.approx(nll_merged, rel=1e-5)
     assert kl > 0 and streamed[2] == pytest.approx(kl, rel=1e-3, abs=1e-7)
+
+
+# --- evaluation.max_examples with the shipped gates -----------------------------------------
+
+
+@pytest.mark.slow
+def test_max_examples_passes_the_baseline_gate_honestly(tmp_path):
+    """baseline on the first 8 test examples: the shipped baseline-established gate passes,
+    and fails when one of those 8 was not scored."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    def factory(*args):
+        return subprocess.run([sys.executable, "-m", "factory", *map(str, args)], capture_output=True, text=True,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+
+    ws = tmp_path / "ws"
+    assert factory("init", "--example", ws, "--records", 600, "--steps", 10).returncode == 0
+    (ws / "factory.yaml").write_text((ws / "factory.yaml").read_text() + "  max_examples: 8\n")  # the evaluation section
+    run = factory("run", "baseline", "-C", ws)
+    assert run.returncode == 0 and "gate baseline-established: passed" in run.stderr, run.stderr[-3000:]
+    baseline = json.loads((ws / "metrics" / "baseline.json").read_text())
+    split = json.loads((ws / "metrics" / "split.json").read_text())
+    assert baseline["num_examples"] == baseline["examples_selected"] == 8 < split["counts"]["test"]
+    assert baseline["test_split"]["records"] == split["counts"]["test"]
+
+    baseline["num_examples"] = 7
+    (ws / "metrics" / "baseline.json").write_text(json.dumps(baseline))
+    check = factory("gate", "check", "baseline-established", "-C", ws)
+    assert check.returncode == 1, check.stdout + check.stderr

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from factory import example, llama_cpp, real_tokenizers
+from factory import chat, example, llama_cpp, real_tokenizers
 
 ENV = {**os.environ, "COLUMNS": "200", "HF_HUB_OFFLINE": "1"}
 CUSTOM = "custom"  # example.CUSTOM_TEMPLATE_MODEL: another family with a template of its own
@@ -87,8 +87,8 @@ def test_named_templates_that_trl_ships_are_trls_byte_for_byte():
     trl_dir = os.path.join(os.path.dirname(trl.__file__), "chat_templates")
     for name, trl_name in TRL_TEMPLATES.items():
         with open(os.path.join(trl_dir, f"{trl_name}.jinja"), encoding="utf-8") as f:
-            assert example.named_template(name) == f.read(), name
-    assert {p.stem for p in example.TEMPLATES_DIR.glob("*.jinja")} >= {*example.FAMILIES, "alpaca", "chatml"}
+            assert chat.read_named_template(name) == f.read(), name
+    assert {p.stem for p in chat.TEMPLATES_DIR.glob("*.jinja")} >= {*example.FAMILIES, "alpaca", "chatml"}
 
 
 @pytest.mark.parametrize("name", list(REFERENCE_VOCAB))
