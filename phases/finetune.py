@@ -550,8 +550,12 @@ def _save_adapter(model, folder: Path, state: dict) -> None:
     partial = folder.with_name(f".{folder.name}.partial")
     if partial.exists():
         shutil.rmtree(partial)
-    model.save_pretrained(str(partial))
-    write_json(partial / STATE_FILE, {"schema_version": 1, **state})
+    try:
+        model.save_pretrained(str(partial))
+        write_json(partial / STATE_FILE, {"schema_version": 1, **state})
+    except BaseException:  # a full disk, an interruption: no half-written adapter left behind
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     _replace_dir(partial, folder)
 
 
