@@ -1,7 +1,8 @@
 """The `factory` command. Config is read and validated here, once, and passed in.
 
-Exit codes, everywhere: 0 ok, 1 a gate failed, 2 bad input, config or usage,
-3 an internal error (a bug: please report it with the --debug traceback), 130 interrupted.
+Exit codes, everywhere: 0 ok, 1 a gate failed, 2 bad input, config or usage (an unknown
+command or option included) or a full disk, 3 an internal error (a bug: please report it with
+the --debug traceback), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
-import click
 import orjson
 import typer
 from rich.console import Console
@@ -38,24 +38,58 @@ app = typer.Typer(
 gate_app = typer.Typer(help="List and check the quality gates (gates/*.yaml).", no_args_is_help=True)
 app.add_typer(gate_app, name="gate")
 
+def _stderr_console() -> Console:
+    """The terminal's stderr for messages and progress bars, on a descriptor of its own: a C
+    library whose chatter is sent to a file for a moment (llama.cpp, by redirecting fd 2) then
+    cannot swallow a live progress display or an error message."""
+    try:
+        stream = os.fdopen(os.dup(sys.stderr.fileno()), "w", buffering=1, encoding=sys.stderr.encoding or "utf-8",
+                           errors="backslashreplace")
+    except (OSError, ValueError, AttributeError):  # no real stderr (embedded, closed)
+        return Console(stderr=True)
+    return Console(file=stream)
+
+
 out = Console()
-err = Console(stderr=True)
+err = _stderr_console()
 
 WorkspaceOpt = Annotated[
     Path, typer.Option("--workspace", "-C", help="The workspace folder (holds factory.yaml).", show_default="current folder")
 ]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")]
-PHASE_NAMES = ["format", "split", "baseline", "finetune", "evaluate", "quantize"]
-
 _debug = False
 
 
+def _pipeline():
+    import phases
+
+    return phases.PIPELINE
+
+
+def _phase_names() -> list[str]:
+    """The phases in order, from the pipeline definition (the one list)."""
+    return [p.name for p in _pipeline()]
+
+
 def _setup(workspace: Path, debug: bool) -> Workspace:
+    """The workspace a command works on. A status left "running" by a run that was killed
+    outright is finalized here, by whichever command comes next."""
+    from factory.status import finalize_abandoned
+
     global _debug
     _debug = _debug or debug
     ws = Workspace.at(workspace)
     if not ws.root.is_dir():
         raise FactoryError(f"workspace {ws.root} does not exist; create it with `factory init {workspace}`")
+    if ws.state_dir.is_dir():
+        try:
+            rewritten = finalize_abandoned(ws)
+        except OSError as e:  # a read-only workspace can still be looked at
+            rewritten = []
+            err.print(f"[yellow]note[/]: could not check the last run's status: {e}", highlight=False)
+        for path in rewritten:
+            err.print(f"[yellow]note[/]: {path}: the last run disappeared without writing its final state "
+                      "(killed?); now marked failed", highlight=False)
     return ws
 
 
@@ -182,17 +216,18 @@ def run(
         raise
     reporter.summary(ws)
     if "quantize" in result.ran + result.skipped:
-        _handoff(cfg, ws)
+        _handoff(cfg, ws, result.handoff)
     if not result.ran and result.skipped:
         err.print("Nothing to do: every phase is unchanged (use --force to re-run).")
 
 
-def _handoff(cfg, ws: Workspace) -> None:
-    """After a verified quantize: model cards, and where everything is and how to run it."""
+def _handoff(cfg, ws: Workspace, written: list[Path]) -> None:
+    """After a verified quantize: where everything is and how to run it (the pipeline wrote
+    the model cards)."""
     from factory import handoff
 
-    cards = handoff.write_model_cards(cfg, ws)
     err.print("[bold]Your model[/]", highlight=False)
+    cards = [ws.path(card) for card in handoff.model_card_paths(cfg, ws) if ws.path(card).exists()]
     for line in handoff.summary_lines(cfg, ws) + [f"model card: {ws.rel(c)}" for c in cards]:
         err.print(f"  {line}", highlight=False, soft_wrap=True)
 
@@ -234,7 +269,7 @@ def gate_list(workspace: WorkspaceOpt = Path("."), debug: DebugOpt = False) -> N
     ws = _setup(workspace, debug)
     gates = load_gates(ws, _config(ws))
     table = Table("gate", "after", "criteria", "last result", "file")
-    order = {name: i for i, name in enumerate(PHASE_NAMES)}
+    order = {name: i for i, name in enumerate(_phase_names())}
     for gate in sorted(gates.values(), key=lambda g: (order.get(g.after, 99), g.name)):
         result_file = ws.gate_results_dir / f"{gate.name}.json"
         last = "[dim]not checked[/]"
@@ -312,9 +347,9 @@ def status(
     if watch:
         from factory.watch import watch as watch_run
 
-        watch_run(ws, out, PHASE_NAMES, {})
+        watch_run(ws, out, _phase_names(), {})
         return
-    doc = read_status(ws) or idle_status(PHASE_NAMES, {})
+    doc = read_status(ws) or idle_status(_phase_names(), {})
     if as_json:
         sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
         return
@@ -570,6 +605,9 @@ def serve(
     host: Annotated[str, typer.Option("--host", help=(
         "The address to listen on. The default is this machine only; 0.0.0.0 opens it to your network."))] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=0, max=65535, help="The port; 0 picks a free one.")] = 8765,
+    token: Annotated[Optional[str], typer.Option("--token", envvar="FACTORY_SERVE_TOKEN", help=(
+        "The token every request must carry. Required off this machine: with a non-loopback --host "
+        "and no token given, a random one is made and printed in the URL."), show_default=False)] = None,
     workspace: WorkspaceOpt = Path("."),
     debug: DebugOpt = False,
 ) -> None:
@@ -583,7 +621,7 @@ def serve(
 
     ws = _setup(workspace, debug)
     serve_dashboard(ws, host, port, lambda url: out.print(
-        f"Dashboard for {ws.root}: {url}  (Ctrl-C to stop)", highlight=False, soft_wrap=True))
+        f"Dashboard for {ws.root}: {url}  (Ctrl-C to stop)", highlight=False, soft_wrap=True), token=token)
 
 
 @app.command()
@@ -604,30 +642,60 @@ def report(workspace: WorkspaceOpt = Path("."), debug: DebugOpt = False) -> None
 # --- entry point -------------------------------------------------------------------------------
 
 
-def main() -> None:
+def _cli_exceptions() -> tuple[tuple, tuple, tuple]:
+    """The (exit, abort, usage error) exception classes of the Typer in use: its own (newer
+    Typers vendor click), and click's where an older Typer raises those."""
+    exits, aborts, usage = [typer.Exit], [typer.Abort], [typer.exceptions.TyperException]
     try:
-        app(standalone_mode=False)
-    except click.exceptions.Exit as e:
+        import click
+    except ImportError:
+        pass
+    else:
+        exits.append(click.exceptions.Exit)
+        aborts.append(click.exceptions.Abort)
+        usage.append(click.exceptions.ClickException)
+    return tuple(exits), tuple(aborts), tuple(usage)
+
+
+def main() -> None:
+    from factory.redact import redact
+
+    exits, aborts, usage_errors = _cli_exceptions()
+    try:
+        # Not standalone, so that errors come here; a Ctrl-C, and an Exit raised by a command,
+        # then come back as the exit code (Typer turns KeyboardInterrupt into Exit(130)).
+        code = app(standalone_mode=False, prog_name="factory")
+        if code == EXIT_INTERRUPTED:
+            raise KeyboardInterrupt
+        sys.exit(code if isinstance(code, int) else 0)
+    except exits as e:
         sys.exit(e.exit_code)
-    except click.exceptions.Abort:
+    except aborts:
         err.print("interrupted")
         sys.exit(EXIT_INTERRUPTED)
-    except click.exceptions.ClickException as e:
-        e.show()
+    except usage_errors as e:  # an unknown command or option, a bad value: say what, show the usage
+        if hasattr(e, "show"):
+            e.show(file=err.file)
+        else:
+            err.print(f"Error: {e.format_message()}", highlight=False)
+        if getattr(e, "ctx", None) is None:
+            err.print("Try 'factory --help' for the commands, 'factory COMMAND --help' for their options.",
+                      highlight=False)
         sys.exit(EXIT_USAGE)
     except (KeyboardInterrupt, Cancelled) as e:
-        err.print(f"[yellow]interrupted[/]: {e or 'Ctrl-C'}; the status file records where it stopped")
+        err.print(f"[yellow]interrupted[/]: {str(e) or 'Ctrl-C'}; the status file records where it stopped")
         sys.exit(EXIT_INTERRUPTED)
     except FactoryError as e:
         if _debug:
             err.print_exception()
-        err.print(f"[red]error[/]: {e}", highlight=False, soft_wrap=True)  # commands in messages stay copyable
+        err.print(f"[red]error[/]: {redact(str(e))}", highlight=False, soft_wrap=True)  # commands in messages stay copyable
         sys.exit(e.exit_code)
     except Exception as e:  # a bug, not the user's doing
         if _debug:
             err.print_exception()
         else:
-            err.print(f"[red]internal error[/]: {type(e).__name__}: {e}\nRe-run with --debug for the traceback and please report it.")
+            err.print(f"[red]internal error[/]: {type(e).__name__}: {redact(str(e))}\n"
+                      "Re-run with --debug for the traceback and please report it.")
         sys.exit(EXIT_INTERNAL)
 
 

@@ -1,8 +1,9 @@
 """The handoff after quantize (seed 004 "Next steps"): model cards and how to run the model.
 
-Written by the CLI once the quantization-verified gate has passed, so a card only ever
-describes a model that earned it, with every gate's result. It reads the metrics and gate
-result files of the run; it computes nothing new.
+Written by the pipeline (the quantize phase's `after_gates` step) once the quantize gates
+have passed, so a card only ever describes a model that earned it, with every gate's result,
+and a caller of the Python API gets them as the CLI does. It reads the metrics and gate result
+files of the run; it computes nothing new.
 """
 
 from __future__ import annotations
@@ -12,22 +13,34 @@ from typing import Any
 
 from factory.config import FactoryConfig
 from factory.io import atomic_write_bytes, read_json_if_exists
-from factory.workspace import Workspace
+from factory.workspace import Workspace, record_created
+
+CARD = "README.md"
+
+
+def model_card_paths(cfg: FactoryConfig, ws: Workspace) -> list[Path]:
+    """Where the cards go: README.md in the merged and in the quantized folder."""
+    return [ws.path(cfg.save.merged_path) / CARD, ws.path(cfg.save.gguf_path) / CARD]
 
 
 def write_model_cards(cfg: FactoryConfig, ws: Workspace) -> list[Path]:
-    """README.md in the merged and the quantized folders; returns their paths."""
+    """README.md in the merged and the quantized folders; returns the cards whose content
+    changed (an unchanged card is not rewritten, so an unchanged run stays unchanged)."""
     from factory.gates import last_results
 
     metrics = {name: read_json_if_exists(ws.metrics_file(name)) or {}
                for name in ("split", "training-stats", "evaluation", "quantization")}
     gates = last_results(ws)
     written = []
-    for folder, what in ((ws.path(cfg.save.merged_path), "merged"), (ws.path(cfg.save.gguf_path), "quantized")):
-        if folder.is_dir():
-            path = folder / "README.md"
-            atomic_write_bytes(path, _card(cfg, ws, what, metrics, gates).encode())
-            written.append(path)
+    for path, what in zip(model_card_paths(cfg, ws), ("merged", "quantized")):
+        if not path.parent.is_dir():
+            continue
+        card = _card(cfg, ws, what, metrics, gates).encode()
+        if path.exists() and path.read_bytes() == card:
+            continue
+        atomic_write_bytes(path, card)
+        record_created(ws, path.parent if what == "merged" else path)  # the merged folder is replaced whole later
+        written.append(path)
     return written
 
 

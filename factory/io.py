@@ -1,12 +1,19 @@
-"""Small file helpers shared by the engine and the phases: atomic writes and hashing."""
+"""Small file helpers shared by the engine and the phases: atomic writes, hashing, and a few
+switches scoped to where they are needed."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import json
 import os
+import sys
 import tempfile
+import threading
+import zipfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import orjson
 
@@ -47,12 +54,21 @@ def read_json_if_exists(path: Path) -> Any | None:
         return None
 
 
+_OPEN_OUTPUTS = threading.local()  # the AtomicOutputs open in this thread, outermost first
+
+
 class AtomicOutput:
     """A file opened for binary writing that appears at `path` only on success.
 
-    Use as a context manager: on an exception the partial file is removed, so an
-    interrupted phase never leaves a half-written artifact where the next phase reads.
-    Keeps a running SHA-256 of what was written.
+    Use as a context manager: on an exception (a full disk included, which can also surface
+    when the last buffer is flushed) the partial file is removed, so an interrupted phase
+    never leaves a half-written artifact where the next phase reads. Keeps a running SHA-256
+    of what was written.
+
+    Outputs opened together (`with AtomicOutput(a) as x, AtomicOutput(b) as y:`) appear
+    together: one that completes inside another waits, written and synced, until the
+    outermost completes, and is removed if it fails; a phase never leaves `b` new and `a`
+    missing.
     """
 
     def __init__(self, path: Path):
@@ -60,10 +76,12 @@ class AtomicOutput:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = self.path.with_name(f".{self.path.name}.partial")
         self._file = None
+        self._waiting: list[AtomicOutput] = []  # completed inner outputs, renamed when this one is
         self.sha256 = hashlib.sha256()
 
     def __enter__(self) -> "AtomicOutput":
         self._file = open(self._tmp, "wb", buffering=1 << 20)
+        _open_outputs().append(self)
         return self
 
     def write(self, data: bytes) -> None:
@@ -71,11 +89,33 @@ class AtomicOutput:
         self.sha256.update(data)
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self._file.close()
-        if exc_type is None:
-            os.replace(self._tmp, self.path)
+        stack = _open_outputs()
+        stack.remove(self)
+        try:
+            if exc_type is None:
+                self._file.flush()
+                os.fsync(self._file.fileno())
+            self._file.close()
+        except BaseException:
+            self._discard()
+            raise
+        if exc_type is not None:
+            self._discard()
+        elif stack:  # inside another output that is still being written
+            stack[-1]._waiting += [self, *self._waiting]
         else:
-            self._tmp.unlink(missing_ok=True)
+            for output in (*self._waiting, self):
+                os.replace(output._tmp, output.path)
+
+    def _discard(self) -> None:
+        for output in (self, *self._waiting):
+            output._tmp.unlink(missing_ok=True)
+
+
+def _open_outputs() -> list[AtomicOutput]:
+    if not hasattr(_OPEN_OUTPUTS, "stack"):
+        _OPEN_OUTPUTS.stack = []
+    return _OPEN_OUTPUTS.stack
 
 
 def file_sha256(path: Path) -> str:
@@ -84,3 +124,51 @@ def file_sha256(path: Path) -> str:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+# --- checking a file someone else wrote -----------------------------------------------------
+
+
+def damaged_file_problem(path: Path) -> str | None:
+    """Why a saved file cannot be read back whole (None: it can), cheaply and without the
+    library that wrote it: a safetensors file must be exactly as long as its header says, a
+    torch .pt/.pth/.bin (a zip archive) must pass its CRC checks, a .json must parse."""
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            with open(path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    return "shorter than a safetensors header"
+                header_size = int.from_bytes(head, "little")
+                header = json.loads(f.read(header_size))
+            ends = [info["data_offsets"][1] for name, info in header.items() if name != "__metadata__"]
+            expected = 8 + header_size + max(ends, default=0)
+            size = path.stat().st_size
+            if size != expected:
+                return f"{size} bytes where its header describes {expected} (truncated)"
+        elif path.suffix in (".pt", ".pth", ".bin") and zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+            if bad:
+                return f"member {bad} fails its CRC check"
+        elif path.suffix == ".pt" or path.suffix == ".pth":
+            return "not a readable torch archive (truncated)"
+        elif path.suffix == ".json":
+            json.loads(path.read_bytes())
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as e:
+        return f"unreadable ({type(e).__name__}: {e})"
+    return None
+
+
+# --- process-wide switches, scoped -------------------------------------------------------------
+
+
+@contextmanager
+def csv_field_size_limit(limit: int = min(sys.maxsize, 2**31 - 1)) -> Iterator[None]:
+    """csv.field_size_limit is process-wide: raise it for one reader, then put it back."""
+    previous = csv.field_size_limit(limit)
+    try:
+        yield
+    finally:
+        csv.field_size_limit(previous)

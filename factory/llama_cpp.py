@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from factory.errors import InputError
+from factory.errors import InputError, disk_full, is_disk_full
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 CONVERTER = "convert_hf_to_gguf.py"
@@ -183,7 +183,10 @@ def convert(llama_cpp: Path, model_dir: Path, out_file: Path, outtype: str, log_
         )
     if done.returncode != 0:
         tail = "".join(log_file.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)[-15:])
+        full = _out_of_space(out_file.parent, tail)
         tmp.unlink(missing_ok=True)
+        if full:
+            raise disk_full(out_file.parent, f"writing {out_file.name}")
         raise InputError(f"llama.cpp's converter failed on {model_dir} (exit {done.returncode}); "
                          f"full log in {log_file}:\n{tail}")
     os.replace(tmp, out_file)
@@ -200,9 +203,19 @@ def quantize(source: Path, out_file: Path, gtype: GGUFType, threads: int, log_fi
     with _native_stderr_to(log_file):
         code = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), params)
     if code != 0:
+        full = _out_of_space(out_file.parent, log_file.read_text(encoding="utf-8", errors="replace")[-4000:])
         tmp.unlink(missing_ok=True)
+        if full:
+            raise disk_full(out_file.parent, f"writing {out_file.name}")
         raise InputError(f"llama.cpp could not quantize {source.name} to {gtype.name} (code {code}); see {log_file}")
     os.replace(tmp, out_file)
+
+
+def _out_of_space(folder: Path, log_text: str) -> bool:
+    """Whether a llama.cpp write into `folder` failed for lack of space: its log says so, or
+    (when the log itself could not be written) the disk is full now, before the partial file
+    is removed."""
+    return is_disk_full(OSError(log_text), folder)
 
 
 @contextmanager
@@ -250,8 +263,8 @@ def load(path: Path, *, n_ctx: int, logits_all: bool = False, threads: int | Non
     runtime_module = runtime()
     where = placement()
     with _kernels(plain=where["plain_cpu_kernels"]), _native_stderr_to(os.devnull):  # notes such as "using full-size SWA cache"
-        return runtime_module.Llama(str(path), n_ctx=n_ctx, logits_all=logits_all, verbose=False, seed=0,
-                                    n_gpu_layers=where["n_gpu_layers"], n_threads=threads or max(1, os.cpu_count() or 1))
+        return _bounded(runtime_module.Llama)(str(path), n_ctx=n_ctx, logits_all=logits_all, verbose=False, seed=0,
+                                              n_gpu_layers=where["n_gpu_layers"], n_threads=threads or max(1, os.cpu_count() or 1))
 
 
 @contextmanager
@@ -282,6 +295,27 @@ def use_plain_cpu_kernels() -> None:
         return params
 
     llama_module.llama_cpp.llama_model_default_params = plain_kernels
+
+
+def _bounded(llama_class):
+    """Llama whose generation ends at the end of its context instead of failing there.
+
+    llama-cpp-python 0.3's completion loop holds back a token that ends in an incomplete UTF-8
+    sequence and then skips its own max_tokens check (`continue`), so a model that keeps
+    emitting such byte tokens (an undertrained one does) generates until the context is full
+    and dies with "could not broadcast input array ... into shape (0,)": an internal error on
+    the user's model. Stopping there gives a completion that ends with finish_reason "length".
+    """
+
+    class BoundedLlama(llama_class):
+        def generate(self, tokens, *args, **kwargs):
+            rows = self.scores.shape[0]
+            for token in super().generate(tokens, *args, **kwargs):
+                if self.n_tokens >= rows:  # evaluating this token would run past the context
+                    return
+                yield token
+
+    return BoundedLlama
 
 
 def cpu_has_amx(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:

@@ -6,6 +6,10 @@ returns its metrics as a dict. The runner owns everything else: it writes the re
 metrics to metrics/<metrics>.json, checks the gates attached to the phase, keeps the
 fingerprints that let an unchanged phase be skipped, and writes the status files.
 Phases never write status and never read gates.
+
+A phase replaces its outputs whole (factory.workspace.staged_dir for a folder,
+factory.io.AtomicOutput for a file): a run killed or out of disk halfway leaves the previous
+output or nothing, never half of one.
 """
 
 from __future__ import annotations
@@ -63,5 +67,22 @@ class Phase:
     """Files (or folders) whose content is part of the fingerprint."""
 
     outputs: Callable[[FactoryConfig, Workspace], list[Path]] = field(default=lambda cfg, ws: [])
-    """Artifacts that must still exist for the phase to be skipped."""
+    """Artifacts that must still exist for the phase to be skipped. The runner checks, before
+    the phase runs, that it may replace each (factory.workspace.check_replaceable), and records
+    them as the factory's after a success."""
+
+    libraries: tuple[str, ...] = ()
+    """Distributions whose installed versions are part of the fingerprint (e.g. "torch")."""
+
+    after_gates: Callable[[FactoryConfig, Workspace], list[Path]] | None = None
+    """Run by the runner once the phase's gates have passed (also when it was skipped as
+    unchanged): what is only true of an output that earned it, e.g. model cards. Returns the
+    files written."""
+
+
+# The libraries whose versions change what a model phase computes (absent ones count as None).
+MODEL_LIBRARIES = ("torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers", "unsloth", "unsloth_zoo",
+                   "bitsandbytes")
+TRAINING_LIBRARIES = MODEL_LIBRARIES + ("trl", "datasets")
+GGUF_LIBRARIES = MODEL_LIBRARIES + ("llama-cpp-python",)
 

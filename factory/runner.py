@@ -3,20 +3,20 @@
 The engine knows nothing about what a phase does (see factory.phase for the contract),
 like DVC's reproduce loop knows nothing about a stage's command. For each phase:
 
-1. fingerprint its config sections, its input files and its code; if that matches the last
-   success and its outputs are untouched, skip it;
-2. otherwise run it, write the metrics it returns to metrics/<stem>.json, store the
-   fingerprint;
+1. fingerprint its code, config sections and input files (factory.fingerprint); if that
+   matches the last success and its outputs are untouched, skip it;
+2. otherwise forget its last success, check that its outputs may be replaced, run it, write
+   the metrics it returns to metrics/<stem>.json, store the fingerprint;
 3. check the gates attached to it (also when skipped: thresholds may have changed), and
-   stop the run on a failure.
+   stop the run on a failure; after they pass, run the phase's `after_gates` step.
 
-Status is written at every change, and a final state is written on the way out whatever
-happens (an error, Ctrl-C, SIGTERM).
+Status is written at every change, refreshed by a heartbeat while the run lasts, and a final
+state is written on the way out whatever happens (an error, a full disk, Ctrl-C, SIGTERM);
+a status left "running" by a process killed outright is finalized by the next command.
 """
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import signal
@@ -27,18 +27,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator, Protocol
 
-import orjson
-import xxhash
-
-from factory import __version__
+from factory import fingerprint as fingerprints
 from factory.config import FactoryConfig
-from factory.errors import Cancelled, FactoryError, GateFailed
+from factory.errors import Cancelled, FactoryError, GateFailed, disk_full, is_disk_full
 from factory.gates import Gate, check_gate, gates_after, load_gates
-from factory.io import read_json, write_json
+from factory.io import read_json_if_exists, write_json
 from factory.phase import Phase, PhaseContext
+from factory.redact import RedactingFormatter
 from factory.report import REPORTED_METRICS, write_report
-from factory.status import StatusWriter, TrainingStatus
-from factory.workspace import Workspace
+from factory.status import Heartbeat, StatusWriter, TrainingStatus, finalize_abandoned, run_lock
+from factory.workspace import Workspace, check_replaceable, discard_unfinished, output_settings, record_created
 
 log = logging.getLogger("factory")
 
@@ -70,6 +68,8 @@ class RunResult:
     ran: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     gates: list[dict] = field(default_factory=list)
+    handoff: list[Path] = field(default_factory=list)
+    """Files the phases' after_gates steps wrote (the model cards)."""
 
 
 def select_phases(pipeline: tuple[Phase, ...], target: str | None, only: str | None) -> list[Phase]:
@@ -100,65 +100,106 @@ def run_pipeline(
 ) -> RunResult:
     selected = select_phases(pipeline, target, only)
     gates = load_gates(ws, cfg)
+    settings = output_settings(cfg, ws)  # none may be the workspace or contain it: refused before anything runs
     reporter = reporter or _Silent()
     result = RunResult()
-    with _exclusive(ws), _sigterm_as_cancel(), _log_to_file(ws):
+    with run_lock(ws), _sigterm_as_cancel(), _log_to_file(ws):
+        for rewritten in finalize_abandoned(ws, lock_held=True):
+            reporter.note(f"{rewritten}: the previous run had disappeared without a final state; marked failed")
+        for removed in discard_unfinished(ws):
+            log.info("removed %s: the previous run stopped while writing it", removed)
         status = StatusWriter(ws, [p.name for p in pipeline], {p.name: p.summary for p in pipeline}, only or target)
+        cache = fingerprints.HashCache(ws)
+        heartbeat = Heartbeat(status)
         for phase in selected:
             status.reset_phase(phase.name)
         status.write()
         current: Phase | None = None
         try:
-            for phase in selected:
-                current = phase
-                _run_one(phase, cfg, ws, status, reporter, force, result, options or {})
-                try:
-                    for gate in gates_after(gates, phase.name):
-                        _check(gate, phase, ws, pipeline, status, reporter, result)
-                finally:  # a failed gate belongs in the report too
-                    if phase.metrics in REPORTED_METRICS:
-                        _write_report(ws, reporter)
-                current = None
+            with heartbeat:
+                for phase in selected:
+                    current = phase
+                    ran = _run_one(phase, cfg, ws, status, reporter, force, result, options or {}, cache, heartbeat,
+                                   settings)
+                    stale_report = ran or not (ws.metrics_dir / "report.md").exists()
+                    try:
+                        for gate in gates_after(gates, phase.name):
+                            stale_report |= _check(gate, phase, ws, pipeline, status, reporter, result)
+                    except GateFailed:
+                        stale_report = True  # a failed gate belongs in the report too
+                        raise
+                    finally:
+                        if phase.metrics in REPORTED_METRICS and stale_report:
+                            _write_report(ws, reporter)
+                    if phase.after_gates is not None:
+                        _after_gates(phase, cfg, ws, reporter, result, cache)
+                    current = None
         except BaseException as exc:
+            exc = _as_user_error(exc, ws, f"running {current.name}" if current else "writing the run's results")
             error = {"type": _error_type(exc), "message": str(exc) or _error_type(exc)}
-            if current is not None and status.phase(current.name)["state"] == "running":
-                status.phase_finished(current.name, "failed", error=error)
             cancelled = isinstance(exc, (KeyboardInterrupt, Cancelled))
+            if current is not None and status.phase(current.name)["state"] == "running":
+                status.phase_finished(current.name, "cancelled" if cancelled else "failed", error=error)
             status.finish("cancelled" if cancelled else "failed", error)
             if isinstance(exc, GateFailed):  # a failed gate is a result the tracker's run should show
                 _log_to_trackers(ws, result, reporter)
-            raise
+            raise exc
+        finally:
+            _save_hash_cache(cache)
         status.finish("succeeded")
         _log_to_trackers(ws, result, reporter)
     return result
 
 
+def _save_hash_cache(cache: fingerprints.HashCache) -> None:
+    """What was hashed stays known after a failed run too; a cache that cannot be written
+    (a full disk) only means hashing again."""
+    try:
+        cache.save()
+    except OSError as e:
+        log.warning("hash cache not saved: %s", e)
+
+
 def _run_one(phase: Phase, cfg: FactoryConfig, ws: Workspace, status: StatusWriter, reporter: Reporter,
-             force: bool, result: RunResult, options: dict) -> None:
+             force: bool, result: RunResult, options: dict, cache: fingerprints.HashCache, heartbeat: Heartbeat,
+             settings: dict[Path, str]) -> bool:
+    """Run or skip one phase; True when it ran."""
     metrics_path = ws.metrics_file(phase.metrics)
-    fingerprint = compute_fingerprint(phase, cfg, ws)
-    reason = None if force else _unchanged_reason(phase, cfg, ws, fingerprint, metrics_path)
+    fingerprint = fingerprints.compute(phase, cfg, ws, cache)
+    reason = None if force else fingerprints.unchanged_reason(phase, cfg, ws, fingerprint, cache)
     if reason:
         status.phase_finished(phase.name, "skipped", reason=reason, metrics_file=ws.rel(metrics_path))
         reporter.phase_finished(phase, "skipped", 0.0, reason)
         result.skipped.append(phase.name)
         log.info("%s: skipped (%s)", phase.name, reason)
-        return
+        return False
 
+    for output in phase.outputs(cfg, ws):  # refuse before any work, not after an hour of it
+        check_replaceable(ws, output, settings.get(Path(os.path.abspath(output)), f"the {phase.name} phase's output"))
+    fingerprints.invalidate(ws, phase)
     status.phase_started(phase.name, ws.rel(metrics_path))
     reporter.phase_started(phase)
     log.info("%s: started", phase.name)
-    started = time.monotonic()
+    started, started_wall = time.monotonic(), time.time()
     progress = _PhaseProgress(phase, status, reporter)
     training = TrainingStatus(ws, status.run_id, phase.name)
+    heartbeat.writers.append(training)
     context = PhaseContext(cfg, ws, progress, logging.getLogger(f"factory.{phase.name}"), status.run_id,
                            training, options)
     try:
         metrics = phase.run(context)
     except BaseException as exc:
+        exc = _as_user_error(exc, ws, f"running {phase.name}")  # while the disk is as the failure left it
+        try:
+            discard_unfinished(ws)  # on a full disk, that is the space the final status needs
+            _record_written_since(phase, cfg, ws, started_wall)
+        except OSError as e:
+            log.warning("could not tidy up after %s: %s", phase.name, e)
         cancelled = isinstance(exc, (KeyboardInterrupt, Cancelled))
         training.finish("cancelled" if cancelled else "failed", f"{_error_type(exc)}: {exc}")
-        raise
+        raise exc
+    finally:
+        heartbeat.writers.remove(training)
     training.finish("succeeded")
     progress.flush()
     seconds = time.monotonic() - started
@@ -169,15 +210,63 @@ def _run_one(phase: Phase, cfg: FactoryConfig, ws: Workspace, status: StatusWrit
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **metrics,
     })
-    _store_fingerprint(phase, cfg, ws, fingerprint, status.run_id)
+    for output in phase.outputs(cfg, ws):
+        if output.exists():
+            record_created(ws, output)
+    fingerprints.store(phase, cfg, ws, fingerprint, status.run_id, cache)
     status.phase_finished(phase.name, "succeeded", metrics_file=ws.rel(metrics_path))
     reporter.phase_finished(phase, "succeeded", seconds, ws.rel(metrics_path))
     result.ran.append(phase.name)
     log.info("%s: succeeded in %.1fs; metrics in %s", phase.name, seconds, ws.rel(metrics_path))
+    return True
+
+
+def _record_written_since(phase: Phase, cfg: FactoryConfig, ws: Workspace, since: float) -> None:
+    """Outputs a failed phase wrote whole before it failed are still the factory's to replace."""
+    for output in phase.outputs(cfg, ws):
+        try:
+            stat = output.stat()
+        except FileNotFoundError:
+            continue
+        if max(stat.st_mtime, stat.st_ctime) >= since - 1.0:
+            record_created(ws, output)
+
+
+def _after_gates(phase: Phase, cfg: FactoryConfig, ws: Workspace, reporter: Reporter, result: RunResult,
+                 cache: fingerprints.HashCache) -> None:
+    written = phase.after_gates(cfg, ws)
+    if written:
+        result.handoff += written
+        fingerprints.refresh_outputs(phase, cfg, ws, cache)
+        log.info("%s: wrote %s", phase.name, ", ".join(ws.rel(p) for p in written))
+
+
+def _as_user_error(exc: BaseException, ws: Workspace, what: str) -> BaseException:
+    """A full disk is the user's to fix, however deep in a library it surfaced: DiskFull
+    (exit 2) naming the disk, instead of an internal error."""
+    if not isinstance(exc, Exception) or isinstance(exc, FactoryError):
+        return exc
+    where = next((e.filename for e in _chain(exc) if isinstance(e, OSError) and e.filename), None) or ws.root
+    if is_disk_full(exc, where):
+        user_error = disk_full(where, what)
+        user_error.__cause__ = exc
+        return user_error
+    return exc
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
 
 
 def _check(gate: Gate, phase: Phase, ws: Workspace, pipeline: tuple[Phase, ...], status: StatusWriter,
-           reporter: Reporter, result: RunResult) -> None:
+           reporter: Reporter, result: RunResult) -> bool:
+    """Check one gate; raise GateFailed when it fails. Returns whether its outcome differs from
+    the last check's."""
+    previous = read_json_if_exists(ws.gate_results_dir / f"{gate.name}.json") or {}
     outcome = check_gate(gate, ws, metrics_producers(pipeline), status.run_id)
     status.gate_checked(phase.name, outcome)
     reporter.gate_checked(outcome)
@@ -186,6 +275,7 @@ def _check(gate: Gate, phase: Phase, ws: Workspace, pipeline: tuple[Phase, ...],
     if not outcome["passed"]:
         failed = [c["metric"] for c in outcome["criteria"] if c["passed"] is False]
         raise GateFailed(f"gate {gate.name} failed after {phase.name} on: {', '.join(failed)}", [outcome])
+    return (previous.get("passed"), previous.get("criteria")) != (outcome["passed"], outcome["criteria"])
 
 
 def _write_report(ws: Workspace, reporter: Reporter) -> None:
@@ -237,82 +327,7 @@ class _PhaseProgress:
             self.status.phase_progress(self.phase.name, self.done, self.total, self.unit, force=True)
 
 
-# --- fingerprints ------------------------------------------------------------------------
-
-
-def compute_fingerprint(phase: Phase, cfg: FactoryConfig, ws: Workspace) -> dict:
-    """What the phase's output depends on: config sections, input contents, phase code."""
-    code = Path(phase.run.__code__.co_filename)
-    return {
-        "factory_version": __version__,
-        "code": _hash_path(code),
-        "config": {s: cfg.section(s) for s in phase.config_sections},
-        "inputs": {ws.rel(p): _hash_path(p) for p in phase.inputs(cfg, ws)},
-    }
-
-
-def _unchanged_reason(phase: Phase, cfg: FactoryConfig, ws: Workspace, fingerprint: dict, metrics_path: Path) -> str | None:
-    stored_file = ws.fingerprints_dir / f"{phase.name}.json"
-    try:
-        stored = read_json(stored_file)
-    except (FileNotFoundError, orjson.JSONDecodeError):
-        return None
-    if stored.get("fingerprint") != fingerprint or not metrics_path.exists():
-        return None
-    for rel, digest in stored.get("outputs", {}).items():
-        path = ws.path(rel)
-        if not path.exists() or _hash_path(path) != digest:
-            return None
-    return "config, inputs and outputs unchanged since the last success"
-
-
-def _store_fingerprint(phase: Phase, cfg: FactoryConfig, ws: Workspace, fingerprint: dict, run_id: str) -> None:
-    write_json(ws.fingerprints_dir / f"{phase.name}.json", {
-        "schema_version": 1,
-        "phase": phase.name,
-        "run_id": run_id,
-        "fingerprint": fingerprint,
-        "outputs": {ws.rel(p): _hash_path(p) for p in phase.outputs(cfg, ws) if p.exists()},
-    })
-
-
-def _hash_path(path: Path) -> str | None:
-    """Content hash of a file, or of every file under a folder (names included); None if absent."""
-    path = Path(path)
-    if not path.exists():
-        return None
-    digest = xxhash.xxh3_128()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
-        with open(file, "rb") as f:
-            while chunk := f.read(1 << 22):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
 # --- process guards ----------------------------------------------------------------------
-
-
-@contextmanager
-def _exclusive(ws: Workspace) -> Iterator[None]:
-    """One run per workspace. flock is released by the kernel if the process dies."""
-    ws.state_dir.mkdir(parents=True, exist_ok=True)
-    with open(ws.lock_file, "a+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            holder = lock.read().strip() or "?"
-            raise FactoryError(f"another factory run (pid {holder}) is using {ws.root}; wait for it or stop it") from None
-        lock.seek(0)
-        lock.truncate()
-        lock.write(str(os.getpid()))
-        lock.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @contextmanager
@@ -336,7 +351,7 @@ def _sigterm_as_cancel() -> Iterator[None]:
 def _log_to_file(ws: Workspace) -> Iterator[None]:
     ws.logs_dir.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(ws.logs_dir / "factory.log", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("factory")
     root.addHandler(handler)
     previous_level = root.level

@@ -16,19 +16,29 @@ route maps to one known output, a phase name is looked up in the pipeline, and t
 assets are read into memory at start, so no path can reach anything else. The JSON is the
 files' bytes as written (atomically, so never torn); every response says `no-store`.
 Errors are JSON too: {"error": message, "status": code}.
+
+The API serves prompts, references and predictions. On a loopback address only requests
+addressed to it are answered (the Host check, against DNS rebinding). Any other address
+(`--host 0.0.0.0`) reaches the network, so every request must carry the server's token
+(given with --token, or generated at start and printed in the URL): as `?token=` (the
+printed URL; the page then keeps it in a same-site cookie), a `factory_token` cookie, or an
+`Authorization: Bearer` header.
 """
 
 from __future__ import annotations
 
 import errno
+import hmac
 import ipaddress
+import secrets
 import socket
 import socketserver
 from http import HTTPStatus
+from http.cookies import CookieError, SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import orjson
 
@@ -46,6 +56,7 @@ PAGE_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src
 # The report is one self-contained file: inline styles, images as data: URIs, no scripts.
 REPORT_POLICY = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; frame-ancestors 'none'"
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
+TOKEN_COOKIE = "factory_token"
 
 
 class ApiError(Exception):
@@ -57,8 +68,10 @@ class ApiError(Exception):
 class DashboardServer(ThreadingHTTPServer):
     daemon_threads = True  # a poller's open connection must not keep Ctrl-C from stopping the server
 
-    def __init__(self, ws: Workspace, host: str, port: int):
+    def __init__(self, ws: Workspace, host: str, port: int, token: str | None = None):
         import phases
+
+        self.token = token
 
         self.ws = ws
         self.phase_metrics = {p.name: p.metrics for p in phases.PIPELINE + phases.ON_REQUEST}
@@ -80,6 +93,10 @@ class DashboardServer(ThreadingHTTPServer):
     def url(self) -> str:
         host, port = self.server_address[:2]
         return f"http://{f'[{host}]' if ':' in host else host}:{port}/"
+
+    @property
+    def url_with_token(self) -> str:
+        return self.url + (f"?token={quote(self.token)}" if self.token else "")
 
     # --- the routes' content ---------------------------------------------------------
 
@@ -155,7 +172,10 @@ class DashboardHandler(BaseHTTPRequestHandler):
     def _answer(self, send_body: bool) -> None:
         try:
             self._check_host()
+            cookie = self._check_token()
             body, content_type, headers = self._route(unquote(urlsplit(self.path).path))
+            if cookie:
+                headers = {**headers, "Set-Cookie": cookie}
         except ApiError as e:
             self._error(e, send_body)
         except Exception as e:  # a bug: answer in JSON and keep serving
@@ -197,6 +217,27 @@ class DashboardHandler(BaseHTTPRequestHandler):
         if name.lower() not in LOOPBACK_NAMES:
             raise ApiError(HTTPStatus.FORBIDDEN, f"Host {host!r} is not this server; use {self.server.url}")
 
+    def _check_token(self) -> str | None:
+        """When the server has a token, every request must carry it; a valid `?token=` gets it
+        back as a cookie (returned, for Set-Cookie), so the page's own requests carry it."""
+        token = self.server.token
+        if token is None:
+            return None
+        from_query = parse_qs(urlsplit(self.path).query).get("token", [None])[0]
+        from_header = self.headers.get("Authorization", "")
+        from_header = from_header[7:].strip() if from_header[:7].lower() == "bearer " else None
+        try:
+            from_cookie = SimpleCookie(self.headers.get("Cookie", "")).get(TOKEN_COOKIE)
+        except CookieError:
+            from_cookie = None
+        for given in (from_query, from_header, from_cookie.value if from_cookie else None):
+            if given is not None and hmac.compare_digest(given.encode(), token.encode()):
+                if given is from_query:
+                    return f"{TOKEN_COOKIE}={quote(token)}; Path=/; HttpOnly; SameSite=Strict"
+                return None
+        raise ApiError(HTTPStatus.UNAUTHORIZED, "this server needs its token: open the URL `factory serve` printed "
+                       "(it ends in ?token=...), or send `Authorization: Bearer TOKEN`", {"WWW-Authenticate": "Bearer"})
+
     def _error(self, error: ApiError, send_body: bool) -> None:
         body = orjson.dumps({"error": error.message, "status": int(error.status)})
         self._send(error.status, body, "application/json", error.headers, send_body)
@@ -226,16 +267,20 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def serve(ws: Workspace, host: str, port: int, announce: Callable[[str], None]) -> None:
-    """Serve until Ctrl-C. `announce` gets the URL once the socket is listening (port 0 picks one)."""
+def serve(ws: Workspace, host: str, port: int, announce: Callable[[str], None], token: str | None = None) -> None:
+    """Serve until Ctrl-C. `announce` gets the URL (with the token, if any) once the socket is
+    listening (port 0 picks one). A non-loopback address always gets a token: `token`, or a
+    new random one."""
+    if token is None and not _is_loopback(host):
+        token = secrets.token_urlsafe(24)
     try:
-        server = DashboardServer(ws, host, port)
+        server = DashboardServer(ws, host, port, token)
     except OSError as e:
         if e.errno == errno.EADDRINUSE:
             raise FactoryError(f"port {port} on {host} is in use; pick another with --port (0 picks a free one)") from None
         raise FactoryError(f"cannot listen on {host}:{port}: {e.strerror}") from None
     with server:
-        announce(server.url)
+        announce(server.url_with_token)
         try:
             server.serve_forever(poll_interval=0.2)
         except KeyboardInterrupt:

@@ -15,7 +15,8 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from factory.status import idle_status, read_status, read_training_history, read_training_status, runner_alive
+from factory.status import (finalize_abandoned, idle_status, read_status, read_training_history, read_training_status,
+                            runner_alive)
 from factory.terminal import STATE_STYLE, duration, status_table
 from factory.workspace import Workspace
 
@@ -26,17 +27,21 @@ SPARK_WIDTH = 60
 def watch(ws: Workspace, console: Console, phase_names: list[str], summaries: dict[str, str],
           interval: float = 0.5) -> dict:
     """Redraw until no run is in progress; return the last status read."""
+    abandoned = None
     with Live(console=console, auto_refresh=False, transient=False) as live:
         while True:
             doc = read_status(ws) or idle_status(phase_names, summaries)
             alive = runner_alive(doc)
+            if not alive and doc["state"] == "running" and finalize_abandoned(ws):
+                abandoned = doc["pid"]  # killed outright: its status now says so
+                doc = read_status(ws) or doc
             live.update(view(doc, read_training_status(ws), read_training_history(ws)), refresh=True)
             if not alive:
                 break
             time.sleep(interval)
-    if doc["state"] == "running":
-        console.print(f"[red]the run (pid {doc['pid']}) is gone without writing its final state[/] (killed?); "
-                      "`factory run` resumes it")
+    if abandoned is not None or doc["state"] == "running":
+        console.print(f"[red]the run (pid {abandoned or doc['pid']}) is gone without writing its final state[/] "
+                      "(killed?); `factory run` resumes it")
     elif doc["state"] == "idle":
         console.print("no run has started in this workspace")
     else:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from factory import modeling
-from factory.phase import Phase, PhaseContext
+from factory.phase import MODEL_LIBRARIES, Phase, PhaseContext
 
 
 def run(ctx: PhaseContext) -> dict[str, Any]:
@@ -55,4 +55,5 @@ PHASE = Phase(
     config_sections=("model", "evaluation"),
     inputs=lambda cfg, ws: [ws.split_file("test"), *modeling.local_model_inputs(cfg, ws),
                             *modeling.second_test_set(cfg, ws)],
+    libraries=MODEL_LIBRARIES,
 )

@@ -31,7 +31,7 @@ from factory import compare, conversations, endpoints, judge as judging
 from factory.config import JUDGE, SAFETY_JUDGE, USER_SIMULATOR, NamedModel
 from factory.errors import ConfigError, InputError
 from factory.io import atomic_write_bytes
-from factory.phase import Phase, PhaseContext
+from factory.phase import GGUF_LIBRARIES, Phase, PhaseContext
 from factory.workspace import Workspace
 
 EVAL_DIR = "data/eval"
@@ -115,6 +115,7 @@ PHASE = Phase(
                      "evaluation.compare", "evaluation.conversations"),
     inputs=lambda cfg, ws: _inputs(cfg, ws),
     outputs=lambda cfg, ws: [ws.path(EVAL_DIR)],
+    libraries=GGUF_LIBRARIES + ("openai",),
 )
 
 

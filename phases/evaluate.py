@@ -16,7 +16,7 @@ import orjson
 
 from factory import modeling
 from factory.errors import InputError
-from factory.phase import Phase, PhaseContext
+from factory.phase import MODEL_LIBRARIES, Phase, PhaseContext
 
 FLIPPED_SHOWN = 20  # examples listed per direction
 
@@ -93,6 +93,7 @@ PHASE = Phase(
     config_sections=("model", "evaluation", "save.lora_path"),
     inputs=lambda cfg, ws: [ws.split_file("test"), ws.metrics_file("baseline"), ws.path(cfg.save.lora_path),
                             *modeling.local_model_inputs(cfg, ws), *modeling.second_test_set(cfg, ws)],
+    libraries=MODEL_LIBRARIES,
 )
 
 

@@ -39,16 +39,16 @@ from typing import Any
 import orjson
 import xxhash
 
-from factory import modeling, trackers
+from factory import checkpoints, modeling, trackers
 from factory.config import FactoryConfig
 from factory.errors import InputError
 from factory.io import file_sha256, write_json
-from factory.phase import Phase, PhaseContext
-from factory.workspace import Workspace
+from factory.phase import TRAINING_LIBRARIES, Phase, PhaseContext
+from factory.workspace import Workspace, output_folder, staged_dir
 
 CHECKPOINT_FRACTION = 0.25  # seed 003: checkpoints at 25, 50, 75 and 100% of training
 EVAL_FRACTION = 0.1  # training.eval_steps: auto evaluates every tenth of the steps (at least 10 times)
-STATE_FILE = "training_state.json"  # written last: a checkpoint without it is incomplete
+STATE_FILE = checkpoints.STATE_FILE  # written last: a checkpoint without it is incomplete
 # The best adapter's weights as of a checkpoint, restored on resume. A file, not an adapter
 # folder: the Trainer takes any sub-folder holding adapter_model.safetensors for an adapter of
 # the model it resumes, and would then not load the trained one.
@@ -95,12 +95,11 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
              trainable, resolved.batch_size, resolved.gradient_accumulation_steps, resolved.max_seq_length)
 
     # 3. checkpoints from an earlier, interrupted run of the same config and data
-    output_dir = ws.path(cfg.training.output_dir)
+    output_dir = output_folder(ws, ws.path(cfg.training.output_dir), "training.output_dir")
     fingerprint = _fingerprint(cfg, train_file, val_file, resolved)
-    if ctx.options.get("restart") and output_dir.exists():
-        log.info("--restart: removing %s", ws.rel(output_dir))
-        shutil.rmtree(output_dir)
-    resume_from = _last_complete_checkpoint(output_dir, fingerprint, log)
+    if ctx.options.get("restart"):
+        checkpoints.remove_all(ws, output_dir, log)
+    resume_from = checkpoints.last_complete(output_dir, fingerprint, log)
     resumed_state = json.loads((resume_from / STATE_FILE).read_text()) if resume_from else {}
     _restore_best_adapter(resume_from, best_dir, last_dir, fingerprint)
     run_name = resumed_state.get("tracker_run") or trackers.run_name(ws, ctx.run_id)
@@ -114,6 +113,7 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
             trackers.environment(cfg.training.trackers, ws, run_name):
         trainer = _build_trainer(cfg, ws, backend, model, chat, records, val_records, resolved, output_dir, log,
                                  run_name=run_name, evaluate_first=resume_from is None)
+        trainer.add_callback(checkpoints.recorder(ws, output_dir))
         trainer.add_callback(_make_best_adapter_callback()(best_dir, fingerprint))
         tracker = _make_status_callback()(ctx, fingerprint, ws, run_name, training_log)
         trainer.add_callback(tracker)
@@ -136,7 +136,8 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
     selection = select_adapter(cfg.training.select, best, last)
     for folder in [best_dir, last_dir] if best else [last_dir]:
         chat.tokenizer.save_pretrained(str(folder))
-    _replace_dir(best_dir if selection["adapter"] == "best" else last_dir, lora_dir, copy=True)
+    with staged_dir(ws, lora_dir, "save.lora_path") as staging:  # replaces only what the factory wrote there
+        shutil.copytree(best_dir if selection["adapter"] == "best" else last_dir, staging, dirs_exist_ok=True)
     log.info("%s", selection["reason"])
     stopper = next((c for c in trainer.callback_handler.callbacks if type(c).__name__ == "EarlyStoppingCallback"), None)
     stopped_early = bool(stopper and stopper.early_stopping_patience_counter >= stopper.early_stopping_patience)
@@ -188,6 +189,7 @@ PHASE = Phase(
     config_sections=("model", "lora", "training", "dataset", "save.lora_path"),
     inputs=lambda cfg, ws: [ws.split_file("train"), ws.split_file("val"), *modeling.local_model_inputs(cfg, ws)],
     outputs=lambda cfg, ws: [ws.path(cfg.save.lora_path), ws.adapter_dir("last")],
+    libraries=TRAINING_LIBRARIES,
 )
 
 
@@ -548,8 +550,12 @@ def _save_adapter(model, folder: Path, state: dict) -> None:
     partial = folder.with_name(f".{folder.name}.partial")
     if partial.exists():
         shutil.rmtree(partial)
-    model.save_pretrained(str(partial))
-    write_json(partial / STATE_FILE, {"schema_version": 1, **state})
+    try:
+        model.save_pretrained(str(partial))
+        write_json(partial / STATE_FILE, {"schema_version": 1, **state})
+    except BaseException:  # a full disk, an interruption: no half-written adapter left behind
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     _replace_dir(partial, folder)
 
 
@@ -562,16 +568,10 @@ def _adapter_step(folder: Path, fingerprint: str | None = None) -> int | None:
     return state.get("step") if fingerprint is None or state.get("fingerprint") == fingerprint else None
 
 
-def _replace_dir(source: Path, target: Path, *, copy: bool = False) -> None:
-    """Put `source` (moved, or copied) at `target`, replacing what was there. The old folder is
-    renamed aside first, so a kill leaves one of the two complete under one of the names."""
+def _replace_dir(source: Path, target: Path) -> None:
+    """Move `source` to `target`, replacing what was there. The old folder is renamed aside
+    first, so a kill leaves one of the two complete under one of the names."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    if copy:
-        staged = target.with_name(f".{target.name}.partial")
-        if staged.exists():
-            shutil.rmtree(staged)
-        shutil.copytree(source, staged)
-        source = staged
     old = target.with_name(f".{target.name}.old")
     if old.exists():
         shutil.rmtree(old)
@@ -721,24 +721,6 @@ def validation(eval_curve: list[dict], train_curve: list[dict], selection: dict,
 
 def _fmt(value: float | None) -> str:
     return "no evaluation" if value is None else f"{value:.4g}"
-
-
-def _last_complete_checkpoint(output_dir: Path, fingerprint: str, log) -> Path | None:
-    """The newest checkpoint-N whose training_state.json exists and matches this config and data."""
-    if not output_dir.is_dir():
-        return None
-    candidates = sorted((p for p in output_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-                        key=lambda p: int(p.name.split("-")[-1]), reverse=True)
-    for checkpoint in candidates:
-        state_file = checkpoint / STATE_FILE
-        if not state_file.exists():
-            log.warning("ignoring incomplete checkpoint %s (no %s: the run died while saving)", checkpoint.name, STATE_FILE)
-            continue
-        if json.loads(state_file.read_text()).get("fingerprint") != fingerprint:
-            log.info("checkpoints in %s are from another config or data; starting over", output_dir)
-            return None
-        return checkpoint
-    return None
 
 
 # Keys that change neither the steps trained nor their evaluations: a run resumes through a change of them.

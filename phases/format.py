@@ -55,7 +55,7 @@ import orjson
 
 from factory.config import FactoryConfig, InputSpec
 from factory.errors import InputError
-from factory.io import AtomicOutput
+from factory.io import AtomicOutput, csv_field_size_limit
 from factory.phase import Phase, PhaseContext
 from factory.workspace import Workspace
 
@@ -309,7 +309,7 @@ class FileReader:
         return entry
 
     def __iter__(self) -> Iterator[tuple[Any, Any, Any]]:
-        with open(self.path, "rb") as f:
+        with open(self.path, "rb") as f, csv_field_size_limit():  # long documents in one cell are fine
             head = f.read(4)
             if self._unreadable_encoding(head, f):
                 return
@@ -519,7 +519,6 @@ def csv_items(f, kind: str, header: bool = True) -> Iterator[tuple[int, Any, Any
         reader = csv.reader(decoded_lines(), delimiter="\t", quoting=csv.QUOTE_NONE)
     else:
         reader = csv.reader(decoded_lines())
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long documents in one cell are fine
     names: list[Any] | None = None if header else []
     while True:
         try:

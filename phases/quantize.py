@@ -18,7 +18,8 @@ Reads top to bottom like a recipe:
    with the template embedded in the file;
 6. hand off: an Ollama Modelfile next to the GGUF and the commands to run it.
 
-The model cards (which include gate results) are written after the gates, by the CLI.
+The model cards (which include gate results) are written after the gates, by the runner
+(`after_gates`). The merged folder and each GGUF file appear whole or not at all.
 """
 
 from __future__ import annotations
@@ -27,18 +28,17 @@ import gc
 import math
 import os
 import resource
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from factory import llama_cpp, modeling, plan
+from factory import handoff, llama_cpp, modeling, plan
 from factory.chat import messages
 from factory.config import FactoryConfig
 from factory.errors import InputError
-from factory.phase import Phase, PhaseContext
-from factory.workspace import Workspace
+from factory.phase import GGUF_LIBRARIES, Phase, PhaseContext
+from factory.workspace import Workspace, record_created, remove_if_created, staged_dir
 
 MERGE_PROBES = 8  # test prompts whose logits check the merge
 MERGE_PROBE_TOKENS = 8  # answer tokens per probe whose logits are kept (3 models x 8 x 8 x vocabulary in fp32:
@@ -65,7 +65,8 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
     # 1-2. merge and check
     merged_dir = ws.path(cfg.save.merged_path)
     log.info("merging %s into %s (%s)", ws.rel(adapter), ws.rel(merged_dir), cfg.save.merged_dtype)
-    merge = _merge(ctx, backend, adapter, merged_dir, records[:MERGE_PROBES])
+    with staged_dir(ws, merged_dir, "save.merged_path") as staging:
+        merge = _merge(ctx, backend, adapter, merged_dir, staging, records[:MERGE_PROBES])
     log.info("merge check: max |merged - (base + adapter)| %.4g, max |merged - base| %.4g",
              merge["max_abs_diff_vs_adapter"], merge["max_abs_diff_vs_base"])
 
@@ -126,13 +127,16 @@ PHASE = Phase(
     inputs=lambda cfg, ws: [ws.split_file("test"), ws.path(cfg.save.lora_path), *modeling.local_model_inputs(cfg, ws)],
     outputs=lambda cfg, ws: [ws.path(cfg.save.merged_path),
                              *(llama_cpp.gguf_file(ws.path(cfg.save.gguf_path), t) for t in cfg.save.gguf_quantization)],
+    libraries=GGUF_LIBRARIES,
+    after_gates=handoff.write_model_cards,
 )
 
 
 # --- 1-2. merge -------------------------------------------------------------------------------
 
 
-def _merge(ctx: PhaseContext, backend, adapter: Path, merged_dir: Path, probes: list[dict]) -> dict[str, Any]:
+def _merge(ctx: PhaseContext, backend, adapter: Path, merged_dir: Path, staging: Path, probes: list[dict]) -> dict[str, Any]:
+    """Merge into `staging`, which takes merged_dir's place when this returns."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -147,8 +151,6 @@ def _merge(ctx: PhaseContext, backend, adapter: Path, merged_dir: Path, probes: 
     chat = ChatFormat.from_tokenizer(AutoTokenizer.from_pretrained(base), cfg.dataset.chat_template)
     # Causal: the logits of the first answer tokens do not depend on the rest of the conversation.
     probe_ids = [(ids[: head + MERGE_PROBE_TOKENS], head) for ids, head in (_ids_and_head(chat, r) for r in probes)]
-    staging = merged_dir.with_name(merged_dir.name + ".partial")  # the old merged model stays until the new one is whole
-    shutil.rmtree(staging, ignore_errors=True)
     ctx.progress.start(3, "merge steps")
 
     if backend.name == "unsloth":
@@ -190,9 +192,6 @@ def _merge(ctx: PhaseContext, backend, adapter: Path, merged_dir: Path, probes: 
     gc.collect()
     checking += time.monotonic() - reloading
     ctx.progress.advance()
-    if merged_dir.exists():
-        shutil.rmtree(merged_dir)
-    os.replace(staging, merged_dir)
 
     vs_adapter = max(float((m - a).abs().max()) for m, a in zip(merged_logits, adapter_logits))
     vs_base = max(float((m - b).abs().max()) for m, b in zip(merged_logits, base_logits))
@@ -209,7 +208,7 @@ def _merge(ctx: PhaseContext, backend, adapter: Path, merged_dir: Path, probes: 
         "argmax_agreement_vs_adapter": agree / positions if positions else None,
         "logit_scale": max(float(a.abs().max()) for a in adapter_logits),
         "tokenizer_files_restored": restored,
-        "size_bytes": sum(f.stat().st_size for f in merged_dir.glob("*.safetensors")),
+        "size_bytes": sum(f.stat().st_size for f in staging.glob("*.safetensors")),
         "seconds": round(time.monotonic() - started, 3),
         "check_seconds": round(checking, 3),
         "check_note": "of `seconds`: the probe forwards (adapter, base, merged) and reading the merged model back",
@@ -267,8 +266,8 @@ def _export(ctx: PhaseContext, converter: Path, merged_dir: Path, out_dir: Path,
     out_dir.mkdir(parents=True, exist_ok=True)
     wanted = {t.name for t in types}
     for stale in out_dir.glob("model-*.gguf"):  # types no longer asked for would pass for current ones
-        if stale.stem.removeprefix("model-") not in wanted:
-            stale.unlink()
+        if stale.stem.removeprefix("model-") not in wanted and not remove_if_created(ws, stale):
+            log.warning("%s is not one of the asked types and was not written by the factory; left as it is", ws.rel(stale))
     # The quantizer starts from a 16-bit GGUF of the merged model's own type.
     source_type = llama_cpp.TYPES["BF16" if cfg.save.merged_dtype == "bfloat16" else "F16"]
     needs_source = any(t.ftype for t in types)
@@ -284,6 +283,7 @@ def _export(ctx: PhaseContext, converter: Path, merged_dir: Path, out_dir: Path,
         started = time.monotonic()
         log.info("converting %s to %s", ws.rel(merged_dir), ws.rel(path))
         llama_cpp.convert(converter, merged_dir, path, gtype.converter, ws.logs_dir / f"gguf-convert-{gtype.name}.log")
+        record_created(ws, path)
         done[gtype.name] = {"method": f"convert_hf_to_gguf.py --outtype {gtype.converter}",
                             "export_seconds": round(time.monotonic() - started, 3),
                             # the converter runs as a child: the largest child's peak so far
@@ -295,6 +295,7 @@ def _export(ctx: PhaseContext, converter: Path, merged_dir: Path, out_dir: Path,
         started = time.monotonic()
         log.info("quantizing %s to %s", source.name, ws.rel(path))
         llama_cpp.quantize(source, path, gtype, threads, ws.logs_dir / f"gguf-quantize-{gtype.name}.log")
+        record_created(ws, path)
         done[gtype.name] = {"method": f"llama_model_quantize from {source_type.name}",
                             "export_seconds": round(time.monotonic() - started, 3)}
         ctx.progress.advance()

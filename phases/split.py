@@ -39,7 +39,6 @@ import math
 import multiprocessing
 import os
 import signal
-import threading
 import time
 from array import array
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -57,6 +56,7 @@ from factory import textsim
 from factory.errors import InputError
 from factory.io import AtomicOutput
 from factory.phase import Phase, PhaseContext
+from factory.status import fork_is_safe
 
 SPLITS = ("train", "val", "test")
 PAIRS = (("train", "val"), ("train", "test"), ("val", "test"))
@@ -396,7 +396,7 @@ def _worker_pool(settings: Settings, workers: int, log) -> Iterator[Any]:
         yield None
         return
     # fork is instant; with other threads alive (a progress display) forking is unsafe.
-    method = "fork" if threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    method = "fork" if fork_is_safe() and "fork" in multiprocessing.get_all_start_methods() else "spawn"
     log.info("split: %d worker processes (%s)", workers, method)
     with multiprocessing.get_context(method).Pool(workers, initializer=_init_worker, initargs=(settings, True)) as pool:
         yield pool

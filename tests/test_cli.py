@@ -31,6 +31,13 @@ def alpaca_lines(n, start=0):
     )
 
 
+def local_model(root):
+    """A local model folder (only its config is read before the phase's own checks), so that
+    model.name is not a hub id that would be resolved first."""
+    (root / "models" / "base").mkdir(parents=True, exist_ok=True)
+    (root / "models" / "base" / "config.json").write_text("{}")
+
+
 @pytest.fixture
 def ws(tmp_path):
     factory("init", tmp_path / "ws", check_rc=0)
@@ -84,7 +91,8 @@ def test_exit_2_for_bad_config_missing_metrics_and_unknown_phase(ws):
     assert "training.epochs: unknown key; did you mean training.num_train_epochs?" in proc.stderr
     assert "Traceback" not in proc.stderr
     factory("run", "-C", ws, check_rc=2)
-    (ws / "factory.yaml").write_text("")
+    local_model(ws)
+    (ws / "factory.yaml").write_text("model: {name: models/base}\n")
     assert "unknown phase 'nosuch'" in factory("run", "nosuch", "-C", ws, check_rc=2).stderr
     assert "has no adapter; run `factory run finetune` first" in factory("run", "--only", "quantize", "-C", ws, check_rc=2).stderr
     factory("validate", "-C", ws, check_rc=0)
@@ -170,12 +178,13 @@ def test_quantize_without_llama_cpp_names_the_install_command(ws, tmp_path):
     empty = tmp_path / "no-llama.cpp"
     empty.mkdir()
     # from the config file
-    (ws / "factory.yaml").write_text(f"save:\n  llama_cpp_dir: {empty}\n")
+    local_model(ws)
+    (ws / "factory.yaml").write_text(f"model: {{name: models/base}}\nsave:\n  llama_cpp_dir: {empty}\n")
     proc = factory("run", "--only", "quantize", "-C", ws, check_rc=2)
     assert f"save.llama_cpp_dir {empty} has no convert_hf_to_gguf.py" in proc.stderr
     assert "factory setup-gguf" in proc.stderr and "Traceback" not in proc.stderr
     # from the environment, when the file leaves it unset
-    (ws / "factory.yaml").write_text("")
+    (ws / "factory.yaml").write_text("model: {name: models/base}\n")
     env_run = subprocess.run([sys.executable, "-m", "factory", "run", "--only", "quantize", "-C", str(ws)],
                              capture_output=True, text=True,
                              env={**os.environ, "COLUMNS": "300", "FACTORY_LLAMA_CPP": str(empty)})

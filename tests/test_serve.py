@@ -9,12 +9,13 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from factory.resources import validate
-from factory.status import TrainingStatus
+from factory.status import TrainingStatus, now_iso
 from factory.workspace import Workspace
 
 ENV = {**os.environ, "COLUMNS": "200"}
@@ -256,8 +257,19 @@ def test_run_alive_header_tells_a_killed_run_from_a_running_one(workspace, serve
     doc = json.loads(ws.status_file.read_text())
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        ws.status_file.write_text(json.dumps({**doc, "state": "running", "pid": sleeper.pid}))
+        time.sleep(1.1)  # the process runs the run: it started before the run's started_at
+        running = {**doc, "state": "running", "pid": sleeper.pid, "started_at": now_iso(), "updated_at": now_iso()}
+        ws.status_file.write_text(json.dumps(running))
         assert server.request("/api/status")[1]["X-Factory-Run-Alive"] == "true"
+        # a process that started after the run did has only reused its pid
+        ws.status_file.write_text(json.dumps({**running, "started_at": "2026-01-01T00:00:00.000+00:00"}))
+        assert server.request("/api/status")[1]["X-Factory-Run-Alive"] == "false"
+        # on another host only the heartbeat tells: fresh is alive, 30 s old is dead
+        ws.status_file.write_text(json.dumps({**running, "host": "elsewhere", "pid": 1}))
+        assert server.request("/api/status")[1]["X-Factory-Run-Alive"] == "true"
+        ws.status_file.write_text(json.dumps({**running, "host": "elsewhere", "updated_at": "2026-01-01T00:00:00.000+00:00"}))
+        assert server.request("/api/status")[1]["X-Factory-Run-Alive"] == "false"
+        ws.status_file.write_text(json.dumps(running))
     finally:
         sleeper.kill()
         sleeper.wait()

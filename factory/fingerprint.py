@@ -1,0 +1,172 @@
+"""What a phase's output depends on, and a cache that makes checking it cheap.
+
+A phase's fingerprint holds:
+- the code: every file of the installed `factory` and `phases` packages (a change anywhere
+  in the engine or a helper can change an output, not only the phase's own module), and the
+  versions of the libraries the phase names (`Phase.libraries`);
+- the config sections and keys the phase names (`Phase.config_sections`);
+- the content of its input files and folders (`Phase.inputs`);
+- for a phase that reads `model`, a hub model id's resolved commit (factory.hub).
+
+Content hashes of large inputs are kept in .factory/hash-cache.json by (size, mtime, ctime,
+inode), as DVC's state cache does: an 8 GB model folder is read once, and later runs only
+`stat` it. A file modified within the last seconds is not cached (its timestamp may not yet
+tell two writes apart), so it is hashed again next time.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import importlib.util
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import orjson
+import xxhash
+
+from factory import __version__
+from factory.config import FactoryConfig
+from factory.io import write_json
+from factory.workspace import Workspace
+
+if TYPE_CHECKING:
+    from factory.phase import Phase
+
+CODE_PACKAGES = ("factory", "phases")
+RACY_SECONDS = 2.0  # files changed more recently than this are hashed again next time
+CHUNK = 1 << 22
+
+
+@functools.cache
+def code_digest() -> str:
+    """One hash over every file of the installed factory and phases packages (names included)."""
+    digest = xxhash.xxh3_128()
+    for package in CODE_PACKAGES:
+        spec = importlib.util.find_spec(package)
+        root = Path(spec.origin).parent
+        for file in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+            digest.update(f"{package}/{file.relative_to(root).as_posix()}\0".encode())
+            digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+@functools.cache
+def library_version(distribution: str) -> str | None:
+    """The installed version of a distribution (None: not installed), without importing it."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+class HashCache:
+    """Content digests of files, recognised by (size, mtime, ctime, inode) while unchanged."""
+
+    def __init__(self, ws: Workspace):
+        self.file = ws.hash_cache_file
+        try:
+            self.entries: dict[str, list] = orjson.loads(self.file.read_bytes())["files"]
+        except (FileNotFoundError, orjson.JSONDecodeError, KeyError, TypeError):
+            self.entries = {}
+        self.dirty = False
+
+    def file_digest(self, path: Path) -> str:
+        path = Path(os.path.abspath(path))
+        stat = path.stat()
+        key = [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
+        cached = self.entries.get(str(path))
+        if cached is not None and cached[:4] == key:
+            return cached[4]
+        digest = xxhash.xxh3_128()
+        with open(path, "rb") as f:
+            while chunk := f.read(CHUNK):
+                digest.update(chunk)
+        value = digest.hexdigest()
+        if time.time_ns() - max(stat.st_mtime_ns, stat.st_ctime_ns) > RACY_SECONDS * 1e9:
+            self.entries[str(path)] = [*key, value]
+            self.dirty = True
+        return value
+
+    def path_digest(self, path: Path) -> str | None:
+        """Digest of a file, or of every file under a folder (their names included); None if absent."""
+        path = Path(path)
+        if not path.exists():
+            return None
+        if not path.is_dir():
+            return self.file_digest(path)
+        digest = xxhash.xxh3_128()
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(f"{file.relative_to(path).as_posix()}\0{self.file_digest(file)}\0".encode())
+        return digest.hexdigest()
+
+    def save(self) -> None:
+        if self.dirty:
+            live = {name: entry for name, entry in self.entries.items() if os.path.exists(name)}
+            write_json(self.file, {"schema_version": 1, "files": live})
+            self.dirty = False
+
+
+def compute(phase: "Phase", cfg: FactoryConfig, ws: Workspace, cache: HashCache) -> dict:
+    """What the phase's output depends on (see the module docstring)."""
+    fingerprint = {
+        "factory_version": __version__,
+        "code": code_digest(),
+        "libraries": {name: library_version(name) for name in phase.libraries},
+        "config": {s: cfg.section(s) for s in phase.config_sections},
+        "inputs": {ws.rel(p): cache.path_digest(p) for p in phase.inputs(cfg, ws)},
+    }
+    if "model" in phase.config_sections and not ws.path(cfg.model.name).is_dir():
+        from factory import hub
+
+        fingerprint["model_revision"] = hub.resolved_revision(cfg.model.name)
+    return fingerprint
+
+
+def output_digests(phase: "Phase", cfg: FactoryConfig, ws: Workspace, cache: HashCache) -> dict[str, str]:
+    return {ws.rel(p): cache.path_digest(p) for p in phase.outputs(cfg, ws) if p.exists()}
+
+
+def stored(ws: Workspace, phase: "Phase") -> dict | None:
+    try:
+        return orjson.loads((ws.fingerprints_dir / f"{phase.name}.json").read_bytes())
+    except (FileNotFoundError, orjson.JSONDecodeError):
+        return None
+
+
+def unchanged_reason(phase: "Phase", cfg: FactoryConfig, ws: Workspace, fingerprint: dict, cache: HashCache) -> str | None:
+    """Why the phase may be skipped, or None when it must run."""
+    record = stored(ws, phase)
+    if record is None or record.get("fingerprint") != fingerprint or not ws.metrics_file(phase.metrics).exists():
+        return None
+    for rel, digest in record.get("outputs", {}).items():
+        if cache.path_digest(ws.path(rel)) != digest:
+            return None
+    return "code, config, inputs and outputs unchanged since the last success"
+
+
+def store(phase: "Phase", cfg: FactoryConfig, ws: Workspace, fingerprint: dict, run_id: str, cache: HashCache) -> None:
+    write_json(ws.fingerprints_dir / f"{phase.name}.json", {
+        "schema_version": 1,
+        "phase": phase.name,
+        "run_id": run_id,
+        "fingerprint": fingerprint,
+        "outputs": output_digests(phase, cfg, ws, cache),
+    })
+
+
+def refresh_outputs(phase: "Phase", cfg: FactoryConfig, ws: Workspace, cache: HashCache) -> None:
+    """After the runner itself added to a phase's outputs (model cards): the stored digests
+    follow, so that the next run does not take its own addition for a change."""
+    record = stored(ws, phase)
+    if record is not None:
+        record["outputs"] = output_digests(phase, cfg, ws, cache)
+        write_json(ws.fingerprints_dir / f"{phase.name}.json", record)
+
+
+def invalidate(ws: Workspace, phase: "Phase") -> None:
+    """Forget the phase's last success before it touches its outputs (as DVC drops a stage's
+    lock entry): a run killed halfway is then never taken for the earlier success."""
+    (ws.fingerprints_dir / f"{phase.name}.json").unlink(missing_ok=True)
