@@ -224,7 +224,7 @@ def _answer_logits(model, ids: list[int], head: int):
 
     device = next(model.parameters()).device
     with torch.inference_mode():
-        logits = model(input_ids=torch.tensor([ids], device=device), logits_to_keep=len(ids) - head + 1).logits
+        logits = model(input_ids=torch.tensor([ids], device=device), logits_to_keep=len(ids) - head + 1, use_cache=False).logits
     return logits[0, :-1].float().cpu()
 
 
