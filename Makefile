@@ -13,8 +13,9 @@ $(STAMP): pyproject.toml
 	# The CPU wheel of torch first: anything asking for an unpinned torch would pull CUDA builds.
 	$(BIN)/pip install -q torch==2.13.0
 	# llama-cpp-python compiles from its sdist the first time (pip caches the wheel).
-	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install -q -e ".[train,gguf,dev]"
-	# llama.cpp's GGUF converter, from the same pinned sdist: nothing is fetched at run time.
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install -q -e ".[train,gguf,trackers,dev]"
+	# llama.cpp's GGUF converter and the example families' tokenizers (its vocabulary GGUFs), from the
+	# same pinned sdist: nothing is fetched at run time.
 	$(BIN)/factory setup-gguf
 	rm -f $(VENV)/.installed-* && touch $@
 

@@ -5,9 +5,12 @@
     python bench/data_split.py --split-only         # split alone, on a generated all.jsonl
     python bench/data_split.py --no-baseline        # skip the datasets baseline
 
-Builds N Alpaca records from ../shared/datasets/alpaca_en_demo.json (cycled, each
-instruction given a counter so every record is distinct) in a fresh workspace under
-bench/out/, then times, each in its own subprocess:
+Builds N Alpaca records from ../shared/datasets/alpaca_en_demo.json in a fresh workspace
+under bench/out/: the 999 records cycled, every 4th word of the instruction and input
+replaced by a word drawn from the source's vocabulary (seeded by the record number) and the
+instruction numbered, so that copies of one source record are neither duplicates nor
+near-duplicates of each other (word 3-gram Jaccard well under 0.8), while the text keeps
+its real length and characters. Then times, each in its own subprocess:
 
   factory    `python -m factory run split -C <ws> --force` (format, then split, with their
              gates), or `python -m factory run --only split` with --split-only. While the CLI
@@ -162,16 +165,26 @@ def main() -> None:
 
 
 def write_alpaca(source: Path, path: Path, n: int) -> int:
-    """n distinct Alpaca records, JSONL: the source cycled, each instruction numbered."""
+    """n distinct Alpaca records, JSONL, none a near-duplicate of another (see the docstring)."""
     base = orjson.loads(source.read_bytes())
+    vocabulary = sorted({w for r in base for w in (r["instruction"] + " " + r["input"]).split()})
     path.parent.mkdir(parents=True, exist_ok=True)
     size = 0
+
+    def perturb(text: str, i: int) -> str:
+        words = text.split(" ")
+        for k in range(i % 4, len(words), 4):
+            words[k] = vocabulary[(i * 7919 + k * 104729) % len(vocabulary)]
+        return " ".join(words)
+
     with open(path, "wb") as f:
         for start in range(0, n, 10_000):
             lines = []
             for i in range(start, min(n, start + 10_000)):
                 r = base[i % len(base)]
-                lines.append(orjson.dumps({"instruction": f"{r['instruction']} (#{i})", "input": r["input"],
+                copy = i >= len(base)  # the first pass keeps the source records as they are
+                lines.append(orjson.dumps({"instruction": f"{perturb(r['instruction'], i) if copy else r['instruction']} (#{i})",
+                                           "input": perturb(r["input"], i) if copy and r["input"] else r["input"],
                                            "output": r["output"]}, option=orjson.OPT_APPEND_NEWLINE))
             chunk = b"".join(lines)
             f.write(chunk)

@@ -43,29 +43,29 @@ reps = int(sys.argv[4]); max_wait = float(sys.argv[6])
 cfg = load_config(ws.config_file)
 backend = modeling.select_backend(cfg.model.backend)
 adapter = ws.path(cfg.save.lora_path) if which == "adapter" else None
-model, tokenizer = modeling.load_for_inference(cfg, ws, backend, adapter=adapter)
+model, chat = modeling.load_for_inference(cfg, ws, backend, adapter=adapter)
 records = evaluation.read_split(ws.split_file("test"), ws)
-prompts, references = zip(*(modeling.prompt_and_answer(r) for r in records))
-prompts = list(prompts)
-modeling.generate(model, tokenizer, prompts[:2], batch_size=2, max_new_tokens=4)  # warm-up
+references = [r["conversations"][-1]["content"] for r in records]
+modeling.generate(model, chat, records[:2], batch_size=2, max_new_tokens=4)  # warm-up
 times = {b: [] for b in sizes}; answers = {}; machine = []
 for rep in range(reps):
     for b in sizes:
         for attempt in range(3):  # again when another process used CPU meanwhile
             seen = wait_until_quiet(max_wait, quiet=True)
             with CpuWatch() as watch:
-                out = modeling.generate(model, tokenizer, prompts, batch_size=b, max_new_tokens=cfg.evaluation.max_new_tokens)
+                out = [g.text for g in modeling.generate(model, chat, records, batch_size=b,
+                                                         max_new_tokens=cfg.evaluation.max_new_tokens)]
             if watch.other_share <= 0.1:
                 break
         machine.append({**seen, "other_share": watch.other_share, "clean": watch.other_share <= 0.1})
         times[b].append(watch.wall_s)
         answers[b] = out
-n = len(prompts)
+n = len(records)
 result = {"model": which, "examples": n, "torch_threads": torch.get_num_threads(),
           "max_new_tokens": cfg.evaluation.max_new_tokens, "times": {str(b): t for b, t in times.items()},
           "examples_per_second": {str(b): n / statistics.median(t) for b, t in times.items()},
           "exact_match": {str(b): sum(a.strip() == r.strip() for a, r in zip(answers[b], references)) / n for b in sizes},
-          "mean_answer_tokens": {str(b): sum(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers[b]) / n
+          "mean_answer_tokens": {str(b): sum(len(chat.tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers[b]) / n
                                  for b in sizes},
           "unclean_runs": sum(1 for m in machine if not m["clean"]),
           "other_share": [round(m["other_share"], 3) for m in machine]}
@@ -74,7 +74,7 @@ for b in rest:
     same = sum(x == y for x, y in zip(answers[first], answers[b]))
     result[f"same_answers_{first}_vs_{b}"] = same / n
     result["differing_examples"] = [{"prompt": p[-1]["content"], str(first): x, str(b): y}
-                                    for p, x, y in zip(prompts, answers[first], answers[b]) if x != y][:5]
+                                    for p, x, y in zip([r["conversations"][-2]["content"] for r in records], answers[first], answers[b]) if x != y][:5]
 print("GEN " + json.dumps(result))
 '''
 

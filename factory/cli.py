@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from factory import __version__
+from factory.example import FAMILIES
 from factory.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, Cancelled, FactoryError, GateFailed
 from factory.workspace import Workspace
 
@@ -77,6 +78,9 @@ def _root(
     pass
 
 
+EXAMPLE_FAMILIES = tuple(FAMILIES)  # the first is the default
+
+
 # --- init ----------------------------------------------------------------------------------
 
 
@@ -84,8 +88,14 @@ def _root(
 def init(
     directory: Annotated[Path, typer.Argument(help="Where to create the workspace.")] = Path("."),
     example: Annotated[bool, typer.Option("--example", help=(
-        "Make a self-contained offline example: a generated localization dataset and a tiny Gemma-3 "
-        "model with random weights (needs the train extra)."))] = False,
+        "Make a self-contained offline example: a generated localization dataset and a tiny model with "
+        "random weights, the real tokenizer and the real chat template of a model family (needs the train "
+        "extra; the tokenizers come from `factory setup-gguf`)."))] = False,
+    family: Annotated[str, typer.Option("--family", help=(
+        f"With --example: the model family, one of {', '.join(EXAMPLE_FAMILIES)}. The tiny model has the "
+        "architecture, special tokens and chat template of the real model (Gemma 3 4B, Llama 3.1 8B, Qwen 2.5 "
+        "7B, Mistral 7B v0.1, Phi-3 mini) and its full vocabulary, except Gemma's: a small tokenizer trained "
+        "on the task."))] = EXAMPLE_FAMILIES[0],
     records: Annotated[int, typer.Option("--records", help="With --example: how many records to generate.")] = 4200,
     steps: Annotated[int, typer.Option("--steps", help="With --example: training steps in factory.yaml.")] = 1000,
     locales: Annotated[Optional[str], typer.Option("--locales", help=(
@@ -104,6 +114,8 @@ def init(
 
     global _debug
     _debug = debug
+    if family not in EXAMPLE_FAMILIES or (family != EXAMPLE_FAMILIES[0] and not example):
+        raise FactoryError(f"--family {family}: use it with --example, and one of {', '.join(EXAMPLE_FAMILIES)}")
     ws = Workspace.at(directory)
     config = ws.root / "factory.yaml"
     if config.exists() and not force:
@@ -117,10 +129,10 @@ def init(
     if example:
         from factory import example as example_workspace
 
-        err.print(f"Generating {records} records and a tiny Gemma-3 model in {ws.root} ...")
-        example_workspace.write_example_workspace(ws.root, records=records,
+        err.print(f"Generating {records} records and a tiny {family} model in {ws.root} ...")
+        example_workspace.write_example_workspace(ws.root, records=records, family=family,
                                                   locales=locales.split(",") if locales else None)
-        config.write_text(example_workspace.example_config(steps=steps), encoding="utf-8")
+        config.write_text(example_workspace.example_config(steps=steps, family=family), encoding="utf-8")
     else:
         config.write_text(header + commented_template() + "\n", encoding="utf-8")
     for gate in sorted(resources.data_dir("gates").glob("*.yaml")):
@@ -194,12 +206,21 @@ def setup_gguf(
 
     Takes convert_hf_to_gguf.py and its gguf-py from the llama-cpp-python sdist of the pinned
     version, the same llama.cpp as the runtime that verifies the files, so that quantize never
-    clones, builds or downloads anything. `make install` runs this.
+    clones, builds or downloads anything. `make install` runs this. It also keeps the sdist's
+    vocabularies of Llama 3, Qwen 2, Llama 2 and Phi-3 and, when the train extra is installed,
+    turns them into the tokenizers of `factory init --example --family` (a few minutes, once).
     """
+    import importlib.util
+
     from factory.llama_cpp import fetch_converter
 
     _setup(Path("."), debug)
-    fetch_converter(dest, log=lambda line: err.print(line, highlight=False))
+    log = lambda line: err.print(line, highlight=False)  # noqa: E731
+    fetch_converter(dest, log=log)
+    if dest is None and all(importlib.util.find_spec(m) for m in ("transformers", "gguf", "sentencepiece")):
+        from factory import real_tokenizers
+
+        real_tokenizers.build_all(log=log)
 
 
 # --- gates ---------------------------------------------------------------------------------
@@ -382,16 +403,16 @@ def sample(
     chat: Annotated[bool, typer.Option("--chat", help="An interactive loop; the conversation is kept.")] = False,
     system: Annotated[Optional[str], typer.Option("--system", help="A system message.")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 256,
-    temperature: Annotated[float, typer.Option("--temperature", help="0 for greedy.")] = 1.0,
-    top_p: Annotated[float, typer.Option("--top-p")] = 0.95,
-    top_k: Annotated[int, typer.Option("--top-k")] = 64,
+    temperature: Annotated[Optional[float], typer.Option("--temperature", help="0 for greedy. Default: the model's.")] = None,
+    top_p: Annotated[Optional[float], typer.Option("--top-p", help="Default: the model's.")] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Default: the model's.")] = None,
     workspace: WorkspaceOpt = Path("."),
     debug: DebugOpt = False,
 ) -> None:
     """Generate from the base model, the adapter, the merged model or a GGUF, streaming tokens.
 
-    Defaults follow the Gemma 3 inference example of the Unsloth spec (temperature 1.0,
-    top_p 0.95, top_k 64).
+    Sampling defaults are the model's own (its generation_config.json; for a GGUF, the merged
+    model's), and answers stop at the end-of-turn token of its chat template.
     """
     from factory import sampling
 

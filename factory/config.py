@@ -28,22 +28,51 @@ class Section(BaseModel):
 
 # --- data phases -----------------------------------------------------------------------
 
-InputFormat = Literal["auto", "alpaca", "sharegpt", "openai", "prompt_completion", "mapped", "text"]
+InputFormat = Literal["auto", "alpaca", "sharegpt", "openai", "prompt_completion", "mapped", "text", "oasst"]
+
+FieldPath = Union[int, str]
+"""A field of a record: a name (`question`), a dotted path into nested objects and lists
+(`answers.text[0]`, `instances[*].output`), or a 0-based column number for CSV/TSV."""
 
 
 class InputSpec(Section):
     path: str = "data/raw"
     """A file or folder, relative to the workspace. Folders are read recursively
-    (.json, .jsonl, .csv, .tsv, .txt); hidden files are skipped."""
+    (.json, .jsonl, .csv, .tsv, .txt, .parquet); hidden files are skipped."""
 
     format: InputFormat = "auto"
-    """How to read the records: `auto` detects per file from its extension and first record;
-    or one of alpaca, sharegpt, openai, prompt_completion, mapped (fields named in `mapping`),
-    text (each .txt file is one document)."""
+    """How to read the records: `auto` decides per file from its extension and its first
+    records (a record that fits no format is rejected, not the file); or one of alpaca,
+    sharegpt, openai, prompt_completion, mapped (fields named in `mapping`), text (each .txt
+    file is one document), oasst (OpenAssistant message trees, one tree per JSONL line)."""
 
-    mapping: dict[Literal["system", "user", "assistant"], str] | None = None
+    records: str | None = None
+    """Where the records are inside each JSON document (a JSON file, or each JSONL line), as a
+    path with `[*]` for every element of a list: `data[*].paragraphs[*]` for SQuAD (each
+    paragraph, with its `qas`). Default: the document itself (a JSON array: each element)."""
+
+    mapping: dict[Literal["system", "user", "assistant"], Union[FieldPath, list[FieldPath]]] | None = None
     """For `mapped` (and CSV/TSV): which field or column holds each role's text,
-    e.g. {user: question, assistant: answer}. Setting it implies format `mapped`."""
+    e.g. {user: question, assistant: answer}. A field may be a path into nested data
+    (`answers.text[0]`), a column number (CSV/TSV without header), or a list of fields joined
+    by a blank line ({user: [context, question]}). A path with `[*]` gives one record per
+    element: {user: "qas[*].question", assistant: "qas[*].answers[0].text"}. Setting it
+    implies format `mapped`."""
+
+    header: bool = True
+    """CSV/TSV: whether the first row names the columns. Without a header, `mapping` gives
+    column numbers, e.g. {user: 0, assistant: 1}."""
+
+    tree_paths: Literal["best", "all"] = "best"
+    """oasst: which conversations a message tree gives: `best` follows the best-ranked reply
+    at every turn (rank 0), `all` gives every root-to-leaf path. Deleted messages and
+    messages that failed review are skipped; a path ends at its last assistant message."""
+
+    transform: str | None = None
+    """`module:function` called on every raw record (a dict) before it is read; it returns a
+    record in any format this input reads, a list of them, or None to leave the record out
+    (counted as `filtered`). The module is imported from the workspace folder or sys.path.
+    An exception it raises rejects the record (reason `transform_error`)."""
 
     label_map: dict[str, str] | None = None
     """Replace the assistant field's value through this table, e.g. {"0": negative, "1": positive}
@@ -63,6 +92,18 @@ class InputSpec(Section):
             raise ValueError("`mapping` must name the field for `assistant`")
         if self.mapping is not None and "user" not in self.mapping and "system" not in self.mapping:
             raise ValueError("`mapping` must name the field for `user`")
+        if not self.header and not self.mapping:
+            raise ValueError("`header: false` needs a `mapping` with column numbers, e.g. {user: 0, assistant: 1}")
+        if self.transform is not None and (self.transform.count(":") != 1 or not all(self.transform.split(":"))):
+            raise ValueError("`transform` must be 'module:function', e.g. my_transforms:to_chat")
+        for role, fields in (self.mapping or {}).items():
+            for field in fields if isinstance(fields, list) else [fields]:
+                if isinstance(field, int) and field < 0:
+                    raise ValueError(f"mapping.{role}: column numbers start at 0, got {field}")
+        wildcard = {str(f).split("[*]")[0] for fs in (self.mapping or {}).values()
+                    for f in (fs if isinstance(fs, list) else [fs]) if "[*]" in str(f)}
+        if len(wildcard) > 1:
+            raise ValueError(f"mapping: fields with `[*]` must share one list (got {', '.join(sorted(wildcard))}[*])")
         return self
 
 
@@ -85,8 +126,16 @@ class SplitConfig(Section):
     the record."""
 
     group_by_prompt: bool = True
-    """Records that share a prompt (all turns but the last answer, normalized) go to the same
-    split, so no test prompt was seen in training."""
+    """Records that share a key go to the same split, so no test question was seen in
+    training: the normalized text of any user turn, the whole prompt (system and user turns),
+    or a near-duplicate user turn (dedup.near: group). Groups are the connected components
+    over all these keys."""
+
+    min_turn_words: int = Field(0, ge=0)
+    """User turns with fewer words than this neither link records into one group nor count
+    as leakage (they still count as part of a whole prompt). 0: every user turn counts. Raise
+    it (e.g. to 3) when short generic turns such as "continue" or "thanks" tie many
+    conversations into one group (metrics/split.json lists the most shared turns)."""
 
     @model_validator(mode="after")
     def _ratios_sum_to_one(self) -> "SplitConfig":
@@ -101,17 +150,50 @@ class DedupConfig(Section):
     """Drop records identical to an earlier one."""
 
     normalized: bool = True
-    """Drop records equal to an earlier one after lower-casing and removing whitespace,
-    punctuation and symbols (conversation text only; `tools` and `meta` are ignored)."""
+    """Drop records equal to an earlier one after normalization: Unicode NFKC, case folded,
+    runs of whitespace made one space. Symbols, punctuation and digits are kept, so
+    "x = a + b" and "x = a - b" stay distinct (conversation text only; `tools` and `meta`
+    are ignored)."""
+
+    near: Literal["group", "drop", "off"] = "group"
+    """Near-duplicate user turns (MinHash over word n-grams, Jaccard >= near_threshold):
+    `group` keeps them in one split, `drop` removes a record whose user turn near-duplicates
+    an earlier kept record's (written to data/formatted/duplicates.jsonl with that record),
+    `off` skips the search (the splits-ready check still measures them)."""
+
+    near_threshold: float = Field(0.8, gt=0, le=1)
+    """Estimated Jaccard similarity of two user turns' word n-gram sets at or above which
+    they are near-duplicates; also the threshold of the near-duplicate leakage check."""
+
+    ngram: int = Field(3, ge=1, le=10)
+    """Words per shingle for near-duplicates. Turns shorter than this are compared exactly only."""
+
+
+class DecontaminateConfig(Section):
+    benchmarks: list[str] = Field(default_factory=list)
+    """Benchmark test files (canonical, Alpaca, ShareGPT, OpenAI or any file `format` reads;
+    paths relative to the workspace). Every record of every split is checked against their
+    prompts: a shared run of `ngram` words, or the same normalized prompt or user turn."""
+
+    action: Literal["remove", "report"] = "remove"
+    """`remove`: contaminated train records are left out (written to
+    data/formatted/contaminated.jsonl); `report`: only counted (the splits-ready gate then
+    fails while any remain in train). Val and test hits are always reported, never removed."""
+
+    ngram: int = Field(13, ge=3)
+    """Words in a shared run that counts as contamination (13, as in the GPT-3 and Llama
+    reports)."""
 
 
 class DataConfig(Section):
     inputs: list[InputSpec] = Field(default_factory=lambda: [InputSpec()])
-    """Where the raw data is: paths (strings) or objects with path, format, mapping,
-    label_map, system_prompt, user_template."""
+    """Where the raw data is: paths (strings) or objects with path, format, records, mapping,
+    header, tree_paths, transform, label_map, system_prompt, user_template."""
 
     split: SplitConfig = Field(default_factory=SplitConfig)
     dedup: DedupConfig = Field(default_factory=DedupConfig)
+    decontaminate: DecontaminateConfig = Field(default_factory=DecontaminateConfig)
+    """Public benchmarks to keep out of training: a list of files, or {benchmarks, action, ngram}."""
 
     @field_validator("inputs", mode="before")
     @classmethod
@@ -123,6 +205,13 @@ class DataConfig(Section):
                 raise ValueError("list at least one input path, e.g. [data/raw]")
             return [{"path": v} if isinstance(v, str) else v for v in value]
         return value
+
+    @field_validator("decontaminate", mode="before")
+    @classmethod
+    def _list_as_benchmarks(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [value]
+        return {"benchmarks": value} if isinstance(value, list) else value
 
 
 # --- training (seed 004) ---------------------------------------------------------------
@@ -166,6 +255,9 @@ class LoraConfig(Section):
     finetune_mlp_modules: bool = True
 
 
+Tracker = Literal["none", "tensorboard", "trackio", "wandb", "mlflow"]
+
+
 class TrainingConfig(Section):
     per_device_train_batch_size: Union[int, Auto] = 2
     gradient_accumulation_steps: Union[int, Auto] = 4
@@ -191,11 +283,74 @@ class TrainingConfig(Section):
     FlashAttention; on CPU, TRL's packing trained at 0.73x the tokens/s of unpacked batches
     (BENCHMARKS.md), because attention then spans the whole packed row."""
 
+    eval_steps: Union[int, Auto] = "auto"
+    """Evaluate the loss on the validation split (data/splits/val.jsonl; answer tokens only,
+    masked as in training) every this many optimizer steps, at every progress checkpoint, and
+    once before the first step. `auto`: a tenth of the steps, so at least 10 evaluations.
+    Without validation records nothing is evaluated and the training loss is judged instead."""
+
+    select: Literal["best", "last"] = "best"
+    """The adapter written to save.lora_path: `best`, the one with the lowest validation loss,
+    or `last`, the one at the end of training. Both are kept in models/checkpoints/best and
+    models/checkpoints/last; metrics/training-stats.json says which was chosen and why. Without
+    validation records the last one is taken."""
+
+    early_stopping_patience: int | None = Field(None, ge=1)
+    """Stop training once this many evaluations in a row have not lowered the validation loss
+    (null: train every step). A killed run resumes with the same best loss and count."""
+
+    report_to: Union[Tracker, list[Tracker]] = "none"
+    """Experiment trackers that receive the training and validation losses, a name or a list:
+    none, tensorboard (event files in logs/tensorboard/RUN), trackio (local, in trackio's store:
+    $TRACKIO_DIR or ~/.cache/huggingface/trackio), wandb, mlflow (these two need their package
+    and an account or server). The run is named WORKSPACE-RUNID after the workspace folder and
+    the factory run that started the training; the factory's own results (baseline vs
+    fine-tuned scores, gate results) are logged to the same run at the end of `factory run`."""
+
+    @field_validator("eval_steps")
+    @classmethod
+    def _positive_interval(cls, value: Union[int, str]) -> Union[int, str]:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be at least 1 (or auto)")
+        return value
+
+    @field_validator("report_to")
+    @classmethod
+    def _none_alone(cls, value: Union[str, list[str]]) -> Union[str, list[str]]:
+        if isinstance(value, list) and "none" in value and len(set(value)) > 1:
+            raise ValueError("`none` cannot be combined with a tracker")
+        return value
+
+    @property
+    def trackers(self) -> list[str]:
+        """report_to as a list of tracker names, empty for none."""
+        names = [self.report_to] if isinstance(self.report_to, str) else self.report_to
+        return [n for n in dict.fromkeys(names) if n != "none"]
+
 
 class DatasetConfig(Section):
     path: str = "data/splits/train.jsonl"
     text_field: str = "text"
-    chat_template: str = "gemma-3"
+    chat_template: str = "auto"
+    """`auto`: the model tokenizer's own chat template (the one it was trained with). Or a
+    template the factory ships, applied to a tokenizer that has none or when you want another:
+    gemma-3, llama-3.1, qwen-2.5, chatml, mistral, phi-3, alpaca. Everything else (end
+    of turn and stop tokens, pad token, BOS, training masks, the Ollama template) is read off
+    the template; it must render a conversation as a prefix-preserving text (each turn the same
+    whatever follows), or the run stops before training with exit 2."""
+
+    @field_validator("chat_template")
+    @classmethod
+    def _known_template(cls, value: str) -> str:
+        from factory.chat import read_named_template
+        from factory.errors import InputError
+
+        if value != "auto":
+            try:
+                read_named_template(value)
+            except InputError as e:  # names the known templates
+                raise ValueError(str(e)) from None
+        return value
 
 
 class SaveConfig(Section):

@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 
 from factory import modeling, scoring
+from factory.chat import is_plain_text, last_user_text, reference
 from factory.config import FactoryConfig
 from factory.errors import InputError
 from factory.io import file_sha256
@@ -36,23 +37,64 @@ def decoding(cfg: FactoryConfig) -> dict[str, Any]:
     return {"strategy": "greedy", "max_new_tokens": cfg.evaluation.max_new_tokens, "batch_size": cfg.evaluation.batch_size}
 
 
-def score_model(ctx: PhaseContext, model, tokenizer, records: list[dict], *, what: str) -> dict[str, Any]:
-    """Generate for every record, score each prediction, and compute the answer loss."""
+def score_model(ctx: PhaseContext, model, chat, records: list[dict], *, what: str) -> dict[str, Any]:
+    """Generate for every record, score each prediction, and compute the answer loss. A test
+    split of plain text (the `text` input format) is scored as language modelling instead."""
     cfg = ctx.config.evaluation
-    prompts = [modeling.prompt_and_answer(r)[0] for r in records]
+    if all(is_plain_text(r) for r in records):
+        return score_language_model(ctx, model, chat, records, what=what)
     ctx.progress.start(len(records), f"examples ({what})")
     started = time.monotonic()
-    predictions = modeling.generate(model, tokenizer, prompts, batch_size=cfg.batch_size,
+    generations = modeling.generate(model, chat, records, batch_size=cfg.batch_size,
                                     max_new_tokens=cfg.max_new_tokens, on_batch=ctx.progress.advance)
-    result = score_predictions(ctx.config, records, predictions, seconds=time.monotonic() - started)
+    result = score_predictions(ctx.config, records, [g.text for g in generations], seconds=time.monotonic() - started)
+    for example, generation in zip(result["examples"], generations):
+        example["stopped"] = generation.stopped
+    result["stopping"] = stopping(chat, records, generations, cfg.max_new_tokens)
     if cfg.loss:
-        rows = [modeling.answer_labels(tokenizer, r) for r in records]
-        # any id pads: answer_loss masks by row length, so the pad id never needs to be unused
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        loss, tokens = modeling.answer_loss(model, rows, batch_size=cfg.batch_size, pad_token_id=pad)
+        loss, tokens = modeling.answer_loss(model, [chat.answer_example(r) for r in records], batch_size=cfg.batch_size,
+                                            pad_token_id=chat.pad_token_id)
         result.update(loss=loss, perplexity=perplexity(loss), loss_tokens=tokens)
     result["examples"] = result.pop("examples")  # last: the aggregates read first in the file
     return result
+
+
+LANGUAGE_MODELLING_METRIC = "token_probability"
+"""Per document, exp(-mean token loss): the geometric mean probability the model gives each
+token, 1 / perplexity, between 0 and 1, higher is better, so the paired statistics and the
+model-performance gate read it like any other score."""
+
+
+def score_language_model(ctx: PhaseContext, model, chat, records: list[dict], *, what: str) -> dict[str, Any]:
+    """Plain-text documents: loss and perplexity per document, nothing generated."""
+    cfg = ctx.config.evaluation
+    ctx.progress.start(len(records), f"documents ({what})")
+    started = time.monotonic()
+    examples, total, tokens = [], 0.0, 0
+    for index, record in enumerate(records):
+        loss, count = modeling.answer_loss(model, [chat.answer_example(record)], batch_size=1,
+                                           pad_token_id=chat.pad_token_id)
+        total, tokens = total + loss * count, tokens + count
+        text = record["conversations"][0]["content"]
+        examples.append({"index": index, "prompt": text[:200], "reference": "", "prediction": "", "loss": loss,
+                         "scores": {LANGUAGE_MODELLING_METRIC: math.exp(-loss) if math.isfinite(loss) else 0.0}})
+        ctx.progress.advance()
+    score = sum(e["scores"][LANGUAGE_MODELLING_METRIC] for e in examples) / len(examples)
+    loss = total / tokens if tokens else float("nan")
+    seconds = time.monotonic() - started
+    return {
+        "num_examples": len(examples),
+        "language_modelling": True,
+        "scores": {LANGUAGE_MODELLING_METRIC: score},
+        "primary": LANGUAGE_MODELLING_METRIC,
+        "primary_score": score,
+        "loss": loss, "perplexity": perplexity(loss), "loss_tokens": tokens,
+        "generation_seconds": round(seconds, 3),
+        "examples_per_second": round(len(examples) / seconds, 2) if seconds else None,
+        "decoding": decoding(ctx.config),
+        "stopping": None,
+        "examples": examples,
+    }
 
 
 def score_predictions(cfg: FactoryConfig, records: list[dict], predictions: list[str], *,
@@ -66,13 +108,13 @@ def score_predictions(cfg: FactoryConfig, records: list[dict], predictions: list
                                     custom=cfg.evaluation.custom_scorer)
     examples = []
     for index, (record, prediction) in enumerate(zip(records, predictions)):
-        prompt, reference = modeling.prompt_and_answer(record)
+        answer = reference(record)
         examples.append({
             "index": index,
-            "prompt": prompt[-1]["content"] if prompt else "",
-            "reference": reference,
+            "prompt": last_user_text(record),
+            "reference": answer,
             "prediction": prediction,
-            "scores": {name: scorer(prediction, reference) for name, scorer in scorers.items()},
+            "scores": {name: scorer(prediction, answer) for name, scorer in scorers.items()},
         })
     means = {name: sum(e["scores"][name] for e in examples) / len(examples) for name in scorers}
     return {
@@ -85,6 +127,38 @@ def score_predictions(cfg: FactoryConfig, records: list[dict], predictions: list
         "decoding": decoding(cfg),
         "examples": examples,
     }
+
+
+STOP_RATE_WARNING = 0.9  # below this share of answers ending at end of turn, the metrics say why
+
+
+def stopping(chat, records: list[dict], generations: list, max_new_tokens: int) -> dict[str, Any]:
+    """How many answers ended with the end-of-turn token rather than at max_new_tokens, and
+    when too few did, the likely causes, checked rather than guessed."""
+    rate = sum(g.stopped for g in generations) / len(generations) if generations else None
+    out: dict[str, Any] = {"rate": rate, "end_of_turn": chat.eot_token, "stop_token_ids": chat.stop_token_ids,
+                           "max_new_tokens": max_new_tokens, "causes": []}
+    if rate is None or rate >= STOP_RATE_WARNING:
+        return out
+    causes = out["causes"]
+    sample = records[: min(len(records), 50)]
+    trained = [chat.eot_token_id in chat.training_example(r)["labels"] for r in sample]
+    if not all(trained):
+        causes.append(f"the end-of-turn token {chat.eot_token!r} is not in the trained span of "
+                      f"{trained.count(False)} of {len(sample)} examples: the template's end token is outside the "
+                      "answer, so training never taught the model to stop")
+    lengths = sorted(len(chat.tokenizer(reference(r), add_special_tokens=False)["input_ids"]) for r in sample)
+    longest = lengths[-1] if lengths else 0
+    if longest + 1 > max_new_tokens:
+        causes.append(f"reference answers run to {longest} tokens, more than evaluation.max_new_tokens "
+                      f"({max_new_tokens}) allows with the end token: raise it")
+    if chat.eot_appended:
+        causes.append(f"the template writes no end-of-turn token; the factory appends {chat.eot_token!r} in training, "
+                      "so a base model that was not trained this way will not stop")
+    if not causes:
+        causes.append(f"the model has not (yet) learned to end answers with {chat.eot_token!r}: too few training "
+                      "steps, or a learning rate too low for the end token to be learned")
+    return out
 
 
 def perplexity(loss: float) -> float | None:

@@ -1,4 +1,4 @@
-"""A self-contained, offline example: a learnable localization task and a tiny Gemma 3.
+"""A self-contained, offline example: a learnable localization task and a tiny model.
 
 `factory init --example DIR` builds a workspace with everything the pipeline needs and no
 download: raw records of an objective task (data/raw/), and a randomly initialised
@@ -6,6 +6,11 @@ Gemma3ForCausalLM of about 530k parameters with a SentencePiece tokenizer traine
 spot and the real Gemma 3 chat template (models/base/). It is an ordinary Hugging Face
 folder, so every phase treats it exactly like `google/gemma-3-*`: the same architecture,
 special tokens, chat template and file layout, only tiny and untrained.
+
+`--family` picks another family (FAMILIES): Llama 3.1, Qwen 2.5, Mistral or Phi-3, each
+from its real model's config.json with tiny sizes, its real tokenizer (factory.real_tokenizers)
+and its real chat template. build_custom_template_model makes, for tests, a model with a
+template of its own that no table knows.
 
 The task: render a date and an amount of money the way a locale writes them.
 
@@ -29,8 +34,11 @@ import json
 import random
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from factory.chat import read_named_template
 
 # --- the task --------------------------------------------------------------------------
 
@@ -120,52 +128,6 @@ def check_answer(record: dict[str, Any], answer: str) -> bool:
 
 
 # --- the tiny Gemma 3 ------------------------------------------------------------------
-
-# The chat template of google/gemma-3-* (tokenizer_config.json), byte for byte. It equals
-# TRL's trl/chat_templates/gemma3.jinja, which lets SFTTrainer swap in its training variant
-# with {% generation %} markers for assistant_only_loss.
-GEMMA3_CHAT_TEMPLATE = (
-    "{{ bos_token }}\n"
-    "{%- if messages[0]['role'] == 'system' -%}\n"
-    "    {%- if messages[0]['content'] is string -%}\n"
-    "        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}\n"
-    "    {%- else -%}\n"
-    "        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}\n"
-    "    {%- endif -%}\n"
-    "    {%- set loop_messages = messages[1:] -%}\n"
-    "{%- else -%}\n"
-    '    {%- set first_user_prefix = "" -%}\n'
-    "    {%- set loop_messages = messages -%}\n"
-    "{%- endif -%}\n"
-    "{%- for message in loop_messages -%}\n"
-    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
-    '        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}\n'
-    "    {%- endif -%}\n"
-    "    {%- if (message['role'] == 'assistant') -%}\n"
-    '        {%- set role = "model" -%}\n'
-    "    {%- else -%}\n"
-    "        {%- set role = message['role'] -%}\n"
-    "    {%- endif -%}\n"
-    "    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}\n"
-    "    {%- if message['content'] is string -%}\n"
-    "        {{ message['content'] | trim }}\n"
-    "    {%- elif message['content'] is iterable -%}\n"
-    "        {%- for item in message['content'] -%}\n"
-    "            {%- if item['type'] == 'image' -%}\n"
-    "                {{ '<start_of_image>' }}\n"
-    "            {%- elif item['type'] == 'text' -%}\n"
-    "                {{ item['text'] | trim }}\n"
-    "            {%- endif -%}\n"
-    "        {%- endfor -%}\n"
-    "    {%- else -%}\n"
-    '        {{ raise_exception("Invalid content type") }}\n'
-    "    {%- endif -%}\n"
-    "    {{ '<end_of_turn>\n' }}\n"
-    "{%- endfor -%}\n"
-    "{%- if add_generation_prompt -%}\n"
-    "    {{'<start_of_turn>model\n'}}\n"
-    "{%- endif -%}\n"
-)
 
 # Gemma's special pieces, in Gemma's order (ids 0..4); the turn markers follow at 5 and 6
 # (105 and 106 in the real vocabulary).
@@ -264,7 +226,7 @@ def build_tiny_gemma3(
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "tokenizer.model").write_bytes(proto)
         tokenizer = GemmaTokenizer.from_pretrained(tmp, add_bos_token=True, add_eos_token=False)
-    tokenizer.chat_template = GEMMA3_CHAT_TEMPLATE
+    tokenizer.chat_template = read_named_template("gemma-3")
     real_vocab = len(tokenizer)
 
     # model
@@ -311,12 +273,225 @@ def _restore_tokenizer_config(path: Path) -> None:
     """Add what a google/gemma-3 tokenizer_config.json has and transformers 5 leaves out."""
     config = json.loads(path.read_text(encoding="utf-8"))
     config.pop("vocab_file", None)  # an absolute path to the temporary folder
-    config.update(add_bos_token=True, add_eos_token=False, chat_template=GEMMA3_CHAT_TEMPLATE)
+    config.update(add_bos_token=True, add_eos_token=False, chat_template=read_named_template("gemma-3"))
     config["added_tokens_decoder"] = {
         str(i): {"content": tok, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
         for i, tok in enumerate(SPECIAL_TOKENS)
     }
     path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+# --- the other model families ---------------------------------------------------------
+
+# The sizes every tiny model gets; the real model's other settings stay (vocabulary, tied or
+# untied embeddings, RoPE, norms, special token ids). Heads keep the real ratio of query to
+# key/value heads (grouped-query or not). initializer_range 0.3, as the tiny Gemma's, gives
+# the frozen random weights enough scale for LoRA to learn.
+TINY_SIZES = {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
+              "head_dim": 16, "initializer_range": 0.3}
+
+
+@dataclass(frozen=True)
+class Family:
+    """How the example builds a tiny model of one family: the real model's own files (config.json,
+    generation_config.json, tokenizer_config.json), written down here, its vocabulary and its
+    chat template. Only `factory init --example` and the tests read this; the pipeline reads
+    the model folder, as it would a downloaded one."""
+
+    real_model: str
+    """The model whose files these are (Hugging Face id)."""
+    vocab: str | None
+    """Its vocabulary among llama.cpp's (factory.real_tokenizers); None for Gemma 3, whose
+    tokenizer is trained on the task's texts (build_tiny_gemma3)."""
+    template: str
+    """Its chat template: factory/templates/<template>.jinja."""
+    config: dict[str, Any] = field(default_factory=dict)
+    generation: dict[str, Any] = field(default_factory=dict)
+    tokenizer: dict[str, Any] = field(default_factory=dict)
+    """tokenizer_config.json without added_tokens_decoder and chat_template, which the builder
+    writes from the tokenizer and the template."""
+    added_tokens: dict[int, tuple[str, bool]] = field(default_factory=dict)
+    """The model's added tokens where they differ from its vocabulary's: id -> (content, special)."""
+    tokenizer_json: dict[str, Any] = field(default_factory=dict)
+    """Top-level entries of tokenizer.json where the model's differ from its vocabulary's."""
+
+
+def _llama31_added_tokens() -> dict[int, tuple[str, bool]]:
+    """Llama 3.1 named eight of the 256 special tokens (llama-bpe has Llama 3.0's names) and
+    numbers the remaining reserved ones from 0."""
+    named = {128000: "<|begin_of_text|>", 128001: "<|end_of_text|>", 128004: "<|finetune_right_pad_id|>",
+             128006: "<|start_header_id|>", 128007: "<|end_header_id|>", 128008: "<|eom_id|>", 128009: "<|eot_id|>",
+             128010: "<|python_tag|>"}
+    reserved = iter(range(256))
+    return {i: (named.get(i) or f"<|reserved_special_token_{next(reserved)}|>", True) for i in range(128000, 128256)}
+
+
+# Qwen 2.5's 22 added tokens from 151643 (qwen2 has Qwen 2's first three); the tool-call and
+# fill-in-the-middle ones are not special.
+QWEN25_ADDED = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
+                "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>",
+                "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"]
+
+# Phi-3 does not mark </s> special; its chat tokens (<|user|>, <|end|>, ...) are phi-3's own.
+# The real ones also strip the whitespace that follows them (rstrip), but llama.cpp strips it
+# only in a GGUF whose general.name contains "phi3" or "phi-3", which its converter does not
+# write (it names the file "Phi 3 ..."), and would then disagree with transformers on every
+# chat turn: the example's tokens keep the whitespace, in both.
+PHI3_ADDED = {2: ("</s>", False)}
+
+# SentencePiece without the space prefix (Mistral's add_prefix_space false), as transformers
+# writes it for a LlamaTokenizer.
+SPM_NO_PREFIX = {
+    "pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "never", "split": False},
+    "decoder": {"type": "Sequence", "decoders": [{"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+                                                 {"type": "ByteFallback"}, {"type": "Fuse"}]},
+}
+
+# SentencePiece tokenizers load with `legacy: true`: a space prefix after every special token,
+# as SentencePiece itself, transformers 4's tokenizer.json and llama.cpp tokenize. transformers
+# 5 with `legacy: false` leaves it out after special tokens, and the same text then gets other
+# ids in the GGUF than in training.
+FAMILIES: dict[str, Family] = {
+    "gemma-3": Family("google/gemma-3-4b-it", vocab=None, template="gemma-3"),
+    "llama-3.1": Family(
+        "meta-llama/Llama-3.1-8B-Instruct", vocab="llama-bpe", template="llama-3.1",
+        config={"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 128256,
+                "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+                "num_key_value_heads": 8, "hidden_act": "silu", "max_position_embeddings": 131072,
+                "rms_norm_eps": 1e-05, "rope_theta": 500000.0,
+                "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                 "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+                "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
+                "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009]},
+        generation={"bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009], "do_sample": True,
+                    "temperature": 0.6, "top_p": 0.9},
+        tokenizer={"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>",
+                   "eos_token": "<|eot_id|>", "clean_up_tokenization_spaces": True,
+                   "model_input_names": ["input_ids", "attention_mask"], "model_max_length": 131072},
+        added_tokens=_llama31_added_tokens()),
+    "qwen-2.5": Family(
+        "Qwen/Qwen2.5-7B-Instruct", vocab="qwen2", template="qwen-2.5",
+        config={"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "vocab_size": 152064,
+                "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+                "num_key_value_heads": 4, "hidden_act": "silu", "max_position_embeddings": 32768,
+                "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 131072, "use_sliding_window": False,
+                "max_window_layers": 28, "tie_word_embeddings": False, "bos_token_id": 151643, "eos_token_id": 151645},
+        generation={"bos_token_id": 151643, "pad_token_id": 151643, "eos_token_id": [151645, 151643],
+                    "do_sample": True, "repetition_penalty": 1.05, "temperature": 0.7, "top_p": 0.8, "top_k": 20},
+        tokenizer={"tokenizer_class": "Qwen2Tokenizer", "add_bos_token": False, "add_prefix_space": False,
+                   "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": None,
+                   "additional_special_tokens": QWEN25_ADDED[1:14], "clean_up_tokenization_spaces": False,
+                   "errors": "replace", "model_max_length": 131072, "split_special_tokens": False},
+        added_tokens={151643 + i: (t, i < 14) for i, t in enumerate(QWEN25_ADDED)}),
+    # llama.cpp has no Mistral vocabulary: Llama 2's stands in, a SentencePiece BPE model of the
+    # same size, byte fallback and special ids (<unk> <s> </s> = 0 1 2) as Mistral 7B v0.1's.
+    # add_prefix_space false: the template writes the space before [INST] and the answer itself,
+    # so the ids are Mistral's ("▁[INST]"), in transformers and in llama.cpp alike.
+    "mistral": Family(
+        "mistralai/Mistral-7B-Instruct-v0.1", vocab="llama-spm", template="mistral",
+        config={"model_type": "mistral", "architectures": ["MistralForCausalLM"], "vocab_size": 32000,
+                "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+                "num_key_value_heads": 8, "hidden_act": "silu", "max_position_embeddings": 32768,
+                "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "sliding_window": 4096, "tie_word_embeddings": False,
+                "bos_token_id": 1, "eos_token_id": 2},
+        generation={"bos_token_id": 1, "eos_token_id": 2},
+        tokenizer={"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
+                   "add_prefix_space": False, "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+                   "pad_token": None, "legacy": True, "clean_up_tokenization_spaces": False,
+                   "spaces_between_special_tokens": False, "model_max_length": 32768},
+        tokenizer_json=SPM_NO_PREFIX),
+    "phi-3": Family(
+        "microsoft/Phi-3-mini-4k-instruct", vocab="phi-3", template="phi-3",
+        config={"model_type": "phi3", "architectures": ["Phi3ForCausalLM"], "vocab_size": 32064,
+                "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32, "num_attention_heads": 32,
+                "num_key_value_heads": 32, "hidden_act": "silu", "max_position_embeddings": 4096,
+                "original_max_position_embeddings": 4096, "rms_norm_eps": 1e-05, "rope_theta": 10000.0,
+                "rope_scaling": None, "sliding_window": 2047, "attention_bias": False, "tie_word_embeddings": False,
+                "bos_token_id": 1, "eos_token_id": 32000, "pad_token_id": 32000},
+        generation={"bos_token_id": 1, "eos_token_id": [32000, 32001, 32007], "pad_token_id": 32000},
+        tokenizer={"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
+                   "bos_token": "<s>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": "<unk>",
+                   "legacy": True, "clean_up_tokenization_spaces": False, "padding_side": "left",
+                   "model_max_length": 4096},
+        added_tokens=PHI3_ADDED),
+}
+DEFAULT_FAMILY = "gemma-3"
+
+# For tests: a pretrained model of another kind, with a chat template of its own that is none
+# of the named ones: Llama 2's architecture and SentencePiece tokenizer, no pad token, and an
+# Alpaca-like template that writes <s> itself, puts the answer header in the user's turn (so
+# add_generation_prompt changes nothing) and ends each answer with </s> and a blank line.
+CUSTOM_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\\n\\n' }}"
+    "{% set loop_messages = messages[1:] %}{% else %}{% set loop_messages = messages %}{% endif %}"
+    "{% for message in loop_messages %}{% if message['role'] == 'user' %}"
+    "{{ '### Question:\\n' + message['content'] + '\\n\\n### Answer:\\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token + '\\n\\n' }}{% endif %}{% endfor %}"
+)
+CUSTOM_TEMPLATE_MODEL = Family(
+    "meta-llama/Llama-2-7b-hf", vocab="llama-spm", template="",
+    config={"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 32000, "hidden_size": 4096,
+            "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+            "hidden_act": "silu", "max_position_embeddings": 4096, "rms_norm_eps": 1e-05, "rope_theta": 10000.0,
+            "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2},
+    generation={"bos_token_id": 1, "eos_token_id": 2, "do_sample": True, "temperature": 0.6, "top_p": 0.9},
+    tokenizer={"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>",
+               "eos_token": "</s>", "unk_token": "<unk>", "pad_token": None, "legacy": True,
+               "clean_up_tokenization_spaces": False, "model_max_length": 4096})
+
+
+def build_family_model(out_dir: Path, family: Family, *, seed: int = 0, chat_template: str | None = None) -> Path:
+    """Write a randomly initialised tiny model of `family` with its real tokenizer and template.
+
+    The tokenizer files come from factory.real_tokenizers (built once per machine), with the
+    family's special tokens and tokenizer_config.json; the model is the family's architecture
+    from its real config.json with TINY_SIZES; generation_config.json is the real one. Like a
+    downloaded model, the template is in tokenizer_config.json, and for SentencePiece families
+    tokenizer.model is there for llama.cpp's converter. `chat_template` replaces the family's.
+    Returns `out_dir`.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from factory import real_tokenizers
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    template = chat_template if chat_template is not None else read_named_template(family.template)
+
+    real_tokenizers.copy_files(family.vocab, out_dir)
+    spec_path = out_dir / "tokenizer.json"
+    spec = json.loads(spec_path.read_text(encoding="utf-8"))
+    added = {t["id"]: t for t in spec["added_tokens"]}
+    for token_id, (content, special) in family.added_tokens.items():
+        added[token_id] = {"id": token_id, "content": content, "single_word": False, "lstrip": False, "rstrip": False,
+                           "normalized": False, "special": special}
+    spec["added_tokens"] = [added[i] for i in sorted(added)]
+    spec.update(family.tokenizer_json)
+    spec_path.write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+    decoder = {str(i): {k: v for k, v in t.items() if k != "id"} for i, t in sorted(added.items())}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(
+        {**family.tokenizer, "added_tokens_decoder": decoder, "chat_template": template}, indent=2, ensure_ascii=False
+    ) + "\n", encoding="utf-8")
+    tokenizer = AutoTokenizer.from_pretrained(out_dir)
+
+    real = family.config
+    sizes = {**TINY_SIZES, "num_key_value_heads": max(1, TINY_SIZES["num_attention_heads"] * real["num_key_value_heads"]
+                                                         // real["num_attention_heads"])}
+    config = AutoConfig.for_model(**{**real, **sizes})
+    if config.vocab_size < len(tokenizer):
+        raise RuntimeError(f"{family.real_model}: vocabulary {config.vocab_size} < tokenizer {len(tokenizer)}")
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model.generation_config = GenerationConfig(**family.generation)
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def build_custom_template_model(out_dir: Path, *, seed: int = 0) -> Path:
+    """CUSTOM_TEMPLATE_MODEL, for tests: a model whose template no table knows."""
+    return build_family_model(out_dir, CUSTOM_TEMPLATE_MODEL, seed=seed, chat_template=CUSTOM_TEMPLATE)
 
 
 # --- the workspace ---------------------------------------------------------------------
@@ -341,13 +516,17 @@ def record_texts(records: list[dict[str, Any]]) -> list[str]:
 
 
 def write_example_workspace(
-    root: Path, *, records: int = 2500, seed: int = 0, locales: list[str] | None = None, **model_kwargs: Any
+    root: Path, *, records: int = 2500, seed: int = 0, locales: list[str] | None = None,
+    family: str = DEFAULT_FAMILY, **model_kwargs: Any,
 ) -> dict[str, Path]:
-    """Write data/raw/localization.jsonl (`records` Alpaca rows) and models/base/ under `root`.
+    """Write data/raw/localization.jsonl (`records` Alpaca rows) and models/base/ under `root`:
+    a tiny model of `family` (a FAMILIES name); `model_kwargs` go to build_tiny_gemma3 (Gemma 3 only).
 
     Returns {"raw": file, "model": folder}. The factory.yaml that points at them is the
     caller's business.
     """
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; known: {', '.join(FAMILIES)}")
     root = Path(root)
     rows = generate_task_records(records, seed=seed, locales=locales)
     raw = root / RAW_FILE
@@ -356,15 +535,19 @@ def write_example_workspace(
     model_dir = root / BASE_MODEL_DIR
     if model_dir.exists():
         shutil.rmtree(model_dir)
-    build_tiny_gemma3(model_dir, corpus=record_texts(rows), seed=seed, **model_kwargs)
+    if FAMILIES[family].vocab is None:
+        build_tiny_gemma3(model_dir, corpus=record_texts(rows), seed=seed, **model_kwargs)
+    else:
+        build_family_model(model_dir, FAMILIES[family], seed=seed)
     return {"raw": raw, "model": model_dir}
 
 
-def example_config(*, steps: int = 600) -> str:
+def example_config(*, steps: int = 600, family: str = DEFAULT_FAMILY) -> str:
     """factory.yaml for the example workspace: settings that learn the task on a CPU."""
     return f"""\
-# Example workspace made by `factory init --example`: a localization task and a tiny Gemma-3
-# with random weights, all offline. `factory run` takes it from raw data to a verified GGUF.
+# Example workspace made by `factory init --example --family {family}`: a localization task and
+# a tiny {FAMILIES[family].real_model} with random weights, all offline. `factory run` takes it from raw
+# data to a verified GGUF.
 data:
   inputs: [{RAW_FILE}]
   split: {{train: 0.9, val: 0.05, test: 0.05, seed: 3407}}

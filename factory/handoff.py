@@ -74,7 +74,7 @@ def _card(cfg: FactoryConfig, ws: Workspace, what: str, m: dict[str, dict], gate
         "|---|---|---|---|---|---|---|---|---|",
         *(f"| {t['type']} | {Path(t['path']).name} | {t['size_bytes'] / 1e6:.2f} | {t['bits_per_weight']:.2f} | "
           f"{_num(t['score'])} | {t['relative_score_drop']:.1%} | {_num(t.get('perplexity_ratio'))} | "
-          f"{_num(t.get('mean_kl'))} | {t.get('generation_stops', 0):.0%} |" for t in quant.get("types", [])),
+          f"{_num(t.get('mean_kl'))} | {_share(t.get('generation_stops'))} |" for t in quant.get("types", [])),
         "",
         "## Gates",
         "",
@@ -105,6 +105,10 @@ def _criterion(c: dict) -> str:
 
 def _num(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _share(value: float | None) -> str:
+    return "not applicable (plain text)" if value is None else f"{value:.0%}"
 
 
 def summary_lines(cfg: FactoryConfig, ws: Workspace) -> list[str]:

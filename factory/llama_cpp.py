@@ -4,7 +4,9 @@ One version of llama.cpp serves every step. llama-cpp-python (the `gguf` extra) 
 its wheel carries the runtime and the quantize API, and its sdist on the package registry
 carries the same llama.cpp source, with `convert_hf_to_gguf.py` and the matching `gguf-py`.
 `factory setup-gguf` (run by `make install`) takes the converter from that sdist once, at
-install time; at run time nothing is cloned, built or downloaded. A llama.cpp checkout of
+install time; at run time nothing is cloned, built or downloaded. The same sdist carries the
+vocabulary-only GGUFs llama.cpp tests its tokenizers with; setup-gguf keeps those of the example
+model families (factory.real_tokenizers) in the same folder. A llama.cpp checkout of
 the user's own can stand in (`save.llama_cpp_dir` or the FACTORY_LLAMA_CPP variable).
 
 The converter writes F32, F16, BF16 and Q8_0 directly; every other type is quantized from
@@ -31,6 +33,11 @@ LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 CONVERTER = "convert_hf_to_gguf.py"
 # What the converter needs from the llama.cpp tree (it imports `conversion` and `gguf-py`).
 CONVERTER_PARTS = (CONVERTER, "conversion/", "gguf-py/", "LICENSE")
+# Real tokenizers, offline: llama.cpp's vocabulary-only GGUFs of Llama 3 (llama-bpe), Qwen 2
+# (qwen2), Llama 2 (llama-spm) and Phi-3 (phi-3), each with the test texts (.inp) and the ids the
+# original Hugging Face tokenizer gives them (.out), a reference that does not come from us.
+VOCABS = ("llama-bpe", "qwen2", "llama-spm", "phi-3")
+VOCAB_PARTS = tuple(f"models/ggml-vocab-{name}.gguf{ext}" for name in VOCABS for ext in ("", ".inp", ".out"))
 INSTALL_HINT = ("run `factory setup-gguf` (or `make install`), which takes llama.cpp's converter from the "
                 f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} sdist on the package registry; "
                 "or point save.llama_cpp_dir (or FACTORY_LLAMA_CPP) at a llama.cpp checkout")
@@ -115,11 +122,20 @@ def converter_dir(configured: Path | None) -> Path:
     return folder
 
 
+def vocab_file(name: str, suffix: str = "") -> Path:
+    """One of the VOCABS GGUFs in the installed folder; suffix ".inp" or ".out" for its test files."""
+    gguf = default_converter_dir() / "models" / f"ggml-vocab-{name}.gguf"
+    if not gguf.is_file():
+        raise InputError(f"llama.cpp's vocabulary {gguf.name} is not installed in {gguf.parent}: {INSTALL_HINT}")
+    return gguf.with_name(gguf.name + suffix)
+
+
 def fetch_converter(dest: Path | None = None, *, log=print) -> Path:
-    """Take llama.cpp's converter out of the pinned llama-cpp-python sdist (install time)."""
+    """Take llama.cpp's converter and the VOCABS files out of the pinned llama-cpp-python sdist
+    (install time). A folder from an older setup-gguf that lacks the vocabularies is replaced."""
     dest = dest or default_converter_dir()
-    if (dest / CONVERTER).is_file():
-        log(f"llama.cpp converter already in {dest}")
+    if (dest / CONVERTER).is_file() and all((dest / part).is_file() for part in VOCAB_PARTS):
+        log(f"llama.cpp converter and vocabularies already in {dest}")
         return dest
     with tempfile.TemporaryDirectory() as tmp:
         log(f"downloading the llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} sdist (llama.cpp source, ~75 MB)")
@@ -138,14 +154,20 @@ def fetch_converter(dest: Path | None = None, *, log=print) -> Path:
             members = []
             for member in archive.getmembers():
                 inner = member.name.removeprefix(prefix)
-                if member.name.startswith(prefix) and (member.isfile() or member.isdir()) and inner.startswith(CONVERTER_PARTS):
+                if (member.name.startswith(prefix) and (member.isfile() or member.isdir())
+                        and (inner.startswith(CONVERTER_PARTS) or inner in VOCAB_PARTS)):
                     member.name = inner
                     members.append(member)
             archive.extractall(staging, members=members, filter="data")
         (staging / "VERSION").write_text(f"llama-cpp-python {LLAMA_CPP_PYTHON_VERSION}\n", encoding="utf-8")
         dest.parent.mkdir(parents=True, exist_ok=True)
+        old = dest.with_name(dest.name + ".old")
+        if dest.exists():  # an older install without the vocabularies
+            shutil.rmtree(old, ignore_errors=True)
+            dest.rename(old)
         shutil.move(str(staging), dest)  # whole folder at once: never a half-extracted converter
-    log(f"llama.cpp converter installed in {dest}")
+        shutil.rmtree(old, ignore_errors=True)
+    log(f"llama.cpp converter and vocabularies installed in {dest}")
     return dest
 
 

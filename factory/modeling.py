@@ -1,4 +1,6 @@
-"""Models for the model phases: backend choice, loading, LoRA, chat formatting, generation.
+"""Models for the model phases: backend choice, loading, LoRA, generation and answer loss.
+
+How a model writes a conversation is factory.chat's (one ChatFormat per loaded model).
 
 Two backends share TRL's SFTTrainer:
 - `unsloth`: Unsloth's FastModel (fast 4-bit LoRA), CUDA only;
@@ -21,16 +23,6 @@ from factory.errors import InputError
 from factory.workspace import Workspace
 
 log = logging.getLogger("factory.modeling")
-
-# The markers train_on_responses_only looks for, per chat template (Unsloth's names).
-RESPONSE_PARTS = {
-    "gemma-3": ("<start_of_turn>user\n", "<start_of_turn>model\n"),
-    "gemma3": ("<start_of_turn>user\n", "<start_of_turn>model\n"),
-    "llama-3.1": ("<|start_header_id|>user<|end_header_id|>\n\n", "<|start_header_id|>assistant<|end_header_id|>\n\n"),
-    "qwen-2.5": ("<|im_start|>user\n", "<|im_start|>assistant\n"),
-    "chatml": ("<|im_start|>user\n", "<|im_start|>assistant\n"),
-}
-
 
 @dataclass(frozen=True)
 class Backend:
@@ -97,25 +89,28 @@ def torch_dtype(cfg: FactoryConfig, device: str):
 
 
 def load_model(cfg: FactoryConfig, ws: Workspace, backend: Backend, *, max_seq_length: int):
-    """The base model and its tokenizer, as the finetune phase needs them."""
+    """The base model and its chat format, as the finetune phase needs them."""
+    from factory.chat import ChatFormat
+
     path = model_path(cfg.model.name, ws)
     if backend.name == "unsloth":
         from unsloth import FastModel
-        from unsloth.chat_templates import get_chat_template
 
         model, tokenizer = FastModel.from_pretrained(
             model_name=path, max_seq_length=max_seq_length, dtype=cfg.model.dtype and torch_dtype(cfg, "cuda"),
             load_in_4bit=cfg.model.load_in_4bit,
         )
-        tokenizer = get_chat_template(tokenizer, chat_template=cfg.dataset.chat_template)
-        return model, tokenizer
+        return model, ChatFormat.from_tokenizer(tokenizer, cfg.dataset.chat_template, model.generation_config)
     return load_for_inference(cfg, ws, backend, path=path, quantize=cfg.model.load_in_4bit)
 
 
 def load_for_inference(cfg: FactoryConfig, ws: Workspace, backend: Backend, *, path: str | None = None,
                        adapter: Path | None = None, quantize: bool = False):
-    """A model for generation: the base (from model.name or `path`), plus a LoRA adapter."""
+    """A model for generation and its chat format: the base (from model.name or `path`), plus a
+    LoRA adapter."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from factory.chat import ChatFormat
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the phase has its own progress; keep CI logs readable
@@ -142,7 +137,7 @@ def load_for_inference(cfg: FactoryConfig, ws: Workspace, backend: Backend, *, p
     if backend.device != "cpu" and "quantization_config" not in kwargs:
         model = model.to(backend.device)
     model.eval()
-    return model, tokenizer
+    return model, ChatFormat.from_tokenizer(tokenizer, cfg.dataset.chat_template, model.generation_config)
 
 
 def add_lora(model, cfg: FactoryConfig, backend: Backend, *, rank: int):
@@ -168,60 +163,42 @@ def add_lora(model, cfg: FactoryConfig, backend: Backend, *, rank: int):
     return get_peft_model(model, config)
 
 
-# --- conversations -------------------------------------------------------------------------
-
-
-def chat_messages(conversations: list[dict]) -> list[dict]:
-    """Canonical turns as chat-template messages.
-
-    Gemma's template knows user/assistant/system only and requires them to alternate, so a
-    tool result is passed as a user turn that says it is one.
-    """
-    return [
-        {"role": "user", "content": f"Tool result:\n{t['content']}"} if t["role"] == "tool" else dict(t)
-        for t in conversations
-    ]
-
-
-def prompt_and_answer(record: dict) -> tuple[list[dict], str]:
-    """The conversation up to the last assistant turn, and that turn's text (the reference)."""
-    turns = chat_messages(record["conversations"])
-    return turns[:-1], turns[-1]["content"]
-
-
-def unsloth_text(tokenizer, conversations: list[dict]) -> str:
-    """Seed 004's formatting_prompts_func: the chat template's text without a leading <bos>."""
-    text = tokenizer.apply_chat_template(chat_messages(conversations), tokenize=False, add_generation_prompt=False)
-    return text.removeprefix(tokenizer.bos_token or "<bos>")
-
-
 # --- generation and loss -----------------------------------------------------------------
 
 
-def generate(model, tokenizer, prompts: list[list[dict]], *, batch_size: int, max_new_tokens: int,
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    stopped: bool
+    """True when the answer ended with a stop token, False when it ran to max_new_tokens."""
+
+
+def generate(model, chat, records: list[dict], *, batch_size: int, max_new_tokens: int,
              on_batch: Callable[[int], None] | None = None, temperature: float = 0.0, top_p: float = 1.0,
-             top_k: int = 0) -> list[str]:
-    """Generate an answer for each prompt, batched with left padding; greedy by default."""
+             top_k: int = 0) -> list[Generation]:
+    """Generate the final answer of each record from the conversation before it, batched with
+    left padding; greedy by default. Stops at the chat format's end-of-turn tokens."""
     import torch
 
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     device = next(model.parameters()).device
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k} if temperature > 0 else {"do_sample": False}
-    answers: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in chunk]
-        encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    stops = set(chat.stop_token_ids)
+    results: list[Generation] = []
+    for start in range(0, len(records), batch_size):
+        chunk = [chat.prompt_ids(r) for r in records[start : start + batch_size]]
+        width = max(len(ids) for ids in chunk)
+        ids = torch.tensor([[chat.pad_token_id] * (width - len(i)) + i for i in chunk], device=device)
+        mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in chunk], device=device)
         with torch.inference_mode():
-            output = model.generate(**encoded, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                    **sampling)
-        new_tokens = output[:, encoded["input_ids"].shape[1] :]
-        answers += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+            output = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                    pad_token_id=chat.pad_token_id, eos_token_id=chat.stop_token_ids, **sampling)
+        for row in output[:, width:].tolist():
+            ended = next((i for i, token in enumerate(row) if token in stops), None)
+            answer = row[:ended] if ended is not None else row
+            results.append(Generation(chat.tokenizer.decode(answer, skip_special_tokens=True).strip(), ended is not None))
         if on_batch:
             on_batch(len(chunk))
-    return answers
+    return results
 
 
 LOGIT_VALUES = 1 << 25
@@ -338,25 +315,6 @@ class LogitHead:
             yield start, self(hidden[start : start + self.positions])
 
 
-def answer_labels(tokenizer, record: dict) -> tuple[list[int], list[int]]:
-    """Token ids of the whole conversation and labels that are -100 except on the final answer."""
-    prompt, _ = prompt_and_answer(record)
-    full = tokenizer.apply_chat_template(chat_messages(record["conversations"]), tokenize=True, add_generation_prompt=False)
-    head = tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True)
-    full, head = token_ids(full), token_ids(head)
-    if full[: len(head)] != head:
-        raise InputError("the chat template renders the prompt differently inside the full conversation; "
-                         "cannot locate the answer tokens")
-    return full, [-100] * len(head) + full[len(head) :]
-
-
-def token_ids(encoded) -> list[int]:
-    """apply_chat_template(tokenize=True) gives a list or a BatchEncoding, by version."""
-    if isinstance(encoded, dict) or hasattr(encoded, "keys"):
-        encoded = encoded["input_ids"]
-    return list(encoded)
-
-
 def complete_tokenizer_files(source: str, out_dir: Path) -> list[str]:
     """Put back what transformers 5's save_pretrained leaves out of a saved model folder.
 
@@ -384,7 +342,8 @@ def complete_tokenizer_files(source: str, out_dir: Path) -> list[str]:
     if base_config and config_path.exists():
         base = json.loads(base_config.read_text(encoding="utf-8"))
         config = json.loads(config_path.read_text(encoding="utf-8"))
-        missing = {k: base[k] for k in ("added_tokens_decoder", "add_bos_token", "add_eos_token")
+        missing = {k: base[k] for k in ("added_tokens_decoder", "add_bos_token", "add_eos_token", "legacy",
+                                         "add_prefix_space")
                    if k in base and k not in config}
         if missing:
             config.update(missing)

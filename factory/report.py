@@ -1,7 +1,7 @@
 """metrics/report.md and metrics/report.html: a run's results, in one place to read or share.
 
-The loss curve and the score distributions of baseline vs fine-tuned (PNG, matplotlib), the
-gate table, the paired statistics, a sample of the examples that flipped, and the
+The loss curves (training and validation) and the score distributions of baseline vs fine-tuned
+(PNG, matplotlib), the adapter selected and why, the gate table, the paired statistics, a sample of the examples that flipped, and the
 quantization table. The runner writes the report after the gates of evaluate and of quantize
 (REPORTED_METRICS) are checked; `factory report` writes it on demand. Both forms are made from
 the same blocks: the Markdown links the PNGs in metrics/report/, the HTML embeds them, so the
@@ -58,7 +58,8 @@ Block = Heading | Paragraph | TableBlock | Figure
 
 def write_report(ws: Workspace) -> list[Path]:
     """Write the report from the workspace's metrics; returns the files written."""
-    metrics = {stem: read_json_if_exists(ws.metrics_file(stem)) for stem in ("training-stats", "baseline", "evaluation", "quantization")}
+    metrics = {stem: read_json_if_exists(ws.metrics_file(stem))
+               for stem in ("format", "split", "training-stats", "baseline", "evaluation", "quantization")}
     if metrics["evaluation"] is None:
         raise InputError(f"nothing to report yet: {ws.rel(ws.metrics_file('evaluation'))} does not exist; "
                          "run `factory run evaluate` first")
@@ -91,16 +92,28 @@ def _blocks(metrics: dict[str, Any], gates: list[dict]) -> list[Block]:
         Paragraph(f"Model {evaluation.get('model')} with adapter {evaluation.get('adapter')}, scored on "
                   f"{evaluation.get('num_examples')} test examples ({evaluation.get('test_split', {}).get('file')}). "
                   f"Primary metric: {primary}. Run {evaluation.get('run_id')}; generated {generated}."),
-        Heading("Training"),
     ]
+    blocks += _data_blocks(metrics["format"], metrics["split"])
+    blocks.append(Heading("Training"))
     history = (training or {}).get("loss_history") or []
     if history:
-        blocks.append(Figure("loss.png", _loss_png(history), "Training loss and learning rate over steps"))
+        evals = training.get("eval_history") or []
+        blocks.append(Figure("loss.png", _loss_png(history, evals),
+                             "Training loss, validation loss and learning rate over steps" if evals
+                             else "Training loss and learning rate over steps"))
         convergence = training.get("convergence") or {}
-        blocks.append(TableBlock(["steps", "final loss", "loss drop", "tokens/s", "train seconds", "backend"], [[
+        blocks.append(TableBlock(["steps", "final loss", f"loss drop ({convergence.get('curve', 'training')})",
+                                  "tokens/s", "train seconds", "backend"], [[
             f"{training.get('steps')} / {training.get('total_steps')}", training.get("final_loss"),
             convergence.get("loss_drop"), training.get("tokens_per_second"), training.get("train_seconds"),
             training.get("backend")]]))
+        selection = training.get("selection")
+        if selection:
+            blocks.append(Paragraph(f"Adapter: {selection['adapter']} (training.select: {selection['select']}): "
+                                    f"{selection['reason']}."))
+            rows = [[name, point["step"], point["train_loss"], point["eval_loss"]]
+                    for name, point in (("best", selection.get("best")), ("last", selection.get("last"))) if point]
+            blocks.append(TableBlock(["adapter", "step", "training loss", "validation loss"], rows))
     else:
         blocks.append(Paragraph("No training statistics (metrics/training-stats.json) with a loss history."))
 
@@ -160,6 +173,52 @@ def _blocks(metrics: dict[str, Any], gates: list[dict]) -> list[Block]:
     return blocks
 
 
+def _data_blocks(fmt: dict | None, split: dict | None) -> list[Block]:
+    """The data: where every record went, leakage measured on the split files (with example
+    pairs), near-duplicates and benchmark contamination."""
+    blocks: list[Block] = [Heading("Data")]
+    if fmt:
+        a = fmt.get("accounting") or {}
+        blocks.append(Paragraph(f"format: {a.get('equation', '')}. Rejected ratio {_fmt(fmt.get('rejected_ratio'))}; "
+                                f"files not read to their end: {fmt.get('files_incomplete', 0)}."))
+        for item in fmt.get("incomplete_files") or []:
+            blocks.append(Paragraph(f"{item['file']}: {item['detail']} (records lost: "
+                                    f"{'unknown' if item.get('records_lost') is None else item['records_lost']})."))
+    if not split:
+        blocks.append(Paragraph("No split metrics (metrics/split.json)."))
+        return blocks
+    a = split.get("accounting") or {}
+    blocks.append(Paragraph(f"split: {a.get('equation', '')}; re-read by the leakage check: {a.get('reread')} "
+                            f"(balanced: {_fmt(a.get('balanced'))}). {split.get('groups')} groups, the largest "
+                            f"{split.get('largest_group')} records."))
+    leakage = split.get("leakage") or {}
+    blocks.append(TableBlock(["splits", "shared user turns", "near-duplicate user turns"], [
+        [pair.replace("_", " / "), (leakage.get(pair) or {}).get("user_turns"), (leakage.get(pair) or {}).get("near_duplicates")]
+        for pair in ("train_val", "train_test", "val_test")]))
+    if leakage.get("method"):
+        blocks.append(Paragraph(f"Measured: {leakage['method']}."))
+    examples = leakage.get("examples") or []
+    if examples:
+        blocks.append(TableBlock(["kind", "jaccard", "first", "second"], [
+            [e["kind"].replace("_", " "), e.get("jaccard"),
+             f"{e['pair'][0]['split']}:{e['pair'][0]['line']} {e['pair'][0]['text']}",
+             f"{e['pair'][1]['split']}:{e['pair'][1]['line']} {e['pair'][1]['text']}"] for e in examples]))
+    near = split.get("near_duplicates") or {}
+    blocks.append(Paragraph(f"Duplicates dropped: {split.get('duplicates_exact')} exact, {split.get('duplicates_normalized')} "
+                            f"normalized, {near.get('dropped')} near (mode {near.get('mode')}, Jaccard >= "
+                            f"{near.get('threshold')}); {near.get('pairs')} near-duplicate pairs found; each dropped "
+                            f"record is in {(split.get('duplicates_file') or {}).get('path')}."))
+    d = split.get("decontamination") or {}
+    if d.get("benchmarks"):
+        blocks.append(Paragraph(f"Benchmark contamination ({', '.join(b['file'] for b in d['benchmarks'])}): found "
+                                f"{_fmt(d.get('found'))}; removed from train {d.get('removed')}, left in train "
+                                f"{d.get('remaining_in_train')}."))
+        if d.get("examples"):
+            blocks.append(TableBlock(["split", "line", "match", "record", "benchmark prompt"], [
+                [e["split"], e["line"], e["match"], e["text"], e["benchmark"]["prompt"]] for e in d["examples"]]))
+    return blocks
+
+
 def _required(criterion: dict) -> Any:
     if criterion["required"] is not None and isinstance(criterion["value"], str):
         return f"{_fmt(criterion['required'])} ({criterion['value']})"
@@ -204,11 +263,15 @@ def _png(fig) -> bytes:
     return buffer.getvalue()
 
 
-def _loss_png(history: list[dict]) -> bytes:
+def _loss_png(history: list[dict], evals: list[dict]) -> bytes:
     fig = _figure()
     ax = fig.add_subplot()
     points = [h for h in history if h.get("loss") is not None]
-    ax.plot([h["step"] for h in points], [h["loss"] for h in points], color="#c2410c", label="loss")
+    ax.plot([h["step"] for h in points], [h["loss"] for h in points], color="#c2410c", label="training loss")
+    evaluated = [e for e in evals if e.get("eval_loss") is not None]
+    if evaluated:
+        ax.plot([e["step"] for e in evaluated], [e["eval_loss"] for e in evaluated], color="#047857", marker="o",
+                markersize=3, label="validation loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     rates = [h for h in points if h.get("learning_rate") is not None]
@@ -219,7 +282,9 @@ def _loss_png(history: list[dict]) -> bytes:
         right.set_ylabel("learning rate")
         lines = ax.get_lines() + right.get_lines()
         ax.legend(lines, [line.get_label() for line in lines], loc="upper center")
-    ax.set_title("Training loss")
+    else:
+        ax.legend(loc="upper center")
+    ax.set_title("Training and validation loss" if evaluated else "Training loss")
     return _png(fig)
 
 

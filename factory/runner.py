@@ -125,8 +125,11 @@ def run_pipeline(
                 status.phase_finished(current.name, "failed", error=error)
             cancelled = isinstance(exc, (KeyboardInterrupt, Cancelled))
             status.finish("cancelled" if cancelled else "failed", error)
+            if isinstance(exc, GateFailed):  # a failed gate is a result the tracker's run should show
+                _log_to_trackers(ws, result, reporter)
             raise
         status.finish("succeeded")
+        _log_to_trackers(ws, result, reporter)
     return result
 
 
@@ -195,6 +198,15 @@ def _write_report(ws: Workspace, reporter: Reporter) -> None:
         reporter.note(f"report not written ({type(exc).__name__}: {exc}); `factory report --debug` shows why")
         return
     reporter.note(f"report: {', '.join(ws.rel(f) for f in files if f.suffix != '.png')}")
+
+
+def _log_to_trackers(ws: Workspace, result: RunResult, reporter: Reporter) -> None:
+    """The results of this run (scores, gate verdicts) to the experiment tracker run(s) of the
+    training (training.report_to), once the run has checked its gates."""
+    from factory import trackers
+
+    if result.gates and (logged := trackers.log_results(ws)):
+        reporter.note(f"results logged to {', '.join(logged)}")
 
 
 def _error_type(exc: BaseException) -> str:

@@ -56,10 +56,11 @@ def runner_alive(doc: dict) -> bool:
 
 
 def read_training_history(ws: Workspace) -> list[dict]:
-    """The loss and learning-rate points of the last training, one per step, in step order.
+    """The points of the last training, one per step, in step order: the training loss and
+    learning rate, the validation loss (`eval_loss`), or both, where a step has them.
 
-    A line torn by a kill -9 is skipped; a step logged twice (re-trained after a resume)
-    keeps its last value.
+    Lines of the same step are merged. A line torn by a kill -9 is skipped; a value logged
+    twice for a step (re-trained after a resume) keeps its last value.
     """
     try:
         lines = ws.training_history_file.read_bytes().splitlines()
@@ -71,7 +72,7 @@ def read_training_history(ws: Workspace) -> list[dict]:
             point = orjson.loads(line)
         except orjson.JSONDecodeError:
             continue
-        by_step[point["step"]] = point
+        by_step.setdefault(point["step"], {}).update(point)
     return [by_step[step] for step in sorted(by_step)]
 
 
@@ -207,7 +208,7 @@ class TrainingStatus:
     """
 
     LIVE_FIELDS = {"step", "total_steps", "epoch", "total_epochs", "loss", "learning_rate", "eta_seconds",
-                   "checkpoint_at", "backend", "backend_reason"}
+                   "checkpoint_at", "backend", "backend_reason", "eval_loss", "best_eval_loss"}
 
     def __init__(self, ws: Workspace, run_id: str, phase: str):
         self.ws, self.run_id, self.phase = ws, run_id, phase
@@ -247,13 +248,17 @@ class TrainingStatus:
                 "seq": self._seq,
                 "updated_at": now_iso(),
                 "run_id": self.run_id,
+                "eval_loss": None,
+                "best_eval_loss": None,
             }
         if not self._history_started and ("step" in fields or "loss" in fields):
             self._start_history(fields.get("step", self.doc["step"]))
         self.doc.update(fields)
         self._write()
         if fields.get("loss") is not None:
-            self._append_history()
+            self._append_history({"loss": self.doc["loss"], "learning_rate": self.doc["learning_rate"]})
+        if fields.get("eval_loss") is not None:
+            self._append_history({"eval_loss": self.doc["eval_loss"]})
 
     def _start_history(self, step: int) -> None:
         """Training (re)starts at `step`: keep the points up to it (a resume continues the
@@ -262,9 +267,9 @@ class TrainingStatus:
         kept = [p for p in read_training_history(self.ws) if p["step"] <= step]
         atomic_write_bytes(self.ws.training_history_file, b"".join(orjson.dumps(p) + b"\n" for p in kept))
 
-    def _append_history(self) -> None:
-        point = {"step": self.doc["step"], "loss": self.doc["loss"], "learning_rate": self.doc["learning_rate"],
-                 "epoch": self.doc["epoch"], "run_id": self.run_id, "at": self.doc["updated_at"]}
+    def _append_history(self, values: dict) -> None:
+        point = {"step": self.doc["step"], **values, "epoch": self.doc["epoch"], "run_id": self.run_id,
+                 "at": self.doc["updated_at"]}
         # One whole line per write in append mode: only the last line can be caught half-written
         # (by a reader, or by a kill -9), and read_training_history skips it.
         with open(self.ws.training_history_file, "ab") as f:

@@ -1,4 +1,5 @@
-"""`factory status --watch`: the pipeline table and the training progress, redrawn until the run ends.
+"""`factory status --watch`: the pipeline table and the training progress (losses on the training
+and validation splits), redrawn until the run ends.
 
 Reads the same files a web page would poll (status.json, training-status.json and the
 training history), so it works from any terminal beside a running `factory run`.
@@ -57,27 +58,39 @@ def training_view(training: dict, history: list[dict]) -> RenderableType:
     facts = [f"[bold]{training['phase']}[/] [{style}]{training['status']}[/]",
              f"step {training['step']}/{total if total is not None else '?'}",
              f"epoch {training['epoch']:.2f}" + (f"/{training['total_epochs']:g}" if training["total_epochs"] else ""),
-             f"loss {_num(training['loss'])}", f"lr {_num(training['learning_rate'])}"]
+             f"loss {_num(training['loss'])}"]
+    if training.get("eval_loss") is not None:
+        facts.append(f"val loss {_num(training['eval_loss'])} (best {_num(training.get('best_eval_loss'))})")
+    facts.append(f"lr {_num(training['learning_rate'])}")
     if training["eta_seconds"] is not None and training["running"]:
         facts.append(f"ETA {duration(training['eta_seconds'])}")
     grid.add_row(Text.from_markup("  ".join(facts)))
     if total:
         grid.add_row(ProgressBar(total=total, completed=training["step"], width=SPARK_WIDTH))
-    losses = [p["loss"] for p in history if p["loss"] is not None]
+    # A history point has the training loss, the validation loss, or both; both curves share
+    # one scale, so a validation curve that turns up while the training loss falls shows.
+    losses = [p["loss"] for p in history if p.get("loss") is not None]
+    evals = [p["eval_loss"] for p in history if p.get("eval_loss") is not None]
+    scale = (min(losses + evals), max(losses + evals)) if losses or evals else None
     if losses:
-        grid.add_row(Text.assemble(("loss ", "dim"), (sparkline(losses, SPARK_WIDTH), "yellow"),
+        grid.add_row(Text.assemble(("loss ", "dim"), (sparkline(losses, SPARK_WIDTH, scale), "yellow"),
                                    (f"  {losses[0]:.4g} → {losses[-1]:.4g} over {len(losses)} logged steps", "dim")))
+    if evals:
+        grid.add_row(Text.assemble(("val  ", "dim"), (sparkline(evals, SPARK_WIDTH, scale), "green"),
+                                   (f"  {evals[0]:.4g} → {evals[-1]:.4g} over {len(evals)} evaluations, "
+                                    f"lowest {min(evals):.4g}", "dim")))
     if training["error"]:
         grid.add_row(Text(training["error"], style="red"))
     return grid
 
 
-def sparkline(values: list[float], width: int) -> str:
-    """One character per bucket of consecutive values (their mean), scaled min..max."""
+def sparkline(values: list[float], width: int, scale: tuple[float, float] | None = None) -> str:
+    """One character per bucket of consecutive values (their mean), scaled min..max of the
+    values or of `scale` (low, high)."""
     n = min(width, len(values))
     buckets = [values[i * len(values) // n:(i + 1) * len(values) // n] for i in range(n)]
     means = [sum(b) / len(b) for b in buckets]
-    low, high = min(means), max(means)
+    low, high = scale or (min(means), max(means))
     span = high - low or 1.0
     return "".join(SPARK_CHARS[round((m - low) / span * (len(SPARK_CHARS) - 1))] for m in means)
 

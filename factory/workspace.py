@@ -74,6 +74,14 @@ class Workspace:
         return self.formatted_dir / "rejects.jsonl"
 
     @property
+    def duplicates_file(self) -> Path:
+        return self.formatted_dir / "duplicates.jsonl"
+
+    @property
+    def contaminated_file(self) -> Path:
+        return self.formatted_dir / "contaminated.jsonl"
+
+    @property
     def splits_dir(self) -> Path:
         return self.root / "data" / "splits"
 
@@ -101,6 +109,11 @@ class Workspace:
     @property
     def models_dir(self) -> Path:
         return self.root / "models"
+
+    def adapter_dir(self, which: str) -> Path:
+        """An adapter finetune keeps besides save.lora_path: `best` (lowest validation loss) or
+        `last` (end of training), seed 000's adapters/best and adapters/last."""
+        return self.models_dir / "checkpoints" / which
 
     @property
     def logs_dir(self) -> Path:

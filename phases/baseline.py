@@ -26,15 +26,15 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
 
     backend = modeling.select_backend(cfg.model.backend)
     ctx.log.info("scoring the base model %s on %d test examples (%s)", cfg.model.name, len(records), backend.device)
-    model, tokenizer = modeling.load_for_inference(cfg, ws, backend)
-    result = evaluation.score_model(ctx, model, tokenizer, records, what="base")
+    model, chat = modeling.load_for_inference(cfg, ws, backend)
+    result = evaluation.score_model(ctx, model, chat, records, what="base")
 
     extra = {}
     if cfg.evaluation.second_test_set:
         second = evaluation.read_split(ws.path(cfg.evaluation.second_test_set), ws)
         extra["second_test_set"] = {
             **evaluation.split_identity(ws, ws.path(cfg.evaluation.second_test_set)),
-            **evaluation.score_model(ctx, model, tokenizer, second, what="base, second set"),
+            **evaluation.score_model(ctx, model, chat, second, what="base, second set"),
         }
     return {
         "model": cfg.model.name,

@@ -30,7 +30,7 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
     identity = evaluation.split_identity(ws, test_file)
     if baseline["test_split"]["sha256"] != identity["sha256"]:
         raise InputError("the test split changed since the baseline was scored; run `factory run baseline --force`")
-    if baseline["decoding"] != evaluation.decoding(cfg) or baseline["primary"] != cfg.evaluation.primary:
+    if baseline["decoding"] != evaluation.decoding(cfg):
         raise InputError("the evaluation settings changed since the baseline was scored; run `factory run baseline --force`")
     adapter = ws.path(cfg.save.lora_path)
     if not (adapter / "adapter_config.json").exists():
@@ -42,10 +42,12 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
                          "(evaluation.max_examples changed?); run `factory run baseline --force`")
     backend = modeling.select_backend(cfg.model.backend)
     ctx.log.info("scoring base + adapter %s on %d test examples", ws.rel(adapter), len(records))
-    model, tokenizer = modeling.load_for_inference(cfg, ws, backend, adapter=adapter)
-    result = evaluation.score_model(ctx, model, tokenizer, records, what="fine-tuned")
+    model, chat = modeling.load_for_inference(cfg, ws, backend, adapter=adapter)
+    result = evaluation.score_model(ctx, model, chat, records, what="fine-tuned")
 
-    primary = cfg.evaluation.primary
+    primary = result["primary"]  # the configured metric; for plain text, the language-modelling one
+    if baseline["primary"] != primary:
+        raise InputError("the evaluation settings changed since the baseline was scored; run `factory run baseline --force`")
     base_scores = [e["scores"][primary] for e in baseline["examples"]]
     tuned_scores = [e["scores"][primary] for e in result["examples"]]
     comparison = {"metric": primary, **scoring.compare(base_scores, tuned_scores, bootstrap=cfg.evaluation.bootstrap_samples,
@@ -73,7 +75,7 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
     }
     if cfg.evaluation.second_test_set:
         second_file = ws.path(cfg.evaluation.second_test_set)
-        second = evaluation.score_model(ctx, model, tokenizer, evaluation.read_split(second_file, ws), what="second set")
+        second = evaluation.score_model(ctx, model, chat, evaluation.read_split(second_file, ws), what="second set")
         base_second = baseline.get("second_test_set")
         if base_second is None:
             raise InputError("evaluation.second_test_set is set but the baseline did not score it; run `factory run baseline --force`")

@@ -8,31 +8,45 @@ schemas/record.schema.json
      "tools": ... (ShareGPT tool definitions, as given), "meta": {...} (e.g. the raw label)}
 
 and writes data/formatted/all.jsonl. Every record that cannot be converted goes to
-data/formatted/rejects.jsonl with its file, line (or array index), a reason code, a sentence
-saying what to fix, and the start of the raw text. Nothing is dropped silently:
-records_in == records_out + rejected (blank lines are not records).
+data/formatted/rejects.jsonl with its file, line (or array index, or row), a reason code, a
+sentence saying what to fix, and the start of the raw text. Nothing is dropped silently:
 
-Input shapes (`format`, per input; `auto` decides per file from the extension and the keys of
-the first record):
+    records_in = converted + rejected + filtered (by a transform)
+    records_out = converted + extra records (a tree or a transform giving several)
+
+and a file that cannot be read to its end (a JSON array that breaks, a file cut off, UTF-16)
+is listed under `incomplete_files` with the records lost (null: unknown); the data-valid
+gate fails on it.
+
+Input shapes (`format`, per input; `auto` decides per file from the extension and a vote of
+its first records):
   alpaca             instruction / input / output
   sharegpt           conversations [{from, value}], optional tools and system
   openai             messages [{role, content}]
   prompt_completion  prompt / completion
-  mapped             any field (JSON) or column (CSV/TSV) names, through `mapping`
+  mapped             any fields (JSON, nested paths) or columns (CSV/TSV/Parquet), through `mapping`
   text               each .txt file is one document (a single assistant turn)
+  oasst              OpenAssistant message trees: the best-ranked path or every path
 
-Files are streamed: JSONL/CSV/TSV line by line, JSON arrays item by item with ijson. Only a
-.txt document (one record) or a single top-level JSON object is read whole.
+Per input, `records` points into nested JSON (SQuAD's data[*].paragraphs[*]), a `[*]` in a
+mapped field gives one record per list element, and `transform: module:function` rewrites
+each raw record first.
+
+Files are streamed: JSONL/CSV/TSV line by line, JSON arrays item by item with ijson, Parquet
+by row batches. Only a .txt document (one record) or a single top-level JSON object is read whole.
 """
 
 from __future__ import annotations
 
 import csv
+import importlib
 import os
 import re
 import sys
 import time
 from collections import Counter
+from functools import lru_cache
+from itertools import chain, islice
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -45,12 +59,13 @@ from factory.io import AtomicOutput
 from factory.phase import Phase, PhaseContext
 from factory.workspace import Workspace
 
-EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv", ".txt")
+EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv", ".txt", ".parquet")
 BATCH = 5000  # records between writes and progress updates
 RAW_CHARS = 300  # how much of a rejected record's text goes to rejects.jsonl
+DETECT_RECORDS = 20  # `format: auto` votes over this many first records of a file
 BOM = b"\xef\xbb\xbf"
 ADD_NEWLINE = orjson.OPT_APPEND_NEWLINE
-NO_INPUT_FIX = "put .jsonl/.json/.csv/.tsv/.txt files in data/raw/ or set data.inputs in factory.yaml"
+NO_INPUT_FIX = "put .jsonl/.json/.csv/.tsv/.txt/.parquet files in data/raw/ or set data.inputs in factory.yaml"
 
 # Role order over one letter per turn, s(ystem) u(ser) a(ssistant) t(ool): an optional system
 # turn, then user/assistant pairs, tool results only right after an assistant (function call)
@@ -79,6 +94,7 @@ OPENAI_ROLES = {
     "tool": "tool",
     "function": "tool",
 }
+OASST_ROLES = {"prompter": "user", "assistant": "assistant"}
 
 
 class Reject(Exception):
@@ -88,6 +104,10 @@ class Reject(Exception):
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
+
+
+FILTERED = object()
+"""What a record becomes when its input's transform returns nothing for it."""
 
 
 # --- the phase ---------------------------------------------------------------------------
@@ -105,25 +125,50 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
     with AtomicOutput(ws.formatted_file) as out, AtomicOutput(ws.rejects_file) as rejects:
         for path, spec in files:
             rel = ws.rel(path)
-            per_file[rel] = format_file(path, rel, spec, out, rejects, ctx.progress)
+            per_file[rel] = format_file(FileReader(path, spec, rel, ws.root), out, rejects, ctx.progress)
             ctx.log.debug("format: %s: %s", rel, per_file[rel])
         records_in = sum(stats["records_in"] for stats in per_file.values())
         if records_in == 0:
             # Raised inside the `with`, so neither output file is written.
-            raise InputError(f"no records found in {', '.join(per_file)}; {NO_INPUT_FIX}")
+            unread = [f"{rel} ({stats['incomplete']['detail']})" for rel, stats in per_file.items() if stats.get("incomplete")]
+            raise InputError(f"no records found in {', '.join(per_file)}; "
+                             + (f"unreadable: {'; '.join(unread)}" if unread else NO_INPUT_FIX))
 
-    records_out = sum(stats["records_out"] for stats in per_file.values())
+    totals = Counter()
     per_reason: Counter = Counter()
     for stats in per_file.values():
+        for key in ("records_out", "converted", "rejected", "filtered"):
+            totals[key] += stats[key]
         per_reason.update(stats["reasons"])
         stats["reasons"] = dict(sorted(stats["reasons"].items()))
-    rejected = records_in - records_out
+    incomplete = [{"file": rel, **stats["incomplete"]} for rel, stats in per_file.items() if stats.get("incomplete")]
+    rejected, records_out = totals["rejected"], totals["records_out"]
+    accounting = {
+        "records_in": records_in,
+        "converted": totals["converted"],
+        "rejected": rejected,
+        "filtered": totals["filtered"],
+        "records_out": records_out,
+        "extra_from_fan_out": records_out - totals["converted"],
+        "records_lost_known": sum(x["records_lost"] or 0 for x in incomplete),
+        "files_with_unknown_loss": [x["file"] for x in incomplete if x["records_lost"] is None],
+        "equation": f"records_in {records_in} = converted {totals['converted']} + rejected {rejected} "
+                    f"+ filtered {totals['filtered']}; records_out {records_out} = converted {totals['converted']} "
+                    f"+ extra {records_out - totals['converted']}",
+    }
+    accounting["balanced"] = records_in == totals["converted"] + rejected + totals["filtered"] and not incomplete
+    for item in incomplete:
+        ctx.log.warning("format: %s could not be read to its end: %s", item["file"], item["detail"])
     ctx.log.info("format: %d records in, %d out, %d rejected", records_in, records_out, rejected)
     return {
         "records_in": records_in,
         "records_out": records_out,
         "rejected": rejected,
         "rejected_ratio": round(rejected / records_in, 6) if records_in else 0,
+        "filtered": totals["filtered"],
+        "files_incomplete": len(incomplete),
+        "incomplete_files": incomplete,
+        "accounting": accounting,
         "per_file": per_file,
         "per_reason": dict(sorted(per_reason.items())),
         "skipped_files": skipped,
@@ -145,7 +190,7 @@ def _outputs(cfg: FactoryConfig, ws: Workspace) -> list[Path]:
 # --- finding the files -------------------------------------------------------------------
 
 
-def collect_files(inputs: list[InputSpec], ws: Workspace) -> tuple[list[tuple[Path, InputSpec]], list[str]]:
+def collect_files(inputs: list[InputSpec], ws: Workspace, where: str = "data.inputs") -> tuple[list[tuple[Path, InputSpec]], list[str]]:
     """(file, its input spec) in a stable order, and the files skipped for their extension."""
     files: list[tuple[Path, InputSpec]] = []
     skipped: list[str] = []
@@ -156,13 +201,15 @@ def collect_files(inputs: list[InputSpec], ws: Workspace) -> tuple[list[tuple[Pa
         root = ws.path(spec.path)
         if not root.exists():
             raise InputError(
+                f"{where}[{i}]: {ws.rel(root)} does not exist; {NO_INPUT_FIX} (or fix the path)"
+                if where != "data.inputs" else
                 f"data.inputs[{i}].path: {ws.rel(root)} does not exist; {NO_INPUT_FIX} (or fix the path)"
             )
         if root.is_file():
             if root.suffix.lower() not in EXTENSIONS:
                 raise InputError(
-                    f"data.inputs[{i}].path: {ws.rel(root)} is not a .jsonl, .json, .csv, .tsv or .txt file; "
-                    "convert it or point data.inputs at a supported file"
+                    f"{where}[{i}]: {ws.rel(root)} is not a .jsonl, .json, .csv, .tsv, .txt or .parquet file; "
+                    "convert it or point the path at a supported file"
                 )
             candidates = [root]
         else:
@@ -189,56 +236,35 @@ def _walk(root: Path, excluded: set[Path]) -> list[Path]:
 # --- one file ----------------------------------------------------------------------------
 
 
-def format_file(path: Path, rel: str, spec: InputSpec, out: AtomicOutput, rejects: AtomicOutput, progress) -> dict:
+def format_file(reader: "FileReader", out: AtomicOutput, rejects: AtomicOutput, progress) -> dict:
     """Convert one file, appending to the output and rejects files; return its statistics."""
-    kind = path.suffix.lower()[1:]  # jsonl, json, csv, tsv, txt
-    stats: dict[str, Any] = {"format": None, "records_in": 0, "records_out": 0, "rejected": 0, "reasons": Counter()}
-    location = {"jsonl": "line", "csv": "line", "tsv": "line", "json": "index"}.get(kind)
-    delimiter = "\t" if kind == "tsv" else ","
-
-    def reject(loc: int | None, reason: str, detail: str, raw: Any) -> None:
-        entry: dict[str, Any] = {"file": rel}
-        if location is not None:
-            entry[location] = loc
-        entry.update(reason=reason, detail=detail, raw=_raw_text(raw, delimiter))
-        rejects.write(orjson.dumps(entry, option=ADD_NEWLINE))
-        stats["rejected"] += 1
-        stats["reasons"][reason] += 1
-
-    with open(path, "rb") as f:
-        if f.read(3) != BOM:
-            f.seek(0)
-        if kind == "jsonl":
-            items = jsonl_items(f)
-        elif kind == "json":
-            items = json_items(f, path)
-        elif kind in ("csv", "tsv"):
-            items = csv_items(f, kind, reject)
+    stats: dict[str, Any] = {"format": None, "records_in": 0, "records_out": 0, "converted": 0, "rejected": 0,
+                             "filtered": 0, "reasons": Counter()}
+    lines: list[bytes] = []
+    dumps = orjson.dumps
+    for loc, result, raw in reader:
+        if type(result) is dict:  # the common case: one record
+            lines.append(dumps(result, None, ADD_NEWLINE))
+            stats["converted"] += 1
+        elif type(result) is list:
+            lines.extend(dumps(r, None, ADD_NEWLINE) for r in result)
+            stats["converted"] += 1
+        elif result is FILTERED:
+            stats["filtered"] += 1
         else:
-            items = text_items(f)
-        expected = str if kind == "txt" else dict
-
-        convert: Callable[[Any], dict] | None = None
-        lines: list[bytes] = []
-        dumps = orjson.dumps
-        for loc, item, raw in items:
-            try:
-                if type(item) is not expected:
-                    raise item if type(item) is Reject else _not_an_object(item)
-                if convert is None:
-                    stats["format"], convert = choose_converter(spec, kind, item, rel)
-                lines.append(dumps(convert(item), None, ADD_NEWLINE))
-            except Reject as problem:
-                reject(loc, problem.reason, problem.detail, raw)
-                continue
-            if len(lines) >= BATCH:
-                _flush(lines, out, stats, progress)
-        _flush(lines, out, stats, progress)
-
-    progress.advance(stats["rejected"])
-    stats["records_in"] = stats["records_out"] + stats["rejected"]
-    if stats["format"] is None:  # nothing convertible was read
-        stats["format"] = "text" if kind == "txt" else spec.format
+            rejects.write(dumps(reader.reject_entry(loc, result, raw), None, ADD_NEWLINE))
+            stats["rejected"] += 1
+            stats["reasons"][result.reason] += 1
+        if len(lines) >= BATCH:
+            _flush(lines, out, stats, progress)
+    _flush(lines, out, stats, progress)
+    progress.advance(stats["rejected"] + stats["filtered"])
+    stats["records_in"] = stats["converted"] + stats["rejected"] + stats["filtered"]
+    stats["format"] = reader.format
+    if reader.encoding != "utf-8":
+        stats["encoding"] = reader.encoding
+    if reader.incomplete:
+        stats["incomplete"] = reader.incomplete
     return stats
 
 
@@ -248,6 +274,127 @@ def _flush(lines: list[bytes], out: AtomicOutput, stats: dict, progress) -> None
         stats["records_out"] += len(lines)
         progress.advance(len(lines))
         lines.clear()
+
+
+def canonical_records(path: Path, spec: InputSpec, rel: str, root: Path | None = None):
+    """(location, canonical record or list of them, or a Reject or FILTERED, raw) for each
+    record of one file: what `format` writes, for other phases that read user files (split's
+    benchmark files)."""
+    return FileReader(path, spec, rel, root or Path.cwd())
+
+
+class FileReader:
+    """One file read to canonical records, in order: iterate for (location, result, raw).
+
+    After the iteration, `format` is the format used, `encoding` the text encoding, and
+    `incomplete` says why the file could not be read to its end (None if it was)."""
+
+    def __init__(self, path: Path, spec: InputSpec, rel: str, root: Path):
+        self.path, self.spec, self.rel, self.root = path, spec, rel, root
+        self.kind = path.suffix.lower()[1:]  # jsonl, json, csv, tsv, txt, parquet
+        self.format: str | None = None
+        self.encoding = "utf-8"
+        self.incomplete: dict[str, Any] | None = None
+        self.location = {"jsonl": "line", "csv": "line", "tsv": "line", "json": "index", "parquet": "row"}.get(self.kind)
+        self.delimiter = "\t" if self.kind == "tsv" else ","
+
+    def reject_entry(self, loc: Any, problem: Reject, raw: Any) -> dict[str, Any]:
+        entry: dict[str, Any] = {"file": self.rel}
+        if isinstance(loc, tuple):  # a record inside a list of a raw record: (line, element)
+            loc, element = loc
+            entry["element"] = element
+        if self.location is not None:
+            entry[self.location] = loc
+        entry.update(reason=problem.reason, detail=problem.detail, raw=_raw_text(raw, self.delimiter))
+        return entry
+
+    def __iter__(self) -> Iterator[tuple[Any, Any, Any]]:
+        with open(self.path, "rb") as f:
+            head = f.read(4)
+            if self._unreadable_encoding(head, f):
+                return
+            f.seek(3 if head.startswith(BOM) else 0)
+            items = self._items(f)
+            if self.spec.records and self.kind != "json":
+                items = _within(items, self.spec.records)
+            if self.spec.transform:
+                items = _transformed(items, _transform(self.spec.transform, self.root))
+            if self.spec.mapping and _fan_out_list(self.spec.mapping):
+                items = _fanned_out(items, _fan_out_list(self.spec.mapping))
+            yield from self._converted(items)
+
+    def _unreadable_encoding(self, head: bytes, f) -> bool:
+        """UTF-16 and UTF-32 files (with or without a BOM) cannot be read as UTF-8: the file is
+        recorded as not read, with its records unknown."""
+        if self.kind == "parquet":
+            return False
+        sample = head + f.read(4092)
+        boms = {b"\xff\xfe\x00\x00": "UTF-32", b"\x00\x00\xfe\xff": "UTF-32", b"\xff\xfe": "UTF-16", b"\xfe\xff": "UTF-16"}
+        found = next((name for bom, name in boms.items() if sample.startswith(bom)), None)
+        if found is None and len(sample) >= 8:
+            # ASCII text in UTF-16 without a BOM: every other byte is 0
+            even, odd = sample[0:len(sample) & ~1:2], sample[1:len(sample) & ~1:2]
+            if even.count(0) > 0.4 * len(even) or odd.count(0) > 0.4 * len(odd):
+                found = "UTF-16 (no BOM)"
+        if found is None:
+            return False
+        self.encoding = found
+        self.format = self.spec.format if self.spec.format != "auto" else None
+        self.incomplete = {"reason": "encoding", "records_lost": None, "at": 0,
+                           "detail": f"the file is {found}, not UTF-8, so none of it was read; re-save it as UTF-8 "
+                                     f"(e.g. iconv -f UTF-16 -t UTF-8)"}
+        return True
+
+    def _items(self, f) -> Iterator[tuple[Any, Any, Any]]:
+        if self.kind == "jsonl":
+            return self._jsonl(f)
+        if self.kind == "json":
+            return self._json(f)
+        if self.kind in ("csv", "tsv"):
+            return csv_items(f, self.kind, self.spec.header)
+        if self.kind == "parquet":
+            return parquet_items(self.path)
+        return text_items(f)
+
+    def _jsonl(self, f) -> Iterator[tuple[int, Any, bytes]]:
+        last = None
+        for last in jsonl_items(f):
+            yield last
+        if last is not None and type(last[1]) is Reject and last[1].reason == "truncated_json" and not last[2].endswith(b"\n"):
+            self.incomplete = {"reason": "truncated_file", "records_lost": None, "at": last[0],
+                               "detail": f"the last line ({last[0]}) is cut off, so the file was probably cut while "
+                                         "copying and the records after it are missing; restore the end of the file"}
+
+    def _json(self, f) -> Iterator[tuple[int, Any, Any]]:
+        for index, record, raw in json_items(f, self.path, _ijson_prefix(self.spec.records)):
+            if type(record) is Reject and record.reason in ("truncated_json", "invalid_json"):
+                self.incomplete = {"reason": record.reason, "records_lost": None, "at": index,
+                                   "detail": f"the JSON breaks at record {index}: {record.detail}"}
+            yield index, record, raw
+
+    def _converted(self, items: Iterator[tuple[Any, Any, Any]]) -> Iterator[tuple[Any, Any, Any]]:
+        """Items -> canonical records, with the converter chosen from the first records."""
+        expected = str if self.kind == "txt" else dict
+        first = list(islice(items, DETECT_RECORDS))
+        usable = [r for it in first for r in (it[1] if type(it[1]) is _Several else [it[1]]) if type(r) is expected]
+        convert = None
+        if usable:
+            self.format, convert = choose_converter(self.spec, self.kind, usable, self.rel)
+        for loc, item, raw in chain(first, items):
+            if convert is None and type(item) is expected:  # nothing usable among the first records
+                self.format, convert = choose_converter(self.spec, self.kind, [item], self.rel)
+            yield loc, _convert(convert, item, expected), raw
+        if self.format is None:
+            self.format = "text" if self.kind == "txt" else self.spec.format
+
+
+def _convert(convert: Callable[[Any], Any] | None, item: Any, expected: type) -> Any:
+    if type(item) is not expected and type(item) is not _Several or convert is None:
+        return item if type(item) is Reject or item is FILTERED else _not_an_object(item)
+    try:
+        return convert(item)
+    except Reject as problem:
+        return problem
 
 
 def _not_an_object(item: Any) -> Reject:
@@ -262,11 +409,11 @@ def _raw_text(raw: Any, delimiter: str) -> str:
     elif isinstance(raw, list) and all(type(cell) is str for cell in raw):  # a CSV row
         text = delimiter.join(raw)
     else:
-        text = orjson.dumps(raw).decode()
+        text = orjson.dumps(raw, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
     return text.rstrip("\r\n")[:RAW_CHARS]
 
 
-# --- readers: yield (line or index, record or Reject, raw text) ---------------------------
+# --- readers: yield (line, index or row; record or Reject; raw text) ------------------------
 
 
 def jsonl_items(f) -> Iterator[tuple[int, Any, bytes]]:
@@ -297,16 +444,17 @@ def _json_line_problem(line: bytes, error: Exception) -> Reject:
     return Reject("invalid_json", f"the line is not valid JSON ({error}); fix or remove the line")
 
 
-def json_items(f, path: Path) -> Iterator[tuple[int, Any, Any]]:
-    """A JSON array, item by item; a top-level object is one record (several objects one after
-    another, JSONL saved as .json, are read in turn). The location is the 0-based index."""
+def json_items(f, path: Path, prefix: str = "item") -> Iterator[tuple[int, Any, Any]]:
+    """A JSON array, item by item (or the items at an ijson prefix, for `records`); a
+    top-level object is one record (several objects one after another, JSONL saved as .json,
+    are read in turn). The location is the 0-based index of the record."""
     first = _first_non_space(f)
     if first is None:
         return
-    array = first == b"["
+    array = first == b"[" or prefix != "item"
     index = 0
     try:
-        for record in ijson.items(f, "item" if array else "", use_float=True, multiple_values=not array):
+        for record in ijson.items(f, prefix if array else "", use_float=True, multiple_values=not array):
             # raw: the record itself (written as JSON if rejected); other values as JSON text now,
             # so that a string item shows with its quotes
             yield index, record, record if type(record) is dict else orjson.dumps(record)
@@ -319,13 +467,13 @@ def json_items(f, path: Path) -> Iterator[tuple[int, Any, Any]]:
             yield index, Reject(
                 "truncated_json",
                 f"the file ends in the middle of record {index} (cut off while copying?); "
-                f"the {index} records before it were kept; restore the end of the file",
+                f"the {index} records before it were kept, how many followed is unknown; restore the end of the file",
             ), _file_tail(path)
         else:
             yield index, Reject(
                 "invalid_json",
                 f"the JSON breaks at record {index} ({headline.strip()}); the {index} records before it "
-                "were kept, nothing after it could be read; fix the file there",
+                "were kept, nothing after it could be read (how many records is unknown); fix the file there",
             ), context.strip()
 
 
@@ -347,19 +495,21 @@ def _file_tail(path: Path) -> bytes:
         return f.read()
 
 
-def csv_items(f, kind: str, reject: Callable) -> Iterator[tuple[int, Any, Any]]:
-    """CSV/TSV rows as {header: value}. The first row is the header. Lines are decoded one by
-    one, so an undecodable line is one reject; csv.reader reads from those lines, so quoted
-    fields spanning lines still work in CSV. TSV has no quoting (a `"` is an ordinary
-    character, as in GLUE's files)."""
+def csv_items(f, kind: str, header: bool = True) -> Iterator[tuple[int, Any, Any]]:
+    """CSV/TSV rows as {column name: value}, or {column number: value} without a header.
+    Lines are decoded one by one, so an undecodable line is one reject; csv.reader reads from
+    those lines, so quoted fields spanning lines still work in CSV. TSV has no quoting (a `"`
+    is an ordinary character, as in GLUE's files)."""
     where = {"first_line": 0}  # first physical line of the row being read
+    undecodable: list[tuple[int, Reject, bytes]] = []
 
     def decoded_lines() -> Iterator[str]:
         for lineno, line in enumerate(f, 1):
             try:
                 text = line.decode("utf-8")
             except UnicodeDecodeError as e:
-                reject(lineno, "undecodable", f"the line is not UTF-8 text (byte 0x{line[e.start]:02x} at column {e.start + 1}); re-save the file as UTF-8", line)
+                undecodable.append((lineno, Reject("undecodable", f"the line is not UTF-8 text (byte 0x{line[e.start]:02x} "
+                                                                  f"at column {e.start + 1}); re-save the file as UTF-8"), line))
                 continue
             if not where["first_line"]:
                 where["first_line"] = lineno
@@ -370,33 +520,58 @@ def csv_items(f, kind: str, reject: Callable) -> Iterator[tuple[int, Any, Any]]:
     else:
         reader = csv.reader(decoded_lines())
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long documents in one cell are fine
-    header: list[str] | None = None
+    names: list[Any] | None = None if header else []
     while True:
         try:
             row = next(reader)
         except StopIteration:
+            yield from undecodable
             return
         except csv.Error as e:
+            yield from undecodable
+            undecodable.clear()
             yield where["first_line"], Reject("invalid_csv", f"the row cannot be read as {kind.upper()} ({e}); fix its quoting"), ""
             where["first_line"] = 0
             continue
+        yield from undecodable
+        undecodable.clear()
         line, where["first_line"] = where["first_line"], 0
         if not row:  # a blank line
             continue
-        if header is None:
-            header = [name.strip() for name in row]
+        if names is None:
+            names = [name.strip() for name in row]
             continue
-        if len(row) > len(header) and any(cell.strip() for cell in row[len(header):]):
+        if not header:
+            yield line, dict(enumerate(row)), row
+            continue
+        if len(row) > len(names) and any(cell.strip() for cell in row[len(names):]):
             yield line, Reject(
                 "wrong_type",
-                f"the row has {len(row)} fields but the header has {len(header)} columns; "
+                f"the row has {len(row)} fields but the header has {len(names)} columns; "
                 "quote fields that contain the delimiter",
             ), row
             continue
-        if len(row) < len(header):  # a short row: its missing columns are missing fields
-            yield line, dict(zip(header, row + [None] * (len(header) - len(row)))), row
+        if len(row) < len(names):  # a short row: its missing columns are missing fields
+            yield line, dict(zip(names, row + [None] * (len(names) - len(row)))), row
             continue
-        yield line, dict(zip(header, row)), row
+        yield line, dict(zip(names, row)), row
+
+
+def parquet_items(path: Path) -> Iterator[tuple[int, Any, Any]]:
+    """Parquet rows as dicts (nested columns as dicts and lists), read in batches."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise InputError(f"{path}: reading Parquet needs pyarrow: pip install pyarrow") from None
+    try:
+        table = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises its own ArrowInvalid / OSError for a damaged file
+        raise InputError(f"{path}: not a readable Parquet file ({e}); re-export it") from None
+    row = 0
+    for batch in table.iter_batches(batch_size=BATCH):
+        for record in batch.to_pylist():
+            yield row, record, record
+            row += 1
 
 
 def text_items(f) -> Iterator[tuple[None, Any, Any]]:
@@ -410,11 +585,167 @@ def text_items(f) -> Iterator[tuple[None, Any, Any]]:
     yield None, text.replace("\r\n", "\n"), text
 
 
+# --- nested records, transforms and fan-out ------------------------------------------------
+
+_PATH_TOKEN = re.compile(r"([^.\[\]]+)|\[(\*|\d+)\]")
+
+
+@lru_cache(maxsize=None)
+def parse_path(path: str) -> tuple[Any, ...]:
+    """'qas[*].answers[0].text' -> ('qas', '*', 'answers', 0, 'text')."""
+    tokens: list[Any] = []
+    position = 0
+    for match in _PATH_TOKEN.finditer(path):
+        if match.start() != position and path[position:match.start()] != ".":
+            break
+        name, index = match.groups()
+        tokens.append(name if name is not None else ("*" if index == "*" else int(index)))
+        position = match.end()
+    if position != len(path) or not tokens:
+        raise InputError(f"{path!r} is not a field path: use names, .name and [0] or [*], e.g. answers.text[0]")
+    return tuple(tokens)
+
+
+def get_field(obj: Any, field: Any) -> Any:
+    """A field of a record: a column number, a name, or a path; None when it is not there."""
+    if isinstance(field, int):
+        if isinstance(obj, dict) and field in obj:
+            return obj[field]
+        values = list(obj.values()) if isinstance(obj, dict) else []
+        return values[field] if field < len(values) else None
+    if isinstance(obj, dict) and field in obj:
+        return obj[field]
+    value = obj
+    for token in parse_path(field):
+        if isinstance(token, int):
+            value = value[token] if isinstance(value, list) and -len(value) <= token < len(value) else None
+        elif isinstance(value, dict):
+            value = value.get(token)
+        else:
+            value = None
+        if value is None:
+            return None
+    return value
+
+
+def _ijson_prefix(records: str | None) -> str:
+    """`data[*].paragraphs[*]` -> ijson's prefix `data.item.paragraphs.item`."""
+    if not records:
+        return "item"
+    tokens = parse_path(records)
+    if any(isinstance(t, int) for t in tokens):
+        raise InputError(f"records: {records!r}: use names and [*] only (e.g. data[*].paragraphs[*])")
+    return ".".join("item" if t == "*" else t for t in tokens)
+
+
+def _within(items: Iterator, records: str) -> Iterator[tuple[Any, Any, Any]]:
+    """The records at a path inside each document (a JSONL line): one item per match."""
+    tokens = parse_path(records)
+    for loc, document, raw in items:
+        if type(document) is Reject:
+            yield loc, document, raw
+            continue
+        found = list(_walk_path(document, tokens))
+        if not found:
+            yield loc, Reject("missing_field", f"nothing at `{records}` in this record; fix data.inputs[].records "
+                                               "or the record"), raw
+        for k, record in enumerate(found):
+            yield (loc, k) if len(found) > 1 else loc, record, record
+
+
+def _walk_path(value: Any, tokens: tuple) -> Iterator[Any]:
+    if not tokens:
+        yield value
+        return
+    token, rest = tokens[0], tokens[1:]
+    if token == "*":
+        if isinstance(value, list):
+            for element in value:
+                yield from _walk_path(element, rest)
+    elif isinstance(value, dict) and token in value:
+        yield from _walk_path(value[token], rest)
+
+
+def _fan_out_list(mapping: dict) -> str | None:
+    """The list (a path) whose elements become records, from mapping fields with `[*]`."""
+    for fields in mapping.values():
+        for field in fields if isinstance(fields, list) else [fields]:
+            if isinstance(field, str) and "[*]" in field:
+                return field.split("[*]")[0]
+    return None
+
+
+def _fanned_out(items: Iterator, list_path: str) -> Iterator[tuple[Any, Any, Any]]:
+    """One item per element of the list at `list_path`: the record with that list replaced by
+    the element, so `qas[*].question` reads the element's question and other fields the record's."""
+    for loc, item, raw in items:
+        if type(item) is not dict:
+            yield loc, item, raw
+            continue
+        elements = get_field(item, list_path)
+        if not isinstance(elements, list) or not elements:
+            yield loc, Reject("missing_field", f"`{list_path}` is {'empty' if isinstance(elements, list) else 'not a list'}; "
+                                               "the mapping reads one record per element of it"), raw
+            continue
+        for k, element in enumerate(elements):
+            yield (loc, k), {**item, _ELEMENT: element, _ELEMENT_OF: list_path}, element
+
+
+_ELEMENT, _ELEMENT_OF = "\0element", "\0element_of"
+
+
+@lru_cache(maxsize=None)
+def _transform_function(spec: str, root: str) -> Callable[[Any], Any]:
+    module_name, function_name = spec.split(":")
+    added = root not in sys.path
+    if added:
+        sys.path.insert(0, root)
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:
+        raise InputError(f"data.inputs[].transform: cannot import {module_name!r} ({type(e).__name__}: {e}); "
+                         "put the module in the workspace folder or on PYTHONPATH") from None
+    finally:
+        if added:
+            sys.path.remove(root)
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise InputError(f"data.inputs[].transform: {module_name} has no function {function_name!r}")
+    return function
+
+
+def _transform(spec: str, root: Path) -> Callable[[Any], Any]:
+    return _transform_function(spec, str(root))
+
+
+def _transformed(items: Iterator, function: Callable[[Any], Any]) -> Iterator[tuple[Any, Any, Any]]:
+    """The transform's records for each raw record: one, several (numbered elements) or none."""
+    for loc, item, raw in items:
+        if type(item) is Reject:
+            yield loc, item, raw
+            continue
+        try:
+            result = function(item)
+        except Exception as e:  # the user's code: any error rejects this record, with its message
+            yield loc, Reject("transform_error", f"the transform raised {type(e).__name__}: {e}"), raw
+            continue
+        if result is None or result == []:
+            yield loc, FILTERED, raw
+        elif isinstance(result, list):
+            yield loc, _Several(result), raw
+        else:
+            yield loc, result, raw
+
+
+class _Several(list):
+    """Several records a transform made from one raw record (converted one by one)."""
+
+
 # --- choosing a converter ----------------------------------------------------------------
 
 
-def choose_converter(spec: InputSpec, kind: str, first: Any, rel: str) -> tuple[str, Callable[[Any], dict]]:
-    """The format name and the function for this file, from the spec and its first record."""
+def choose_converter(spec: InputSpec, kind: str, first: list[Any], rel: str) -> tuple[str, Callable[[Any], Any]]:
+    """The format name and the function for this file, from the spec and its first records."""
     fmt = spec.format
     if kind == "txt":
         if fmt not in ("auto", "text"):
@@ -424,34 +755,67 @@ def choose_converter(spec: InputSpec, kind: str, first: Any, rel: str) -> tuple[
     else:
         if fmt == "auto":
             fmt = detect_format(first, spec, kind, rel)
-        if fmt == "mapped" and kind in ("csv", "tsv"):
-            _check_columns(spec, first, kind, rel)
+        if fmt == "mapped" and kind in ("csv", "tsv") and spec.header:
+            _check_columns(spec, first[0], kind, rel)
         convert = {
             "alpaca": alpaca,
             "sharegpt": sharegpt,
             "openai": openai,
             "prompt_completion": prompt_completion,
             "text": text_field,
+            "oasst": oasst_tree(spec.tree_paths),
         }.get(fmt) or mapped(spec)
     if spec.system_prompt or spec.user_template:
         convert = with_prompts(convert, spec.system_prompt, spec.user_template)
+    if spec.transform:
+        convert = each_of(convert)
     return fmt, convert
 
 
-def detect_format(first: dict, spec: InputSpec, kind: str, rel: str) -> str:
+def each_of(convert: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """A transform may return several records for one: convert each (one Reject rejects all)."""
+
+    def convert_each(item: Any) -> Any:
+        if type(item) is not _Several:
+            return convert(item)
+        out: list[dict] = []
+        for record in item:
+            if type(record) is not dict:
+                raise _not_an_object(record)
+            result = convert(record)
+            out.extend(result if type(result) is list else [result])
+        return out
+
+    return convert_each
+
+
+def _record_format(record: dict, kind: str) -> str | None:
+    if "instruction" in record and "output" in record:
+        return "alpaca"
+    if "conversations" in record:
+        return "sharegpt"
+    if "messages" in record:
+        return "openai"
+    if "prompt" in record and "completion" in record:
+        return "prompt_completion"
+    if "message_tree_id" in record or isinstance(record.get("prompt"), dict) and "replies" in record["prompt"]:
+        return "oasst"
+    if type(record.get("text")) is str and kind not in ("csv", "tsv"):
+        return "text"
+    return None
+
+
+def detect_format(first: list[dict], spec: InputSpec, kind: str, rel: str) -> str:
+    """The format most of the first records have (the earliest on a tie); records of another
+    shape are rejected by its converter."""
     if spec.mapping:
         return "mapped"
-    if "instruction" in first and "output" in first:
-        return "alpaca"
-    if "conversations" in first:
-        return "sharegpt"
-    if "messages" in first:
-        return "openai"
-    if "prompt" in first and "completion" in first:
-        return "prompt_completion"
-    if type(first.get("text")) is str and kind not in ("csv", "tsv"):
-        return "text"
-    keys = list(first)
+    records = [r for r in first if type(r) is dict] or first
+    votes = Counter(fmt for fmt in (_record_format(r, kind) for r in records if type(r) is dict) if fmt)
+    if votes:
+        best = max(votes.values())
+        return next(fmt for fmt in (_record_format(r, kind) for r in records) if votes.get(fmt) == best)
+    keys = [str(k) for k in records[0]] if records and type(records[0]) is dict else []
     if kind in ("csv", "tsv"):
         raise InputError(
             f"{rel}: a {kind.upper()} file needs a column mapping; its columns are {', '.join(keys)}. "
@@ -460,7 +824,8 @@ def detect_format(first: dict, spec: InputSpec, kind: str, rel: str) -> str:
         )
     raise InputError(
         f"{rel}: cannot tell the format of the records; the first record has the keys {', '.join(keys) or '(none)'}. "
-        "Expected instruction+output (alpaca), conversations (sharegpt), messages (openai) or prompt+completion; "
+        "Expected instruction+output (alpaca), conversations (sharegpt), messages (openai), prompt+completion, "
+        "or an OpenAssistant tree; "
         f"otherwise set format or a mapping for this input in factory.yaml under data.inputs, e.g.\n"
         f"data:\n  inputs:\n    - path: {spec.path}\n      mapping: {{user: {keys[0] if keys else 'question'}, "
         f"assistant: {keys[-1] if keys else 'answer'}}}"
@@ -468,11 +833,13 @@ def detect_format(first: dict, spec: InputSpec, kind: str, rel: str) -> str:
 
 
 def _check_columns(spec: InputSpec, header_row: dict, kind: str, rel: str) -> None:
-    missing = [column for column in spec.mapping.values() if column not in header_row]
+    named = [f for fields in spec.mapping.values() for f in (fields if isinstance(fields, list) else [fields])]
+    missing = [str(f) for f in named if isinstance(f, str) and f not in header_row]
+    missing += [str(f) for f in named if isinstance(f, int) and f >= len(header_row)]
     if missing:
         raise InputError(
             f"{rel}: the mapping names column(s) {', '.join(missing)}, but the {kind.upper()} header has "
-            f"{', '.join(header_row)}; fix data.inputs[].mapping in factory.yaml"
+            f"{', '.join(map(str, header_row))}; fix data.inputs[].mapping in factory.yaml"
         )
 
 
@@ -537,28 +904,42 @@ def prompt_completion(obj: dict) -> dict:
 
 
 def mapped(spec: InputSpec) -> Callable[[dict], dict]:
-    """Fields (or CSV/TSV columns) named by `mapping`; `label_map` translates the answer."""
-    system_field = spec.mapping.get("system")
-    user_field = spec.mapping.get("user")
-    answer_field = spec.mapping["assistant"]
+    """Fields (or CSV/TSV/Parquet columns, or paths into nested data) named by `mapping`;
+    `label_map` translates the answer."""
+    def fields_of(role: str) -> list[Any]:
+        value = spec.mapping.get(role)
+        return [] if value is None else value if isinstance(value, list) else [value]
+
+    system_fields, user_fields, answer_fields = fields_of("system"), fields_of("user"), fields_of("assistant")
     label_map = spec.label_map
-    names = (system_field or "", user_field or "", answer_field)
+    names = tuple(" + ".join(map(str, f)) for f in (system_fields, user_fields, answer_fields))
     hint = "every record needs the fields named in data.inputs[].mapping"
 
+    def text(obj: dict, fields: list[Any]) -> str:
+        return "\n\n".join(_scalar_text(obj, field, hint) for field in fields)
+
     def convert(obj: dict) -> dict:
-        system = _scalar_text(obj, system_field, hint) if system_field else ""
-        user = _scalar_text(obj, user_field, hint) if user_field else ""
-        answer = _scalar_text(obj, answer_field, hint)
+        system = text(obj, system_fields)
+        user = text(obj, user_fields)
+        answer = text(obj, answer_fields)
         if label_map is None:
             return {"conversations": single_turn(system, user, answer, names)}
         label = label_map.get(answer)
         if label is None:
             known = ", ".join(sorted(label_map))
-            raise Reject("unmapped_label", f"`{answer_field}` is {answer!r}, which is not in label_map ({known}); "
+            raise Reject("unmapped_label", f"`{names[2]}` is {answer!r}, which is not in label_map ({known}); "
                                            "add it to data.inputs[].label_map or fix the record")
-        return {"conversations": single_turn(system, user, label, names), "meta": {"label": obj[answer_field]}}
+        return {"conversations": single_turn(system, user, label, names), "meta": {"label": _mapped_value(obj, answer_fields[0])}}
 
     return convert
+
+
+def _mapped_value(obj: dict, field: Any) -> Any:
+    """A mapped field's value: inside the current list element for `list[*].rest` fields."""
+    if isinstance(field, str) and "[*]" in field and _ELEMENT in obj:
+        rest = field.split("[*]", 1)[1].lstrip(".")
+        return get_field(obj[_ELEMENT], rest) if rest else obj[_ELEMENT]
+    return get_field(obj, field)
 
 
 def single_turn(system: str, user: str, answer: str, names: tuple[str, str, str]) -> list[dict]:
@@ -641,6 +1022,57 @@ def _openai_content(content: Any, turn: dict, field: str) -> str:
     raise _bad_text(field, content)
 
 
+def oasst_tree(paths: str) -> Callable[[dict], list[dict]]:
+    """An OpenAssistant message tree (`{message_tree_id, prompt: {role, text, replies: [...]}}`,
+    or the root message itself): `best` follows the reply ranked best (lowest `rank`, unranked
+    last) at every turn, `all` gives every root-to-leaf path. Deleted messages and messages that
+    failed review are left out; a path ends at its last assistant message."""
+
+    def usable(message: Any) -> bool:
+        return isinstance(message, dict) and not message.get("deleted") and message.get("review_result") is not False
+
+    def walk(message: dict, path: list[dict]) -> Iterator[list[dict]]:
+        path = path + [message]
+        replies = [r for r in message.get("replies") or [] if usable(r)]
+        if paths == "best" and replies:
+            replies = [min(replies, key=lambda r: (r.get("rank") is None, r.get("rank") or 0))]
+        if not replies:
+            yield path
+        for reply in replies:
+            yield from walk(reply, path)
+
+    def convert(obj: dict) -> list[dict]:
+        root = obj.get("prompt") if isinstance(obj.get("prompt"), dict) else obj
+        if not isinstance(root.get("text"), str) or root.get("role") not in OASST_ROLES:
+            raise Reject("missing_field", "an OpenAssistant tree needs `prompt` (or a root message) with `role` and "
+                                          "`text`; fix the record")
+        if not usable(root):
+            raise Reject("empty_record", "the tree's first message is deleted or failed review")
+        records, seen = [], set()
+        for path in walk(root, []):
+            while path and path[-1].get("role") != "assistant":
+                path = path[:-1]
+            key = tuple(id(m) for m in path)
+            if len(path) < 2 or key in seen:
+                continue
+            seen.add(key)
+            turns = []
+            for i, message in enumerate(path):
+                role, text = OASST_ROLES.get(message.get("role")), message.get("text")
+                if role is None:
+                    raise Reject("unknown_role", f"message {i} of a path has role {message.get('role')!r}; "
+                                                 "use prompter or assistant")
+                if type(text) is not str:
+                    raise _bad_text(f"message {i}.text", text)
+                turns.append({"role": role, "content": text})
+            records.append({"conversations": check_order(turns, "the message path")})
+        if not records:
+            raise Reject("empty_assistant", "the tree has no assistant reply to its prompt; remove it")
+        return records
+
+    return convert
+
+
 def text_document(text: str) -> dict:
     if not text or text.isspace():
         raise Reject("empty_record", "the file has no text; remove it or fill it")
@@ -661,9 +1093,13 @@ def with_prompts(convert: Callable[[Any], dict], system_prompt: str | None, user
     """Apply an input's system_prompt (a first system turn; put before a record's own system
     text) and user_template ("{text}" replaced by each user turn's text)."""
 
-    def convert_with_prompts(item: Any) -> dict:
-        record = convert(item)
-        conversation = record["conversations"]
+    def convert_with_prompts(item: Any) -> Any:
+        result = convert(item)
+        for record in result if type(result) is list else [result]:
+            add_prompts(record["conversations"])
+        return result
+
+    def add_prompts(conversation: list[dict]) -> None:
         if user_template:
             for turn in conversation:
                 if turn["role"] == "user":
@@ -673,7 +1109,6 @@ def with_prompts(convert: Callable[[Any], dict], system_prompt: str | None, user
                 conversation[0]["content"] = f"{system_prompt}\n\n{conversation[0]['content']}"
             else:
                 conversation.insert(0, {"role": "system", "content": system_prompt})
-        return record
 
     return convert_with_prompts
 
@@ -723,9 +1158,9 @@ def _required_text(obj: dict, field: str, hint: str) -> str:
     raise _bad_text(field, value)
 
 
-def _scalar_text(obj: dict, field: str, hint: str) -> str:
+def _scalar_text(obj: dict, field: Any, hint: str) -> str:
     """A mapped field: text, or a number/boolean written as JSON (a label such as 0 or true)."""
-    value = obj.get(field)
+    value = _mapped_value(obj, field)
     if type(value) is str:
         return value
     if value is None:
@@ -751,7 +1186,8 @@ def _json_type(value: Any) -> str:
 
 PHASE = Phase(
     name="format",
-    summary="Read data.inputs (Alpaca, ShareGPT, OpenAI, prompt/completion, mapped JSON/CSV/TSV, text) "
+    summary="Read data.inputs (Alpaca, ShareGPT, OpenAI, prompt/completion, OpenAssistant trees, mapped "
+    "JSON/CSV/TSV/Parquet, text) "
     "and write canonical conversations to data/formatted/all.jsonl; bad records to rejects.jsonl",
     metrics="format",
     run=run,

@@ -33,7 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from factory import llama_cpp, modeling
+from factory import llama_cpp, modeling, plan
+from factory.chat import messages
 from factory.config import FactoryConfig
 from factory.errors import InputError
 from factory.phase import Phase, PhaseContext
@@ -69,9 +70,9 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
              merge["max_abs_diff_vs_adapter"], merge["max_abs_diff_vs_base"])
 
     # 3. the merged model's scores and next-token distributions: the reference
-    model, tokenizer = modeling.load_for_inference(cfg, ws, backend, path=str(merged_dir))
-    reference = evaluation.score_model(ctx, model, tokenizer, records, what="merged")
-    divergence = _divergence_reference(model, tokenizer, records[:DIVERGENCE_EXAMPLES])
+    model, chat = modeling.load_for_inference(cfg, ws, backend, path=str(merged_dir))
+    reference = evaluation.score_model(ctx, model, chat, records, what="merged")
+    divergence = _divergence_reference(model, chat, records[:DIVERGENCE_EXAMPLES], plan.context_length(cfg))
     shapes = [tuple(p.shape) for p in model.parameters()]  # what each file's size is checked against
     del model  # the divergence reference keeps only the output embedding
     gc.collect()
@@ -89,11 +90,11 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
             "type": gtype.name,
             "path": ws.rel(path),
             **exported[gtype.name],
-            **_verify(ctx, path, gtype, shapes, tokenizer, records, reference, divergence),
+            **_verify(ctx, path, gtype, shapes, chat, records, reference, divergence),
         })
 
     # 6. handoff
-    modelfile = _write_modelfile(cfg, ws, quantized_dir, verified[0]["type"])
+    modelfile = _write_modelfile(cfg, ws, quantized_dir, verified[0]["type"], chat)
     commands = _run_commands(cfg, ws, quantized_dir, verified[0]["type"], modelfile)
     for line in commands.values():
         log.info("run it: %s", line)
@@ -104,7 +105,8 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
         "gguf_files": sum(1 for v in verified if Path(ws.path(v["path"])).is_file()),
         "worst_relative_score_drop": max(v["relative_score_drop"] for v in verified),
         "all_sizes_within_bounds": all(v["size_within_bounds"] for v in verified),
-        "all_generations_stop": all(v["generation_stops"] == 1.0 for v in verified),
+        **({} if reference.get("language_modelling") else  # plain text: no turns to end
+           {"all_generations_stop": all(v["generation_stops"] == 1.0 for v in verified)}),
         "min_tokenizer_agreement": min(v["tokenizer_agreement"] for v in verified),
         "types": verified,
         "llama_cpp": {"converter": str(converter), "llama_cpp_python": llama_cpp.LLAMA_CPP_PYTHON_VERSION,
@@ -133,13 +135,17 @@ def _merge(ctx: PhaseContext, backend, adapter: Path, merged_dir: Path, probes: 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from factory.chat import ChatFormat
+
     cfg, ws = ctx.config, ctx.workspace
     dtype = getattr(torch, cfg.save.merged_dtype)
     base = modeling.model_path(cfg.model.name, ws)
     started = time.monotonic()
-    tokenizer = AutoTokenizer.from_pretrained(adapter)  # the tokenizer the adapter was trained with
+    # the base model's tokenizer with the chat format it was trained with (a saved copy can lose
+    # settings such as SentencePiece's `legacy`, which change the ids)
+    chat = ChatFormat.from_tokenizer(AutoTokenizer.from_pretrained(base), cfg.dataset.chat_template)
     # Causal: the logits of the first answer tokens do not depend on the rest of the conversation.
-    probe_ids = [(ids[: head + MERGE_PROBE_TOKENS], head) for ids, head in (_ids_and_head(tokenizer, r) for r in probes)]
+    probe_ids = [(ids[: head + MERGE_PROBE_TOKENS], head) for ids, head in (_ids_and_head(chat, r) for r in probes)]
     staging = merged_dir.with_name(merged_dir.name + ".partial")  # the old merged model stays until the new one is whole
     shutil.rmtree(staging, ignore_errors=True)
     ctx.progress.start(3, "merge steps")
@@ -147,7 +153,7 @@ def _merge(ctx: PhaseContext, backend, adapter: Path, merged_dir: Path, probes: 
     if backend.name == "unsloth":
         from unsloth import FastModel
 
-        model, tokenizer = FastModel.from_pretrained(model_name=str(adapter), dtype=dtype, load_in_4bit=False)
+        model, _ = FastModel.from_pretrained(model_name=str(adapter), dtype=dtype, load_in_4bit=False)
     else:
         from peft import PeftModel
 
@@ -163,12 +169,12 @@ def _merge(ctx: PhaseContext, backend, adapter: Path, merged_dir: Path, probes: 
     ctx.progress.advance()
 
     if backend.name == "unsloth":
-        model.save_pretrained_merged(str(staging), tokenizer, save_method="merged_16bit")
+        model.save_pretrained_merged(str(staging), chat.tokenizer, save_method="merged_16bit")
         method = "unsloth save_pretrained_merged (merged_16bit)"
     else:
         model = model.merge_and_unload()
         model.save_pretrained(staging, max_shard_size="4GB")
-        tokenizer.save_pretrained(staging)
+        chat.tokenizer.save_pretrained(staging)
         method = "peft merge_and_unload"
     del model
     gc.collect()
@@ -211,9 +217,9 @@ def _merge(ctx: PhaseContext, backend, adapter: Path, merged_dir: Path, probes: 
     }
 
 
-def _ids_and_head(tokenizer, record: dict) -> tuple[list[int], int]:
+def _ids_and_head(chat, record: dict) -> tuple[list[int], int]:
     """The whole conversation's token ids and the length of the prompt part."""
-    ids, labels = modeling.answer_labels(tokenizer, record)
+    ids, labels = chat.answer_example(record)
     return ids, next(i for i, label in enumerate(labels) if label != -100)
 
 
@@ -239,8 +245,11 @@ class DivergenceReference:
     examples: list[tuple[list[int], list[int], Any]]  # (token ids, labelled positions, hidden states)
 
 
-def _divergence_reference(model, tokenizer, records: list[dict]) -> DivergenceReference:
-    rows = [modeling.answer_labels(tokenizer, r) for r in records]
+def _divergence_reference(model, chat, records: list[dict], context: int) -> DivergenceReference:
+    # cut to the context the GGUF is loaded with (training saw no more); rows left with no
+    # answer token are left out
+    rows = [(ids[:context], labels[:context]) for ids, labels in map(chat.answer_example, records)]
+    rows = [(ids, labels) for ids, labels in rows if any(label != -100 for label in labels[1:])]
     examples = []
     # batch_size 1: one example's states at a time, no padding (so the pad id is never used)
     for (index,), hidden, _ in modeling.answer_hidden_states(model, rows, batch_size=1, pad_token_id=0):
@@ -296,9 +305,9 @@ def _export(ctx: PhaseContext, converter: Path, merged_dir: Path, out_dir: Path,
 # --- 5. verification --------------------------------------------------------------------------
 
 
-def _verify(ctx: PhaseContext, path: Path, gtype, shapes: list[tuple[int, ...]], tokenizer, records: list[dict], reference: dict,
+def _verify(ctx: PhaseContext, path: Path, gtype, shapes: list[tuple[int, ...]], chat, records: list[dict], reference: dict,
             divergence: DivergenceReference) -> dict[str, Any]:
-    from factory import evaluation, plan
+    from factory import evaluation
 
     cfg = ctx.config
     llm = llama_cpp.load(path, n_ctx=plan.context_length(cfg) + cfg.evaluation.max_new_tokens, logits_all=True)
@@ -309,33 +318,35 @@ def _verify(ctx: PhaseContext, path: Path, gtype, shapes: list[tuple[int, ...]],
     low, high = llama_cpp.expected_bits_per_weight(gtype, shapes)
 
     # tokenizer: the same ids as the HF tokenizer on every test conversation
-    texts = [tokenizer.apply_chat_template(modeling.chat_messages(r["conversations"]), tokenize=False) for r in records]
-    same = sum(tokenizer(t, add_special_tokens=False)["input_ids"] == llm.tokenize(t.encode(), add_bos=False, special=True)
+    language_modelling = bool(reference.get("language_modelling"))  # plain text: nothing to generate
+    texts = [r["conversations"][0]["content"] if language_modelling else
+             chat.render(messages(r["conversations"]), generation_prompt=False) for r in records]
+    same = sum(chat.tokenizer(t, add_special_tokens=False)["input_ids"] == llm.tokenize(t.encode(), add_bos=False, special=True)
                for t in texts)
 
     # the evaluate phase's scorers, greedy, from the same prompt ids the merged model saw
     ctx.progress.start(len(records), f"examples ({gtype.name})")
     started = time.monotonic()
     predictions = []
-    for record in records:
-        prompt, _ = modeling.prompt_and_answer(record)
-        ids = modeling.token_ids(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True))
-        out = llm.create_completion(ids, max_tokens=cfg.evaluation.max_new_tokens, temperature=0.0, top_k=1)
+    for record in [] if language_modelling else records:
+        out = llm.create_completion(chat.prompt_ids(record), max_tokens=cfg.evaluation.max_new_tokens, temperature=0.0, top_k=1)
         predictions.append(out["choices"][0]["text"].strip())
         ctx.progress.advance()
-    scored = evaluation.score_predictions(cfg, records, predictions, seconds=time.monotonic() - started)
-    score, merged_score = scored["primary_score"], reference["primary_score"]
-    drop = (merged_score - score) / merged_score if merged_score else merged_score - score
-
     nll_gguf, nll_merged, kl, tokens = _divergence(llm, divergence)
+    if language_modelling:  # the GGUF's token probability on the divergence documents vs the merged model's
+        score, merged_score = math.exp(-nll_gguf / tokens), math.exp(-nll_merged / tokens)
+        scored = {"scores": {reference["primary"]: score}, "examples_per_second": None, "examples": []}
+    else:
+        scored = evaluation.score_predictions(cfg, records, predictions, seconds=time.monotonic() - started)
+        score, merged_score = scored["primary_score"], reference["primary_score"]
+    drop = (merged_score - score) / merged_score if merged_score else merged_score - score
 
     # chat completion with the file's own template must stop at end of turn
     stops = agree = 0
-    checks = records[:STOP_CHECKS]
+    checks = [] if language_modelling else records[:STOP_CHECKS]
     for record, prediction in zip(checks, predictions):
-        prompt, _ = modeling.prompt_and_answer(record)
         llm.reset()
-        out = llm.create_chat_completion(prompt, max_tokens=cfg.evaluation.max_new_tokens, temperature=0.0, top_k=1)
+        out = llm.create_chat_completion(chat.prompt_messages(record), max_tokens=cfg.evaluation.max_new_tokens, temperature=0.0, top_k=1)
         stops += out["choices"][0]["finish_reason"] == "stop"
         agree += (out["choices"][0]["message"]["content"] or "").strip() == prediction
     embedded_template = llm.metadata.get("tokenizer.chat_template")
@@ -359,7 +370,7 @@ def _verify(ctx: PhaseContext, path: Path, gtype, shapes: list[tuple[int, ...]],
         "mean_kl": kl / tokens if tokens else None,
         "divergence_tokens": tokens,
         "generation_stops": stops / len(checks) if checks else None,
-        "chat_template_embedded": embedded_template == tokenizer.chat_template,
+        "chat_template_embedded": embedded_template == chat.tokenizer.chat_template,
         "chat_matches_greedy": agree / len(checks) if checks else None,
         "examples_per_second": scored["examples_per_second"],
         "examples": scored["examples"][:20],
@@ -399,57 +410,18 @@ def _divergence(llm, reference: DivergenceReference) -> tuple[float, float, floa
 # --- 6. handoff -------------------------------------------------------------------------------
 
 
-# Ollama's Go-template form of each chat template (Ollama does not run Jinja), and the
-# token that ends a turn. Templates outside this table get no TEMPLATE line: Ollama then
-# falls back to the Jinja template embedded in the GGUF.
-OLLAMA_TEMPLATES = {
-    "gemma-3": ("""{{- range $i, $_ := .Messages }}
-{{- $last := eq (len (slice $.Messages $i)) 1 }}
-{{- if or (eq .Role "user") (eq .Role "system") }}<start_of_turn>user
-{{ .Content }}<end_of_turn>
-{{ if $last }}<start_of_turn>model
-{{ end }}
-{{- else if eq .Role "assistant" }}<start_of_turn>model
-{{ .Content }}{{ if not $last }}<end_of_turn>
-{{ end }}
-{{- end }}
-{{- end }}""", "<end_of_turn>"),
-    "llama-3.1": ("""{{- range $i, $_ := .Messages }}
-{{- $last := eq (len (slice $.Messages $i)) 1 }}<|start_header_id|>{{ .Role }}<|end_header_id|>
+def _write_modelfile(cfg: FactoryConfig, ws: Workspace, quantized_dir: Path, type_name: str, chat) -> Path:
+    """An Ollama Modelfile next to the GGUF: FROM, the TEMPLATE in Ollama's Go syntax and the
+    stop tokens (both read off the model's own chat template), its sampling defaults, num_ctx."""
 
-{{ .Content }}{{ if or (ne .Role "assistant") (not $last) }}<|eot_id|>{{ end }}
-{{- if and $last (ne .Role "assistant") }}<|start_header_id|>assistant<|end_header_id|>
-
-{{ end }}
-{{- end }}""", "<|eot_id|>"),
-    "chatml": ("""{{- range $i, $_ := .Messages }}
-{{- $last := eq (len (slice $.Messages $i)) 1 }}<|im_start|>{{ .Role }}
-{{ .Content }}{{ if or (ne .Role "assistant") (not $last) }}<|im_end|>
-{{ end }}
-{{- if and $last (ne .Role "assistant") }}<|im_start|>assistant
-{{ end }}
-{{- end }}""", "<|im_end|>"),
-}
-OLLAMA_TEMPLATES["gemma3"] = OLLAMA_TEMPLATES["gemma-3"]
-OLLAMA_TEMPLATES["qwen-2.5"] = OLLAMA_TEMPLATES["chatml"]
-# Sampling defaults of the Gemma 3 inference example in the Unsloth spec (as `factory sample`).
-SAMPLING = {"temperature": 1.0, "top_p": 0.95, "top_k": 64}
-
-
-def _write_modelfile(cfg: FactoryConfig, ws: Workspace, quantized_dir: Path, type_name: str) -> Path:
-    """An Ollama Modelfile next to the GGUF: FROM, TEMPLATE, stop token, sampling defaults."""
-    from factory import plan
     from factory.io import atomic_write_bytes
 
-    template = OLLAMA_TEMPLATES.get(cfg.dataset.chat_template)
     lines = [f"# Ollama: ollama create {_model_name(cfg)} -f {ws.rel(quantized_dir / 'Modelfile')}",
              f"FROM ./{llama_cpp.gguf_file(quantized_dir, type_name).name}"]
-    if template:
-        lines.append(f'TEMPLATE """{template[0]}"""')
-        lines.append(f'PARAMETER stop "{template[1]}"')
-    else:
-        lines.append(f"# chat template {cfg.dataset.chat_template!r}: Ollama uses the one embedded in the GGUF")
-    lines += [f"PARAMETER {key} {value}" for key, value in SAMPLING.items()]
+    if chat.has_template:
+        lines.append(f'TEMPLATE """{chat.ollama_template}"""')
+    lines += [f'PARAMETER stop "{token}"' for token in chat.stop_tokens]
+    lines += [f"PARAMETER {key} {value}" for key, value in chat.sampling.items()]
     lines.append(f"PARAMETER num_ctx {plan.context_length(cfg)}")
     path = quantized_dir / "Modelfile"
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())

@@ -1,27 +1,36 @@
-"""split: de-duplicate data/formatted/all.jsonl and divide it into train, val and test.
+"""split: de-duplicate data/formatted/all.jsonl and divide it into train, val and test so that
+no test question was seen in training, then measure that from the written files.
 
 Reads top to bottom:
 
-1. scan    stream all.jsonl (in worker processes for big files); per record keep 8-byte keys
-           in flat arrays, never the record: the exact line, the normalized prompt, the
-           normalized answer, the stratum, and the line's offset
-2. dedup   drop exact, then normalized duplicates (the first occurrence is kept)
-3. group   records whose prompts normalize alike form one group, which goes to one split
-4. assign  order groups by a seeded hash, fill train/val/test by cumulative record counts,
-           per stratum when `data.split.stratify` is set
-5. write   stream all.jsonl again, copy each kept line unchanged into its split file
-6. check   measure leakage from what was assigned: prompts and records in two splits
+1. scan     stream all.jsonl in blocks (worker processes for big files); per record keep
+            8-byte keys in flat arrays, never the record: the exact line, the normalized
+            record, the normalized prompt (system and user turns), each normalized user turn,
+            LSH band keys of the user turns' MinHash signatures (near-duplicates), benchmark matches
+            (data.decontaminate), the stratum, and the line's offset
+2. dedup    drop exact, then normalized duplicates (the first occurrence is kept), then with
+            dedup.near: drop, records whose user turn near-duplicates an earlier kept one
+3. group    connected components over every shared key: a user turn, the prompt, the
+            normalized record, a near-duplicate user turn; a component goes to one split
+4. assign   order components by a seeded hash, fill train/val/test by cumulative record
+            counts, per stratum when `data.split.stratify` is set
+5. decontaminate   leave contaminated train records out (or only count them)
+6. write    copy each kept line unchanged into its split file; every dropped record goes to
+            data/formatted/duplicates.jsonl or contaminated.jsonl with the record it matched
+7. check    re-read the three split files and measure leakage on its own: normalized user
+            turns found in two splits, and near-duplicate user turns across splits
+8. account  every record of all.jsonl is in a split or in one of the dropped counts
 
-Memory: about 50 bytes a record (the key arrays and the sorts over them) plus two blocks of
-the file, so a million records stay near 250 MB.
+Normalization (factory.textsim.normalize): Unicode NFKC, case folded, whitespace runs made
+one space; symbols, punctuation and digits are kept.
 
-Normalization, for the prompt and answer keys: JSON escapes are dropped, each character is
-lower-cased, and only letters and digits are kept (whitespace, punctuation and symbols go),
-so "Hello,  World!" equals "hello world" and "HELLO\nWORLD". The prompt is every turn but the
-final assistant turn, roles included. The scan reads the canonical lines that `format`
-writes (orjson; keys conversations, tools, meta in that order; turns {"role", "content"}) as
-bytes without parsing them; any other line is parsed and re-serialized canonically first,
-so both roads give the same keys.
+Memory: about 60 bytes a record plus, with near-duplicates on, 152 bytes per distinct user
+turn of at least `dedup.ngram` words (LSH band keys 72, a signature sketch 64, record and
+key), plus two blocks per worker; LSH candidates are filtered band by band as found.
+
+Speed: a block's records are parsed with one orjson call each, then handled together: all
+texts normalized at once (textsim.normalize_batch), record and prompt keys combined from
+the turn keys in numpy, MinHash for a block's distinct user turns in one batch.
 """
 
 from __future__ import annotations
@@ -29,20 +38,22 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
-import re
 import signal
 import threading
 import time
 from array import array
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from itertools import compress
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import orjson
 import xxhash
 
+from factory import textsim
 from factory.errors import InputError
 from factory.io import AtomicOutput
 from factory.phase import Phase, PhaseContext
@@ -51,7 +62,7 @@ SPLITS = ("train", "val", "test")
 PAIRS = (("train", "val"), ("train", "test"), ("val", "test"))
 
 CHUNK_BYTES = 4 << 20
-"""The scan and the write work on line-aligned blocks of about this size (~5-10k records)."""
+"""The scan, the check and the write work on line-aligned blocks of about this size."""
 
 PARALLEL_MIN_BYTES = 64 << 20
 """Files at least this large are scanned by one worker process per CPU (at most MAX_WORKERS)."""
@@ -60,22 +71,20 @@ MAX_WORKERS = 8
 MAX_STRATA_SHOWN = 100
 """Metrics list per-split counts for at most this many stratum values (the most frequent)."""
 
+EXAMPLES = 5
+"""Example pairs per kind in the metrics (leakage, near-duplicates, contamination)."""
+
+SHOWN_CHARS = 200
+MOST_SHARED = 5
+BOILERPLATE_RECORDS = 10
+"""A benchmark n-gram found in this many benchmark records or more is template text, not a
+test item, and is not matched."""
+
 MISSING = "(missing)"
 _U64 = (1 << 64) - 1
-
-# canonical line layout (orjson, as `format` writes it)
-_HEAD = b'{"conversations":[{"role":"'
-_TURNS = 18  # len(b'{"conversations":[')
-_LAST = b'{"role":"assistant","content":"'
-_END_ONLY = b'"}]}'  # the line ends right after the conversations
-_END_MORE = b'"}],"'  # more top-level keys follow (tools, meta)
-
-_LOWER = bytes.maketrans(bytes(range(65, 91)), bytes(range(97, 123)))
-_NOT_ALNUM = bytes(c for c in range(128) if not chr(c).isalnum())
-_ESCAPE = re.compile(rb"\\(?:u[0-9a-fA-F]{4}|.)").sub  # a JSON escape stands for a control character or punctuation
-_ASCII = bytes(range(128))
-_WINDOW = 128  # raw bytes read at the start of a long answer for its pre key
-_EDGE = 48  # normalized bytes that the pre key hashes
+_MIX_TEXT, _MIX_ROLE, _MIX_POSITION = (np.uint64(c) for c in (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9))
+EXACT, NORMALIZED, NEAR = 1, 2, 3
+KINDS = {EXACT: "exact", NORMALIZED: "normalized", NEAR: "near"}
 
 
 def run(ctx: PhaseContext) -> dict[str, Any]:
@@ -83,147 +92,247 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
 
 
 def split_records(ctx: PhaseContext, workers: int | None = None, chunk_bytes: int = CHUNK_BYTES) -> dict[str, Any]:
+    with ExitStack() as stack:
+        return _split(ctx, workers, chunk_bytes, stack)
+
+
+def _split(ctx: PhaseContext, workers: int | None, chunk_bytes: int, stack: ExitStack) -> dict[str, Any]:
     laps = _Laps()
-    cfg, ws, log = ctx.config.data, ctx.workspace, ctx.log
-    ratios = (cfg.split.train, cfg.split.val, cfg.split.test)
-    seed = cfg.split.seed & _U64
+    data, ws, log = ctx.config.data, ctx.workspace, ctx.log
+    cfg = data.split
+    ratios = (cfg.train, cfg.val, cfg.test)
     source = ws.formatted_file
     if not source.is_file():
         raise InputError(f"{ws.rel(source)} not found: run `factory run format` first to create it from data/raw")
+    if workers is None:
+        workers = _default_workers(source.stat().st_size)
+    benchmarks = _load_benchmarks(data.decontaminate, ws, cfg.seed & _U64) if data.decontaminate.benchmarks else None
+    settings = Settings(seed=cfg.seed & _U64, stratify=cfg.stratify, min_turn_words=cfg.min_turn_words,
+                        ngram=data.dedup.ngram, near=data.dedup.near != "off", threshold=data.dedup.near_threshold,
+                        benchmarks=benchmarks)
+    laps("benchmarks")
+
+    pool = stack.enter_context(_worker_pool(settings, workers, log))
 
     # 1. scan -------------------------------------------------------------------------
     blocks = _blocks(source, chunk_bytes)
-    if workers is None:
-        workers = _default_workers(source.stat().st_size)
     ctx.progress.start(None, "records scanned")
-    scan = _Scan()
-    for part in _scan_all(source, blocks, seed, cfg.split.stratify, workers, log):
+    scan = _Scan(textsim.lsh_params(settings.threshold)[0])
+    for part in _map_blocks(_scan_block, [(str(source), a, b) for a, b in blocks], settings, workers, log, pool):
         scan.add(part)
         ctx.progress.advance(part["records"])
+    scan.finish()
     n = scan.records
-    exact, prompt = scan.array("exact"), scan.array("prompt")
-    log.info("split: scanned %d records (%d parsed the slow way)", n, scan.slow)
+    log.info("split: scanned %d records", n)
     laps("scan")
 
     # 2. dedup ------------------------------------------------------------------------
-    keep = np.arange(n)
-    duplicates_exact = duplicates_normalized = 0
-    if cfg.dedup.exact:
-        keep = np.sort(np.unique(exact, return_index=True)[1])
-        duplicates_exact = n - keep.size
-    norm = scan.normalized_keys(keep, source)
-    if cfg.dedup.normalized:
-        first = np.sort(np.unique(norm[keep], return_index=True)[1])
-        duplicates_normalized = keep.size - first.size
-        keep = keep[first]
+    duplicate_of = np.full(n, -1, np.int64)
+    kind = np.zeros(n, np.int8)
+    if data.dedup.exact:
+        _mark_duplicates(scan.exact, np.arange(n), duplicate_of, kind, EXACT)
+    if data.dedup.normalized:
+        _mark_duplicates(scan.norm, np.flatnonzero(kind == 0), duplicate_of, kind, NORMALIZED)
+    similarity = np.zeros(n)
+    near_a = near_b = np.zeros(0, np.int64)
+    near_pairs_found = 0
+    if settings.near:
+        near_a, near_b, near_j = _near_record_pairs(scan, kind == 0, settings, source)
+        near_pairs_found = int(near_a.size)
+        if data.dedup.near == "drop":
+            _drop_near(near_a, near_b, near_j, duplicate_of, kind, similarity)
+            both = (kind[near_a] == 0) & (kind[near_b] == 0)
+            near_a, near_b = near_a[both], near_b[both]
+    keep = np.flatnonzero(kind == 0)
+    dropped = {name: int(np.count_nonzero(kind == k)) for k, name in KINDS.items()}
     kept = int(keep.size)
-
     needed = [name for name, r in zip(SPLITS, ratios) if r > 0]
     if kept < len(needed):
         raise InputError(
-            f"{kept} record(s) left after de-duplication ({n} read, {duplicates_exact} exact and "
-            f"{duplicates_normalized} normalized duplicates removed), but {', '.join(needed)} each need at "
-            f"least one: add data to data/raw, or set the ratio of a split to 0 in data.split"
+            f"{kept} record(s) left after de-duplication ({n} read, {dropped['exact']} exact, "
+            f"{dropped['normalized']} normalized and {dropped['near']} near duplicates removed), but "
+            f"{', '.join(needed)} each need at least one: add data to data/raw, or set the ratio of a split to 0 in data.split"
         )
+    laps("dedup")
 
     # 3. group ------------------------------------------------------------------------
-    # A record's group key is its prompt key; with group_by_prompt off, or a record with no
-    # prompt, it is the record's own normalized key (so normalized duplicates kept by
-    # dedup.normalized: false still stay together).
-    empty_prompt = xxhash.xxh3_64_intdigest(b"", seed)
-    gkey = norm[keep]
-    if cfg.split.group_by_prompt:
-        gkey = np.where(prompt[keep] != empty_prompt, prompt[keep], gkey)
-    # np.unique sorts by key, and keys are seeded hashes: a seeded, input-order-free order.
-    group_keys, group_first, group_of, group_size = np.unique(
-        gkey, return_index=True, return_inverse=True, return_counts=True)
-    groups = int(group_keys.size)
-    if groups < len(needed):
+    component = _components(scan, keep, near_a, near_b, cfg.group_by_prompt)
+    group_of_kept = component[keep]
+    group_count = int(group_of_kept.max()) + 1
+    group_size = np.bincount(group_of_kept, minlength=group_count)
+    # A component's key: its smallest normalized-record key (seeded): a seeded order that
+    # does not depend on the input order. Its first record gives its stratum.
+    group_keys = np.full(group_count, np.iinfo(np.uint64).max, np.uint64)
+    np.minimum.at(group_keys, group_of_kept, scan.norm[keep])
+    group_first = np.full(group_count, n, np.int64)
+    np.minimum.at(group_first, group_of_kept, keep)
+    if group_count < len(needed):
         raise InputError(
-            f"the {kept} records share only {groups} distinct prompt(s), and records with one prompt stay in "
-            f"one split, so {', '.join(needed)} cannot each get one: add records with other prompts, or set "
-            f"data.split.group_by_prompt: false"
+            f"the {kept} records form only {group_count} group(s) of records sharing a user turn or prompt, "
+            f"and each group stays in one split, so {', '.join(needed)} cannot each get one: add records with "
+            f"other prompts, raise data.split.min_turn_words, or set data.split.group_by_prompt: false"
         )
+    largest = int(group_size.max())
+    shared_turns = _most_shared_turns(scan, keep, source, settings.seed) if largest > max(1, kept // 20) else []
+    if shared_turns:
+        log.warning("split: the largest group holds %d of %d records; the most shared user turns: %s "
+                    "(raise data.split.min_turn_words to stop short generic turns from linking conversations)",
+                    largest, kept, "; ".join(f"{t['text']!r} x{t['records']}" for t in shared_turns))
+    laps("group")
 
     # 4. assign -----------------------------------------------------------------------
-    if cfg.split.stratify:
+    if cfg.stratify:
         if scan.missing == n:
             raise InputError(
-                f"data.split.stratify: {cfg.split.stratify!r} is in no record: use `assistant` (the last "
+                f"data.split.stratify: {cfg.stratify!r} is in no record: use `assistant` (the last "
                 f"assistant turn), a key of the records' `meta`, or a top-level key"
             )
         if scan.missing:
             log.warning("split: %d of %d records have no %r; they form the stratum %r",
-                        scan.missing, n, cfg.split.stratify, MISSING)
-        values, stratum_of = np.unique(scan.array("stratum")[keep], return_inverse=True)
-        group_stratum = stratum_of.reshape(-1)[group_first]
+                        scan.missing, n, cfg.stratify, MISSING)
+        values, inverse = np.unique(scan.stratum[keep], return_inverse=True)
+        stratum_of = np.zeros(n, np.int64)
+        stratum_of[keep] = inverse.reshape(-1)
+        group_stratum = stratum_of[group_first]
     else:
-        values, group_stratum = np.zeros(1, np.uint64), np.zeros(groups, np.int64)
+        values, group_stratum = np.zeros(1, np.uint64), np.zeros(group_count, np.int64)
     group_split = _assign(group_keys, group_size, group_stratum, ratios, int(values.size))
-    group_split = _fill_empty_splits(group_split, group_size, ratios, kept, groups)
+    group_split = _fill_empty_splits(group_split, group_size, ratios, kept, group_count)
     record_split = np.full(n, -1, np.int8)
-    record_split[keep] = group_split[group_of.reshape(-1)]
+    record_split[keep] = group_split[group_of_kept]
+    laps("assign")
 
-    laps("dedup_group_assign")
+    # 5. decontaminate ----------------------------------------------------------------
+    contamination = None
+    removed = np.zeros(0, np.int64)
+    if benchmarks is not None:
+        live = record_split[scan.hit_record] >= 0
+        hit, kinds, owners = scan.hit_record[live], scan.hit_kind[live], scan.hit_benchmark[live]
+        where = record_split[hit].copy()
+        if data.decontaminate.action == "remove":
+            removed = hit[where == 0]
+            record_split[removed] = -1
+        contamination = _contamination_metrics(scan, hit, where, kinds, owners, benchmarks, data.decontaminate,
+                                               source, int(removed.size))
+        if contamination["found"]["train"]:
+            log.warning("split: %d train records match benchmark prompts (%s)", contamination["found"]["train"],
+                        "removed" if data.decontaminate.action == "remove" else "kept: decontaminate.action is report")
+    laps("decontaminate")
 
-    # 5. write ------------------------------------------------------------------------
+    # 6. write ------------------------------------------------------------------------
     counts = {name: int(np.count_nonzero(record_split == k)) for k, name in enumerate(SPLITS)}
-    ctx.progress.start(kept, "records written")
+    ctx.progress.start(int(sum(counts.values())), "records written")
     files = _write(source, blocks, scan, record_split, ws, ctx.progress)
     for name in SPLITS:
         files[name]["records"] = counts[name]
-
+    duplicates = _write_duplicates(ws, source, scan, duplicate_of, kind, similarity)
+    if benchmarks is not None:
+        _write_contaminated(ws, source, scan, hit, where, kinds, owners, benchmarks, data.decontaminate)
     laps("write")
 
-    # 6. check ------------------------------------------------------------------------
-    in_split = record_split >= 0
-    with_prompt = in_split & (prompt != empty_prompt)
-    shared_prompts = _shared_between_splits(prompt[with_prompt], record_split[with_prompt])
-    shared_records = _shared_between_splits(norm[in_split], record_split[in_split])
-    leakage: dict[str, Any] = {
-        f"{a}_{b}": {"prompts": shared_prompts[(a, b)], "records": shared_records[(a, b)]} for a, b in PAIRS
-    }
-    leakage["total"] = sum(v["prompts"] + v["records"] for v in leakage.values())
-    if leakage["total"]:
-        log.warning("split: %d prompts/records are shared between splits (group_by_prompt: %s)",
-                    leakage["total"], cfg.split.group_by_prompt)
+    strata = _strata(record_split, scan, values) if cfg.stratify else None
+    del scan
 
+    # 7. check ------------------------------------------------------------------------
+    ctx.progress.start(int(sum(counts.values())), "records checked")
+    leakage = measure_leakage(ws, settings, workers, chunk_bytes, ctx.progress, log, pool)
+    stack.close()
+    if leakage["total"]:
+        log.warning("split: %d user turns and %d near-duplicate pairs are shared between splits",
+                    leakage["user_turns"], leakage["near_duplicates"])
     laps("check")
 
+    # 8. account ----------------------------------------------------------------------
+    accounting = {
+        "formatted": n,
+        "duplicates_exact": dropped["exact"],
+        "duplicates_normalized": dropped["normalized"],
+        "near_duplicates_dropped": dropped["near"],
+        "decontaminated": int(removed.size),
+        "written": int(sum(counts.values())),
+        "reread": int(sum(leakage["records"].values())),
+    }
+    accounting["balanced"] = (
+        n == accounting["written"] + dropped["exact"] + dropped["normalized"] + dropped["near"] + removed.size
+        and accounting["reread"] == accounting["written"]
+        and leakage["records"] == counts
+    )
+    accounting["equation"] = (f"formatted {n} = written {accounting['written']} + exact {dropped['exact']} "
+                              f"+ normalized {dropped['normalized']} + near {dropped['near']} "
+                              f"+ decontaminated {removed.size}")
+
+    written = max(1, accounting["written"])
     metrics = {
         "records_in": n,
-        "duplicates_exact": duplicates_exact,
-        "duplicates_normalized": duplicates_normalized,
+        "duplicates_exact": dropped["exact"],
+        "duplicates_normalized": dropped["normalized"],
+        "near_duplicates": {"mode": data.dedup.near, "threshold": settings.threshold, "ngram": settings.ngram,
+                            "num_perm": textsim.NUM_PERM, "lsh_bands_rows": list(textsim.lsh_params(settings.threshold))
+                            if settings.near else None, "pairs": near_pairs_found, "dropped": dropped["near"]},
+        "duplicates_file": duplicates,
         "records_out": kept,
-        "groups": groups,
-        "largest_group": int(group_size.max()),
-        "group_by_prompt": cfg.split.group_by_prompt,
+        "groups": group_count,
+        "largest_group": largest,
+        "most_shared_user_turns": shared_turns,
+        "group_by_prompt": cfg.group_by_prompt,
+        "min_turn_words": cfg.min_turn_words,
         "counts": counts,
         "ratios_requested": dict(zip(SPLITS, ratios)),
-        "ratios_actual": {name: round(counts[name] / kept, 6) for name in SPLITS},
-        "seed": cfg.split.seed,
-        "stratify": cfg.split.stratify,
-        "strata": _strata(record_split, keep, scan, values) if cfg.split.stratify else None,
-        "strata_distinct": int(values.size) if cfg.split.stratify else None,
+        "ratios_actual": {name: round(counts[name] / written, 6) for name in SPLITS},
+        "seed": cfg.seed,
+        "stratify": cfg.stratify,
+        "strata": strata,
+        "strata_distinct": int(values.size) if cfg.stratify else None,
+        "decontamination": contamination or {"benchmarks": [], "found": {name: 0 for name in SPLITS},
+                                             "removed": 0, "remaining_in_train": 0},
         "leakage": leakage,
+        "accounting": accounting,
         "files": files,
         "seconds": round(sum(laps.seconds.values()), 3),
         "seconds_by_step": laps.seconds,
     }
-    log.info("split: %d in, %d exact + %d normalized duplicates dropped, %d groups -> train %d, val %d, test %d",
-             n, duplicates_exact, duplicates_normalized, groups, counts["train"], counts["val"], counts["test"])
+    log.info("split: %d in, %d exact + %d normalized + %d near duplicates and %d contaminated dropped, %d groups "
+             "-> train %d, val %d, test %d", n, dropped["exact"], dropped["normalized"], dropped["near"],
+             removed.size, group_count, counts["train"], counts["val"], counts["test"])
     return metrics
+
+
+def _outputs(cfg, ws) -> list[Path]:
+    files = [ws.split_file(name) for name in SPLITS] + [ws.duplicates_file]
+    return files + ([ws.contaminated_file] if cfg.data.decontaminate.benchmarks else [])
+
+
+def _inputs(cfg, ws) -> list[Path]:
+    return [ws.formatted_file] + [ws.path(p) for p in cfg.data.decontaminate.benchmarks]
 
 
 PHASE = Phase(
     name="split",
-    summary="de-duplicate data/formatted/all.jsonl and split it into train/val/test without prompt leakage",
+    summary="de-duplicate data/formatted/all.jsonl, group records that share a user turn or prompt, "
+    "split into train/val/test and measure leakage from the written files",
     metrics="split",
     run=run,
     config_sections=("data",),
-    inputs=lambda cfg, ws: [ws.formatted_file],
-    outputs=lambda cfg, ws: [ws.split_file(name) for name in SPLITS],
+    inputs=_inputs,
+    outputs=_outputs,
 )
+
+
+@dataclass
+class Settings:
+    """What every scan and check worker needs (sent once per worker)."""
+
+    seed: int
+    stratify: str | None
+    min_turn_words: int
+    ngram: int
+    near: bool
+    threshold: float
+    benchmarks: "Benchmarks | None" = None
+
+    @property
+    def near_min_words(self) -> int:
+        return max(self.ngram, self.min_turn_words)
 
 
 class _Laps:
@@ -239,7 +348,19 @@ class _Laps:
         self._last = now
 
 
+
 # --- 1. scan ---------------------------------------------------------------------------
+
+
+_SETTINGS: Settings | None = None
+
+
+def _init_worker(settings: Settings, in_pool: bool) -> None:
+    global _SETTINGS
+    _SETTINGS = settings
+    if in_pool:  # Ctrl-C is handled by the parent, which terminates the pool; SIGTERM just ends a worker.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _blocks(path: Path, chunk_bytes: int) -> list[tuple[int, int]]:
@@ -267,165 +388,51 @@ def _default_workers(size: int) -> int:
     return max(1, min(cpus, MAX_WORKERS))
 
 
-def _scan_all(path: Path, blocks: list[tuple[int, int]], seed: int, stratify: str | None, workers: int, log):
-    jobs = [(str(path), start, end, seed, stratify) for start, end in blocks]
-    if workers <= 1 or len(jobs) <= 1:
-        yield from map(_scan_block, jobs)
+@contextmanager
+def _worker_pool(settings: Settings, workers: int, log) -> Iterator[Any]:
+    """A pool of `workers` processes for the scan and the check, or None for one. It is
+    started before the scan keeps anything, so the forked workers share no large arrays."""
+    if workers <= 1:
+        yield None
         return
     # fork is instant; with other threads alive (a progress display) forking is unsafe.
     method = "fork" if threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    workers = min(workers, len(jobs))
-    log.info("split: scanning %d blocks with %d worker processes (%s)", len(jobs), workers, method)
-    with multiprocessing.get_context(method).Pool(workers, initializer=_worker_signals) as pool:
-        yield from pool.imap(_scan_block, jobs)
+    log.info("split: %d worker processes (%s)", workers, method)
+    with multiprocessing.get_context(method).Pool(workers, initializer=_init_worker, initargs=(settings, True)) as pool:
+        yield pool
 
 
-def _worker_signals() -> None:
-    # Ctrl-C is handled by the parent, which terminates the pool; SIGTERM just ends a worker.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+def _map_blocks(function: Callable, jobs: list, settings: Settings, workers: int, log, pool=None) -> Iterator[dict]:
+    """function(job) for every job, in order: in the pool's workers, or in this process."""
+    if pool is not None and len(jobs) > 1:
+        yield from pool.imap(function, jobs)
+        return
+    if pool is None and workers > 1 and len(jobs) > 1:
+        with _worker_pool(settings, min(workers, len(jobs)), log) as own:
+            yield from own.imap(function, jobs)
+        return
+    _init_worker(settings, in_pool=False)
+    yield from map(function, jobs)
 
 
-def _scan_block(job: tuple[str, int, int, int, str | None]) -> dict[str, Any]:
-    """Keys for every record of one block. Runs in a worker process for large files."""
-    path, start, end, seed, stratify = job
+def _read_block(path: str, start: int, end: int) -> bytes:
     with open(path, "rb") as f:
         f.seek(start)
-        data = f.read(end - start)
-    h = xxhash.xxh3_64_intdigest
-    keys = {name: array("Q") for name in _Scan.FIELDS}
-    add_exact, add_prompt, add_pre, add_full, add_offset, add_stratum = (
-        keys[name].append for name in ("exact", "prompt", "pre", "full", "offset", "stratum"))
-    names: dict[int, str] = {}
-    slow = missing = blank = 0
-    by_answer = stratify == "assistant"
-    position = start
-    for line in data.split(b"\n"):
-        offset, position = position, position + len(line) + 1
-        if not line:
-            blank += 1
-            continue
-        add_exact(h(line, seed))
-        add_offset(offset)
-        try:
-            head, answer, tail, record = _segments(line)
-        except ValueError:
-            raise InputError(
-                f"{path}, line {_line_number(path, offset)}: not a record with `conversations` (a list of "
-                f"{{role, content}} turns); the file is written by `factory run format`: run it again"
-            ) from None
-        slow += record is not None
-        # (the normalization is written out here, not called: this loop runs per record)
-        if b"\\" in head:
-            head = _ESCAPE(b"", head)
-        prompt_key = h(head.translate(_LOWER, _NOT_ALNUM) if head.isascii() else _normalize_unicode(head), seed)
-        add_prompt(prompt_key)
-        # The answer: a `pre` key from its normalized opening, and the `full` key of the
-        # whole normalized answer N, both seeded with the prompt key. A normalized prefix is
-        # a prefix of N (the normalization goes character by character), so equal N give
-        # equal pre keys. For a long answer only a window at its start is normalized; its
-        # full key is computed after the scan, only where its pre key is not unique (same
-        # prompt, same opening: rare). full stays 0 until then. The \0 after the opening
-        # keeps pre keys apart from full keys.
-        opening = b""
-        if len(answer) > 2 * _WINDOW:
-            cut = _WINDOW
-            while 0x80 <= answer[cut] < 0xC0:  # cut at the start of a UTF-8 character
-                cut -= 1
-            opening = answer[:cut]
-            if b"\\" in opening:
-                opening = _ESCAPE(b"", opening)
-            opening = opening.translate(_LOWER, _NOT_ALNUM) if opening.isascii() else _normalize_unicode(opening)
-            if len(opening) >= _EDGE + 4:  # a \uXXXX escape cut by the window leaves at most 4 characters
-                add_pre(h(opening[:_EDGE] + b"\0", prompt_key))
-                add_full(0)
-        if len(opening) < _EDGE + 4:
-            text = _normalize(answer)
-            add_pre(h(text[:_EDGE] + b"\0", prompt_key))
-            add_full(h(text, prompt_key) or 1)
-        if stratify:
-            if by_answer:
-                value = answer or None
-            elif record is not None:
-                value = _field_from_record(record, stratify)
-            else:
-                value = _field_from_tail(tail, stratify) if stratify.encode() in tail else None
-            if value is None:
-                missing += 1
-                key = 0
-            else:
-                key = h(value, 1) or 1
-            add_stratum(key)
-            if key not in names and len(names) < 4 * MAX_STRATA_SHOWN:
-                names[key] = MISSING if value is None else _show(value, by_answer)
-    blank -= data.endswith(b"\n")  # the empty piece after the last newline is no blank line
-    return {"records": len(keys["exact"]), "names": names, "slow": slow, "missing": missing, "blank": blank,
-            **{name: values.tobytes() for name, values in keys.items()}}
+        return f.read(end - start)
 
 
-def _segments(line: bytes) -> tuple[bytes, bytes, bytes, dict | None]:
-    """(prompt, answer, tail, record) of one line, as bytes of the canonical line: prompt is
-    every turn but the final assistant turn, `{"role":..,"content":..},` each; answer is the
-    final assistant content, JSON-escaped; tail the top-level keys after `conversations`.
-    A line in another layout is parsed (record is then the parsed line) and re-serialized.
-    Raises ValueError for a line that is no record."""
-    if line.startswith(_HEAD):
-        end = len(line) - 4 if line.endswith(_END_ONLY) else line.find(_END_MORE, _TURNS)
-        # the first assistant turn (a short search through the prompt) is the last one when
-        # what follows it is a single string: no unescaped quote; else look from the end
-        last = line.find(_LAST, _TURNS, end) if end > _TURNS else -1
-        if last >= 0:
-            answer = line[last + 31:end]
-            if b'"' in answer and answer.count(b'"') != answer.count(b'\\"'):
-                last = line.rfind(_LAST, last + 31, end)
-                answer = line[last + 31:end]
-                if last < 0 or (b'"' in answer and answer.count(b'"') != answer.count(b'\\"')):
-                    last = -1
-            if last >= 0:
-                return line[_TURNS:last], answer, line[end + 4:], None
+def _conversation(line: bytes, path: str, offset: int) -> None:
+    """An InputError naming the line when it is no record (the check of one line, for the message)."""
     try:
         record = orjson.loads(line)
-        pairs = [(t["role"], t["content"]) for t in record["conversations"]]
-    except (orjson.JSONDecodeError, TypeError, KeyError):
-        raise ValueError("not a record") from None
-    if not pairs or not all(isinstance(r, str) and isinstance(c, str) for r, c in pairs):
-        raise ValueError("not a record")
-    if pairs[-1][0] == "assistant":
-        pairs, answer_text = pairs[:-1], pairs[-1][1]
-    else:
-        answer_text = ""
-    dumps = orjson.dumps
-    head = b"".join(b'{"role":%s,"content":%s},' % (dumps(r), dumps(c)) for r, c in pairs)
-    return head, dumps(answer_text)[1:-1], b"", record
-
-
-def _normalize(text: bytes) -> bytes:
-    """JSON-escaped text -> its letters and digits, lower-cased."""
-    if b"\\" in text:
-        text = _ESCAPE(b"", text)
-    return text.translate(_LOWER, _NOT_ALNUM) if text.isascii() else _normalize_unicode(text)
-
-
-def _normalize_unicode(text: bytes) -> bytes:
-    """The normalization of text with non-ASCII characters: each character lower-cased, then
-    kept only if str.isalnum() accepts it. On ASCII text it is text.translate(_LOWER, _NOT_ALNUM)."""
-    text = text.translate(_LOWER, _NOT_ALNUM)
-    for char in sorted(set(text.translate(None, _ASCII).decode("utf-8", "ignore"))):
-        kept = "".join(c for c in char.lower() if c.isalnum())
-        if kept != char:
-            text = text.replace(char.encode(), kept.encode())
-    return text
-
-
-def _full_answer_keys(source: Path, offsets: np.ndarray, prompt_keys: np.ndarray) -> np.ndarray:
-    """Full answer keys of the lines at these byte offsets (in file order)."""
-    keys = np.empty(offsets.size, np.uint64)
-    with open(source, "rb") as f:
-        for i, (offset, prompt_key) in enumerate(zip(offsets.tolist(), prompt_keys.tolist())):
-            f.seek(offset)
-            answer = _segments(f.readline().rstrip(b"\n"))[1]
-            keys[i] = xxhash.xxh3_64_intdigest(_normalize(answer), prompt_key) or 1
-    return keys
+        turns = record["conversations"]
+        if not turns or not all(type(t["role"]) is str and type(t["content"]) is str for t in turns):
+            raise TypeError
+    except (orjson.JSONDecodeError, TypeError, KeyError, AttributeError):
+        raise InputError(
+            f"{path}, line {_line_number(path, offset)}: not a record with `conversations` (a list of "
+            f"{{role, content}} turns); the file is written by `factory run format`: run it again"
+        ) from None
 
 
 def _line_number(path: str, offset: int) -> int:
@@ -433,13 +440,290 @@ def _line_number(path: str, offset: int) -> int:
         return f.read(offset).count(b"\n") + 1
 
 
-def _field_from_tail(rest: bytes, key: str) -> bytes | None:
-    """A stratify field from the top-level keys after `conversations` (canonical layout)."""
-    try:
-        return _field_from_record(orjson.loads(b"{" + rest), key)
-    except orjson.JSONDecodeError:
-        return None
+class _Block:
+    """The records of one block, parsed at once: per record its file offset, its line in
+    the block (0-based) and its number of turns; per turn (all turns flattened in record
+    order) its role and its content."""
 
+    def __init__(self, path: str, data: bytes, start: int):
+        raw = data.split(b"\n")
+        length = np.fromiter(map(len, raw), np.int64, len(raw))
+        filled = np.flatnonzero(length)
+        self.offset = (start + np.cumsum(length + 1) - length - 1)[filled]
+        self.line = filled
+        self.lines = data.count(b"\n") + (not data.endswith(b"\n") and bool(data))
+        lines = [raw[i] for i in filled.tolist()]
+        self.records = len(lines)
+        try:
+            self.parsed = list(map(orjson.loads, lines))
+            conversations = [record["conversations"] for record in self.parsed]
+            self.turns = np.fromiter(map(len, conversations), np.int64, len(conversations))
+            self.roles = [turn["role"] for turns in conversations for turn in turns]
+            self.contents = [turn["content"] for turns in conversations for turn in turns]
+            if not self.turns.all() or set(map(type, self.roles)) - {str} or set(map(type, self.contents)) - {str}:
+                raise TypeError
+        except (orjson.JSONDecodeError, TypeError, KeyError, AttributeError):
+            for line, offset in zip(lines, self.offset.tolist()):
+                _conversation(line, path, offset)  # raises the InputError that names the line
+            raise InputError(f"{path}: the records from byte {start} on are not records with `conversations`; "
+                             f"the file is written by `factory run format`: run it again") from None
+        self.first_turn = np.cumsum(self.turns) - self.turns
+        self.record_of_turn = np.repeat(np.arange(self.records), self.turns)
+
+    def role_codes(self, seed: int) -> np.ndarray:
+        codes = {role: xxhash.xxh3_64_intdigest(role.encode(), seed) for role in set(self.roles)}
+        return np.fromiter(map(codes.__getitem__, self.roles), np.uint64, len(self.roles))
+
+
+def _user_turns(texts: list[bytes], record: np.ndarray, settings: Settings, near: bool) -> dict[str, Any]:
+    """Keys of the normalized user turns (of at least min_turn_words words) and, with `near`,
+    LSH band keys of each distinct one of at least near_min_words words (its first occurrence)."""
+    s = settings
+    h = xxhash.xxh3_64_intdigest
+    key = np.fromiter((h(t, s.seed) or 1 for t in texts), np.uint64, len(texts))
+    words = np.fromiter((t.count(b" ") + 1 if t else 0 for t in texts), np.int64, len(texts))
+    counted = np.flatnonzero((words > 0) & (words >= s.min_turn_words))
+    result = {"turn_record": record[counted].tobytes(), "turn_key": key[counted].tobytes()}
+    if near:
+        long_enough = np.flatnonzero(words >= max(1, s.near_min_words))
+        _, first = np.unique(key[long_enough], return_index=True)
+        rows = long_enough[np.sort(first)]
+        sig = textsim.signatures([texts[i] for i in rows.tolist()], s.ngram)
+        bands = textsim.band_keys(sig, *textsim.lsh_params(s.threshold))
+        result.update(near_record=record[rows].tobytes(), near_key=key[rows].tobytes(), near_bands=bands.tobytes(),
+                      near_sketch=textsim.sketch(sig).tobytes())
+    else:
+        result.update(near_record=b"", near_key=b"", near_bands=b"", near_sketch=b"")
+    return result
+
+
+def _combine(keys: np.ndarray, roles: np.ndarray, block: _Block, include: np.ndarray | None = None) -> np.ndarray:
+    """One 64-bit key per record from its turns' (role, normalized text key, position), in order."""
+    position = np.arange(keys.size, dtype=np.uint64) - np.repeat(block.first_turn, block.turns).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        mixed = textsim.fmix64(keys * _MIX_TEXT + roles * _MIX_ROLE + (position + np.uint64(1)) * _MIX_POSITION)
+    if include is not None:
+        mixed[~include] = 0
+    combined = textsim.fmix64(np.add.reduceat(mixed, block.first_turn)) if keys.size else np.zeros(0, np.uint64)
+    combined[combined == 0] = 1
+    return combined
+
+
+def _scan_block(job: tuple[str, int, int]) -> dict[str, Any]:
+    """Keys for every record of one block. Runs in a worker process for large files."""
+    path, start, end = job
+    s = _SETTINGS
+    data = _read_block(path, start, end)
+    h = xxhash.xxh3_64_intdigest
+    seed, stratify = s.seed, s.stratify
+    block = _Block(path, data, start)
+    n = block.records
+    texts = textsim.normalize_batch(block.contents)
+    turn_key = np.fromiter((h(t, seed) or 1 for t in texts), np.uint64, len(texts))
+    roles = block.role_codes(seed)
+    assistant = h(b"assistant", seed)
+    last = block.first_turn + block.turns - 1
+    answered = roles[last] == assistant if n else np.zeros(0, bool)
+    in_prompt = np.ones(len(texts), bool)
+    in_prompt[last[answered]] = False
+    prompt = _combine(turn_key, roles, block, in_prompt)
+    prompt[block.turns - answered == 0] = 0
+    user = np.flatnonzero(roles == h(b"user", seed))
+    part = {"records": n, "lines": block.lines, "blank": block.lines - n,
+            "exact": np.fromiter((h(line, seed) for line in data.split(b"\n") if line), np.uint64, n).tobytes(),
+            "norm": _combine(turn_key, roles, block).tobytes(), "prompt": prompt.tobytes(),
+            "offset": block.offset.tobytes(), "line": block.line.tobytes()}
+    part.update(_user_turns([texts[i] for i in user.tolist()], block.record_of_turn[user], s, s.near))
+    names: dict[int, str] = {}
+    missing = 0
+    stratum = array("Q")
+    if stratify:
+        for record in block.parsed:
+            value = _stratum_value(record, stratify)
+            if value is None:
+                missing += 1
+                key = 0
+            else:
+                key = h(value, 1) or 1
+            stratum.append(key)
+            if key not in names and len(names) < 4 * MAX_STRATA_SHOWN:
+                names[key] = MISSING if value is None else _show(value)
+    else:
+        stratum = array("Q", bytes(8 * n))
+    part.update(names=names, missing=missing, stratum=stratum.tobytes())
+    if s.benchmarks is not None:
+        bench_texts: list[bytes] = []
+        bench_owner = array("q")
+        bench_exact = array("q"), array("Q")
+        is_user = roles == h(b"user", seed)
+        for i, (a, count, answer) in enumerate(zip(block.first_turn.tolist(), block.turns.tolist(), answered.tolist())):
+            turns = texts[a:a + count]
+            exact = [b"\n".join(turns[:count - answer])] + [t for t, u in zip(turns, is_user[a:a + count]) if u]
+            for text in exact:
+                bench_exact[0].append(i)
+                bench_exact[1].append(h(text, seed) or 1)
+            bench_texts += turns
+            bench_owner.extend([i] * count)
+        part.update(s.benchmarks.match(bench_texts, np.frombuffer(bench_owner, np.int64),
+                                       np.frombuffer(bench_exact[0], np.int64), np.frombuffer(bench_exact[1], np.uint64)))
+    return part
+
+
+def _stratum_value(record: dict, key: str) -> bytes | None:
+    if key == "assistant":
+        last = record["conversations"][-1]
+        return orjson.dumps(last["content"]) if last["role"] == "assistant" and last["content"] else None
+    return _field_from_record(record, key)
+
+
+class _Scan:
+    """The keys of all records, in file order."""
+
+    FIELDS = ("exact", "norm", "prompt", "offset", "line", "stratum")
+    TURN_FIELDS = {"turn_record": np.int64, "turn_key": np.uint64, "near_record": np.int64, "near_key": np.uint64,
+                   "near_bands": np.uint64, "near_sketch": np.uint8, "hit_record": np.int64, "hit_kind": np.int8,
+                   "hit_benchmark": np.int64}
+
+    def __init__(self, bands: int) -> None:
+        self.bands = bands
+        self.parts: dict[str, array] = {f: array("Q") for f in self.FIELDS}
+        self.pieces: dict[str, list[np.ndarray]] = {f: [] for f in self.TURN_FIELDS}
+        self.block_records: list[int] = []
+        self.block_blanks: list[int] = []
+        self.names: dict[int, str] = {}
+        self.records = self.missing = self.lines = 0
+
+    def add(self, part: dict[str, Any]) -> None:
+        base = self.records
+        for f in self.FIELDS:
+            self.parts[f].frombytes(part[f])
+        lines = np.frombuffer(self.parts["line"], np.uint64)
+        lines[base:] += np.uint64(self.lines + 1)  # 1-based line numbers in the whole file
+        self.lines += part["lines"]
+        for f, dtype in self.TURN_FIELDS.items():
+            if f in part:
+                values = np.frombuffer(part[f], dtype)
+                self.pieces[f].append(values + base if f.endswith("_record") else values)
+        self.block_records.append(part["records"])
+        self.block_blanks.append(part["blank"])
+        self.records += part["records"]
+        self.missing += part["missing"]
+        for key, name in part["names"].items():
+            if len(self.names) < 50 * MAX_STRATA_SHOWN:
+                self.names.setdefault(key, name)
+
+    def finish(self) -> None:
+        for f in self.FIELDS:
+            setattr(self, f, np.frombuffer(self.parts[f], np.uint64))
+        for f, dtype in self.TURN_FIELDS.items():
+            values = np.concatenate(self.pieces[f]) if self.pieces[f] else np.zeros(0, dtype)
+            setattr(self, f, values)
+            self.pieces[f] = []
+        self.near_bands = self.near_bands.reshape(-1, self.bands)
+        self.near_sketch = self.near_sketch.reshape(-1, textsim.NUM_PERM)
+
+
+# --- 2. dedup --------------------------------------------------------------------------
+
+
+def _mark_duplicates(keys: np.ndarray, among: np.ndarray, duplicate_of: np.ndarray, kind: np.ndarray, code: int) -> None:
+    """Among the records `among` (in file order), each one whose key an earlier one has is
+    marked a duplicate of the first record with that key."""
+    _, first, inverse = np.unique(keys[among], return_index=True, return_inverse=True)
+    original = among[first[inverse.reshape(-1)]]
+    repeated = original != among
+    duplicate_of[among[repeated]] = original[repeated]
+    kind[among[repeated]] = code
+
+
+def _near_record_pairs(scan: _Scan, alive: np.ndarray, settings: Settings, source: Path
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Record pairs (a < b) with near-duplicate user turns (different texts), among live records;
+    each user text is searched once (its first occurrence)."""
+    rows = np.flatnonzero(alive[scan.near_record])
+    _, first = np.unique(scan.near_key[rows], return_index=True)
+    rows = rows[np.sort(first)]
+
+    def texts_of(found: np.ndarray) -> list[str]:
+        with open(source, "rb") as f:
+            return [_user_turn_with_key(f, int(scan.offset[scan.near_record[r]]), int(scan.near_key[r]), settings.seed,
+                                        normalized=True) for r in rows[found].tolist()]
+
+    low, high, similarity = textsim.near_duplicate_pairs(scan.near_bands[rows], scan.near_sketch[rows], texts_of,
+                                                         settings.ngram, settings.threshold)
+    a, b = scan.near_record[rows[low]], scan.near_record[rows[high]]
+    a, b = np.minimum(a, b), np.maximum(a, b)
+    different = a != b
+    a, b, similarity = a[different], b[different], similarity[different]
+    order = np.lexsort((a, b))
+    return a[order], b[order], similarity[order]
+
+
+def _drop_near(a: np.ndarray, b: np.ndarray, similarity: np.ndarray, duplicate_of: np.ndarray, kind: np.ndarray,
+               similarity_of: np.ndarray) -> None:
+    """dedup.near: drop. In file order, a record is dropped when an earlier record that is kept
+    near-duplicates it; it is recorded as a duplicate of the first such record."""
+    for x, y, j in zip(a.tolist(), b.tolist(), similarity.tolist()):  # sorted by b, then a
+        if kind[y] == 0 and kind[x] == 0:
+            kind[y] = NEAR
+            duplicate_of[y] = x
+            similarity_of[y] = j
+
+
+# --- 3. group --------------------------------------------------------------------------
+
+
+def _components(scan: _Scan, keep: np.ndarray, near_a: np.ndarray, near_b: np.ndarray, by_prompt: bool) -> np.ndarray:
+    """Connected components of the kept records over their shared keys (a component number
+    per record; dropped records get their own). Records sharing a key are linked in a chain
+    (each to the next in key order), which connects them with one edge per record."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = scan.records
+    alive = np.zeros(n, bool)
+    alive[keep] = True
+    sources: list[tuple[np.ndarray, np.ndarray]] = [(keep, scan.norm[keep])]
+    if by_prompt:
+        with_prompt = keep[scan.prompt[keep] != 0]
+        sources.append((with_prompt, scan.prompt[with_prompt]))
+        live_turns = alive[scan.turn_record]
+        sources.append((scan.turn_record[live_turns], scan.turn_key[live_turns]))
+    edges_a, edges_b = [near_a], [near_b]
+    if not by_prompt:
+        edges_a, edges_b = [], []
+    for records, keys in sources:
+        order = np.lexsort((records, keys))
+        r, k = records[order], keys[order]
+        same = k[1:] == k[:-1]
+        edges_a.append(r[:-1][same])
+        edges_b.append(r[1:][same])
+    a = np.concatenate(edges_a) if edges_a else np.zeros(0, np.int64)
+    b = np.concatenate(edges_b) if edges_b else np.zeros(0, np.int64)
+    graph = coo_matrix((np.ones(a.size, np.int8), (a, b)), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    _, labels = np.unique(labels[keep], return_inverse=True)
+    component = np.full(n, -1, np.int64)
+    component[keep] = labels.reshape(-1)
+    return component
+
+
+def _most_shared_turns(scan: _Scan, keep: np.ndarray, source: Path, seed: int) -> list[dict[str, Any]]:
+    """The user turns found in the most kept records, with their text (read back by offset)."""
+    alive = np.zeros(scan.records, bool)
+    alive[keep] = True
+    rows = np.flatnonzero(alive[scan.turn_record])
+    keys, first, counts = np.unique(scan.turn_key[rows], return_index=True, return_counts=True)
+    top = np.argsort(-counts, kind="stable")[:MOST_SHARED]
+    found = []
+    with open(source, "rb") as f:
+        for t in top:
+            if counts[t] < 2:
+                break
+            record = scan.turn_record[rows[first[t]]]
+            text = _user_turn_with_key(f, int(scan.offset[record]), int(keys[t]), seed)
+            found.append({"text": _cut_text(text), "records": int(counts[t])})
+    return found
 
 def _field_from_record(record: dict, key: str) -> bytes | None:
     meta = record.get("meta")
@@ -452,58 +736,14 @@ def _field_from_record(record: dict, key: str) -> bytes | None:
     return None if value is None else orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
 
 
-def _show(value: bytes, escaped_text: bool) -> str:
+def _show(value: bytes) -> str:
     """How a stratum value appears in the metrics: strings as they are, others as JSON."""
-    shown = orjson.loads(b'"' + value + b'"' if escaped_text else value)
+    shown = orjson.loads(value)
     shown = shown if isinstance(shown, str) else value.decode()
     return shown if len(shown) <= 200 else shown[:199] + "…"
 
 
-class _Scan:
-    """The keys of all records, in file order, as growing arrays of uint64."""
-
-    FIELDS = ("exact", "prompt", "pre", "full", "offset", "stratum")
-
-    def __init__(self) -> None:
-        self.parts: dict[str, array] = {f: array("Q") for f in self.FIELDS}
-        self.block_records: list[int] = []
-        self.block_blanks: list[int] = []
-        self.names: dict[int, str] = {}
-        self.records = self.slow = self.missing = 0
-
-    def add(self, part: dict[str, Any]) -> None:
-        for f in self.FIELDS:
-            self.parts[f].frombytes(part[f])
-        self.block_records.append(part["records"])
-        self.block_blanks.append(part["blank"])
-        self.records += part["records"]
-        self.slow += part["slow"]
-        self.missing += part["missing"]
-        for key, name in part["names"].items():
-            if len(self.names) < 50 * MAX_STRATA_SHOWN:
-                self.names.setdefault(key, name)
-
-    def array(self, field: str) -> np.ndarray:
-        return np.frombuffer(self.parts[field], dtype=np.uint64)
-
-    def normalized_keys(self, among: np.ndarray, source: Path) -> np.ndarray:
-        """The normalized-record key of every record, exact among the records `among`:
-        where a pre key is unique there, it stands for the record; where it is shared, the
-        full key decides (computed now for long answers, once per distinct line)."""
-        pre, full, prompt = self.array("pre"), self.array("full").copy(), self.array("prompt")
-        _, inverse, count = np.unique(pre[among], return_inverse=True, return_counts=True)
-        shared = among[count[inverse.reshape(-1)] > 1]
-        todo = shared[full[shared] == 0]
-        if todo.size:
-            _, first, again = np.unique(self.array("exact")[todo], return_index=True, return_inverse=True)
-            computed = _full_answer_keys(source, self.array("offset")[todo[first]], prompt[todo[first]])
-            full[todo] = computed[again.reshape(-1)]
-        norm = pre.copy()
-        norm[shared] = full[shared]
-        return norm
-
-
-# --- 4. assign -------------------------------------------------------------------------
+# --- 4. assign ------------------------------------------------------------------------
 
 
 def _assign(group_keys: np.ndarray, group_size: np.ndarray, group_stratum: np.ndarray,
@@ -575,7 +815,123 @@ def _fill_empty_splits(group_split: np.ndarray, group_size: np.ndarray, ratios: 
     return group_split
 
 
-# --- 5. write --------------------------------------------------------------------------
+# --- 5. decontaminate ------------------------------------------------------------------
+
+
+@dataclass
+class Benchmarks:
+    """The prompts of the benchmark files, as sorted key arrays for matching in the workers."""
+
+    files: list[dict[str, Any]]
+    shown: list[str]  # each benchmark record's prompt, cut, for the metrics
+    file_of: np.ndarray
+    ngram: int
+    grams: np.ndarray  # sorted n-gram hashes of the benchmark prompts
+    gram_owner: np.ndarray  # the benchmark record of each
+    exact: np.ndarray  # sorted keys of whole prompts and user turns
+    exact_owner: np.ndarray
+
+    def match(self, texts: list[str], owner: np.ndarray, exact_record: np.ndarray, exact_keys: np.ndarray) -> dict:
+        """The first match of each record of a block: (record, kind 0 exact / 1 n-gram, benchmark record)."""
+        found = [_lookup(self.exact, self.exact_owner, exact_keys, exact_record, 0)]
+        hashes, which = textsim.ngram_hashes(texts, self.ngram)
+        found.append(_lookup(self.grams, self.gram_owner, hashes, owner[which], 1))
+        record, kind, benchmark = (np.concatenate(parts) for parts in zip(*found))
+        order = np.lexsort((kind, record))
+        record, kind, benchmark = record[order], kind[order], benchmark[order]
+        first = np.concatenate(([True], record[1:] != record[:-1])) if record.size else np.zeros(0, bool)
+        return {"hit_record": record[first].astype(np.int64).tobytes(), "hit_kind": kind[first].astype(np.int8).tobytes(),
+                "hit_benchmark": benchmark[first].astype(np.int64).tobytes()}
+
+
+def _lookup(table: np.ndarray, owner: np.ndarray, keys: np.ndarray, records: np.ndarray, kind: int):
+    if not table.size or not keys.size:
+        return np.zeros(0, np.int64), np.zeros(0, np.int8), np.zeros(0, np.int64)
+    pos = np.minimum(np.searchsorted(table, keys), table.size - 1)
+    hit = table[pos] == keys
+    return records[hit], np.full(int(hit.sum()), kind, np.int8), owner[pos[hit]]
+
+
+def _load_benchmarks(cfg, ws, seed: int) -> Benchmarks:
+    """Read the benchmark files with the format phase's readers (any format it reads)."""
+    from factory.config import InputSpec
+    from phases.format import Reject, canonical_records, collect_files
+
+    files, _ = collect_files([InputSpec(path=p) for p in cfg.benchmarks], ws, "data.decontaminate.benchmarks")
+    shown: list[str] = []
+    file_of: list[int] = []
+    gram_texts: list[str] = []
+    gram_owner: list[int] = []
+    exact: dict[int, int] = {}
+    listed = []
+    for f, (path, spec) in enumerate(files):
+        rel = ws.rel(path)
+        count = rejected = 0
+        for _, result, _ in canonical_records(path, spec, rel, ws.root):
+            if isinstance(result, Reject):
+                rejected += 1
+                continue
+            for conversation in [result] if type(result) is dict else result if type(result) is list else []:
+                turns = conversation["conversations"]
+                prompt = turns[:-1] if turns[-1]["role"] == "assistant" else turns
+                if not prompt:
+                    continue
+                b = len(shown)
+                texts = [textsim.normalize(t["content"]) for t in prompt]
+                keys = ["\n".join(texts)] + [t for turn, t in zip(prompt, texts) if turn["role"] == "user"]
+                for key in keys:
+                    exact.setdefault(xxhash.xxh3_64_intdigest(key.encode(), seed) or 1, b)
+                gram_texts += texts
+                gram_owner += [b] * len(texts)
+                shown.append(_cut_text("\n".join(t["content"] for t in prompt)))
+                file_of.append(f)
+                count += 1
+        listed.append({"file": rel, "prompts": count, "rejected": rejected})
+    if not shown:
+        raise InputError(f"data.decontaminate.benchmarks: no benchmark prompts could be read from "
+                         f"{', '.join(x['file'] for x in listed)}; check the files (any format `format` reads)")
+    hashes, which = textsim.ngram_hashes(gram_texts, cfg.ngram)
+    owners = np.asarray(gram_owner, np.int64)[which]
+    # n-grams in many benchmark records are template text ("Answer the following question ...")
+    pairs = np.unique(np.stack((hashes, owners.astype(np.uint64))), axis=1)
+    grams, first, spread = np.unique(pairs[0], return_index=True, return_counts=True)
+    specific = spread < BOILERPLATE_RECORDS
+    exact_keys = np.fromiter(exact.keys(), np.uint64, len(exact))
+    exact_owner = np.fromiter(exact.values(), np.int64, len(exact))
+    order = np.argsort(exact_keys)
+    return Benchmarks(files=listed, shown=shown, file_of=np.asarray(file_of), ngram=cfg.ngram,
+                      grams=grams[specific], gram_owner=pairs[1][first][specific].astype(np.int64),
+                      exact=exact_keys[order], exact_owner=exact_owner[order])
+
+
+def _contamination_metrics(scan: _Scan, hit: np.ndarray, where: np.ndarray, kinds: np.ndarray, owners: np.ndarray,
+                           benchmarks: Benchmarks, cfg, source: Path, removed: int) -> dict[str, Any]:
+    found = {name: int(np.count_nonzero(where == k)) for k, name in enumerate(SPLITS)}
+    examples = []
+    with open(source, "rb") as f:
+        for i in np.argsort(where, kind="stable")[:EXAMPLES]:  # train hits first
+            record = orjson.loads(_line_at(f, int(scan.offset[hit[i]])))
+            turns = record["conversations"]
+            examples.append({
+                "split": SPLITS[where[i]], "line": int(scan.line[hit[i]]),
+                "match": "exact" if kinds[i] == 0 else f"{cfg.ngram}-gram",
+                "text": _cut_text("\n".join(t["content"] for t in turns[:-1] or turns)),
+                "benchmark": {"file": benchmarks.files[benchmarks.file_of[owners[i]]]["file"],
+                              "prompt": benchmarks.shown[owners[i]]},
+            })
+    return {
+        "benchmarks": benchmarks.files,
+        "action": cfg.action,
+        "ngram": cfg.ngram,
+        "found": found,
+        "by_match": {"exact": int(np.count_nonzero(kinds == 0)), "ngram": int(np.count_nonzero(kinds == 1))},
+        "removed": removed,
+        "remaining_in_train": found["train"] - removed,
+        "examples": examples,
+    }
+
+
+# --- 6. write --------------------------------------------------------------------------
 
 
 def _write(source: Path, blocks: list[tuple[int, int]], scan: _Scan, record_split: np.ndarray,
@@ -588,7 +944,7 @@ def _write(source: Path, blocks: list[tuple[int, int]], scan: _Scan, record_spli
     blocks are in memory.
     """
     outputs = [AtomicOutput(ws.split_file(name)) for name in SPLITS]
-    offsets = scan.array("offset")
+    offsets = scan.offset
     position = 0
     pending: list[Future] = []
     with outputs[0], outputs[1], outputs[2], open(source, "rb") as f, ThreadPoolExecutor(1) as writer:
@@ -627,7 +983,175 @@ def _cut(data: bytes, which: np.ndarray, starts: np.ndarray, blank: int) -> list
     return [b"".join(p) for p in pieces]
 
 
-# --- 6. check --------------------------------------------------------------------------
+def _line_at(f, offset: int) -> bytes:
+    f.seek(offset)
+    return f.readline().rstrip(b"\n")
+
+
+def _cut_text(text: str) -> str:
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS - 1] + "…"
+
+
+def _write_duplicates(ws, source: Path, scan: _Scan, duplicate_of: np.ndarray, kind: np.ndarray,
+                      similarity: np.ndarray) -> dict[str, Any]:
+    """data/formatted/duplicates.jsonl: each dropped record with the record it duplicates."""
+    dropped = np.flatnonzero(kind > 0)
+    with AtomicOutput(ws.duplicates_file) as out, open(source, "rb") as f:
+        for i in dropped.tolist():
+            original = int(duplicate_of[i])
+            head = {"kind": KINDS[int(kind[i])], "line": int(scan.line[i]), "duplicate_of_line": int(scan.line[original])}
+            if kind[i] == NEAR:
+                head["jaccard"] = round(float(similarity[i]), 4)
+            out.write(orjson.dumps(head)[:-1] + b',"record":' + _line_at(f, int(scan.offset[i])) +
+                      b',"duplicate_of":' + _line_at(f, int(scan.offset[original])) + b"}\n")
+    return {"path": ws.rel(ws.duplicates_file), "records": int(dropped.size),
+            "by_kind": {name: int(np.count_nonzero(kind == k)) for k, name in KINDS.items()}}
+
+
+def _write_contaminated(ws, source: Path, scan: _Scan, hit: np.ndarray, where: np.ndarray, kinds: np.ndarray,
+                        owners: np.ndarray, benchmarks: Benchmarks, cfg) -> None:
+    """data/formatted/contaminated.jsonl: every record that matched a benchmark prompt."""
+    with AtomicOutput(ws.contaminated_file) as out, open(source, "rb") as f:
+        for i in range(hit.size):
+            head = {"line": int(scan.line[hit[i]]), "split": SPLITS[where[i]],
+                    "removed": bool(where[i] == 0 and cfg.action == "remove"),
+                    "match": "exact" if kinds[i] == 0 else f"{cfg.ngram}-gram",
+                    "benchmark": {"file": benchmarks.files[benchmarks.file_of[owners[i]]]["file"],
+                                  "prompt": benchmarks.shown[owners[i]]}}
+            out.write(orjson.dumps(head)[:-1] + b',"record":' + _line_at(f, int(scan.offset[hit[i]])) + b"}\n")
+
+
+# --- 7. check --------------------------------------------------------------------------
+
+
+def measure_leakage(ws, settings: Settings, workers: int = 1, chunk_bytes: int = CHUNK_BYTES, progress=None,
+                    log=None, pool=None) -> dict[str, Any]:
+    """Leakage between the split files as written, measured without the grouping: every
+    normalized user turn (of at least data.split.min_turn_words words) found in two splits,
+    and every pair of different user turns in two splits whose MinHash Jaccard estimate
+    reaches dedup.near_threshold. Reads data/splits/{train,val,test}.jsonl afresh."""
+    jobs = []
+    for k, name in enumerate(SPLITS):
+        path = ws.split_file(name)
+        if not path.is_file():
+            raise InputError(f"{ws.rel(path)} not found: run `factory run split` to write the splits")
+        jobs += [(str(path), a, b, k) for a, b in _blocks(path, chunk_bytes)]
+    records = dict.fromkeys(SPLITS, 0)
+    lines = dict.fromkeys(SPLITS, 0)
+    pieces: dict[str, list[np.ndarray]] = {f: [] for f in ("split", "key", "offset", "line", "near_split", "near_key",
+                                                           "near_offset", "near_line", "near_bands", "near_sketch")}
+    for part in _map_blocks(_check_block, jobs, settings, workers, log, pool):
+        name = SPLITS[part["split"]]
+        base_line = lines[name]
+        records[name] += part["records"]
+        lines[name] += part["lines"]
+        for prefix in ("", "near_"):
+            count = len(part[prefix + "key"]) // 8
+            pieces[prefix + "split"].append(np.full(count, part["split"], np.int8))
+            pieces[prefix + "key"].append(np.frombuffer(part[prefix + "key"], np.uint64))
+            pieces[prefix + "offset"].append(np.frombuffer(part[prefix + "offset"], np.int64))
+            pieces[prefix + "line"].append(np.frombuffer(part[prefix + "line"], np.int64) + base_line)
+        pieces["near_bands"].append(np.frombuffer(part["near_bands"], np.uint64))
+        pieces["near_sketch"].append(np.frombuffer(part["near_sketch"], np.uint8))
+        if progress is not None:
+            progress.advance(part["records"])
+    dtypes = {"split": np.int8, "key": np.uint64, "offset": np.int64, "line": np.int64, "bands": np.uint64,
+              "sketch": np.uint8}
+    t = {f: np.concatenate(v) if v else np.zeros(0, dtypes[f.removeprefix("near_")]) for f, v in pieces.items()}
+    pieces.clear()
+    bands = t["near_bands"].reshape(-1, textsim.lsh_params(settings.threshold)[0])
+    sketches = t["near_sketch"].reshape(-1, textsim.NUM_PERM)
+
+    shared = _shared_between_splits(t["key"], t["split"])
+    # near-duplicates: each distinct text once per split; pairs of different texts in two splits
+    packed = t["near_key"] & ~np.uint64(3) | t["near_split"].astype(np.uint64)
+    _, rows = np.unique(packed, return_index=True)
+    files = {k: open(ws.split_file(name), "rb") for k, name in enumerate(SPLITS)}
+    try:
+        def texts_of(found: np.ndarray) -> list[str]:
+            return [_user_turn_with_key(files[int(t["near_split"][r])], int(t["near_offset"][r]), int(t["near_key"][r]),
+                                        settings.seed, normalized=True) for r in rows[found].tolist()]
+
+        def across(low: np.ndarray, high: np.ndarray) -> np.ndarray:  # only pairs of two splits are leakage
+            a, b = rows[low], rows[high]
+            return (t["near_split"][a] != t["near_split"][b]) & (t["near_key"][a] != t["near_key"][b])
+
+        low, high, similarity = textsim.near_duplicate_pairs(bands[rows], sketches[rows], texts_of, settings.ngram,
+                                                             settings.threshold, across)
+    finally:
+        for f in files.values():
+            f.close()
+    a, b = rows[low], rows[high]
+    across = (t["near_split"][a] != t["near_split"][b]) & (t["near_key"][a] != t["near_key"][b])
+    a, b, similarity = a[across], b[across], similarity[across]
+    pair_of = t["near_split"][a].astype(np.int64) + t["near_split"][b]  # 1 train-val, 2 train-test, 3 val-test
+    result: dict[str, Any] = {
+        "method": "re-read data/splits/*.jsonl; normalized user turns in two splits, and MinHash "
+                  f"near-duplicate user turns (Jaccard >= {settings.threshold}, word {settings.ngram}-grams)",
+        "records": records,
+    }
+    for (x, y), code in zip(PAIRS, (1, 2, 3)):
+        result[f"{x}_{y}"] = {"user_turns": shared[(x, y)], "near_duplicates": int(np.count_nonzero(pair_of == code))}
+    result["user_turns"] = sum(result[f"{x}_{y}"]["user_turns"] for x, y in PAIRS)
+    result["near_duplicates"] = int(a.size)
+    result["total"] = result["user_turns"] + result["near_duplicates"]
+    result["examples"] = _leak_examples(ws, settings.seed, t, a, b, similarity)
+    return result
+
+
+def _check_block(job: tuple[str, int, int, int]) -> dict[str, Any]:
+    path, start, end, split = job
+    block = _Block(path, _read_block(path, start, end), start)
+    user = [role == "user" for role in block.roles]
+    texts = textsim.normalize_batch(list(compress(block.contents, user)))
+    part = _user_turns(texts, block.record_of_turn[np.asarray(user, bool)], _SETTINGS, near=True)
+    turn_record = np.frombuffer(part["turn_record"], np.int64)
+    near_record = np.frombuffer(part["near_record"], np.int64)
+    return {"split": split, "records": block.records, "lines": block.lines,
+            "key": part["turn_key"], "offset": block.offset[turn_record].tobytes(),
+            "line": block.line[turn_record].tobytes(), "near_key": part["near_key"],
+            "near_offset": block.offset[near_record].tobytes(), "near_line": block.line[near_record].tobytes(),
+            "near_bands": part["near_bands"], "near_sketch": part["near_sketch"]}
+
+
+def _user_turn_with_key(f, offset: int, key: int, seed: int, normalized: bool = False) -> str:
+    """The user turn of the line at `offset` whose normalized text has this key (normalized or as written)."""
+    record = orjson.loads(_line_at(f, offset))
+    for turn in record["conversations"]:
+        text = textsim.normalize(turn["content"])
+        if turn["role"] == "user" and (xxhash.xxh3_64_intdigest(text.encode(), seed) or 1) == key:
+            return text if normalized else turn["content"]
+    return ""
+
+
+def _leak_examples(ws, seed: int, t: dict[str, np.ndarray], a: np.ndarray, b: np.ndarray,
+                   similarity: np.ndarray) -> list[dict[str, Any]]:
+    """A few leaking pairs, with the text and line of each side, for the metrics and the report."""
+    examples = []
+    files = {k: open(ws.split_file(name), "rb") for k, name in enumerate(SPLITS)}
+    try:
+        def side(split: int, offset: int, line: int, key: int) -> dict[str, Any]:
+            text = _user_turn_with_key(files[split], offset, key, seed)
+            return {"split": SPLITS[split], "line": line + 1, "text": _cut_text(text)}
+
+        packed = (t["key"] & ~np.uint64(3)) | t["split"].astype(np.uint64)
+        _, first = np.unique(packed, return_index=True)
+        keys, count = np.unique(t["key"][first], return_counts=True)
+        for key in keys[count > 1][:EXAMPLES].tolist():
+            rows = first[t["key"][first] == key][:2]
+            examples.append({"kind": "user_turn", "pair": [side(int(t["split"][r]), int(t["offset"][r]),
+                                                                int(t["line"][r]), key) for r in rows]})
+        for x, y, j in list(zip(a.tolist(), b.tolist(), similarity.tolist()))[:EXAMPLES]:
+            examples.append({"kind": "near_duplicate", "jaccard": round(j, 4), "pair": [
+                side(int(t["near_split"][r]), int(t["near_offset"][r]), int(t["near_line"][r]), int(t["near_key"][r]))
+                for r in (x, y)]})
+    finally:
+        for f in files.values():
+            f.close()
+    return examples
+
+
+# --- metrics ---------------------------------------------------------------------------
 
 
 def _shared_between_splits(keys: np.ndarray, split: np.ndarray) -> dict[tuple[str, str], int]:
@@ -648,17 +1172,14 @@ def _shared_between_splits(keys: np.ndarray, split: np.ndarray) -> dict[tuple[st
     return result
 
 
-def _strata(record_split: np.ndarray, keep: np.ndarray, scan: _Scan, values: np.ndarray) -> dict[str, dict[str, int]]:
-    stratum_hash = scan.array("stratum")
-    kept_split = record_split[keep]
-    _, stratum_of, totals = np.unique(stratum_hash[keep], return_inverse=True, return_counts=True)
-    stratum_of = stratum_of.reshape(-1)
-    shown = np.argsort(-totals, kind="stable")[:MAX_STRATA_SHOWN]
-    table = {name: {} for name in SPLITS}
+def _strata(record_split: np.ndarray, scan: _Scan, values: np.ndarray) -> dict[str, dict[str, int]]:
+    """Records per stratum value in each split (the most frequent values)."""
+    written = np.flatnonzero(record_split >= 0)
+    index = np.searchsorted(values, scan.stratum[written])
+    split = record_split[written]
+    shown = np.argsort(-np.bincount(index, minlength=values.size), kind="stable")[:MAX_STRATA_SHOWN]
+    table = {}
     for k, name in enumerate(SPLITS):
-        per_value = np.bincount(stratum_of[kept_split == k], minlength=values.size)
-        for v in shown:
-            key = int(values[v])
-            label = scan.names.get(key, f"#{key:016x}")
-            table[name][label] = int(per_value[v])
+        per_value = np.bincount(index[split == k], minlength=values.size)
+        table[name] = {scan.names.get(int(values[v]), f"#{int(values[v]):016x}"): int(per_value[v]) for v in shown}
     return table

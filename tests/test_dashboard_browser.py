@@ -78,6 +78,7 @@ def page_state(driver) -> dict:
           banner: text('state'),
           step: text('step'),
           points: Number(document.getElementById('chart').dataset.points),
+          evalPoints: Number(document.getElementById('chart').dataset.evalPoints || 0),
           gates: [...document.querySelectorAll('#gates table')].map(t => [t.dataset.gate, t.dataset.passed]),
           timeline: [...document.querySelectorAll('#timeline li')].map(li => [li.dataset.phase, li.dataset.state]),
         };""")
@@ -126,6 +127,12 @@ def test_dashboard_follows_a_real_run_to_the_end(served_example, browser, tmp_pa
     assert ("Finished" if expected == "succeeded" else "GateFailed") in final["banner"]
     assert dict(final["timeline"])["finetune"] == "succeeded" and dict(final["timeline"])["evaluate"] == "succeeded"
     assert final["points"] == 200 // 4  # every logged step is on the chart
+    # and every evaluation on the validation split, beside it, live while it trained
+    evals = json.loads((root / "metrics" / "training-stats.json").read_text())["eval_history"]
+    assert len(evals) >= 11 and final["evalPoints"] == len(evals)
+    assert len({s["evalPoints"] for s in seen if s["state"] == "running" and s["evalPoints"]}) >= 3
+    drawn = browser.execute_script("return document.querySelectorAll('#chart circle.eval').length")
+    assert drawn == len(evals)
 
     # gate results, observed vs required, as the files say
     gate_files = {p.stem: json.loads(p.read_text())["passed"] for p in (root / "metrics" / "gates").glob("*.json")}

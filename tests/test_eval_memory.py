@@ -239,6 +239,7 @@ def test_streamed_divergence_equals_the_full_logits_computation(tmp_path, monkey
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from factory import example, llama_cpp
+    from factory.chat import ChatFormat
     from phases import quantize
 
     cases = example.generate_task_records(6, seed=3)
@@ -246,7 +247,7 @@ def test_streamed_divergence_equals_the_full_logits_computation(tmp_path, monkey
     gguf = tmp_path / "model-Q8_0.gguf"
     llama_cpp.convert(llama_cpp.converter_dir(None), folder, gguf, "q8_0", tmp_path / "convert.log")
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    chat = ChatFormat.from_tokenizer(AutoTokenizer.from_pretrained(folder))
     records = [{"conversations": [{"role": "user", "content": f"{r['instruction']}\n{r['input']}"},
                                   {"role": "assistant", "content": r["output"]}]} for r in cases]
     llm = llama_cpp.load(gguf, n_ctx=256, logits_all=True)
@@ -258,7 +259,7 @@ def test_streamed_divergence_equals_the_full_logits_computation(tmp_path, monkey
     nll_gguf = nll_merged = kl = 0.0
     tokens = 0
     for record in records:
-        ids, labels = modeling.answer_labels(tokenizer, record)
+        ids, labels = chat.answer_example(record)
         head = next(i for i, label in enumerate(labels) if label != -100)
         with torch.inference_mode():
             ref = log_softmax(model(input_ids=torch.tensor([ids])).logits[0, head - 1 : -1].double().numpy())
@@ -272,7 +273,7 @@ def test_streamed_divergence_equals_the_full_logits_computation(tmp_path, monkey
         tokens += len(targets)
 
     monkeypatch.setattr(modeling, "LOGIT_VALUES", 3 * model.config.vocab_size)  # 3 positions a chunk
-    reference = quantize._divergence_reference(model, tokenizer, records)
+    reference = quantize._divergence_reference(model, chat, records, 256)
     assert reference.head.positions == 3 and all(len(hidden) > 3 for _, _, hidden in reference.examples)
     streamed = quantize._divergence(llm, reference)
     assert streamed[3] == tokens

@@ -40,12 +40,14 @@ def run_format(root: Path, inputs=None, progress=None) -> dict:
     progress = progress or CountingProgress()
     ctx = PhaseContext(parse_config(raw), Workspace.at(root), progress, logging.getLogger("test"))
     metrics = PHASE.run(ctx)
-    assert metrics["records_in"] == metrics["records_out"] + metrics["rejected"]
+    a = metrics["accounting"]
+    assert metrics["records_in"] == a["converted"] + metrics["rejected"] + metrics["filtered"]
+    assert metrics["records_out"] == a["converted"] + a["extra_from_fan_out"]
     assert sum(metrics["per_reason"].values()) == metrics["rejected"]
     assert len(records(root)) == metrics["records_out"]
     assert len(rejects(root)) == metrics["rejected"]
     assert metrics["output_sha256"] == hashlib.sha256((root / metrics["output"]).read_bytes()).hexdigest()
-    assert progress.advanced == metrics["records_in"]
+    assert progress.advanced == metrics["records_out"] + metrics["rejected"] + metrics["filtered"]
     return metrics
 
 
@@ -532,3 +534,179 @@ def test_alpaca_system_and_history_are_kept(tmp_path):
         *turns(("user", "Translate: chien"), ("assistant", "dog"), ("user", "chat"), ("assistant", "cat")),
     ]
     assert metrics["per_reason"] == {"wrong_type": 1} and the_reject(tmp_path)["line"] == 2
+
+
+# --- nested and other sources, each in its real layout -------------------------------------
+
+
+def test_oasst_message_trees_best_path_and_all_paths(tmp_path):
+    def msg(role, text, rank=None, replies=(), **extra):
+        return {"message_id": text, "role": role, "text": text, "rank": rank, "replies": list(replies), **extra}
+
+    tree = {"message_tree_id": "t1", "tree_state": "ready_for_export", "prompt": msg("prompter", "What is 2+2?", replies=[
+        msg("assistant", "4", rank=0, replies=[msg("prompter", "Why?", rank=0, replies=[msg("assistant", "Arithmetic.", rank=0)])]),
+        msg("assistant", "Four.", rank=1, replies=[msg("prompter", "Thanks", rank=0)]),
+        msg("assistant", "5", rank=None, deleted=True),
+    ])}
+    unanswered = {"message_tree_id": "t2", "prompt": msg("prompter", "Anyone?")}
+    write(tmp_path, "data/raw/trees.jsonl", jsonl(tree, unanswered))
+    metrics = run_format(tmp_path)
+    assert metrics["per_file"]["data/raw/trees.jsonl"]["format"] == "oasst"
+    assert records(tmp_path) == [{"conversations": turns(("user", "What is 2+2?"), ("assistant", "4"), ("user", "Why?"),
+                                                         ("assistant", "Arithmetic."))}]
+    assert the_reject(tmp_path)["line"] == 2
+    run_format(tmp_path, [{"path": "data/raw", "format": "oasst", "tree_paths": "all"}])
+    assert [[t["content"] for t in r["conversations"]] for r in records(tmp_path)] == [
+        ["What is 2+2?", "4", "Why?", "Arithmetic."], ["What is 2+2?", "Four."]]
+
+
+def test_squad_nested_json_with_a_records_path(tmp_path):
+    squad = {"version": "v2.0", "data": [{"title": "Paris", "paragraphs": [
+        {"context": "Paris is the capital of France.", "qas": [
+            {"id": "1", "question": "What is the capital of France?", "answers": [{"text": "Paris", "answer_start": 0}]},
+            {"id": "2", "question": "Is Paris in Spain?", "answers": [], "is_impossible": True}]},
+        {"context": "The Seine flows through Paris.", "qas": [
+            {"id": "3", "question": "Which river flows through Paris?", "answers": [{"text": "The Seine", "answer_start": 0}]}]},
+    ]}]}
+    write(tmp_path, "data/raw/squad.json", orjson.dumps(squad))
+    inputs = [{"path": "data/raw", "records": "data[*].paragraphs[*]",
+               "mapping": {"user": ["context", "qas[*].question"], "assistant": "qas[*].answers[0].text"}}]
+    metrics = run_format(tmp_path, inputs)
+    assert records(tmp_path) == [
+        {"conversations": turns(("user", "Paris is the capital of France.\n\nWhat is the capital of France?"), ("assistant", "Paris"))},
+        {"conversations": turns(("user", "The Seine flows through Paris.\n\nWhich river flows through Paris?"), ("assistant", "The Seine"))},
+    ]
+    bad = the_reject(tmp_path)  # the unanswerable question: no answers[0]
+    assert (bad["index"], bad["element"], bad["reason"]) == (0, 1, "missing_field")
+    assert metrics["records_in"] == 3 and metrics["accounting"]["balanced"]
+
+
+def test_csv_and_tsv_without_header_by_column_number(tmp_path):
+    write(tmp_path, "data/raw/a.tsv", "a great film\t1\na dull film\t0\n")
+    write(tmp_path, "data/raw/b.csv", '"x, y",point\n')
+    run_format(tmp_path, [{"path": "data/raw", "header": False, "mapping": {"user": 0, "assistant": 1}}])
+    assert [[t["content"] for t in r["conversations"]] for r in records(tmp_path)] == [
+        ["a great film", "1"], ["a dull film", "0"], ["x, y", "point"]]
+
+
+def test_answers_in_a_nested_list_self_instruct_layout(tmp_path):
+    tasks = [{"id": "seed_task_0", "instruction": "Give an antonym.", "instances": [
+        {"input": "hot", "output": ["cold", "chilly"]}, {"input": "big", "output": ["small"]}], "is_classification": False}]
+    write(tmp_path, "data/raw/seed_tasks.jsonl", jsonl(*tasks))
+    inputs = [{"path": "data/raw", "mapping": {"system": "instruction", "user": "instances[*].input",
+                                               "assistant": "instances[*].output[0]"}}]
+    metrics = run_format(tmp_path, inputs)
+    assert records(tmp_path) == [
+        {"conversations": turns(("system", "Give an antonym."), ("user", "hot"), ("assistant", "cold"))},
+        {"conversations": turns(("system", "Give an antonym."), ("user", "big"), ("assistant", "small"))},
+    ]
+    assert metrics["records_in"] == 2
+
+
+def test_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "data/raw/train.parquet"
+    path.parent.mkdir(parents=True)
+    pq.write_table(pa.table({"question": ["1+1?", "2+2?", None], "answer": ["2", "4", "6"],
+                             "meta": [{"src": "a"}, {"src": "b"}, {"src": "c"}]}), path, row_group_size=2)
+    run_format(tmp_path, [{"path": "data/raw", "mapping": {"user": "question", "assistant": "answer"}}])
+    assert [[t["content"] for t in r["conversations"]] for r in records(tmp_path)] == [["1+1?", "2"], ["2+2?", "4"]]
+    assert (the_reject(tmp_path)["row"], the_reject(tmp_path)["reason"]) == (2, "missing_field")
+    run_format(tmp_path, [{"path": "data/raw", "mapping": {"user": "meta.src", "assistant": "answer"}}])
+    assert records(tmp_path)[0]["conversations"][0]["content"] == "a"
+
+
+def test_a_transform_module_per_input(tmp_path):
+    write(tmp_path, "my_transforms.py", (
+        "def to_chat(record):\n"
+        "    if record.get('skip'):\n        return None\n"
+        "    if record.get('boom'):\n        raise ValueError('no dialogue')\n"
+        "    return [{'prompt': q, 'completion': a} for q, a in record['dialogue']]\n"))
+    write(tmp_path, "data/raw/d.jsonl", jsonl({"dialogue": [["hi", "hello"], ["bye", "ciao"]]}, {"skip": True}, {"boom": 1}))
+    metrics = run_format(tmp_path, [{"path": "data/raw", "transform": "my_transforms:to_chat"}])
+    assert [[t["content"] for t in r["conversations"]] for r in records(tmp_path)] == [["hi", "hello"], ["bye", "ciao"]]
+    assert metrics["filtered"] == 1 and the_reject(tmp_path)["reason"] == "transform_error"
+    assert "no dialogue" in the_reject(tmp_path)["detail"]
+    a = metrics["accounting"]
+    assert (a["records_in"], a["converted"], a["rejected"], a["filtered"], a["records_out"], a["extra_from_fan_out"]) == (3, 1, 1, 1, 2, 1)
+    with pytest.raises(InputError, match="cannot import 'nowhere'"):
+        run_format(tmp_path, [{"path": "data/raw", "transform": "nowhere:f"}])
+
+
+# --- files that cannot be read to their end ------------------------------------------------
+
+
+def data_valid(root: Path) -> dict:
+    from factory.gates import check_gate, load_gates
+    from factory.io import write_json
+
+    ws = Workspace.at(root)
+    write_json(ws.metrics_file("format"), run_format(root))
+    return check_gate(load_gates(ws, parse_config({}))["data-valid"], ws, {"format": "format"})
+
+
+def test_a_json_array_that_breaks_is_recorded_as_incomplete_and_fails_data_valid(tmp_path):
+    items = [{"instruction": f"i{n}", "input": "", "output": "o"} for n in range(200)]
+    text = orjson.dumps(items)
+    write(tmp_path, "data/raw/a.json", text[:len(text) // 2] + b"\x00garbage" + text[len(text) // 2:])
+    result = data_valid(tmp_path)
+    metrics = orjson.loads((tmp_path / "metrics/format.json").read_bytes())
+    (incomplete,) = metrics["incomplete_files"]
+    assert incomplete["file"] == "data/raw/a.json" and incomplete["records_lost"] is None
+    assert incomplete["reason"] == "invalid_json" and 0 < incomplete["at"] < 200
+    assert metrics["accounting"]["files_with_unknown_loss"] == ["data/raw/a.json"]
+    assert result["passed"] is False
+    row = next(c for c in result["criteria"] if c["metric"] == "format.files_incomplete")
+    assert (row["observed"], row["passed"]) == (1, False)
+
+
+def test_utf16_without_bom_and_a_cut_jsonl_file(tmp_path):
+    lines = "".join(orjson.dumps({"prompt": f"p{n}", "completion": "c"}).decode() + "\n" for n in range(150))
+    write(tmp_path, "data/raw/a.jsonl", lines.encode())
+    write(tmp_path, "data/raw/b.jsonl", lines.encode("utf-16-le"))
+    write(tmp_path, "data/raw/c.jsonl", lines.encode()[:-10])
+    result = data_valid(tmp_path)
+    metrics = orjson.loads((tmp_path / "metrics/format.json").read_bytes())
+    by_file = {x["file"]: x for x in metrics["incomplete_files"]}
+    assert by_file["data/raw/b.jsonl"]["reason"] == "encoding" and "UTF-16" in by_file["data/raw/b.jsonl"]["detail"]
+    assert by_file["data/raw/c.jsonl"]["reason"] == "truncated_file"
+    assert metrics["per_file"]["data/raw/b.jsonl"]["records_in"] == 0
+    assert metrics["records_out"] == 299 and result["passed"] is False
+
+
+def test_auto_format_votes_over_the_first_records_and_rejects_a_bad_first_one(tmp_path):
+    write(tmp_path, "data/raw/a.jsonl", jsonl({"question": "odd one"}, *[{"prompt": f"p{n}", "completion": "c"} for n in range(5)]))
+    metrics = run_format(tmp_path)
+    assert metrics["per_file"]["data/raw/a.jsonl"]["format"] == "prompt_completion"
+    assert (the_reject(tmp_path)["line"], the_reject(tmp_path)["reason"]) == (1, "missing_field")
+    assert metrics["records_out"] == 5
+
+
+@pytest.mark.datasets
+@pytest.mark.skipif(not DATASETS.is_dir(), reason=f"{DATASETS} not present")
+def test_real_datasets_every_record_accounted_for(tmp_path):
+    """Raw records counted with plain json/csv: records_in = converted + rejected + filtered."""
+    import csv as csv_module
+    import json
+
+    names = ["alpaca_en_demo.json", "alpaca_zh_demo.json", "alpaca_tiny.json", "glaive_toolcall_en_demo.json",
+             "kto_en_demo.json", "gsm8k/test.jsonl", "sst2/dev.tsv"]
+    expected = 0
+    for name in names:
+        path = DATASETS / name
+        if path.suffix == ".json":
+            expected += len(json.loads(path.read_text()))
+        elif path.suffix == ".jsonl":
+            expected += sum(1 for line in path.read_text().splitlines() if line.strip())
+        else:
+            expected += sum(1 for _ in csv_module.reader(path.open(), delimiter="\t", quoting=csv_module.QUOTE_NONE)) - 1
+    inputs = [{"path": str(DATASETS / n)} for n in names[:5]] + [
+        {"path": str(DATASETS / "gsm8k/test.jsonl"), "mapping": {"user": "question", "assistant": "answer"}},
+        {"path": str(DATASETS / "sst2/dev.tsv"), "mapping": {"user": "sentence", "assistant": "label"}}]
+    metrics = run_format(tmp_path, inputs)
+    a = metrics["accounting"]
+    assert metrics["records_in"] == expected == a["converted"] + a["rejected"] + a["filtered"]
+    assert a["balanced"] and metrics["files_incomplete"] == 0
+    assert len(records(tmp_path)) == a["records_out"] == a["converted"] + a["extra_from_fan_out"]

@@ -31,13 +31,13 @@ def test_shipped_gate_files_are_valid(ws):
 
 def test_data_valid_passes_and_fails(ws):
     gate = load_gates(ws, parse_config({}))["data-valid"]
-    metrics(ws, "format", {"rejected_ratio": 0.005, "records_out": 500})
+    metrics(ws, "format", {"files_incomplete": 0, "rejected_ratio": 0.005, "records_out": 500})
     result = check_gate(gate, ws, PRODUCERS)
     assert result["passed"] is True
     validate(result, "gate-result")
     assert json.loads((ws.gate_results_dir / "data-valid.json").read_text()) == result
 
-    metrics(ws, "format", {"rejected_ratio": 0.2, "records_out": 500})
+    metrics(ws, "format", {"files_incomplete": 0, "rejected_ratio": 0.2, "records_out": 500})
     result = check_gate(gate, ws, PRODUCERS)
     assert result["passed"] is False
     row = next(c for c in result["criteria"] if c["metric"] == "format.rejected_ratio")
@@ -71,7 +71,7 @@ def test_missing_metrics_file_says_how_to_produce_it(ws):
 def test_config_overrides_a_threshold(ws):
     cfg = parse_config({"gates": {"data-valid": {"format.records_out": 5}}})
     gate = load_gates(ws, cfg)["data-valid"]
-    metrics(ws, "format", {"rejected_ratio": 0.0, "records_out": 7})
+    metrics(ws, "format", {"files_incomplete": 0, "rejected_ratio": 0.0, "records_out": 7})
     assert check_gate(gate, ws, PRODUCERS)["passed"] is True
     with pytest.raises(ConfigError, match="gates.data-valid.format.nope: the gate has no criterion"):
         load_gates(ws, parse_config({"gates": {"data-valid": {"format.nope": 1}}}))

@@ -45,44 +45,49 @@ def example(tmp_path_factory):
 
 
 def test_prompt_tokens_get_label_minus_100_on_both_data_paths(example):
-    from datasets import Dataset
+    """The chat format's masks on the example's Gemma 3, checked against TRL's own training
+    template for Gemma 3 (an independent masking: {% generation %} markers)."""
     from transformers import AutoTokenizer
-    from trl import SFTConfig
-
-    from factory import modeling
-    from phases.finetune import _cpu_safe_trainer
+    from trl import SFTConfig, SFTTrainer
     from transformers import AutoModelForCausalLM
+
+    from factory.chat import ChatFormat
+    from phases.finetune import _text_dataset, _token_dataset
 
     record = json.loads((example / "data" / "splits" / "train.jsonl").read_text().splitlines()[0])
     answer = record["conversations"][-1]["content"]
     tokenizer = AutoTokenizer.from_pretrained(example / "models" / "base")
+    chat = ChatFormat.from_tokenizer(tokenizer)
 
-    # hf: TRL's assistant_only_loss through the factory's trainer class
-    model = AutoModelForCausalLM.from_pretrained(example / "models" / "base")
-    trainer = _cpu_safe_trainer()(
-        model=model, processing_class=tokenizer,
-        train_dataset=Dataset.from_list([{"messages": modeling.chat_messages(record["conversations"])}]),
-        args=SFTConfig(output_dir=str(example / "tmp-mask"), assistant_only_loss=True, use_cpu=True, report_to="none",
-                       max_length=128),
-    )
-    row = trainer.train_dataset[0]
-    labels = trainer.data_collator([row])["labels"][0].tolist()
-    trained = [i for i, label in zip(row["input_ids"], labels) if label != -100]
+    # hf: the factory's ids and labels, through TRL's collator
+    row = _token_dataset(chat, [record], 512)[0][0]
+    trained = [i for i, label in zip(row["input_ids"], row["labels"]) if label != -100]
     assert tokenizer.decode(trained) == answer + "<end_of_turn>\n"  # the answer and its end-of-turn, nothing else
-    first_trained = labels.index(next(label for label in labels if label != -100))
-    prompt_ids = row["input_ids"][:first_trained]
-    assert "<start_of_turn>model" in tokenizer.decode(prompt_ids) and all(label == -100 for label in labels[:first_trained])
+    first_trained = row["labels"].index(trained[0])
+    assert tokenizer.decode(row["input_ids"][:first_trained]).endswith("<start_of_turn>model\n")
+    assert row["input_ids"].count(tokenizer.bos_token_id) == 1
+
+    # TRL's assistant_only_loss with its Gemma 3 training template masks the same tokens
+    model = AutoModelForCausalLM.from_pretrained(example / "models" / "base")
+    trl = SFTTrainer(model=model, processing_class=AutoTokenizer.from_pretrained(example / "models" / "base"),
+                     train_dataset=__import__("datasets").Dataset.from_list([{"messages": [
+                         {"role": t["role"], "content": t["content"]} for t in record["conversations"]]}]),
+                     args=SFTConfig(output_dir=str(example / "tmp-mask"), assistant_only_loss=True, use_cpu=True,
+                                    report_to="none", max_length=128))
+    theirs = trl.train_dataset[0]
+    assert theirs["input_ids"] == row["input_ids"]
+    assert [label != -100 for label in theirs["labels"]] == [label != -100 for label in row["labels"]]
 
     # unsloth: seed 004's text (no leading <bos>) with exactly one response marker per answer,
     # which is what train_on_responses_only masks around
-    text = modeling.unsloth_text(tokenizer, record["conversations"])
-    instruction, response = modeling.RESPONSE_PARTS["gemma-3"]
-    assert not text.startswith("<bos>") and text.count(response) == 1 and text.count(instruction) == 1
-    assert text.split(response, 1)[1].startswith(answer)
+    text = _text_dataset(chat, [record])[0]["text"]
+    assert (chat.instruction_part, chat.response_part) == ("<start_of_turn>user\n", "<start_of_turn>model\n")
+    assert not text.startswith("<bos>") and text.count(chat.response_part) == 1 and text.count(chat.instruction_part) == 1
+    assert text.split(chat.response_part, 1)[1].startswith(answer)
 
-    # evaluation's own answer labels agree
-    ids, eval_labels = modeling.answer_labels(tokenizer, record)
-    assert tokenizer.decode([i for i, l in zip(ids, eval_labels) if l != -100]).startswith(answer)
+    # evaluation's answer labels: the final answer and its end of turn
+    ids, eval_labels = chat.answer_example(record)
+    assert tokenizer.decode([i for i, l in zip(ids, eval_labels) if l != -100]) == answer + "<end_of_turn>\n"
 
 
 def test_pipeline_to_evaluate_passes_the_gate_honestly(example):
@@ -159,7 +164,7 @@ def test_kill_9_during_finetune_then_resume_with_live_poller(tmp_path):
     from factory.status import read_training_history
     from factory.workspace import Workspace
 
-    history = read_training_history(Workspace.at(root))
+    history = [p for p in read_training_history(Workspace.at(root)) if "loss" in p]  # training points, not evaluations
     assert [p["step"] for p in history] == list(range(10, 121, 10))
     before = {p["run_id"] for p in history if p["step"] <= stats["resumed_from_step"]}
     after = {p["run_id"] for p in history if p["step"] > stats["resumed_from_step"]}

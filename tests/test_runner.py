@@ -27,7 +27,7 @@ def _copy_upper(ctx):
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text.upper())
     ctx.progress.advance(len(text))
-    return {"records_out": len(text.split()), "rejected_ratio": 0.0}
+    return {"records_out": len(text.split()), "rejected_ratio": 0.0, "files_incomplete": 0}
 
 
 def _missing_model(ctx):
@@ -36,7 +36,8 @@ def _missing_model(ctx):
 
 def _count(ctx):
     words = ctx.workspace.formatted_file.read_text().split()
-    return {"counts": {"test": len(words), "train": 1}, "leakage": {"total": 0}}
+    return {"counts": {"test": len(words), "train": 1}, "leakage": {"total": 0},
+            "decontamination": {"remaining_in_train": 0}, "accounting": {"balanced": True}}
 
 
 PIPELINE = (

@@ -8,6 +8,7 @@ import json
 import logging
 from collections import Counter, defaultdict
 
+import numpy as np
 import orjson
 import pytest
 
@@ -133,32 +134,42 @@ def test_exact_and_normalized_duplicates_are_dropped_and_counted(ws):
         base[5],  # exact duplicate
         record(base[7]["conversations"][0]["content"].upper(), base[7]["conversations"][1]["content"].lower()),
         record("  " + base[9]["conversations"][0]["content"].replace(" ", "\n\t "), base[9]["conversations"][1]["content"]),
+        # punctuation is meaning: not a duplicate
         record(base[11]["conversations"][0]["content"].replace(":", "").replace("?", "!!"), "the ANSWER is 22"),
-        # long answers go through the pre-key path; case/newline/punctuation variants still match
         record("Bake a cake", long_answer),
-        record("bake a cake!", long_answer.upper().replace(". ", ".\n\n")),
-        # same opening, different ending: not a duplicate
-        record("Bake a cake", long_answer + " Serve warm."),
-        # same text in Unicode: case folds, typographic punctuation goes
-        record("CAFÉ — “menu”?", "Crème brûlée"),
-        record("café menu", "CRÈME BRÛLÉE!"),
+        record("BAKE  a cake", long_answer.upper().replace(". ", ".\n\n")),  # case and whitespace only
+        record("Bake a cake", long_answer + " Serve warm."),  # same opening, different ending
+        # Unicode: NFKC folds full-width letters, case folds
+        record("ＣＡＦÉ ｍｅｎｕ？", "Crème brûlée"),
+        record("café menu?", "CRÈME BRÛLÉE"),
     ]
     write_input(ws, base + variants)
     m = run(ws)
     assert m["records_in"] == 50
     assert m["duplicates_exact"] == 2
-    assert m["duplicates_normalized"] == 5  # the variants of 7, 9 and 11, the long reflow, the café pair
-    assert m["records_out"] == 43
+    assert m["duplicates_normalized"] == 4  # the variants of 7 and 9, the long reflow, the café pair
+    assert m["records_out"] == 44
     kept = [rec for recs in outputs(ws).values() for rec in recs]
-    assert len(kept) == 43
+    assert len(kept) == 44
     answers = Counter(rec["conversations"][-1]["content"] for rec in kept)
     assert answers[long_answer] == 1 and answers[long_answer + " Serve warm."] == 1
     assert answers["Crème brûlée"] == 1  # the first occurrence is the one kept
 
 
+def test_symbols_digits_and_signs_are_not_normalized_away(ws):
+    distinct = [("Simplify: x = a + b", "x = a + b"), ("Simplify: x = a - b", "x = a - b"),
+                ("What is -5 + 10?", "5"), ("What is 5 + 10?", "15"), ('Parse {"a": [1, 2]}', "ok"),
+                ('Parse {"a": [1; 2]}', "error"), ("Sort 1,2", "1 2"), ("Sort 1.2", "1.2")]
+    write_input(ws, unique_records(30) + [record(q, a) for q, a in distinct])
+    m = run(ws)
+    assert m["duplicates_normalized"] == 0 and m["duplicates_exact"] == 0
+    assert m["records_out"] == 38
+    assert m["accounting"]["balanced"]
+
+
 def test_dedup_can_be_switched_off(ws):
     records = unique_records(30)
-    write_input(ws, records + records[:5] + [record("QUESTION number 1: what is 1 plus 1", "the answer is 2")])
+    write_input(ws, records + records[:5] + [record("QUESTION  number 1: what is 1 plus 1?", "the ANSWER is 2.")])
     m = run(ws, {"dedup": {"exact": False, "normalized": False}})
     assert m["duplicates_exact"] == m["duplicates_normalized"] == 0
     assert m["records_out"] == 36
@@ -172,7 +183,7 @@ def test_records_sharing_a_prompt_never_cross_splits(ws):
     records = unique_records(120)
     for i in range(40):  # 40 prompts with 3 to 5 different answers each
         records += [record(f"Shared prompt {i}", f"Answer {j} to prompt {i}", system="Be brief.") for j in range(3 + i % 3)]
-    records += [record(f"shared PROMPT {i}!", f"Yet another answer {i}", system="be brief") for i in range(10)]
+    records += [record(f"shared  PROMPT {i}", f"Yet another answer {i}", system="be brief.") for i in range(10)]
     write_input(ws, records)
     m = run(ws)
     assert m["groups"] == 160
@@ -183,8 +194,9 @@ def test_records_sharing_a_prompt_never_cross_splits(ws):
             text = " ".join(t["content"] for t in rec["conversations"][:-1]).lower().replace("!", "").replace(".", "")
             seen[text].add(name)
     assert all(len(where) == 1 for where in seen.values())
-    assert m["leakage"] == {"train_val": {"prompts": 0, "records": 0}, "train_test": {"prompts": 0, "records": 0},
-                            "val_test": {"prompts": 0, "records": 0}, "total": 0}
+    assert {pair: m["leakage"][pair] for pair in ("train_val", "train_test", "val_test")} == {
+        pair: {"user_turns": 0, "near_duplicates": 0} for pair in ("train_val", "train_test", "val_test")}
+    assert m["leakage"]["total"] == 0
     assert abs(m["counts"]["test"] - 0.1 * m["records_out"]) <= 6
 
 
@@ -200,7 +212,7 @@ def test_leakage_is_measured_when_prompt_grouping_is_off(ws):
             where[prompt_of(rec)].add(name)
     for a, b in split.PAIRS:
         expected = sum(1 for names in where.values() if {a, b} <= names)
-        assert m["leakage"][f"{a}_{b}"] == {"prompts": expected, "records": 0}
+        assert m["leakage"][f"{a}_{b}"] == {"user_turns": expected, "near_duplicates": 0}
     assert m["leakage"]["total"] > 0
 
 
@@ -327,15 +339,15 @@ def test_progress_is_reported(ws):
     cfg = parse_config({})
     progress = Progress()
     PHASE.run(PhaseContext(cfg, ws, progress, logging.getLogger("test.split")))
-    assert [unit for _, unit in progress.starts] == ["records scanned", "records written"]
-    assert progress.done == 80
+    assert [unit for _, unit in progress.starts] == ["records scanned", "records written", "records checked"]
+    assert progress.done == 120
 
 
 def test_phase_declaration(ws):
     cfg = parse_config({})
     assert PHASE.name == "split" and PHASE.metrics == "split" and PHASE.config_sections == ("data",)
     assert PHASE.inputs(cfg, ws) == [ws.formatted_file]
-    assert PHASE.outputs(cfg, ws) == [ws.split_file(n) for n in SPLITS]
+    assert PHASE.outputs(cfg, ws) == [ws.split_file(n) for n in SPLITS] + [ws.duplicates_file]
 
 
 def test_scan_workers_start_safely_beside_other_threads(tmp_path):
@@ -376,3 +388,275 @@ def test_records_without_the_stratify_field_form_their_own_stratum(ws):
     assert m["strata_distinct"] == 3
     assert {name: m["strata"][name][split.MISSING] for name in SPLITS} == {"train": 16, "val": 2, "test": 2}
     assert m["strata"]["train"]["yes"] == m["strata"]["train"]["no"] == 32
+
+
+# --- shared keys, near-duplicates, the independent leakage check, decontamination ---------
+
+
+def norm(text):
+    """The documented normalization, written out here on its own: NFKC, casefold, whitespace."""
+    import unicodedata
+
+    return " ".join(unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold()).split())
+
+
+def recount_shared_user_turns(ws, min_words=0):
+    """Re-read the split files with plain Python: {pair: shared normalized user turns}."""
+    turns = {}
+    for name in SPLITS:
+        turns[name] = {norm(t["content"]) for rec in outputs(ws)[name] for t in rec["conversations"]
+                       if t["role"] == "user" and norm(t["content"]) and len(norm(t["content"]).split()) >= min_words}
+    return {f"{a}_{b}": len(turns[a] & turns[b]) for a, b in split.PAIRS}
+
+
+def recount_lines(path):
+    return len(path.read_bytes().splitlines()) if path.exists() else 0
+
+
+def multi(*pairs):
+    turns = []
+    for user, answer in pairs:
+        turns += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    return {"conversations": turns}
+
+
+def test_a_user_turn_shared_by_single_and_multi_turn_conversations_stays_in_one_split(ws):
+    """The ShareGPT case: questions that open single-turn conversations also appear as later
+    user turns of multi-turn conversations (with other answers and other first turns)."""
+    questions = [f"How do I reverse list number {i} in Python?" for i in range(60)]
+    records = [record(q, f"Use reversed() on list {i}.") for i, q in enumerate(questions)]
+    records += [multi((f"Hello, I have a coding problem {i}", f"Sure, go ahead {i}."),
+                      (questions[(7 * i) % 60].upper(), f"Call list.reverse() {i}.")) for i in range(60)]
+    records += unique_records(120)
+    write_input(ws, records)
+    m = run(ws)
+    assert recount_shared_user_turns(ws) == {"train_val": 0, "train_test": 0, "val_test": 0}
+    assert m["leakage"]["total"] == 0 and m["accounting"]["balanced"]
+    # the same data split by whole prompt only leaks: the check sees it
+    m = run(ws, {"split": {"group_by_prompt": False}})
+    shared = recount_shared_user_turns(ws)
+    assert sum(shared.values()) > 0
+    assert {pair: m["leakage"][pair]["user_turns"] for pair in shared} == shared
+    assert m["leakage"]["user_turns"] == sum(shared.values())
+    example = next(e for e in m["leakage"]["examples"] if e["kind"] == "user_turn")
+    a, b = example["pair"]
+    assert a["split"] != b["split"] and norm(a["text"]) == norm(b["text"])
+    line = ws.split_file(a["split"]).read_bytes().splitlines()[a["line"] - 1]
+    assert a["text"] in [t["content"] for t in orjson.loads(line)["conversations"]]
+
+
+def test_the_leakage_check_fails_on_split_files_that_leak(ws):
+    """measure_leakage reads only the split files: written by hand here, they leak an exact
+    user turn (case and spacing differ) and a near-duplicate one."""
+    long_q = "Explain in detail how the water cycle moves water between the oceans the air and the land over a year"
+    near_q = long_q.replace("over a year", "over a decade")  # 17 of 19 word 3-grams shared: Jaccard 0.89
+    ws.splits_dir.mkdir(parents=True)
+    files = {
+        "train": [record("What is the capital of France?", "Paris"), record(long_q, "Evaporation...")]
+        + unique_records(20, "train"),
+        "val": [record("what is  the CAPITAL of France?", "Paris.")] + unique_records(5, "val"),
+        "test": [record(near_q, "It evaporates...")] + unique_records(5, "test"),
+    }
+    for name, records in files.items():
+        ws.split_file(name).write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in records))
+    cfg = parse_config({})
+    settings = split.Settings(seed=cfg.data.split.seed, stratify=None, min_turn_words=0, ngram=3, near=True,
+                              threshold=0.8)
+    leakage = split.measure_leakage(ws, settings)
+    assert leakage["train_val"] == {"user_turns": 1, "near_duplicates": 0}
+    assert leakage["train_test"] == {"user_turns": 0, "near_duplicates": 1}
+    assert leakage["total"] == 2 and leakage["records"] == {"train": 22, "val": 6, "test": 6}
+    near = next(e for e in leakage["examples"] if e["kind"] == "near_duplicate")
+    assert {near["pair"][0]["text"], near["pair"][1]["text"]} == {long_q, near_q} and near["jaccard"] >= 0.8
+    # the gate reads the same number
+    from factory.gates import check_gate, load_gates
+    from factory.io import write_json
+
+    write_json(ws.metrics_file("split"), {"leakage": leakage, "decontamination": {"remaining_in_train": 0},
+                                          "accounting": {"balanced": True}, "counts": {"train": 22, "test": 6}})
+    result = check_gate(load_gates(ws, cfg)["splits-ready"], ws, {"split": "split"})
+    assert not result["passed"]
+    assert next(c for c in result["criteria"] if c["metric"] == "split.leakage.total")["observed"] == 2
+
+
+def paraphrases(n):
+    """n questions, each with a near-duplicate (one word changed in a long question)."""
+    base = [f"Please describe in a few sentences what happened in the year {1800 + i} in the history of the town "
+            f"called Place{i} near the river" for i in range(n)]
+    return base, [q.replace("near the river", "near the rivers") for q in base]
+
+
+def test_near_duplicates_are_grouped_by_default(ws):
+    base, near = paraphrases(40)
+    write_input(ws, [record(q, f"Answer A{i}") for i, q in enumerate(base)] +
+                [record(q, f"Answer B{i}") for i, q in enumerate(near)] + unique_records(100))
+    m = run(ws)
+    assert m["near_duplicates"]["pairs"] >= 38 and m["near_duplicates"]["dropped"] == 0
+    assert m["records_out"] == 180 and m["leakage"]["near_duplicates"] == 0
+    where = {}
+    for name, recs in outputs(ws).items():
+        for rec in recs:
+            where.setdefault(rec["conversations"][0]["content"].replace("the rivers", "the river"), set()).add(name)
+    assert all(len(s) == 1 for s in where.values())
+
+
+def test_near_duplicates_dropped_are_written_with_the_record_they_duplicate(ws):
+    base, near = paraphrases(30)
+    records = [record(q, f"Answer A{i}") for i, q in enumerate(base)] + unique_records(80)
+    records += [record(q, f"Answer B{i}") for i, q in enumerate(near)]
+    records += [records[0], record(records[1]["conversations"][0]["content"].upper(), records[1]["conversations"][1]["content"])]
+    write_input(ws, records)
+    m = run(ws, {"dedup": {"near": "drop"}})
+    assert m["near_duplicates"]["dropped"] >= 28
+    entries = [orjson.loads(line) for line in ws.duplicates_file.read_bytes().splitlines()]
+    assert m["duplicates_file"]["records"] == len(entries) == m["near_duplicates"]["dropped"] + 2
+    source = ws.formatted_file.read_bytes().splitlines()
+    for e in entries:
+        assert orjson.loads(source[e["line"] - 1]) == e["record"]
+        assert orjson.loads(source[e["duplicate_of_line"] - 1]) == e["duplicate_of"]
+        assert e["duplicate_of_line"] < e["line"]
+        if e["kind"] == "near":
+            assert e["jaccard"] >= 0.8
+            assert e["record"]["conversations"][0]["content"].replace("the rivers", "the river") == \
+                e["duplicate_of"]["conversations"][0]["content"]
+    assert Counter(e["kind"] for e in entries)["exact"] == 1 and Counter(e["kind"] for e in entries)["normalized"] == 1
+    # every record accounted for, counted from the files alone
+    assert recount_lines(ws.formatted_file) == sum(recount_lines(ws.split_file(n)) for n in SPLITS) + len(entries)
+
+
+def test_short_generic_turns_can_be_kept_from_linking(ws):
+    records = [multi((f"Write a poem about topic {i}", f"Poem {i}"), ("continue", f"More poem {i}")) for i in range(100)]
+    write_input(ws, records)
+    with pytest.raises(InputError, match="min_turn_words"):
+        run(ws)  # "continue" ties all 100 conversations into one group
+    m = run(ws, {"split": {"min_turn_words": 2}})
+    assert m["groups"] == 100 and m["leakage"]["total"] == 0
+    assert recount_shared_user_turns(ws, min_words=2) == {"train_val": 0, "train_test": 0, "val_test": 0}
+
+
+def test_decontamination_removes_train_hits_and_reports_the_rest(ws):
+    bench = [{"instruction": f"Natalia sold clips to {i} of her friends in April and then she sold half as many "
+                             f"clips in May. How many clips did Natalia sell altogether in April and May?",
+              "input": "", "output": str(i)} for i in range(10, 40)]
+    bench_file = ws.root / "bench" / "gsm8k_test.json"
+    bench_file.parent.mkdir(parents=True)
+    bench_file.write_bytes(orjson.dumps(bench))
+    records = unique_records(200)
+    records += [record(b["instruction"].upper(), "copied") for b in bench[:10]]  # exact (normalized) copies
+    records += [record("Solve this: " + b["instruction"].split(" and then")[0] + " and then she sold more.", "x")
+                for b in bench[10:20]]  # a shared run of 13+ words
+    write_input(ws, records)
+    m = run(ws, {"decontaminate": [str(bench_file)]})
+    d = m["decontamination"]
+    assert d["by_match"] == {"exact": 10, "ngram": 10}
+    assert sum(d["found"].values()) == 20 and d["removed"] == d["found"]["train"] > 0
+    assert d["remaining_in_train"] == 0
+    hits = [orjson.loads(line) for line in ws.contaminated_file.read_bytes().splitlines()]
+    assert len(hits) == 20 and sum(h["removed"] for h in hits) == d["removed"]
+    assert all(h["benchmark"]["file"] == "bench/gsm8k_test.json" for h in hits)
+    train = {rec["conversations"][0]["content"] for rec in outputs(ws)["train"]}
+    assert not train & {h["record"]["conversations"][0]["content"] for h in hits}
+    a = m["accounting"]
+    assert a["balanced"] and a["decontaminated"] == d["removed"]
+    assert recount_lines(ws.formatted_file) == sum(recount_lines(ws.split_file(n)) for n in SPLITS) + d["removed"]
+    m = run(ws, {"decontaminate": {"benchmarks": [str(bench_file)], "action": "report"}})
+    assert m["decontamination"]["removed"] == 0 and m["decontamination"]["remaining_in_train"] > 0
+
+
+def test_minhash_signatures_are_datasketchs_and_lsh_finds_what_datasketch_finds():
+    from datasketch import MinHash, MinHashLSH
+
+    from factory import textsim
+
+    base, near = paraphrases(30)
+    texts = [textsim.normalize(t) for t in base + near + [q["conversations"][0]["content"] for q in unique_records(200)]]
+    sig = textsim.signatures(texts, 3)
+    hashes, owner = textsim.ngram_hashes(texts, 3)
+    minhashes = []
+    for i in range(len(texts)):
+        m = MinHash(num_perm=textsim.NUM_PERM, seed=textsim.MINHASH_SEED, hashfunc=int, scheme="affine32")
+        m.update_batch(textsim.shingle_hash32(hashes[owner == i]).tolist())
+        assert (m.hashvalues == sig[i]).all()
+        minhashes.append(m)
+    bands, rows = textsim.lsh_params(0.8)
+    keys = textsim.band_keys(sig, bands, rows)
+    low, high = textsim.candidate_pairs(keys)
+    lsh = MinHashLSH(threshold=0.8, num_perm=textsim.NUM_PERM, params=(bands, rows))
+    for i, m in enumerate(minhashes):
+        lsh.insert(i, m)
+    theirs = {(min(i, j), max(i, j)) for i, m in enumerate(minhashes) for j in lsh.query(m) if i != j}
+    assert set(zip(low.tolist(), high.tolist())) == theirs
+    assert np.allclose(textsim.estimated_jaccard(sig, low, high), [minhashes[i].jaccard(minhashes[j]) for i, j in zip(low, high)])
+    # the sketches' estimate never falls below datasketch's, so filtering on it loses no pair
+    assert (textsim.estimated_jaccard(textsim.sketch(sig), low, high) >= textsim.estimated_jaccard(sig, low, high)).all()
+    # the pairs kept are measured exactly on the word 3-gram sets
+    a, b, similarity = textsim.near_duplicate_pairs(keys, textsim.sketch(sig), lambda rows: [texts[r] for r in rows], 3, 0.8)
+    grams = [{tuple(t.split()[k:k + 3]) for k in range(len(t.split()) - 2)} for t in texts]
+    exact = {(i, j) for i in range(len(texts)) for j in range(i + 1, len(texts))
+             if len(grams[i] & grams[j]) / len(grams[i] | grams[j]) >= 0.8}
+    assert set(zip(a.tolist(), b.tolist())) == exact and len(exact) >= 30
+    assert all(abs(x - len(grams[i] & grams[j]) / len(grams[i] | grams[j])) < 1e-9 for i, j, x in zip(a, b, similarity))
+
+
+def test_normalize_batch_equals_normalize_text_by_text():
+    from factory import textsim
+
+    tricky = ["  A  b\t\nC ", "", " ", "\x1f", "x\u00a0y", "ÉCOLE  ß ﬁ", "\u2028a\u2029", "a\x85", "Σ AΣ",
+              " \u3000 ", "e\u0301", "\u0301x", "Ａ Ｂ", "\n\n", "a b", "İ", "x = a + b", "-5", " {\"k\": [1, 2]} ",
+              "a\x00b", "\x0b\x0c\r\x1c\x1dz\x1e", "ends  ", "  starts", "Tab\tand\r\nCRLF"]
+    texts = tricky + [t for r in unique_records(300) for t in (turn["content"] for turn in r["conversations"])]
+    expected = [textsim.normalize(t).encode() for t in texts]
+    assert textsim.normalize_batch(texts) == expected
+    ascii_only = [t for t in texts if t.isascii() and "\x00" not in t]
+    assert textsim.normalize_batch(ascii_only) == [textsim.normalize(t).encode() for t in ascii_only]
+    assert textsim.normalize_batch([]) == []
+
+
+# --- the real datasets: an independent re-count ---------------------------------------------
+
+REAL_SPLITS = [("glaive_toolcall_en_demo.json", {}), ("kto_en_demo.json", {}), ("alpaca_en_demo.json", {}),
+               ("gsm8k/train.jsonl", {"mapping": {"user": "question", "assistant": "answer"}})]
+
+
+@pytest.mark.datasets
+@pytest.mark.parametrize(("name", "settings"), REAL_SPLITS, ids=[r[0] for r in REAL_SPLITS])
+def test_real_dataset_has_no_shared_user_turns_and_every_record_is_accounted_for(tmp_path, name, settings):
+    from pathlib import Path
+
+    from phases.format import PHASE as FORMAT
+
+    datasets = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+    if not (datasets / name).is_file():
+        pytest.skip(f"{datasets / name} not present")
+    ws = Workspace.at(tmp_path)
+    cfg = parse_config({"data": {"inputs": [{"path": str(datasets / name), **settings}]}})
+    ctx = PhaseContext(cfg, ws, Progress(), logging.getLogger("test.split"))
+    f = FORMAT.run(ctx)
+    m = PHASE.run(ctx)
+    raw = datasets / name
+    count = len(json.loads(raw.read_text())) if raw.suffix == ".json" else len(raw.read_bytes().splitlines())
+    assert f["records_in"] == count == f["records_out"] + f["rejected"]
+    assert recount_shared_user_turns(ws) == {"train_val": 0, "train_test": 0, "val_test": 0}
+    assert m["leakage"]["total"] == 0
+    assert recount_lines(ws.formatted_file) == f["records_out"] == \
+        sum(recount_lines(ws.split_file(n)) for n in SPLITS) + recount_lines(ws.duplicates_file)
+    assert m["accounting"]["balanced"]
+
+
+def test_the_report_shows_where_records_went_and_leaking_pairs(ws):
+    from factory.io import write_json
+    from factory.report import write_report
+
+    questions = [f"How do I reverse list number {i} in Python?" for i in range(60)]
+    records = [record(q, f"Use reversed() on list {i}.") for i, q in enumerate(questions)]
+    records += [multi((f"Hello, I have a coding problem {i}", f"Sure {i}."), (questions[i], f"Call reverse() {i}."))
+                for i in range(60)] + unique_records(100)
+    write_input(ws, records)
+    write_json(ws.metrics_file("split"), run(ws, {"split": {"group_by_prompt": False}}))  # leaks on purpose
+    write_json(ws.metrics_file("evaluation"), {"comparison": {}, "per_metric": {}})
+    write_report(ws)
+    text = (ws.metrics_dir / "report.md").read_text()
+    m = orjson.loads(ws.metrics_file("split").read_bytes())
+    assert "## Data" in text and m["accounting"]["equation"] in text
+    example = m["leakage"]["examples"][0]["pair"][0]
+    assert f"{example['split']}:{example['line']} {example['text']}" in text

@@ -36,6 +36,8 @@ FAKE_TRAINING = textwrap.dedent("""
             ctx.progress.advance()
             ctx.training.update(step=step, epoch=step / STEPS, loss=5.0 / step, learning_rate=0.01,
                                 eta_seconds=(STEPS - step) * 0.05)
+            if step % 10 == 0:  # a validation curve that bottoms out at step 40 and rises
+                ctx.training.update(step=step, eval_loss=1.0 + abs(step - 40) / 40, best_eval_loss=1.0)
         return {"completed": True, "nonfinite_losses": 0, "convergence": {"loss_drop": 0.9, "last_window_change": 0.0}}
 
     run_pipeline(parse_config({}), Workspace.at(sys.argv[1]), (Phase("finetune", "fake training", "training-stats", train),))
@@ -87,6 +89,10 @@ def test_watch_redraws_during_a_run_and_exits_when_it_ends(tmp_path):
     sparklines = re.findall(rf"loss ([{SPARK_CHARS}]+)", screen)
     assert sparklines and len(sparklines[-1]) == 60 and sparklines[-1][0] == "█"  # 80 points in 60 columns, falling
     assert "over 80 logged steps" in screen
+    val = re.findall(rf"val  ([{SPARK_CHARS}]+)  \S+ → (\S+) over (\d+) evaluations, lowest (\S+)", screen)
+    assert val and val[-1][1:] == ("2", "8", "1")  # every evaluation, the last one and the lowest
+    assert len(val[-1][0]) == 8 and val[-1][0][3] == min(val[-1][0])  # the lowest at step 40, drawn as such
+    assert "val loss 2 (best 1)" in screen
     assert "pipeline: succeeded" in screen and re.search(r"run \w+: succeeded", screen)
     assert "training-completed ✓" in screen
 

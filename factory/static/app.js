@@ -166,27 +166,33 @@ function renderTrainingSummary(training) {
     line.textContent = "No training has started in this workspace yet.";
     return;
   }
+  const validation = training.eval_loss === null || training.eval_loss === undefined ? ""
+    : ` · validation loss ${fmt(training.eval_loss)} (best ${fmt(training.best_eval_loss)})`;
   line.textContent = `${training.phase}: ${training.status} · step ${training.step} / ${fmt(training.total_steps)}` +
-    ` · loss ${fmt(training.loss)} · learning rate ${fmt(training.learning_rate)}` +
+    ` · loss ${fmt(training.loss)}${validation} · learning rate ${fmt(training.learning_rate)}` +
     ` · backend ${fmt(training.backend)}` + (training.error ? ` · error: ${training.error}` : "");
 }
 
 function renderChart(points, totalSteps) {
   const chart = $("chart");
   const W = 800, H = 260, left = 60, right = 70, top = 12, bottom = 30;
+  // A history point has the training loss and learning rate, the validation loss, or both.
   const plotted = points.filter((p) => typeof p.loss === "number");
+  const evaluated = points.filter((p) => typeof p.eval_loss === "number");
   chart.dataset.points = String(plotted.length);
+  chart.dataset.evalPoints = String(evaluated.length);
   chart.replaceChildren();
   chart.append(svg("line", { class: "axis", x1: left, y1: H - bottom, x2: W - right, y2: H - bottom }));
   chart.append(svg("line", { class: "axis", x1: left, y1: top, x2: left, y2: H - bottom }));
   chart.append(svg("line", { class: "axis", x1: W - right, y1: top, x2: W - right, y2: H - bottom }));
-  if (!plotted.length) {
+  if (!plotted.length && !evaluated.length) {
     chart.append(svg("text", { x: W / 2, y: H / 2, "text-anchor": "middle" }, "no loss logged yet"));
     return;
   }
-  const maxStep = Math.max(totalSteps || 0, ...plotted.map((p) => p.step), 1);
+  const maxStep = Math.max(totalSteps || 0, ...plotted.map((p) => p.step), ...evaluated.map((p) => p.step), 1);
   const losses = plotted.map((p) => p.loss);
-  let lo = Math.min(...losses), hi = Math.max(...losses);
+  const evalLosses = evaluated.map((p) => p.eval_loss);
+  let lo = Math.min(...losses, ...evalLosses), hi = Math.max(...losses, ...evalLosses);
   if (hi - lo < 1e-9) { lo -= 0.5; hi += 0.5; }
   const rates = plotted.map((p) => p.learning_rate || 0);
   const maxRate = Math.max(...rates) || 1;
@@ -201,11 +207,15 @@ function renderChart(points, totalSteps) {
     chart.append(svg("text", { x: x(step), y: H - bottom + 16, "text-anchor": "middle" }, fmt(step)));
   }
   chart.append(svg("text", { x: (W - right + left) / 2, y: H - 2, "text-anchor": "middle" }, "step"));
-  const line = (y, values, cls) => chart.append(svg("polyline", {
-    class: cls, points: plotted.map((p, i) => `${x(p.step).toFixed(1)},${y(values[i]).toFixed(1)}`).join(" "),
+  const line = (series, y, values, cls) => chart.append(svg("polyline", {
+    class: cls, points: series.map((p, i) => `${x(p.step).toFixed(1)},${y(values[i]).toFixed(1)}`).join(" "),
   }));
-  line(yRate, rates, "lr");
-  line(yLoss, losses, "loss");
+  line(plotted, yRate, rates, "lr");
+  line(plotted, yLoss, losses, "loss");
+  line(evaluated, yLoss, evalLosses, "eval");
+  for (const p of evaluated) {  // evaluations are sparse: each one is marked
+    chart.append(svg("circle", { class: "eval", cx: x(p.step).toFixed(1), cy: yLoss(p.eval_loss).toFixed(1), r: 2.5 }));
+  }
 }
 
 // --- gates -------------------------------------------------------------------------------

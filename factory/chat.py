@@ -1,0 +1,406 @@
+"""The chat format of a model: one object, built once from its tokenizer and the config.
+
+Everything that depends on how a model writes a conversation comes from here: the template,
+the end-of-turn and stop tokens, the pad token, whether the template writes BOS itself, the
+instruction and response markers, the training masks, the generation prompt, and the Ollama
+template. None of it is looked up in a table keyed by a model or template name: it is read
+off the template by rendering probe conversations, so any model whose template renders a
+conversation as a prefix-preserving text works, whatever its family.
+
+Plain-text records (one assistant turn and nothing else: the `text` input format) are
+language-modelling examples: BOS + the text + EOS, every token trained.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from factory.errors import InputError
+
+log = logging.getLogger("factory.chat")
+
+TEMPLATES_DIR = Path(__file__).parent / "templates"
+# Other spellings of the shipped template files' names (the file stem is the canonical name).
+TEMPLATE_ALIASES = {"gemma3": "gemma-3", "gemma": "gemma-3", "llama-3": "llama-3.1", "llama3": "llama-3.1",
+                    "qwen2.5": "qwen-2.5", "qwen": "qwen-2.5", "phi3": "phi-3"}
+
+# Placeholders for probe conversations: letters only, so no template's trimming or escaping
+# changes them, and unlikely to merge with the text around them.
+_SYSTEM, _USER1, _ANSWER1, _USER2 = "PROBESYSTEMxq", "PROBEUSERONExq", "PROBEANSWERxq", "PROBEUSERTWOxq"
+
+
+def named_templates() -> list[str]:
+    return sorted([p.stem for p in TEMPLATES_DIR.glob("*.jinja")] + list(TEMPLATE_ALIASES))
+
+
+def read_named_template(name: str) -> str:
+    path = TEMPLATES_DIR / f"{TEMPLATE_ALIASES.get(name, name)}.jinja"
+    if not path.is_file():
+        raise InputError(f"dataset.chat_template {name!r} is not a template the factory ships; use `auto` "
+                         f"(the tokenizer's own) or one of: {', '.join(named_templates())}")
+    return path.read_text(encoding="utf-8")
+
+
+def messages(conversations: list[dict]) -> list[dict]:
+    """Canonical turns as chat-template messages.
+
+    Many templates know system/user/assistant only and require user and assistant to
+    alternate, so a tool result is passed as a user turn that says it is one.
+    """
+    return [
+        {"role": "user", "content": f"Tool result:\n{t['content']}"} if t["role"] == "tool" else
+        {"role": t["role"], "content": t["content"]}
+        for t in conversations
+    ]
+
+
+def is_plain_text(record: dict) -> bool:
+    """A `text` input record: one assistant turn with nothing before it."""
+    turns = record["conversations"]
+    return len(turns) == 1 and turns[0]["role"] == "assistant"
+
+
+def reference(record: dict) -> str:
+    """The final answer: what a generation is scored against."""
+    return record["conversations"][-1]["content"]
+
+
+def last_user_text(record: dict) -> str:
+    users = [t["content"] for t in record["conversations"] if t["role"] in ("user", "tool")]
+    return users[-1] if users else ""
+
+
+@dataclass
+class ChatFormat:
+    tokenizer: Any
+    template_source: str
+    """`auto (the tokenizer's own)` or the name of a shipped template."""
+
+    eot_token: str
+    eot_token_id: int
+    eot_appended: bool
+    """True when the template ends an assistant turn without a special token, so the factory
+    appends EOS to every trained answer (otherwise the model would never learn to stop)."""
+
+    stop_token_ids: list[int]
+    pad_token_id: int
+    bos_token_id: int | None
+    """The BOS id to put before every sequence, or None: the template writes it (it is never
+    doubled) or the model has none."""
+
+    instruction_part: str
+    response_part: str
+    probe: dict[str, str]
+    """The literal text between the parts of a rendered conversation (see _probe)."""
+
+    sampling: dict[str, float | int]
+    """Sampling settings the model's generation config sets (temperature, top_p, top_k), for
+    `factory sample` and the Ollama Modelfile; unset ones are left to the runtime."""
+
+    # --- construction ------------------------------------------------------------------
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer, template: str = "auto", generation_config=None) -> "ChatFormat":
+        if template == "auto":
+            if not getattr(tokenizer, "chat_template", None):
+                return cls._without_template(tokenizer, generation_config)
+            source = "auto (the tokenizer's own)"
+        else:
+            tokenizer.chat_template = read_named_template(template)
+            source = template
+        probe = _probe(tokenizer)
+        bos = tokenizer.bos_token
+        bos_in_template = bool(bos) and probe["head"].startswith(bos)
+        adds_bos = bool(bos) and _encoding_adds_bos(tokenizer)
+        eot_id, eot_appended = _end_of_turn(tokenizer, probe["assistant_end"])
+        # the end of turn, EOS, and whatever else the model's generation config stops at (Llama
+        # 3.1 lists <|end_of_text|>, <|eom_id|> and <|eot_id|>)
+        configured = getattr(generation_config, "eos_token_id", None)
+        configured = configured if isinstance(configured, list) else [configured]
+        stops = list(dict.fromkeys(i for i in [eot_id, tokenizer.eos_token_id, *configured]
+                                   if i is not None and i != tokenizer.bos_token_id))
+        # The assistant header: what add_generation_prompt adds, or, for templates that write it
+        # after every user turn anyway, what follows the user turn's end.
+        eot_text = tokenizer.convert_ids_to_tokens(eot_id)
+        instruction = _instruction_part(probe, eot_text)
+        response = probe["generation_prompt"] or _header_after(probe["user_to_assistant"], eot_text)
+        if not response.strip():
+            raise InputError("the chat template writes no assistant header, so answers cannot be told from prompts; "
+                             f"set dataset.chat_template to one of {', '.join(named_templates())}")
+        chat = cls(
+            tokenizer=tokenizer, template_source=source,
+            eot_token=tokenizer.convert_ids_to_tokens(eot_id), eot_token_id=eot_id, eot_appended=eot_appended,
+            stop_token_ids=stops, pad_token_id=-1,
+            bos_token_id=tokenizer.bos_token_id if adds_bos and not bos_in_template else None,
+            instruction_part=instruction, response_part=response, probe=probe,
+            sampling=sampling_settings(generation_config),
+        )
+        chat.pad_token_id = _choose_pad(tokenizer, chat)
+        if tokenizer.pad_token_id != chat.pad_token_id:
+            tokenizer.pad_token = tokenizer.convert_ids_to_tokens(chat.pad_token_id)
+        # Masks are checked once here, on a multi-turn probe, so a template that cannot be
+        # masked stops the run before any training (exit 2), not in the middle of it.
+        chat.training_example({"conversations": [
+            {"role": "system", "content": _SYSTEM}, {"role": "user", "content": _USER1},
+            {"role": "assistant", "content": _ANSWER1}, {"role": "user", "content": _USER2},
+            {"role": "assistant", "content": _ANSWER1}]})
+        log.info("chat format: template %s, end of turn %r (id %d%s), stops %s, pad %r, BOS %s",
+                 source, chat.eot_token, eot_id, ", appended to answers" if eot_appended else "", stops,
+                 tokenizer.pad_token, "from the template" if bos_in_template else
+                 ("added by the factory" if chat.bos_token_id is not None else "none"))
+        return chat
+
+    @classmethod
+    def _without_template(cls, tokenizer, generation_config) -> "ChatFormat":
+        """A base model with no chat template: plain-text records train as language modelling;
+        a conversation is an error that names the fix when it is met."""
+        if tokenizer.eos_token_id is None:
+            raise InputError("the model's tokenizer has neither a chat template nor an EOS token; "
+                             f"set dataset.chat_template to one of {', '.join(named_templates())}")
+        chat = cls(tokenizer=tokenizer, template_source="none", eot_token=tokenizer.eos_token,
+                   eot_token_id=tokenizer.eos_token_id, eot_appended=True, stop_token_ids=[tokenizer.eos_token_id],
+                   pad_token_id=-1,
+                   bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token and _encoding_adds_bos(tokenizer) else None,
+                   instruction_part="", response_part="", probe={}, sampling=sampling_settings(generation_config))
+        chat.pad_token_id = _choose_pad(tokenizer, chat)
+        if tokenizer.pad_token_id != chat.pad_token_id:
+            tokenizer.pad_token = tokenizer.convert_ids_to_tokens(chat.pad_token_id)
+        return chat
+
+    @property
+    def has_template(self) -> bool:
+        return bool(self.probe)
+
+    def _require_template(self) -> None:
+        if not self.has_template:
+            raise InputError("the model's tokenizer has no chat template, and the data has conversations; set "
+                             f"dataset.chat_template to the one the model was trained with ({', '.join(named_templates())}), "
+                             "or give plain text (input format `text`) to train it as a language model")
+
+    @property
+    def stop_tokens(self) -> list[str]:
+        return self.tokenizer.convert_ids_to_tokens(self.stop_token_ids)
+
+    # --- rendering and tokenizing ------------------------------------------------------
+
+    def render(self, turns: list[dict], *, generation_prompt: bool) -> str:
+        self._require_template()
+        return self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
+
+    def encode(self, text: str) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return [self.bos_token_id, *ids] if self.bos_token_id is not None else list(ids)
+
+    def prompt_messages(self, record: dict) -> list[dict]:
+        """The conversation up to the last answer, as template messages."""
+        return messages(record["conversations"][:-1])
+
+    def prompt_ids(self, record: dict) -> list[int]:
+        """Token ids of the conversation up to the last answer, with the generation prompt."""
+        return self.encode(self.render(self.prompt_messages(record), generation_prompt=True))
+
+    def training_example(self, record: dict) -> dict[str, list[int]]:
+        """input_ids and labels: every assistant turn trained (with its end-of-turn token),
+        everything else -100."""
+        return self._masked(record, every_answer=True)
+
+    def answer_example(self, record: dict) -> tuple[list[int], list[int]]:
+        """input_ids and labels with only the final answer trained: the answer loss."""
+        example = self._masked(record, every_answer=False)
+        return example["input_ids"], example["labels"]
+
+    def _masked(self, record: dict, *, every_answer: bool) -> dict[str, list[int]]:
+        if is_plain_text(record):
+            ids = self.encode(record["conversations"][0]["content"])
+            if self.tokenizer.eos_token_id is not None:
+                ids.append(self.tokenizer.eos_token_id)
+            return {"input_ids": ids, "labels": list(ids)}
+        turns = messages(record["conversations"])
+        answers = [i for i, t in enumerate(turns) if t["role"] == "assistant"]
+        if not every_answer:
+            answers = answers[-1:]
+        text = self.render(turns, generation_prompt=False)
+        spans = []  # character spans of the trained answers (with what the template writes after each)
+        for index in answers:
+            prompt = self.render(turns[:index], generation_prompt=True)
+            through = self.render(turns[: index + 1], generation_prompt=False)
+            # A template may close a conversation differently from a turn that others follow
+            # (Phi-3 ends with EOS): the answer's span ends where the two renderings part.
+            end = len(through) if text.startswith(through) else len(os.path.commonprefix([text, through]))
+            if not (text.startswith(prompt) and through.startswith(prompt)) or end <= len(prompt) \
+                    or spans and len(prompt) < spans[-1][1]:
+                raise InputError(
+                    f"the chat template ({self.template_source}) is not prefix-preserving: the conversation up to "
+                    f"assistant turn {index} renders differently inside the longer conversation, so the answer "
+                    "tokens cannot be located for the training mask. Use a template that renders each turn the "
+                    f"same way whatever follows (dataset.chat_template: one of {', '.join(named_templates())})")
+            spans.append((len(prompt), end))
+        ids, offsets = self._tokens_with_offsets(text)
+        labels = [-100] * len(ids)
+        ends = []  # index of each span's last token
+        for begin, end in spans:
+            inside = [i for i, (start, stop) in enumerate(offsets) if begin <= start and stop <= end]
+            for i in inside:
+                labels[i] = ids[i]
+            ends.append(inside[-1] if inside else None)
+        if self.eot_appended:  # after each answer, the EOS the template does not write
+            for i in sorted((e for e in ends if e is not None), reverse=True):
+                ids.insert(i + 1, self.eot_token_id)
+                labels.insert(i + 1, self.eot_token_id)
+        return {"input_ids": ids, "labels": labels}
+
+    def _tokens_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids of `text` and the characters each spans ((-1, -1) for an added BOS).
+
+        Tokenizing the whole text once and locating answers by character keeps the training
+        tokens exactly those of the conversation, even where a tokenizer merges the end of a
+        header with the start of an answer."""
+        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(encoded["input_ids"])
+        offsets = [tuple(span) for span in encoded["offset_mapping"]]
+        if self.bos_token_id is not None:
+            return [self.bos_token_id, *ids], [(-1, -1), *offsets]
+        return ids, offsets
+
+    # --- handoff ----------------------------------------------------------------------
+
+    @cached_property
+    def ollama_template(self) -> str:
+        """The template in Ollama's Go syntax, built from the probe's literal text pieces.
+
+        BOS is left out: llama.cpp and Ollama add it from the GGUF's add_bos_token flag.
+        """
+        self._require_template()
+        p = {k: v.removeprefix(self.tokenizer.bos_token or "\0") for k, v in self.probe.items()}
+        return (
+            "{{- range $i, $_ := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}"
+            '{{ if eq .Role "system" }}' + _go(p["system_head"]) + "{{ .Content }}" + _go(p["system_to_user"])
+            + '{{ else if eq .Role "user" }}{{ if eq $i 0 }}' + _go(p["head"]) + "{{ end }}{{ .Content }}"
+            + _go(p["user_to_assistant"])
+            + '{{ else if eq .Role "assistant" }}{{ .Content }}{{ if not $last }}' + _go(p["assistant_to_user"])
+            + "{{ end }}{{ end }}{{ end }}"
+        )
+
+
+def sampling_settings(generation_config) -> dict[str, float | int]:
+    """The sampling settings the model's generation config sets (none: the runtime's defaults)."""
+    return {key: value for key in ("temperature", "top_p", "top_k")
+            if (value := getattr(generation_config, key, None)) is not None}
+
+
+def _go(text: str) -> str:
+    """A literal for a Go template (only `{{` would be read as an action)."""
+    return text.replace("{{", '{{ "{{" }}')
+
+
+def _probe(tokenizer) -> dict[str, str]:
+    """The literal text a template puts between the parts of a conversation.
+
+    head:               before the first user message (BOS, a default system prompt, the user header)
+    user_to_assistant:  after a user message, up to the answer (user end + assistant header)
+    assistant_to_user:  after an answer that another user message follows
+    assistant_end:      after the last answer of a conversation
+    generation_prompt:  what add_generation_prompt adds (the assistant header)
+    system_head, system_to_user: around a system message (which some templates fold into the
+                        first user turn)
+    """
+    def render(turns, generation_prompt):
+        try:
+            return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
+        except Exception as e:  # a template that raises (e.g. on a system role) is the user's to fix
+            raise InputError(f"the chat template failed to render a probe conversation: {type(e).__name__}: {e}") from None
+
+    user = [{"role": "user", "content": _USER1}]
+    one = render(user, False)
+    prompted = render(user, True)
+    answered = render(user + [{"role": "assistant", "content": _ANSWER1}], False)
+    two = render(user + [{"role": "assistant", "content": _ANSWER1}, {"role": "user", "content": _USER2}], True)
+    try:
+        system = render([{"role": "system", "content": _SYSTEM}] + user, True)
+    except InputError:
+        system = ""
+    parts = {
+        "head": _between(one, None, _USER1),
+        "user_to_assistant": _between(two, _USER1, _ANSWER1),
+        "assistant_to_user": _between(two, _ANSWER1, _USER2),
+        "assistant_end": _between(answered, _ANSWER1, None),
+        # empty when a template ends a conversation differently without the prompt (Phi-3
+        # writes EOS there): the assistant header is then read off user_to_assistant
+        "generation_prompt": prompted[len(one):] if prompted.startswith(one) else "",
+    }
+    if _SYSTEM in system:
+        parts["system_head"] = _between(system, None, _SYSTEM)
+        parts["system_to_user"] = _between(system, _SYSTEM, _USER1)
+    else:  # the template drops system messages: Ollama gets an empty wrapper
+        parts["system_head"] = parts["system_to_user"] = ""
+    return parts
+
+
+def _between(text: str, start: str | None, end: str | None) -> str:
+    begin = text.index(start) + len(start) if start else 0
+    if start and start not in text or end and end not in text[begin:]:
+        raise InputError("the chat template does not render message contents verbatim; it cannot be used for training")
+    return text[begin : text.index(end, begin) if end else len(text)]
+
+
+def _encoding_adds_bos(tokenizer) -> bool:
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0] == tokenizer.bos_token_id
+
+
+def _end_of_turn(tokenizer, assistant_end: str) -> tuple[int, bool]:
+    """The first special token the template writes after an answer; else EOS, appended."""
+    special = set(tokenizer.all_special_ids) | {
+        i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(t, "special", False)}
+    for token_id in tokenizer(assistant_end, add_special_tokens=False)["input_ids"]:
+        if token_id in special and token_id != tokenizer.bos_token_id:
+            return token_id, False
+    if tokenizer.eos_token_id is None:
+        raise InputError("the chat template ends an answer with no special token and the tokenizer has no EOS token, "
+                         "so generation could never stop; use a template with an end-of-turn token "
+                         f"(dataset.chat_template: one of {', '.join(named_templates())})")
+    log.warning("the chat template ends an answer with %r (no special token); EOS %r is appended to every trained "
+                "answer so that the model learns to stop", assistant_end, tokenizer.eos_token)
+    return tokenizer.eos_token_id, True
+
+
+def _header_after(text: str, eot_text: str) -> str:
+    """What follows the end-of-turn token in `text` (e.g. `<|end|>\n<|assistant|>\n` ->
+    `<|assistant|>\n`): the next turn's header."""
+    return text.rsplit(eot_text, 1)[-1].lstrip() if eot_text in text else text.lstrip()
+
+
+def _instruction_part(probe: dict[str, str], eot_text: str) -> str:
+    """The user header: what follows an answer's ending when another user turn comes."""
+    between, ending = probe["assistant_to_user"], probe["assistant_end"]
+    if ending and between.startswith(ending):
+        return between[len(ending):].lstrip() or between.lstrip()
+    return _header_after(between, eot_text)
+
+
+def _choose_pad(tokenizer, chat: ChatFormat) -> int:
+    """A pad id that never occurs inside a conversation (padding is masked by length, but a
+    collator or a loss that masks by `id != pad` would otherwise drop real tokens)."""
+    # EOS counts as in use only where the factory writes it into sequences; elsewhere it is a
+    # stop token that never occurs inside a conversation (Qwen pads with its EOS this way).
+    in_use = {chat.eot_token_id, tokenizer.bos_token_id}
+    rendered = "".join(chat.probe.values())
+    in_use.update(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+    current = tokenizer.pad_token_id
+    if current is not None and current not in in_use:
+        return current
+    special = getattr(tokenizer, "added_tokens_decoder", {})
+    named_pad = [i for i in special if "pad" in str(special[i]).lower()]
+    candidates = [*named_pad, tokenizer.unk_token_id, *sorted(special)]
+    for token_id in candidates:
+        if token_id not in in_use and token_id is not None:
+            return token_id
+    # Nothing unused: EOS. Safe here (attention masks and labels come from lengths, never from
+    # `id != pad`), and said in the log.
+    log.warning("the tokenizer has no unused token to pad with; padding with EOS %r", tokenizer.eos_token)
+    return tokenizer.eos_token_id

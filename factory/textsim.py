@@ -1,0 +1,316 @@
+"""Text keys shared by the data phases: normalization, word n-gram hashes, and MinHash
+near-duplicate search.
+
+normalize() folds what does not change meaning and nothing else: Unicode NFKC (full-width
+letters, ligatures, non-breaking spaces), case (str.casefold), and whitespace (every run
+becomes one space, ends stripped). Symbols, punctuation and digits stay, so "x = a + b" and
+"x = a - b" differ, and so do "-5" and "5".
+
+Near-duplicates: MinHash signatures in datasketch's "affine32" scheme, the default of
+datasketch 2.0 (each 32-bit shingle hash pre-mixed with the MurmurHash3 finalizer, then
+`a * h + b mod 2^32` per permutation, with the permutations of `datasketch.MinHash(num_perm,
+seed)`), computed for a whole block of texts in a few numpy operations instead of one
+`MinHash.update_batch` call per text (35 us a text with datasketch's objects, under 5 us
+here; tests/test_split.py checks the values are identical). Candidates come from LSH
+banding with the (bands, rows) that `datasketch.MinHashLSH` picks for the threshold,
+weighted towards recall; candidates whose MinHash estimate is near the threshold are then
+measured exactly on their n-gram sets, and a pair is a near-duplicate when its Jaccard
+similarity reaches the threshold (exact, so the grouping and the leakage check agree).
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from functools import lru_cache
+from itertools import compress
+from typing import Callable
+
+import numpy as np
+import xxhash
+
+NUM_PERM = 64
+"""Permutations per signature: an estimated Jaccard of 0.8 has a standard error of 0.05."""
+
+MINHASH_SEED = 1
+LSH_WEIGHTS = (0.1, 0.9)
+"""datasketch's (false positive, false negative) weights: candidates favour recall; the
+Jaccard estimate of each candidate pair decides."""
+
+MAX_ALL_PAIRS_BUCKET = 32
+"""An LSH bucket up to this size yields all its pairs; a larger one (a template repeated
+many times) yields each member with the bucket's first member and with its neighbour."""
+
+_U64 = np.uint64
+_BASE = 0x100000001B3  # odd, so invertible modulo 2^64
+_MIX = [_U64(c) for c in (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0x27D4EB2F165667C5,
+                          0x85EBCA77C2B2AE63, 0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53, 0x94D049BB133111EB,
+                          0xBF58476D1CE4E5B9, 0xD6E8FEB86659FD93)]
+
+
+def normalize(text: str) -> str:
+    """NFKC, case folded, whitespace runs as one space (see the module docstring)."""
+    if text.isascii():
+        return " ".join(text.lower().split())
+    return " ".join(unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold()).split())
+
+
+_ASCII_FOLD = bytes(c + 32 if 65 <= c <= 90 else 32 if c in (9, 10, 11, 12, 13, 28, 29, 30, 31) else c
+                    for c in range(256))
+"""ASCII upper case to lower, and str.split()'s ASCII whitespace to a space."""
+
+
+def normalize_batch(texts: list[str]) -> list[bytes]:
+    """[normalize(t).encode() for t in texts], with the ASCII texts (most of them) done
+    together in a few numpy passes over their joined bytes instead of per-text Python calls
+    (tests/test_split.py checks the equality); the others go one by one."""
+    ascii_ = [t.isascii() for t in texts]  # O(1) per text in CPython: a flag of the string
+    if all(ascii_):
+        return _normalize_ascii(texts)
+    done = iter(_normalize_ascii(list(compress(texts, ascii_))))
+    return [next(done) if a else normalize(t).encode() for t, a in zip(texts, ascii_)]
+
+
+def _normalize_ascii(texts: list[str]) -> list[bytes]:
+    if not texts:
+        return []
+    joined = "\x00".join(texts).encode()
+    if joined.count(b"\x00") != len(texts) - 1:  # a text holds a NUL itself
+        return [normalize(t).encode() for t in texts]
+    data = np.frombuffer(joined.translate(_ASCII_FOLD), np.uint8)  # lower case, every whitespace a space
+    space = data == 32
+    keep = np.ones(data.size, bool)
+    np.logical_not(space[1:] & space[:-1], out=keep[1:])  # runs of spaces: their first
+    once = data[keep].tobytes()
+    return once.replace(b" \x00", b"\x00").replace(b"\x00 ", b"\x00").strip(b" ").split(b"\x00")
+
+
+def text_key(normalized: str, seed: int = 0) -> int:
+    """A 64-bit key of an already normalized text (never 0, which means 'no key')."""
+    return xxhash.xxh3_64_intdigest(normalized.encode(), seed) or 1
+
+
+def words(normalized: str) -> int:
+    return normalized.count(" ") + 1 if normalized else 0
+
+
+# --- word n-grams ----------------------------------------------------------------------
+
+
+class _Powers:
+    """BASE^i and BASE^-i modulo 2^64 for i < n, grown on demand (per process)."""
+
+    pow = np.ones(1, _U64)
+    inv = np.ones(1, _U64)
+
+    @classmethod
+    def upto(cls, n: int) -> tuple[np.ndarray, np.ndarray]:
+        if cls.pow.size < n:
+            m = max(n, 2 * cls.pow.size, 1 << 16)
+            with np.errstate(over="ignore"):
+                cls.pow = np.concatenate(([_U64(1)], np.cumprod(np.full(m - 1, _BASE, _U64))))
+                cls.inv = np.concatenate(([_U64(1)], np.cumprod(np.full(m - 1, pow(_BASE, -1, 1 << 64), _U64))))
+        return cls.pow[:n], cls.inv[:n]
+
+
+def fmix64(h: np.ndarray) -> np.ndarray:
+    h = h ^ (h >> _U64(33))
+    h = h * _U64(0xFF51AFD7ED558CCD)
+    h = h ^ (h >> _U64(33))
+    h = h * _U64(0xC4CEB9FE1A85EC53)
+    return h ^ (h >> _U64(33))
+
+
+def ngram_hashes(texts: list[str] | list[bytes], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The 64-bit hashes of every run of n words in each normalized text, and the index of
+    the text each comes from (texts with fewer than n words give none). Vectorized over all
+    texts: words are hashed as polynomials over their UTF-8 bytes from one prefix sum, and n
+    consecutive word hashes are mixed into one."""
+    if not texts:
+        return np.zeros(0, _U64), np.zeros(0, np.int64)
+    joined = b"\n".join(texts) + b"\n" if type(texts[0]) is bytes else ("\n".join(texts) + "\n").encode()
+    data = np.frombuffer(joined, np.uint8)
+    pw, inv = _Powers.upto(data.size + 1)
+    with np.errstate(over="ignore"):
+        prefix = np.zeros(data.size + 1, _U64)
+        np.cumsum((data.astype(_U64) + _U64(1)) * pw[:data.size], out=prefix[1:])
+        ends = np.flatnonzero((data == 32) | (data == 10))
+        starts = np.empty_like(ends)
+        starts[0] = 0
+        starts[1:] = ends[:-1] + 1
+        word = fmix64((prefix[ends] - prefix[starts]) * inv[starts])
+        last_of_text = data[ends] == 10
+        text_of_word = np.cumsum(last_of_text) - last_of_text
+        count = word.size - n + 1
+        if count <= 0:
+            return np.zeros(0, _U64), np.zeros(0, np.int64)
+        mixed = word[:count] * _MIX[0]
+        for k in range(1, n):
+            mixed += word[k:count + k] * _MIX[k % len(_MIX)]
+    whole = text_of_word[:count] == text_of_word[n - 1:]  # the n words lie in one text
+    return fmix64(mixed[whole]), text_of_word[:count][whole]
+
+
+# --- MinHash ---------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=None)
+def _permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    from datasketch import MinHash
+
+    a, b = MinHash(num_perm=num_perm, seed=seed, scheme="affine32").permutations
+    return a.astype(np.uint32), b.astype(np.uint32)
+
+
+def _fmix32(h: np.ndarray) -> np.ndarray:
+    h = h ^ (h >> np.uint32(16))
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> np.uint32(13))
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> np.uint32(16))
+
+
+def shingle_hash32(hashes: np.ndarray) -> np.ndarray:
+    """The 32-bit values fed to MinHash (datasketch's hashfunc output) from n-gram hashes."""
+    return (hashes >> _U64(32)).astype(np.uint32)
+
+
+def signatures(texts: list[str] | list[bytes], n: int, num_perm: int = NUM_PERM, seed: int = MINHASH_SEED) -> np.ndarray:
+    """MinHash signatures (len(texts), num_perm) uint32 of the texts' word n-gram sets.
+    Every text must have at least n words. Row i equals the hashvalues of
+    datasketch.MinHash(num_perm, seed, hashfunc=identity, scheme="affine32") after
+    update_batch(shingle_hash32(n-gram hashes of text i))."""
+    if not texts:
+        return np.zeros((0, num_perm), np.uint32)
+    hashes, owner = ngram_hashes(texts, n)
+    first = np.flatnonzero(np.concatenate(([True], owner[1:] != owner[:-1])))
+    if first.size != len(texts):
+        raise ValueError(f"signatures need texts of at least {n} words")
+    a, b = _permutations(num_perm, seed)
+    mixed = _fmix32(shingle_hash32(hashes))
+    out = np.empty((num_perm, len(texts)), np.uint32)
+    # a permutation per row, the shingles of 1,024 texts along it: each minimum runs over
+    # contiguous memory, and a slice's products stay in the cache
+    with np.errstate(over="ignore"):
+        for lo in range(0, len(texts), 1024):
+            hi = min(len(texts), lo + 1024)
+            s0 = first[lo]
+            s1 = first[hi] if hi < len(texts) else mixed.size
+            products = np.multiply(a[:, None], mixed[None, s0:s1])
+            products += b[:, None]
+            out[:, lo:hi] = np.minimum.reduceat(products, first[lo:hi] - s0, axis=1)
+    return np.ascontiguousarray(out.T)
+
+
+@lru_cache(maxsize=None)
+def lsh_params(threshold: float, num_perm: int = NUM_PERM) -> tuple[int, int]:
+    """(bands, rows per band) that datasketch.MinHashLSH picks for this threshold."""
+    from datasketch import MinHashLSH
+
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=LSH_WEIGHTS)
+    return lsh.b, lsh.r
+
+
+def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """(len(sig), bands) uint64: each band's rows mixed into one 64-bit key."""
+    keys = np.empty((sig.shape[0], bands), _U64)
+    with np.errstate(over="ignore"):
+        for k in range(bands):
+            part = sig[:, k * rows:(k + 1) * rows].astype(_U64)
+            mixed = part[:, 0] * _MIX[0] + _U64(k)
+            for j in range(1, rows):
+                mixed += part[:, j] * _MIX[j % len(_MIX)]
+            keys[:, k] = fmix64(mixed)
+    return keys
+
+
+def candidate_pairs(keys: np.ndarray, keep: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (i, j), i < j, of rows that share an LSH band: the pairs datasketch.MinHashLSH's
+    query returns for the same bands (all pairs of a bucket up to MAX_ALL_PAIRS_BUCKET), and
+    of those only the ones `keep(i, j)` accepts, filtered as they are found (a band can give
+    tens of millions of candidates on templated data)."""
+    m = keys.shape[0]
+    found: list[np.ndarray] = []
+
+    def add(pairs: np.ndarray) -> None:
+        for lo in range(0, pairs.shape[1], 1 << 20):
+            chunk = pairs[:, lo:lo + (1 << 20)]
+            found.append(chunk if keep is None else chunk[:, keep(chunk[0], chunk[1])])
+
+    for k in range(keys.shape[1]):
+        order = np.argsort(keys[:, k], kind="stable")
+        sorted_keys = keys[order, k]
+        new = np.concatenate(([True], sorted_keys[1:] != sorted_keys[:-1]))
+        bucket = np.cumsum(new) - 1
+        start = np.flatnonzero(new)
+        size = np.diff(np.append(start, m))
+        if size.max(initial=1) < 2:
+            continue
+        small = size[bucket] <= MAX_ALL_PAIRS_BUCKET
+        for d in range(1, min(int(size.max()), MAX_ALL_PAIRS_BUCKET)):
+            same = (bucket[:-d] == bucket[d:]) & small[:-d]
+            add(np.stack((order[:-d][same], order[d:][same])))
+        large = np.flatnonzero(~small)
+        if large.size:
+            head = order[start[bucket[large]]]
+            add(np.stack((head, order[large])))
+            chain = large[:-1][bucket[large[:-1]] == bucket[large[1:]]]
+            add(np.stack((order[chain], order[chain + 1])))
+    if not found:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    pairs = np.concatenate(found, axis=1).astype(np.int64)
+    low, high = np.minimum(pairs[0], pairs[1]), np.maximum(pairs[0], pairs[1])
+    packed = np.unique(low[low != high] * m + high[low != high])
+    return packed // m, packed % m
+
+
+def estimated_jaccard(sig: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """The share of equal signature values of each pair (datasketch's MinHash.jaccard)."""
+    out = np.empty(low.size)
+    for lo in range(0, low.size, 1 << 16):
+        hi = lo + (1 << 16)
+        out[lo:hi] = (sig[low[lo:hi]] == sig[high[lo:hi]]).mean(axis=1)
+    return out
+
+
+ESTIMATE_MARGIN = 0.2
+"""Candidates whose estimate is this far below the threshold are still measured exactly (4
+standard errors at 64 permutations): the estimate only filters, the exact Jaccard decides."""
+
+
+def sketch(sig: np.ndarray) -> np.ndarray:
+    """The low byte of each signature value: 64 bytes a text instead of 256. Equal values have
+    equal low bytes, so the share of equal bytes is never below datasketch's estimate (and
+    above it by at most (1 - J) / 256): as a filter it keeps every pair the estimate keeps."""
+    return sig.astype(np.uint8)
+
+
+def near_duplicate_pairs(keys: np.ndarray, sketches: np.ndarray, texts_of: Callable[[np.ndarray], list],
+                         n: int, threshold: float, wanted: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs (i, j), i < j, of rows whose word n-gram sets have a Jaccard similarity of at
+    least `threshold`, with that similarity: LSH candidates (from the band keys) that
+    `wanted(i, j)` keeps, filtered by their estimate from the signature sketches, measured
+    exactly on the texts (`texts_of(rows)` gives the normalized texts)."""
+    def keep(low: np.ndarray, high: np.ndarray) -> np.ndarray:
+        chosen = estimated_jaccard(sketches, low, high) >= threshold - ESTIMATE_MARGIN
+        return chosen & wanted(low, high) if wanted is not None else chosen
+
+    low, high = candidate_pairs(keys, keep)
+    rows = np.unique(np.concatenate((low, high)))
+    texts = texts_of(rows)
+    index_low, index_high = np.searchsorted(rows, low), np.searchsorted(rows, high)
+    sets = shingle_sets(texts, n)
+    similarity = np.array([len(sets[a] & sets[b]) / len(sets[a] | sets[b])
+                           for a, b in zip(index_low.tolist(), index_high.tolist())])
+    keep_pair = similarity >= threshold - 1e-12
+    return low[keep_pair], high[keep_pair], similarity[keep_pair] if similarity.size else np.zeros(0)
+
+
+def shingle_sets(texts: list[str] | list[bytes], n: int) -> list[set[int]]:
+    """The set of word n-gram hashes of each normalized text."""
+    hashes, owner = ngram_hashes(texts, n)
+    sets: list[set[int]] = [set() for _ in texts]
+    for h, o in zip(hashes.tolist(), owner.tolist()):
+        sets[o].add(h)
+    return sets

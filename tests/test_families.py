@@ -1,0 +1,210 @@
+"""The example model families: each tiny model has its real model's architecture, vocabulary,
+special tokens and chat template, its tokenizer gives the ids the original one gives (llama.cpp's
+reference tokenizations), and llama.cpp's converter turns it into a GGUF whose tokenizer agrees
+with the Hugging Face one on chat conversations.
+
+The tokenizers come from factory.real_tokenizers, built by `factory setup-gguf` at install time;
+on a machine where that has not run, the first test builds them (several minutes, once).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from factory import chat, example, llama_cpp, real_tokenizers
+
+ENV = {**os.environ, "COLUMNS": "200", "HF_HUB_OFFLINE": "1"}
+CUSTOM = "custom"  # example.CUSTOM_TEMPLATE_MODEL: another family with a template of its own
+MODELS = [*example.FAMILIES, CUSTOM]
+
+# What the real models have, written down here from their model cards and files, independently
+# of the example's tables: architecture, vocabulary (config, tokenizer), tied embeddings, the
+# end-of-turn text after each answer, BOS/EOS, and the RoPE settings that differ from defaults.
+REAL = {
+    "gemma-3": dict(arch="Gemma3ForCausalLM", vocab=None, tied=True, eot="<end_of_turn>", bos="<bos>", eos="<eos>"),
+    "llama-3.1": dict(arch="LlamaForCausalLM", vocab=(128256, 128256), tied=False, eot="<|eot_id|>",
+                      bos="<|begin_of_text|>", eos="<|eot_id|>",
+                      rope={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    "qwen-2.5": dict(arch="Qwen2ForCausalLM", vocab=(152064, 151665), tied=False, eot="<|im_end|>", bos=None,
+                     eos="<|im_end|>", pad="<|endoftext|>", rope={"rope_type": "default", "rope_theta": 1000000.0}),
+    "mistral": dict(arch="MistralForCausalLM", vocab=(32000, 32000), tied=False, eot="</s>", bos="<s>", eos="</s>",
+                    rope={"rope_type": "default", "rope_theta": 10000.0}),
+    "phi-3": dict(arch="Phi3ForCausalLM", vocab=(32064, 32011), tied=False, eot="<|end|>", bos="<s>",
+                  eos="<|endoftext|>", pad="<|endoftext|>", rope={"rope_type": "default", "rope_theta": 10000.0}),
+    CUSTOM: dict(arch="LlamaForCausalLM", vocab=(32000, 32000), tied=False, eot="</s>", bos="<s>", eos="</s>",
+                 pad=None, rope={"rope_type": "default", "rope_theta": 10000.0}),
+}
+# The llama.cpp vocabulary each tokenizer must reproduce. Mistral's is Llama 2's with no space
+# prefix (add_prefix_space false), so llama-spm's reference ids are those of the custom model.
+REFERENCE_VOCAB = {"llama-3.1": "llama-bpe", "qwen-2.5": "qwen2", "phi-3": "phi-3", CUSTOM: "llama-spm"}
+TRL_TEMPLATES = {"gemma-3": "gemma3", "llama-3.1": "llama3_1", "qwen-2.5": "qwen2_5", "phi-3": "phi3"}
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"},
+     {"role": "user", "content": "And 3+3?"}, {"role": "assistant", "content": "6"}],
+    [{"role": "system", "content": "Format the date and amount for the locale."},
+     {"role": "user", "content": "Locale: de-DE. Date: 2024-03-07. Amount: 1234.50 EUR."},
+     {"role": "assistant", "content": "07.03.2024 | 1.234,50 €"}],
+    [{"role": "user", "content": "Écris « bonjour » en japonais, s'il te plaît.\n\nMerci !"},
+     {"role": "assistant", "content": "こんにちは (konnichiwa)\n  - with two spaces\tand a tab"}],
+]
+ROUND_TRIP_TEXTS = ["Hello world", "07.03.2024 | 1.234,50 €", "  two leading spaces\nand\ttabs\n\n",
+                    "こんにちは 🦙 Äpfel", "<not a special token>"]
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory):
+    """Every family's tiny model, built once; the Gemma one on the example's own records."""
+    root = tmp_path_factory.mktemp("families")
+    built = {}
+    for name in MODELS:
+        out = root / name
+        if name == CUSTOM:
+            example.build_custom_template_model(out)
+        elif example.FAMILIES[name].vocab is None:
+            records = example.generate_task_records(200)
+            example.build_tiny_gemma3(out, corpus=example.record_texts(records))
+        else:
+            example.build_family_model(out, example.FAMILIES[name])
+        built[name] = out
+    return built
+
+
+def _tokenizer(path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def test_named_templates_that_trl_ships_are_trls_byte_for_byte():
+    """TRL swaps in its {% generation %} training variant only for an exact match."""
+    import trl
+
+    trl_dir = os.path.join(os.path.dirname(trl.__file__), "chat_templates")
+    for name, trl_name in TRL_TEMPLATES.items():
+        with open(os.path.join(trl_dir, f"{trl_name}.jinja"), encoding="utf-8") as f:
+            assert chat.read_named_template(name) == f.read(), name
+    assert {p.stem for p in chat.TEMPLATES_DIR.glob("*.jinja")} >= {*example.FAMILIES, "alpaca", "chatml"}
+
+
+@pytest.mark.parametrize("name", list(REFERENCE_VOCAB))
+def test_tokenizer_gives_the_original_tokenizers_ids(models, name):
+    """llama.cpp's test texts, tokenized by the original Hugging Face tokenizer (the .out files),
+    against ours. transformers 5 never adds the SentencePiece space prefix to a text that already
+    starts with a space, where the original did (" Hello" -> "▁" "▁Hello"): for SentencePiece
+    vocabularies those texts are checked against the SentencePiece model (tokenizer.model) only."""
+    import sentencepiece
+
+    tokenizer = _tokenizer(models[name])
+    references = real_tokenizers.reference_tokenizations(REFERENCE_VOCAB[name])
+    assert len(references) > 40
+    spm_file = models[name] / "tokenizer.model"
+    spm = sentencepiece.SentencePieceProcessor(model_file=str(spm_file)) if spm_file.exists() else None
+    for text, ids in references:
+        if spm is not None:
+            assert spm.encode(text) == ids, text
+            if text.startswith(" "):
+                continue
+        assert tokenizer(text, add_special_tokens=False)["input_ids"] == ids, text
+    if spm is not None:  # runs of spaces inside a text: SentencePiece merges by score, not by piece id
+        for text in ["x\n  - y", "a  b   c    d\t\t e", *(t for t in ROUND_TRIP_TEXTS if not t.startswith(" "))]:
+            assert tokenizer(text, add_special_tokens=False)["input_ids"] == spm.encode(text), text
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_model_has_the_real_architecture_vocabulary_and_special_tokens(models, name):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    real = REAL[name]
+    config = AutoConfig.from_pretrained(models[name])
+    tokenizer = _tokenizer(models[name])
+    model = AutoModelForCausalLM.from_pretrained(models[name])
+    assert type(model).__name__ == real["arch"] == config.architectures[0]
+    if real["vocab"]:
+        assert (config.vocab_size, len(tokenizer)) == real["vocab"]
+    assert model.get_input_embeddings().weight.shape[0] == config.vocab_size
+    assert config.tie_word_embeddings is real["tied"]
+    shared = model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    assert shared is real["tied"]
+    if "rope" in real:
+        assert {k: config.rope_parameters.get(k) for k in real["rope"]} == real["rope"]
+    assert (tokenizer.bos_token, tokenizer.eos_token) == (real["bos"], real["eos"])
+    if "pad" in real:
+        assert tokenizer.pad_token == real["pad"]
+    eot_id = tokenizer.convert_tokens_to_ids(real["eot"])
+    assert eot_id == tokenizer.eos_token_id or tokenizer.added_tokens_decoder[eot_id].special
+    assert model.config.hidden_size <= 64 and sum(p.numel() for p in model.parameters()) < 25_000_000
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_tokenizer_round_trips_and_template_renders_two_turns(models, name):
+    tokenizer = _tokenizer(models[name])
+    for text in ROUND_TRIP_TEXTS:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert tokenizer.decode(ids).strip(" ") == text.strip(" "), (text, ids)
+    conversation = CONVERSATIONS[0]
+    full = tokenizer.apply_chat_template(conversation, tokenize=False)
+    prompt = tokenizer.apply_chat_template(conversation[:3], tokenize=False, add_generation_prompt=True)
+    eot = REAL[name]["eot"]
+    assert full.startswith(prompt), (prompt, full)  # prefix-preserving
+    assert all(m["content"] in full for m in conversation)
+    assert full.count(eot) >= 2 and f"4{eot}" in full and f"6{eot}" in full, full  # each answer ends its turn
+
+
+@pytest.fixture(scope="session")
+def ggufs(models, tmp_path_factory):
+    """Every model converted by llama.cpp's converter as the quantize phase runs it, two at a
+    time (the converter is mostly one Python thread)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    out = tmp_path_factory.mktemp("ggufs")
+    converter = llama_cpp.converter_dir(None)
+
+    def convert(name):
+        llama_cpp.convert(converter, models[name], out / f"{name}.gguf", "f16", out / f"{name}.log")
+        return out / f"{name}.gguf"
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(MODELS, pool.map(convert, MODELS)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", MODELS)
+def test_gguf_tokenizer_agrees_with_the_hugging_face_one(models, ggufs, name):
+    """The folder converts with llama.cpp's converter as the quantize phase runs it, and the
+    GGUF's tokenizer gives the same ids as transformers on rendered conversations, adds a BOS
+    where transformers does, and carries the same special tokens and template."""
+    tokenizer = _tokenizer(models[name])
+    llm = llama_cpp.runtime().Llama(str(ggufs[name]), vocab_only=True, verbose=False)
+    for conversation in CONVERSATIONS:
+        text = tokenizer.apply_chat_template(conversation, tokenize=False)
+        expected = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) == expected, text
+    for text in ROUND_TRIP_TEXTS[:2]:
+        assert llm.tokenize(text.encode("utf-8"), add_bos=True, special=True) == tokenizer(text)["input_ids"], text
+    assert llm.token_eos() == tokenizer.eos_token_id
+    if tokenizer.bos_token is not None:
+        assert llm.token_bos() == tokenizer.bos_token_id
+    assert llm.metadata["tokenizer.chat_template"] == tokenizer.chat_template
+
+
+def test_init_example_family_writes_a_workspace_for_that_family(tmp_path):
+    ws = tmp_path / "ws"
+    proc = subprocess.run([sys.executable, "-m", "factory", "init", "--example", str(ws), "--family", "phi-3",
+                           "--records", "60"], capture_output=True, text=True, env=ENV, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = json.loads((ws / "models" / "base" / "config.json").read_text())
+    assert config["architectures"] == ["Phi3ForCausalLM"] and config["vocab_size"] == 32064
+    assert "microsoft/Phi-3-mini-4k-instruct" in (ws / "factory.yaml").read_text()
+    assert len((ws / "data" / "raw" / "localization.jsonl").read_text().splitlines()) == 60
+    proc = subprocess.run([sys.executable, "-m", "factory", "validate", "-C", str(ws)], capture_output=True, text=True,
+                          env=ENV, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    proc = subprocess.run([sys.executable, "-m", "factory", "init", "--example", str(tmp_path / "x"), "--family",
+                           "llama-2"], capture_output=True, text=True, env=ENV, timeout=120)
+    assert proc.returncode == 2 and "llama-3.1" in proc.stderr and not (tmp_path / "x" / "factory.yaml").exists()
