@@ -86,14 +86,13 @@ def conversations(n: int, prompt_tokens: int, answer_tokens: int, tokenizer) -> 
             for i in range(n)]
 
 
-def old_answer_loss(model, tokenizer, records, *, batch_size: int):
-    """modeling.answer_loss as of 669f48b (the baseline)."""
+def old_answer_loss(model, chat, records, *, batch_size: int):
+    """modeling.answer_loss as of 669f48b (the baseline; the rows now come from the chat format)."""
     import torch
 
-    from factory import modeling
-
+    tokenizer = chat.tokenizer
     device = next(model.parameters()).device
-    rows = [modeling.answer_labels(tokenizer, r) for r in records]
+    rows = [chat.answer_example(r) for r in records]
     total, count = 0.0, 0
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
@@ -111,12 +110,11 @@ def old_answer_loss(model, tokenizer, records, *, batch_size: int):
     return total / count, count
 
 
-def old_divergence(model, tokenizer, records, llm):
+def old_divergence(model, chat, records, llm):
     """quantize's divergence check as of 669f48b (the baseline): the merged model's answer
     log-probabilities of every example in memory, then each compared with the GGUF's."""
     import numpy as np
 
-    from factory import modeling
     from phases.quantize import _answer_logits
 
     def logprobs(logits):
@@ -126,7 +124,7 @@ def old_divergence(model, tokenizer, records, llm):
 
     divergence = []
     for record in records:
-        ids, labels = modeling.answer_labels(tokenizer, record)
+        ids, labels = chat.answer_example(record)
         head = next(i for i, label in enumerate(labels) if label != -100)
         divergence.append((ids, head, logprobs(_answer_logits(model, ids, head))))
     kl, tokens = 0.0, 0
@@ -184,15 +182,17 @@ def measure(step: str, args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from factory import llama_cpp, modeling
+    from factory.chat import ChatFormat
     from phases import quantize
 
     tokenizer = AutoTokenizer.from_pretrained(MODEL)
+    chat = ChatFormat.from_tokenizer(tokenizer)
     model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()  # as load_for_inference on a CPU
     if step == "loss-2048":
         records = conversations(1, 1024, 1024, tokenizer)
     else:
         records = conversations(args.rows, args.prompt_tokens, args.answer_tokens, tokenizer)
-    rows = [modeling.answer_labels(tokenizer, r) for r in records]
+    rows = [chat.answer_example(r) for r in records]
     llm = None
     if step.startswith("verify"):
         llm = llama_cpp.load(GGUF, n_ctx=max(len(ids) for ids, _ in rows) + 64, logits_all=True)
@@ -200,17 +200,16 @@ def measure(step: str, args) -> dict:
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     started = time.monotonic()
     if step == "loss-old":
-        value = old_answer_loss(model, tokenizer, records, batch_size=args.rows)
+        value = old_answer_loss(model, chat, records, batch_size=args.rows)
     elif step in ("loss-new", "loss-2048"):
-        value = modeling.answer_loss(model, rows, batch_size=args.rows, pad_token_id=tokenizer.pad_token_id)
+        value = modeling.answer_loss(model, rows, batch_size=args.rows, pad_token_id=chat.pad_token_id)
     elif step == "generate":
-        prompts = [modeling.prompt_and_answer(r)[0] for r in records]
-        answers = modeling.generate(model, tokenizer, prompts, batch_size=args.rows, max_new_tokens=args.new_tokens)
-        value = (sum(len(tokenizer(a)["input_ids"]) for a in answers) / len(answers), len(answers))
+        answers = modeling.generate(model, chat, records, batch_size=args.rows, max_new_tokens=args.new_tokens)
+        value = (sum(a.stopped for a in answers), len(answers))
     elif step == "verify-old":
-        value = old_divergence(model, tokenizer, records, llm)
+        value = old_divergence(model, chat, records, llm)
     else:
-        reference = quantize._divergence_reference(model, tokenizer, records)
+        reference = quantize._divergence_reference(model, chat, records, max(len(ids) for ids, _ in rows))
         _, _, kl, tokens = quantize._divergence(llm, reference)
         value = (kl / tokens, tokens)
     seconds = time.monotonic() - started

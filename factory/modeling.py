@@ -252,8 +252,8 @@ def answer_hidden_states(model, rows: Sequence[tuple[list[int], list[int]]], *, 
         attention = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()
         targets = labels[:, 1:]
         scored = targets != -100  # position t predicts token t + 1
-        with torch.inference_mode():
-            hidden = decoder(input_ids=ids.to(device), attention_mask=attention.to(device)).last_hidden_state
+        with torch.inference_mode():  # no KV cache: 9 GB for Gemma 3 4B at 32 x 2,048 tokens, never read
+            hidden = decoder(input_ids=ids.to(device), attention_mask=attention.to(device), use_cache=False).last_hidden_state
             hidden = hidden[:, :-1][scored.to(device)]
         yield batch, hidden, targets[scored].to(device)
 
@@ -288,8 +288,8 @@ class LogitHead:
                     (getattr(config, "logit_scale", None) or 1.0) / (getattr(config, "logits_scaling", None) or 1.0))
         ids = torch.tensor([list(probe[: self.PROBE_TOKENS])], device=next(model.parameters()).device)
         with torch.inference_mode():
-            own = model(input_ids=ids).logits[0].float()
-            hidden = _base_transformer(model)(input_ids=ids).last_hidden_state[0]
+            own = model(input_ids=ids, use_cache=False).logits[0].float()
+            hidden = _base_transformer(model)(input_ids=ids, use_cache=False).last_hidden_state[0]
         # fp32 agrees to rounding; 16-bit models post-process in 16 bits, the head in fp32
         tolerance = (1e-4 if self.embedding.weight.dtype == torch.float32 else 2e-2) * max(1.0, float(own.abs().max()))
         for self.softcap, self.scale in dict.fromkeys([declared, (None, 1.0)]):

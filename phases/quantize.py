@@ -230,7 +230,7 @@ def _answer_logits(model, ids: list[int], head: int):
 
     device = next(model.parameters()).device
     with torch.inference_mode():
-        logits = model(input_ids=torch.tensor([ids], device=device), logits_to_keep=len(ids) - head + 1).logits
+        logits = model(input_ids=torch.tensor([ids], device=device), logits_to_keep=len(ids) - head + 1, use_cache=False).logits
     return logits[0, :-1].float().cpu()
 
 
@@ -250,6 +250,8 @@ def _divergence_reference(model, chat, records: list[dict], context: int) -> Div
     # answer token are left out
     rows = [(ids[:context], labels[:context]) for ids, labels in map(chat.answer_example, records)]
     rows = [(ids, labels) for ids, labels in rows if any(label != -100 for label in labels[1:])]
+    if not rows:  # nothing to compare: perplexity and KL come out as None
+        return DivergenceReference(None, [])
     examples = []
     # batch_size 1: one example's states at a time, no padding (so the pad id is never used)
     for (index,), hidden, _ in modeling.answer_hidden_states(model, rows, batch_size=1, pad_token_id=0):
