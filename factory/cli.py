@@ -205,6 +205,9 @@ def run(
         raise FactoryError("give either PHASE (run up to it) or --only PHASE, not both")
     ws = _setup(workspace, debug)
     cfg = _config(ws)
+    if cfg.training.distributed.node_rank > 0:
+        _join_training(cfg, ws, phase, only)
+        return
     reporter = RunReporter(err)
     try:
         with reporter:
@@ -219,6 +222,26 @@ def run(
         _handoff(cfg, ws, result.handoff)
     if not result.ran and result.skipped:
         err.print("Nothing to do: every phase is unchanged (use --force to re-run).")
+
+
+def _join_training(cfg, ws: Workspace, phase: Optional[str], only: Optional[str]) -> None:
+    """Machine node_rank > 0 of a multi-machine training: its processes join machine 0's
+    distributed phase (finetune); machine 0 runs the pipeline and writes status and results."""
+    import phases
+    from factory import distributed
+    from factory.runner import select_phases
+
+    d = cfg.training.distributed
+    joined = [p.name for p in select_phases(phases.PIPELINE, phase, only) if p.distributed]
+    if not joined:
+        err.print(f"machine {d.node_rank} of {d.nnodes} runs only the distributed phases "
+                  f"({', '.join(p.name for p in phases.PIPELINE if p.distributed)}); machine 0 runs the rest")
+        return
+    err.print(f"machine {d.node_rank} of {d.nnodes}: {distributed.processes_per_node(cfg)} processes join the "
+              f"{joined[0]} phase at {d.master_addr}:{d.master_port} (machine 0 writes status and results; "
+              f"logs in {ws.rel(ws.logs_dir)})", highlight=False)
+    distributed.join(cfg, ws, joined[0])
+    err.print(f"machine {d.node_rank}: {joined[0]} finished")
 
 
 def _handoff(cfg, ws: Workspace, written: list[Path]) -> None:

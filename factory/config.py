@@ -256,6 +256,56 @@ class LoraConfig(Section):
 
 
 Tracker = Literal["none", "tensorboard", "trackio", "wandb", "mlflow"]
+Strategy = Literal["ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"]
+SHARDING_STRATEGIES = ("fsdp", "deepspeed_zero3")  # shard the base weights: not with unsloth's 4-bit ones
+
+
+class DistributedConfig(Section):
+    nproc_per_node: Union[int, Auto] = Field("auto", union_mode="left_to_right")
+    """Training processes on each machine, one per GPU. `auto`: one per visible CUDA device, one
+    on a machine without a GPU (training in the `factory run` process, as before). With more
+    than one process in all (nproc_per_node x nnodes), `factory run` launches the finetune phase
+    under torchrun; the other phases stay one process. The effective batch
+    (per_device_train_batch_size x gradient_accumulation_steps) stays the configured one: the
+    accumulation is divided by the number of processes, which must divide it."""
+
+    strategy: Strategy = "ddp"
+    """How the processes share the work, through transformers' Trainer and accelerate: `ddp`
+    (each process holds the whole model; the only one the unsloth backend allows, since its
+    4-bit weights cannot be sharded), `fsdp` (PyTorch FSDP shards weights, gradients and
+    optimizer state), `deepspeed_zero2` / `deepspeed_zero3` (DeepSpeed ZeRO stage 2 or 3;
+    needs `pip install deepspeed`)."""
+
+    nnodes: int = Field(1, ge=1)
+    """Machines taking part. Unset here, it comes from $NNODES or Slurm's $SLURM_NNODES.
+    Start `factory run` on every machine, with the workspace on a filesystem they share."""
+
+    # Where the processes meet is not part of what they compute: excluded from the dumps that
+    # fingerprint a phase, so a new port or node order does not re-run the training.
+    node_rank: int = Field(0, ge=0, exclude=True)
+    """This machine's number, 0 .. nnodes-1. Unset here, it comes from $NODE_RANK or Slurm's
+    $SLURM_NODEID. Machine 0 runs the pipeline and writes status, metrics and artifacts; the
+    others only join its finetune phase (their processes log to logs/)."""
+
+    master_addr: str = Field("127.0.0.1", exclude=True)
+    """Address of machine 0, where the processes meet. Unset here, it comes from $MASTER_ADDR
+    or the first host of Slurm's $SLURM_JOB_NODELIST."""
+
+    master_port: int = Field(29500, ge=1, le=65535, exclude=True)
+    """A free TCP port on machine 0 for the meeting. Unset here, it comes from $MASTER_PORT."""
+
+    @field_validator("nproc_per_node")
+    @classmethod
+    def _at_least_one(cls, value: Union[int, str]) -> Union[int, str]:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be at least 1 (or auto)")
+        return value
+
+    @model_validator(mode="after")
+    def _rank_below_nodes(self) -> "DistributedConfig":
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"node_rank {self.node_rank} must be below nnodes {self.nnodes} (machines count from 0)")
+        return self
 
 
 class TrainingConfig(Section):
@@ -306,6 +356,10 @@ class TrainingConfig(Section):
     and an account or server). The run is named WORKSPACE-RUNID after the workspace folder and
     the factory run that started the training; the factory's own results (baseline vs
     fine-tuned scores, gate results) are logged to the same run at the end of `factory run`."""
+
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    """Several training processes, on one machine or several: nproc_per_node, strategy, nnodes,
+    node_rank, master_addr, master_port."""
 
     @field_validator("eval_steps")
     @classmethod
@@ -672,6 +726,15 @@ class FactoryConfig(Section):
     """Threshold overrides per gate: {gate-name: {metric.path: new threshold}}, e.g.
     {data-valid: {format.records_out: 500}}. Edit gates/NAME.yaml for anything more."""
 
+    @model_validator(mode="after")
+    def _unsloth_does_not_shard(self) -> "FactoryConfig":
+        strategy = self.training.distributed.strategy
+        if self.model.backend == "unsloth" and strategy in SHARDING_STRATEGIES:
+            raise ValueError(f"training.distributed.strategy {strategy} shards the model's weights across processes, "
+                             "but the unsloth backend's 4-bit weights cannot be sharded: use strategy ddp with "
+                             "unsloth, or model.backend hf")
+        return self
+
     def section(self, name: str) -> Any:
         """A section ("save") or one key ("save.lora_path") as plain JSON data: what a phase's
         fingerprint hashes."""
@@ -681,8 +744,15 @@ class FactoryConfig(Section):
         return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
 
 
-# Environment variables that set a config key the file leaves unset: (section, key).
-ENVIRONMENT = {"FACTORY_LLAMA_CPP": ("save", "llama_cpp_dir")}
+# Environment variables that set a config key the file leaves unset: key path -> the variables,
+# the first one set wins (torchrun's and Slurm's names for the multi-node contract).
+ENVIRONMENT: dict[tuple[str, ...], tuple[str, ...]] = {
+    ("save", "llama_cpp_dir"): ("FACTORY_LLAMA_CPP",),
+    ("training", "distributed", "nnodes"): ("NNODES", "SLURM_NNODES"),
+    ("training", "distributed", "node_rank"): ("NODE_RANK", "SLURM_NODEID"),
+    ("training", "distributed", "master_addr"): ("MASTER_ADDR", "SLURM_JOB_NODELIST"),
+    ("training", "distributed", "master_port"): ("MASTER_PORT",),
+}
 
 
 def load_config(path: Path, environ: Mapping[str, str] | None = None) -> FactoryConfig:
@@ -706,10 +776,40 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Factory
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (data, model, ...), not {type(raw).__name__}")
-    for variable, (section, key) in ENVIRONMENT.items():
-        if (environ or {}).get(variable) and isinstance(raw.get(section, {}), dict) and key not in raw.get(section, {}):
-            raw.setdefault(section, {})[key] = environ[variable]
+    environ = environ or {}
+    for keys, variables in ENVIRONMENT.items():
+        variable = next((v for v in variables if environ.get(v)), None)
+        if variable:
+            value = environ[variable]
+            _fill_unset(raw, keys, _first_slurm_host(value) if variable == "SLURM_JOB_NODELIST" else value)
     return parse_config(raw, source=str(path))
+
+
+def _fill_unset(raw: dict, keys: tuple[str, ...], value: str) -> None:
+    """Set raw[k1][k2]... to `value` unless the file sets it (a section that is not a mapping is
+    left for validation to report)."""
+    node = raw
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            return
+    node.setdefault(keys[-1], value)
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    """The first host of a Slurm node list ("gpu[01-04],cpu7" -> "gpu01"), expanded by Slurm's
+    own `scontrol show hostnames` when the list is compressed."""
+    if "[" not in nodelist:
+        return nodelist.split(",")[0]
+    import subprocess
+
+    try:
+        hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                               check=True, timeout=30).stdout.split()
+    except (OSError, subprocess.SubprocessError) as e:
+        raise ConfigError(f"SLURM_JOB_NODELIST {nodelist!r} is compressed and `scontrol show hostnames` failed ({e}); "
+                          "set MASTER_ADDR to the first node's address") from None
+    return hosts[0]
 
 
 # Names users bring from Axolotl, LLaMA-Factory and plain PEFT/transformers scripts.

@@ -31,8 +31,10 @@ class Backend:
     device: str  # "cuda", "mps" or "cpu"
 
 
-def select_backend(requested: str) -> Backend:
-    """Pick the backend and say why (the log and training-status.json carry the reason)."""
+def select_backend(requested: str, *, sharded: bool = False) -> Backend:
+    """Pick the backend and say why (the log and training-status.json carry the reason).
+    `sharded`: the weights are to be sharded across processes (FSDP, ZeRO-3), which unsloth's
+    4-bit weights cannot be (an explicit `unsloth` is refused by the config)."""
     import torch
 
     cuda = torch.cuda.is_available()
@@ -49,6 +51,9 @@ def select_backend(requested: str) -> Backend:
         return Backend("unsloth", "model.backend is unsloth", device)
     if not cuda:
         return Backend("hf", f"no CUDA device (unsloth needs one); running on {device}", device)
+    if sharded:
+        return Backend("hf", "training.distributed.strategy shards the weights, which unsloth's 4-bit ones cannot be",
+                       device)
     if not has_unsloth:
         return Backend("hf", 'CUDA found but unsloth is not installed (pip install -e ".[gpu]")', device)
     try:

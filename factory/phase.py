@@ -48,6 +48,10 @@ class PhaseContext:
     training: TrainingReporter | None = None
     options: dict[str, Any] = field(default_factory=dict)
     """Per-invocation switches from the command line, e.g. {"restart": True} for finetune."""
+    rank: int = 0
+    """This process's number among world_size processes running the phase (factory.distributed);
+    rank 0 alone writes the phase's artifacts and reports to `progress` and `training`."""
+    world_size: int = 1
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,10 @@ class Phase:
 
     libraries: tuple[str, ...] = ()
     """Distributions whose installed versions are part of the fingerprint (e.g. "torch")."""
+
+    distributed: bool = False
+    """Whether training.distributed may run it in several processes under torchrun
+    (factory.distributed); every other phase runs in the runner's process."""
 
     after_gates: Callable[[FactoryConfig, Workspace], list[Path]] | None = None
     """Run by the runner once the phase's gates have passed (also when it was skipped as

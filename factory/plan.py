@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from factory.config import FactoryConfig
+from factory.errors import ConfigError
 
 # Seed 004, "Parameter Guidelines": (max GiB, rank, batch size, gradient accumulation, sequence length)
 VRAM_TABLE = (
@@ -26,20 +27,37 @@ class Resolved:
     rank: int
     batch_size: int
     gradient_accumulation_steps: int
+    """Per process: the configured accumulation divided by world_size, so that the effective
+    batch stays batch_size x the configured accumulation."""
     max_seq_length: int
     memory_gib: float | None
     """The accelerator's memory the table was read with (None: CPU, read as the smallest row)."""
+    world_size: int = 1
+    """Training processes in all (training.distributed: nproc_per_node x nnodes)."""
+
+    @property
+    def effective_batch_size(self) -> int:
+        return self.batch_size * self.gradient_accumulation_steps * self.world_size
 
 
-def resolve(cfg: FactoryConfig, memory_gib: float | None) -> Resolved:
+def resolve(cfg: FactoryConfig, memory_gib: float | None, world_size: int = 1) -> Resolved:
     row = next(r for r in VRAM_TABLE if (memory_gib or 0) <= r[0])
     pick = lambda value, auto: auto if value == "auto" else value  # noqa: E731
+    batch = pick(cfg.training.per_device_train_batch_size, row[2])
+    accumulation = pick(cfg.training.gradient_accumulation_steps, row[3])
+    if accumulation % world_size:
+        multiples = ", ".join(str(world_size * k) for k in range(1, 4))
+        raise ConfigError(
+            f"training.gradient_accumulation_steps {accumulation} cannot be shared by {world_size} training processes "
+            f"(training.distributed): the effective batch of {batch} x {accumulation} would change. Set "
+            f"gradient_accumulation_steps to a multiple of {world_size} ({multiples}), or use fewer processes")
     return Resolved(
         rank=pick(cfg.lora.r, row[1]),
-        batch_size=pick(cfg.training.per_device_train_batch_size, row[2]),
-        gradient_accumulation_steps=pick(cfg.training.gradient_accumulation_steps, row[3]),
+        batch_size=batch,
+        gradient_accumulation_steps=accumulation // world_size,
         max_seq_length=pick(cfg.model.max_seq_length, row[4]),
         memory_gib=memory_gib,
+        world_size=world_size,
     )
 
 

@@ -27,6 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator, Protocol
 
+from factory import distributed
 from factory import fingerprint as fingerprints
 from factory.config import FactoryConfig
 from factory.errors import Cancelled, FactoryError, GateFailed, disk_full, is_disk_full
@@ -187,7 +188,7 @@ def _run_one(phase: Phase, cfg: FactoryConfig, ws: Workspace, status: StatusWrit
     context = PhaseContext(cfg, ws, progress, logging.getLogger(f"factory.{phase.name}"), status.run_id,
                            training, options)
     try:
-        metrics = phase.run(context)
+        metrics = distributed.run_phase(phase, context) if distributed.launches(phase, cfg) else phase.run(context)
     except BaseException as exc:
         exc = _as_user_error(exc, ws, f"running {phase.name}")  # while the disk is as the failure left it
         try:

@@ -9,7 +9,9 @@ Reads top to bottom like a recipe:
    own template): on hf as token ids and labels (every assistant turn and its end-of-turn
    token trained, the rest -100); on unsloth through seed 004's text formatting and
    `train_on_responses_only` with the markers the chat format found;
-4. train with TRL's SFTTrainer, saving progress checkpoints at 25/50/75/100% of the steps
+4. train with TRL's SFTTrainer (in each of several processes when training.distributed asks,
+   launched by the runner through factory.distributed: rank 0 alone writes the adapters,
+   checkpoint states and reports; the gradient accumulation is shared out), saving progress checkpoints at 25/50/75/100% of the steps
    (seed 003), each with a training_state.json; a killed run resumes from the last complete
    one; live state goes to .factory/training-status.json through the runner. The validation
    loss is measured before the first step, every `training.eval_steps` and at every
@@ -40,7 +42,7 @@ import orjson
 import xxhash
 
 from factory import checkpoints, modeling, trackers
-from factory.config import FactoryConfig
+from factory.config import SHARDING_STRATEGIES, FactoryConfig
 from factory.errors import InputError
 from factory.io import file_sha256, write_json
 from factory.phase import TRAINING_LIBRARIES, Phase, PhaseContext
@@ -63,6 +65,7 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
     from factory import plan
 
     cfg, ws, log = ctx.config, ctx.workspace, ctx.log
+    main = ctx.rank == 0  # the only process that writes (one process: this one)
     train_file, val_file = ws.split_file("train"), ws.split_file("val")
     if not train_file.exists():
         raise InputError(f"{ws.rel(train_file)} not found; run `factory run split` first")
@@ -79,47 +82,55 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
     trackers.check_installed(cfg.training.trackers)
 
     # 1. backend
-    backend = modeling.select_backend(cfg.model.backend)
+    backend = modeling.select_backend(cfg.model.backend, sharded=ctx.world_size > 1 and
+                                      cfg.training.distributed.strategy in SHARDING_STRATEGIES)
     log.info("backend %s on %s: %s", backend.name, backend.device, backend.reason)
     ctx.training.update(backend=backend.name, backend_reason=backend.reason)
 
     # 2. model and adapters, seeded first: LoRA's initial weights are random draws (both backends)
-    resolved = plan.resolve(cfg, plan.accelerator_memory_gib())
+    resolved = plan.resolve(cfg, plan.accelerator_memory_gib(), world_size=ctx.world_size)
     from transformers import set_seed  # after select_backend: unsloth must be imported first
 
     set_seed(cfg.training.seed)  # python, numpy and torch on every device
     model, chat = modeling.load_model(cfg, ws, backend, max_seq_length=resolved.max_seq_length)
     model = modeling.add_lora(model, cfg, backend, rank=resolved.rank)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info("LoRA r=%d: %d trainable parameters; batch %d x %d accumulation, max length %d", resolved.rank,
-             trainable, resolved.batch_size, resolved.gradient_accumulation_steps, resolved.max_seq_length)
+    log.info("LoRA r=%d: %d trainable parameters; batch %d x %d accumulation x %d processes = %d, max length %d",
+             resolved.rank, trainable, resolved.batch_size, resolved.gradient_accumulation_steps, resolved.world_size,
+             resolved.effective_batch_size, resolved.max_seq_length)
 
     # 3. checkpoints from an earlier, interrupted run of the same config and data
     output_dir = output_folder(ws, ws.path(cfg.training.output_dir), "training.output_dir")
     fingerprint = _fingerprint(cfg, train_file, val_file, resolved)
-    if ctx.options.get("restart"):
+    if ctx.options.get("restart") and main:
         checkpoints.remove_all(ws, output_dir, log)
-    resume_from = checkpoints.last_complete(output_dir, fingerprint, log)
+    # Every process reads the same (shared) folder and takes the same checkpoint; with --restart, none.
+    resume_from = None if ctx.options.get("restart") else checkpoints.last_complete(output_dir, fingerprint, log)
     resumed_state = json.loads((resume_from / STATE_FILE).read_text()) if resume_from else {}
-    _restore_best_adapter(resume_from, best_dir, last_dir, fingerprint)
+    if main:
+        _restore_best_adapter(resume_from, best_dir, last_dir, fingerprint)
     run_name = resumed_state.get("tracker_run") or trackers.run_name(ws, ctx.run_id)
 
     # 4. trainer; what it prints (its log dicts, a tracker's banner) goes to logs/training.log,
     # the terminal shows the factory's progress only
     if resume_from:
         log.info("resuming from %s", ws.rel(resume_from))
-    with contextlib.closing(TrainingLog(ws.logs_dir / "training.log")) as training_log, \
+    log_file = ws.logs_dir / ("training.log" if main else f"training.rank-{ctx.rank}.log")
+    with contextlib.closing(TrainingLog(log_file)) as training_log, \
             contextlib.redirect_stdout(training_log), training_log.capturing_library_logs(), \
             trackers.environment(cfg.training.trackers, ws, run_name):
         trainer = _build_trainer(cfg, ws, backend, model, chat, records, val_records, resolved, output_dir, log,
                                  run_name=run_name, evaluate_first=resume_from is None)
-        trainer.add_callback(checkpoints.recorder(ws, output_dir))
-        trainer.add_callback(_make_best_adapter_callback()(best_dir, fingerprint))
+        if main:
+            trainer.add_callback(checkpoints.recorder(ws, output_dir))
+            trainer.add_callback(_make_best_adapter_callback()(best_dir, fingerprint))
         tracker = _make_status_callback()(ctx, fingerprint, ws, run_name, training_log)
         trainer.add_callback(tracker)
         started = time.monotonic()
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         train_seconds = time.monotonic() - started
+    if not main:
+        return {}  # rank 0 saves the adapters and reports
 
     # 5. adapters (last, best, the selected one in save.lora_path), tokenizer, statistics
     state = trainer.state
@@ -168,6 +179,11 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
         "peak_memory_mb": _peak_memory_mb(backend.device),
         "trainable_parameters": trainable,
         "resolved": dataclasses.asdict(resolved),
+        "distributed": {"world_size": resolved.world_size, "strategy": cfg.training.distributed.strategy,
+                        "nnodes": cfg.training.distributed.nnodes,
+                        "per_device_train_batch_size": resolved.batch_size,
+                        "gradient_accumulation_steps_per_process": resolved.gradient_accumulation_steps,
+                        "effective_batch_size": resolved.effective_batch_size},
         "adapter": ws.rel(lora_dir),
         "adapters": {"best": ws.rel(best_dir) if best else None, "last": ws.rel(last_dir)},
         "train_records": len(records),
@@ -190,6 +206,7 @@ PHASE = Phase(
     inputs=lambda cfg, ws: [ws.split_file("train"), ws.split_file("val"), *modeling.local_model_inputs(cfg, ws)],
     outputs=lambda cfg, ws: [ws.path(cfg.save.lora_path), ws.adapter_dir("last")],
     libraries=TRAINING_LIBRARIES,
+    distributed=True,
 )
 
 
@@ -298,6 +315,7 @@ def _build_trainer(cfg: FactoryConfig, ws: Workspace, backend, model, chat, reco
         dataloader_num_workers=0,
         dataset_num_proc=None,
         **trackers.trainer_arguments(t.trackers, ws, run_name),
+        **_strategy_arguments(cfg, resolved.world_size),
     )
     import datasets
 
@@ -347,6 +365,25 @@ def _build_trainer(cfg: FactoryConfig, ws: Workspace, backend, model, chat, reco
     if eval_set is not None and t.early_stopping_patience:
         trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
     return trainer
+
+
+def _strategy_arguments(cfg: FactoryConfig, world_size: int) -> dict[str, Any]:
+    """training.distributed.strategy as the Trainer's arguments, from which it configures accelerate
+    (DDP, or its FullyShardedDataParallelPlugin or DeepSpeedPlugin)."""
+    strategy = cfg.training.distributed.strategy
+    if world_size == 1:
+        return {}
+    if strategy == "ddp":
+        return {"ddp_find_unused_parameters": False}  # every LoRA weight takes part in every step
+    if strategy == "fsdp":
+        # wrap each decoder layer (the model's _no_split_modules); LoRA needs the original parameters
+        return {"fsdp": "full_shard auto_wrap", "fsdp_config": {"use_orig_params": True}}
+    if importlib.util.find_spec("deepspeed") is None:
+        raise InputError(f"training.distributed.strategy {strategy} needs DeepSpeed: pip install deepspeed")
+    return {"deepspeed": {"zero_optimization": {"stage": 2 if strategy == "deepspeed_zero2" else 3},
+                          "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                          "train_batch_size": "auto", "gradient_clipping": "auto",
+                          "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}}}
 
 
 def _dataset(backend, chat, records: list[dict], max_length: int, split: str, log):
@@ -470,6 +507,8 @@ def _make_status_callback():
                                      best_eval_loss=best)
 
         def on_save(self, args, state, control, **kwargs):
+            if not state.is_world_process_zero:
+                return
             checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             now = datetime.now(timezone.utc).isoformat(timespec="seconds")
             write_json(checkpoint / STATE_FILE, {
@@ -732,6 +771,8 @@ def _fingerprint(cfg: FactoryConfig, train_file: Path, val_file: Path, resolved)
     sections = {s: cfg.section(s) for s in ("model", "lora", "training", "dataset")}
     for key in NOT_IN_CHECKPOINT_FINGERPRINT:
         sections["training"].pop(key)
+    # the processes count through `resolved` (world_size); how they share the model changes the checkpoint's files
+    sections["training"]["distributed"] = {"strategy": cfg.training.distributed.strategy}
     digest.update(orjson.dumps(sections, option=orjson.OPT_SORT_KEYS))
     digest.update(repr(resolved).encode())
     digest.update(train_file.read_bytes())
