@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from factory.config import FactoryConfig
-from factory.errors import EXIT_INTERNAL, FactoryError
+from factory.errors import EXIT_INTERNAL, ConfigError, FactoryError
 from factory.io import write_json
 from factory.workspace import Workspace
 
@@ -43,7 +43,7 @@ log = logging.getLogger("factory.distributed")
 
 POLL_SECONDS = 0.2
 STOP_WAIT_SECONDS = 60  # for torchrun to stop its workers after SIGTERM, before SIGKILL
-EVENTS, METRICS, FAILURES = "events.jsonl", "metrics.json", "failures.json"
+EVENTS, METRICS = "events.jsonl", "metrics.json"
 
 
 class RankFailed(FactoryError):
@@ -69,6 +69,17 @@ def launches(phase, cfg: FactoryConfig) -> bool:
     return phase.distributed and world_size(cfg) > 1
 
 
+def check(cfg: FactoryConfig) -> None:
+    """Refuse what the engines would not do as asked, before any process starts."""
+    import torch
+
+    strategy = cfg.training.distributed.strategy
+    if strategy != "ddp" and not torch.cuda.is_available():
+        # accelerate (1.16) runs FSDP and DeepSpeed on GPUs only: with the Trainer's use_cpu it runs plain DDP
+        raise ConfigError(f"training.distributed.strategy {strategy} needs CUDA GPUs: accelerate shards models only "
+                          "there, and on CPUs would run plain DDP instead. Use strategy ddp on this machine")
+
+
 def channel_dir(ws: Workspace) -> Path:
     return ws.state_dir / "distributed"
 
@@ -88,9 +99,10 @@ def torchrun_arguments(cfg: FactoryConfig, ws: Workspace) -> list[str]:
 
 def launch_command(cfg: FactoryConfig, ws: Workspace, phase: str, run_id: str, options: dict) -> list[str]:
     channel = channel_dir(ws)
+    failures = channel / f"failures-node{cfg.training.distributed.node_rank}.json"
     worker = ["--module", "factory.distributed", "worker", "--workspace", str(ws.root), "--phase", phase,
               "--run-id", run_id, *(["--restart"] if options.get("restart") else [])]
-    return [sys.executable, "-m", "factory.distributed", "launch", "--failures", str(channel / FAILURES), "--",
+    return [sys.executable, "-m", "factory.distributed", "launch", "--failures", str(failures), "--",
             *torchrun_arguments(cfg, ws), *worker]
 
 
@@ -103,11 +115,12 @@ def run_phase(phase, ctx) -> dict[str, Any]:
 
     cfg, ws = ctx.config, ctx.workspace
     size = world_size(cfg)
+    check(cfg)
     plan.resolve(cfg, plan.accelerator_memory_gib(), world_size=size)  # an impossible batch split fails here, at once
     channel = channel_dir(ws)
-    for name in (EVENTS, METRICS, FAILURES):
+    for name in (EVENTS, METRICS):
         (channel / name).unlink(missing_ok=True)
-    for stale in channel.glob("rank-*.error.json"):
+    for stale in [*channel.glob("rank-*.error.json"), *channel.glob("failures-node*.json")]:
         stale.unlink()
     channel.mkdir(parents=True, exist_ok=True)
     (channel / EVENTS).touch()
@@ -115,23 +128,23 @@ def run_phase(phase, ctx) -> dict[str, Any]:
     ctx.log.info("%s: %d processes (%d per machine x %d machines, strategy %s) under torchrun, meeting at %s:%d",
                  phase.name, size, processes_per_node(cfg), d.nnodes, d.strategy, d.master_addr, d.master_port)
     events = _EventFollower(channel / EVENTS, ctx)
-    _run_launcher(launch_command(cfg, ws, phase.name, ctx.run_id, ctx.options), ws, poll=events.read)
+    returncode = _run_launcher(launch_command(cfg, ws, phase.name, ctx.run_id, ctx.options), ws, poll=events.read)
     events.read()
-    if (channel / METRICS).exists() and not (channel / FAILURES).exists():
+    if returncode == 0:
         return json.loads((channel / METRICS).read_text())
     raise first_failure(channel, ws)
 
 
 def join(cfg: FactoryConfig, ws: Workspace, phase: str) -> None:
     """Machine node_rank > 0: take part in machine 0's training of `phase`, nothing else."""
-    _run_launcher(launch_command(cfg, ws, phase, "", {}), ws, poll=lambda: None)
-    if (channel_dir(ws) / FAILURES).exists() or not (channel_dir(ws) / METRICS).exists():
+    check(cfg)
+    if _run_launcher(launch_command(cfg, ws, phase, "", {}), ws, poll=lambda: None) != 0:
         raise first_failure(channel_dir(ws), ws)
 
 
 def _run_launcher(command: list[str], ws: Workspace, poll) -> int:
     ws.logs_dir.mkdir(parents=True, exist_ok=True)
-    with open(ws.logs_dir / "torchrun.log", "ab") as output:
+    with open(ws.logs_dir / "torchrun.log", "ab") as output:  # torchrun's own messages; the processes' are in logs/torchrun/
         proc = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         try:
             while proc.poll() is None:
@@ -176,19 +189,21 @@ class _EventFollower:
 
 
 def first_failure(channel: Path, ws: Workspace) -> FactoryError | Exception:
-    """The error of the rank whose failure ended the run. A rank killed by a signal comes first
-    (the others only lost it); else the earliest error a rank wrote itself."""
-    observed = json.loads((channel / FAILURES).read_text()) if (channel / FAILURES).exists() else []
+    """The error of the rank whose failure ended the run: one killed by a signal comes first
+    (the others only lost it), except SIGTERM, which torchrun sends the survivors to stop them;
+    else the earliest error a rank wrote itself."""
+    observed = [f for file in sorted(channel.glob("failures-node*.json")) for f in json.loads(file.read_text())]
     errors = {}
     for file in channel.glob("rank-*.error.json"):
         error = json.loads(file.read_text())
         errors[error["rank"]] = error
-    signalled = sorted((f for f in observed if f.get("signal")), key=lambda f: f["rank"])
-    if signalled:
+    signalled = sorted((f for f in observed if f.get("signal") and f["rank"] not in errors),
+                       key=lambda f: (f["signal"] == "SIGTERM", f["rank"]))
+    if signalled and (signalled[0]["signal"] != "SIGTERM" or not errors):
         f = signalled[0]
         return RankFailed(f"training process rank {f['rank']} was killed by {f['signal']} (the out-of-memory killer, "
-                          f"or kill -9); its output is in {ws.rel(ws.logs_dir / 'torchrun')}. `factory run` resumes "
-                          "from the last checkpoint")
+                          f"kill, or its machine stopping); the processes' output is in "
+                          f"{ws.rel(ws.logs_dir / 'torchrun')}. `factory run` resumes from the last checkpoint")
     if errors:
         error = min(errors.values(), key=lambda e: e["time"])
         message = f"training process rank {error['rank']}: {error['message']}"

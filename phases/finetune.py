@@ -183,7 +183,11 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
                         "nnodes": cfg.training.distributed.nnodes,
                         "per_device_train_batch_size": resolved.batch_size,
                         "gradient_accumulation_steps_per_process": resolved.gradient_accumulation_steps,
-                        "effective_batch_size": resolved.effective_batch_size},
+                        "effective_batch_size": resolved.effective_batch_size,
+                        # what accelerate ran (NO, MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED), and whether the
+                        # trained weights were sharded across the processes
+                        "accelerate": trainer.accelerator.distributed_type.value,
+                        "sharded_parameters": sum(type(p).__name__ == "DTensor" for p in trainer.model.parameters())},
         "adapter": ws.rel(lora_dir),
         "adapters": {"best": ws.rel(best_dir) if best else None, "last": ws.rel(last_dir)},
         "train_records": len(records),
@@ -376,8 +380,8 @@ def _strategy_arguments(cfg: FactoryConfig, world_size: int) -> dict[str, Any]:
     if strategy == "ddp":
         return {"ddp_find_unused_parameters": False}  # every LoRA weight takes part in every step
     if strategy == "fsdp":
-        # wrap each decoder layer (the model's _no_split_modules); LoRA needs the original parameters
-        return {"fsdp": "full_shard auto_wrap", "fsdp_config": {"use_orig_params": True}}
+        # FSDP2, each decoder layer (the model's _no_split_modules) a unit, full state dicts saved
+        return {"fsdp": True, "fsdp_config": {}}
     if importlib.util.find_spec("deepspeed") is None:
         raise InputError(f"training.distributed.strategy {strategy} needs DeepSpeed: pip install deepspeed")
     return {"deepspeed": {"zero_optimization": {"stage": 2 if strategy == "deepspeed_zero2" else 3},
@@ -445,6 +449,23 @@ def _cpu_safe_trainer():
                 mode = "train" if model.training else "eval"
                 self._metrics[mode]["mean_token_accuracy"].append((correct.sum() / mask.sum().clamp(min=1)).item())
             return (loss, outputs) if return_outputs else loss
+
+        def _load_optimizer_and_scheduler(self, checkpoint):
+            # With several processes, transformers maps the resumed optimizer state to args.device,
+            # which accelerate makes cpu:<local rank> on CPUs; torch.load refuses an indexed CPU
+            # ("don't know how to restore data location"). Plain "cpu" is the same place.
+            load = torch.load
+
+            def load_on_cpu(*args, map_location=None, **kwargs):
+                if isinstance(map_location, torch.device) and map_location.type == "cpu":
+                    map_location = "cpu"
+                return load(*args, map_location=map_location, **kwargs)
+
+            torch.load = load_on_cpu
+            try:
+                return super()._load_optimizer_and_scheduler(checkpoint)
+            finally:
+                torch.load = load
 
     return CPUSafeSFTTrainer
 
