@@ -350,6 +350,72 @@ def _fmt(value) -> str:
     return "—" if value is None else str(value)
 
 
+# --- submit: remote runs ----------------------------------------------------------------------
+
+
+@app.command()
+def submit(
+    hf_jobs: Annotated[bool, typer.Option("--hf-jobs", help="Run on Hugging Face Jobs (needs `hf auth login`).")] = False,
+    flavor: Annotated[str, typer.Option("--flavor", help="The Jobs hardware, e.g. a10g-large, a100-large, l40sx1.")] = "a10g-large",
+    timeout: Annotated[str, typer.Option("--timeout", help=(
+        "Longest the job may run (s, m, h, d). Always set: Jobs' own default, 30 minutes, ends most trainings."))] = "6h",
+    phases: Annotated[str, typer.Option("--phases", help=(
+        "Comma-separated phases the job runs, each `factory run --only PHASE`, on the splits shipped with it."))] = "finetune",
+    push_to: Annotated[Optional[str], typer.Option("--push-to", help=(
+        "Where the results go (the adapter, metrics, status files, logs): a model repo OWNER/NAME (created "
+        "private when absent), or bucket:OWNER/NAME, a bucket mounted in the job."))] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the job script, the command and what would be uploaded; submit nothing.")] = False,
+    show_status: Annotated[bool, typer.Option("--status", help="The job's stage, written to .factory/status.json for `factory status` and the dashboard.")] = False,
+    show_logs: Annotated[bool, typer.Option("--logs", help="Print the job's logs.")] = False,
+    cancel: Annotated[bool, typer.Option("--cancel", help="Cancel the job.")] = False,
+    job: Annotated[Optional[str], typer.Option("--job", help="The job id for --status/--logs/--cancel (default: the last one submitted here).")] = None,
+    workspace: WorkspaceOpt = Path("."),
+    debug: DebugOpt = False,
+) -> None:
+    """Run phases (default finetune) remotely on Hugging Face Jobs, and follow or cancel the job.
+
+    The job is a uv script (PEP 723: this factory version with its train extra) with the workspace's
+    config, gates and splits; the token of your login is passed as the job's HF_TOKEN secret.
+    """
+    from factory import hf_jobs as jobs
+
+    if not hf_jobs:
+        raise FactoryError("factory submit needs a target: --hf-jobs (Hugging Face Jobs)")
+    if sum((show_status, show_logs, cancel)) > 1:
+        raise FactoryError("give one of --status, --logs, --cancel")
+    ws = _setup(workspace, debug)
+    if show_logs:
+        for line in jobs.logs(ws, job):
+            out.print(line, highlight=False, markup=False, soft_wrap=True)
+        return
+    if show_status or cancel:
+        info, doc = (jobs.cancel if cancel else jobs.inspect)(ws, job)
+        out.print(f"job {info.id}: {info.status.stage.value if hasattr(info.status.stage, 'value') else info.status.stage}"
+                  f"{' (' + info.status.message + ')' if info.status.message else ''} -> status {doc['state']}; {info.url}",
+                  highlight=False, soft_wrap=True)
+        return
+    cfg = _config(ws)
+    asked = [p.strip() for p in phases.split(",") if p.strip()]
+    unknown = [p for p in asked if p not in _phase_names()]
+    if unknown or not asked:
+        raise FactoryError(f"--phases {phases!r}: phases are {', '.join(_phase_names())}")
+    plan = jobs.submit(cfg, ws, phases=asked, flavor=flavor, timeout=timeout, push_to=push_to, dry_run=dry_run)
+    if dry_run:  # plain text, never wrapped: the script and the command stay copyable
+        typer.echo(f"# {ws.rel(plan['script_path'])}")
+        typer.echo(plan["script_text"])
+        typer.echo("# the same submission from a shell (the token of your login goes as the HF_TOKEN secret):")
+        typer.echo(jobs.shell_command(plan["command"]))
+        typer.echo(f"# uploaded: {ws.rel(plan['script_path'])} and {ws.rel(plan['archive'])} "
+                   f"({plan['archive'].stat().st_size} bytes), which holds:")
+        for name, size in plan["uploads"]:
+            typer.echo(f"  {name}  {size}")
+        return
+    info = plan["job"]
+    out.print(f"submitted job {info.id} ({flavor}, timeout {timeout}): {info.url}", highlight=False, soft_wrap=True)
+    out.print("follow it: `factory submit --hf-jobs --status` (then `factory status`), `--logs`; stop it: `--cancel`",
+              highlight=False)
+
+
 # --- status & validate -----------------------------------------------------------------------
 
 

@@ -115,7 +115,6 @@ def run_phase(phase, ctx) -> dict[str, Any]:
 
     cfg, ws = ctx.config, ctx.workspace
     size = world_size(cfg)
-    check(cfg)
     plan.resolve(cfg, plan.accelerator_memory_gib(), world_size=size)  # an impossible batch split fails here, at once
     channel = channel_dir(ws)
     for name in (EVENTS, METRICS):

@@ -42,6 +42,13 @@ STALE_AFTER_SECONDS = 30.0  # many missed heartbeats: the run is gone, whatever 
 LOCK_WAIT_SECONDS = 1.0  # another command may hold the lock for a moment to finalize a dead run's status
 HOST = socket.gethostname()
 GONE = "ProcessGone"
+# The host of a run on Hugging Face Jobs (hf-jobs/JOB_ID): no heartbeat reaches the workspace; its
+# status is what the job's stage was when `factory submit --status` last asked, never finalized here.
+REMOTE_HOST_PREFIX = "hf-jobs/"
+
+
+def is_remote(doc: dict) -> bool:
+    return str(doc.get("host") or "").startswith(REMOTE_HOST_PREFIX)
 
 
 def now_iso() -> str:
@@ -85,6 +92,8 @@ def runner_alive(doc: dict) -> bool:
     after the run did has only reused the number)."""
     if not _is_running(doc):
         return False
+    if is_remote(doc):
+        return True
     pid = doc.get("pid")
     if doc.get("host") not in (None, HOST) or not pid:
         return _age_seconds(doc.get("updated_at")) < STALE_AFTER_SECONDS
@@ -112,7 +121,7 @@ def finalize_abandoned(ws: Workspace, *, lock_held: bool = False) -> list[str]:
         rewritten = []
         for path, finalize in ((ws.status_file, _finalize_status), (ws.training_status_file, _finalize_training)):
             doc = _read(path)
-            if doc is None or not _is_running(doc):
+            if doc is None or not _is_running(doc) or is_remote(doc):
                 continue
             gone = doc.get("host") in (None, HOST) or _age_seconds(doc.get("updated_at")) >= STALE_AFTER_SECONDS
             if not gone:
