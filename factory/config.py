@@ -272,9 +272,10 @@ class DistributedConfig(Section):
     strategy: Strategy = "ddp"
     """How the processes share the work, through transformers' Trainer and accelerate: `ddp`
     (each process holds the whole model; the only one the unsloth backend allows, since its
-    4-bit weights cannot be sharded), `fsdp` (PyTorch FSDP shards weights, gradients and
+    4-bit weights cannot be sharded), `fsdp` (PyTorch FSDP2 shards weights, gradients and
     optimizer state), `deepspeed_zero2` / `deepspeed_zero3` (DeepSpeed ZeRO stage 2 or 3;
-    needs `pip install deepspeed`)."""
+    needs `pip install deepspeed`). The sharding ones need CUDA GPUs (accelerate shards only
+    there); on a machine without, they are refused."""
 
     nnodes: int = Field(1, ge=1)
     """Machines taking part. Unset here, it comes from $NNODES or Slurm's $SLURM_NNODES.
