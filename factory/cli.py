@@ -487,17 +487,24 @@ def plan(workspace: WorkspaceOpt = Path("."), debug: DebugOpt = False) -> None:
     """
     import psutil
 
-    from factory import modeling, plan as planning
+    from factory import distributed, modeling, plan as planning
+    from factory.config import SHARDING_STRATEGIES
 
     ws = _setup(workspace, debug)
     cfg = _config(ws)
-    backend = modeling.select_backend(cfg.model.backend)
+    processes = distributed.world_size(cfg)
+    strategy = cfg.training.distributed.strategy
+    backend = modeling.select_backend(cfg.model.backend, sharded=processes > 1 and strategy in SHARDING_STRATEGIES)
     memory = planning.accelerator_memory_gib()
-    resolved = planning.resolve(cfg, memory)
+    resolved = planning.resolve(cfg, memory, world_size=processes)
+    each = " per process" if processes > 1 else ""
     table = Table("setting", "value", title=f"plan: backend {backend.name} on {backend.device} ({backend.reason})",
                   title_justify="left")
-    for key, value in (("model", cfg.model.name), ("LoRA rank", resolved.rank), ("batch size", resolved.batch_size),
-                       ("gradient accumulation", resolved.gradient_accumulation_steps),
+    for key, value in (("model", cfg.model.name), ("LoRA rank", resolved.rank),
+                       ("training processes", f"{processes}" + (f" ({strategy}, under torchrun)" if processes > 1 else "")),
+                       ("batch size", f"{resolved.batch_size}{each}"),
+                       ("gradient accumulation", f"{resolved.gradient_accumulation_steps}{each}"),
+                       ("effective batch", resolved.effective_batch_size),
                        ("max sequence length", resolved.max_seq_length),
                        ("4-bit", cfg.model.load_in_4bit and backend.device == "cuda")):
         table.add_row(key, str(value))
