@@ -39,8 +39,6 @@ from factory.errors import EXIT_INTERNAL, ConfigError, FactoryError
 from factory.io import write_json
 from factory.workspace import Workspace
 
-log = logging.getLogger("factory.distributed")
-
 POLL_SECONDS = 0.2
 STOP_WAIT_SECONDS = 60  # for torchrun to stop its workers after SIGTERM, before SIGKILL
 EVENTS, METRICS = "events.jsonl", "metrics.json"

@@ -31,8 +31,6 @@ from factory.errors import FactoryError, InputError
 from factory.io import read_json_if_exists, write_json
 from factory.workspace import Workspace
 
-DEFAULT_FLAVOR = "a10g-large"
-DEFAULT_TIMEOUT = "6h"
 TIMEOUT_FORMAT = re.compile(r"^\d+(\.\d+)?[smhd]?$")
 RESULTS_MOUNT = "/results"  # where a bucket named by --push-to bucket:NAME is mounted in the job
 REQUIREMENT = f"factory[train]=={__version__}"
