@@ -2,7 +2,7 @@
 the same effective batch, on this CPU machine.
 
     python bench/distributed.py                  # 100 steps of 8 x 2, 3 rounds
-    python bench/distributed.py --steps 100 --reps 3
+    python bench/distributed.py --steps 40 --reps 2 --records 1000 --tries 1   # a busy machine
 
 Builds the example workspace (`factory init --example`, `factory run split`) under
 bench/out/distributed/ and times, each as a fresh `factory run --only finetune --force
@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--records", type=int, default=2500)
     parser.add_argument("--max-wait", type=float, default=300.0)
+    parser.add_argument("--tries", type=int, default=3, help="runs again while other processes used CPU")
     args = parser.parse_args()
     out = OUT / "distributed"
     base = out / "base"
@@ -72,7 +73,7 @@ def main() -> None:
             root = roots[name]
             command = factory_cli("run", "--only", "finetune", "--force", "--restart", "-C", str(root))
             result = quiet_run(lambda: timed_run(command, env=thread_env(threads), log=out / f"{name}.log"),
-                               max_wait_s=args.max_wait)
+                               max_wait_s=args.max_wait, tries=args.tries)
             stats = json.loads((root / "metrics" / "training-stats.json").read_text())
             result.update(variant=name, rep=rep, tokens=stats["tokens"], train_s=stats["train_seconds"],
                           tokens_per_s=stats["tokens_per_second"], losses=[h["loss"] for h in stats["loss_history"]],
