@@ -20,9 +20,9 @@ similarity reaches the threshold (exact, so the grouping and the leakage check a
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from functools import lru_cache
-from itertools import compress
 from typing import Callable
 
 import numpy as np
@@ -58,30 +58,36 @@ _ASCII_FOLD = bytes(c + 32 if 65 <= c <= 90 else 32 if c in (9, 10, 11, 12, 13, 
                     for c in range(256))
 """ASCII upper case to lower, and str.split()'s ASCII whitespace to a space."""
 
+_OTHER_SPACES = re.compile("[\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]")
+"""Every character above ASCII that str.split() splits on (tests/test_split.py checks the set)."""
+
 
 def normalize_batch(texts: list[str]) -> list[bytes]:
-    """[normalize(t).encode() for t in texts], with the ASCII texts (most of them) done
-    together in a few numpy passes over their joined bytes instead of per-text Python calls
-    (tests/test_split.py checks the equality); the others go one by one."""
-    ascii_ = [t.isascii() for t in texts]  # O(1) per text in CPython: a flag of the string
-    if all(ascii_):
-        return _normalize_ascii(texts)
-    done = iter(_normalize_ascii(list(compress(texts, ascii_))))
-    return [next(done) if a else normalize(t).encode() for t, a in zip(texts, ascii_)]
-
-
-def _normalize_ascii(texts: list[str]) -> list[bytes]:
+    """[normalize(t).encode() for t in texts], computed together: the texts that are not
+    ASCII (a few) get NFKC and case folding one by one and their other whitespace made a
+    space, then all are joined and lower-cased, their whitespace runs collapsed and their
+    ends stripped in a few passes over the joined bytes (no per-word Python objects;
+    tests/test_split.py checks the equality)."""
     if not texts:
         return []
-    joined = "\x00".join(texts).encode()
-    if joined.count(b"\x00") != len(texts) - 1:  # a text holds a NUL itself
+    # every text ends with a NUL, the last one too
+    if all(t.isascii() for t in texts):  # O(1) per text in CPython: a flag of the string
+        joined = "\x00".join([*texts, ""]).encode()
+    else:
+        joined = b"\x00".join([t.encode() if t.isascii() else _fold_unicode(t).encode() for t in texts] + [b""])
+    if joined.count(b"\x00") != len(texts):  # a text holds a NUL itself
         return [normalize(t).encode() for t in texts]
     data = np.frombuffer(joined.translate(_ASCII_FOLD), np.uint8)  # lower case, every whitespace a space
     space = data == 32
     keep = np.ones(data.size, bool)
     np.logical_not(space[1:] & space[:-1], out=keep[1:])  # runs of spaces: their first
     once = data[keep].tobytes()
-    return once.replace(b" \x00", b"\x00").replace(b"\x00 ", b"\x00").strip(b" ").split(b"\x00")
+    return once.replace(b" \x00", b"\x00").replace(b"\x00 ", b"\x00").lstrip(b" ").split(b"\x00")[:-1]
+
+
+def _fold_unicode(text: str) -> str:
+    """NFKC and case folding (as normalize()), other whitespace as ASCII spaces."""
+    return _OTHER_SPACES.sub(" ", unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold()))
 
 
 def text_key(normalized: str, seed: int = 0) -> int:

@@ -36,13 +36,10 @@ the turn keys in numpy, MinHash for a block's distinct user turns in one batch.
 from __future__ import annotations
 
 import math
-import multiprocessing
-import os
-import signal
 import time
 from array import array
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from itertools import compress
 from pathlib import Path
@@ -56,7 +53,7 @@ from factory import textsim
 from factory.errors import InputError
 from factory.io import AtomicOutput
 from factory.phase import Phase, PhaseContext
-from factory.status import fork_is_safe
+from factory.workers import default_workers, worker_pool
 
 SPLITS = ("train", "val", "test")
 PAIRS = (("train", "val"), ("train", "test"), ("val", "test"))
@@ -64,10 +61,6 @@ PAIRS = (("train", "val"), ("train", "test"), ("val", "test"))
 CHUNK_BYTES = 4 << 20
 """The scan, the check and the write work on line-aligned blocks of about this size."""
 
-PARALLEL_MIN_BYTES = 64 << 20
-"""Files at least this large are scanned by one worker process per CPU (at most MAX_WORKERS)."""
-
-MAX_WORKERS = 8
 MAX_STRATA_SHOWN = 100
 """Metrics list per-split counts for at most this many stratum values (the most frequent)."""
 
@@ -105,14 +98,14 @@ def _split(ctx: PhaseContext, workers: int | None, chunk_bytes: int, stack: Exit
     if not source.is_file():
         raise InputError(f"{ws.rel(source)} not found: run `factory run format` first to create it from data/raw")
     if workers is None:
-        workers = _default_workers(source.stat().st_size)
+        workers = default_workers(source.stat().st_size)
     benchmarks = _load_benchmarks(data.decontaminate, ws, cfg.seed & _U64) if data.decontaminate.benchmarks else None
     settings = Settings(seed=cfg.seed & _U64, stratify=cfg.stratify, min_turn_words=cfg.min_turn_words,
                         ngram=data.dedup.ngram, near=data.dedup.near != "off", threshold=data.dedup.near_threshold,
                         benchmarks=benchmarks)
     laps("benchmarks")
 
-    pool = stack.enter_context(_worker_pool(settings, workers, log))
+    pool = stack.enter_context(worker_pool(workers, log, "split", _init_worker, (settings,)))
 
     # 1. scan -------------------------------------------------------------------------
     blocks = _blocks(source, chunk_bytes)
@@ -355,12 +348,9 @@ class _Laps:
 _SETTINGS: Settings | None = None
 
 
-def _init_worker(settings: Settings, in_pool: bool) -> None:
+def _init_worker(settings: Settings) -> None:
     global _SETTINGS
     _SETTINGS = settings
-    if in_pool:  # Ctrl-C is handled by the parent, which terminates the pool; SIGTERM just ends a worker.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _blocks(path: Path, chunk_bytes: int) -> list[tuple[int, int]]:
@@ -378,40 +368,16 @@ def _blocks(path: Path, chunk_bytes: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
-def _default_workers(size: int) -> int:
-    if size < PARALLEL_MIN_BYTES:
-        return 1
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cpus = os.cpu_count() or 1
-    return max(1, min(cpus, MAX_WORKERS))
-
-
-@contextmanager
-def _worker_pool(settings: Settings, workers: int, log) -> Iterator[Any]:
-    """A pool of `workers` processes for the scan and the check, or None for one. It is
-    started before the scan keeps anything, so the forked workers share no large arrays."""
-    if workers <= 1:
-        yield None
-        return
-    # fork is instant; with other threads alive (a progress display) forking is unsafe.
-    method = "fork" if fork_is_safe() and "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    log.info("split: %d worker processes (%s)", workers, method)
-    with multiprocessing.get_context(method).Pool(workers, initializer=_init_worker, initargs=(settings, True)) as pool:
-        yield pool
-
-
 def _map_blocks(function: Callable, jobs: list, settings: Settings, workers: int, log, pool=None) -> Iterator[dict]:
     """function(job) for every job, in order: in the pool's workers, or in this process."""
     if pool is not None and len(jobs) > 1:
         yield from pool.imap(function, jobs)
         return
     if pool is None and workers > 1 and len(jobs) > 1:
-        with _worker_pool(settings, min(workers, len(jobs)), log) as own:
+        with worker_pool(min(workers, len(jobs)), log, "split", _init_worker, (settings,)) as own:
             yield from own.imap(function, jobs)
         return
-    _init_worker(settings, in_pool=False)
+    _init_worker(settings)
     yield from map(function, jobs)
 
 
