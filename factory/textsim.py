@@ -126,6 +126,11 @@ def fmix64(h: np.ndarray) -> np.ndarray:
     return h ^ (h >> _U64(33))
 
 
+NGRAM_CHUNK_BYTES = 8 << 20
+"""ngram_hashes works on runs of texts of about this many bytes: its arrays (8 bytes per
+byte of text, a few of them) stay small however many texts it is given."""
+
+
 def ngram_hashes(texts: list[str] | list[bytes], n: int) -> tuple[np.ndarray, np.ndarray]:
     """The 64-bit hashes of every run of n words in each normalized text, and the index of
     the text each comes from (texts with fewer than n words give none). Vectorized over all
@@ -133,6 +138,16 @@ def ngram_hashes(texts: list[str] | list[bytes], n: int) -> tuple[np.ndarray, np
     consecutive word hashes are mixed into one."""
     if not texts:
         return np.zeros(0, _U64), np.zeros(0, np.int64)
+    size = sum(map(len, texts))
+    if size > NGRAM_CHUNK_BYTES and len(texts) > 1:
+        step = max(1, len(texts) * NGRAM_CHUNK_BYTES // size)
+        parts = [(lo, _ngram_hashes(texts[lo:lo + step], n)) for lo in range(0, len(texts), step)]
+        return (np.concatenate([hashes for _, (hashes, _) in parts]),
+                np.concatenate([owner + lo for lo, (_, owner) in parts]))
+    return _ngram_hashes(texts, n)
+
+
+def _ngram_hashes(texts: list[str] | list[bytes], n: int) -> tuple[np.ndarray, np.ndarray]:
     joined = b"\n".join(texts) + b"\n" if type(texts[0]) is bytes else ("\n".join(texts) + "\n").encode()
     data = np.frombuffer(joined, np.uint8)
     pw, inv = _Powers.upto(data.size + 1)
@@ -316,7 +331,6 @@ def near_duplicate_pairs(keys: np.ndarray, sketches: np.ndarray, texts_of: Calla
 def shingle_sets(texts: list[str] | list[bytes], n: int) -> list[set[int]]:
     """The set of word n-gram hashes of each normalized text."""
     hashes, owner = ngram_hashes(texts, n)
-    sets: list[set[int]] = [set() for _ in texts]
-    for h, o in zip(hashes.tolist(), owner.tolist()):
-        sets[o].add(h)
-    return sets
+    bounds = np.searchsorted(owner, np.arange(len(texts) + 1)).tolist()  # owner is sorted
+    values = hashes.tolist()
+    return [set(values[a:b]) for a, b in zip(bounds, bounds[1:])]

@@ -610,10 +610,9 @@ def _near_record_pairs(scan: _Scan, alive: np.ndarray, settings: Settings, sourc
     _, first = np.unique(scan.near_key[rows], return_index=True)
     rows = rows[np.sort(first)]
 
-    def texts_of(found: np.ndarray) -> list[str]:
-        with open(source, "rb") as f:
-            return [_user_turn_with_key(f, int(scan.offset[scan.near_record[r]]), int(scan.near_key[r]), settings.seed,
-                                        normalized=True) for r in rows[found].tolist()]
+    def texts_of(found: np.ndarray) -> list[bytes]:
+        return _normalized_user_turns(source, scan.offset[scan.near_record[rows[found]]].astype(np.int64),
+                                      scan.near_key[rows[found]], settings.seed)
 
     low, high, similarity = textsim.near_duplicate_pairs(scan.near_bands[rows], scan.near_sketch[rows], texts_of,
                                                          settings.ngram, settings.threshold)
@@ -1032,21 +1031,23 @@ def measure_leakage(ws, settings: Settings, workers: int = 1, chunk_bytes: int =
     # near-duplicates: each distinct text once per split; pairs of different texts in two splits
     packed = t["near_key"] & ~np.uint64(3) | t["near_split"].astype(np.uint64)
     _, rows = np.unique(packed, return_index=True)
-    files = {k: open(ws.split_file(name), "rb") for k, name in enumerate(SPLITS)}
-    try:
-        def texts_of(found: np.ndarray) -> list[str]:
-            return [_user_turn_with_key(files[int(t["near_split"][r])], int(t["near_offset"][r]), int(t["near_key"][r]),
-                                        settings.seed, normalized=True) for r in rows[found].tolist()]
 
-        def across(low: np.ndarray, high: np.ndarray) -> np.ndarray:  # only pairs of two splits are leakage
-            a, b = rows[low], rows[high]
-            return (t["near_split"][a] != t["near_split"][b]) & (t["near_key"][a] != t["near_key"][b])
+    def texts_of(found: np.ndarray) -> list[bytes]:
+        texts = [b""] * found.size
+        for k, name in enumerate(SPLITS):
+            mine = np.flatnonzero(t["near_split"][rows[found]] == k)
+            chosen = rows[found[mine]]
+            for i, text in zip(mine.tolist(), _normalized_user_turns(ws.split_file(name), t["near_offset"][chosen],
+                                                                     t["near_key"][chosen], settings.seed)):
+                texts[i] = text
+        return texts
 
-        low, high, similarity = textsim.near_duplicate_pairs(bands[rows], sketches[rows], texts_of, settings.ngram,
-                                                             settings.threshold, across)
-    finally:
-        for f in files.values():
-            f.close()
+    def across(low: np.ndarray, high: np.ndarray) -> np.ndarray:  # only pairs of two splits are leakage
+        a, b = rows[low], rows[high]
+        return (t["near_split"][a] != t["near_split"][b]) & (t["near_key"][a] != t["near_key"][b])
+
+    low, high, similarity = textsim.near_duplicate_pairs(bands[rows], sketches[rows], texts_of, settings.ngram,
+                                                         settings.threshold, across)
     a, b = rows[low], rows[high]
     across = (t["near_split"][a] != t["near_split"][b]) & (t["near_key"][a] != t["near_key"][b])
     a, b, similarity = a[across], b[across], similarity[across]
@@ -1080,14 +1081,34 @@ def _check_block(job: tuple[str, int, int, int]) -> dict[str, Any]:
             "near_bands": part["near_bands"], "near_sketch": part["near_sketch"]}
 
 
-def _user_turn_with_key(f, offset: int, key: int, seed: int, normalized: bool = False) -> str:
-    """The user turn of the line at `offset` whose normalized text has this key (normalized or as written)."""
+def _user_turn_with_key(f, offset: int, key: int, seed: int) -> str:
+    """The user turn of the line at `offset` whose normalized text has this key, as written."""
     record = orjson.loads(_line_at(f, offset))
     for turn in record["conversations"]:
         text = textsim.normalize(turn["content"])
         if turn["role"] == "user" and (xxhash.xxh3_64_intdigest(text.encode(), seed) or 1) == key:
-            return text if normalized else turn["content"]
+            return turn["content"]
     return ""
+
+
+def _normalized_user_turns(path: Path, offsets: np.ndarray, keys: np.ndarray, seed: int) -> list[bytes]:
+    """For each i, the normalized user turn with key keys[i] of the line at byte offsets[i]:
+    the lines are read in file order through a large buffer (a seek inside it reads nothing),
+    and a few thousand at a time parsed and normalized together."""
+    found = [b""] * offsets.size
+    order = np.argsort(offsets, kind="stable")
+    h = xxhash.xxh3_64_intdigest
+    with open(path, "rb", buffering=1 << 20) as f:
+        for lo in range(0, order.size, 4096):
+            chosen = order[lo:lo + 4096]
+            users = [[turn["content"] for turn in orjson.loads(_line_at(f, offset))["conversations"]
+                      if turn["role"] == "user"] for offset in offsets[chosen].tolist()]
+            texts = iter(textsim.normalize_batch([text for turns in users for text in turns]))
+            for i, turns, key in zip(chosen.tolist(), users, keys[chosen].tolist()):
+                for text in [next(texts) for _ in turns]:
+                    if (h(text, seed) or 1) == key:
+                        found[i] = text
+    return found
 
 
 def _leak_examples(ws, seed: int, t: dict[str, np.ndarray], a: np.ndarray, b: np.ndarray,
