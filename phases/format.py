@@ -63,7 +63,7 @@ from factory.workspace import Workspace
 
 EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv", ".txt", ".parquet")
 BATCH = 5000  # records between writes and progress updates
-RANGE_BYTES = 4 << 20  # a large JSONL file is converted by worker processes in ranges of about this size
+RANGE_BYTES = 1 << 20  # a large JSONL file is converted by worker processes in ranges of about this size
 RAW_CHARS = 300  # how much of a rejected record's text goes to rejects.jsonl
 DETECT_RECORDS = 20  # `format: auto` votes over this many first records of a file
 BOM = b"\xef\xbb\xbf"

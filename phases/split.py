@@ -58,7 +58,7 @@ from factory.workers import default_workers, worker_pool
 SPLITS = ("train", "val", "test")
 PAIRS = (("train", "val"), ("train", "test"), ("val", "test"))
 
-CHUNK_BYTES = 4 << 20
+CHUNK_BYTES = 1 << 20
 """The scan, the check and the write work on line-aligned blocks of about this size."""
 
 MAX_STRATA_SHOWN = 100

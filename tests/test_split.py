@@ -598,6 +598,25 @@ def test_minhash_signatures_are_datasketchs_and_lsh_finds_what_datasketch_finds(
     assert all(abs(x - len(grams[i] & grams[j]) / len(grams[i] | grams[j])) < 1e-9 for i, j, x in zip(a, b, similarity))
 
 
+def test_pair_jaccard_equals_python_sets_of_word_ngrams(monkeypatch):
+    """The numpy Jaccard of candidate pairs against sets of word 3-gram tuples, on texts from a
+    small vocabulary (n-grams repeated inside a text, many overlaps), in one run and in many."""
+    import random
+
+    from factory import textsim
+
+    rng = random.Random(7)
+    texts = [" ".join(rng.choice("abcdefg") for _ in range(rng.randint(3, 40))) for _ in range(300)]
+    grams = [{tuple(t.split()[k:k + 3]) for k in range(len(t.split()) - 2)} for t in texts]
+    a = np.array([rng.randrange(300) for _ in range(3000)] + [5])
+    b = np.array([rng.randrange(300) for _ in range(3000)] + [5])
+    expected = [len(grams[i] & grams[j]) / len(grams[i] | grams[j]) for i, j in zip(a.tolist(), b.tolist())]
+    for chunk in (textsim.PAIR_CHUNK, 64):
+        monkeypatch.setattr(textsim, "PAIR_CHUNK", chunk)
+        assert textsim.pair_jaccard(texts, 3, a, b).tolist() == expected
+    assert 0 < np.mean(expected) < 1 and expected[-1] == 1.0
+
+
 def test_normalize_batch_equals_normalize_text_by_text():
     from factory import textsim
 
