@@ -126,7 +126,7 @@ def fmix64(h: np.ndarray) -> np.ndarray:
     return h ^ (h >> _U64(33))
 
 
-NGRAM_CHUNK_BYTES = 8 << 20
+NGRAM_CHUNK_BYTES = 1 << 20
 """ngram_hashes works on runs of texts of about this many bytes: its arrays (8 bytes per
 byte of text, a few of them) stay small however many texts it is given."""
 
@@ -319,9 +319,8 @@ def near_duplicate_pairs(keys: np.ndarray, sketches: np.ndarray, texts_of: Calla
 
     low, high = candidate_pairs(keys, keep)
     rows = np.unique(np.concatenate((low, high)))
-    texts = texts_of(rows)
-    index_low, index_high = np.searchsorted(rows, low), np.searchsorted(rows, high)
-    similarity = pair_jaccard(texts, n, index_low, index_high)
+    hashes, owner = ngram_hashes(texts_of(rows), n)
+    similarity = pair_jaccard(hashes, owner, np.searchsorted(rows, low), np.searchsorted(rows, high))
     keep_pair = similarity >= threshold - 1e-12
     return low[keep_pair], high[keep_pair], similarity[keep_pair] if similarity.size else np.zeros(0)
 
@@ -330,18 +329,14 @@ PAIR_CHUNK = 1 << 20
 """pair_jaccard handles runs of pairs with about this many n-grams in all at once."""
 
 
-def pair_jaccard(texts: list[str] | list[bytes], n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """For each i, the Jaccard similarity of the word n-gram sets (64-bit hashes) of texts[a[i]]
-    and texts[b[i]], exactly, in numpy: each text's distinct n-grams sorted once, then for a
-    run of pairs both sides' n-grams laid out by pair and sorted, where an n-gram found twice
-    in one pair is in both sets. No Python set per text (about 1 KB each for short texts)."""
-    hashes, owner = ngram_hashes(texts, n)
-    order = np.lexsort((hashes, owner))
-    hashes, owner = hashes[order], owner[order]
-    distinct = np.ones(hashes.size, bool)
-    distinct[1:] = (hashes[1:] != hashes[:-1]) | (owner[1:] != owner[:-1])
-    hashes, owner = hashes[distinct], owner[distinct]
-    start = np.searchsorted(owner, np.arange(len(texts) + 1))
+def pair_jaccard(hashes: np.ndarray, owner: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """For each i, the Jaccard similarity of the sets of n-gram hashes of texts a[i] and b[i]
+    (`hashes, owner` as ngram_hashes gives them), exactly, in numpy: for a run of pairs both
+    sides' n-grams are laid out by pair and sorted; each distinct (pair, n-gram) is in the
+    union, and in the intersection when both sides have it. No Python set per text (about
+    1 KB each for short texts) and no copy of all n-grams beyond the run's."""
+    top = int(max(a.max(), b.max())) + 1 if a.size else 0
+    start = np.searchsorted(owner, np.arange(top + 1))  # owner is sorted
     size = np.diff(start)
     work = np.cumsum(size[a] + size[b])
     cuts = [0, *np.searchsorted(work, np.arange(PAIR_CHUNK, int(work[-1]) if work.size else 0, PAIR_CHUNK)).tolist(), a.size]
@@ -351,13 +346,15 @@ def pair_jaccard(texts: list[str] | list[bytes], n: int, a: np.ndarray, b: np.nd
             continue
         left, right = size[a[lo:hi]], size[b[lo:hi]]
         pair = np.arange(hi - lo)
-        owners = np.concatenate((np.repeat(pair, left), np.repeat(pair, right)))
+        pairs = np.concatenate((np.repeat(pair, left), np.repeat(pair, right)))
         values = np.concatenate((hashes[_ranges(start[a[lo:hi]], left)], hashes[_ranges(start[b[lo:hi]], right)]))
-        order = np.lexsort((values, owners))
-        values, owners = values[order], owners[order]
-        twice = (values[1:] == values[:-1]) & (owners[1:] == owners[:-1])
-        both = np.bincount(owners[1:][twice], minlength=hi - lo)
-        union = left + right - both
+        on_right = np.arange(values.size) >= int(left.sum())
+        order = np.lexsort((values, pairs))
+        values, pairs, on_right = values[order], pairs[order], on_right[order]
+        first = np.flatnonzero(np.concatenate(([True], (values[1:] != values[:-1]) | (pairs[1:] != pairs[:-1]))))
+        in_both = np.logical_or.reduceat(~on_right, first) & np.logical_or.reduceat(on_right, first)
+        union = np.bincount(pairs[first], minlength=hi - lo)
+        both = np.bincount(pairs[first][in_both], minlength=hi - lo)
         np.divide(both, union, out=out[lo:hi], where=union > 0)
     return out
 

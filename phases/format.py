@@ -34,6 +34,8 @@ each raw record first.
 
 Files are streamed: JSONL/CSV/TSV line by line, JSON arrays item by item with ijson, Parquet
 by row batches. Only a .txt document (one record) or a single top-level JSON object is read whole.
+A JSONL file of 64 MB or more (without a transform) is converted by one worker process per CPU,
+in line ranges of 1 MB, and written in file order: the same bytes as one pass.
 """
 
 from __future__ import annotations

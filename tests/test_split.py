@@ -613,7 +613,7 @@ def test_pair_jaccard_equals_python_sets_of_word_ngrams(monkeypatch):
     expected = [len(grams[i] & grams[j]) / len(grams[i] | grams[j]) for i, j in zip(a.tolist(), b.tolist())]
     for chunk in (textsim.PAIR_CHUNK, 64):
         monkeypatch.setattr(textsim, "PAIR_CHUNK", chunk)
-        assert textsim.pair_jaccard(texts, 3, a, b).tolist() == expected
+        assert textsim.pair_jaccard(*textsim.ngram_hashes(texts, 3), a, b).tolist() == expected
     assert 0 < np.mean(expected) < 1 and expected[-1] == 1.0
 
 
