@@ -545,17 +545,17 @@ def _stratum_value(record: dict, key: str) -> bytes | None:
 
 
 class _Scan:
-    """The keys of all records, in file order."""
+    """The keys of all records, in file order, each field grown in place as blocks come in (a
+    large array grows by remapping its pages, not by a copy: no second copy at the end)."""
 
     FIELDS = ("exact", "norm", "prompt", "offset", "line", "stratum")
-    TURN_FIELDS = {"turn_record": np.int64, "turn_key": np.uint64, "near_record": np.int64, "near_key": np.uint64,
-                   "near_bands": np.uint64, "near_sketch": np.uint8, "hit_record": np.int64, "hit_kind": np.int8,
-                   "hit_benchmark": np.int64}
+    TURN_FIELDS = {"turn_record": "q", "turn_key": "Q", "near_record": "q", "near_key": "Q", "near_bands": "Q",
+                   "near_sketch": "B", "hit_record": "q", "hit_kind": "b", "hit_benchmark": "q"}
 
     def __init__(self, bands: int) -> None:
         self.bands = bands
         self.parts: dict[str, array] = {f: array("Q") for f in self.FIELDS}
-        self.pieces: dict[str, list[np.ndarray]] = {f: [] for f in self.TURN_FIELDS}
+        self.parts.update({f: array(code) for f, code in self.TURN_FIELDS.items()})
         self.block_records: list[int] = []
         self.block_blanks: list[int] = []
         self.names: dict[int, str] = {}
@@ -567,11 +567,12 @@ class _Scan:
             self.parts[f].frombytes(part[f])
         lines = np.frombuffer(self.parts["line"], np.uint64)
         lines[base:] += np.uint64(self.lines + 1)  # 1-based line numbers in the whole file
+        del lines  # an array cannot grow while numpy holds its buffer
         self.lines += part["lines"]
-        for f, dtype in self.TURN_FIELDS.items():
-            if f in part:
-                values = np.frombuffer(part[f], dtype)
-                self.pieces[f].append(values + base if f.endswith("_record") else values)
+        for f in self.TURN_FIELDS:
+            if f in part:  # record numbers from the block's to the file's
+                values = (np.frombuffer(part[f], np.int64) + base).tobytes() if f.endswith("_record") else part[f]
+                self.parts[f].frombytes(values)
         self.block_records.append(part["records"])
         self.block_blanks.append(part["blank"])
         self.records += part["records"]
@@ -581,12 +582,8 @@ class _Scan:
                 self.names.setdefault(key, name)
 
     def finish(self) -> None:
-        for f in self.FIELDS:
-            setattr(self, f, np.frombuffer(self.parts[f], np.uint64))
-        for f, dtype in self.TURN_FIELDS.items():
-            values = np.concatenate(self.pieces[f]) if self.pieces[f] else np.zeros(0, dtype)
-            setattr(self, f, values)
-            self.pieces[f] = []
+        for f, values in self.parts.items():
+            setattr(self, f, np.frombuffer(values, np.dtype(values.typecode)))
         self.near_bands = self.near_bands.reshape(-1, self.bands)
         self.near_sketch = self.near_sketch.reshape(-1, textsim.NUM_PERM)
 
