@@ -1002,27 +1002,25 @@ def measure_leakage(ws, settings: Settings, workers: int = 1, chunk_bytes: int =
         jobs += [(str(path), a, b, k) for a, b in _blocks(path, chunk_bytes)]
     records = dict.fromkeys(SPLITS, 0)
     lines = dict.fromkeys(SPLITS, 0)
-    pieces: dict[str, list[np.ndarray]] = {f: [] for f in ("split", "key", "offset", "line", "near_split", "near_key",
-                                                           "near_offset", "near_line", "near_bands", "near_sketch")}
+    codes = {"split": "b", "key": "Q", "offset": "q", "line": "q", "bands": "Q", "sketch": "B"}
+    grown = {f: array(codes[f.removeprefix("near_")]) for f in ("split", "key", "offset", "line", "near_split",
+                                                                "near_key", "near_offset", "near_line", "near_bands",
+                                                                "near_sketch")}  # grown in place, as the scan's
     for part in _map_blocks(_check_block, jobs, settings, workers, log, pool):
         name = SPLITS[part["split"]]
         base_line = lines[name]
         records[name] += part["records"]
         lines[name] += part["lines"]
         for prefix in ("", "near_"):
-            count = len(part[prefix + "key"]) // 8
-            pieces[prefix + "split"].append(np.full(count, part["split"], np.int8))
-            pieces[prefix + "key"].append(np.frombuffer(part[prefix + "key"], np.uint64))
-            pieces[prefix + "offset"].append(np.frombuffer(part[prefix + "offset"], np.int64))
-            pieces[prefix + "line"].append(np.frombuffer(part[prefix + "line"], np.int64) + base_line)
-        pieces["near_bands"].append(np.frombuffer(part["near_bands"], np.uint64))
-        pieces["near_sketch"].append(np.frombuffer(part["near_sketch"], np.uint8))
+            grown[prefix + "split"].frombytes(bytes([part["split"]]) * (len(part[prefix + "key"]) // 8))
+            grown[prefix + "key"].frombytes(part[prefix + "key"])
+            grown[prefix + "offset"].frombytes(part[prefix + "offset"])
+            grown[prefix + "line"].frombytes((np.frombuffer(part[prefix + "line"], np.int64) + base_line).tobytes())
+        grown["near_bands"].frombytes(part["near_bands"])
+        grown["near_sketch"].frombytes(part["near_sketch"])
         if progress is not None:
             progress.advance(part["records"])
-    dtypes = {"split": np.int8, "key": np.uint64, "offset": np.int64, "line": np.int64, "bands": np.uint64,
-              "sketch": np.uint8}
-    t = {f: np.concatenate(v) if v else np.zeros(0, dtypes[f.removeprefix("near_")]) for f, v in pieces.items()}
-    pieces.clear()
+    t = {f: np.frombuffer(values, np.dtype(values.typecode)) for f, values in grown.items()}
     bands = t["near_bands"].reshape(-1, textsim.lsh_params(settings.threshold)[0])
     sketches = t["near_sketch"].reshape(-1, textsim.NUM_PERM)
 
