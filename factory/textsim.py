@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from array import array
 from functools import lru_cache
 from typing import Callable
 
@@ -294,6 +295,9 @@ def estimated_jaccard(sig: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.
     return out
 
 
+TEXTS_RUN = 1 << 16
+"""near_duplicate_pairs asks for the candidates' texts this many at a time."""
+
 ESTIMATE_MARGIN = 0.2
 """Candidates whose estimate is this far below the threshold are still measured exactly (4
 standard errors at 64 permutations): the estimate only filters, the exact Jaccard decides."""
@@ -319,8 +323,13 @@ def near_duplicate_pairs(keys: np.ndarray, sketches: np.ndarray, texts_of: Calla
 
     low, high = candidate_pairs(keys, keep)
     rows = np.unique(np.concatenate((low, high)))
-    hashes, owner = ngram_hashes(texts_of(rows), n)
-    similarity = pair_jaccard(hashes, owner, np.searchsorted(rows, low), np.searchsorted(rows, high))
+    hashes, owner = array("Q"), array("q")  # grown in place, a run of rows' texts at a time
+    for lo in range(0, rows.size, TEXTS_RUN):
+        found, which = ngram_hashes(texts_of(rows[lo:lo + TEXTS_RUN]), n)
+        hashes.frombytes(found.tobytes())
+        owner.frombytes((which + lo).tobytes())
+    similarity = pair_jaccard(np.frombuffer(hashes, np.uint64), np.frombuffer(owner, np.int64),
+                              np.searchsorted(rows, low), np.searchsorted(rows, high))
     keep_pair = similarity >= threshold - 1e-12
     return low[keep_pair], high[keep_pair], similarity[keep_pair] if similarity.size else np.zeros(0)
 

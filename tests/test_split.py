@@ -563,7 +563,7 @@ def test_decontamination_removes_train_hits_and_reports_the_rest(ws):
     assert m["decontamination"]["removed"] == 0 and m["decontamination"]["remaining_in_train"] > 0
 
 
-def test_minhash_signatures_are_datasketchs_and_lsh_finds_what_datasketch_finds():
+def test_minhash_signatures_are_datasketchs_and_lsh_finds_what_datasketch_finds(monkeypatch):
     from datasketch import MinHash, MinHashLSH
 
     from factory import textsim
@@ -596,6 +596,9 @@ def test_minhash_signatures_are_datasketchs_and_lsh_finds_what_datasketch_finds(
              if len(grams[i] & grams[j]) / len(grams[i] | grams[j]) >= 0.8}
     assert set(zip(a.tolist(), b.tolist())) == exact and len(exact) >= 30
     assert all(abs(x - len(grams[i] & grams[j]) / len(grams[i] | grams[j])) < 1e-9 for i, j, x in zip(a, b, similarity))
+    monkeypatch.setattr(textsim, "TEXTS_RUN", 7)  # the candidates' texts asked for a few at a time: the same pairs
+    again = textsim.near_duplicate_pairs(keys, textsim.sketch(sig), lambda rows: [texts[r] for r in rows], 3, 0.8)
+    assert all((x == y).all() for x, y in zip(again, (a, b, similarity)))
 
 
 def test_pair_jaccard_equals_python_sets_of_word_ngrams(monkeypatch):
