@@ -21,8 +21,9 @@ its real length and characters. Then times, each in its own subprocess:
              or grouping: the plain way, for scale.
 
 For each: wall time, CPU time (user + sys of the subprocess and everything it waited for),
-and peak RSS of the process tree (polled every 20 ms, split workers included). Prints
-records/s, the ratio, and a markdown row for BENCHMARKS.md.
+peak RSS of the process tree (polled every 20 ms, format and split workers included), and
+the machine's 1-minute load average before and after. Prints records/s, the ratio, and a
+markdown row for BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -151,16 +152,18 @@ def main() -> None:
             report("datasets", n, theirs)
             print(f"\nfactory / datasets records/s: {theirs['wall'] / ours['wall']:.2f}x")
 
-    print("\n| date | records | what | factory s | factory rec/s | factory CPU s | factory peak RSS | "
-          "datasets s | datasets rec/s | datasets peak RSS | factory/datasets |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| date | records | what | load | factory s | factory rec/s | factory CPU s | factory peak RSS | "
+          "datasets s | datasets rec/s | datasets CPU s | datasets peak RSS | factory/datasets |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    loads = [ours["load"]] + ([theirs["load"]] if theirs else [])
     cells = [str(date.today()), f"{n:,}", mode + ("" if cli else " (phases in a subprocess)"),
+             f"{min(x for pair in loads for x in pair):.1f}-{max(x for pair in loads for x in pair):.1f}",
              f"{ours['wall']:.1f}", f"{n / ours['wall']:,.0f}", f"{ours['cpu']:.1f}", f"{ours['rss'] / 2**20:,.0f} MB"]
     if theirs:
-        cells += [f"{theirs['wall']:.1f}", f"{n / theirs['wall']:,.0f}", f"{theirs['rss'] / 2**20:,.0f} MB",
-                  f"{theirs['wall'] / ours['wall']:.2f}x"]
+        cells += [f"{theirs['wall']:.1f}", f"{n / theirs['wall']:,.0f}", f"{theirs['cpu']:.1f}",
+                  f"{theirs['rss'] / 2**20:,.0f} MB", f"{theirs['wall'] / ours['wall']:.2f}x"]
     else:
-        cells += ["", "", "", ""]
+        cells += ["", "", "", "", ""]
     print("| " + " | ".join(cells) + " |")
 
 
@@ -213,6 +216,7 @@ def write_canonical(raw: Path, path: Path) -> int:
 
 def measure(command: list[str], env: dict) -> dict:
     """Run a command; wall time, CPU time and peak RSS of its process tree."""
+    load_before = os.getloadavg()[0]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     proc = psutil.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -235,13 +239,14 @@ def measure(command: list[str], env: dict) -> dict:
         chunks.append(rest)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return {"rc": proc.returncode, "wall": wall, "cpu": cpu, "rss": peak,
+    return {"rc": proc.returncode, "wall": wall, "cpu": cpu, "rss": peak, "load": (load_before, os.getloadavg()[0]),
             "output": b"".join(chunks).decode(errors="replace")}
 
 
 def report(name: str, n: int, result: dict) -> None:
     print(f"  {name}: {result['wall']:.2f}s wall, {n / result['wall']:,.0f} records/s, "
-          f"{result['cpu']:.2f}s CPU, peak RSS {result['rss'] / 2**20:,.0f} MB (process tree)")
+          f"{result['cpu']:.2f}s CPU, peak RSS {result['rss'] / 2**20:,.0f} MB (process tree), "
+          f"load average {result['load'][0]:.1f} at the start, {result['load'][1]:.1f} at the end")
 
 
 def phase_seconds(ws: Path) -> dict:

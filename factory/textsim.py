@@ -20,9 +20,10 @@ similarity reaches the threshold (exact, so the grouping and the leakage check a
 
 from __future__ import annotations
 
+import re
 import unicodedata
+from array import array
 from functools import lru_cache
-from itertools import compress
 from typing import Callable
 
 import numpy as np
@@ -58,30 +59,36 @@ _ASCII_FOLD = bytes(c + 32 if 65 <= c <= 90 else 32 if c in (9, 10, 11, 12, 13, 
                     for c in range(256))
 """ASCII upper case to lower, and str.split()'s ASCII whitespace to a space."""
 
+_OTHER_SPACES = re.compile("[\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]")
+"""Every character above ASCII that str.split() splits on (tests/test_split.py checks the set)."""
+
 
 def normalize_batch(texts: list[str]) -> list[bytes]:
-    """[normalize(t).encode() for t in texts], with the ASCII texts (most of them) done
-    together in a few numpy passes over their joined bytes instead of per-text Python calls
-    (tests/test_split.py checks the equality); the others go one by one."""
-    ascii_ = [t.isascii() for t in texts]  # O(1) per text in CPython: a flag of the string
-    if all(ascii_):
-        return _normalize_ascii(texts)
-    done = iter(_normalize_ascii(list(compress(texts, ascii_))))
-    return [next(done) if a else normalize(t).encode() for t, a in zip(texts, ascii_)]
-
-
-def _normalize_ascii(texts: list[str]) -> list[bytes]:
+    """[normalize(t).encode() for t in texts], computed together: the texts that are not
+    ASCII (a few) get NFKC and case folding one by one and their other whitespace made a
+    space, then all are joined and lower-cased, their whitespace runs collapsed and their
+    ends stripped in a few passes over the joined bytes (no per-word Python objects;
+    tests/test_split.py checks the equality)."""
     if not texts:
         return []
-    joined = "\x00".join(texts).encode()
-    if joined.count(b"\x00") != len(texts) - 1:  # a text holds a NUL itself
+    # every text ends with a NUL, the last one too
+    if all(t.isascii() for t in texts):  # O(1) per text in CPython: a flag of the string
+        joined = "\x00".join([*texts, ""]).encode()
+    else:
+        joined = b"\x00".join([t.encode() if t.isascii() else _fold_unicode(t).encode() for t in texts] + [b""])
+    if joined.count(b"\x00") != len(texts):  # a text holds a NUL itself
         return [normalize(t).encode() for t in texts]
     data = np.frombuffer(joined.translate(_ASCII_FOLD), np.uint8)  # lower case, every whitespace a space
     space = data == 32
     keep = np.ones(data.size, bool)
     np.logical_not(space[1:] & space[:-1], out=keep[1:])  # runs of spaces: their first
     once = data[keep].tobytes()
-    return once.replace(b" \x00", b"\x00").replace(b"\x00 ", b"\x00").strip(b" ").split(b"\x00")
+    return once.replace(b" \x00", b"\x00").replace(b"\x00 ", b"\x00").lstrip(b" ").split(b"\x00")[:-1]
+
+
+def _fold_unicode(text: str) -> str:
+    """NFKC and case folding (as normalize()), other whitespace as ASCII spaces."""
+    return _OTHER_SPACES.sub(" ", unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold()))
 
 
 def text_key(normalized: str, seed: int = 0) -> int:
@@ -120,6 +127,11 @@ def fmix64(h: np.ndarray) -> np.ndarray:
     return h ^ (h >> _U64(33))
 
 
+NGRAM_CHUNK_BYTES = 1 << 20
+"""ngram_hashes works on runs of texts of about this many bytes: its arrays (8 bytes per
+byte of text, a few of them) stay small however many texts it is given."""
+
+
 def ngram_hashes(texts: list[str] | list[bytes], n: int) -> tuple[np.ndarray, np.ndarray]:
     """The 64-bit hashes of every run of n words in each normalized text, and the index of
     the text each comes from (texts with fewer than n words give none). Vectorized over all
@@ -127,6 +139,16 @@ def ngram_hashes(texts: list[str] | list[bytes], n: int) -> tuple[np.ndarray, np
     consecutive word hashes are mixed into one."""
     if not texts:
         return np.zeros(0, _U64), np.zeros(0, np.int64)
+    size = sum(map(len, texts))
+    if size > NGRAM_CHUNK_BYTES and len(texts) > 1:
+        step = max(1, len(texts) * NGRAM_CHUNK_BYTES // size)
+        parts = [(lo, _ngram_hashes(texts[lo:lo + step], n)) for lo in range(0, len(texts), step)]
+        return (np.concatenate([hashes for _, (hashes, _) in parts]),
+                np.concatenate([owner + lo for lo, (_, owner) in parts]))
+    return _ngram_hashes(texts, n)
+
+
+def _ngram_hashes(texts: list[str] | list[bytes], n: int) -> tuple[np.ndarray, np.ndarray]:
     joined = b"\n".join(texts) + b"\n" if type(texts[0]) is bytes else ("\n".join(texts) + "\n").encode()
     data = np.frombuffer(joined, np.uint8)
     pw, inv = _Powers.upto(data.size + 1)
@@ -273,6 +295,9 @@ def estimated_jaccard(sig: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.
     return out
 
 
+TEXTS_RUN = 1 << 16
+"""near_duplicate_pairs asks for the candidates' texts this many at a time."""
+
 ESTIMATE_MARGIN = 0.2
 """Candidates whose estimate is this far below the threshold are still measured exactly (4
 standard errors at 64 permutations): the estimate only filters, the exact Jaccard decides."""
@@ -298,19 +323,52 @@ def near_duplicate_pairs(keys: np.ndarray, sketches: np.ndarray, texts_of: Calla
 
     low, high = candidate_pairs(keys, keep)
     rows = np.unique(np.concatenate((low, high)))
-    texts = texts_of(rows)
-    index_low, index_high = np.searchsorted(rows, low), np.searchsorted(rows, high)
-    sets = shingle_sets(texts, n)
-    similarity = np.array([len(sets[a] & sets[b]) / len(sets[a] | sets[b])
-                           for a, b in zip(index_low.tolist(), index_high.tolist())])
+    hashes, owner = array("Q"), array("q")  # grown in place, a run of rows' texts at a time
+    for lo in range(0, rows.size, TEXTS_RUN):
+        found, which = ngram_hashes(texts_of(rows[lo:lo + TEXTS_RUN]), n)
+        hashes.frombytes(found.tobytes())
+        owner.frombytes((which + lo).tobytes())
+    similarity = pair_jaccard(np.frombuffer(hashes, np.uint64), np.frombuffer(owner, np.int64),
+                              np.searchsorted(rows, low), np.searchsorted(rows, high))
     keep_pair = similarity >= threshold - 1e-12
     return low[keep_pair], high[keep_pair], similarity[keep_pair] if similarity.size else np.zeros(0)
 
 
-def shingle_sets(texts: list[str] | list[bytes], n: int) -> list[set[int]]:
-    """The set of word n-gram hashes of each normalized text."""
-    hashes, owner = ngram_hashes(texts, n)
-    sets: list[set[int]] = [set() for _ in texts]
-    for h, o in zip(hashes.tolist(), owner.tolist()):
-        sets[o].add(h)
-    return sets
+PAIR_CHUNK = 1 << 20
+"""pair_jaccard handles runs of pairs with about this many n-grams in all at once."""
+
+
+def pair_jaccard(hashes: np.ndarray, owner: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """For each i, the Jaccard similarity of the sets of n-gram hashes of texts a[i] and b[i]
+    (`hashes, owner` as ngram_hashes gives them), exactly, in numpy: for a run of pairs both
+    sides' n-grams are laid out by pair and sorted; each distinct (pair, n-gram) is in the
+    union, and in the intersection when both sides have it. No Python set per text (about
+    1 KB each for short texts) and no copy of all n-grams beyond the run's."""
+    top = int(max(a.max(), b.max())) + 1 if a.size else 0
+    start = np.searchsorted(owner, np.arange(top + 1))  # owner is sorted
+    size = np.diff(start)
+    work = np.cumsum(size[a] + size[b])
+    cuts = [0, *np.searchsorted(work, np.arange(PAIR_CHUNK, int(work[-1]) if work.size else 0, PAIR_CHUNK)).tolist(), a.size]
+    out = np.zeros(a.size)
+    for lo, hi in zip(cuts, cuts[1:]):
+        if hi <= lo:
+            continue
+        left, right = size[a[lo:hi]], size[b[lo:hi]]
+        pair = np.arange(hi - lo)
+        pairs = np.concatenate((np.repeat(pair, left), np.repeat(pair, right)))
+        values = np.concatenate((hashes[_ranges(start[a[lo:hi]], left)], hashes[_ranges(start[b[lo:hi]], right)]))
+        on_right = np.arange(values.size) >= int(left.sum())
+        order = np.lexsort((values, pairs))
+        values, pairs, on_right = values[order], pairs[order], on_right[order]
+        first = np.flatnonzero(np.concatenate(([True], (values[1:] != values[:-1]) | (pairs[1:] != pairs[:-1]))))
+        in_both = np.logical_or.reduceat(~on_right, first) & np.logical_or.reduceat(on_right, first)
+        union = np.bincount(pairs[first], minlength=hi - lo)
+        both = np.bincount(pairs[first][in_both], minlength=hi - lo)
+        np.divide(both, union, out=out[lo:hi], where=union > 0)
+    return out
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The concatenated aranges [s, s + l) for each start s and length l."""
+    ends = np.cumsum(lengths)
+    return np.repeat(starts - (ends - lengths), lengths) + np.arange(int(ends[-1]) if ends.size else 0)

@@ -34,17 +34,20 @@ each raw record first.
 
 Files are streamed: JSONL/CSV/TSV line by line, JSON arrays item by item with ijson, Parquet
 by row batches. Only a .txt document (one record) or a single top-level JSON object is read whole.
+A JSONL file of 64 MB or more (without a transform) is converted by one worker process per CPU,
+in line ranges of 1 MB, and written in file order: the same bytes as one pass.
 """
 
 from __future__ import annotations
 
 import csv
 import importlib
+import io
 import os
 import re
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from functools import lru_cache
 from itertools import chain, islice
 from pathlib import Path
@@ -57,10 +60,12 @@ from factory.config import FactoryConfig, InputSpec
 from factory.errors import InputError
 from factory.io import AtomicOutput, csv_field_size_limit
 from factory.phase import Phase, PhaseContext
+from factory.workers import default_workers, worker_pool
 from factory.workspace import Workspace
 
 EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv", ".txt", ".parquet")
 BATCH = 5000  # records between writes and progress updates
+RANGE_BYTES = 1 << 20  # a large JSONL file is converted by worker processes in ranges of about this size
 RAW_CHARS = 300  # how much of a rejected record's text goes to rejects.jsonl
 DETECT_RECORDS = 20  # `format: auto` votes over this many first records of a file
 BOM = b"\xef\xbb\xbf"
@@ -125,7 +130,7 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
     with AtomicOutput(ws.formatted_file) as out, AtomicOutput(ws.rejects_file) as rejects:
         for path, spec in files:
             rel = ws.rel(path)
-            per_file[rel] = format_file(FileReader(path, spec, rel, ws.root), out, rejects, ctx.progress)
+            per_file[rel] = format_any(FileReader(path, spec, rel, ws.root), out, rejects, ctx.progress, ctx.log)
             ctx.log.debug("format: %s: %s", rel, per_file[rel])
         records_in = sum(stats["records_in"] for stats in per_file.values())
         if records_in == 0:
@@ -236,6 +241,15 @@ def _walk(root: Path, excluded: set[Path]) -> list[Path]:
 # --- one file ----------------------------------------------------------------------------
 
 
+def format_any(reader: "FileReader", out: AtomicOutput, rejects: AtomicOutput, progress, log) -> dict:
+    """Convert one file (format_file), a large JSONL file in worker processes."""
+    workers = default_workers(reader.path.stat().st_size) if reader.kind == "jsonl" and not reader.spec.transform else 1
+    fmt = reader.decided_format() if workers > 1 else None
+    if fmt is None:
+        return format_file(reader, out, rejects, progress)
+    return format_in_ranges(reader, fmt, out, rejects, progress, workers, log)
+
+
 def format_file(reader: "FileReader", out: AtomicOutput, rejects: AtomicOutput, progress) -> dict:
     """Convert one file, appending to the output and rejects files; return its statistics."""
     stats: dict[str, Any] = {"format": None, "records_in": 0, "records_out": 0, "converted": 0, "rejected": 0,
@@ -276,6 +290,70 @@ def _flush(lines: list[bytes], out: AtomicOutput, stats: dict, progress) -> None
         lines.clear()
 
 
+def format_in_ranges(reader: "FileReader", fmt: str, out: AtomicOutput, rejects: AtomicOutput, progress,
+                     workers: int, log) -> dict:
+    """format_file for a large JSONL file: its lines are independent, so worker processes
+    convert line-aligned ranges of it (format_file on each, with the format the file's first
+    records decided), and this process writes their output and rejects in file order. At
+    most two ranges per worker are in flight, so memory does not grow with the file.
+
+    A transform may keep state from record to record, so a file with one is read in one pass."""
+    stats: dict[str, Any] = {"format": fmt, "records_in": 0, "records_out": 0, "converted": 0, "rejected": 0,
+                             "filtered": 0, "reasons": Counter()}
+    jobs = ((reader.path, reader.spec, reader.rel, reader.root, fmt, line_range)
+            for line_range in _line_ranges(reader.path, RANGE_BYTES))
+    with worker_pool(workers, log, "format") as pool:
+        pending: deque = deque()
+        for job in chain(jobs, [None]):
+            if job is not None:
+                pending.append(pool.apply_async(_format_range, (job,)))
+            while pending and (job is None or len(pending) >= 2 * workers):
+                part = pending.popleft().get()
+                out.write(part.pop("out"))
+                rejects.write(part.pop("rejects"))
+                for key in ("records_in", "records_out", "converted", "rejected", "filtered"):
+                    stats[key] += part[key]
+                stats["reasons"].update(part["reasons"])
+                if part.get("incomplete"):  # the last line cut off: only the last range can have it
+                    stats["incomplete"] = part["incomplete"]
+                progress.advance(part["records_out"] + part["rejected"] + part["filtered"])
+    return stats
+
+
+def _line_ranges(path: Path, size: int) -> Iterator[tuple[int, int, int]]:
+    """(start, end, number of the first line) of line-aligned byte ranges of about `size`
+    bytes covering the file (after a UTF-8 BOM)."""
+    total = path.stat().st_size
+    with open(path, "rb") as f:
+        start, line = (3 if f.read(3) == BOM else 0), 1
+        while start < total:
+            end = total
+            if start + size < total:
+                f.seek(start + size)
+                f.readline()
+                end = f.tell()
+            f.seek(start)
+            lines = f.read(end - start).count(b"\n")
+            yield start, end, line
+            start, line = end, line + lines
+
+
+class _NoProgress:
+    def start(self, total: int | None, unit: str) -> None:
+        pass
+
+    def advance(self, n: int = 1) -> None:
+        pass
+
+
+def _format_range(job: tuple) -> dict:
+    """format_file on one range of a JSONL file (in a worker process)."""
+    path, spec, rel, root, fmt, line_range = job
+    out, rejects = io.BytesIO(), io.BytesIO()
+    stats = format_file(FileReader(path, spec, rel, root, fmt, line_range), out, rejects, _NoProgress())
+    return {**stats, "out": out.getvalue(), "rejects": rejects.getvalue()}
+
+
 def canonical_records(path: Path, spec: InputSpec, rel: str, root: Path | None = None):
     """(location, canonical record or list of them, or a Reject or FILTERED, raw) for each
     record of one file: what `format` writes, for other phases that read user files (split's
@@ -287,10 +365,15 @@ class FileReader:
     """One file read to canonical records, in order: iterate for (location, result, raw).
 
     After the iteration, `format` is the format used, `encoding` the text encoding, and
-    `incomplete` says why the file could not be read to its end (None if it was)."""
+    `incomplete` says why the file could not be read to its end (None if it was).
 
-    def __init__(self, path: Path, spec: InputSpec, rel: str, root: Path):
+    With `line_range` (start, end, number of the first line) only those lines of a JSONL file
+    are read, in the format `fmt` that the whole file's first records decided."""
+
+    def __init__(self, path: Path, spec: InputSpec, rel: str, root: Path, fmt: str | None = None,
+                 line_range: tuple[int, int, int] | None = None):
         self.path, self.spec, self.rel, self.root = path, spec, rel, root
+        self.fixed_format, self.line_range = fmt, line_range
         self.kind = path.suffix.lower()[1:]  # jsonl, json, csv, tsv, txt, parquet
         self.format: str | None = None
         self.encoding = "utf-8"
@@ -310,18 +393,38 @@ class FileReader:
 
     def __iter__(self) -> Iterator[tuple[Any, Any, Any]]:
         with open(self.path, "rb") as f, csv_field_size_limit():  # long documents in one cell are fine
+            if self.line_range:
+                start, end, first_line = self.line_range
+                f.seek(start)
+                yield from self._converted(self._pipeline(io.BytesIO(f.read(end - start)), first_line))
+                return
             head = f.read(4)
             if self._unreadable_encoding(head, f):
                 return
             f.seek(3 if head.startswith(BOM) else 0)
-            items = self._items(f)
-            if self.spec.records and self.kind != "json":
-                items = _within(items, self.spec.records)
-            if self.spec.transform:
-                items = _transformed(items, _transform(self.spec.transform, self.root))
-            if self.spec.mapping and _fan_out_list(self.spec.mapping):
-                items = _fanned_out(items, _fan_out_list(self.spec.mapping))
-            yield from self._converted(items)
+            yield from self._converted(self._pipeline(f))
+
+    def decided_format(self) -> str | None:
+        """The format a full read picks for this file from its first records, or None when the
+        file is not UTF-8 or none of its first records can decide it."""
+        with open(self.path, "rb") as f, csv_field_size_limit():
+            head = f.read(4)
+            if self._unreadable_encoding(head, f):
+                return None
+            f.seek(3 if head.startswith(BOM) else 0)
+            usable = self._usable(list(islice(self._pipeline(f), DETECT_RECORDS)))
+        return choose_converter(self.spec, self.kind, usable, self.rel)[0] if usable else None
+
+    def _pipeline(self, f, first_line: int = 1) -> Iterator[tuple[Any, Any, Any]]:
+        """The raw items of the file (records inside documents, transformed, fanned out)."""
+        items = self._items(f, first_line)
+        if self.spec.records and self.kind != "json":
+            items = _within(items, self.spec.records)
+        if self.spec.transform:
+            items = _transformed(items, _transform(self.spec.transform, self.root))
+        if self.spec.mapping and _fan_out_list(self.spec.mapping):
+            items = _fanned_out(items, _fan_out_list(self.spec.mapping))
+        return items
 
     def _unreadable_encoding(self, head: bytes, f) -> bool:
         """UTF-16 and UTF-32 files (with or without a BOM) cannot be read as UTF-8: the file is
@@ -345,9 +448,9 @@ class FileReader:
                                      f"(e.g. iconv -f UTF-16 -t UTF-8)"}
         return True
 
-    def _items(self, f) -> Iterator[tuple[Any, Any, Any]]:
+    def _items(self, f, first_line: int = 1) -> Iterator[tuple[Any, Any, Any]]:
         if self.kind == "jsonl":
-            return self._jsonl(f)
+            return self._jsonl(f, first_line)
         if self.kind == "json":
             return self._json(f)
         if self.kind in ("csv", "tsv"):
@@ -356,9 +459,9 @@ class FileReader:
             return parquet_items(self.path)
         return text_items(f)
 
-    def _jsonl(self, f) -> Iterator[tuple[int, Any, bytes]]:
+    def _jsonl(self, f, first_line: int) -> Iterator[tuple[int, Any, bytes]]:
         last = None
-        for last in jsonl_items(f):
+        for last in jsonl_items(f, first_line):
             yield last
         if last is not None and type(last[1]) is Reject and last[1].reason == "truncated_json" and not last[2].endswith(b"\n"):
             self.incomplete = {"reason": "truncated_file", "records_lost": None, "at": last[0],
@@ -376,9 +479,12 @@ class FileReader:
         """Items -> canonical records, with the converter chosen from the first records."""
         expected = str if self.kind == "txt" else dict
         first = list(islice(items, DETECT_RECORDS))
-        usable = [r for it in first for r in (it[1] if type(it[1]) is _Several else [it[1]]) if type(r) is expected]
+        usable = self._usable(first)
         convert = None
-        if usable:
+        if self.fixed_format:
+            self.format, convert = choose_converter(self.spec.model_copy(update={"format": self.fixed_format}),
+                                                    self.kind, usable, self.rel)
+        elif usable:
             self.format, convert = choose_converter(self.spec, self.kind, usable, self.rel)
         for loc, item, raw in chain(first, items):
             if convert is None and type(item) is expected:  # nothing usable among the first records
@@ -386,6 +492,11 @@ class FileReader:
             yield loc, _convert(convert, item, expected), raw
         if self.format is None:
             self.format = "text" if self.kind == "txt" else self.spec.format
+
+    def _usable(self, first: list[tuple[Any, Any, Any]]) -> list[Any]:
+        """The records among the first items that can decide the format."""
+        expected = str if self.kind == "txt" else dict
+        return [r for it in first for r in (it[1] if type(it[1]) is _Several else [it[1]]) if type(r) is expected]
 
 
 def _convert(convert: Callable[[Any], Any] | None, item: Any, expected: type) -> Any:
@@ -416,11 +527,11 @@ def _raw_text(raw: Any, delimiter: str) -> str:
 # --- readers: yield (line, index or row; record or Reject; raw text) ------------------------
 
 
-def jsonl_items(f) -> Iterator[tuple[int, Any, bytes]]:
+def jsonl_items(f, first_line: int = 1) -> Iterator[tuple[int, Any, bytes]]:
     """One record per line. Each line is parsed (and UTF-8 checked) on its own, so one bad line
     is one reject. Blank lines are not records."""
     loads = orjson.loads
-    for lineno, line in enumerate(f, 1):
+    for lineno, line in enumerate(f, first_line):
         try:
             record = loads(line)
         except orjson.JSONDecodeError as e:

@@ -26,7 +26,9 @@ one space; symbols, punctuation and digits are kept.
 
 Memory: about 60 bytes a record plus, with near-duplicates on, 152 bytes per distinct user
 turn of at least `dedup.ngram` words (LSH band keys 72, a signature sketch 64, record and
-key), plus two blocks per worker; LSH candidates are filtered band by band as found.
+key), plus two blocks per worker; LSH candidates are filtered band by band as found, and
+the ones kept are measured exactly (textsim.pair_jaccard) on their texts read back in file
+order, a few thousand lines at a time, with numpy arrays (no Python set per text).
 
 Speed: a block's records are parsed with one orjson call each, then handled together: all
 texts normalized at once (textsim.normalize_batch), record and prompt keys combined from
@@ -36,13 +38,10 @@ the turn keys in numpy, MinHash for a block's distinct user turns in one batch.
 from __future__ import annotations
 
 import math
-import multiprocessing
-import os
-import signal
 import time
 from array import array
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from itertools import compress
 from pathlib import Path
@@ -56,18 +55,14 @@ from factory import textsim
 from factory.errors import InputError
 from factory.io import AtomicOutput
 from factory.phase import Phase, PhaseContext
-from factory.status import fork_is_safe
+from factory.workers import default_workers, worker_pool
 
 SPLITS = ("train", "val", "test")
 PAIRS = (("train", "val"), ("train", "test"), ("val", "test"))
 
-CHUNK_BYTES = 4 << 20
+CHUNK_BYTES = 1 << 20
 """The scan, the check and the write work on line-aligned blocks of about this size."""
 
-PARALLEL_MIN_BYTES = 64 << 20
-"""Files at least this large are scanned by one worker process per CPU (at most MAX_WORKERS)."""
-
-MAX_WORKERS = 8
 MAX_STRATA_SHOWN = 100
 """Metrics list per-split counts for at most this many stratum values (the most frequent)."""
 
@@ -105,14 +100,14 @@ def _split(ctx: PhaseContext, workers: int | None, chunk_bytes: int, stack: Exit
     if not source.is_file():
         raise InputError(f"{ws.rel(source)} not found: run `factory run format` first to create it from data/raw")
     if workers is None:
-        workers = _default_workers(source.stat().st_size)
+        workers = default_workers(source.stat().st_size)
     benchmarks = _load_benchmarks(data.decontaminate, ws, cfg.seed & _U64) if data.decontaminate.benchmarks else None
     settings = Settings(seed=cfg.seed & _U64, stratify=cfg.stratify, min_turn_words=cfg.min_turn_words,
                         ngram=data.dedup.ngram, near=data.dedup.near != "off", threshold=data.dedup.near_threshold,
                         benchmarks=benchmarks)
     laps("benchmarks")
 
-    pool = stack.enter_context(_worker_pool(settings, workers, log))
+    pool = stack.enter_context(worker_pool(workers, log, "split", _init_worker, (settings,)))
 
     # 1. scan -------------------------------------------------------------------------
     blocks = _blocks(source, chunk_bytes)
@@ -355,12 +350,9 @@ class _Laps:
 _SETTINGS: Settings | None = None
 
 
-def _init_worker(settings: Settings, in_pool: bool) -> None:
+def _init_worker(settings: Settings) -> None:
     global _SETTINGS
     _SETTINGS = settings
-    if in_pool:  # Ctrl-C is handled by the parent, which terminates the pool; SIGTERM just ends a worker.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _blocks(path: Path, chunk_bytes: int) -> list[tuple[int, int]]:
@@ -378,40 +370,16 @@ def _blocks(path: Path, chunk_bytes: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
-def _default_workers(size: int) -> int:
-    if size < PARALLEL_MIN_BYTES:
-        return 1
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cpus = os.cpu_count() or 1
-    return max(1, min(cpus, MAX_WORKERS))
-
-
-@contextmanager
-def _worker_pool(settings: Settings, workers: int, log) -> Iterator[Any]:
-    """A pool of `workers` processes for the scan and the check, or None for one. It is
-    started before the scan keeps anything, so the forked workers share no large arrays."""
-    if workers <= 1:
-        yield None
-        return
-    # fork is instant; with other threads alive (a progress display) forking is unsafe.
-    method = "fork" if fork_is_safe() and "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    log.info("split: %d worker processes (%s)", workers, method)
-    with multiprocessing.get_context(method).Pool(workers, initializer=_init_worker, initargs=(settings, True)) as pool:
-        yield pool
-
-
 def _map_blocks(function: Callable, jobs: list, settings: Settings, workers: int, log, pool=None) -> Iterator[dict]:
     """function(job) for every job, in order: in the pool's workers, or in this process."""
     if pool is not None and len(jobs) > 1:
         yield from pool.imap(function, jobs)
         return
     if pool is None and workers > 1 and len(jobs) > 1:
-        with _worker_pool(settings, min(workers, len(jobs)), log) as own:
+        with worker_pool(min(workers, len(jobs)), log, "split", _init_worker, (settings,)) as own:
             yield from own.imap(function, jobs)
         return
-    _init_worker(settings, in_pool=False)
+    _init_worker(settings)
     yield from map(function, jobs)
 
 
@@ -577,17 +545,17 @@ def _stratum_value(record: dict, key: str) -> bytes | None:
 
 
 class _Scan:
-    """The keys of all records, in file order."""
+    """The keys of all records, in file order, each field grown in place as blocks come in (a
+    large array grows by remapping its pages, not by a copy: no second copy at the end)."""
 
     FIELDS = ("exact", "norm", "prompt", "offset", "line", "stratum")
-    TURN_FIELDS = {"turn_record": np.int64, "turn_key": np.uint64, "near_record": np.int64, "near_key": np.uint64,
-                   "near_bands": np.uint64, "near_sketch": np.uint8, "hit_record": np.int64, "hit_kind": np.int8,
-                   "hit_benchmark": np.int64}
+    TURN_FIELDS = {"turn_record": "q", "turn_key": "Q", "near_record": "q", "near_key": "Q", "near_bands": "Q",
+                   "near_sketch": "B", "hit_record": "q", "hit_kind": "b", "hit_benchmark": "q"}
 
     def __init__(self, bands: int) -> None:
         self.bands = bands
         self.parts: dict[str, array] = {f: array("Q") for f in self.FIELDS}
-        self.pieces: dict[str, list[np.ndarray]] = {f: [] for f in self.TURN_FIELDS}
+        self.parts.update({f: array(code) for f, code in self.TURN_FIELDS.items()})
         self.block_records: list[int] = []
         self.block_blanks: list[int] = []
         self.names: dict[int, str] = {}
@@ -599,11 +567,12 @@ class _Scan:
             self.parts[f].frombytes(part[f])
         lines = np.frombuffer(self.parts["line"], np.uint64)
         lines[base:] += np.uint64(self.lines + 1)  # 1-based line numbers in the whole file
+        del lines  # an array cannot grow while numpy holds its buffer
         self.lines += part["lines"]
-        for f, dtype in self.TURN_FIELDS.items():
-            if f in part:
-                values = np.frombuffer(part[f], dtype)
-                self.pieces[f].append(values + base if f.endswith("_record") else values)
+        for f in self.TURN_FIELDS:
+            if f in part:  # record numbers from the block's to the file's
+                values = (np.frombuffer(part[f], np.int64) + base).tobytes() if f.endswith("_record") else part[f]
+                self.parts[f].frombytes(values)
         self.block_records.append(part["records"])
         self.block_blanks.append(part["blank"])
         self.records += part["records"]
@@ -613,12 +582,8 @@ class _Scan:
                 self.names.setdefault(key, name)
 
     def finish(self) -> None:
-        for f in self.FIELDS:
-            setattr(self, f, np.frombuffer(self.parts[f], np.uint64))
-        for f, dtype in self.TURN_FIELDS.items():
-            values = np.concatenate(self.pieces[f]) if self.pieces[f] else np.zeros(0, dtype)
-            setattr(self, f, values)
-            self.pieces[f] = []
+        for f, values in self.parts.items():
+            setattr(self, f, np.frombuffer(values, np.dtype(values.typecode)))
         self.near_bands = self.near_bands.reshape(-1, self.bands)
         self.near_sketch = self.near_sketch.reshape(-1, textsim.NUM_PERM)
 
@@ -644,10 +609,9 @@ def _near_record_pairs(scan: _Scan, alive: np.ndarray, settings: Settings, sourc
     _, first = np.unique(scan.near_key[rows], return_index=True)
     rows = rows[np.sort(first)]
 
-    def texts_of(found: np.ndarray) -> list[str]:
-        with open(source, "rb") as f:
-            return [_user_turn_with_key(f, int(scan.offset[scan.near_record[r]]), int(scan.near_key[r]), settings.seed,
-                                        normalized=True) for r in rows[found].tolist()]
+    def texts_of(found: np.ndarray) -> list[bytes]:
+        return _normalized_user_turns(source, scan.offset[scan.near_record[rows[found]]].astype(np.int64),
+                                      scan.near_key[rows[found]], settings.seed)
 
     low, high, similarity = textsim.near_duplicate_pairs(scan.near_bands[rows], scan.near_sketch[rows], texts_of,
                                                          settings.ngram, settings.threshold)
@@ -1038,27 +1002,25 @@ def measure_leakage(ws, settings: Settings, workers: int = 1, chunk_bytes: int =
         jobs += [(str(path), a, b, k) for a, b in _blocks(path, chunk_bytes)]
     records = dict.fromkeys(SPLITS, 0)
     lines = dict.fromkeys(SPLITS, 0)
-    pieces: dict[str, list[np.ndarray]] = {f: [] for f in ("split", "key", "offset", "line", "near_split", "near_key",
-                                                           "near_offset", "near_line", "near_bands", "near_sketch")}
+    codes = {"split": "b", "key": "Q", "offset": "q", "line": "q", "bands": "Q", "sketch": "B"}
+    grown = {f: array(codes[f.removeprefix("near_")]) for f in ("split", "key", "offset", "line", "near_split",
+                                                                "near_key", "near_offset", "near_line", "near_bands",
+                                                                "near_sketch")}  # grown in place, as the scan's
     for part in _map_blocks(_check_block, jobs, settings, workers, log, pool):
         name = SPLITS[part["split"]]
         base_line = lines[name]
         records[name] += part["records"]
         lines[name] += part["lines"]
         for prefix in ("", "near_"):
-            count = len(part[prefix + "key"]) // 8
-            pieces[prefix + "split"].append(np.full(count, part["split"], np.int8))
-            pieces[prefix + "key"].append(np.frombuffer(part[prefix + "key"], np.uint64))
-            pieces[prefix + "offset"].append(np.frombuffer(part[prefix + "offset"], np.int64))
-            pieces[prefix + "line"].append(np.frombuffer(part[prefix + "line"], np.int64) + base_line)
-        pieces["near_bands"].append(np.frombuffer(part["near_bands"], np.uint64))
-        pieces["near_sketch"].append(np.frombuffer(part["near_sketch"], np.uint8))
+            grown[prefix + "split"].frombytes(bytes([part["split"]]) * (len(part[prefix + "key"]) // 8))
+            grown[prefix + "key"].frombytes(part[prefix + "key"])
+            grown[prefix + "offset"].frombytes(part[prefix + "offset"])
+            grown[prefix + "line"].frombytes((np.frombuffer(part[prefix + "line"], np.int64) + base_line).tobytes())
+        grown["near_bands"].frombytes(part["near_bands"])
+        grown["near_sketch"].frombytes(part["near_sketch"])
         if progress is not None:
             progress.advance(part["records"])
-    dtypes = {"split": np.int8, "key": np.uint64, "offset": np.int64, "line": np.int64, "bands": np.uint64,
-              "sketch": np.uint8}
-    t = {f: np.concatenate(v) if v else np.zeros(0, dtypes[f.removeprefix("near_")]) for f, v in pieces.items()}
-    pieces.clear()
+    t = {f: np.frombuffer(values, np.dtype(values.typecode)) for f, values in grown.items()}
     bands = t["near_bands"].reshape(-1, textsim.lsh_params(settings.threshold)[0])
     sketches = t["near_sketch"].reshape(-1, textsim.NUM_PERM)
 
@@ -1066,21 +1028,23 @@ def measure_leakage(ws, settings: Settings, workers: int = 1, chunk_bytes: int =
     # near-duplicates: each distinct text once per split; pairs of different texts in two splits
     packed = t["near_key"] & ~np.uint64(3) | t["near_split"].astype(np.uint64)
     _, rows = np.unique(packed, return_index=True)
-    files = {k: open(ws.split_file(name), "rb") for k, name in enumerate(SPLITS)}
-    try:
-        def texts_of(found: np.ndarray) -> list[str]:
-            return [_user_turn_with_key(files[int(t["near_split"][r])], int(t["near_offset"][r]), int(t["near_key"][r]),
-                                        settings.seed, normalized=True) for r in rows[found].tolist()]
 
-        def across(low: np.ndarray, high: np.ndarray) -> np.ndarray:  # only pairs of two splits are leakage
-            a, b = rows[low], rows[high]
-            return (t["near_split"][a] != t["near_split"][b]) & (t["near_key"][a] != t["near_key"][b])
+    def texts_of(found: np.ndarray) -> list[bytes]:
+        texts = [b""] * found.size
+        for k, name in enumerate(SPLITS):
+            mine = np.flatnonzero(t["near_split"][rows[found]] == k)
+            chosen = rows[found[mine]]
+            for i, text in zip(mine.tolist(), _normalized_user_turns(ws.split_file(name), t["near_offset"][chosen],
+                                                                     t["near_key"][chosen], settings.seed)):
+                texts[i] = text
+        return texts
 
-        low, high, similarity = textsim.near_duplicate_pairs(bands[rows], sketches[rows], texts_of, settings.ngram,
-                                                             settings.threshold, across)
-    finally:
-        for f in files.values():
-            f.close()
+    def across(low: np.ndarray, high: np.ndarray) -> np.ndarray:  # only pairs of two splits are leakage
+        a, b = rows[low], rows[high]
+        return (t["near_split"][a] != t["near_split"][b]) & (t["near_key"][a] != t["near_key"][b])
+
+    low, high, similarity = textsim.near_duplicate_pairs(bands[rows], sketches[rows], texts_of, settings.ngram,
+                                                         settings.threshold, across)
     a, b = rows[low], rows[high]
     across = (t["near_split"][a] != t["near_split"][b]) & (t["near_key"][a] != t["near_key"][b])
     a, b, similarity = a[across], b[across], similarity[across]
@@ -1114,14 +1078,34 @@ def _check_block(job: tuple[str, int, int, int]) -> dict[str, Any]:
             "near_bands": part["near_bands"], "near_sketch": part["near_sketch"]}
 
 
-def _user_turn_with_key(f, offset: int, key: int, seed: int, normalized: bool = False) -> str:
-    """The user turn of the line at `offset` whose normalized text has this key (normalized or as written)."""
+def _user_turn_with_key(f, offset: int, key: int, seed: int) -> str:
+    """The user turn of the line at `offset` whose normalized text has this key, as written."""
     record = orjson.loads(_line_at(f, offset))
     for turn in record["conversations"]:
         text = textsim.normalize(turn["content"])
         if turn["role"] == "user" and (xxhash.xxh3_64_intdigest(text.encode(), seed) or 1) == key:
-            return text if normalized else turn["content"]
+            return turn["content"]
     return ""
+
+
+def _normalized_user_turns(path: Path, offsets: np.ndarray, keys: np.ndarray, seed: int) -> list[bytes]:
+    """For each i, the normalized user turn with key keys[i] of the line at byte offsets[i]:
+    the lines are read in file order through a large buffer (a seek inside it reads nothing),
+    and a few thousand at a time parsed and normalized together."""
+    found = [b""] * offsets.size
+    order = np.argsort(offsets, kind="stable")
+    h = xxhash.xxh3_64_intdigest
+    with open(path, "rb", buffering=1 << 20) as f:
+        for lo in range(0, order.size, 4096):
+            chosen = order[lo:lo + 4096]
+            users = [[turn["content"] for turn in orjson.loads(_line_at(f, offset))["conversations"]
+                      if turn["role"] == "user"] for offset in offsets[chosen].tolist()]
+            texts = iter(textsim.normalize_batch([text for turns in users for text in turns]))
+            for i, turns, key in zip(chosen.tolist(), users, keys[chosen].tolist()):
+                for text in [next(texts) for _ in turns]:
+                    if (h(text, seed) or 1) == key:
+                        found[i] = text
+    return found
 
 
 def _leak_examples(ws, seed: int, t: dict[str, np.ndarray], a: np.ndarray, b: np.ndarray,

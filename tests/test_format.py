@@ -710,3 +710,47 @@ def test_real_datasets_every_record_accounted_for(tmp_path):
     assert metrics["records_in"] == expected == a["converted"] + a["rejected"] + a["filtered"]
     assert a["balanced"] and metrics["files_incomplete"] == 0
     assert len(records(tmp_path)) == a["records_out"] == a["converted"] + a["extra_from_fan_out"]
+
+
+def test_a_large_jsonl_file_converted_in_ranges_by_workers_gives_the_bytes_of_one_pass(tmp_path, monkeypatch, caplog):
+    """Large JSONL files are cut into line ranges for worker processes (two here, with ranges
+    of about 700 bytes): the output, the rejects with their line numbers, the counts and the
+    cut-off last line must be exactly those of one pass over the file, with the workers
+    forked or, beside another thread (the CLI's progress display), spawned."""
+    import threading
+
+    import phases.format as fmt
+
+    good = [orjson.dumps({"instruction": f"i{n}", "input": "x" * (n % 7), "output": f"o{n}"}) for n in range(400)]
+    bad = [b'{"instruction": "i", "output": }', b'{"instruction": "caf\xe9", "output": "o"}', b'["a", "list"]',
+           b'{"instruction": "i", "input": 5, "output": "o"}', b"", b"   ", b'{"instruction": "i", "input": "x"}']
+    lines = [b'{"question": "a bad first record"}'] + [line for n, g in enumerate(good) for line in ([g, bad[n % 7]] if n % 9 == 0 else [g])]
+    content = b"\xef\xbb\xbf" + b"\n".join(lines) + b'\n{"instruction": "i", "output": "cut'
+    one_pass = tmp_path / "one"
+    write(one_pass, "data/raw/a.jsonl", content)
+    serial = run_format(one_pass)
+    monkeypatch.setattr(fmt, "default_workers", lambda size: 2)
+    monkeypatch.setattr(fmt, "RANGE_BYTES", 700)
+    drop = ("seconds", "output_sha256")
+    for beside_a_thread in (False, True):
+        in_ranges = tmp_path / f"ranges-{beside_a_thread}"
+        write(in_ranges, "data/raw/a.jsonl", content)
+        stop = threading.Event()
+        helper = threading.Thread(target=stop.wait)
+        if beside_a_thread:
+            helper.start()
+        progress = CountingProgress()
+        caplog.clear()
+        try:
+            with caplog.at_level(logging.INFO):
+                parallel = run_format(in_ranges, progress=progress)
+        finally:
+            stop.set()
+        assert progress.calls > 10  # advanced once per range: the ranges were used
+        assert "format: 2 worker processes (spawn)" in caplog.text or not beside_a_thread
+        for name in ("all.jsonl", "rejects.jsonl"):
+            assert (in_ranges / "data/formatted" / name).read_bytes() == (one_pass / "data/formatted" / name).read_bytes()
+        assert {k: v for k, v in parallel.items() if k not in drop} == {k: v for k, v in serial.items() if k not in drop}
+    blank = sum(1 for n in range(0, 400, 9) if not bad[n % 7].strip())
+    assert serial["per_file"]["data/raw/a.jsonl"]["format"] == "alpaca" and serial["rejected"] == 1 + 45 - blank + 1
+    assert serial["incomplete_files"][0]["reason"] == "truncated_file"

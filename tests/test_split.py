@@ -563,7 +563,7 @@ def test_decontamination_removes_train_hits_and_reports_the_rest(ws):
     assert m["decontamination"]["removed"] == 0 and m["decontamination"]["remaining_in_train"] > 0
 
 
-def test_minhash_signatures_are_datasketchs_and_lsh_finds_what_datasketch_finds():
+def test_minhash_signatures_are_datasketchs_and_lsh_finds_what_datasketch_finds(monkeypatch):
     from datasketch import MinHash, MinHashLSH
 
     from factory import textsim
@@ -596,6 +596,28 @@ def test_minhash_signatures_are_datasketchs_and_lsh_finds_what_datasketch_finds(
              if len(grams[i] & grams[j]) / len(grams[i] | grams[j]) >= 0.8}
     assert set(zip(a.tolist(), b.tolist())) == exact and len(exact) >= 30
     assert all(abs(x - len(grams[i] & grams[j]) / len(grams[i] | grams[j])) < 1e-9 for i, j, x in zip(a, b, similarity))
+    monkeypatch.setattr(textsim, "TEXTS_RUN", 7)  # the candidates' texts asked for a few at a time: the same pairs
+    again = textsim.near_duplicate_pairs(keys, textsim.sketch(sig), lambda rows: [texts[r] for r in rows], 3, 0.8)
+    assert all((x == y).all() for x, y in zip(again, (a, b, similarity)))
+
+
+def test_pair_jaccard_equals_python_sets_of_word_ngrams(monkeypatch):
+    """The numpy Jaccard of candidate pairs against sets of word 3-gram tuples, on texts from a
+    small vocabulary (n-grams repeated inside a text, many overlaps), in one run and in many."""
+    import random
+
+    from factory import textsim
+
+    rng = random.Random(7)
+    texts = [" ".join(rng.choice("abcdefg") for _ in range(rng.randint(3, 40))) for _ in range(300)]
+    grams = [{tuple(t.split()[k:k + 3]) for k in range(len(t.split()) - 2)} for t in texts]
+    a = np.array([rng.randrange(300) for _ in range(3000)] + [5])
+    b = np.array([rng.randrange(300) for _ in range(3000)] + [5])
+    expected = [len(grams[i] & grams[j]) / len(grams[i] | grams[j]) for i, j in zip(a.tolist(), b.tolist())]
+    for chunk in (textsim.PAIR_CHUNK, 64):
+        monkeypatch.setattr(textsim, "PAIR_CHUNK", chunk)
+        assert textsim.pair_jaccard(*textsim.ngram_hashes(texts, 3), a, b).tolist() == expected
+    assert 0 < np.mean(expected) < 1 and expected[-1] == 1.0
 
 
 def test_normalize_batch_equals_normalize_text_by_text():
@@ -610,6 +632,10 @@ def test_normalize_batch_equals_normalize_text_by_text():
     ascii_only = [t for t in texts if t.isascii() and "\x00" not in t]
     assert textsim.normalize_batch(ascii_only) == [textsim.normalize(t).encode() for t in ascii_only]
     assert textsim.normalize_batch([]) == []
+    # every character str.split() splits on, inside, around and between non-ASCII words
+    spaces = [chr(c) for c in range(0x110000) if chr(c).isspace()]
+    mixed = [f"É{s}a{s}{s}ß{s}" for s in spaces] + [f"{s}ﬁ" for s in spaces] + [f"{s}\u00e9{s}x" for s in spaces]
+    assert textsim.normalize_batch(mixed) == [textsim.normalize(t).encode() for t in mixed]
 
 
 # --- the real datasets: an independent re-count ---------------------------------------------
