@@ -186,7 +186,10 @@ def generate(model, chat, records: list[dict], *, batch_size: int, max_new_token
     import torch
 
     device = next(model.parameters()).device
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k} if temperature > 0 else {"do_sample": False}
+    # Greedy is the argmax at every step, as llama.cpp decodes in the GGUF check: the settings of
+    # the model's generation config that change it (Qwen 2.5's repetition_penalty 1.05) are reset.
+    sampling = ({"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k} if temperature > 0 else
+                {"do_sample": False, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0})
     stops = set(chat.stop_token_ids)
     results: list[Generation] = []
     for start in range(0, len(records), batch_size):
@@ -242,7 +245,7 @@ def answer_hidden_states(model, rows: Sequence[tuple[list[int], list[int]]], *, 
     those positions row after row (positions x hidden), the tokens they predict)."""
     import torch
 
-    decoder = _base_transformer(model)
+    decoder = base_transformer(model)
     device = next(model.parameters()).device
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
     for start in range(0, len(order), batch_size):
@@ -263,7 +266,7 @@ def answer_hidden_states(model, rows: Sequence[tuple[list[int], list[int]]], *, 
         yield batch, hidden, targets[scored].to(device)
 
 
-def _base_transformer(model):
+def base_transformer(model):
     """The model without its head (PEFT's LoRA layers stay in it): hidden states, no logits."""
     causal = model.get_base_model() if hasattr(model, "get_base_model") else model
     return causal.base_model
@@ -294,7 +297,7 @@ class LogitHead:
         ids = torch.tensor([list(probe[: self.PROBE_TOKENS])], device=next(model.parameters()).device)
         with torch.inference_mode():
             own = model(input_ids=ids, use_cache=False).logits[0].float()
-            hidden = _base_transformer(model)(input_ids=ids, use_cache=False).last_hidden_state[0]
+            hidden = base_transformer(model)(input_ids=ids, use_cache=False).last_hidden_state[0]
         # fp32 agrees to rounding; 16-bit models post-process in 16 bits, the head in fp32
         tolerance = (1e-4 if self.embedding.weight.dtype == torch.float32 else 2e-2) * max(1.0, float(own.abs().max()))
         for self.softcap, self.scale in dict.fromkeys([declared, (None, 1.0)]):
@@ -309,9 +312,15 @@ class LogitHead:
         import torch
 
         with torch.inference_mode():
-            logits = self.embedding(hidden.to(self.embedding.weight.device)).float() * self.scale
-            if self.softcap:
-                logits = torch.tanh(logits / self.softcap) * self.softcap
+            return self.logits(hidden)
+
+    def logits(self, hidden):
+        """The fp32 logits of `hidden`, differentiable (the training loss)."""
+        import torch
+
+        logits = self.embedding(hidden.to(self.embedding.weight.device)).float() * self.scale
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
 
     def chunks(self, hidden):

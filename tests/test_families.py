@@ -208,3 +208,48 @@ def test_init_example_family_writes_a_workspace_for_that_family(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "factory", "init", "--example", str(tmp_path / "x"), "--family",
                            "llama-2"], capture_output=True, text=True, env=ENV, timeout=120)
     assert proc.returncode == 2 and "llama-3.1" in proc.stderr and not (tmp_path / "x" / "factory.yaml").exists()
+
+
+@pytest.mark.parametrize("name", ["gemma-3", "phi-3"])
+def test_cpu_training_loss_on_trained_positions_equals_the_models_own(models, name, tmp_path):
+    """Off CUDA the finetune phase applies the head only where a token is trained: its loss,
+    gradients and validation loss are those of the model's own cross-entropy over every
+    position's logits (Phi-3 pads on the left; Gemma's head is checked for soft-capping)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig
+
+    from phases.finetune import _cpu_safe_trainer, _token_dataset
+
+    chat_format = chat.ChatFormat.from_tokenizer(AutoTokenizer.from_pretrained(models[name]))
+    records = [{"conversations": [{"role": "user", "content": r["input"]}, {"role": "assistant", "content": r["output"]}]}
+               for r in example.generate_task_records(6, seed=5)]
+    dataset, _ = _token_dataset(chat_format, records, 128)
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(models[name]),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"] if name != "phi-3" else ["qkv_proj"],
+                                      init_lora_weights=False))
+    trainer = _cpu_safe_trainer()(model=model, processing_class=chat_format.tokenizer, train_dataset=dataset,
+                                  args=SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[],
+                                                 per_device_train_batch_size=6, max_steps=1,
+                                                 dataset_kwargs={"skip_prepare_dataset": True}))
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert (batch["labels"] == -100).float().mean() > 0.5  # prompts are most tokens, and padding
+    model.train()
+
+    def loss_and_grads(loss_of):
+        model.zero_grad()
+        loss = loss_of()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    ours, our_grads = loss_and_grads(lambda: trainer.compute_loss(model, dict(batch)))
+    own, own_grads = loss_and_grads(lambda: model(**batch, use_cache=False).loss)
+    assert trainer._head is not False
+    assert torch.allclose(ours, own, rtol=1e-5), (ours, own)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(our_grads, own_grads))
+    model.eval()
+    with torch.no_grad():
+        loss, _, _ = trainer.prediction_step(model, dict(batch), prediction_loss_only=True)
+        assert torch.allclose(loss, model(**batch, use_cache=False).loss, rtol=1e-5)
