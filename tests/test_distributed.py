@@ -21,7 +21,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import pytest
 
 from factory.config import load_config, parse_config
 from factory.errors import ConfigError
-from factory.resources import validate
+from status_poller import StatusPoller
 
 ENV = {**os.environ, "COLUMNS": "200", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 STEPS = 8  # x effective batch 16 = 128 examples, inside the first epoch of the 270-record train split
@@ -86,41 +85,6 @@ def reference(base, tmp_path_factory) -> Path:
     proc = factory("run", "--only", "finetune", "-C", root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root
-
-
-class StatusPoller:
-    """Reads both status files while a run writes them; every read must validate."""
-
-    def __init__(self, root: Path):
-        self.files = {"status": root / ".factory" / "status.json",
-                      "training-status": root / ".factory" / "training-status.json"}
-        self.reads, self.problems = [], []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-    def _poll(self):
-        while not self._stop.is_set():
-            for schema, file in self.files.items():
-                try:
-                    doc = json.loads(file.read_bytes())
-                    validate(doc, schema)
-                    self.reads.append((schema, doc))
-                except FileNotFoundError:
-                    pass
-                except Exception as e:
-                    self.problems.append(repr(e))
-            time.sleep(0.05)
-
-    def training(self) -> list[dict]:
-        return [doc for schema, doc in self.reads if schema == "training-status"]
 
 
 def assert_same_training(run: dict, ref: dict, loss_rtol=LOSS_RTOL):

@@ -11,13 +11,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from factory.resources import validate
+from status_poller import StatusPoller
 
 ENV = {**os.environ, "COLUMNS": "200", "HF_HUB_OFFLINE": "1"}
 
@@ -311,35 +311,6 @@ def workspace_from(base: Path, tmp_path: Path, extra_training: str = "") -> Path
     return root
 
 
-class StatusPoller:
-    """Reads .factory/training-status.json while a run writes it; every read must validate."""
-
-    def __init__(self, root: Path):
-        self.file, self.reads, self.problems = root / ".factory" / "training-status.json", [], []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-    def _poll(self):
-        while not self._stop.is_set():
-            try:
-                doc = json.loads(self.file.read_bytes())
-                validate(doc, "training-status")
-                self.reads.append(doc)
-            except FileNotFoundError:
-                pass
-            except Exception as e:
-                self.problems.append(repr(e))
-            time.sleep(0.02)
-
-
 @pytest.fixture(scope="module")
 def overfit_run(noisy_workspace, tmp_path_factory):
     """The noisy workspace trained for 80 steps, with TensorBoard and Trackio (offline), a
@@ -368,10 +339,10 @@ def test_a_run_that_overfits_fails_the_gate_and_best_beats_last_on_test(overfit_
     assert any("Trackio" in entry.get("output", "") for entry in log_lines)  # its banner went here instead
 
     # the live status validated at every read, and carried the validation loss
-    assert poller.problems == [] and len(poller.reads) > 5
-    running = [r for r in poller.reads if r["status"] == "running"]
+    assert poller.problems == [] and len(poller.training()) > 5
+    running = [r for r in poller.training() if r["status"] == "running"]
     assert running[0]["best_eval_loss"] is None and any(r["eval_loss"] is not None for r in running)
-    final = poller.reads[-1]
+    final = poller.training()[-1]
     stats = metrics(root, "training-stats")
     evals = stats["eval_history"]
     assert final["eval_loss"] == evals[-1]["eval_loss"] and final["best_eval_loss"] == stats["validation"]["best_loss"]
@@ -515,5 +486,6 @@ def test_early_stopping_survives_kill_9_with_its_best_loss_and_patience(noisy_wo
     assert (checkpoints / "lora" / "adapter_model.safetensors").read_bytes() == \
            (checkpoints / "best" / "adapter_model.safetensors").read_bytes() == best_copy
     assert poller.problems == []
-    resumed_reads = [r for r in poller.reads if r["run_id"] == poller.reads[-1]["run_id"] and r["step"] >= kill_at]
+    training = poller.training()
+    resumed_reads = [r for r in training if r["run_id"] == training[-1]["run_id"] and r["step"] >= kill_at]
     assert resumed_reads[0]["best_eval_loss"] == trainer_state["best_metric"]  # known from the resumed step on
