@@ -105,6 +105,7 @@ def _split(ctx: PhaseContext, workers: int | None, chunk_bytes: int, stack: Exit
     settings = Settings(seed=cfg.seed & _U64, stratify=cfg.stratify, min_turn_words=cfg.min_turn_words,
                         ngram=data.dedup.ngram, near=data.dedup.near != "off", threshold=data.dedup.near_threshold,
                         benchmarks=benchmarks)
+    textsim.prepare(settings.threshold)  # before the workers fork: they inherit it
     laps("benchmarks")
 
     pool = stack.enter_context(worker_pool(workers, log, "split", _init_worker, (settings,)))
@@ -420,8 +421,9 @@ class _Block:
         self.offset = (start + np.cumsum(length + 1) - length - 1)[filled]
         self.line = filled
         self.lines = data.count(b"\n") + (not data.endswith(b"\n") and bool(data))
-        lines = [raw[i] for i in filled.tolist()]
+        lines = raw[:-1] if filled.size == len(raw) - 1 and not raw[-1] else [raw[i] for i in filled.tolist()]
         self.records = len(lines)
+        self.raw_lines = lines
         try:
             self.parsed = list(map(orjson.loads, lines))
             conversations = [record["conversations"] for record in self.parsed]
@@ -498,7 +500,7 @@ def _scan_block(job: tuple[str, int, int]) -> dict[str, Any]:
     prompt[block.turns - answered == 0] = 0
     user = np.flatnonzero(roles == h(b"user", seed))
     part = {"records": n, "lines": block.lines, "blank": block.lines - n,
-            "exact": np.fromiter((h(line, seed) for line in data.split(b"\n") if line), np.uint64, n).tobytes(),
+            "exact": np.fromiter((h(line, seed) for line in block.raw_lines), np.uint64, n).tobytes(),
             "norm": _combine(turn_key, roles, block).tobytes(), "prompt": prompt.tobytes(),
             "offset": block.offset.tobytes(), "line": block.line.tobytes()}
     part.update(_user_turns([texts[i] for i in user.tolist()], block.record_of_turn[user], s, s.near))
