@@ -133,7 +133,7 @@ def _split(ctx: PhaseContext, workers: int | None, chunk_bytes: int, stack: Exit
     near_a = near_b = np.zeros(0, np.int64)
     near_pairs_found = 0
     if settings.near:
-        near_a, near_b, near_j = _near_record_pairs(scan, kind == 0, settings, source)
+        near_a, near_b, near_j = _near_record_pairs(scan, kind == 0, settings, source, pool)
         near_pairs_found = int(near_a.size)
         if data.dedup.near == "drop":
             _drop_near(near_a, near_b, near_j, duplicate_of, kind, similarity)
@@ -603,7 +603,7 @@ def _mark_duplicates(keys: np.ndarray, among: np.ndarray, duplicate_of: np.ndarr
     kind[among[repeated]] = code
 
 
-def _near_record_pairs(scan: _Scan, alive: np.ndarray, settings: Settings, source: Path
+def _near_record_pairs(scan: _Scan, alive: np.ndarray, settings: Settings, source: Path, pool=None
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Record pairs (a < b) with near-duplicate user turns (different texts), among live records;
     each user text is searched once (its first occurrence)."""
@@ -613,7 +613,7 @@ def _near_record_pairs(scan: _Scan, alive: np.ndarray, settings: Settings, sourc
 
     def texts_of(found: np.ndarray) -> list[bytes]:
         return _normalized_user_turns(source, scan.offset[scan.near_record[rows[found]]].astype(np.int64),
-                                      scan.near_key[rows[found]], settings.seed)
+                                      scan.near_key[rows[found]], settings.seed, pool)
 
     low, high, similarity = textsim.near_duplicate_pairs(scan.near_bands[rows], scan.near_sketch[rows], texts_of,
                                                          settings.ngram, settings.threshold)
@@ -1037,7 +1037,7 @@ def measure_leakage(ws, settings: Settings, workers: int = 1, chunk_bytes: int =
             mine = np.flatnonzero(t["near_split"][rows[found]] == k)
             chosen = rows[found[mine]]
             for i, text in zip(mine.tolist(), _normalized_user_turns(ws.split_file(name), t["near_offset"][chosen],
-                                                                     t["near_key"][chosen], settings.seed)):
+                                                                     t["near_key"][chosen], settings.seed, pool)):
                 texts[i] = text
         return texts
 
@@ -1090,10 +1090,29 @@ def _user_turn_with_key(f, offset: int, key: int, seed: int) -> str:
     return ""
 
 
-def _normalized_user_turns(path: Path, offsets: np.ndarray, keys: np.ndarray, seed: int) -> list[bytes]:
+TEXTS_PER_JOB = 8192
+"""_normalized_user_turns hands the worker processes runs of this many lines (in file order)."""
+
+
+def _normalized_user_turns(path: Path, offsets: np.ndarray, keys: np.ndarray, seed: int, pool=None) -> list[bytes]:
     """For each i, the normalized user turn with key keys[i] of the line at byte offsets[i]:
     the lines are read in file order through a large buffer (a seek inside it reads nothing),
-    and a few thousand at a time parsed and normalized together."""
+    and a few thousand at a time parsed and normalized together; by the pool's workers, a
+    run of lines each, when there is a pool and enough lines."""
+    if pool is None or offsets.size < 2 * TEXTS_PER_JOB:
+        return _user_turns_at((str(path), offsets, keys, seed))
+    order = np.argsort(offsets, kind="stable")
+    runs = range(0, order.size, TEXTS_PER_JOB)
+    jobs = [(str(path), offsets[order[lo:lo + TEXTS_PER_JOB]], keys[order[lo:lo + TEXTS_PER_JOB]], seed) for lo in runs]
+    found = [b""] * offsets.size
+    for lo, texts in zip(runs, pool.imap(_user_turns_at, jobs)):
+        for i, text in zip(order[lo:lo + TEXTS_PER_JOB].tolist(), texts):
+            found[i] = text
+    return found
+
+
+def _user_turns_at(job: tuple[str, np.ndarray, np.ndarray, int]) -> list[bytes]:
+    path, offsets, keys, seed = job
     found = [b""] * offsets.size
     order = np.argsort(offsets, kind="stable")
     h = xxhash.xxh3_64_intdigest

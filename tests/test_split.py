@@ -524,6 +524,24 @@ def test_near_duplicates_dropped_are_written_with_the_record_they_duplicate(ws):
     assert recount_lines(ws.formatted_file) == sum(recount_lines(ws.split_file(n)) for n in SPLITS) + len(entries)
 
 
+def test_near_duplicate_texts_read_back_by_workers_match_one_process(tmp_path, monkeypatch):
+    """The near-duplicate candidates' texts are read back by the worker processes (runs of 4
+    lines here): the same pairs, drops and files as in one process."""
+    monkeypatch.setattr(split, "TEXTS_PER_JOB", 4)
+    base, near = paraphrases(30)
+    records = [record(q, f"Answer A{i}") for i, q in enumerate(base)] + unique_records(80)
+    records += [record(q, f"Answer B{i}") for i, q in enumerate(near)]
+    results = []
+    for i, workers in enumerate((1, 2)):
+        ws = Workspace.at(tmp_path / str(i))
+        write_input(ws, records)
+        m = run(ws, {"dedup": {"near": "drop"}}, workers=workers, chunk_bytes=2 << 10)
+        results.append(({k: v for k, v in m.items() if k not in ("seconds", "seconds_by_step")},
+                        ws.duplicates_file.read_bytes()))
+    assert results[0] == results[1]
+    assert results[0][0]["near_duplicates"]["dropped"] >= 28
+
+
 def test_short_generic_turns_can_be_kept_from_linking(ws):
     records = [multi((f"Write a poem about topic {i}", f"Poem {i}"), ("continue", f"More poem {i}")) for i in range(100)]
     write_input(ws, records)
