@@ -643,7 +643,8 @@ def test_normalize_batch_equals_normalize_text_by_text():
 
     tricky = ["  A  b\t\nC ", "", " ", "\x1f", "x\u00a0y", "ÉCOLE  ß ﬁ", "\u2028a\u2029", "a\x85", "Σ AΣ",
               " \u3000 ", "e\u0301", "\u0301x", "Ａ Ｂ", "\n\n", "a b", "İ", "x = a + b", "-5", " {\"k\": [1, 2]} ",
-              "a\x00b", "\x0b\x0c\r\x1c\x1dz\x1e", "ends  ", "  starts", "Tab\tand\r\nCRLF"]
+              "a\x00b", "\x0b\x0c\r\x1c\x1dz\x1e", "ends  ", "  starts", "Tab\tand\r\nCRLF",
+              "a=\u0338b", "\u212aelvin", "A\u030a and e\u0301\u0323 x", "\u1100\u1161\u11a8 K\u0301", "long " * 50 + "Ω\u0345"]
     texts = tricky + [t for r in unique_records(300) for t in (turn["content"] for turn in r["conversations"])]
     expected = [textsim.normalize(t).encode() for t in texts]
     assert textsim.normalize_batch(texts) == expected
