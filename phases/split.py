@@ -28,7 +28,8 @@ Memory: about 60 bytes a record plus, with near-duplicates on, 152 bytes per dis
 turn of at least `dedup.ngram` words (LSH band keys 72, a signature sketch 64, record and
 key), plus two blocks per worker; LSH candidates are filtered band by band as found, and
 the ones kept are measured exactly (textsim.pair_jaccard) on their texts read back in file
-order, a few thousand lines at a time, with numpy arrays (no Python set per text).
+order, a few thousand lines at a time (by the worker processes when there are some), with
+numpy arrays (no Python set per text).
 
 Speed: a block's records are parsed with one orjson call each, then handled together: all
 texts normalized at once (textsim.normalize_batch), record and prompt keys combined from
