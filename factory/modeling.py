@@ -163,6 +163,12 @@ def add_lora(model, cfg: FactoryConfig, backend: Backend, *, rank: int):
     targets = [m for m in lora.target_modules if m in present]
     if not targets:
         raise InputError(f"lora.target_modules {lora.target_modules} match no layer of the model")
+    head = next((name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                 if module is model.get_output_embeddings()), None)
+    if head in targets:
+        # TRL's SFTTrainer computes the loss from the output embedding's weight, so an adapter there is never trained
+        raise InputError(f"lora.target_modules: {head!r} is the output embedding, which the hf backend (TRL's "
+                         f"SFTTrainer) cannot train through a LoRA adapter; remove it from lora.target_modules")
     config = LoraConfig(r=rank, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout, bias=lora.bias,
                         target_modules=targets, task_type="CAUSAL_LM")
     return get_peft_model(model, config)

@@ -253,3 +253,20 @@ def test_cpu_training_loss_on_trained_positions_equals_the_models_own(models, na
     with torch.no_grad():
         loss, _, _ = trainer.prediction_step(model, dict(batch), prediction_loss_only=True)
         assert torch.allclose(loss, model(**batch, use_cache=False).loss, rtol=1e-5)
+
+
+def test_a_lora_adapter_on_the_output_embedding_is_refused_with_the_key_to_change(models):
+    """TRL's SFTTrainer takes the loss from lm_head.weight, so an adapter there would never be
+    trained: refused before training, naming the key (it was an internal error, exit 3)."""
+    from transformers import AutoModelForCausalLM
+
+    from factory.config import parse_config
+    from factory.errors import InputError
+    from factory.modeling import Backend, add_lora
+
+    cfg = parse_config({"lora": {"target_modules": ["q_proj", "v_proj", "lm_head"]}})
+    model = AutoModelForCausalLM.from_pretrained(models["mistral"])
+    with pytest.raises(InputError, match=r"lora.target_modules: 'lm_head' is the output embedding"):
+        add_lora(model, cfg, Backend("hf", "test", "cpu"), rank=4)
+    cfg = parse_config({"lora": {"target_modules": ["q_proj", "v_proj"]}})
+    assert add_lora(model, cfg, Backend("hf", "test", "cpu"), rank=4).peft_config["default"].target_modules == {"q_proj", "v_proj"}
