@@ -99,8 +99,9 @@ class ChatFormat:
     """The literal text between the parts of a rendered conversation (see _probe)."""
 
     sampling: dict[str, float | int]
-    """Sampling settings the model's generation config sets (temperature, top_p, top_k), for
-    `factory sample` and the Ollama Modelfile; unset ones are left to the runtime."""
+    """Sampling settings the model's generation config sets (temperature, top_p, top_k,
+    repetition_penalty: transformers' names), for `factory sample` and the Ollama Modelfile;
+    unset ones are left to the runtime."""
 
     # --- construction ------------------------------------------------------------------
 
@@ -289,7 +290,7 @@ class ChatFormat:
 
 def sampling_settings(generation_config) -> dict[str, float | int]:
     """The sampling settings the model's generation config sets (none: the runtime's defaults)."""
-    return {key: value for key in ("temperature", "top_p", "top_k")
+    return {key: value for key in ("temperature", "top_p", "top_k", "repetition_penalty")
             if (value := getattr(generation_config, key, None)) is not None}
 
 

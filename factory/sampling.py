@@ -17,12 +17,13 @@ from factory.workspace import Workspace
 
 
 # What transformers and llama.cpp do when neither the command line nor the model says.
-RUNTIME_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50}
+RUNTIME_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50, "repetition_penalty": 1.0}
 
 
 def _settings(model: dict, temperature: float | None, top_p: float | None, top_k: int | None) -> dict:
-    """Each setting from the command line, else the model's generation config, else the runtime's."""
-    given = {"temperature": temperature, "top_p": top_p, "top_k": top_k}
+    """Each setting from the command line, else the model's generation config, else the
+    runtime's; the repetition penalty only from the model (transformers' name)."""
+    given = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "repetition_penalty": None}
     return {key: value if value is not None else model.get(key, RUNTIME_DEFAULTS[key]) for key, value in given.items()}
 
 
@@ -84,7 +85,8 @@ class GGUFSampler:
         merged = ws.path(cfg.save.merged_path)  # the GGUF's source: its generation config
         config = GenerationConfig.from_pretrained(merged) if (merged / "generation_config.json").exists() else None
         chosen = _settings(sampling_settings(config), temperature, top_p, top_k)
-        self.settings = dict(max_tokens=max_new_tokens, **chosen)
+        penalty = chosen.pop("repetition_penalty")
+        self.settings = dict(max_tokens=max_new_tokens, repeat_penalty=penalty, **chosen)
         if chosen["temperature"] <= 0:
             self.settings["top_k"] = 1
 

@@ -76,14 +76,18 @@ def normalize_batch(texts: list[str]) -> list[bytes]:
         joined = "\x00".join([*texts, ""]).encode()
     else:
         joined = b"\x00".join([t.encode() if t.isascii() else _fold_unicode(t).encode() for t in texts] + [b""])
-    if joined.count(b"\x00") != len(texts):  # a text holds a NUL itself
-        return [normalize(t).encode() for t in texts]
     data = np.frombuffer(joined.translate(_ASCII_FOLD), np.uint8)  # lower case, every whitespace a space
+    end = data == 0
+    if np.count_nonzero(end) != len(texts):  # a text holds a NUL itself
+        return [normalize(t).encode() for t in texts]
+    # a space goes when the byte before it is a space or a text's end (or it opens the data):
+    # runs keep their first space and texts lose their leading ones; a trailing one is left,
+    # and found below fast (a search for " \x00" tests the rare NUL first, unlike "\x00 ")
     space = data == 32
-    keep = np.ones(data.size, bool)
-    np.logical_not(space[1:] & space[:-1], out=keep[1:])  # runs of spaces: their first
-    once = data[keep].tobytes()
-    return once.replace(b" \x00", b"\x00").replace(b"\x00 ", b"\x00").lstrip(b" ").split(b"\x00")[:-1]
+    keep = np.empty(data.size, bool)
+    keep[0] = not space[0]
+    np.logical_not(space[1:] & (space[:-1] | end[:-1]), out=keep[1:])
+    return data[keep].tobytes().replace(b" \x00", b"\x00").split(b"\x00")[:-1]
 
 
 def _fold_unicode(text: str) -> str:
@@ -230,6 +234,14 @@ def lsh_params(threshold: float, num_perm: int = NUM_PERM) -> tuple[int, int]:
 
     lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=LSH_WEIGHTS)
     return lsh.b, lsh.r
+
+
+def prepare(threshold: float, num_perm: int = NUM_PERM, seed: int = MINHASH_SEED) -> None:
+    """Compute and cache the permutations and the LSH parameters. Both import datasketch,
+    which imports scipy (about a second of CPU): done once before worker processes are
+    forked, they inherit the caches instead of each paying it."""
+    _permutations(num_perm, seed)
+    lsh_params(threshold, num_perm)
 
 
 def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:

@@ -418,6 +418,10 @@ def _divergence(llm, reference: DivergenceReference) -> tuple[float, float, floa
 # --- 6. handoff -------------------------------------------------------------------------------
 
 
+# Ollama's names for the generation config's settings where they differ (the rest are the same)
+OLLAMA_PARAMETERS = {"repetition_penalty": "repeat_penalty"}
+
+
 def _write_modelfile(cfg: FactoryConfig, ws: Workspace, quantized_dir: Path, type_name: str, chat) -> Path:
     """An Ollama Modelfile next to the GGUF: FROM, the TEMPLATE in Ollama's Go syntax and the
     stop tokens (both read off the model's own chat template), its sampling defaults, num_ctx."""
@@ -429,7 +433,7 @@ def _write_modelfile(cfg: FactoryConfig, ws: Workspace, quantized_dir: Path, typ
     if chat.has_template:
         lines.append(f'TEMPLATE """{chat.ollama_template}"""')
     lines += [f'PARAMETER stop "{token}"' for token in chat.stop_tokens]
-    lines += [f"PARAMETER {key} {value}" for key, value in chat.sampling.items()]
+    lines += [f"PARAMETER {OLLAMA_PARAMETERS.get(key, key)} {value}" for key, value in chat.sampling.items()]
     lines.append(f"PARAMETER num_ctx {plan.context_length(cfg)}")
     path = quantized_dir / "Modelfile"
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())

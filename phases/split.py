@@ -28,7 +28,8 @@ Memory: about 60 bytes a record plus, with near-duplicates on, 152 bytes per dis
 turn of at least `dedup.ngram` words (LSH band keys 72, a signature sketch 64, record and
 key), plus two blocks per worker; LSH candidates are filtered band by band as found, and
 the ones kept are measured exactly (textsim.pair_jaccard) on their texts read back in file
-order, a few thousand lines at a time, with numpy arrays (no Python set per text).
+order, a few thousand lines at a time (by the worker processes when there are some), with
+numpy arrays (no Python set per text).
 
 Speed: a block's records are parsed with one orjson call each, then handled together: all
 texts normalized at once (textsim.normalize_batch), record and prompt keys combined from
@@ -108,6 +109,7 @@ def _split(ctx: PhaseContext, workers: int | None, chunk_bytes: int, stack: Exit
     settings = Settings(seed=cfg.seed & _U64, stratify=cfg.stratify, min_turn_words=cfg.min_turn_words,
                         ngram=data.dedup.ngram, near=data.dedup.near != "off", threshold=data.dedup.near_threshold,
                         benchmarks=benchmarks)
+    textsim.prepare(settings.threshold)  # before the workers fork: they inherit it
     laps("benchmarks")
 
     pool = stack.enter_context(worker_pool(workers, log, "split", _init_worker, (settings,)))
@@ -135,7 +137,7 @@ def _split(ctx: PhaseContext, workers: int | None, chunk_bytes: int, stack: Exit
     near_a = near_b = np.zeros(0, np.int64)
     near_pairs_found = 0
     if settings.near:
-        near_a, near_b, near_j = _near_record_pairs(scan, kind == 0, settings, source)
+        near_a, near_b, near_j = _near_record_pairs(scan, kind == 0, settings, source, pool)
         near_pairs_found = int(near_a.size)
         if data.dedup.near == "drop":
             _drop_near(near_a, near_b, near_j, duplicate_of, kind, similarity)
@@ -425,8 +427,9 @@ class _Block:
         self.offset = (start + np.cumsum(length + 1) - length - 1)[filled]
         self.line = filled
         self.lines = data.count(b"\n") + (not data.endswith(b"\n") and bool(data))
-        lines = [raw[i] for i in filled.tolist()]
+        lines = raw[:-1] if filled.size == len(raw) - 1 and not raw[-1] else [raw[i] for i in filled.tolist()]
         self.records = len(lines)
+        self.raw_lines = lines
         try:
             self.parsed = list(map(orjson.loads, lines))
             conversations = [record["conversations"] for record in self.parsed]
@@ -515,7 +518,7 @@ def _scan_block(job: tuple[str, int, int]) -> dict[str, Any]:
     prompt[block.turns - answered == 0] = 0
     user = np.flatnonzero(roles == h(b"user", seed))
     part = {"records": n, "lines": block.lines, "blank": block.lines - n,
-            "exact": np.fromiter((h(line, seed) for line in data.split(b"\n") if line), np.uint64, n).tobytes(),
+            "exact": np.fromiter((h(line, seed) for line in block.raw_lines), np.uint64, n).tobytes(),
             "norm": _combine(turn_key, roles, block).tobytes(), "prompt": prompt.tobytes(),
             "offset": block.offset.tobytes(), "line": block.line.tobytes()}
     part.update(_user_turns([texts[i] for i in user.tolist()], block.record_of_turn[user], s, s.near))
@@ -625,7 +628,7 @@ def _mark_duplicates(keys: np.ndarray, among: np.ndarray, duplicate_of: np.ndarr
     kind[among[repeated]] = code
 
 
-def _near_record_pairs(scan: _Scan, alive: np.ndarray, settings: Settings, source: Path
+def _near_record_pairs(scan: _Scan, alive: np.ndarray, settings: Settings, source: Path, pool=None
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Record pairs (a < b) with near-duplicate user turns (different texts), among live records;
     each user text is searched once (its first occurrence)."""
@@ -638,7 +641,7 @@ def _near_record_pairs(scan: _Scan, alive: np.ndarray, settings: Settings, sourc
 
     def texts_of(found: np.ndarray) -> list[bytes]:
         return _normalized_user_turns(source, scan.offset[scan.near_record[rows[found]]].astype(np.int64),
-                                      scan.near_key[rows[found]], settings.seed)
+                                      scan.near_key[rows[found]], settings.seed, pool)
 
     low, high, similarity = textsim.near_duplicate_pairs(scan.near_bands[rows], scan.near_sketch[rows], texts_of,
                                                          settings.ngram, settings.threshold)
@@ -1089,7 +1092,7 @@ def measure_leakage(ws, settings: Settings, workers: int = 1, chunk_bytes: int =
             mine = np.flatnonzero(t["near_split"][rows[found]] == k)
             chosen = rows[found[mine]]
             for i, text in zip(mine.tolist(), _normalized_user_turns(ws.split_file(name), t["near_offset"][chosen],
-                                                                     t["near_key"][chosen], settings.seed)):
+                                                                     t["near_key"][chosen], settings.seed, pool)):
                 texts[i] = text
         return texts
 
@@ -1147,13 +1150,34 @@ def _user_turn_with_key(f, offset: int, key: int, seed: int) -> str:
     return ""
 
 
-def _normalized_user_turns(path: Path, offsets: np.ndarray, keys: np.ndarray, seed: int) -> list[bytes]:
+TEXTS_PER_JOB = 8192
+"""_normalized_user_turns hands the worker processes runs of this many lines (in file order)."""
+
+
+def _normalized_user_turns(path: Path, offsets: np.ndarray, keys: np.ndarray, seed: int, pool=None) -> list[bytes]:
     """For each i, the normalized user turn with key keys[i] of the line at byte offsets[i]:
     the lines are read in file order through a large buffer (a seek inside it reads nothing),
-    and a few thousand at a time parsed and normalized together."""
+    and a few thousand at a time parsed and normalized together; by the pool's workers, a
+    run of lines each, when there is a pool and enough lines."""
+    import numpy as np
+
+    if pool is None or offsets.size < 2 * TEXTS_PER_JOB:
+        return _user_turns_at((str(path), offsets, keys, seed))
+    order = np.argsort(offsets, kind="stable")
+    runs = range(0, order.size, TEXTS_PER_JOB)
+    jobs = [(str(path), offsets[order[lo:lo + TEXTS_PER_JOB]], keys[order[lo:lo + TEXTS_PER_JOB]], seed) for lo in runs]
+    found = [b""] * offsets.size
+    for lo, texts in zip(runs, pool.imap(_user_turns_at, jobs)):
+        for i, text in zip(order[lo:lo + TEXTS_PER_JOB].tolist(), texts):
+            found[i] = text
+    return found
+
+
+def _user_turns_at(job: tuple[str, np.ndarray, np.ndarray, int]) -> list[bytes]:
     import numpy as np
     from factory import textsim
 
+    path, offsets, keys, seed = job
     found = [b""] * offsets.size
     order = np.argsort(offsets, kind="stable")
     h = xxhash.xxh3_64_intdigest

@@ -362,6 +362,12 @@ def test_gguf_tokenizer_template_and_stop_tokens(run, name):
     modelfile = (run / "models" / "quantized" / "Modelfile").read_text()
     assert "FROM ./model-Q8_0.gguf" in modelfile and 'TEMPLATE """' in modelfile
     assert f'PARAMETER stop "{eot}"' in modelfile.splitlines()
+    # the sampling settings of the model's generation_config.json, under Ollama's names
+    generation = json.loads((run / "models" / "base" / "generation_config.json").read_text())
+    ollama_names = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "repetition_penalty": "repeat_penalty"}
+    parameters = dict(line.split()[1:3] for line in modelfile.splitlines() if line.startswith("PARAMETER "))
+    assert {k: float(v) for k, v in parameters.items() if k not in ("stop", "num_ctx")} == \
+        {ollama_names[k]: float(v) for k, v in generation.items() if k in ollama_names}
 
 
 def test_a_model_with_a_template_of_its_own_and_no_pad_token_keeps_them(runs):

@@ -524,6 +524,24 @@ def test_near_duplicates_dropped_are_written_with_the_record_they_duplicate(ws):
     assert recount_lines(ws.formatted_file) == sum(recount_lines(ws.split_file(n)) for n in SPLITS) + len(entries)
 
 
+def test_near_duplicate_texts_read_back_by_workers_match_one_process(tmp_path, monkeypatch):
+    """The near-duplicate candidates' texts are read back by the worker processes (runs of 4
+    lines here): the same pairs, drops and files as in one process."""
+    monkeypatch.setattr(split, "TEXTS_PER_JOB", 4)
+    base, near = paraphrases(30)
+    records = [record(q, f"Answer A{i}") for i, q in enumerate(base)] + unique_records(80)
+    records += [record(q, f"Answer B{i}") for i, q in enumerate(near)]
+    results = []
+    for i, workers in enumerate((1, 2)):
+        ws = Workspace.at(tmp_path / str(i))
+        write_input(ws, records)
+        m = run(ws, {"dedup": {"near": "drop"}}, workers=workers, chunk_bytes=2 << 10)
+        results.append(({k: v for k, v in m.items() if k not in ("seconds", "seconds_by_step")},
+                        ws.duplicates_file.read_bytes()))
+    assert results[0] == results[1]
+    assert results[0][0]["near_duplicates"]["dropped"] >= 28
+
+
 def test_short_generic_turns_can_be_kept_from_linking(ws):
     records = [multi((f"Write a poem about topic {i}", f"Poem {i}"), ("continue", f"More poem {i}")) for i in range(100)]
     write_input(ws, records)
@@ -625,7 +643,8 @@ def test_normalize_batch_equals_normalize_text_by_text():
 
     tricky = ["  A  b\t\nC ", "", " ", "\x1f", "x\u00a0y", "ÉCOLE  ß ﬁ", "\u2028a\u2029", "a\x85", "Σ AΣ",
               " \u3000 ", "e\u0301", "\u0301x", "Ａ Ｂ", "\n\n", "a b", "İ", "x = a + b", "-5", " {\"k\": [1, 2]} ",
-              "a\x00b", "\x0b\x0c\r\x1c\x1dz\x1e", "ends  ", "  starts", "Tab\tand\r\nCRLF"]
+              "a\x00b", "\x0b\x0c\r\x1c\x1dz\x1e", "ends  ", "  starts", "Tab\tand\r\nCRLF",
+              "a=\u0338b", "\u212aelvin", "A\u030a and e\u0301\u0323 x", "\u1100\u1161\u11a8 K\u0301", "long " * 50 + "Ω\u0345"]
     texts = tricky + [t for r in unique_records(300) for t in (turn["content"] for turn in r["conversations"])]
     expected = [textsim.normalize(t).encode() for t in texts]
     assert textsim.normalize_batch(texts) == expected
