@@ -8,7 +8,11 @@ through every phase. Then, interleaved, a no-op `factory run` (every phase skipp
 - baseline: the same run with the hash cache removed first, which is what the engine did
   before the cache existed (every input hashed on every run).
 
-    python bench/noop_run.py [--size-gb 8] [--runs 5] [--max-wait S] [--tries N]
+The commands run with their bytecode cached (in the temporary folder, whatever
+PYTHONDONTWRITEBYTECODE says), as an installed package runs. `--code` times another checkout
+of the factory (e.g. a worktree of main: the baseline for a change to start-up time).
+
+    python bench/noop_run.py [--size-gb 8] [--runs 5] [--max-wait S] [--tries N] [--code PATH]
 
 Prints a Markdown row for BENCHMARKS.md.
 """
@@ -18,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -59,12 +62,19 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--max-wait", type=float, default=300.0, help="seconds to wait for a quiet machine")
     parser.add_argument("--tries", type=int, default=3, help="measurements of a run while other processes use CPU")
+    parser.add_argument("--code", type=Path, default=ROOT, help="the factory checkout to time (default: this one)")
     args = parser.parse_args()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     with tempfile.TemporaryDirectory(prefix="noop-bench-") as tmp:
+        env = {**os.environ, "PYTHONPATH": str(args.code.resolve()), "HF_HUB_OFFLINE": "1",
+               "PYTHONPYCACHEPREFIX": str(Path(tmp) / "bytecode")}
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+
+        def run(*command: str, log: Path | None = None) -> dict:
+            # in the temporary folder: in a checkout's own folder, `-m factory` would import that checkout
+            return timed_run(factory(*command), env=env, cwd=Path(tmp), log=log)
+
         ws = Path(tmp) / "ws"
-        subprocess.run(factory("init", "--example", str(ws), "--records", "120"), env=env, check=True,
-                       capture_output=True)
+        run("init", "--example", str(ws), "--records", "120")
         (ws / "factory.yaml").write_text(CONFIG)
         for name, (after, metric, op, value) in GATES.items():
             (ws / "gates" / f"{name}.yaml").write_text(
@@ -74,26 +84,26 @@ def main() -> None:
             f.truncate(int(args.size_gb * 2**30))
         time.sleep(3)  # older than the hash cache's racy window
         started = time.monotonic()
-        timed_run(factory("run", "-C", str(ws)), env=env, log=Path(tmp) / "first.log")
+        run("run", "-C", str(ws), log=Path(tmp) / "first.log")
         first = time.monotonic() - started
-        timed_run(factory("run", "-C", str(ws)), env=env, log=Path(tmp) / "second.log")  # settles the cache
+        run("run", "-C", str(ws), log=Path(tmp) / "second.log")  # settles the hash cache, writes the bytecode
 
         cached, uncached = [], []
         for _ in range(args.runs):
-            cached.append(quiet_run(lambda: timed_run(factory("run", "-C", str(ws)), env=env), max_wait_s=args.max_wait,
-                                    tries=args.tries))
+            cached.append(quiet_run(lambda: run("run", "-C", str(ws)), max_wait_s=args.max_wait, tries=args.tries))
             def without_cache():
                 (ws / ".factory" / "hash-cache.json").unlink(missing_ok=True)
-                return timed_run(factory("run", "-C", str(ws)), env=env)
+                return run("run", "-C", str(ws))
             uncached.append(quiet_run(without_cache, max_wait_s=args.max_wait, tries=args.tries))
-        version = quiet_run(lambda: timed_run(factory("--version"), env=env), max_wait_s=args.max_wait, tries=args.tries)
-        timed_run(factory("run", "-C", str(ws)), env=env, log=Path(tmp) / "last.log")
+        version = quiet_run(lambda: run("--version"), max_wait_s=args.max_wait, tries=args.tries)
+        run("run", "-C", str(ws), log=Path(tmp) / "last.log")
         nothing_to_do = "Nothing to do" in (Path(tmp) / "last.log").read_text()
 
     med = lambda runs, key="wall_s": statistics.median(r[key] for r in runs)  # noqa: E731
     clean = all(r["clean"] for r in cached + uncached)
+    print(f"code timed: {args.code.resolve()}")
     print(f"first full run: {first:.1f} s; the no-op runs skipped every phase: {nothing_to_do}")
-    print(f"factory --version (start-up floor): {version['wall_s']:.2f} s")
+    print(f"factory --version (start-up floor): {version['wall_s']:.2f} s wall, {version['cpu_s']:.2f} s CPU")
     print("| date | model folder | no-op run, hash cache (s) | no-op run, no cache: every input hashed (s) | "
           "cache/no cache | CPU s cache / no cache | quiet |")
     print("|---|---|---|---|---|---|---|")

@@ -5,8 +5,8 @@ command or option included) or a full disk, 3 an internal error (a bug: please r
 the --debug traceback), 130 interrupted.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: Typer would then evaluate every command's annotations
+# from strings at every start (about 20 ms of each command).
 import dataclasses
 import os
 import shutil
@@ -740,13 +740,10 @@ def report(workspace: WorkspaceOpt = Path("."), debug: DebugOpt = False) -> None
 
 def _cli_exceptions() -> tuple[tuple, tuple, tuple]:
     """The (exit, abort, usage error) exception classes of the Typer in use: its own (newer
-    Typers vendor click), and click's where an older Typer raises those."""
+    Typers vendor click), and click's where an older Typer, which imports click, raises those."""
     exits, aborts, usage = [typer.Exit], [typer.Abort], [typer.exceptions.TyperException]
-    try:
-        import click
-    except ImportError:
-        pass
-    else:
+    click = sys.modules.get("click")  # not imported here: a newer Typer does not need it
+    if click is not None:
         exits.append(click.exceptions.Exit)
         aborts.append(click.exceptions.Abort)
         usage.append(click.exceptions.ClickException)

@@ -14,8 +14,6 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-import numpy as np
-
 from factory import scoring
 
 
@@ -37,6 +35,8 @@ def holm(p_values: Sequence[float]) -> list[float]:
 
 
 def model_summary(scores: Sequence[float | None], pass_threshold: float) -> dict[str, Any]:
+    import numpy as np
+
     graded = np.array([s for s in scores if s is not None], dtype=float)
     n = int(graded.size)
     return {

@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from factory.errors import ConfigError
+from factory.io import load_yaml
 
 Auto = Literal["auto"]
 
@@ -766,7 +767,7 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Factory
     raw: Any = {}
     if path.exists():
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
+            raw = load_yaml(path.read_text(encoding="utf-8-sig"))
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)

@@ -67,12 +67,16 @@ def launches(phase, cfg: FactoryConfig) -> bool:
     return phase.distributed and world_size(cfg) > 1
 
 
-def check(cfg: FactoryConfig) -> None:
-    """Refuse what the engines would not do as asked, before any process starts."""
+def check(cfg: FactoryConfig, phases) -> None:
+    """Refuse what the engines would not do as asked, before any of `phases` runs. Plain DDP runs
+    anywhere: then neither the processes nor the GPUs are counted (importing torch for that would
+    make a run where nothing changed take seconds)."""
+    strategy = cfg.training.distributed.strategy
+    if strategy == "ddp" or not any(launches(phase, cfg) for phase in phases):
+        return
     import torch
 
-    strategy = cfg.training.distributed.strategy
-    if strategy != "ddp" and not torch.cuda.is_available():
+    if not torch.cuda.is_available():
         # accelerate (1.16) runs FSDP and DeepSpeed on GPUs only: with the Trainer's use_cpu it runs plain DDP
         raise ConfigError(f"training.distributed.strategy {strategy} needs CUDA GPUs: accelerate shards models only "
                           "there, and on CPUs would run plain DDP instead. Use strategy ddp on this machine")

@@ -33,8 +33,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,6 +149,9 @@ class LocalServer:
                                             preexec_fn=_die_with_parent if sys.platform == "linux" else None)
 
     def wait_until_ready(self) -> None:
+        import urllib.error
+        import urllib.request
+
         deadline = time.monotonic() + self.startup_timeout
         while True:
             code = self.process.poll()

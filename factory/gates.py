@@ -25,7 +25,7 @@ import yaml
 from factory import resources
 from factory.config import FactoryConfig
 from factory.errors import ConfigError, InputError
-from factory.io import read_json_if_exists, write_json
+from factory.io import load_yaml, read_json_if_exists, write_json
 from factory.workspace import Workspace
 
 OPERATORS = {
@@ -94,7 +94,7 @@ def load_gates(ws: Workspace, cfg: FactoryConfig) -> dict[str, Gate]:
 
 def _load_gate(path: Path, overrides: dict[str, Any]) -> Gate:
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = load_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     validator = jsonschema.Draft202012Validator(resources.schema("gate"))

@@ -31,6 +31,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from factory.errors import ConfigError
+from factory.io import load_yaml
 from factory.workspace import Workspace
 
 RUBRICS_DIR = Path(__file__).resolve().parent / "rubrics"
@@ -99,7 +100,7 @@ def load_rubric(spec: str, ws: Workspace) -> Rubric:
         raise ConfigError(f"evaluation.judge.rubric: {spec!r} is neither a shipped rubric ({', '.join(rubric_names())}) "
                           f"nor a file ({path} does not exist)")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = load_yaml(path.read_text(encoding="utf-8"))
         parsed = RubricFile.model_validate(raw)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None

@@ -100,8 +100,7 @@ def run_pipeline(
     options: dict | None = None,
 ) -> RunResult:
     selected = select_phases(pipeline, target, only)
-    if any(distributed.launches(phase, cfg) for phase in selected):
-        distributed.check(cfg)  # a strategy the engines would not run as asked: refused before anything runs
+    distributed.check(cfg, selected)  # a strategy the engines would not run as asked: refused before anything runs
     gates = load_gates(ws, cfg)
     settings = output_settings(cfg, ws)  # none may be the workspace or contain it: refused before anything runs
     reporter = reporter or _Silent()

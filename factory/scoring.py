@@ -13,8 +13,6 @@ import string
 from collections import Counter
 from typing import Any, Callable, Sequence
 
-import numpy as np
-
 Scorer = Callable[[str, str], float]
 
 _PUNCT = str.maketrans("", "", string.punctuation)
@@ -174,6 +172,7 @@ def compare(baseline: Sequence[float], finetuned: Sequence[float], *, bootstrap:
     out and counted as `unpaired`; with no pair left every statistic is None and nothing is
     significant.
     """
+    import numpy as np
     from scipy import stats
 
     if len(baseline) != len(finetuned) or not len(baseline):
@@ -235,6 +234,7 @@ def _sign_test(up: int, down: int) -> float:
 def bootstrap_ci95(diff: np.ndarray, *, resamples: int, seed: int) -> list[float]:
     """Percentile bootstrap 95% interval of the mean of `diff`, resampled in batches so that
     memory stays bounded (BOOTSTRAP_BATCH_VALUES) at any number of examples."""
+    import numpy as np
     from scipy import stats
 
     found = stats.bootstrap((diff,), np.mean, n_resamples=resamples, batch=max(1, BOOTSTRAP_BATCH_VALUES // diff.size),

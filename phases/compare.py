@@ -27,7 +27,8 @@ from typing import Any
 
 import orjson
 
-from factory import compare, conversations, endpoints, judge as judging
+# factory.compare, conversations, endpoints and judge are imported where they are used: every
+# `factory run` imports this module for its PHASE only.
 from factory.config import JUDGE, SAFETY_JUDGE, USER_SIMULATOR, NamedModel
 from factory.errors import ConfigError, InputError
 from factory.io import atomic_write_bytes
@@ -38,6 +39,8 @@ EVAL_DIR = "data/eval"
 
 
 def run(ctx: PhaseContext) -> dict[str, Any]:
+    from factory import compare, conversations, endpoints, judge as judging
+
     cfg, ws, log = ctx.config, ctx.workspace, ctx.log
     settings = cfg.evaluation.compare
     if cfg.evaluation.judge is None:
@@ -148,6 +151,8 @@ def threads_per_server(cfg, specs: list[NamedModel]) -> int:
 
 
 def _inputs(cfg, ws: Workspace) -> list:
+    from factory import judge as judging
+
     paths = [ws.split_file("test")]
     conv = cfg.evaluation.conversations
     if conv.personas_file:
@@ -171,6 +176,8 @@ def _inputs(cfg, ws: Workspace) -> list:
 
 def _conversations(ctx: PhaseContext, models: dict, simulator: conversations.Simulator) -> tuple[dict, dict]:
     """Every persona's conversations with every model; transcripts under data/eval/transcripts/."""
+    from factory import conversations
+
     cfg, ws, log = ctx.config, ctx.workspace, ctx.log
     conv, settings = cfg.evaluation.conversations, cfg.evaluation.compare
     personas, source = conversations.load_personas(cfg, ws)
@@ -209,6 +216,8 @@ def _conversations(ctx: PhaseContext, models: dict, simulator: conversations.Sim
 
 
 def _transcript_item(t: dict) -> judging.Item:
+    from factory import judge as judging
+
     references = [r for r in t["requests"] if r.get("reference")]
     reference = "\n".join(f"{r['text']} -> {r['reference']}" for r in references) or None
     context = {k: t[k] for k in ("persona", "group", "conversation", "goal", "requests", "stopped_by", "system")}
@@ -218,7 +227,7 @@ def _transcript_item(t: dict) -> judging.Item:
 
 def _answers(ctx: PhaseContext, models: dict) -> tuple[dict, dict]:
     """One answer per test example from every model; answers under data/eval/answers/."""
-    from factory import evaluation
+    from factory import evaluation, judge as judging
     from factory.chat import messages, reference
 
     cfg, ws = ctx.config, ctx.workspace
@@ -254,6 +263,8 @@ def _verdicts_needed(mode: str, names: list[str], items: dict, safety) -> int:
 
 
 def _judge(ctx: PhaseContext, judge: judging.Judge, names: list[str], items: dict, mode: str) -> dict[str, Any]:
+    from factory import compare, endpoints, judge as judging
+
     cfg = ctx.config
     settings = cfg.evaluation.compare
     n = len(items[names[0]])
@@ -318,6 +329,8 @@ def _judge(ctx: PhaseContext, judge: judging.Judge, names: list[str], items: dic
 
 
 def _safety(ctx: PhaseContext, safety: judging.Judge, names: list[str], items: dict) -> dict[str, Any]:
+    from factory import judge as judging
+
     concurrency = ctx.config.evaluation.compare.concurrency
     grades = _interleaved(names, list(range(len(items[names[0]]))), lambda name, i: safety.grade(items[name][i]),
                           concurrency, ctx)
@@ -329,6 +342,8 @@ def _safety(ctx: PhaseContext, safety: judging.Judge, names: list[str], items: d
 def _interleaved(names: list[str], jobs: list, work, concurrency: int, ctx: PhaseContext) -> dict[str, list]:
     """work(name, job) for every model and job, in one pool with the models interleaved (so
     that every model's server is busy at once); the results per model, in the jobs' order."""
+    from factory import endpoints
+
     flat = [(name, job) for job in jobs for name in names]
     results = endpoints.run_concurrently(flat, lambda pair: work(*pair), concurrency=concurrency,
                                          on_done=ctx.progress.advance)

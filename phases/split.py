@@ -48,11 +48,11 @@ from itertools import compress
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import numpy as np
 import orjson
 import xxhash
 
-from factory import textsim
+# numpy and factory.textsim are imported in the functions that use them: a `factory run` with
+# nothing to do imports this module for its PHASE only, and should not pay for numpy.
 from factory.errors import InputError
 from factory.io import AtomicOutput
 from factory.phase import Phase, PhaseContext
@@ -78,7 +78,7 @@ test item, and is not matched."""
 
 MISSING = "(missing)"
 _U64 = (1 << 64) - 1
-_MIX_TEXT, _MIX_ROLE, _MIX_POSITION = (np.uint64(c) for c in (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9))
+_MIX_TEXT, _MIX_ROLE, _MIX_POSITION = 0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9
 EXACT, NORMALIZED, NEAR = 1, 2, 3
 KINDS = {EXACT: "exact", NORMALIZED: "normalized", NEAR: "near"}
 
@@ -93,6 +93,9 @@ def split_records(ctx: PhaseContext, workers: int | None = None, chunk_bytes: in
 
 
 def _split(ctx: PhaseContext, workers: int | None, chunk_bytes: int, stack: ExitStack) -> dict[str, Any]:
+    import numpy as np
+    from factory import textsim
+
     laps = _Laps()
     data, ws, log = ctx.config.data, ctx.workspace, ctx.log
     cfg = data.split
@@ -416,6 +419,8 @@ class _Block:
     order) its role and its content."""
 
     def __init__(self, path: str, data: bytes, start: int):
+        import numpy as np
+
         raw = data.split(b"\n")
         length = np.fromiter(map(len, raw), np.int64, len(raw))
         filled = np.flatnonzero(length)
@@ -442,6 +447,8 @@ class _Block:
         self.record_of_turn = np.repeat(np.arange(self.records), self.turns)
 
     def role_codes(self, seed: int) -> np.ndarray:
+        import numpy as np
+
         codes = {role: xxhash.xxh3_64_intdigest(role.encode(), seed) for role in set(self.roles)}
         return np.fromiter(map(codes.__getitem__, self.roles), np.uint64, len(self.roles))
 
@@ -449,6 +456,9 @@ class _Block:
 def _user_turns(texts: list[bytes], record: np.ndarray, settings: Settings, near: bool) -> dict[str, Any]:
     """Keys of the normalized user turns (of at least min_turn_words words) and, with `near`,
     LSH band keys of each distinct one of at least near_min_words words (its first occurrence)."""
+    import numpy as np
+    from factory import textsim
+
     s = settings
     h = xxhash.xxh3_64_intdigest
     key = np.fromiter((h(t, s.seed) or 1 for t in texts), np.uint64, len(texts))
@@ -470,9 +480,13 @@ def _user_turns(texts: list[bytes], record: np.ndarray, settings: Settings, near
 
 def _combine(keys: np.ndarray, roles: np.ndarray, block: _Block, include: np.ndarray | None = None) -> np.ndarray:
     """One 64-bit key per record from its turns' (role, normalized text key, position), in order."""
+    import numpy as np
+    from factory import textsim
+
     position = np.arange(keys.size, dtype=np.uint64) - np.repeat(block.first_turn, block.turns).astype(np.uint64)
+    mix_text, mix_role, mix_position = (np.uint64(c) for c in (_MIX_TEXT, _MIX_ROLE, _MIX_POSITION))
     with np.errstate(over="ignore"):
-        mixed = textsim.fmix64(keys * _MIX_TEXT + roles * _MIX_ROLE + (position + np.uint64(1)) * _MIX_POSITION)
+        mixed = textsim.fmix64(keys * mix_text + roles * mix_role + (position + np.uint64(1)) * mix_position)
     if include is not None:
         mixed[~include] = 0
     combined = textsim.fmix64(np.add.reduceat(mixed, block.first_turn)) if keys.size else np.zeros(0, np.uint64)
@@ -482,6 +496,9 @@ def _combine(keys: np.ndarray, roles: np.ndarray, block: _Block, include: np.nda
 
 def _scan_block(job: tuple[str, int, int]) -> dict[str, Any]:
     """Keys for every record of one block. Runs in a worker process for large files."""
+    import numpy as np
+    from factory import textsim
+
     path, start, end = job
     s = _SETTINGS
     data = _read_block(path, start, end)
@@ -565,6 +582,8 @@ class _Scan:
         self.records = self.missing = self.lines = 0
 
     def add(self, part: dict[str, Any]) -> None:
+        import numpy as np
+
         base = self.records
         for f in self.FIELDS:
             self.parts[f].frombytes(part[f])
@@ -585,6 +604,9 @@ class _Scan:
                 self.names.setdefault(key, name)
 
     def finish(self) -> None:
+        import numpy as np
+        from factory import textsim
+
         for f, values in self.parts.items():
             setattr(self, f, np.frombuffer(values, np.dtype(values.typecode)))
         self.near_bands = self.near_bands.reshape(-1, self.bands)
@@ -597,6 +619,8 @@ class _Scan:
 def _mark_duplicates(keys: np.ndarray, among: np.ndarray, duplicate_of: np.ndarray, kind: np.ndarray, code: int) -> None:
     """Among the records `among` (in file order), each one whose key an earlier one has is
     marked a duplicate of the first record with that key."""
+    import numpy as np
+
     _, first, inverse = np.unique(keys[among], return_index=True, return_inverse=True)
     original = among[first[inverse.reshape(-1)]]
     repeated = original != among
@@ -608,6 +632,9 @@ def _near_record_pairs(scan: _Scan, alive: np.ndarray, settings: Settings, sourc
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Record pairs (a < b) with near-duplicate user turns (different texts), among live records;
     each user text is searched once (its first occurrence)."""
+    import numpy as np
+    from factory import textsim
+
     rows = np.flatnonzero(alive[scan.near_record])
     _, first = np.unique(scan.near_key[rows], return_index=True)
     rows = rows[np.sort(first)]
@@ -644,6 +671,7 @@ def _components(scan: _Scan, keep: np.ndarray, near_a: np.ndarray, near_b: np.nd
     """Connected components of the kept records over their shared keys (a component number
     per record; dropped records get their own). Records sharing a key are linked in a chain
     (each to the next in key order), which connects them with one edge per record."""
+    import numpy as np
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
@@ -677,6 +705,8 @@ def _components(scan: _Scan, keep: np.ndarray, near_a: np.ndarray, near_b: np.nd
 
 def _most_shared_turns(scan: _Scan, keep: np.ndarray, source: Path, seed: int) -> list[dict[str, Any]]:
     """The user turns found in the most kept records, with their text (read back by offset)."""
+    import numpy as np
+
     alive = np.zeros(scan.records, bool)
     alive[keep] = True
     rows = np.flatnonzero(alive[scan.turn_record])
@@ -725,6 +755,8 @@ def _assign(group_keys: np.ndarray, group_size: np.ndarray, group_stratum: np.nd
     the ratios to within a record per split, and many small strata still spread over
     all splits.
     """
+    import numpy as np
+
     order = np.lexsort((group_keys, group_stratum))
     size = group_size[order].astype(np.int64)
     stratum = group_stratum[order]
@@ -752,6 +784,8 @@ def _seat_sequence(n: int, ratios: tuple[float, float, float]) -> np.ndarray:
     """Which split wins each of n seats in Sainte-Lague order: split k's c-th seat comes at
     (c - 0.5) / ratio_k; ties go to the earlier split. Every prefix is proportional to
     within about one seat per split."""
+    import numpy as np
+
     priorities, owners = [], []
     for k, r in enumerate(ratios):
         if r > 0:
@@ -766,6 +800,8 @@ def _fill_empty_splits(group_split: np.ndarray, group_size: np.ndarray, ratios: 
                        kept: int, groups: int) -> np.ndarray:
     """A split with a non-zero ratio that got no group (few records, or big groups) takes the
     smallest group of the split with the most groups."""
+    import numpy as np
+
     group_split = group_split.copy()
     for k in range(3):
         if ratios[k] <= 0 or np.any(group_split == k):
@@ -800,6 +836,9 @@ class Benchmarks:
 
     def match(self, texts: list[str], owner: np.ndarray, exact_record: np.ndarray, exact_keys: np.ndarray) -> dict:
         """The first match of each record of a block: (record, kind 0 exact / 1 n-gram, benchmark record)."""
+        import numpy as np
+        from factory import textsim
+
         found = [_lookup(self.exact, self.exact_owner, exact_keys, exact_record, 0)]
         hashes, which = textsim.ngram_hashes(texts, self.ngram)
         found.append(_lookup(self.grams, self.gram_owner, hashes, owner[which], 1))
@@ -812,6 +851,8 @@ class Benchmarks:
 
 
 def _lookup(table: np.ndarray, owner: np.ndarray, keys: np.ndarray, records: np.ndarray, kind: int):
+    import numpy as np
+
     if not table.size or not keys.size:
         return np.zeros(0, np.int64), np.zeros(0, np.int8), np.zeros(0, np.int64)
     pos = np.minimum(np.searchsorted(table, keys), table.size - 1)
@@ -821,6 +862,8 @@ def _lookup(table: np.ndarray, owner: np.ndarray, keys: np.ndarray, records: np.
 
 def _load_benchmarks(cfg, ws, seed: int) -> Benchmarks:
     """Read the benchmark files with the format phase's readers (any format it reads)."""
+    import numpy as np
+    from factory import textsim
     from factory.config import InputSpec
     from phases.format import Reject, canonical_records, collect_files
 
@@ -873,6 +916,8 @@ def _load_benchmarks(cfg, ws, seed: int) -> Benchmarks:
 
 def _contamination_metrics(scan: _Scan, hit: np.ndarray, where: np.ndarray, kinds: np.ndarray, owners: np.ndarray,
                            benchmarks: Benchmarks, cfg, source: Path, removed: int) -> dict[str, Any]:
+    import numpy as np
+
     found = {name: int(np.count_nonzero(where == k)) for k, name in enumerate(SPLITS)}
     examples = []
     with open(source, "rb") as f:
@@ -910,6 +955,8 @@ def _write(source: Path, blocks: list[tuple[int, int]], scan: _Scan, record_spli
     updates (both release the GIL) while this thread reads the next block; at most two
     blocks are in memory.
     """
+    import numpy as np
+
     outputs = [AtomicOutput(ws.split_file(name)) for name in SPLITS]
     offsets = scan.offset
     position = 0
@@ -933,6 +980,8 @@ def _write(source: Path, blocks: list[tuple[int, int]], scan: _Scan, record_spli
 
 def _cut(data: bytes, which: np.ndarray, starts: np.ndarray, blank: int) -> list[bytes]:
     """The bytes of one block for each split: its lines whose entry in `which` is 0, 1, 2."""
+    import numpy as np
+
     if not which.size:
         return [b"", b"", b""]
     if blank or not data.endswith(b"\n"):  # rare: go line by line
@@ -962,6 +1011,8 @@ def _cut_text(text: str) -> str:
 def _write_duplicates(ws, source: Path, scan: _Scan, duplicate_of: np.ndarray, kind: np.ndarray,
                       similarity: np.ndarray) -> dict[str, Any]:
     """data/formatted/duplicates.jsonl: each dropped record with the record it duplicates."""
+    import numpy as np
+
     dropped = np.flatnonzero(kind > 0)
     with AtomicOutput(ws.duplicates_file) as out, open(source, "rb") as f:
         for i in dropped.tolist():
@@ -997,6 +1048,9 @@ def measure_leakage(ws, settings: Settings, workers: int = 1, chunk_bytes: int =
     normalized user turn (of at least data.split.min_turn_words words) found in two splits,
     and every pair of different user turns in two splits whose MinHash Jaccard estimate
     reaches dedup.near_threshold. Reads data/splits/{train,val,test}.jsonl afresh."""
+    import numpy as np
+    from factory import textsim
+
     jobs = []
     for k, name in enumerate(SPLITS):
         path = ws.split_file(name)
@@ -1067,6 +1121,9 @@ def measure_leakage(ws, settings: Settings, workers: int = 1, chunk_bytes: int =
 
 
 def _check_block(job: tuple[str, int, int, int]) -> dict[str, Any]:
+    import numpy as np
+    from factory import textsim
+
     path, start, end, split = job
     block = _Block(path, _read_block(path, start, end), start)
     user = [role == "user" for role in block.roles]
@@ -1083,6 +1140,8 @@ def _check_block(job: tuple[str, int, int, int]) -> dict[str, Any]:
 
 def _user_turn_with_key(f, offset: int, key: int, seed: int) -> str:
     """The user turn of the line at `offset` whose normalized text has this key, as written."""
+    from factory import textsim
+
     record = orjson.loads(_line_at(f, offset))
     for turn in record["conversations"]:
         text = textsim.normalize(turn["content"])
@@ -1100,6 +1159,8 @@ def _normalized_user_turns(path: Path, offsets: np.ndarray, keys: np.ndarray, se
     the lines are read in file order through a large buffer (a seek inside it reads nothing),
     and a few thousand at a time parsed and normalized together; by the pool's workers, a
     run of lines each, when there is a pool and enough lines."""
+    import numpy as np
+
     if pool is None or offsets.size < 2 * TEXTS_PER_JOB:
         return _user_turns_at((str(path), offsets, keys, seed))
     order = np.argsort(offsets, kind="stable")
@@ -1113,6 +1174,9 @@ def _normalized_user_turns(path: Path, offsets: np.ndarray, keys: np.ndarray, se
 
 
 def _user_turns_at(job: tuple[str, np.ndarray, np.ndarray, int]) -> list[bytes]:
+    import numpy as np
+    from factory import textsim
+
     path, offsets, keys, seed = job
     found = [b""] * offsets.size
     order = np.argsort(offsets, kind="stable")
@@ -1133,6 +1197,8 @@ def _user_turns_at(job: tuple[str, np.ndarray, np.ndarray, int]) -> list[bytes]:
 def _leak_examples(ws, seed: int, t: dict[str, np.ndarray], a: np.ndarray, b: np.ndarray,
                    similarity: np.ndarray) -> list[dict[str, Any]]:
     """A few leaking pairs, with the text and line of each side, for the metrics and the report."""
+    import numpy as np
+
     examples = []
     files = {k: open(ws.split_file(name), "rb") for k, name in enumerate(SPLITS)}
     try:
@@ -1166,6 +1232,8 @@ def _shared_between_splits(keys: np.ndarray, split: np.ndarray) -> dict[tuple[st
     One sort of (key, split) packed in 64 bits (the key's two low bits give way to the
     split), then the set of splits of each distinct key as a bit mask.
     """
+    import numpy as np
+
     packed = np.sort((keys & ~np.uint64(3)) | split.astype(np.uint64))
     key = packed >> np.uint64(2)
     starts = np.flatnonzero(np.concatenate(([True], key[1:] != key[:-1]))) if key.size else np.zeros(0, np.int64)
@@ -1180,6 +1248,8 @@ def _shared_between_splits(keys: np.ndarray, split: np.ndarray) -> dict[tuple[st
 
 def _strata(record_split: np.ndarray, scan: _Scan, values: np.ndarray) -> dict[str, dict[str, int]]:
     """Records per stratum value in each split (the most frequent values)."""
+    import numpy as np
+
     written = np.flatnonzero(record_split >= 0)
     index = np.searchsorted(values, scan.stratum[written])
     split = record_split[written]

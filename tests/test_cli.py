@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from factory.resources import validate
+from heavy_imports import HEAVY, run_factory
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,14 +48,28 @@ def ws(tmp_path):
 
 
 def test_help_teaches_without_heavy_imports():
-    proc = factory("--help", check_rc=0)
+    proc, heavy = run_factory("--help")
+    assert proc.returncode == 0, proc.stderr
     for command in ("init", "run", "status", "validate", "gate"):
         assert command in proc.stdout
-    heavy = subprocess.run(
+    assert heavy == []
+    proc, heavy = run_factory("run", "--help")
+    assert proc.returncode == 0 and "--force" in proc.stdout and heavy == [], (proc.stderr, heavy)
+    imported = subprocess.run(  # what every command imports: the CLI and the phase list
         [sys.executable, "-c", "import sys, factory.cli, phases; "
-         "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'datasets', 'trl', 'unsloth'}))"],
+         f"print(sorted({{m.split('.')[0] for m in sys.modules}} & {set(HEAVY)!r}))"],
         capture_output=True, text=True, check=True).stdout.strip()
-    assert heavy == "[]"
+    assert imported == "[]"
+
+
+def test_a_run_with_nothing_to_do_imports_no_heavy_library(ws):
+    """What keeps a no-op `factory run` under a second (bench/noop_run.py times it): the phases'
+    modules, the config, the runner and the gates import no numpy, torch, ... until a phase runs.
+    tests/test_faults.py checks the same for every phase of a finished pipeline."""
+    factory("run", "split", "-C", ws, check_rc=0)
+    proc, heavy = run_factory("run", "split", "-C", ws)
+    assert proc.returncode == 0 and "Nothing to do" in proc.stderr, proc.stderr
+    assert heavy == []
 
 
 def test_run_split_end_to_end_then_skip(ws):
