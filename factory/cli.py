@@ -232,16 +232,16 @@ def _join_training(cfg, ws: Workspace, phase: Optional[str], only: Optional[str]
     from factory.runner import select_phases
 
     d = cfg.training.distributed
-    joined = [p.name for p in select_phases(phases.PIPELINE, phase, only) if p.distributed]
+    joined = [p for p in select_phases(phases.PIPELINE, phase, only) if p.distributed]
     if not joined:
         err.print(f"machine {d.node_rank} of {d.nnodes} runs only the distributed phases "
                   f"({', '.join(p.name for p in phases.PIPELINE if p.distributed)}); machine 0 runs the rest")
         return
     err.print(f"machine {d.node_rank} of {d.nnodes}: {distributed.processes_per_node(cfg)} processes join the "
-              f"{joined[0]} phase at {d.master_addr}:{d.master_port} (machine 0 writes status and results; "
+              f"{joined[0].name} phase at {d.master_addr}:{d.master_port} (machine 0 writes status and results; "
               f"logs in {ws.rel(ws.logs_dir)})", highlight=False)
     distributed.join(cfg, ws, joined[0])
-    err.print(f"machine {d.node_rank}: {joined[0]} finished")
+    err.print(f"machine {d.node_rank}: {joined[0].name} finished")
 
 
 def _handoff(cfg, ws: Workspace, written: list[Path]) -> None:

@@ -136,10 +136,10 @@ def run_phase(phase, ctx) -> dict[str, Any]:
     raise first_failure(channel, ws)
 
 
-def join(cfg: FactoryConfig, ws: Workspace, phase: str) -> None:
+def join(cfg: FactoryConfig, ws: Workspace, phase) -> None:
     """Machine node_rank > 0: take part in machine 0's training of `phase`, nothing else."""
-    check(cfg)
-    if _run_launcher(launch_command(cfg, ws, phase, "", {}), ws, poll=lambda: None) != 0:
+    check(cfg, [phase])
+    if _run_launcher(launch_command(cfg, ws, phase.name, "", {}), ws, poll=lambda: None) != 0:
         raise first_failure(channel_dir(ws), ws)
 
 

@@ -168,13 +168,23 @@ def test_two_machines_on_one_host_train_like_one_process(base, reference, tmp_pa
     filesystem): machine 1 only joins the finetune phase, machine 0 runs it and writes the results."""
     root = workspace(base, tmp_path, "{nproc_per_node: 1}")
     rendezvous = {**ENV, "NNODES": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    second = subprocess.Popen([sys.executable, "-m", "factory", "run", "--only", "finetune", "-C", str(root)],
-                              env={**rendezvous, "NODE_RANK": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True)
-    first = factory("run", "--only", "finetune", "-C", root, env={**rendezvous, "NODE_RANK": "0"})
-    out, err = second.communicate(timeout=300)
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert second.returncode == 0, err[-3000:]
+    stderr = [tmp_path / f"machine-{rank}.err" for rank in (0, 1)]
+    machines = [subprocess.Popen([sys.executable, "-m", "factory", "run", "--only", "finetune", "-C", str(root)],
+                                 env={**rendezvous, "NODE_RANK": str(rank)}, stdout=subprocess.DEVNULL,
+                                 stderr=stderr[rank].open("w"), start_new_session=True) for rank in (0, 1)]
+    first, second = machines
+    deadline = time.monotonic() + 600
+    try:  # a machine that fails leaves the other waiting at the rendezvous: stop both at the first failure
+        while any(m.poll() is None for m in machines) and not any(m.poll() for m in machines):
+            assert time.monotonic() < deadline, "the two machines did not finish within 600 s"
+            time.sleep(1)
+    finally:
+        for m in machines:
+            if m.poll() is None:
+                os.killpg(m.pid, signal.SIGKILL)  # with its torchrun and workers
+            m.wait()
+    first_err, err = (path.read_text() for path in stderr)
+    assert (first.returncode, second.returncode) == (0, 0), f"machine 0:\n{first_err[-2000:]}\nmachine 1:\n{err[-2000:]}"
     assert "machine 1 of 2: 1 processes join the finetune phase" in err
     stats, ref = metrics(root), metrics(reference)
     assert stats["distributed"]["world_size"] == 2 and stats["distributed"]["nnodes"] == 2
