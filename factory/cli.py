@@ -515,6 +515,7 @@ def plan(workspace: WorkspaceOpt = Path("."), debug: DebugOpt = False) -> None:
         return
     estimate = planning.estimate(model_config, resolved, load_in_4bit=cfg.model.load_in_4bit and backend.device == "cuda",
                                  n_targets=len(cfg.lora.target_modules),
+                                 trained_whole=tuple(cfg.lora.modules_to_save),
                                  gradient_checkpointing=bool(cfg.lora.use_gradient_checkpointing))
     for key, value in dataclasses.asdict(estimate).items():
         table.add_row(key.replace("_gib", " (GiB)").replace("_", " "), f"{value:,}" if isinstance(value, int) else f"{value:.3f}")

@@ -246,6 +246,13 @@ class LoraConfig(Section):
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
+    modules_to_save: list[str] = Field(default_factory=list)
+    """Layers trained whole (not through LoRA) and saved with the adapter, PEFT's
+    `modules_to_save`: `[lm_head, embed_tokens]` teaches a model new tokens or a new language
+    (Unsloth's continued pretraining), or a randomly initialised model its output space. Each
+    costs its full size in weights, gradients and Adam moments (vocabulary x hidden x 16 bytes:
+    8.4 GB for Llama 3.1 8B's head). A tied input and output embedding stays tied."""
+
     bias: Literal["none", "all", "lora_only"] = "none"
     use_gradient_checkpointing: Union[bool, Literal["unsloth"]] = "unsloth"
     """`unsloth` uses Unsloth's offloaded checkpointing on that backend, plain checkpointing elsewhere."""

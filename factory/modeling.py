@@ -147,19 +147,23 @@ def load_for_inference(cfg: FactoryConfig, ws: Workspace, backend: Backend, *, p
 
 def add_lora(model, cfg: FactoryConfig, backend: Backend, *, rank: int):
     lora = cfg.lora
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    absent = [m for m in lora.modules_to_save if m not in present]
+    if absent:
+        raise InputError(f"lora.modules_to_save: {absent} match no layer of the model; its layers include "
+                         f"{sorted(m for m in present if m and not m.isdigit())[:20]}")
     if backend.name == "unsloth":
         from unsloth import FastModel
 
         return FastModel.get_peft_model(
             model, r=rank, target_modules=lora.target_modules, lora_alpha=lora.lora_alpha,
-            lora_dropout=lora.lora_dropout, bias=lora.bias,
+            lora_dropout=lora.lora_dropout, bias=lora.bias, modules_to_save=lora.modules_to_save or None,
             use_gradient_checkpointing=lora.use_gradient_checkpointing, random_state=cfg.training.seed,
             finetune_vision_layers=lora.finetune_vision_layers, finetune_language_layers=lora.finetune_language_layers,
             finetune_attention_modules=lora.finetune_attention_modules, finetune_mlp_modules=lora.finetune_mlp_modules,
         )
     from peft import LoraConfig, get_peft_model
 
-    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     targets = [m for m in lora.target_modules if m in present]
     if not targets:
         raise InputError(f"lora.target_modules {lora.target_modules} match no layer of the model")
@@ -168,9 +172,13 @@ def add_lora(model, cfg: FactoryConfig, backend: Backend, *, rank: int):
     if head in targets:
         # TRL's SFTTrainer computes the loss from the output embedding's weight, so an adapter there is never trained
         raise InputError(f"lora.target_modules: {head!r} is the output embedding, which the hf backend (TRL's "
-                         f"SFTTrainer) cannot train through a LoRA adapter; remove it from lora.target_modules")
+                         f"SFTTrainer) cannot train through a LoRA adapter; remove it from lora.target_modules, "
+                         f"or move it to lora.modules_to_save to train it whole")
     config = LoraConfig(r=rank, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout, bias=lora.bias,
-                        target_modules=targets, task_type="CAUSAL_LM")
+                        target_modules=targets, modules_to_save=lora.modules_to_save or None,
+                        # else a tied embedding is merged as two matrices, and llama.cpp's converter drops Gemma's head
+                        ensure_weight_tying=bool(lora.modules_to_save and getattr(model.config, "tie_word_embeddings", False)),
+                        task_type="CAUSAL_LM")
     return get_peft_model(model, config)
 
 

@@ -88,8 +88,9 @@ class MemoryEstimate:
 
 
 def estimate(model_config: dict, resolved: Resolved, *, load_in_4bit: bool, n_targets: int = 7,
-             gradient_checkpointing: bool = True) -> MemoryEstimate:
-    """Rough training memory for a decoder-only model from its config.json values."""
+             trained_whole: tuple[str, ...] = (), gradient_checkpointing: bool = True) -> MemoryEstimate:
+    """Rough training memory for a decoder-only model from its config.json values;
+    `trained_whole` is lora.modules_to_save (its embeddings counted, one when tied)."""
     text = model_config.get("text_config", model_config)
     hidden, layers = text["hidden_size"], text["num_hidden_layers"]
     vocab, inter = text["vocab_size"], text.get("intermediate_size", 4 * hidden)
@@ -100,7 +101,10 @@ def estimate(model_config: dict, resolved: Resolved, *, load_in_4bit: bool, n_ta
     params = layers * (attn + mlp) + vocab * hidden
     bytes_per_weight = 0.5 + 0.0625 if load_in_4bit else 2  # nf4 + scales, or 16-bit
     weights = params * bytes_per_weight
-    lora_params = layers * resolved.rank * n_targets * (hidden + max(hidden, inter))
+    embeddings = len({"embed_tokens", "lm_head"} & set(trained_whole))
+    if model_config.get("tie_word_embeddings", text.get("tie_word_embeddings", True)):
+        embeddings = min(embeddings, 1)
+    lora_params = layers * resolved.rank * n_targets * (hidden + max(hidden, inter)) + embeddings * vocab * hidden
     lora = lora_params * 4  # fp32 master copy
     optimizer = lora_params * 8  # Adam moments
     tokens = resolved.batch_size * resolved.max_seq_length

@@ -210,11 +210,12 @@ def test_init_example_family_writes_a_workspace_for_that_family(tmp_path):
     assert proc.returncode == 2 and "llama-3.1" in proc.stderr and not (tmp_path / "x" / "factory.yaml").exists()
 
 
-@pytest.mark.parametrize("name", ["gemma-3", "phi-3"])
-def test_cpu_training_loss_on_trained_positions_equals_the_models_own(models, name, tmp_path):
+@pytest.mark.parametrize("name, trained_whole", [("gemma-3", []), ("phi-3", []), ("mistral", ["lm_head"])])
+def test_cpu_training_loss_on_trained_positions_equals_the_models_own(models, name, trained_whole, tmp_path):
     """Off CUDA the finetune phase applies the head only where a token is trained: its loss,
     gradients and validation loss are those of the model's own cross-entropy over every
-    position's logits (Phi-3 pads on the left; Gemma's head is checked for soft-capping)."""
+    position's logits (Phi-3 pads on the left; Gemma's head is checked for soft-capping; a head
+    in lora.modules_to_save is PEFT's trained copy, and gets its gradient)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -229,7 +230,7 @@ def test_cpu_training_loss_on_trained_positions_equals_the_models_own(models, na
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(models[name]),
                            LoraConfig(r=4, target_modules=["q_proj", "v_proj"] if name != "phi-3" else ["qkv_proj"],
-                                      init_lora_weights=False))
+                                      init_lora_weights=False, modules_to_save=trained_whole or None))
     trainer = _cpu_safe_trainer()(model=model, processing_class=chat_format.tokenizer, train_dataset=dataset,
                                   args=SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[],
                                                  per_device_train_batch_size=6, max_steps=1,
@@ -247,6 +248,7 @@ def test_cpu_training_loss_on_trained_positions_equals_the_models_own(models, na
     ours, our_grads = loss_and_grads(lambda: trainer.compute_loss(model, dict(batch)))
     own, own_grads = loss_and_grads(lambda: model(**batch, use_cache=False).loss)
     assert trainer._head is not False
+    assert sum("modules_to_save" in n for n, p in model.named_parameters() if p.requires_grad) == len(trained_whole)
     assert torch.allclose(ours, own, rtol=1e-5), (ours, own)
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(our_grads, own_grads))
     model.eval()
@@ -270,3 +272,36 @@ def test_a_lora_adapter_on_the_output_embedding_is_refused_with_the_key_to_chang
         add_lora(model, cfg, Backend("hf", "test", "cpu"), rank=4)
     cfg = parse_config({"lora": {"target_modules": ["q_proj", "v_proj"]}})
     assert add_lora(model, cfg, Backend("hf", "test", "cpu"), rank=4).peft_config["default"].target_modules == {"q_proj", "v_proj"}
+
+
+@pytest.mark.parametrize("name", ["gemma-3", "mistral"])
+def test_modules_to_save_trains_the_head_whole_and_a_tied_one_stays_tied(models, name, tmp_path):
+    """lora.modules_to_save: [lm_head] trains PEFT's copy of the head, which the merge puts in
+    the model. Gemma ties its head to the input embedding, and llama.cpp's converter drops
+    Gemma's lm_head: the trained matrix must stay the one tied matrix, or the GGUF loses it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from factory.config import parse_config
+    from factory.errors import InputError
+    from factory.modeling import Backend, add_lora
+
+    base = AutoModelForCausalLM.from_pretrained(models[name])
+    head, embedding = (base.get_output_embeddings().weight.detach().clone(),
+                       base.get_input_embeddings().weight.detach().clone())
+    cfg = parse_config({"lora": {"target_modules": ["q_proj", "v_proj"], "modules_to_save": ["lm_head"]}})
+    model = add_lora(base, cfg, Backend("hf", "test", "cpu"), rank=4)
+    ids = torch.tensor([[1, 5, 7, 9, 11, 13]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0).step()
+    model.merge_and_unload().save_pretrained(tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    new_head, new_embedding = merged.get_output_embeddings().weight, merged.get_input_embeddings().weight
+    assert not torch.equal(new_head, head)
+    if name == "gemma-3":
+        assert merged.config.tie_word_embeddings and torch.equal(new_head, new_embedding)
+    else:
+        assert not merged.config.tie_word_embeddings and torch.equal(new_embedding, embedding)
+    cfg = parse_config({"lora": {"modules_to_save": ["lm_head", "embed"]}})
+    with pytest.raises(InputError, match=r"lora.modules_to_save: \['embed'\] match no layer of the model"):
+        add_lora(AutoModelForCausalLM.from_pretrained(models[name]), cfg, Backend("hf", "test", "cpu"), rank=4)
