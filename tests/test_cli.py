@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -187,6 +188,13 @@ def test_plan_resolves_auto_and_warns_when_it_will_not_fit(tmp_path):
     logits_gib = 262208 * 2 * 16384 * 4 / 2**30  # vocab x batch x sequence x 4 bytes (seed 002)
     assert f"{logits_gib:.3f}" in proc.stdout
     assert "warning" in proc.stderr and "exceeds the available" in proc.stderr
+    # the head trained whole: its fp32 copy, once, since Gemma ties it to the input embedding
+    (tmp_path / "factory.yaml").write_text(
+        "model: {name: models/gemma-3-4b-config, max_seq_length: 16384}\n"
+        "lora: {r: auto, modules_to_save: [lm_head, embed_tokens]}\ntraining: {per_device_train_batch_size: 2}\n")
+    whole = factory("plan", "-C", tmp_path, check_rc=0)
+    lora_gib = [float(re.search(r"│ lora \(GiB\)\s+│ ([\d.]+)", p.stdout)[1]) for p in (proc, whole)]
+    assert lora_gib[1] - lora_gib[0] == pytest.approx(262208 * 2560 * 4 / 2**30, abs=2e-3)
 
 
 def test_quantize_without_llama_cpp_names_the_install_command(ws, tmp_path):

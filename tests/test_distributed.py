@@ -169,9 +169,13 @@ def test_two_machines_on_one_host_train_like_one_process(base, reference, tmp_pa
     root = workspace(base, tmp_path, "{nproc_per_node: 1}")
     rendezvous = {**ENV, "NNODES": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     stderr = [tmp_path / f"machine-{rank}.err" for rank in (0, 1)]
-    machines = [subprocess.Popen([sys.executable, "-m", "factory", "run", "--only", "finetune", "-C", str(root)],
-                                 env={**rendezvous, "NODE_RANK": str(rank)}, stdout=subprocess.DEVNULL,
-                                 stderr=stderr[rank].open("w"), start_new_session=True) for rank in (0, 1)]
+    machines = []
+    for rank in (0, 1):
+        with stderr[rank].open("w") as err_file:  # the child keeps its own descriptor
+            machines.append(subprocess.Popen(
+                [sys.executable, "-m", "factory", "run", "--only", "finetune", "-C", str(root)],
+                env={**rendezvous, "NODE_RANK": str(rank)}, stdout=subprocess.DEVNULL, stderr=err_file,
+                start_new_session=True))
     first, second = machines
     deadline = time.monotonic() + 600
     try:  # a machine that fails leaves the other waiting at the rendezvous: stop both at the first failure
