@@ -32,6 +32,7 @@ TEMPLATE_ALIASES = {"gemma3": "gemma-3", "gemma": "gemma-3", "llama-3": "llama-3
 # Placeholders for probe conversations: letters only, so no template's trimming or escaping
 # changes them, and unlikely to merge with the text around them.
 _SYSTEM, _USER1, _ANSWER1, _USER2 = "PROBESYSTEMxq", "PROBEUSERONExq", "PROBEANSWERxq", "PROBEUSERTWOxq"
+_REASONING = "PROBEREASONINGxq"
 
 
 def named_templates() -> list[str]:
@@ -98,6 +99,22 @@ class ChatFormat:
     probe: dict[str, str]
     """The literal text between the parts of a rendered conversation (see _probe)."""
 
+    system_folded: bool
+    """True when the template has no system role (it raises on one, as Gemma 1 and 2's do, or
+    leaves it out) or writes it where later turns decide (Mistral v0.3's: into the last user
+    message only): a system message is written at the start of the first user message instead,
+    as Gemma 3's template does itself, rather than failing, being lost or moving."""
+
+    reasoning_end: str | None
+    """What closes a reasoning block before an answer (Qwen 3's `</think>`), read off the template
+    by rendering an answer with `reasoning_content`; None when the template writes no reasoning.
+    A generated answer is scored on what follows it (answer_text)."""
+
+    training_template: str | None
+    """The template that renders conversations for the training masks when it is not the
+    model's own: TRL's prefix-preserving training variant of a template that rewrites earlier
+    turns (Qwen 3 drops the reasoning block of every answer but the last); None otherwise."""
+
     sampling: dict[str, float | int]
     """Sampling settings the model's generation config sets (temperature, top_p, top_k,
     repetition_penalty: transformers' names), for `factory sample` and the Ollama Modelfile;
@@ -114,7 +131,7 @@ class ChatFormat:
         else:
             tokenizer.chat_template = read_named_template(template)
             source = template
-        probe = _probe(tokenizer)
+        probe, system_folded, reasoning_end = _probe(tokenizer)
         bos = tokenizer.bos_token
         bos_in_template = bool(bos) and probe["head"].startswith(bos)
         adds_bos = bool(bos) and _encoding_adds_bos(tokenizer)
@@ -138,22 +155,40 @@ class ChatFormat:
             eot_token=tokenizer.convert_ids_to_tokens(eot_id), eot_token_id=eot_id, eot_appended=eot_appended,
             stop_token_ids=stops, pad_token_id=-1,
             bos_token_id=tokenizer.bos_token_id if adds_bos and not bos_in_template else None,
-            instruction_part=instruction, response_part=response, probe=probe,
-            sampling=sampling_settings(generation_config),
+            instruction_part=instruction, response_part=response, probe=probe, system_folded=system_folded,
+            reasoning_end=reasoning_end, training_template=None, sampling=sampling_settings(generation_config),
         )
         chat.pad_token_id = _choose_pad(tokenizer, chat)
         if tokenizer.pad_token_id != chat.pad_token_id:
             tokenizer.pad_token = tokenizer.convert_ids_to_tokens(chat.pad_token_id)
         # Masks are checked once here, on a multi-turn probe, so a template that cannot be
         # masked stops the run before any training (exit 2), not in the middle of it.
-        chat.training_example({"conversations": [
+        multi_turn = {"conversations": [
             {"role": "system", "content": _SYSTEM}, {"role": "user", "content": _USER1},
             {"role": "assistant", "content": _ANSWER1}, {"role": "user", "content": _USER2},
-            {"role": "assistant", "content": _ANSWER1}]})
-        log.info("chat format: template %s, end of turn %r (id %d%s), stops %s, pad %r, BOS %s",
-                 source, chat.eot_token, eot_id, ", appended to answers" if eot_appended else "", stops,
+            {"role": "assistant", "content": _ANSWER1}]}
+        try:
+            chat.training_example(multi_turn)
+        except InputError as not_prefix_preserving:
+            chat.training_template = _trl_training_template(tokenizer)
+            if chat.training_template is not None:
+                chat.template_source += ", masks from TRL's training variant"
+                chat.training_example(multi_turn)
+            else:
+                # A template that writes the system message where later turns decide (Mistral
+                # v0.3's: into the last user message, so nowhere once an answer follows)
+                # renders consistently without one.
+                chat.system_folded, chat.probe = True, _folded_system(chat.probe)
+                try:
+                    chat.training_example(multi_turn)
+                except InputError:
+                    raise not_prefix_preserving from None
+        log.info("chat format: template %s, end of turn %r (id %d%s), stops %s, pad %r, BOS %s%s%s",
+                 chat.template_source, chat.eot_token, eot_id, ", appended to answers" if eot_appended else "", stops,
                  tokenizer.pad_token, "from the template" if bos_in_template else
-                 ("added by the factory" if chat.bos_token_id is not None else "none"))
+                 ("added by the factory" if chat.bos_token_id is not None else "none"),
+                 ", system messages folded into the first user message" if chat.system_folded else "",
+                 f", answers scored after {reasoning_end!r}" if reasoning_end else "")
         return chat
 
     @classmethod
@@ -167,7 +202,8 @@ class ChatFormat:
                    eot_token_id=tokenizer.eos_token_id, eot_appended=True, stop_token_ids=[tokenizer.eos_token_id],
                    pad_token_id=-1,
                    bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token and _encoding_adds_bos(tokenizer) else None,
-                   instruction_part="", response_part="", probe={}, sampling=sampling_settings(generation_config))
+                   instruction_part="", response_part="", probe={}, system_folded=False, reasoning_end=None,
+                   training_template=None, sampling=sampling_settings(generation_config))
         chat.pad_token_id = _choose_pad(tokenizer, chat)
         if tokenizer.pad_token_id != chat.pad_token_id:
             tokenizer.pad_token = tokenizer.convert_ids_to_tokens(chat.pad_token_id)
@@ -189,17 +225,37 @@ class ChatFormat:
 
     # --- rendering and tokenizing ------------------------------------------------------
 
-    def render(self, turns: list[dict], *, generation_prompt: bool) -> str:
+    def render(self, turns: list[dict], *, generation_prompt: bool, training: bool = False) -> str:
+        """The conversation as text; `training`: as the training masks see it (training_template)."""
         self._require_template()
-        return self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
+        template = self.training_template if training else None
+        return self.tokenizer.apply_chat_template(self._with_system(turns), tokenize=False,
+                                                  add_generation_prompt=generation_prompt, chat_template=template)
+
+    def _with_system(self, turns: list[dict]) -> list[dict]:
+        """`turns` with a system message moved into the first user message where the template
+        has no system role."""
+        if not (self.system_folded and turns and turns[0]["role"] == "system"):
+            return turns
+        system, rest = turns[0]["content"], turns[1:]
+        if rest and rest[0]["role"] == "user":
+            return [{**rest[0], "content": f"{system}\n\n{rest[0]['content']}"}, *rest[1:]]
+        return [{"role": "user", "content": system}, *rest]
+
+    def answer_text(self, generated: str) -> str:
+        """The answer in a generation: after its reasoning block when the template writes one."""
+        if self.reasoning_end and self.reasoning_end in generated:
+            generated = generated.rsplit(self.reasoning_end, 1)[1]
+        return generated.strip()
 
     def encode(self, text: str) -> list[int]:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return [self.bos_token_id, *ids] if self.bos_token_id is not None else list(ids)
 
     def prompt_messages(self, record: dict) -> list[dict]:
-        """The conversation up to the last answer, as template messages."""
-        return messages(record["conversations"][:-1])
+        """The conversation up to the last answer, as template messages (what a chat endpoint
+        with the model's own template is sent)."""
+        return self._with_system(messages(record["conversations"][:-1]))
 
     def prompt_ids(self, record: dict) -> list[int]:
         """Token ids of the conversation up to the last answer, with the generation prompt."""
@@ -225,11 +281,11 @@ class ChatFormat:
         answers = [i for i, t in enumerate(turns) if t["role"] == "assistant"]
         if not every_answer:
             answers = answers[-1:]
-        text = self.render(turns, generation_prompt=False)
+        text = self.render(turns, generation_prompt=False, training=True)
         spans = []  # character spans of the trained answers (with what the template writes after each)
         for index in answers:
-            prompt = self.render(turns[:index], generation_prompt=True)
-            through = self.render(turns[: index + 1], generation_prompt=False)
+            prompt = self.render(turns[:index], generation_prompt=True, training=True)
+            through = self.render(turns[: index + 1], generation_prompt=False, training=True)
             # A template may close a conversation differently from a turn that others follow
             # (Phi-3 ends with EOS): the answer's span ends where the two renderings part.
             end = len(through) if text.startswith(through) else len(os.path.commonprefix([text, through]))
@@ -299,8 +355,9 @@ def _go(text: str) -> str:
     return text.replace("{{", '{{ "{{" }}')
 
 
-def _probe(tokenizer) -> dict[str, str]:
-    """The literal text a template puts between the parts of a conversation.
+def _probe(tokenizer) -> tuple[dict[str, str], bool, str | None]:
+    """The literal text a template puts between the parts of a conversation; whether it lacks
+    a system role (see ChatFormat.system_folded); what closes its reasoning block, if any.
 
     head:               before the first user message (BOS, a default system prompt, the user header)
     user_to_assistant:  after a user message, up to the answer (user end + assistant header)
@@ -308,7 +365,7 @@ def _probe(tokenizer) -> dict[str, str]:
     assistant_end:      after the last answer of a conversation
     generation_prompt:  what add_generation_prompt adds (the assistant header)
     system_head, system_to_user: around a system message (which some templates fold into the
-                        first user turn)
+                        first user turn; for a template without a system role, the factory does)
     """
     def render(turns, generation_prompt):
         try:
@@ -325,6 +382,10 @@ def _probe(tokenizer) -> dict[str, str]:
         system = render([{"role": "system", "content": _SYSTEM}] + user, True)
     except InputError:
         system = ""
+    with_reasoning = render(user + [{"role": "assistant", "content": _ANSWER1, "reasoning_content": _REASONING}], False)
+    reasoning_end = None
+    if _REASONING in with_reasoning and _ANSWER1 in with_reasoning.split(_REASONING, 1)[1]:
+        reasoning_end = _between(with_reasoning, _REASONING, _ANSWER1).strip() or None
     parts = {
         "head": _between(one, None, _USER1),
         "user_to_assistant": _between(two, _USER1, _ANSWER1),
@@ -337,9 +398,26 @@ def _probe(tokenizer) -> dict[str, str]:
     if _SYSTEM in system:
         parts["system_head"] = _between(system, None, _SYSTEM)
         parts["system_to_user"] = _between(system, _SYSTEM, _USER1)
-    else:  # the template drops system messages: Ollama gets an empty wrapper
-        parts["system_head"] = parts["system_to_user"] = ""
-    return parts
+        return parts, False, reasoning_end
+    return _folded_system(parts), True, reasoning_end
+
+
+def _folded_system(parts: dict[str, str]) -> dict[str, str]:
+    """The probe's parts for a template whose system messages the factory folds into the first
+    user message (ChatFormat._with_system)."""
+    log.warning("the chat template has no system role that renders the same whatever follows; a system message is "
+                "written at the start of the first user message instead")
+    return {**parts, "system_head": parts["head"], "system_to_user": "\n\n"}
+
+
+def _trl_training_template(tokenizer) -> str | None:
+    """TRL's prefix-preserving training variant of the tokenizer's template (matched byte for
+    byte: Qwen 3, DeepSeek R1, Nemotron 3, ...), or None when TRL has none."""
+    try:
+        from trl.chat_template_utils import get_training_chat_template
+        return get_training_chat_template(tokenizer)
+    except (ImportError, ValueError):
+        return None
 
 
 def _between(text: str, start: str | None, end: str | None) -> str:

@@ -365,6 +365,9 @@ QWEN25_ADDED = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_sta
                 "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>",
                 "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"]
 
+# Qwen 3 adds four more, none special: tool responses and the reasoning block.
+QWEN3_ADDED = [*QWEN25_ADDED, "<tool_response>", "</tool_response>", "<think>", "</think>"]
+
 # Phi-3 does not mark </s> special; its chat tokens (<|user|>, <|end|>, ...) are phi-3's own.
 # The real ones also strip the whitespace that follows them (rstrip), but llama.cpp strips it
 # only in a GGUF whose general.name contains "phi3" or "phi-3", which its converter does not
@@ -416,6 +419,23 @@ FAMILIES: dict[str, Family] = {
                    "additional_special_tokens": QWEN25_ADDED[1:14], "clean_up_tokenization_spaces": False,
                    "errors": "replace", "model_max_length": 131072, "split_special_tokens": False},
         added_tokens={151643 + i: (t, i < 14) for i, t in enumerate(QWEN25_ADDED)}),
+    # Qwen 3's template writes a reasoning block (<think>...</think>) before the last answer only,
+    # so it is not prefix-preserving: its masks come from TRL's training variant of it.
+    "qwen-3": Family(
+        "Qwen/Qwen3-0.6B", vocab="qwen2", template="qwen-3",
+        config={"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], "vocab_size": 151936,
+                "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 16,
+                "num_key_value_heads": 8, "head_dim": 128, "hidden_act": "silu", "max_position_embeddings": 40960,
+                "rms_norm_eps": 1e-06, "rope_theta": 1000000, "rope_scaling": None, "sliding_window": None,
+                "use_sliding_window": False, "max_window_layers": 28, "attention_bias": False,
+                "tie_word_embeddings": True, "bos_token_id": 151643, "eos_token_id": 151645},
+        generation={"bos_token_id": 151643, "pad_token_id": 151643, "eos_token_id": [151645, 151643],
+                    "do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20},
+        tokenizer={"tokenizer_class": "Qwen2Tokenizer", "add_bos_token": False, "add_prefix_space": False,
+                   "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": None,
+                   "additional_special_tokens": QWEN25_ADDED[1:14], "clean_up_tokenization_spaces": False,
+                   "errors": "replace", "model_max_length": 131072, "split_special_tokens": False},
+        added_tokens={151643 + i: (t, i < 14) for i, t in enumerate(QWEN3_ADDED)}),
     # llama.cpp has no Mistral vocabulary: Llama 2's stands in, a SentencePiece BPE model of the
     # same size, byte fallback and special ids (<unk> <s> </s> = 0 1 2) as Mistral 7B v0.1's.
     # add_prefix_space false: the template writes the space before [INST] and the answer itself,

@@ -1,11 +1,13 @@
 """`python -m factory.llama_server ARGS`: llama-cpp-python's OpenAI-compatible server
 (`python -m llama_cpp.server`, the `server` extra), with the same arguments.
 
-Two differences from `python -m llama_cpp.server`, neither of which it has an option for:
+Three differences from `python -m llama_cpp.server`, none of which it has an option for:
 - the one `factory.llama_cpp.load` makes for in-process models: on a CPU with AMX, ggml's
   extra CPU buffer types crashed on small models, so there the plain CPU kernels are used;
 - every answer stops within max_tokens + 3 tokens, even when its text is not whole UTF-8
-  (see bounded_answers).
+  (see bounded_answers);
+- chat prompts from the GGUF's template get BOS where the vocabulary adds one and the template
+  does not write it, as llama-server and Ollama give it (see factory.llama_cpp.runtime).
 `factory serve-model` and `factory compare` start this module.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 def main() -> None:
     from factory import llama_cpp
 
+    llama_cpp.runtime()  # chat prompts get BOS as llama-server gives it (see runtime)
     if llama_cpp.placement()["plain_cpu_kernels"]:
         llama_cpp.use_plain_cpu_kernels()
     bounded_answers()

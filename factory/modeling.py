@@ -217,7 +217,8 @@ def generate(model, chat, records: list[dict], *, batch_size: int, max_new_token
         for row in output[:, width:].tolist():
             ended = next((i for i, token in enumerate(row) if token in stops), None)
             answer = row[:ended] if ended is not None else row
-            results.append(Generation(chat.tokenizer.decode(answer, skip_special_tokens=True).strip(), ended is not None))
+            results.append(Generation(chat.answer_text(chat.tokenizer.decode(answer, skip_special_tokens=True)),
+                                      ended is not None))
         if on_batch:
             on_batch(len(chunk))
     return results

@@ -425,7 +425,8 @@ def _text_dataset(chat, records: list[dict]):
     from factory.chat import messages
 
     bos = chat.tokenizer.bos_token or "\0"
-    return Dataset.from_list([{"text": chat.render(messages(r["conversations"]), generation_prompt=False).removeprefix(bos)}
+    return Dataset.from_list([{"text": chat.render(messages(r["conversations"]), generation_prompt=False,
+                                                   training=True).removeprefix(bos)}
                               for r in records])
 
 

@@ -334,7 +334,7 @@ def _verify(ctx: PhaseContext, path: Path, gtype, shapes: list[tuple[int, ...]],
     predictions = []
     for record in [] if language_modelling else records:
         out = llm.create_completion(chat.prompt_ids(record), max_tokens=cfg.evaluation.max_new_tokens, temperature=0.0, top_k=1)
-        predictions.append(out["choices"][0]["text"].strip())
+        predictions.append(chat.answer_text(out["choices"][0]["text"]))
         ctx.progress.advance()
     nll_gguf, nll_merged, kl, tokens = _divergence(llm, divergence)
     if language_modelling:  # the GGUF's token probability on the divergence documents vs the merged model's
@@ -356,7 +356,7 @@ def _verify(ctx: PhaseContext, path: Path, gtype, shapes: list[tuple[int, ...]],
         llm.reset()
         out = llm.create_chat_completion(chat.prompt_messages(record), max_tokens=cfg.evaluation.max_new_tokens, temperature=0.0, top_k=1)
         stops += out["choices"][0]["finish_reason"] == "stop"
-        agree += (out["choices"][0]["message"]["content"] or "").strip() == prediction
+        agree += chat.answer_text(out["choices"][0]["message"]["content"] or "") == prediction
     embedded_template = llm.metadata.get("tokenizer.chat_template")
     del llm
     gc.collect()

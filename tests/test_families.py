@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -31,6 +32,8 @@ REAL = {
                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
     "qwen-2.5": dict(arch="Qwen2ForCausalLM", vocab=(152064, 151665), tied=False, eot="<|im_end|>", bos=None,
                      eos="<|im_end|>", pad="<|endoftext|>", rope={"rope_type": "default", "rope_theta": 1000000.0}),
+    "qwen-3": dict(arch="Qwen3ForCausalLM", vocab=(151936, 151669), tied=True, eot="<|im_end|>", bos=None,
+                   eos="<|im_end|>", pad="<|endoftext|>", rope={"rope_type": "default", "rope_theta": 1000000}),
     "mistral": dict(arch="MistralForCausalLM", vocab=(32000, 32000), tied=False, eot="</s>", bos="<s>", eos="</s>",
                     rope={"rope_type": "default", "rope_theta": 10000.0}),
     "phi-3": dict(arch="Phi3ForCausalLM", vocab=(32064, 32011), tied=False, eot="<|end|>", bos="<s>",
@@ -40,8 +43,8 @@ REAL = {
 }
 # The llama.cpp vocabulary each tokenizer must reproduce. Mistral's is Llama 2's with no space
 # prefix (add_prefix_space false), so llama-spm's reference ids are those of the custom model.
-REFERENCE_VOCAB = {"llama-3.1": "llama-bpe", "qwen-2.5": "qwen2", "phi-3": "phi-3", CUSTOM: "llama-spm"}
-TRL_TEMPLATES = {"gemma-3": "gemma3", "llama-3.1": "llama3_1", "qwen-2.5": "qwen2_5", "phi-3": "phi3"}
+REFERENCE_VOCAB = {"llama-3.1": "llama-bpe", "qwen-2.5": "qwen2", "qwen-3": "qwen2", "phi-3": "phi-3", CUSTOM: "llama-spm"}
+TRL_TEMPLATES = {"gemma-3": "gemma3", "llama-3.1": "llama3_1", "qwen-2.5": "qwen2_5", "qwen-3": "qwen3", "phi-3": "phi3"}
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"},
@@ -305,3 +308,84 @@ def test_modules_to_save_trains_the_head_whole_and_a_tied_one_stays_tied(models,
     cfg = parse_config({"lora": {"modules_to_save": ["lm_head", "embed"]}})
     with pytest.raises(InputError, match=r"lora.modules_to_save: \['embed'\] match no layer of the model"):
         add_lora(AutoModelForCausalLM.from_pretrained(models[name]), cfg, Backend("hf", "test", "cpu"), rank=4)
+
+
+def _trl_template(name: str) -> str:
+    import trl
+
+    return (Path(trl.__file__).parent / "chat_templates" / f"{name}.jinja").read_text(encoding="utf-8")
+
+
+def test_a_template_that_rewrites_earlier_turns_trains_with_trls_variant_and_scores_after_reasoning(models):
+    """Qwen 3's template drops the reasoning block of every answer but the last, so it is not
+    prefix-preserving (it was exit 2 before any training). The masks come from TRL's training
+    variant, checked against that variant's own {% generation %} markers (transformers'
+    assistant mask, an independent masking); the generation prompt stays the model's own, and
+    an answer is scored on what follows its reasoning block."""
+    tokenizer = _tokenizer(models["qwen-3"])
+    chat_format = chat.ChatFormat.from_tokenizer(_tokenizer(models["qwen-3"]))
+    assert "TRL's training variant" in chat_format.template_source and chat_format.reasoning_end == "</think>"
+    record = {"conversations": [{"role": "system", "content": "Be brief."}, *CONVERSATIONS[0]]}
+    row = chat_format.training_example(record)
+    theirs = tokenizer.apply_chat_template(record["conversations"], chat_template=_trl_template("qwen3_training"),
+                                           tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    assert row["input_ids"] == theirs["input_ids"]
+    assert [label != -100 for label in row["labels"]] == [bool(m) for m in theirs["assistant_masks"]]
+    trained = tokenizer.decode([i for i, label in zip(row["input_ids"], row["labels"]) if label != -100])
+    assert trained == "<think>\n\n</think>\n\n4<|im_end|>\n<think>\n\n</think>\n\n6<|im_end|>\n"
+    # generation starts where the model's own template puts it
+    prompt = tokenizer.decode(chat_format.prompt_ids(record))
+    assert prompt == tokenizer.apply_chat_template(record["conversations"][:-1], tokenize=False,
+                                                   add_generation_prompt=True)
+    assert chat_format.answer_text("<think>\nadd 3 and 3\n</think>\n\n6") == "6"
+    assert chat_format.answer_text(" 6 ") == "6"
+
+
+def test_a_template_without_a_system_role_gets_the_system_message_in_the_first_user_turn(models):
+    """Gemma 1 and 2's template raises on a system message (the format phase makes one of
+    every Alpaca instruction: exit 3 in finetune before). The system message opens the first
+    user turn, as Gemma 3's template writes it, in training, generation and the Ollama template."""
+    tokenizer = _tokenizer(models["gemma-3"])
+    tokenizer.chat_template = _trl_template("gemma")
+    chat_format = chat.ChatFormat.from_tokenizer(tokenizer)
+    assert chat_format.system_folded and chat_format.reasoning_end is None
+    record = {"conversations": [{"role": "system", "content": "Be brief."}, *CONVERSATIONS[0]]}
+    row = chat_format.training_example(record)
+    assert tokenizer.decode(row["input_ids"]) == (
+        "<bos><start_of_turn>user\nBe brief.\n\nWhat is 2+2?<end_of_turn>\n<start_of_turn>model\n4<end_of_turn>\n"
+        "<start_of_turn>user\nAnd 3+3?<end_of_turn>\n<start_of_turn>model\n6<end_of_turn>\n")
+    trained = tokenizer.decode([i for i, label in zip(row["input_ids"], row["labels"]) if label != -100])
+    assert trained == "4<end_of_turn>\n6<end_of_turn>\n"
+    assert chat_format.prompt_messages(record)[0] == {"role": "user", "content": "Be brief.\n\nWhat is 2+2?"}
+    assert tokenizer.decode(chat_format.prompt_ids(record)).startswith("<bos><start_of_turn>user\nBe brief.\n\nWhat")
+    assert '{{ if eq .Role "system" }}<start_of_turn>user\n{{ .Content }}\n\n' in chat_format.ollama_template
+
+
+# A template that writes the system message into the last user message only, as Mistral
+# v0.3's and Mistral Nemo's do: once an answer follows, the system message is gone.
+SYSTEM_IN_LAST_USER_TURN = (
+    "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] %}"
+    "{%- set loop_messages = messages[1:] %}{%- else %}{%- set loop_messages = messages %}{%- endif %}"
+    "{{- bos_token }}{%- for message in loop_messages %}{%- if message['role'] == 'user' %}"
+    "{%- if loop.last and system_message is defined %}{{- '[INST] ' + system_message + '\\n\\n' + message['content'] + '[/INST]' }}"
+    "{%- else %}{{- '[INST] ' + message['content'] + '[/INST]' }}{%- endif %}"
+    "{%- elif message['role'] == 'assistant' %}{{- ' ' + message['content'] + eos_token }}{%- endif %}{%- endfor %}"
+)
+
+
+def test_a_template_that_moves_the_system_message_gets_it_in_the_first_user_turn(models):
+    """Rendered as the template writes it, the prompt of a record with a system message is not
+    the start of the whole conversation (exit 2 on every Alpaca record before): the system
+    message opens the first user turn instead, where this template puts it for single-turn
+    prompts, and the same in training and generation."""
+    tokenizer = _tokenizer(models["mistral"])
+    tokenizer.chat_template = SYSTEM_IN_LAST_USER_TURN
+    chat_format = chat.ChatFormat.from_tokenizer(tokenizer)
+    assert chat_format.system_folded
+    record = {"conversations": [{"role": "system", "content": "Be brief."},
+                                {"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]}
+    row = chat_format.training_example(record)
+    assert tokenizer.decode(row["input_ids"]) == "<s>[INST] Be brief.\n\nWhat is 2+2?[/INST] 4</s>"
+    assert tokenizer.decode([i for i, label in zip(row["input_ids"], row["labels"]) if label != -100]).strip() == "4</s>"
+    prompt = tokenizer.apply_chat_template(record["conversations"][:-1], tokenize=False, add_generation_prompt=True)
+    assert tokenizer.decode(chat_format.prompt_ids(record)) == prompt  # the template's own single-turn prompt

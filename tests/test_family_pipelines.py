@@ -39,11 +39,15 @@ CUSTOM = "custom"  # example.build_custom_template_model: Llama 2 architecture, 
 # What each real model writes, from its model card and files, independently of the factory:
 # the end-of-turn token after every answer, the text before every answer (the assistant
 # header), what may follow the end of turn in a trained span (a newline; Phi-3's template ends
-# a conversation with EOS), and llama.cpp's architecture name for it.
+# a conversation with EOS), and llama.cpp's architecture name for it. Qwen 3 writes an empty
+# reasoning block before each answer (TRL's training variant of its template, which the model
+# is trained on, writes it before every answer), and its answers are what follows `</think>`.
 REAL = {
     "gemma-3": dict(eot="<end_of_turn>", header="<start_of_turn>model\n", arch="gemma3"),
     "llama-3.1": dict(eot="<|eot_id|>", header="<|start_header_id|>assistant<|end_header_id|>\n\n", arch="llama"),
     "qwen-2.5": dict(eot="<|im_end|>", header="<|im_start|>assistant\n", arch="qwen2"),
+    "qwen-3": dict(eot="<|im_end|>", header="<|im_start|>assistant\n", arch="qwen3",
+                   answer_prefix="<think>\n\n</think>\n\n", reasoning_end="</think>", training_template="qwen3_training"),
     "mistral": dict(eot="</s>", header="[/INST]", arch="llama"),
     "phi-3": dict(eot="<|end|>", header="<|assistant|>\n", arch="phi3", final_tail="<|endoftext|>"),
     CUSTOM: dict(eot="</s>", header="### Answer:\n", arch="llama"),
@@ -51,8 +55,9 @@ REAL = {
 MODELS = list(REAL)
 RECORDS = 400  # 360 train, 20 val, 20 test records (the splits-ready gate wants 20)
 # training steps of batch 4: enough for some answers to end at end of turn; the tiny Gemma's
-# steps cost little (a 400-token vocabulary) and it needs more of them to stop
-STEPS = {"gemma-3": 240}
+# steps cost little (a 400-token vocabulary) and it needs more of them to stop; so does the tiny
+# Qwen 3, whose output embedding is its input embedding, frozen (80 steps: no answer stopped)
+STEPS = {"gemma-3": 240, "qwen-3": 200}
 DEFAULT_STEPS = 80
 EXAMPLES = 8  # evaluation.max_examples: test examples generated and scored
 MAX_NEW_TOKENS = 32  # the example's evaluation.max_new_tokens
@@ -142,7 +147,7 @@ def runs(tmp_path_factory):
     """Every model's workspace after the whole pipeline, or the error that stopped it. The
     largest vocabularies first, so that the two workers finish together."""
     base = tmp_path_factory.mktemp("pipelines")
-    order = ["qwen-2.5", "llama-3.1", "phi-3", "mistral", CUSTOM, "gemma-3"]
+    order = ["qwen-3", "qwen-2.5", "llama-3.1", "phi-3", "mistral", CUSTOM, "gemma-3"]
 
     def attempt(name):
         try:
@@ -171,6 +176,12 @@ def _tokenizer(root: Path):
 def _token(tokenizer, text: str) -> int:
     (token_id,) = tokenizer(text, add_special_tokens=False)["input_ids"]
     return token_id
+
+
+def _trl_template(name: str | None) -> str | None:
+    import trl
+
+    return (Path(trl.__file__).parent / "chat_templates" / f"{name}.jinja").read_text(encoding="utf-8") if name else None
 
 
 def _template_messages(record: dict) -> list[dict]:
@@ -202,7 +213,7 @@ def check_masks(tokenizer, name: str, record: dict, ids: list[int], labels: list
     everything else is -100."""
     real = REAL[name]
     turns = _template_messages(record)
-    text = tokenizer.apply_chat_template(turns, tokenize=False)
+    text = tokenizer.apply_chat_template(turns, tokenize=False, chat_template=_trl_template(real.get("training_template")))
     assert ids == _ids(tokenizer, text)[:max_length], text
     assert all(label in (-100, token) for token, label in zip(ids, labels))
     answers = [t["content"] for t in turns if t["role"] == "assistant"]
@@ -210,8 +221,11 @@ def check_masks(tokenizer, name: str, record: dict, ids: list[int], labels: list
     assert len(runs) == len(answers), [tokenizer.decode([ids[i] for i in r]) for r in runs]
     eot_id = _token(tokenizer, real["eot"])
     untrained_start = 0
+    prefix = tokenizer(real.get("answer_prefix", ""), add_special_tokens=False)["input_ids"]
     for k, (span, answer) in enumerate(zip(runs, answers)):
         trained = [ids[i] for i in span]
+        assert trained[:len(prefix)] == prefix
+        trained = trained[len(prefix):]
         # the answer's tokens; the first may carry the space the template writes before it
         # (SentencePiece's `▁07`, or a lone `▁` before a digit)
         first = tokenizer.decode(trained[:1]).strip()
@@ -308,7 +322,10 @@ def test_generation_stops_at_end_of_turn(run, name):
                 if new[-1] in stops:
                     break
         ended = new[-1] in stops
-        answer = tokenizer.decode(new[:-1] if ended else new, skip_special_tokens=True).strip()
+        answer = tokenizer.decode(new[:-1] if ended else new, skip_special_tokens=True)
+        if REAL[name].get("reasoning_end"):
+            answer = answer.split(REAL[name]["reasoning_end"])[-1]
+        answer = answer.strip()
         assert (example["prediction"], example["stopped"]) == (answer, ended), tokenizer.decode(new)
         stopped += ended
     assert stopped > 0 and evaluation["stopping"]["rate"] == stopped / len(evaluation["examples"])
@@ -334,6 +351,9 @@ def test_gguf_tokenizer_template_and_stop_tokens(run, name):
     (gguf,) = quantization["types"]
     path = run / gguf["path"]
     assert path.name == "model-Q8_0.gguf" and "convert_hf_to_gguf" in gguf["method"]
+    # greedy chats with the embedded template answer as greedy completions from the Hugging Face
+    # prompt ids (Phi-3's lost BOS in llama-cpp-python's chats; Qwen 3's reasoning block)
+    assert gguf["chat_matches_greedy"] == 1.0
     llm = llama_cpp.Llama(str(path), n_ctx=256, n_threads=1, verbose=False)
     assert llm.metadata["general.architecture"] == REAL[name]["arch"]
     records = [json.loads(line) for line in (run / "data" / "splits" / "test.jsonl").read_text().splitlines()]
