@@ -1,10 +1,13 @@
 """Benchmark: a CPU training step with the head at every position (the model's own loss, as
 the finetune phase computed it before) against the head only where a token is trained (the
 phase's loss now), on the example families' tiny models (real vocabularies: Phi-3 32,064,
-Llama 3.1 128,256).
+Llama 3.1 128,256); and the phase's loss with its logits in chunks of N values, recomputed in
+the backward pass (`--chunks`, modeling.TRAINING_LOGIT_VALUES), against all trained positions'
+logits at once (`whole`, the phase before chunking).
 
     python bench/train_head.py                     # phi-3 and llama-3.1, batch 16, 8 steps x 3 pairs
     python bench/train_head.py --families phi-3 --batch 16 --steps 8 --reps 3
+    python bench/train_head.py --families mistral --chunks whole,4194304,1048576
 
 Each family's model is built by factory.example (bench/out/train-head/<family>/), given the
 example's LoRA (r 16 on every linear layer), and trained on the example's own records rendered
@@ -29,22 +32,24 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--chunks", default="", help="comma-separated logit values per chunk of the answer-only "
+                        "loss, or `whole`; each is timed against `own` (default: the phase's setting only)")
     args = parser.parse_args()
 
     import torch
 
     torch.set_num_threads(1)
     for family in args.families.split(","):
-        run_family(family, args.batch, args.steps, args.reps)
+        run_family(family, args.batch, args.steps, args.reps, [c for c in args.chunks.split(",") if c])
 
 
-def run_family(family: str, batch_size: int, steps: int, reps: int) -> None:
+def run_family(family: str, batch_size: int, steps: int, reps: int, chunks: list[str]) -> None:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig
 
-    from factory import example
+    from factory import example, modeling
     from factory.chat import ChatFormat
     from phases.finetune import _cpu_safe_trainer, _token_dataset
 
@@ -66,7 +71,20 @@ def run_family(family: str, batch_size: int, steps: int, reps: int) -> None:
     batches = list(trainer.get_train_dataloader())[:steps]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train()
-    losses = {"own": lambda b: model(**b, use_cache=False).loss, "answer-only": lambda b: trainer.compute_loss(model, dict(b))}
+    losses = {"own": lambda b: model(**b, use_cache=False).loss}
+    default = modeling.TRAINING_LOGIT_VALUES
+
+    def answer_only(values: int):
+        def loss_of(b):
+            modeling.TRAINING_LOGIT_VALUES = values
+            try:
+                return trainer.compute_loss(model, dict(b))
+            finally:
+                modeling.TRAINING_LOGIT_VALUES = default
+        return loss_of
+
+    for chunk in chunks or [str(default)]:
+        losses[f"answer-only {chunk}"] = answer_only(1 << 62 if chunk == "whole" else int(chunk))
     first = {name: float(loss(batches[0])) for name, loss in losses.items()}
     times: dict[str, list[float]] = {name: [] for name in losses}
     for _ in range(reps):
@@ -79,11 +97,14 @@ def run_family(family: str, batch_size: int, steps: int, reps: int) -> None:
             times[name].append((time.perf_counter() - started) / len(batches))
     tokens = sum(int(b["attention_mask"].sum()) for b in batches) / len(batches)
     trained = sum(int((b["labels"] != -100).sum()) for b in batches) / len(batches)
-    own, ours = statistics.median(times["own"]), statistics.median(times["answer-only"])
+    own = statistics.median(times["own"])
     print(f"{family}: vocabulary {model.config.vocab_size}, batch {batch_size} ({tokens:.0f} tokens, {trained:.0f} trained)")
     print(f"  own loss (head at every position): {own * 1000:.0f} ms/step   first-batch loss {first['own']:.5f}")
-    print(f"  answer-only head:                  {ours * 1000:.0f} ms/step   first-batch loss {first['answer-only']:.5f}")
-    print(f"  ratio answer-only / own: {ours / own:.2f}")
+    for name in losses:
+        if name != "own":
+            ours = statistics.median(times[name])
+            print(f"  {name + ' logit values a chunk:':35s}{ours * 1000:.0f} ms/step   first-batch loss {first[name]:.5f}"
+                  f"   ratio to own {ours / own:.2f}")
 
 
 if __name__ == "__main__":

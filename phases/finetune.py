@@ -458,13 +458,12 @@ def _cpu_safe_trainer():
                 scored = targets != -100  # position t predicts token t + 1
                 forward = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
                 hidden = modeling.base_transformer(model)(**forward, use_cache=False).last_hidden_state
-                logits = head.logits(hidden[:, :-1][scored])
                 labels = targets[scored]
-                loss = torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
+                loss, predicted = head.loss(hidden[:, :-1][scored], labels)
                 loss = loss / (num_items_in_batch if num_items_in_batch is not None else scored.sum().clamp(min=1))
                 if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                     loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss scales it
-                outputs, predicted = {"loss": loss}, logits.detach().argmax(-1)
+                outputs = {"loss": loss}
             with torch.no_grad():
                 mask = labels != -100
                 correct = (predicted == labels) & mask

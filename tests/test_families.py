@@ -214,17 +214,22 @@ def test_init_example_family_writes_a_workspace_for_that_family(tmp_path):
 
 
 @pytest.mark.parametrize("name, trained_whole", [("gemma-3", []), ("phi-3", []), ("mistral", ["lm_head"])])
-def test_cpu_training_loss_on_trained_positions_equals_the_models_own(models, name, trained_whole, tmp_path):
-    """Off CUDA the finetune phase applies the head only where a token is trained: its loss,
-    gradients and validation loss are those of the model's own cross-entropy over every
-    position's logits (Phi-3 pads on the left; Gemma's head is checked for soft-capping; a head
-    in lora.modules_to_save is PEFT's trained copy, and gets its gradient)."""
+def test_cpu_training_loss_on_trained_positions_equals_the_models_own(models, name, trained_whole, tmp_path,
+                                                                      monkeypatch):
+    """Off CUDA the finetune phase applies the head only where a token is trained, a few
+    positions at a time (recomputed in the backward pass; 5 here, so a batch is many chunks):
+    its loss, gradients and validation loss are those of the model's own cross-entropy over
+    every position's logits (Phi-3 pads on the left; Gemma's head is checked for soft-capping;
+    a head in lora.modules_to_save is PEFT's trained copy, and gets its gradient)."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig
 
+    from factory import modeling
     from phases.finetune import _cpu_safe_trainer, _token_dataset
+
+    monkeypatch.setattr(modeling, "TRAINING_LOGIT_VALUES", 5 * AutoConfig.from_pretrained(models[name]).vocab_size)
 
     chat_format = chat.ChatFormat.from_tokenizer(AutoTokenizer.from_pretrained(models[name]))
     records = [{"conversations": [{"role": "user", "content": r["input"]}, {"role": "assistant", "content": r["output"]}]}
@@ -253,7 +258,9 @@ def test_cpu_training_loss_on_trained_positions_equals_the_models_own(models, na
     assert trainer._head is not False
     assert sum("modules_to_save" in n for n, p in model.named_parameters() if p.requires_grad) == len(trained_whole)
     assert torch.allclose(ours, own, rtol=1e-5), (ours, own)
-    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(our_grads, own_grads))
+    # fp32 sums in another order (chunk by chunk): equal to rounding, relative to each tensor's scale
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6 * max(1.0, float(b.abs().max())))
+               for a, b in zip(our_grads, own_grads))
     model.eval()
     with torch.no_grad():
         loss, _, _ = trainer.prediction_step(model, dict(batch), prediction_loss_only=True)
