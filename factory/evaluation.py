@@ -47,8 +47,8 @@ def score_model(ctx: PhaseContext, model, chat, records: list[dict], *, what: st
     started = time.monotonic()
     generations = modeling.generate(model, chat, records, batch_size=cfg.batch_size,
                                     max_new_tokens=cfg.max_new_tokens, on_batch=ctx.progress.advance)
-    result = score_predictions(ctx.config, records, [g.text for g in generations], seconds=time.monotonic() - started,
-                               ws=ctx.workspace)
+    result = score_predictions(ctx.config, chat, records, [g.text for g in generations],
+                               seconds=time.monotonic() - started, ws=ctx.workspace)
     for example, generation in zip(result["examples"], generations):
         example["stopped"] = generation.stopped
     result["stopping"] = stopping(chat, records, generations, cfg.max_new_tokens)
@@ -98,9 +98,10 @@ def score_language_model(ctx: PhaseContext, model, chat, records: list[dict], *,
     }
 
 
-def score_predictions(cfg: FactoryConfig, records: list[dict], predictions: list[str], *,
+def score_predictions(cfg: FactoryConfig, chat, records: list[dict], predictions: list[str], *,
                       seconds: float, ws: Workspace) -> dict[str, Any]:
-    """Score each prediction against its record's final answer with the configured scorers.
+    """Score each prediction against its record's final answer with the configured scorers
+    (both without a reasoning block, when the chat format writes one: chat.answer_text).
 
     Shared by every model that is scored (HF models here, GGUF files in quantize), so all
     of them are measured the same way. The `judge` metric is evaluation.judge's grade; an
@@ -111,7 +112,7 @@ def score_predictions(cfg: FactoryConfig, records: list[dict], predictions: list
     scorers = scoring.build_scorers(names, regex=cfg.evaluation.regex, custom=cfg.evaluation.custom_scorer)
     examples = []
     for index, (record, prediction) in enumerate(zip(records, predictions)):
-        answer = reference(record)
+        answer, prediction = chat.answer_text(reference(record)), chat.answer_text(prediction)
         examples.append({
             "index": index,
             "prompt": last_user_text(record),

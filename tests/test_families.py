@@ -346,6 +346,15 @@ def test_a_template_that_rewrites_earlier_turns_trains_with_trls_variant_and_sco
                                                    add_generation_prompt=True)
     assert chat_format.answer_text("<think>\nadd 3 and 3\n</think>\n\n6") == "6"
     assert chat_format.answer_text(" 6 ") == "6"
+    # scored on the answers: a reference with its reasoning (a reasoning dataset) and a plain one
+    from factory.config import parse_config
+    from factory.evaluation import score_predictions
+
+    records = [{"conversations": [*CONVERSATIONS[0][:3], {"role": "assistant", "content": reference}]}
+               for reference in ("<think>\n3 + 3\n</think>\n\n6", "6")]
+    scored = score_predictions(parse_config({}), chat_format, records, ["<think>\n\n</think>\n\n6", "6"],
+                               seconds=1.0, ws=None)
+    assert [e["scores"]["exact_match"] for e in scored["examples"]] == [1.0, 1.0], scored["examples"]
 
 
 def test_a_template_without_a_system_role_gets_the_system_message_in_the_first_user_turn(models):
