@@ -8,6 +8,7 @@ logits at once (`whole`, the phase before chunking).
     python bench/train_head.py                     # phi-3 and llama-3.1, batch 16, 8 steps x 3 pairs
     python bench/train_head.py --families phi-3 --batch 16 --steps 8 --reps 3
     python bench/train_head.py --families mistral --chunks whole,4194304,1048576
+    python bench/train_head.py --families mistral --chunks whole,4194304 --trained-head   # lm_head in modules_to_save
 
 Each family's model is built by factory.example (bench/out/train-head/<family>/), given the
 example's LoRA (r 16 on every linear layer), and trained on the example's own records rendered
@@ -34,16 +35,19 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--chunks", default="", help="comma-separated logit values per chunk of the answer-only "
                         "loss, or `whole`; each is timed against `own` (default: the phase's setting only)")
+    parser.add_argument("--trained-head", action="store_true", help="train the output embedding whole "
+                        "(lora.modules_to_save: [lm_head])")
     args = parser.parse_args()
 
     import torch
 
     torch.set_num_threads(1)
     for family in args.families.split(","):
-        run_family(family, args.batch, args.steps, args.reps, [c for c in args.chunks.split(",") if c])
+        run_family(family, args.batch, args.steps, args.reps, [c for c in args.chunks.split(",") if c],
+                   args.trained_head)
 
 
-def run_family(family: str, batch_size: int, steps: int, reps: int, chunks: list[str]) -> None:
+def run_family(family: str, batch_size: int, steps: int, reps: int, chunks: list[str], trained_head: bool) -> None:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -63,7 +67,8 @@ def run_family(family: str, batch_size: int, steps: int, reps: int, chunks: list
     dataset, _ = _token_dataset(chat, records, 128)
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(folder),
-                           LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
+                           LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM",
+                                      modules_to_save=["lm_head"] if trained_head else None))
     trainer = _cpu_safe_trainer()(model=model, processing_class=chat.tokenizer, train_dataset=dataset,
                                   args=SFTConfig(output_dir=str(OUT / "trainer"), use_cpu=True, report_to=[],
                                                  per_device_train_batch_size=batch_size, max_steps=1,
@@ -98,7 +103,8 @@ def run_family(family: str, batch_size: int, steps: int, reps: int, chunks: list
     tokens = sum(int(b["attention_mask"].sum()) for b in batches) / len(batches)
     trained = sum(int((b["labels"] != -100).sum()) for b in batches) / len(batches)
     own = statistics.median(times["own"])
-    print(f"{family}: vocabulary {model.config.vocab_size}, batch {batch_size} ({tokens:.0f} tokens, {trained:.0f} trained)")
+    print(f"{family}: vocabulary {model.config.vocab_size}, batch {batch_size} ({tokens:.0f} tokens, {trained:.0f} trained)"
+          + (", head trained whole" if trained_head else ""))
     print(f"  own loss (head at every position): {own * 1000:.0f} ms/step   first-batch loss {first['own']:.5f}")
     for name in losses:
         if name != "own":
