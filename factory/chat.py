@@ -115,6 +115,9 @@ class ChatFormat:
     model's own: TRL's prefix-preserving training variant of a template that rewrites earlier
     turns (Qwen 3 drops the reasoning block of every answer but the last); None otherwise."""
 
+    multi_turn: bool
+    """False when only single-turn records can be masked (see _settle_masks)."""
+
     sampling: dict[str, float | int]
     """Sampling settings the model's generation config sets (temperature, top_p, top_k,
     repetition_penalty: transformers' names), for `factory sample` and the Ollama Modelfile;
@@ -156,33 +159,15 @@ class ChatFormat:
             stop_token_ids=stops, pad_token_id=-1,
             bos_token_id=tokenizer.bos_token_id if adds_bos and not bos_in_template else None,
             instruction_part=instruction, response_part=response, probe=probe, system_folded=system_folded,
-            reasoning_end=reasoning_end, training_template=None, sampling=sampling_settings(generation_config),
+            reasoning_end=reasoning_end, training_template=None, multi_turn=True,
+            sampling=sampling_settings(generation_config),
         )
         chat.pad_token_id = _choose_pad(tokenizer, chat)
         if tokenizer.pad_token_id != chat.pad_token_id:
             tokenizer.pad_token = tokenizer.convert_ids_to_tokens(chat.pad_token_id)
         # Masks are checked once here, on a multi-turn probe, so a template that cannot be
         # masked stops the run before any training (exit 2), not in the middle of it.
-        multi_turn = {"conversations": [
-            {"role": "system", "content": _SYSTEM}, {"role": "user", "content": _USER1},
-            {"role": "assistant", "content": _ANSWER1}, {"role": "user", "content": _USER2},
-            {"role": "assistant", "content": _ANSWER1}]}
-        try:
-            chat.training_example(multi_turn)
-        except InputError as not_prefix_preserving:
-            chat.training_template = _trl_training_template(tokenizer)
-            if chat.training_template is not None:
-                chat.template_source += ", masks from TRL's training variant"
-                chat.training_example(multi_turn)
-            else:
-                # A template that writes the system message where later turns decide (Mistral
-                # v0.3's: into the last user message, so nowhere once an answer follows)
-                # renders consistently without one.
-                chat.system_folded, chat.probe = True, _folded_system(chat.probe)
-                try:
-                    chat.training_example(multi_turn)
-                except InputError:
-                    raise not_prefix_preserving from None
+        chat._settle_masks()
         log.info("chat format: template %s, end of turn %r (id %d%s), stops %s, pad %r, BOS %s%s%s",
                  chat.template_source, chat.eot_token, eot_id, ", appended to answers" if eot_appended else "", stops,
                  tokenizer.pad_token, "from the template" if bos_in_template else
@@ -190,6 +175,44 @@ class ChatFormat:
                  ", system messages folded into the first user message" if chat.system_folded else "",
                  f", answers scored after {reasoning_end!r}" if reasoning_end else "")
         return chat
+
+    def _settle_masks(self) -> None:
+        """Check once, on probe conversations, that answers can be masked, and choose how: with
+        the template itself; else with TRL's training variant of it; else with the system
+        message in the first user turn (a template that writes it where later turns decide,
+        as Mistral v0.3's writes it into the last user message only); else for single-turn
+        records only (a multi-turn record is exit 2 when the finetune phase meets it). A
+        template that masks no conversation stops the run here (exit 2), before any training."""
+        multi_turn = {"conversations": [
+            {"role": "system", "content": _SYSTEM}, {"role": "user", "content": _USER1},
+            {"role": "assistant", "content": _ANSWER1}, {"role": "user", "content": _USER2},
+            {"role": "assistant", "content": _ANSWER1}]}
+        single_turn = {"conversations": multi_turn["conversations"][:3]}
+        unfolded, folded = (self.system_folded, self.probe), (True, _folded_system(self.probe))
+        training_template = _trl_training_template(self.tokenizer)
+        choices = [(None, unfolded, multi_turn, ""),
+                   *([(training_template, unfolded, multi_turn, ", masks from TRL's training variant")]
+                     if training_template else []),
+                   (None, folded, multi_turn, ""),
+                   (None, unfolded, single_turn, ", single-turn records only"),
+                   (None, folded, single_turn, ", single-turn records only")]
+        error = None
+        for self.training_template, (self.system_folded, self.probe), probe, note in choices:
+            try:
+                self.training_example(probe)
+            except InputError as e:
+                error = error or e
+                continue
+            self.multi_turn = probe is multi_turn
+            self.template_source += note
+            if self.system_folded and not unfolded[0]:
+                log.warning(FOLDED_SYSTEM)
+            if not self.multi_turn:
+                log.warning("the chat template (%s) renders earlier turns differently once later ones follow, and TRL "
+                            "has no training variant of it: single-turn records train; a multi-turn one stops the run "
+                            "(exit 2)", self.template_source)
+            return
+        raise error
 
     @classmethod
     def _without_template(cls, tokenizer, generation_config) -> "ChatFormat":
@@ -203,7 +226,7 @@ class ChatFormat:
                    pad_token_id=-1,
                    bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token and _encoding_adds_bos(tokenizer) else None,
                    instruction_part="", response_part="", probe={}, system_folded=False, reasoning_end=None,
-                   training_template=None, sampling=sampling_settings(generation_config))
+                   training_template=None, multi_turn=True, sampling=sampling_settings(generation_config))
         chat.pad_token_id = _choose_pad(tokenizer, chat)
         if tokenizer.pad_token_id != chat.pad_token_id:
             tokenizer.pad_token = tokenizer.convert_ids_to_tokens(chat.pad_token_id)
@@ -399,14 +422,17 @@ def _probe(tokenizer) -> tuple[dict[str, str], bool, str | None]:
         parts["system_head"] = _between(system, None, _SYSTEM)
         parts["system_to_user"] = _between(system, _SYSTEM, _USER1)
         return parts, False, reasoning_end
+    log.warning(FOLDED_SYSTEM)
     return _folded_system(parts), True, reasoning_end
+
+
+FOLDED_SYSTEM = ("the chat template has no system role that renders the same whatever follows; a system message is "
+                 "written at the start of the first user message instead")
 
 
 def _folded_system(parts: dict[str, str]) -> dict[str, str]:
     """The probe's parts for a template whose system messages the factory folds into the first
     user message (ChatFormat._with_system)."""
-    log.warning("the chat template has no system role that renders the same whatever follows; a system message is "
-                "written at the start of the first user message instead")
     return {**parts, "system_head": parts["head"], "system_to_user": "\n\n"}
 
 

@@ -408,8 +408,11 @@ def _token_dataset(chat, records: list[dict], max_length: int) -> tuple[Any, int
     from datasets import Dataset
 
     rows, dropped = [], 0
-    for record in records:
-        example = chat.training_example(record)
+    for number, record in enumerate(records, 1):
+        try:
+            example = chat.training_example(record)
+        except InputError as e:  # a multi-turn record and a template that masks single turns only
+            raise InputError(f"record {number} of the split: {e}") from None
         example = {key: values[:max_length] for key, values in example.items()}
         if any(label != -100 for label in example["labels"]):
             rows.append(example)

@@ -341,7 +341,7 @@ def _verify(ctx: PhaseContext, path: Path, gtype, shapes: list[tuple[int, ...]],
         score, merged_score = math.exp(-nll_gguf / tokens), math.exp(-nll_merged / tokens)
         scored = {"scores": {reference["primary"]: score}, "examples_per_second": None, "examples": []}
     else:
-        scored = evaluation.score_predictions(cfg, records, predictions, seconds=time.monotonic() - started,
+        scored = evaluation.score_predictions(cfg, chat, records, predictions, seconds=time.monotonic() - started,
                                               ws=ctx.workspace)
         score, merged_score = scored["primary_score"], reference["primary_score"]
     if score is None or merged_score is None:  # a judge metric that judged nothing

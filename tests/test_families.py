@@ -405,3 +405,25 @@ def test_a_template_that_moves_the_system_message_gets_it_in_the_first_user_turn
     assert tokenizer.decode([i for i, label in zip(row["input_ids"], row["labels"]) if label != -100]).strip() == "4</s>"
     prompt = tokenizer.apply_chat_template(record["conversations"][:-1], tokenize=False, add_generation_prompt=True)
     assert tokenizer.decode(chat_format.prompt_ids(record)) == prompt  # the template's own single-turn prompt
+
+
+def test_a_template_that_rewrites_earlier_turns_without_a_trl_variant_trains_single_turn_records(models):
+    """Qwen 3's template with one byte changed (as a model's revised template would be) is no
+    longer TRL's, so there is no training variant: single-turn records still train, with the
+    answer the template writes (its empty reasoning block, the answer, the end of turn), and a
+    multi-turn record stops the finetune phase's data with exit 2, naming the record."""
+    from factory.errors import InputError
+    from phases.finetune import _token_dataset
+
+    tokenizer = _tokenizer(models["qwen-3"])
+    tokenizer.chat_template = _trl_template("qwen3") + "\n"
+    chat_format = chat.ChatFormat.from_tokenizer(tokenizer)
+    assert not chat_format.multi_turn and chat_format.training_template is None
+    assert "single-turn records only" in chat_format.template_source
+    single = {"conversations": [{"role": "system", "content": "Be brief."}, *CONVERSATIONS[0][:2]]}
+    row = chat_format.training_example(single)
+    assert tokenizer.decode(row["input_ids"]) == tokenizer.apply_chat_template(single["conversations"], tokenize=False)
+    trained = tokenizer.decode([i for i, label in zip(row["input_ids"], row["labels"]) if label != -100])
+    assert trained == "<think>\n\n</think>\n\n4<|im_end|>\n"
+    with pytest.raises(InputError, match=r"record 2 of the split: .*single-turn records only.* not prefix-preserving"):
+        _token_dataset(chat_format, [single, {"conversations": CONVERSATIONS[0]}], 128)
