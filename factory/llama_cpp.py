@@ -243,34 +243,42 @@ def runtime():
     from llama_cpp import _logger
 
     _logger.set_verbose(False)  # llama.cpp's own log (every tensor of every file) only on errors
-    _template_prompts_get_bos_as_in_llama_server()
+    _template_prompts_as_in_llama_server()
     return llama_cpp
 
 
-def _template_prompts_get_bos_as_in_llama_server() -> None:
-    """Chat prompts rendered from a GGUF's template get BOS as llama-server and Ollama give it:
-    added when the vocabulary adds one and the template did not write it.
+def _template_prompts_as_in_llama_server() -> None:
+    """Chat prompts rendered from a GGUF's template get what llama-server gives them: BOS when
+    the vocabulary adds one and the template did not write it, and a system message in the
+    first user message when the template refuses one.
 
     llama-cpp-python 0.3's Jinja2ChatFormatter marks every rendered prompt as already holding
     its special tokens, so a template that leaves BOS to the tokenizer (Phi-3's) chatted
     without it: the GGUF's chats then disagreed with its own completions on 7 of 8 answers of
-    the tiny Phi-3. Patched once per process, for `factory sample`, the quantize phase's chat
-    check and `factory.llama_server`.
+    the tiny Phi-3. And a template without a system role (Gemma 1 and 2's raise) failed every
+    chat that had a system message. Patched once per process, for `factory sample`, the
+    quantize phase's chat check and `factory.llama_server`.
     """
     from llama_cpp import llama_chat_format
 
     formatter = llama_chat_format.Jinja2ChatFormatter
-    if getattr(formatter, "_factory_bos", False):
+    if getattr(formatter, "_factory_patched", False):
         return
     render = formatter.__call__
 
-    def render_with_bos(self, **kwargs):
-        result = render(self, **kwargs)
+    def render_as_llama_server(self, *, messages, **kwargs):
+        try:
+            result = render(self, messages=messages, **kwargs)
+        except Exception:
+            if not (len(messages) > 1 and messages[0]["role"] == "system" and messages[1]["role"] == "user"):
+                raise
+            first = {**messages[1], "content": f"{messages[0]['content']}\n\n{messages[1]['content']}"}
+            result = render(self, messages=[first, *messages[2:]], **kwargs)
         result.added_special = bool(self.bos_token) and result.prompt.startswith(self.bos_token)
         return result
 
-    formatter.__call__ = render_with_bos
-    formatter._factory_bos = True
+    formatter.__call__ = render_as_llama_server
+    formatter._factory_patched = True
 
 
 def placement() -> dict[str, Any]:

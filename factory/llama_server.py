@@ -7,7 +7,8 @@ Three differences from `python -m llama_cpp.server`, none of which it has an opt
 - every answer stops within max_tokens + 3 tokens, even when its text is not whole UTF-8
   (see bounded_answers);
 - chat prompts from the GGUF's template get BOS where the vocabulary adds one and the template
-  does not write it, as llama-server and Ollama give it (see factory.llama_cpp.runtime).
+  does not write it, and a system message in the first user message where the template
+  refuses one, as llama-server gives them (see factory.llama_cpp.runtime).
 `factory serve-model` and `factory compare` start this module.
 """
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 def main() -> None:
     from factory import llama_cpp
 
-    llama_cpp.runtime()  # chat prompts get BOS as llama-server gives it (see runtime)
+    llama_cpp.runtime()  # chat prompts as llama-server renders them (see runtime)
     if llama_cpp.placement()["plain_cpu_kernels"]:
         llama_cpp.use_plain_cpu_kernels()
     bounded_answers()

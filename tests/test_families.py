@@ -427,3 +427,23 @@ def test_a_template_that_rewrites_earlier_turns_without_a_trl_variant_trains_sin
     assert trained == "<think>\n\n</think>\n\n4<|im_end|>\n"
     with pytest.raises(InputError, match=r"record 2 of the split: .*single-turn records only.* not prefix-preserving"):
         _token_dataset(chat_format, [single, {"conversations": CONVERSATIONS[0]}], 128)
+
+
+def test_gguf_chat_prompts_are_rendered_as_llama_server_renders_them():
+    """llama-cpp-python's chats from a GGUF's template (the quantize phase's chat check,
+    `factory sample`, compare's local servers) get BOS where the template leaves it to the
+    tokenizer (Phi-3's chats had none: 1 of 8 matched greedy completions), and a system message
+    in the first user message where the template refuses a system role (Gemma 1/2's raised)."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    llama_cpp.runtime()
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
+    phi3 = Jinja2ChatFormatter(template=_trl_template("phi3"), eos_token="<|endoftext|>", bos_token="<s>")(
+        messages=conversation)
+    assert not phi3.prompt.startswith("<s>") and not phi3.added_special  # so the tokenizer adds BOS
+    llama = Jinja2ChatFormatter(template=_trl_template("llama3_1"), eos_token="<|eot_id|>",
+                                bos_token="<|begin_of_text|>")(messages=conversation)
+    assert llama.prompt.startswith("<|begin_of_text|>") and llama.added_special  # written once, by the template
+    gemma = Jinja2ChatFormatter(template=_trl_template("gemma"), eos_token="<eos>", bos_token="<bos>")(
+        messages=conversation)
+    assert gemma.prompt == "<bos><start_of_turn>user\nBe brief.\n\nWhat is 2+2?<end_of_turn>\n<start_of_turn>model\n"
