@@ -50,7 +50,7 @@ def last_complete(output_dir: Path, fingerprint: str, log: logging.Logger) -> Pa
             log.warning("skipping checkpoint %s: %s; trying the one before it", checkpoint.name, trouble)
             continue
         if json.loads((checkpoint / STATE_FILE).read_text()).get("fingerprint") != fingerprint:
-            log.info("checkpoints in %s are from another config or data; starting over", output_dir)
+            log.info("checkpoints in %s are from another config, data or trained layers; starting over", output_dir)
             return None
         return checkpoint
     return None

@@ -127,9 +127,9 @@ def init(
         "extra; the tokenizers come from `factory setup-gguf`)."))] = False,
     family: Annotated[str, typer.Option("--family", help=(
         f"With --example: the model family, one of {', '.join(EXAMPLE_FAMILIES)}. The tiny model has the "
-        "architecture, special tokens and chat template of the real model (Gemma 3 4B, Llama 3.1 8B, Qwen 2.5 "
-        "7B, Mistral 7B v0.1, Phi-3 mini) and its full vocabulary, except Gemma's: a small tokenizer trained "
-        "on the task."))] = EXAMPLE_FAMILIES[0],
+        "architecture, special tokens and chat template of the real model (Gemma 3 1B; Gemma 3 4B, an "
+        "image-text model; Llama 3.1 8B, Qwen 2.5 7B, Qwen 3 0.6B, Mistral 7B v0.1, Phi-3 mini) and its full "
+        "vocabulary, except Gemma's: a small tokenizer trained on the task."))] = EXAMPLE_FAMILIES[0],
     records: Annotated[int, typer.Option("--records", help="With --example: how many records to generate.")] = 4200,
     steps: Annotated[int, typer.Option("--steps", help="With --example: training steps in factory.yaml.")] = 1000,
     locales: Annotated[Optional[str], typer.Option("--locales", help=(

@@ -258,9 +258,19 @@ class LoraConfig(Section):
     """`unsloth` uses Unsloth's offloaded checkpointing on that backend, plain checkpointing elsewhere."""
 
     finetune_vision_layers: bool = False
+    """Put adapters on a multimodal model's vision tower and projector (Gemma 3 4B-27B, Llama
+    3.2 Vision, Qwen 2.5 VL). Off: text data never reaches them, and the GGUF holds the
+    language model only (llama.cpp writes the vision part to a separate mmproj file)."""
+
     finetune_language_layers: bool = True
+    """Put adapters on the language model's layers."""
+
     finetune_attention_modules: bool = True
+    """Put adapters on attention projections (`target_modules` inside attention blocks)."""
+
     finetune_mlp_modules: bool = True
+    """Put adapters on MLP projections (`target_modules` inside MLP blocks). These four
+    settings select among `target_modules` alike on both backends, as Unsloth's do."""
 
 
 Tracker = Literal["none", "tensorboard", "trackio", "wandb", "mlflow"]

@@ -7,7 +7,8 @@ spot and the real Gemma 3 chat template (models/base/). It is an ordinary Huggin
 folder, so every phase treats it exactly like `google/gemma-3-*`: the same architecture,
 special tokens, chat template and file layout, only tiny and untrained.
 
-`--family` picks another family (FAMILIES): Llama 3.1, Qwen 2.5, Mistral or Phi-3, each
+`--family` picks another family (FAMILIES): Gemma 3 with a vision tower (as 4B-27B are),
+Llama 3.1, Qwen 2.5, Qwen 3, Mistral or Phi-3, each
 from its real model's config.json with tiny sizes, its real tokenizer (factory.real_tokenizers)
 and its real chat template. build_custom_template_model makes, for tests, a model with a
 template of its own that no table knows.
@@ -232,6 +233,7 @@ def build_tiny_gemma3(
     sliding_window: int = 512,
     padded_vocab: int | None = None,
     save_dtype: str = "float32",
+    vision: bool = False,
 ) -> Path:
     """Write a randomly initialised Gemma3ForCausalLM with a tokenizer trained on `corpus`.
 
@@ -244,6 +246,9 @@ def build_tiny_gemma3(
     barely moves).
     `padded_vocab` gives the model a larger embedding than the tokenizer needs (a real
     Gemma 3's 262,144, for benchmarks at real size); `save_dtype` is the checkpoint's dtype.
+    `vision` makes it a Gemma3ForConditionalGeneration, as google/gemma-3-4b-it (and 12B, 27B)
+    is: the same language model, with a tiny SigLIP vision tower and projector beside it, and
+    the image tokens after the tokenizer's, as in the real vocabulary.
     Returns `out_dir`.
     """
     import torch
@@ -262,8 +267,9 @@ def build_tiny_gemma3(
     real_vocab = len(tokenizer)
 
     # model
+    image_tokens = 3 if vision else 0  # <start_of_image>, <end_of_image>, <image_soft_token>
     config = Gemma3TextConfig(
-        vocab_size=padded_vocab or real_vocab,
+        vocab_size=padded_vocab or real_vocab + image_tokens,
         hidden_size=hidden,
         intermediate_size=intermediate,
         num_hidden_layers=layers,
@@ -280,7 +286,18 @@ def build_tiny_gemma3(
         tie_word_embeddings=True,
     )
     torch.manual_seed(seed)
-    model = Gemma3ForCausalLM(config).to(getattr(torch, save_dtype)).eval()
+    if vision:
+        from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
+
+        tower = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                   image_size=28, patch_size=14)
+        config = Gemma3Config(text_config=config, vision_config=tower, mm_tokens_per_image=1,
+                              boi_token_index=real_vocab, eoi_token_index=real_vocab + 1,
+                              image_token_index=real_vocab + 2, tie_word_embeddings=True)
+        model = Gemma3ForConditionalGeneration(config)
+    else:
+        model = Gemma3ForCausalLM(config)
+    model = model.to(getattr(torch, save_dtype)).eval()
     model.generation_config = GenerationConfig(
         bos_token_id=BOS_ID, eos_token_id=[EOS_ID, END_OF_TURN_ID], pad_token_id=PAD_ID, do_sample=False
     )
@@ -346,6 +363,8 @@ class Family:
     """The model's added tokens where they differ from its vocabulary's: id -> (content, special)."""
     tokenizer_json: dict[str, Any] = field(default_factory=dict)
     """Top-level entries of tokenizer.json where the model's differ from its vocabulary's."""
+    vision: bool = False
+    """A multimodal model (a vision tower beside the language model); Gemma 3 only."""
 
 
 def _llama31_added_tokens() -> dict[int, tuple[str, bool]]:
@@ -388,7 +407,9 @@ SPM_NO_PREFIX = {
 # 5 with `legacy: false` leaves it out after special tokens, and the same text then gets other
 # ids in the GGUF than in training.
 FAMILIES: dict[str, Family] = {
-    "gemma-3": Family("google/gemma-3-4b-it", vocab=None, template="gemma-3"),
+    "gemma-3": Family("google/gemma-3-1b-it", vocab=None, template="gemma-3"),
+    # What seed 004's default model is: Gemma 3 4B, 12B and 27B are image-text models.
+    "gemma-3-vision": Family("google/gemma-3-4b-it", vocab=None, template="gemma-3", vision=True),
     "llama-3.1": Family(
         "meta-llama/Llama-3.1-8B-Instruct", vocab="llama-bpe", template="llama-3.1",
         config={"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 128256,
@@ -588,7 +609,7 @@ def write_example_workspace(
     if model_dir.exists():
         shutil.rmtree(model_dir)
     if FAMILIES[family].vocab is None:
-        build_tiny_gemma3(model_dir, corpus=record_texts(rows), seed=seed, **model_kwargs)
+        build_tiny_gemma3(model_dir, corpus=record_texts(rows), seed=seed, vision=FAMILIES[family].vision, **model_kwargs)
     else:
         build_family_model(model_dir, FAMILIES[family], seed=seed)
     return {"raw": raw, "model": model_dir}

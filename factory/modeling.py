@@ -164,12 +164,13 @@ def add_lora(model, cfg: FactoryConfig, backend: Backend, *, rank: int):
         )
     from peft import LoraConfig, get_peft_model
 
-    targets = [m for m in lora.target_modules if m in present]
+    targets = _lora_targets(model, lora)
     if not targets:
-        raise InputError(f"lora.target_modules {lora.target_modules} match no layer of the model")
-    head = next((name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                 if module is model.get_output_embeddings()), None)
+        raise InputError(f"lora.target_modules {lora.target_modules} match no layer of the model that the "
+                         "lora.finetune_* settings select")
+    head = next((name for name, module in model.named_modules() if module is model.get_output_embeddings()), None)
     if head in targets:
+        head = head.rsplit(".", 1)[-1]
         # TRL's SFTTrainer computes the loss from the output embedding's weight, so an adapter there is never trained
         raise InputError(f"lora.target_modules: {head!r} is the output embedding, which the hf backend (TRL's "
                          f"SFTTrainer) cannot train through a LoRA adapter; remove it from lora.target_modules, "
@@ -180,6 +181,30 @@ def add_lora(model, cfg: FactoryConfig, backend: Backend, *, rank: int):
                         ensure_weight_tying=bool(lora.modules_to_save and getattr(model.config, "tie_word_embeddings", False)),
                         task_type="CAUSAL_LM")
     return get_peft_model(model, config)
+
+
+# Module path parts that Unsloth reads as a vision tower or projector (get_peft_regex)
+VISION_PARTS = ("vision", "visual", "image", "multi_modal_projector", "mm_projector")
+
+
+def _lora_targets(model, lora) -> list[str]:
+    """The full names of the layers that get an adapter: `target_modules` names, kept or left
+    out by the finetune_{vision,language}_layers and finetune_{attention,mlp}_modules settings
+    as Unsloth keeps them, so that both backends adapt the same layers."""
+    chosen = []
+    for name, _ in model.named_modules():
+        if name.rsplit(".", 1)[-1] not in lora.target_modules:
+            continue
+        path = name.lower()
+        vision = any(part in path for part in VISION_PARTS)
+        if not (lora.finetune_vision_layers if vision else lora.finetune_language_layers):
+            continue
+        if ("attn" in path or "attention" in path) and not lora.finetune_attention_modules:
+            continue
+        if ("mlp" in path or "feed_forward" in path) and not lora.finetune_mlp_modules:
+            continue
+        chosen.append(name)
+    return chosen
 
 
 # --- generation and loss -----------------------------------------------------------------
@@ -283,6 +308,15 @@ def answer_hidden_states(model, rows: Sequence[tuple[list[int], list[int]]], *, 
             hidden = decoder(input_ids=ids.to(device), attention_mask=attention.to(device), use_cache=False).last_hidden_state
             hidden = hidden[:, :-1][scored.to(device)]
         yield batch, hidden, targets[scored].to(device)
+
+
+def text_model_shapes(model) -> list[tuple[int, ...]]:
+    """The shapes of the weights a text GGUF holds: the language model and its head. A
+    multimodal model's vision tower and projector go to llama.cpp's separate mmproj file."""
+    weights = {id(p): p for p in model.get_decoder().parameters()}
+    head = model.get_output_embeddings().weight
+    weights.setdefault(id(head), head)  # an untied head; a tied one is the decoder's embedding
+    return [tuple(p.shape) for p in weights.values()]
 
 
 def base_transformer(model):

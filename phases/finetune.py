@@ -101,7 +101,7 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
 
     # 3. checkpoints from an earlier, interrupted run of the same config and data
     output_dir = output_folder(ws, ws.path(cfg.training.output_dir), "training.output_dir")
-    fingerprint = _fingerprint(cfg, train_file, val_file, resolved)
+    fingerprint = _fingerprint(cfg, train_file, val_file, resolved, model)
     if ctx.options.get("restart") and main:
         checkpoints.remove_all(ws, output_dir, log)
     # Every process reads the same (shared) folder and takes the same checkpoint; with --restart, none.
@@ -826,8 +826,11 @@ def _fmt(value: float | None) -> str:
 NOT_IN_CHECKPOINT_FINGERPRINT = ("select", "report_to")
 
 
-def _fingerprint(cfg: FactoryConfig, train_file: Path, val_file: Path, resolved) -> str:
+def _fingerprint(cfg: FactoryConfig, train_file: Path, val_file: Path, resolved, model) -> str:
     digest = xxhash.xxh3_128()
+    # the trained weights by name and shape: another factory or PEFT version may adapt other
+    # layers for the same config, and the optimizer state of a checkpoint then fits no longer
+    digest.update(repr([(name, tuple(p.shape)) for name, p in model.named_parameters() if p.requires_grad]).encode())
     sections = {s: cfg.section(s) for s in ("model", "lora", "training", "dataset")}
     for key in NOT_IN_CHECKPOINT_FINGERPRINT:
         sections["training"].pop(key)

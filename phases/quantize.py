@@ -74,7 +74,7 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
     model, chat = modeling.load_for_inference(cfg, ws, backend, path=str(merged_dir))
     reference = evaluation.score_model(ctx, model, chat, records, what="merged")
     divergence = _divergence_reference(model, chat, records[:DIVERGENCE_EXAMPLES], plan.context_length(cfg))
-    shapes = [tuple(p.shape) for p in model.parameters()]  # what each file's size is checked against
+    shapes = modeling.text_model_shapes(model)  # what each file's size is checked against
     del model  # the divergence reference keeps only the output embedding
     gc.collect()
 

@@ -26,6 +26,8 @@ MODELS = [*example.FAMILIES, CUSTOM]
 # end-of-turn text after each answer, BOS/EOS, and the RoPE settings that differ from defaults.
 REAL = {
     "gemma-3": dict(arch="Gemma3ForCausalLM", vocab=None, tied=True, eot="<end_of_turn>", bos="<bos>", eos="<eos>"),
+    "gemma-3-vision": dict(arch="Gemma3ForConditionalGeneration", vocab=None, tied=True, eot="<end_of_turn>",
+                           bos="<bos>", eos="<eos>"),
     "llama-3.1": dict(arch="LlamaForCausalLM", vocab=(128256, 128256), tied=False, eot="<|eot_id|>",
                       bos="<|begin_of_text|>", eos="<|eot_id|>",
                       rope={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
@@ -70,7 +72,7 @@ def models(tmp_path_factory):
             example.build_custom_template_model(out)
         elif example.FAMILIES[name].vocab is None:
             records = example.generate_task_records(200)
-            example.build_tiny_gemma3(out, corpus=example.record_texts(records))
+            example.build_tiny_gemma3(out, corpus=example.record_texts(records), vision=example.FAMILIES[name].vision)
         else:
             example.build_family_model(out, example.FAMILIES[name])
         built[name] = out
@@ -124,12 +126,13 @@ def test_model_has_the_real_architecture_vocabulary_and_special_tokens(models, n
 
     real = REAL[name]
     config = AutoConfig.from_pretrained(models[name])
+    text_config = config.get_text_config()  # an image-text model's language model
     tokenizer = _tokenizer(models[name])
     model = AutoModelForCausalLM.from_pretrained(models[name])
     assert type(model).__name__ == real["arch"] == config.architectures[0]
     if real["vocab"]:
-        assert (config.vocab_size, len(tokenizer)) == real["vocab"]
-    assert model.get_input_embeddings().weight.shape[0] == config.vocab_size
+        assert (text_config.vocab_size, len(tokenizer)) == real["vocab"]
+    assert model.get_input_embeddings().weight.shape[0] == text_config.vocab_size
     assert config.tie_word_embeddings is real["tied"]
     shared = model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
     assert shared is real["tied"]
@@ -140,7 +143,7 @@ def test_model_has_the_real_architecture_vocabulary_and_special_tokens(models, n
         assert tokenizer.pad_token == real["pad"]
     eot_id = tokenizer.convert_tokens_to_ids(real["eot"])
     assert eot_id == tokenizer.eos_token_id or tokenizer.added_tokens_decoder[eot_id].special
-    assert model.config.hidden_size <= 64 and sum(p.numel() for p in model.parameters()) < 25_000_000
+    assert text_config.hidden_size <= 64 and sum(p.numel() for p in model.parameters()) < 25_000_000
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -281,7 +284,39 @@ def test_a_lora_adapter_on_the_output_embedding_is_refused_with_the_key_to_chang
     with pytest.raises(InputError, match=r"lora.target_modules: 'lm_head' is the output embedding"):
         add_lora(model, cfg, Backend("hf", "test", "cpu"), rank=4)
     cfg = parse_config({"lora": {"target_modules": ["q_proj", "v_proj"]}})
-    assert add_lora(model, cfg, Backend("hf", "test", "cpu"), rank=4).peft_config["default"].target_modules == {"q_proj", "v_proj"}
+    adapted = {name.rsplit(".", 1)[-1] for name, module in add_lora(model, cfg, Backend("hf", "test", "cpu"), rank=4)
+               .named_modules() if hasattr(module, "lora_A")}
+    assert adapted == {"q_proj", "v_proj"}
+
+
+@pytest.mark.parametrize("settings, adapted", [
+    ({}, {"language_model.attention", "language_model.mlp"}),
+    ({"finetune_vision_layers": True}, {"language_model.attention", "language_model.mlp", "vision.attention",
+                                        "vision.mlp"}),
+    ({"finetune_mlp_modules": False}, {"language_model.attention"}),
+    ({"finetune_attention_modules": False, "finetune_vision_layers": True}, {"language_model.mlp", "vision.mlp"}),
+    ({"finetune_language_layers": False, "finetune_vision_layers": True}, {"vision.attention", "vision.mlp"}),
+])
+def test_lora_finetune_settings_select_the_layers_on_the_hf_backend(models, settings, adapted):
+    """lora.finetune_{vision,language}_layers and finetune_{attention,mlp}_modules choose among
+    target_modules on the hf backend as on Unsloth's: an image-text Gemma 3 gets no adapter
+    on its vision tower by default (it did, on every SigLIP q/k/v/out and fc layer)."""
+    from transformers import AutoModelForCausalLM
+
+    from factory.config import parse_config
+    from factory.errors import InputError
+    from factory.modeling import Backend, add_lora
+
+    cfg = parse_config({"lora": {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "fc1", "fc2",
+                                                    "gate_proj", "up_proj", "down_proj"], **settings}})
+    model = add_lora(AutoModelForCausalLM.from_pretrained(models["gemma-3-vision"]), cfg, Backend("hf", "test", "cpu"),
+                     rank=4)
+    kinds = {("vision" if "vision_tower" in name else "language_model") + "." +
+             ("attention" if "attn" in name else "mlp") for name, module in model.named_modules() if hasattr(module, "lora_A")}
+    assert kinds == adapted
+    cfg = parse_config({"lora": {"finetune_language_layers": False}})
+    with pytest.raises(InputError, match="match no layer of the model that the lora.finetune_. settings select"):
+        add_lora(AutoModelForCausalLM.from_pretrained(models["gemma-3"]), cfg, Backend("hf", "test", "cpu"), rank=4)
 
 
 @pytest.mark.parametrize("name", ["gemma-3", "mistral"])

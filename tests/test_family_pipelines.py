@@ -44,6 +44,7 @@ CUSTOM = "custom"  # example.build_custom_template_model: Llama 2 architecture, 
 # is trained on, writes it before every answer), and its answers are what follows `</think>`.
 REAL = {
     "gemma-3": dict(eot="<end_of_turn>", header="<start_of_turn>model\n", arch="gemma3"),
+    "gemma-3-vision": dict(eot="<end_of_turn>", header="<start_of_turn>model\n", arch="gemma3"),
     "llama-3.1": dict(eot="<|eot_id|>", header="<|start_header_id|>assistant<|end_header_id|>\n\n", arch="llama"),
     "qwen-2.5": dict(eot="<|im_end|>", header="<|im_start|>assistant\n", arch="qwen2"),
     "qwen-3": dict(eot="<|im_end|>", header="<|im_start|>assistant\n", arch="qwen3",
@@ -57,7 +58,7 @@ RECORDS = 400  # 360 train, 20 val, 20 test records (the splits-ready gate wants
 # training steps of batch 4: enough for some answers to end at end of turn; the tiny Gemma's
 # steps cost little (a 400-token vocabulary) and it needs more of them to stop; so does the tiny
 # Qwen 3, whose output embedding is its input embedding, frozen (80 steps: no answer stopped)
-STEPS = {"gemma-3": 240, "qwen-3": 200}
+STEPS = {"gemma-3": 240, "gemma-3-vision": 240, "qwen-3": 200}
 DEFAULT_STEPS = 80
 EXAMPLES = 8  # evaluation.max_examples: test examples generated and scored
 MAX_NEW_TOKENS = 32  # the example's evaluation.max_new_tokens
@@ -147,7 +148,7 @@ def runs(tmp_path_factory):
     """Every model's workspace after the whole pipeline, or the error that stopped it. The
     largest vocabularies first, so that the two workers finish together."""
     base = tmp_path_factory.mktemp("pipelines")
-    order = ["qwen-3", "qwen-2.5", "llama-3.1", "phi-3", "mistral", CUSTOM, "gemma-3"]
+    order = ["qwen-3", "qwen-2.5", "llama-3.1", "phi-3", "mistral", CUSTOM, "gemma-3", "gemma-3-vision"]
 
     def attempt(name):
         try:
@@ -404,6 +405,33 @@ def test_a_model_with_a_template_of_its_own_and_no_pad_token_keeps_them(runs):
     assert not any(base.chat_template == p.read_text() for p in shipped)
     pad = metrics(run, "training-stats")["chat_format"]["pad_token"]
     assert pad not in (None, base.eos_token, base.bos_token)
+
+
+def test_an_image_text_model_trains_and_exports_its_language_model(runs):
+    """Gemma 3 4B-27B are Gemma3ForConditionalGeneration: adapters go on the language model
+    only (lora.finetune_vision_layers is off), the vision tower comes through the merge
+    unchanged, and the GGUF (the language model; llama.cpp writes images' part to an mmproj
+    file) is checked for size against the language model's weights alone."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    run = runs["gemma-3-vision"]
+    if isinstance(run, BaseException):
+        raise run
+    with safe_open(run / "models" / "checkpoints" / "lora" / "adapter_model.safetensors", "pt") as f:
+        adapted = list(f.keys())
+    assert adapted and all(".language_model." in k for k in adapted), [k for k in adapted if "language_model" not in k]
+    base = AutoModelForCausalLM.from_pretrained(run / "models" / "base")
+    merged = AutoModelForCausalLM.from_pretrained(run / "models" / "checkpoints" / "merged")
+    assert type(base).__name__ == type(merged).__name__ == "Gemma3ForConditionalGeneration"
+    tower = {n: p for n, p in base.named_parameters() if "vision_tower" in n or "multi_modal_projector" in n}
+    merged_weights = dict(merged.named_parameters())
+    assert tower and all(torch.equal(p.to(merged_weights[n].dtype), merged_weights[n]) for n, p in tower.items())
+    (gguf,) = metrics(run, "quantization")["types"]
+    language_model = sum(p.numel() for p in base.model.language_model.parameters())  # the head is tied to it
+    assert gguf["parameters"] == language_model < sum(p.numel() for p in base.parameters())
+    assert gguf["size_within_bounds"]
 
 
 # --- plain text ---------------------------------------------------------------------------

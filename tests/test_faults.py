@@ -624,6 +624,22 @@ def test_damaged_checkpoints_are_skipped_for_the_one_before(trained, tmp_path):
     assert "skipping checkpoint checkpoint-3: incomplete: no training_state.json" in log
 
 
+@pytest.mark.slow
+def test_checkpoints_of_other_trained_layers_are_not_resumed(trained, tmp_path):
+    """Same config and data, but the model in model.name's folder has other layers (replaced, or
+    another factory or PEFT version adapts others): the checkpoints' optimizer state fits none of
+    the new adapter, so training starts over; it was exit 3 (the optimizer refused the state)."""
+    from factory.example import build_tiny_gemma3, generate_task_records, record_texts
+
+    root = copy_of(trained, tmp_path)
+    base = root / "models" / "base"
+    shutil.rmtree(base)
+    build_tiny_gemma3(base, corpus=record_texts(generate_task_records(120)), layers=3)
+    factory("run", "finetune", "--force", "-C", root, check_rc=0)
+    assert metrics(root, "training-stats")["resumed_from_step"] == 0
+    assert "are from another config, data or trained layers; starting over" in (root / "logs" / "factory.log").read_text()
+
+
 def _default_sigint():
     # A shell's background job starts with SIGINT ignored, which a child would inherit: Ctrl-C
     # must reach the run as it does from a terminal.
