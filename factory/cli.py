@@ -17,6 +17,7 @@ from typing import Annotated, Optional
 import orjson
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from factory import __version__
@@ -86,7 +87,7 @@ def _setup(workspace: Path, debug: bool) -> Workspace:
             rewritten = finalize_abandoned(ws)
         except OSError as e:  # a read-only workspace can still be looked at
             rewritten = []
-            err.print(f"[yellow]note[/]: could not check the last run's status: {e}", highlight=False)
+            err.print(f"[yellow]note[/]: could not check the last run's status: {escape(str(e))}", highlight=False)
         for path in rewritten:
             err.print(f"[yellow]note[/]: {path}: the last run disappeared without writing its final state "
                       "(killed?); now marked failed", highlight=False)
@@ -777,18 +778,19 @@ def main() -> None:
                       highlight=False)
         sys.exit(EXIT_USAGE)
     except (KeyboardInterrupt, Cancelled) as e:
-        err.print(f"[yellow]interrupted[/]: {str(e) or 'Ctrl-C'}; the status file records where it stopped")
+        err.print(f"[yellow]interrupted[/]: {escape(str(e) or 'Ctrl-C')}; the status file records where it stopped")
         sys.exit(EXIT_INTERRUPTED)
     except FactoryError as e:
         if _debug:
             err.print_exception()
-        err.print(f"[red]error[/]: {redact(str(e))}", highlight=False, soft_wrap=True)  # commands in messages stay copyable
+        err.print(f"[red]error[/]: {escape(redact(str(e)))}", highlight=False, soft_wrap=True)  # commands in messages stay copyable
         sys.exit(e.exit_code)
     except Exception as e:  # a bug, not the user's doing
         if _debug:
             err.print_exception()
         else:
-            err.print(f"[red]internal error[/]: {type(e).__name__}: {redact(str(e))}\n"
+            # messages quote templates and data: "[/INST]" is text, not a rich closing tag
+            err.print(f"[red]internal error[/]: {type(e).__name__}: {escape(redact(str(e)))}\n"
                       "Re-run with --debug for the traceback and please report it.")
         sys.exit(EXIT_INTERNAL)
 

@@ -864,7 +864,8 @@ def parse_config(raw: dict, source: str = "config") -> FactoryConfig:
 
 
 def _describe(err: dict) -> str:
-    loc = [str(part) for part in err["loc"] if not _is_union_tag(part)]
+    # a key of the user's that looks like a tag ("[/INST]": 1) is still the key
+    loc = [str(part) for part in err["loc"] if not _is_union_tag(part)] or [str(part) for part in err["loc"]]
     where = ".".join(loc) or "(top level)"
     if err["type"] == "extra_forbidden":
         known = _known_keys(loc[:-1])

@@ -10,6 +10,7 @@ import time
 from datetime import datetime
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -58,7 +59,7 @@ class RunReporter:
     def phase_started(self, phase) -> None:
         self._tasks[phase.name] = self._bars.add_task(phase.name, total=None, unit="")
         if not self.live:
-            self.console.print(f"{phase.name}: started ({phase.summary})", highlight=False)
+            self.console.print(escape(f"{phase.name}: started ({phase.summary})"), highlight=False)
 
     def progress(self, phase, done: int, total: int | None, unit: str) -> None:
         task = self._tasks.get(phase.name)
@@ -74,7 +75,7 @@ class RunReporter:
             if total and done > origin[1]:
                 rate = (done - origin[1]) / (now - origin[0])
                 line += f", {rate:.3g}/s, ETA {duration((total - done) / rate)}"
-            self.console.print(line, highlight=False)
+            self.console.print(escape(line), highlight=False)
 
     def phase_finished(self, phase, state: str, seconds: float, note: str) -> None:
         task = self._tasks.pop(phase.name, None)
@@ -82,14 +83,14 @@ class RunReporter:
             self._bars.remove_task(task)
         style = STATE_STYLE.get(state, "")
         detail = f"{seconds:.1f}s" if state == "succeeded" else note
-        self.console.print(f"[{style}]{phase.name}: {state}[/] ({detail})", highlight=False)
+        self.console.print(f"[{style}]{phase.name}: {state}[/] ({escape(detail)})", highlight=False)
 
     def gate_checked(self, result: dict) -> None:
         verdict = "[green]passed[/]" if result["passed"] else "[red]FAILED[/]"
         self.console.print(f"  gate {result['gate']}: {verdict}", highlight=False)
 
     def note(self, message: str) -> None:
-        self.console.print(f"  {message}", highlight=False)
+        self.console.print(f"  {escape(message)}", highlight=False)
 
     def summary(self, ws: Workspace) -> None:
         doc = read_status(ws)

@@ -216,3 +216,13 @@ def test_quantize_without_llama_cpp_names_the_install_command(ws, tmp_path):
     (ws / "factory.yaml").write_text("save:\n  gguf_quantization: [q8_0, q9_9]\n")
     proc = factory("validate", "-C", ws, check_rc=2)
     assert "save.gguf_quantization: unknown GGUF type(s) 'q9_9'" in proc.stderr and "Q4_K_M" in proc.stderr
+
+
+def test_messages_that_quote_brackets_print_as_text(tmp_path):
+    """Errors quote templates and keys: "[/INST]" is text to the terminal, not a rich closing
+    tag (on the first Unsloth run, a Mistral error crashed the error printer itself)."""
+    (tmp_path / "factory.yaml").write_text('data:\n  inputs: [a.jsonl]\n"[/INST]": 1\n')
+    proc = subprocess.run([sys.executable, "-m", "factory", "validate", "-C", str(tmp_path)], capture_output=True,
+                          text=True, env={**os.environ, "COLUMNS": "200"}, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "[/INST]: unknown key; valid keys: data, model" in proc.stderr
