@@ -864,12 +864,16 @@ def parse_config(raw: dict, source: str = "config") -> FactoryConfig:
 
 
 def _describe(err: dict) -> str:
-    # a key of the user's that looks like a tag ("[/INST]": 1) is still the key
-    loc = [str(part) for part in err["loc"] if not _is_union_tag(part)] or [str(part) for part in err["loc"]]
+    *path, last = err["loc"] or ("",)
+    loc = [str(part) for part in path if not _is_union_tag(part)]
+    # an unknown key is the user's, whatever it looks like ("Inputs", "[/INST]"); else the last
+    # part may be a validator's tag too
+    loc += [str(last)] if err["type"] == "extra_forbidden" or not _is_union_tag(last) else []
     where = ".".join(loc) or "(top level)"
     if err["type"] == "extra_forbidden":
         known = _known_keys(loc[:-1])
-        close = [ALIASES[loc[-1]]] if ALIASES.get(loc[-1]) in known else difflib.get_close_matches(loc[-1], known + list(ALIASES), n=1, cutoff=0.5)
+        key = loc[-1].lower()  # config keys are lower-case: "R" means r
+        close = [ALIASES[key]] if ALIASES.get(key) in known else difflib.get_close_matches(key, known + list(ALIASES), n=1, cutoff=0.5)
         close = [ALIASES.get(c, c) for c in close if ALIASES.get(c, c) in known]
         parent = ".".join(loc[:-1])
         hint = f"did you mean {parent + '.' if parent else ''}{close[0]}?" if close else f"valid keys: {', '.join(known)}"

@@ -100,6 +100,16 @@ def test_unknown_keys_named_with_close_match_and_all_errors_at_once():
     assert "data.inputs.0.pth: unknown key; did you mean data.inputs.0.path?" in message
 
 
+def test_an_unknown_key_is_named_whatever_it_looks_like():
+    """A capitalised key or one in brackets is the user's key, not a validator's tag (they were
+    dropped from the path: a wrong key named, or an IndexError, exit 3)."""
+    with pytest.raises(ConfigError) as info:
+        parse_config({"lora": {"R": 8}, "[/INST]": 1})
+    message = str(info.value)
+    assert "lora.R: unknown key; did you mean lora.r?" in message
+    assert "[/INST]: unknown key; valid keys: data, model" in message
+
+
 def test_yaml_syntax_error_names_file_and_line(tmp_path):
     path = tmp_path / "factory.yaml"
     path.write_text("data:\n  inputs: [a\n  split: {}\n")
