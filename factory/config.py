@@ -260,7 +260,7 @@ class LoraConfig(Section):
     finetune_vision_layers: bool = False
     """Put adapters on a multimodal model's vision tower and projector (Gemma 3 4B-27B, Llama
     3.2 Vision, Qwen 2.5 VL). Off: text data never reaches them, and the GGUF holds the
-    language model only (llama.cpp writes the vision part to a separate mmproj file)."""
+    language model only (the vision part is exported to llama.cpp's separate projector file)."""
 
     finetune_language_layers: bool = True
     """Put adapters on the language model's layers."""

@@ -290,11 +290,13 @@ def build_tiny_gemma3(
         from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
 
         tower = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                   image_size=28, patch_size=14)
+                                   image_size=IMAGE_SIZE, patch_size=14, layer_norm_eps=1e-6, vision_use_head=False)
         config = Gemma3Config(text_config=config, vision_config=tower, mm_tokens_per_image=1,
                               boi_token_index=real_vocab, eoi_token_index=real_vocab + 1,
                               image_token_index=real_vocab + 2, tie_word_embeddings=True)
         model = Gemma3ForConditionalGeneration(config)
+        with torch.no_grad():  # transformers starts the projector at zero: every image would embed as 0
+            model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, initializer_range)
     else:
         model = Gemma3ForCausalLM(config)
     model = model.to(getattr(torch, save_dtype)).eval()
@@ -307,6 +309,11 @@ def build_tiny_gemma3(
     # what transformers 5 does not write
     (out_dir / "tokenizer.model").write_bytes(proto)
     _restore_tokenizer_config(out_dir / "tokenizer_config.json")
+    if vision:
+        _write_as_hub_checkpoint(out_dir / "model.safetensors")
+        (out_dir / "preprocessor_config.json").write_text(json.dumps(
+            {**GEMMA3_PREPROCESSOR, "size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+             "image_seq_length": model.config.mm_tokens_per_image}, indent=2) + "\n", encoding="utf-8")
 
     # it must load back the ordinary way
     reloaded = AutoTokenizer.from_pretrained(out_dir)
@@ -316,6 +323,31 @@ def build_tiny_gemma3(
     if list(ids[:2]) != [BOS_ID, START_OF_TURN_ID]:
         raise RuntimeError(f"tiny Gemma 3 tokenizer renders the chat template wrong: {ids}")
     return out_dir
+
+
+IMAGE_SIZE = 28  # the tiny vision tower's input: 2 x 2 patches of 14 pixels
+
+# google/gemma-3-4b-it's preprocessor_config.json but for the size; llama.cpp's converter reads
+# the normalisation from it when it writes the vision projector (mmproj) file.
+GEMMA3_PREPROCESSOR = {
+    "do_convert_rgb": None, "do_normalize": True, "do_pan_and_scan": None, "do_rescale": True, "do_resize": True,
+    "image_mean": [0.5, 0.5, 0.5], "image_processor_type": "Gemma3ImageProcessor", "image_std": [0.5, 0.5, 0.5],
+    "pan_and_scan_max_num_crops": None, "pan_and_scan_min_crop_size": None,
+    "pan_and_scan_min_ratio_to_activate": None, "processor_class": "Gemma3Processor", "resample": 2,
+    "rescale_factor": 1 / 255,
+}
+
+
+def _write_as_hub_checkpoint(path: Path) -> None:
+    """Name the vision tower's weights as google/gemma-3-4b-it's checkpoint does
+    (vision_tower.vision_model.*): transformers 5 writes a model built from a config without
+    the `vision_model` level, which no released checkpoint has and llama.cpp cannot map.
+    (A model loaded from hub names is saved with them, so a merged fine-tune keeps them.)"""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(path)
+    save_file({name.replace("vision_tower.", "vision_tower.vision_model.", 1): tensor for name, tensor in weights.items()},
+              path, metadata={"format": "pt"})
 
 
 def _restore_tokenizer_config(path: Path) -> None:

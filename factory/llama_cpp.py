@@ -171,14 +171,18 @@ def fetch_converter(dest: Path | None = None, *, log=print) -> Path:
     return dest
 
 
-def convert(llama_cpp: Path, model_dir: Path, out_file: Path, outtype: str, log_file: Path) -> None:
-    """Run llama.cpp's converter on a Hugging Face folder; its output goes to `log_file`."""
+def convert(llama_cpp: Path, model_dir: Path, out_file: Path, outtype: str, log_file: Path, *,
+            mmproj: bool = False) -> None:
+    """Run llama.cpp's converter on a Hugging Face folder; its output goes to `log_file`.
+    `mmproj`: write an image-text model's vision tower and projector (llama.cpp's separate
+    multimodal projector file) instead of its language model."""
     env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}  # use the matching gguf-py
     env["HF_HUB_OFFLINE"] = "1"
     tmp = out_file.with_suffix(".gguf.partial")
     with open(log_file, "w", encoding="utf-8") as log:
         done = subprocess.run(
-            [sys.executable, str(llama_cpp / CONVERTER), str(model_dir), "--outfile", str(tmp), "--outtype", outtype],
+            [sys.executable, str(llama_cpp / CONVERTER), str(model_dir), "--outfile", str(tmp), "--outtype", outtype,
+             *(["--mmproj"] if mmproj else [])],
             stdout=log, stderr=subprocess.STDOUT, env=env,
         )
     if done.returncode != 0:
@@ -300,6 +304,58 @@ def load(path: Path, *, n_ctx: int, logits_all: bool = False, threads: int | Non
     with _kernels(plain=where["plain_cpu_kernels"]), _native_stderr_to(os.devnull):  # notes such as "using full-size SWA cache"
         return _bounded(runtime_module.Llama)(str(path), n_ctx=n_ctx, logits_all=logits_all, verbose=False, seed=0,
                                               n_gpu_layers=where["n_gpu_layers"], n_threads=threads or max(1, os.cpu_count() or 1))
+
+
+def image_embeddings(mmproj: Path, text_model, images: list) -> list:
+    """What llama.cpp's multimodal library (mtmd, as llama-server --mmproj uses it) feeds the
+    language model for each image (H x W x 3 uint8 arrays): one (image tokens x hidden) float
+    array per image, or an InputError when the projector file does not load or encode.
+    `text_model` is a loaded Llama of the same model (mtmd checks that the two fit)."""
+    import ctypes
+
+    import numpy as np
+    from llama_cpp import mtmd_cpp as mtmd
+
+    params = mtmd.mtmd_context_params_default()
+    params.use_gpu = placement()["n_gpu_layers"] != 0
+    params.print_timings = False
+    params.warmup = False
+    params.n_threads = max(1, os.cpu_count() or 1)
+    with _native_stderr_to(os.devnull):  # clip's per-tensor log
+        context = mtmd.mtmd_init_from_file(str(mmproj).encode(), text_model.model, params)
+    if not context:
+        raise InputError(f"llama.cpp could not load the vision projector {mmproj} with its language model")
+    hidden = runtime().llama_model_n_embd(text_model.model)
+    marker = mtmd.mtmd_default_marker()
+    embeddings = []
+    try:
+        for image in images:
+            height, width, _ = image.shape
+            pixels = np.ascontiguousarray(image, dtype=np.uint8)
+            bitmap = mtmd.mtmd_bitmap_init(width, height, pixels.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)))
+            chunks = mtmd.mtmd_input_chunks_init()
+            try:
+                text = mtmd.mtmd_input_text(text=marker, text_len=len(marker), add_special=False, parse_special=True)
+                with _native_stderr_to(os.devnull):
+                    failed = mtmd.mtmd_tokenize(context, chunks, ctypes.byref(text),
+                                                (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap), 1)
+                images_in = [mtmd.mtmd_input_chunks_get(chunks, i) for i in range(mtmd.mtmd_input_chunks_size(chunks))]
+                images_in = [c for c in images_in if mtmd.mtmd_input_chunk_get_type(c) == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE]
+                if failed or len(images_in) != 1:
+                    raise InputError(f"llama.cpp could not tokenize an image with {mmproj} (code {failed})")
+                with _native_stderr_to(os.devnull):
+                    failed = mtmd.mtmd_encode_chunk(context, images_in[0])
+                if failed:
+                    raise InputError(f"llama.cpp could not encode an image with {mmproj} (code {failed})")
+                tokens = mtmd.mtmd_input_chunk_get_n_tokens(images_in[0])
+                output = np.ctypeslib.as_array(mtmd.mtmd_get_output_embd(context), shape=(tokens * hidden,))
+                embeddings.append(output.reshape(tokens, hidden).copy())
+            finally:
+                mtmd.mtmd_input_chunks_free(chunks)
+                mtmd.mtmd_bitmap_free(bitmap)
+    finally:
+        mtmd.mtmd_free(context)
+    return embeddings
 
 
 @contextmanager

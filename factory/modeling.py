@@ -319,6 +319,53 @@ def text_model_shapes(model) -> list[tuple[int, ...]]:
     return [tuple(p.shape) for p in weights.values()]
 
 
+def has_vision_tower(model) -> bool:
+    """An image-text model (Gemma 3 4B-27B): a vision tower and projector beside the language model."""
+    return getattr(model.config, "vision_config", None) is not None and hasattr(model, "get_image_features")
+
+
+def probe_images(folder: Path, count: int = 2) -> list:
+    """`count` fixed RGB images (H x W x 3 uint8) at the size the model's image processor
+    resizes to (preprocessor_config.json in `folder`), so that neither HF nor llama.cpp resizes
+    them: seeded noise (every patch differs) and smooth colour gradients."""
+    import json
+
+    import numpy as np
+
+    size = json.loads((folder / "preprocessor_config.json").read_text(encoding="utf-8"))["size"]
+    height, width = size.get("height", size.get("shortest_edge")), size.get("width", size.get("shortest_edge"))
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (height, width, 3), dtype=np.uint8)]
+    y, x = np.mgrid[0:height, 0:width]
+    for k in range(1, count):
+        images.append(np.stack([x * 255 // max(1, width - 1), y * 255 // max(1, height - 1),
+                                (x + y) * 255 * k // max(1, height + width - 2) % 256], axis=-1).astype(np.uint8))
+    return images[:count]
+
+
+def image_features(model, folder: Path, images: list) -> list:
+    """The merged model's own embeddings of `images` (at the processor's size), as its language
+    model receives them: pixels rescaled and normalised as preprocessor_config.json in `folder`
+    says, through the vision tower and the projector. One (image tokens x hidden) array each."""
+    import json
+
+    import numpy as np
+    import torch
+
+    settings = json.loads((folder / "preprocessor_config.json").read_text(encoding="utf-8"))
+    mean, std = np.array(settings["image_mean"]), np.array(settings["image_std"])
+    features = []
+    for image in images:
+        pixels = (image * settings.get("rescale_factor", 1 / 255) - mean) / std
+        tensor = torch.from_numpy(pixels.astype(np.float32)).permute(2, 0, 1)[None]
+        tensor = tensor.to(device=next(model.parameters()).device, dtype=next(model.parameters()).dtype)
+        with torch.inference_mode():
+            out = model.get_image_features(pixel_values=tensor)
+        out = getattr(out, "pooler_output", out)
+        features.append(out.float().reshape(-1, out.shape[-1]).cpu().numpy())
+    return features
+
+
 def base_transformer(model):
     """The model without its head (PEFT's LoRA layers stay in it): hidden states, no logits."""
     causal = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -402,13 +449,15 @@ class LogitHead:
             yield start, self(hidden[start : start + self.positions])
 
 
-def complete_tokenizer_files(source: str, out_dir: Path) -> list[str]:
+def complete_saved_files(source: str, out_dir: Path) -> list[str]:
     """Put back what transformers 5's save_pretrained leaves out of a saved model folder.
 
     llama.cpp's converter needs the SentencePiece `tokenizer.model` (without it a Gemma or
-    Llama-2 vocabulary is not recognised) and `added_tokens_decoder` (without it the turn
-    tokens become plain text in the GGUF and chat output never stops). Both are taken from
-    the base model (`source`: a folder or a hub id). Returns what was restored.
+    Llama-2 vocabulary is not recognised), `added_tokens_decoder` (without it the turn
+    tokens become plain text in the GGUF and chat output never stops) and, for an image-text
+    model, the image processor's settings (`preprocessor_config.json`: the vision projector
+    file takes its normalisation from it). All are taken from the base model (`source`: a
+    folder or a hub id). Returns what was restored.
     """
     import json
     import shutil
@@ -421,10 +470,11 @@ def complete_tokenizer_files(source: str, out_dir: Path) -> list[str]:
         return Path(found) if found else None
 
     restored = []
-    model_file = base_file("tokenizer.model")
-    if model_file and not (out_dir / "tokenizer.model").exists():
-        shutil.copyfile(model_file, out_dir / "tokenizer.model")
-        restored.append("tokenizer.model")
+    for name in ("tokenizer.model", "preprocessor_config.json", "processor_config.json"):
+        found = base_file(name)
+        if found and not (out_dir / name).exists():
+            shutil.copyfile(found, out_dir / name)
+            restored.append(name)
     base_config, config_path = base_file("tokenizer_config.json"), out_dir / "tokenizer_config.json"
     if base_config and config_path.exists():
         base = json.loads(base_config.read_text(encoding="utf-8"))

@@ -167,6 +167,15 @@ def _blocks(metrics: dict[str, Any], gates: list[dict]) -> list[Block]:
                                 f"{_fmt(quantization.get('all_sizes_within_bounds'))}."))
         blocks.append(TableBlock([c.replace("_", " ") for c in columns],
                                  [[_size(t.get(c)) if c == "size_bytes" else t.get(c) for c in columns] for t in types]))
+        projector = quantization.get("vision_projector")
+        if projector and projector.get("exported"):
+            blocks.append(Paragraph(
+                f"Vision projector {projector['path']} ({_size(projector.get('size_bytes'))}): "
+                f"{projector.get('parameters')} of the merged model's {projector.get('expected_parameters')} vision "
+                f"parameters; lowest cosine to the merged model's image embeddings "
+                f"{_fmt(projector.get('min_cosine'))} on {projector.get('images')} test images."))
+        elif projector:
+            blocks.append(Paragraph(f"No vision projector file: {projector.get('reason')}"))
     else:
         blocks.append(Paragraph("Not quantized yet (metrics/quantization.json is written by the quantize phase)."))
     return blocks

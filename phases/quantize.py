@@ -16,6 +16,9 @@ Reads top to bottom like a recipe:
    the scorers on the test split, perplexity and KL divergence of the next-token
    distribution against the merged model, and chat generation that stops at end of turn
    with the template embedded in the file;
+   An image-text model's vision tower and projector go to llama.cpp's separate projector file
+   (mmproj-model-F16.gguf, what llama-server --mmproj takes), checked by encoding fixed
+   images through llama.cpp's multimodal library against the merged model's own embeddings;
 6. hand off: an Ollama Modelfile next to the GGUF and the commands to run it.
 
 The model cards (which include gate results) are written after the gates, by the runner
@@ -46,6 +49,8 @@ MERGE_PROBE_TOKENS = 8  # answer tokens per probe whose logits are kept (3 model
 DIVERGENCE_EXAMPLES = 32  # test examples for perplexity and KL (the merged model's final hidden states on
 # their answer tokens stay in memory, not its logits: 32 x 500 tokens x 2,560 x 4 bytes = 164 MB for Gemma 3 4B)
 STOP_CHECKS = 8  # chat completions that must end at end of turn
+PROJECTOR_IMAGES = 2  # fixed images that llama.cpp's vision projector must embed as the merged model does
+PROJECTOR_FILE = "mmproj-model-F16.gguf"  # F16: what llama.cpp's converter and released projector files use
 
 
 def run(ctx: PhaseContext) -> dict[str, Any]:
@@ -75,12 +80,14 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
     reference = evaluation.score_model(ctx, model, chat, records, what="merged")
     divergence = _divergence_reference(model, chat, records[:DIVERGENCE_EXAMPLES], plan.context_length(cfg))
     shapes = modeling.text_model_shapes(model)  # what each file's size is checked against
+    vision = _vision_reference(model, merged_dir, shapes) if modeling.has_vision_tower(model) else None
     del model  # the divergence reference keeps only the output embedding
     gc.collect()
 
     # 4. GGUF files
     quantized_dir = ws.path(cfg.save.gguf_path)
     exported = _export(ctx, converter, merged_dir, quantized_dir, types)
+    projector = _export_projector(ctx, converter, merged_dir, quantized_dir) if vision else None
 
     # 5. verify each file with llama.cpp's runtime
     verified = []
@@ -94,9 +101,14 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
             **_verify(ctx, path, gtype, shapes, chat, records, reference, divergence),
         })
 
+    if projector and projector.get("exported"):
+        log.info("verifying %s with llama.cpp's multimodal library", projector["path"])
+        projector.update(_verify_projector(ws.path(projector["path"]),
+                                           llama_cpp.gguf_file(quantized_dir, verified[0]["type"]), vision))
+
     # 6. handoff
-    modelfile = _write_modelfile(cfg, ws, quantized_dir, verified[0]["type"], chat)
-    commands = _run_commands(cfg, ws, quantized_dir, verified[0]["type"], modelfile)
+    modelfile = _write_modelfile(cfg, ws, quantized_dir, verified[0]["type"], chat, projector)
+    commands = _run_commands(cfg, ws, quantized_dir, verified[0]["type"], modelfile, projector)
     for line in commands.values():
         log.info("run it: %s", line)
     return {
@@ -111,6 +123,7 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
            {"all_generations_stop": all(v["generation_stops"] == 1.0 for v in verified)}),
         "min_tokenizer_agreement": min(v["tokenizer_agreement"] for v in verified),
         "types": verified,
+        **({"vision_projector": projector} if projector else {}),
         "llama_cpp": {"converter": str(converter), "llama_cpp_python": llama_cpp.LLAMA_CPP_PYTHON_VERSION,
                       **llama_cpp.placement()},
         "modelfile": ws.rel(modelfile),
@@ -181,7 +194,7 @@ def _merge(ctx: PhaseContext, backend, adapter: Path, merged_dir: Path, staging:
         method = "peft merge_and_unload"
     del model
     gc.collect()
-    restored = modeling.complete_tokenizer_files(base, staging)
+    restored = modeling.complete_saved_files(base, staging)
     ctx.progress.advance()
 
     # The check reads the model back from disk: a merge or a save that lost the adapter shows here.
@@ -207,7 +220,7 @@ def _merge(ctx: PhaseContext, backend, adapter: Path, merged_dir: Path, staging:
         "diff_ratio": vs_adapter / vs_base if vs_base else None,  # None: the merged model is the base
         "argmax_agreement_vs_adapter": agree / positions if positions else None,
         "logit_scale": max(float(a.abs().max()) for a in adapter_logits),
-        "tokenizer_files_restored": restored,
+        "files_restored": restored,
         "size_bytes": sum(f.stat().st_size for f in staging.glob("*.safetensors")),
         "seconds": round(time.monotonic() - started, 3),
         "check_seconds": round(checking, 3),
@@ -306,7 +319,67 @@ def _export(ctx: PhaseContext, converter: Path, merged_dir: Path, out_dir: Path,
     return done
 
 
+def _export_projector(ctx: PhaseContext, converter: Path, merged_dir: Path, out_dir: Path) -> dict[str, Any]:
+    """The vision tower and projector as llama.cpp's projector file. A model whose vision part
+    llama.cpp's converter does not know still has its verified text GGUFs: the failure is
+    recorded (and warned about), not raised."""
+    ws, log = ctx.workspace, ctx.log
+    path = out_dir / PROJECTOR_FILE
+    started = time.monotonic()
+    log.info("converting the vision tower of %s to %s", ws.rel(merged_dir), ws.rel(path))
+    try:
+        llama_cpp.convert(converter, merged_dir, path, "f16", ws.logs_dir / "gguf-convert-mmproj.log", mmproj=True)
+    except InputError as e:
+        log.warning("no vision projector file: %s", e)
+        path.unlink(missing_ok=True)
+        return {"exported": False, "path": ws.rel(path), "reason": str(e)[:2000]}
+    record_created(ws, path)
+    return {"exported": True, "path": ws.rel(path), "method": "convert_hf_to_gguf.py --mmproj --outtype f16",
+            "export_seconds": round(time.monotonic() - started, 3), "size_bytes": path.stat().st_size}
+
+
 # --- 5. verification --------------------------------------------------------------------------
+
+
+def _vision_reference(model, merged_dir: Path, text_shapes: list[tuple[int, ...]]) -> dict[str, Any]:
+    """What the projector file is checked against: the merged model's embeddings of fixed
+    images and its vision parameter count (all parameters but the language model's)."""
+    images = modeling.probe_images(merged_dir, PROJECTOR_IMAGES)
+    return {"images": images, "features": modeling.image_features(model, merged_dir, images),
+            "parameters": sum(p.numel() for p in model.parameters()) - sum(math.prod(s) for s in text_shapes)}
+
+
+def _verify_projector(path: Path, text_gguf: Path, reference: dict[str, Any]) -> dict[str, Any]:
+    """Encode the reference images with llama.cpp's multimodal library (what llama-server
+    --mmproj runs) and compare with the merged model's embeddings, token by token."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    parameters = sum(int(t.n_elements) for t in GGUFReader(path).tensors)
+    llm = llama_cpp.load(text_gguf, n_ctx=256)
+    try:
+        embedded = llama_cpp.image_embeddings(path, llm, reference["images"])
+    finally:
+        del llm
+        gc.collect()
+    cosines, differences, tokens = [], [], []
+    for mine, theirs in zip(embedded, reference["features"]):
+        tokens.append([len(mine), len(theirs)])
+        if mine.shape != theirs.shape:
+            continue
+        norms = np.linalg.norm(mine, axis=-1) * np.linalg.norm(theirs, axis=-1)
+        cosines += list((mine * theirs).sum(-1) / np.maximum(norms, 1e-12))
+        differences.append(float(np.abs(mine - theirs).max() / max(1e-12, float(np.abs(theirs).max()))))
+    same_shape = all(a == b for a, b in tokens)
+    return {
+        "parameters": parameters,
+        "expected_parameters": reference["parameters"],
+        "parameters_match": parameters == reference["parameters"],
+        "images": len(tokens),
+        "image_tokens": tokens,  # [llama.cpp, merged model] per image
+        "min_cosine": float(min(cosines)) if same_shape and cosines else None,
+        "max_relative_difference": max(differences) if same_shape and differences else None,
+    }
 
 
 def _verify(ctx: PhaseContext, path: Path, gtype, shapes: list[tuple[int, ...]], chat, records: list[dict], reference: dict,
@@ -422,14 +495,18 @@ def _divergence(llm, reference: DivergenceReference) -> tuple[float, float, floa
 OLLAMA_PARAMETERS = {"repetition_penalty": "repeat_penalty"}
 
 
-def _write_modelfile(cfg: FactoryConfig, ws: Workspace, quantized_dir: Path, type_name: str, chat) -> Path:
+def _write_modelfile(cfg: FactoryConfig, ws: Workspace, quantized_dir: Path, type_name: str, chat,
+                     projector: dict | None) -> Path:
     """An Ollama Modelfile next to the GGUF: FROM, the TEMPLATE in Ollama's Go syntax and the
-    stop tokens (both read off the model's own chat template), its sampling defaults, num_ctx."""
+    stop tokens (both read off the model's own chat template), its sampling defaults, num_ctx.
+    Text only: Ollama does not take a separate llama.cpp projector file for an imported GGUF."""
 
     from factory.io import atomic_write_bytes
 
-    lines = [f"# Ollama: ollama create {_model_name(cfg)} -f {ws.rel(quantized_dir / 'Modelfile')}",
-             f"FROM ./{llama_cpp.gguf_file(quantized_dir, type_name).name}"]
+    lines = [f"# Ollama: ollama create {_model_name(cfg)} -f {ws.rel(quantized_dir / 'Modelfile')}"]
+    if projector and projector.get("exported"):
+        lines.append(f"# Text only here; for images use llama.cpp: llama-server --mmproj {Path(projector['path']).name}")
+    lines.append(f"FROM ./{llama_cpp.gguf_file(quantized_dir, type_name).name}")
     if chat.has_template:
         lines.append(f'TEMPLATE """{chat.ollama_template}"""')
     lines += [f'PARAMETER stop "{token}"' for token in chat.stop_tokens]
@@ -440,11 +517,13 @@ def _write_modelfile(cfg: FactoryConfig, ws: Workspace, quantized_dir: Path, typ
     return path
 
 
-def _run_commands(cfg: FactoryConfig, ws: Workspace, quantized_dir: Path, type_name: str, modelfile: Path) -> dict[str, str]:
+def _run_commands(cfg: FactoryConfig, ws: Workspace, quantized_dir: Path, type_name: str, modelfile: Path,
+                  projector: dict | None) -> dict[str, str]:
     gguf = ws.rel(llama_cpp.gguf_file(quantized_dir, type_name))
+    images = f" --mmproj {projector['path']}" if projector and projector.get("exported") else ""
     return {
-        "llama_server": f"llama-server -m {gguf} --port 8080 --jinja",
-        "llama_cli": f"llama-cli -m {gguf} --jinja -cnv",
+        "llama_server": f"llama-server -m {gguf}{images} --port 8080 --jinja",
+        "llama_cli": f"llama-mtmd-cli -m {gguf}{images} --jinja" if images else f"llama-cli -m {gguf} --jinja -cnv",
         "ollama": f"ollama create {_model_name(cfg)} -f {ws.rel(modelfile)} && ollama run {_model_name(cfg)}",
         "factory_sample": f"factory sample --model {gguf} --prompt 'Hello'",
     }

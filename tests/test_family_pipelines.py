@@ -410,7 +410,7 @@ def test_a_model_with_a_template_of_its_own_and_no_pad_token_keeps_them(runs):
 def test_an_image_text_model_trains_and_exports_its_language_model(runs):
     """Gemma 3 4B-27B are Gemma3ForConditionalGeneration: adapters go on the language model
     only (lora.finetune_vision_layers is off), the vision tower comes through the merge
-    unchanged, and the GGUF (the language model; llama.cpp writes images' part to an mmproj
+    unchanged, and the GGUF (the language model; the image part goes to llama.cpp's projector
     file) is checked for size against the language model's weights alone."""
     import torch
     from safetensors import safe_open
@@ -432,6 +432,49 @@ def test_an_image_text_model_trains_and_exports_its_language_model(runs):
     language_model = sum(p.numel() for p in base.model.language_model.parameters())  # the head is tied to it
     assert gguf["parameters"] == language_model < sum(p.numel() for p in base.parameters())
     assert gguf["size_within_bounds"]
+
+
+def test_an_image_text_model_gets_a_vision_projector_that_embeds_images_as_the_model_does(runs, tmp_path):
+    """The vision tower and projector go to llama.cpp's projector file (llama-server --mmproj),
+    whose tensors hold every vision parameter, and llama.cpp's multimodal library embeds fixed
+    images as the merged model does. A projector file of another model fails the same check."""
+    import torch
+    from gguf import GGUFReader
+    from transformers import AutoModelForCausalLM
+
+    from factory import llama_cpp, modeling
+    from phases import quantize
+
+    run = runs["gemma-3-vision"]
+    if isinstance(run, BaseException):
+        raise run
+    quantization = metrics(run, "quantization")
+    projector = quantization["vision_projector"]
+    path = run / projector["path"]
+    merged_dir = run / "models" / "checkpoints" / "merged"
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir)
+    vision = sum(p.numel() for n, p in merged.named_parameters() if "vision_tower" in n or "multi_modal_projector" in n)
+    assert projector["exported"] and projector["parameters"] == projector["expected_parameters"] == vision
+    assert sum(int(t.n_elements) for t in GGUFReader(path).tensors) == vision
+    assert projector["image_tokens"] == [[1, 1], [1, 1]]  # mm_tokens_per_image
+    assert projector["min_cosine"] >= 0.99
+    commands = quantization["commands"]
+    assert f"--mmproj {projector['path']}" in commands["llama_server"]
+
+    # the projector of a model whose projection differs (its sign flipped) fails the check
+    other = tmp_path / "other"
+    with torch.no_grad():
+        merged.model.multi_modal_projector.mm_input_projection_weight.neg_()
+    merged.save_pretrained(other)
+    for name in ("preprocessor_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
+        (other / name).write_bytes((merged_dir / name).read_bytes())
+    converter = llama_cpp.converter_dir(None)
+    llama_cpp.convert(converter, other, tmp_path / "mmproj.gguf", "f16", tmp_path / "convert.log", mmproj=True)
+    original = AutoModelForCausalLM.from_pretrained(merged_dir)
+    reference = quantize._vision_reference(original, merged_dir, modeling.text_model_shapes(original))
+    text_gguf = run / quantization["types"][0]["path"]
+    assert quantize._verify_projector(path, text_gguf, reference)["min_cosine"] >= 0.99
+    assert quantize._verify_projector(tmp_path / "mmproj.gguf", text_gguf, reference)["min_cosine"] < 0
 
 
 # --- plain text ---------------------------------------------------------------------------
