@@ -123,6 +123,11 @@ class ChatFormat:
     repetition_penalty: transformers' names), for `factory sample` and the Ollama Modelfile;
     unset ones are left to the runtime."""
 
+    markers_match_tokens: bool = True
+    """Whether instruction_part and response_part, tokenized alone, occur in a tokenized
+    conversation where their text does (see _settle_markers): what Unsloth's
+    train_on_responses_only needs."""
+
     # --- construction ------------------------------------------------------------------
 
     @classmethod
@@ -168,6 +173,7 @@ class ChatFormat:
         # Masks are checked once here, on a multi-turn probe, so a template that cannot be
         # masked stops the run before any training (exit 2), not in the middle of it.
         chat._settle_masks()
+        chat._settle_markers()
         log.info("chat format: template %s, end of turn %r (id %d%s), stops %s, pad %r, BOS %s%s%s",
                  chat.template_source, chat.eot_token, eot_id, ", appended to answers" if eot_appended else "", stops,
                  tokenizer.pad_token, "from the template" if bos_in_template else
@@ -213,6 +219,28 @@ class ChatFormat:
                             "(exit 2)", self.template_source)
             return
         raise error
+
+    def _settle_markers(self) -> None:
+        """Make instruction_part and response_part match token ids, not only text: Unsloth's
+        train_on_responses_only tokenizes each marker alone and looks for those ids in every
+        tokenized conversation. Llama 2's SentencePiece vocabulary tokenizes `[/INST] ` alone as
+        `[`, `/`, `INST`, `]`, `▁` but a Mistral conversation as `▁[`, ..., `]`, `▁Hello`: the
+        marker was never found, every label was masked and Unsloth stopped the run (seen on a
+        GPU). Each marker borrows the fewest characters that precede it in the rendered probe
+        conversation, and drops its trailing whitespace if need be, until its ids occur there as
+        often as its text (Mistral: ` [INST] `, ` [/INST]`); when none does,
+        `markers_match_tokens` is False and the unsloth backend stops before training."""
+        probe = {"conversations": [
+            {"role": "system", "content": _SYSTEM}, {"role": "user", "content": _USER1},
+            {"role": "assistant", "content": _ANSWER1}, {"role": "user", "content": _USER2},
+            {"role": "assistant", "content": _ANSWER1}][: 5 if self.multi_turn else 3]}
+        bos = self.tokenizer.bos_token or "\0"
+        text = self.render(messages(probe["conversations"]), generation_prompt=False, training=True).removeprefix(bos)
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        parts = [_marker_in_context(self.tokenizer, text, ids, part) for part in (self.instruction_part, self.response_part)]
+        self.markers_match_tokens = None not in parts
+        if self.markers_match_tokens:
+            self.instruction_part, self.response_part = parts
 
     @classmethod
     def _without_template(cls, tokenizer, generation_config) -> "ChatFormat":
@@ -486,6 +514,27 @@ def _instruction_part(probe: dict[str, str], eot_text: str) -> str:
     if ending and between.startswith(ending):
         return between[len(ending):].lstrip() or between.lstrip()
     return _header_after(between, eot_text)
+
+
+MARKER_BORROW = 4  # characters of context a marker may take from before it (a SentencePiece space: 1)
+
+
+def _marker_in_context(tokenizer, text: str, ids: list[int], marker: str) -> str | None:
+    """`marker`, with the fewest characters that precede it in `text` (the same at each of its
+    occurrences) and, if need be, without its trailing whitespace (which a SentencePiece or BPE
+    vocabulary merges with the answer's first word), whose token ids occur in `ids` (the
+    tokenized `text`) as often as its text occurs in `text`; None when there is none."""
+    starts = [i for i in range(len(text)) if text.startswith(marker, i)]
+    for borrow in range(MARKER_BORROW + 1):
+        if not starts or any(start < borrow for start in starts) or len({text[s - borrow : s] for s in starts}) > 1:
+            return None
+        context = text[starts[0] - borrow : starts[0]]
+        for candidate in dict.fromkeys([context + marker, context + marker.rstrip()]):
+            core = tokenizer(candidate, add_special_tokens=False)["input_ids"]
+            found = sum(ids[i : i + len(core)] == core for i in range(len(ids) - len(core) + 1)) if core else 0
+            if found and found == text.count(candidate):
+                return candidate
+    return None
 
 
 def _choose_pad(tokenizer, chat: ChatFormat) -> int:

@@ -43,6 +43,7 @@ import xxhash
 
 from factory import checkpoints, modeling, trackers
 from factory.config import SHARDING_STRATEGIES, FactoryConfig
+from factory.chat import named_templates
 from factory.errors import InputError
 from factory.io import file_sha256, write_json
 from factory.phase import TRAINING_LIBRARIES, Phase, PhaseContext
@@ -352,6 +353,12 @@ def _build_trainer(cfg: FactoryConfig, ws: Workspace, backend, model, chat, reco
         # alike), given the markers the chat format read off this model's template.
         from unsloth.chat_templates import train_on_responses_only
 
+        if not chat.markers_match_tokens:
+            raise InputError(
+                f"Unsloth's train_on_responses_only cannot find this template's markers ({chat.instruction_part!r}, "
+                f"{chat.response_part!r}) in the tokenized conversations: this tokenizer splits them differently in "
+                "context, so every label would be masked; set model.backend: hf (the factory's own masks) or "
+                f"dataset.chat_template to one of {', '.join(named_templates())}")
         trainer = SFTTrainer(model=model, processing_class=chat.tokenizer, train_dataset=train_set,
                              eval_dataset=eval_set, args=SFTConfig(dataset_text_field="text", **args))
         trainer = train_on_responses_only(trainer, instruction_part=chat.instruction_part,

@@ -161,6 +161,54 @@ def test_tokenizer_round_trips_and_template_renders_two_turns(models, name):
     assert full.count(eot) >= 2 and f"4{eot}" in full and f"6{eot}" in full, full  # each answer ends its turn
 
 
+UNSLOTH_CONVERSATIONS = [
+    *CONVERSATIONS,
+    [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "Hello there, friend."},
+     {"role": "user", "content": "A list?"}, {"role": "assistant", "content": "[1, 2] is a list"}],
+]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_unsloth_markers_occur_as_token_ids_at_every_turn(models, name):
+    """Unsloth's train_on_responses_only finds the turns by the markers' ids, each tokenized
+    alone, in the tokenized conversation (seed 004's text, BOS left to the tokenizer). On
+    conversations other than the chat format's probe (answers that open with a digit, a word, a
+    bracket, non-Latin text; multi-turn), the user marker's ids occur once per user turn and
+    the response marker's once per answer, each followed by its answer. With the markers read
+    off Mistral's template as text (`[INST] `, `[/INST] `) the ids never occurred and Unsloth
+    masked every label (the run stopped on a GPU). The custom model's Llama 2 tokenizer (legacy
+    SentencePiece) writes `▁` before any text tokenized alone, so no marker of its template can
+    match mid-text: the chat format says so (the unsloth backend then stops before training,
+    exit 2, naming model.backend: hf), as Unsloth's own matcher, run on it, masks every label."""
+    from phases.finetune import _text_dataset
+
+    tokenizer = _tokenizer(models[name])
+    fmt = chat.ChatFormat.from_tokenizer(tokenizer)
+    if name == CUSTOM:
+        response = tokenizer(fmt.response_part, add_special_tokens=False)["input_ids"]
+        text = _text_dataset(fmt, [{"conversations": CONVERSATIONS[0]}])[0]["text"]
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert not fmt.markers_match_tokens and tokenizer.convert_ids_to_tokens(response[0]).startswith("▁")
+        assert not any(ids[i : i + len(response)] == response for i in range(len(ids)))
+        return
+    assert fmt.markers_match_tokens
+    for turns in UNSLOTH_CONVERSATIONS:
+        text = _text_dataset(fmt, [{"conversations": turns}])[0]["text"]
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+
+        def occurrences(part):
+            part_ids = tokenizer(part, add_special_tokens=False)["input_ids"]
+            return [i + len(part_ids) for i in range(len(ids)) if ids[i : i + len(part_ids)] == part_ids]
+
+        assert len(occurrences(fmt.instruction_part)) == sum(t["role"] == "user" for t in turns), (text, ids)
+        answers = [t["content"] for t in turns if t["role"] == "assistant"]
+        after = occurrences(fmt.response_part)
+        assert len(after) == len(answers), (fmt.response_part, text)
+        for answer, start in zip(answers, after):
+            following = tokenizer.decode(ids[start:])
+            assert answer.split()[0] in following[: len(answer) + 30], (answer, following)
+
+
 @pytest.fixture(scope="session")
 def ggufs(models, tmp_path_factory):
     """Every model converted by llama.cpp's converter as the quantize phase runs it, two at a
