@@ -88,6 +88,8 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
     quantized_dir = ws.path(cfg.save.gguf_path)
     exported = _export(ctx, converter, merged_dir, quantized_dir, types)
     projector = _export_projector(ctx, converter, merged_dir, quantized_dir) if vision else None
+    if not vision:  # a projector file from an earlier, image-text base model would pass for this one's
+        remove_if_created(ws, quantized_dir / PROJECTOR_FILE)
 
     # 5. verify each file with llama.cpp's runtime
     verified = []
@@ -359,6 +361,10 @@ def _verify_projector(path: Path, text_gguf: Path, reference: dict[str, Any]) ->
     llm = llama_cpp.load(text_gguf, n_ctx=256)
     try:
         embedded = llama_cpp.image_embeddings(path, llm, reference["images"])
+    except InputError as e:  # a file llama.cpp cannot use fails the gate (min_cosine null), it does not stop the phase
+        return {"parameters": parameters, "expected_parameters": reference["parameters"],
+                "parameters_match": parameters == reference["parameters"], "images": 0, "image_tokens": [],
+                "min_cosine": None, "max_relative_difference": None, "error": str(e)}
     finally:
         del llm
         gc.collect()
