@@ -87,7 +87,7 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
     # 4. GGUF files
     quantized_dir = ws.path(cfg.save.gguf_path)
     exported = _export(ctx, converter, merged_dir, quantized_dir, types)
-    projector = _export_projector(ctx, converter, merged_dir, quantized_dir) if vision else None
+    projector = _export_projector(ctx, converter, merged_dir, quantized_dir, vision) if vision else None
     if not vision:  # a projector file from an earlier, image-text base model would pass for this one's
         remove_if_created(ws, quantized_dir / PROJECTOR_FILE)
 
@@ -321,12 +321,18 @@ def _export(ctx: PhaseContext, converter: Path, merged_dir: Path, out_dir: Path,
     return done
 
 
-def _export_projector(ctx: PhaseContext, converter: Path, merged_dir: Path, out_dir: Path) -> dict[str, Any]:
+def _export_projector(ctx: PhaseContext, converter: Path, merged_dir: Path, out_dir: Path,
+                      vision: dict[str, Any]) -> dict[str, Any]:
     """The vision tower and projector as llama.cpp's projector file. A model whose vision part
-    llama.cpp's converter does not know still has its verified text GGUFs: the failure is
+    cannot be exported or checked (llama.cpp's converter does not know it, or it is not
+    embedded the way _vision_reference checks) still has its verified text GGUFs: the reason is
     recorded (and warned about), not raised."""
     ws, log = ctx.workspace, ctx.log
     path = out_dir / PROJECTOR_FILE
+    if "unsupported" in vision:
+        log.warning("no vision projector file: %s", vision["unsupported"])
+        remove_if_created(ws, path)
+        return {"exported": False, "path": ws.rel(path), "reason": vision["unsupported"]}
     started = time.monotonic()
     log.info("converting the vision tower of %s to %s", ws.rel(merged_dir), ws.rel(path))
     try:
@@ -345,9 +351,19 @@ def _export_projector(ctx: PhaseContext, converter: Path, merged_dir: Path, out_
 
 def _vision_reference(model, merged_dir: Path, text_shapes: list[tuple[int, ...]]) -> dict[str, Any]:
     """What the projector file is checked against: the merged model's embeddings of fixed
-    images and its vision parameter count (all parameters but the language model's)."""
-    images = modeling.probe_images(merged_dir, PROJECTOR_IMAGES)
-    return {"images": images, "features": modeling.image_features(model, merged_dir, images),
+    images and its vision parameter count (all parameters but the language model's). Or
+    {"unsupported": why} for a model without an image processor file, or whose image features
+    need more than pixels at one fixed size (Qwen 2.5 VL's grid, Llama 3.2 Vision's tiles)."""
+    if not (merged_dir / "preprocessor_config.json").is_file():
+        return {"unsupported": "the model has no preprocessor_config.json (its image processor settings), which "
+                               "llama.cpp's converter needs for the projector file"}
+    try:
+        images = modeling.probe_images(merged_dir, PROJECTOR_IMAGES)
+        features = modeling.image_features(model, merged_dir, images)
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:
+        return {"unsupported": f"{type(model).__name__} does not embed an image from its pixels at one fixed size "
+                               f"({type(e).__name__}: {e}); the factory checks projector files of Gemma 3-style models"}
+    return {"images": images, "features": features,
             "parameters": sum(p.numel() for p in model.parameters()) - sum(math.prod(s) for s in text_shapes)}
 
 
