@@ -167,6 +167,10 @@ def judge(item: dict[str, Any]) -> dict[str, float]:
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"]
 PAD_ID, EOS_ID, BOS_ID, UNK_ID, MASK_ID, START_OF_TURN_ID, END_OF_TURN_ID = range(7)
 
+# Gemma 3 4B-27B's image tokens: begin and end of an image, and the placeholder each image
+# embedding takes the place of.
+IMAGE_TOKENS = ["<start_of_image>", "<end_of_image>", "<image_soft_token>"]
+
 # Text the tokenizer must cover besides the corpus: the turn headers the template writes.
 TEMPLATE_TEXTS = ["<start_of_turn>user\n", "<end_of_turn>\n", "<start_of_turn>model\n", "<start_of_turn>system\n"]
 
@@ -265,11 +269,12 @@ def build_tiny_gemma3(
         tokenizer = GemmaTokenizer.from_pretrained(tmp, add_bos_token=True, add_eos_token=False)
     tokenizer.chat_template = read_named_template("gemma-3")
     real_vocab = len(tokenizer)
+    if vision:  # after the text vocabulary, as in google/gemma-3-4b-it's (there 255999, 256000, 262144)
+        tokenizer.add_tokens(IMAGE_TOKENS, special_tokens=True)
 
     # model
-    image_tokens = 3 if vision else 0  # <start_of_image>, <end_of_image>, <image_soft_token>
     config = Gemma3TextConfig(
-        vocab_size=padded_vocab or real_vocab + image_tokens,
+        vocab_size=padded_vocab or len(tokenizer),
         hidden_size=hidden,
         intermediate_size=intermediate,
         num_hidden_layers=layers,
@@ -308,12 +313,16 @@ def build_tiny_gemma3(
 
     # what transformers 5 does not write
     (out_dir / "tokenizer.model").write_bytes(proto)
-    _restore_tokenizer_config(out_dir / "tokenizer_config.json")
-    if vision:
+    _restore_tokenizer_config(out_dir / "tokenizer_config.json", image_tokens_from=real_vocab if vision else None)
+    if vision:  # what AutoProcessor (and Unsloth's FastModel) loads as a Gemma3Processor
         _write_as_hub_checkpoint(out_dir / "model.safetensors")
+        tokens_per_image = model.config.mm_tokens_per_image
         (out_dir / "preprocessor_config.json").write_text(json.dumps(
             {**GEMMA3_PREPROCESSOR, "size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-             "image_seq_length": model.config.mm_tokens_per_image}, indent=2) + "\n", encoding="utf-8")
+             "image_seq_length": tokens_per_image}, indent=2) + "\n", encoding="utf-8")
+        (out_dir / "processor_config.json").write_text(json.dumps(
+            {"image_seq_length": tokens_per_image, "processor_class": "Gemma3Processor"}, indent=2) + "\n",
+            encoding="utf-8")
 
     # it must load back the ordinary way
     reloaded = AutoTokenizer.from_pretrained(out_dir)
@@ -350,14 +359,19 @@ def _write_as_hub_checkpoint(path: Path) -> None:
               path, metadata={"format": "pt"})
 
 
-def _restore_tokenizer_config(path: Path) -> None:
-    """Add what a google/gemma-3 tokenizer_config.json has and transformers 5 leaves out."""
+def _restore_tokenizer_config(path: Path, *, image_tokens_from: int | None = None) -> None:
+    """Add what a google/gemma-3 tokenizer_config.json has and transformers 5 leaves out; with
+    `image_tokens_from`, the image tokens from that id on, and their names, as 4B-27B have."""
     config = json.loads(path.read_text(encoding="utf-8"))
     config.pop("vocab_file", None)  # an absolute path to the temporary folder
     config.update(add_bos_token=True, add_eos_token=False, chat_template=read_named_template("gemma-3"))
+    specials = dict(enumerate(SPECIAL_TOKENS))
+    if image_tokens_from is not None:
+        specials.update(enumerate(IMAGE_TOKENS, start=image_tokens_from))
+        config.update(boi_token=IMAGE_TOKENS[0], eoi_token=IMAGE_TOKENS[1], image_token=IMAGE_TOKENS[2])
     config["added_tokens_decoder"] = {
         str(i): {"content": tok, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
-        for i, tok in enumerate(SPECIAL_TOKENS)
+        for i, tok in specials.items()
     }
     path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 

@@ -105,8 +105,16 @@ def load_model(cfg: FactoryConfig, ws: Workspace, backend: Backend, *, max_seq_l
             model_name=path, max_seq_length=max_seq_length, dtype=cfg.model.dtype and torch_dtype(cfg, "cuda"),
             load_in_4bit=cfg.model.load_in_4bit,
         )
-        return model, ChatFormat.from_tokenizer(tokenizer, cfg.dataset.chat_template, model.generation_config)
+        return model, ChatFormat.from_tokenizer(text_tokenizer(tokenizer), cfg.dataset.chat_template,
+                                                model.generation_config)
     return load_for_inference(cfg, ws, backend, path=path, quantize=cfg.model.load_in_4bit)
+
+
+def text_tokenizer(loaded):
+    """The tokenizer in what a loader returned: Unsloth's FastModel gives an image-text model's
+    processor (a Gemma3Processor for Gemma 3 4B-27B), whose text half the chat format and the
+    trainer work with (the data is text)."""
+    return loaded.tokenizer if hasattr(loaded, "image_processor") and hasattr(loaded, "tokenizer") else loaded
 
 
 def load_for_inference(cfg: FactoryConfig, ws: Workspace, backend: Backend, *, path: str | None = None,

@@ -161,6 +161,28 @@ def test_tokenizer_round_trips_and_template_renders_two_turns(models, name):
     assert full.count(eot) >= 2 and f"4{eot}" in full and f"6{eot}" in full, full  # each answer ends its turn
 
 
+def test_an_image_text_model_loads_as_its_processor_and_the_chat_format_reads_its_tokenizer(models):
+    """Gemma 3 4B-27B load through AutoProcessor as a Gemma3Processor (what Unsloth's FastModel
+    returns for them): its image tokens are where the model's config says, and the chat format
+    built from the processor's text half is the one built from the tokenizer."""
+    from transformers import AutoConfig, AutoProcessor
+
+    from factory.modeling import text_tokenizer
+
+    folder = models["gemma-3-vision"]
+    processor = AutoProcessor.from_pretrained(folder)
+    config = AutoConfig.from_pretrained(folder)
+    assert type(processor).__name__ == "Gemma3Processor"
+    tokenizer = processor.tokenizer
+    assert tokenizer.convert_tokens_to_ids(example.IMAGE_TOKENS) == [config.boi_token_index, config.eoi_token_index,
+                                                                     config.image_token_index]
+    assert text_tokenizer(processor) is tokenizer and text_tokenizer(tokenizer) is tokenizer
+    from_processor, from_tokenizer = chat.ChatFormat.from_tokenizer(text_tokenizer(processor)), \
+        chat.ChatFormat.from_tokenizer(_tokenizer(folder))
+    for field in ("eot_token_id", "stop_token_ids", "pad_token_id", "bos_token_id", "instruction_part", "response_part"):
+        assert getattr(from_processor, field) == getattr(from_tokenizer, field), field
+
+
 UNSLOTH_CONVERSATIONS = [
     *CONVERSATIONS,
     [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "Hello there, friend."},
