@@ -32,6 +32,11 @@ TEMPLATE_ALIASES = {"gemma3": "gemma-3", "gemma": "gemma-3", "llama-3": "llama-3
 # Placeholders for probe conversations: letters only, so no template's trimming or escaping
 # changes them, and unlikely to merge with the text around them.
 _SYSTEM, _USER1, _ANSWER1, _USER2 = "PROBESYSTEMxq", "PROBEUSERONExq", "PROBEANSWERxq", "PROBEUSERTWOxq"
+# A two-turn conversation with a system message, in the factory's record form: what the masks
+# and Unsloth's markers are checked on (its first three turns: a single-turn one).
+_PROBE_TURNS = [{"role": "system", "content": _SYSTEM}, {"role": "user", "content": _USER1},
+               {"role": "assistant", "content": _ANSWER1}, {"role": "user", "content": _USER2},
+               {"role": "assistant", "content": _ANSWER1}]
 _REASONING = "PROBEREASONINGxq"
 
 
@@ -189,11 +194,8 @@ class ChatFormat:
         as Mistral v0.3's writes it into the last user message only); else for single-turn
         records only (a multi-turn record is exit 2 when the finetune phase meets it). A
         template that masks no conversation stops the run here (exit 2), before any training."""
-        multi_turn = {"conversations": [
-            {"role": "system", "content": _SYSTEM}, {"role": "user", "content": _USER1},
-            {"role": "assistant", "content": _ANSWER1}, {"role": "user", "content": _USER2},
-            {"role": "assistant", "content": _ANSWER1}]}
-        single_turn = {"conversations": multi_turn["conversations"][:3]}
+        multi_turn = {"conversations": _PROBE_TURNS}
+        single_turn = {"conversations": _PROBE_TURNS[:3]}
         unfolded, folded = (self.system_folded, self.probe), (True, _folded_system(self.probe))
         training_template = _trl_training_template(self.tokenizer)
         choices = [(None, unfolded, multi_turn, ""),
@@ -228,14 +230,9 @@ class ChatFormat:
         marker was never found, every label was masked and Unsloth stopped the run (seen on a
         GPU). Each marker borrows the fewest characters that precede it in the rendered probe
         conversation, and drops its trailing whitespace if need be, until its ids occur there as
-        often as its text (Mistral: ` [INST] `, ` [/INST]`); when none does,
+        often as its text (Mistral: ` [INST]`, ` [/INST]`); when none does,
         `markers_match_tokens` is False and the unsloth backend stops before training."""
-        probe = {"conversations": [
-            {"role": "system", "content": _SYSTEM}, {"role": "user", "content": _USER1},
-            {"role": "assistant", "content": _ANSWER1}, {"role": "user", "content": _USER2},
-            {"role": "assistant", "content": _ANSWER1}][: 5 if self.multi_turn else 3]}
-        bos = self.tokenizer.bos_token or "\0"
-        text = self.render(messages(probe["conversations"]), generation_prompt=False, training=True).removeprefix(bos)
+        text = self.training_text(_PROBE_TURNS if self.multi_turn else _PROBE_TURNS[:3])
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         parts = [_marker_in_context(self.tokenizer, text, ids, part) for part in (self.instruction_part, self.response_part)]
         self.markers_match_tokens = None not in parts
@@ -282,6 +279,12 @@ class ChatFormat:
         template = self.training_template if training else None
         return self.tokenizer.apply_chat_template(self._with_system(turns), tokenize=False,
                                                   add_generation_prompt=generation_prompt, chat_template=template)
+
+    def training_text(self, conversations: list[dict]) -> str:
+        """A record's conversation as seed 004's training text for the unsloth backend: rendered
+        as the training masks see it, without a leading BOS (the tokenizer adds it)."""
+        bos = self.tokenizer.bos_token or "\0"
+        return self.render(messages(conversations), generation_prompt=False, training=True).removeprefix(bos)
 
     def _with_system(self, turns: list[dict]) -> list[dict]:
         """`turns` with a system message moved into the first user message where the template

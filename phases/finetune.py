@@ -432,12 +432,7 @@ def _text_dataset(chat, records: list[dict]):
     """Rendered conversations without a leading BOS (the tokenizer adds it): the unsloth backend."""
     from datasets import Dataset
 
-    from factory.chat import messages
-
-    bos = chat.tokenizer.bos_token or "\0"
-    return Dataset.from_list([{"text": chat.render(messages(r["conversations"]), generation_prompt=False,
-                                                   training=True).removeprefix(bos)}
-                              for r in records])
+    return Dataset.from_list([{"text": chat.training_text(r["conversations"])} for r in records])
 
 
 def _cpu_safe_trainer():
