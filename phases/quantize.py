@@ -15,9 +15,10 @@ Reads top to bottom like a recipe:
 5. verify each GGUF through llama.cpp's runtime: tokenizer agreement with the HF tokenizer,
    the scorers on the test split, perplexity and KL divergence of the next-token
    distribution against the merged model, and chat generation that stops at end of turn
-   with the template embedded in the file. An image-text model's vision tower and projector go to llama.cpp's separate projector file
-   (mmproj-model-F16.gguf, what llama-server --mmproj takes), checked by encoding fixed
-   images through llama.cpp's multimodal library against the merged model's own embeddings;
+   with the template embedded in the file. An image-text model's vision tower and projector
+   go to llama.cpp's separate projector file (mmproj-model-F16.gguf, what llama-server
+   --mmproj takes), checked by encoding fixed images through llama.cpp's multimodal library
+   against the merged model's own embeddings;
 6. hand off: an Ollama Modelfile next to the GGUF and the commands to run it.
 
 The model cards (which include gate results) are written after the gates, by the runner
