@@ -332,41 +332,33 @@ def has_vision_tower(model) -> bool:
     return getattr(model.config, "vision_config", None) is not None and hasattr(model, "get_image_features")
 
 
-def probe_images(folder: Path, count: int = 2) -> list:
-    """`count` fixed RGB images (H x W x 3 uint8) at the size the model's image processor
-    resizes to (preprocessor_config.json in `folder`), so that neither HF nor llama.cpp resizes
-    them: seeded noise (every patch differs) and smooth colour gradients."""
-    import json
-
+def probe_images(settings: dict) -> list:
+    """Two fixed RGB images (H x W x 3 uint8) at the size an image processor with `settings`
+    (its preprocessor_config.json) resizes to, so that neither HF nor llama.cpp resizes them:
+    seeded noise (every patch differs) and a smooth colour gradient."""
     import numpy as np
 
-    size = json.loads((folder / "preprocessor_config.json").read_text(encoding="utf-8"))["size"]
+    size = settings["size"]
     height, width = size.get("height", size.get("shortest_edge")), size.get("width", size.get("shortest_edge"))
-    rng = np.random.default_rng(0)
-    images = [rng.integers(0, 256, (height, width, 3), dtype=np.uint8)]
     y, x = np.mgrid[0:height, 0:width]
-    for k in range(1, count):
-        images.append(np.stack([x * 255 // max(1, width - 1), y * 255 // max(1, height - 1),
-                                (x + y) * 255 * k // max(1, height + width - 2) % 256], axis=-1).astype(np.uint8))
-    return images[:count]
+    gradient = np.stack([x * 255 // max(1, width - 1), y * 255 // max(1, height - 1),
+                         (x + y) * 255 // max(1, height + width - 2)], axis=-1).astype(np.uint8)
+    return [np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8), gradient]
 
 
-def image_features(model, folder: Path, images: list) -> list:
-    """The merged model's own embeddings of `images` (at the processor's size), as its language
-    model receives them: pixels rescaled and normalised as preprocessor_config.json in `folder`
-    says, through the vision tower and the projector. One (image tokens x hidden) array each."""
-    import json
-
+def image_features(model, settings: dict, images: list) -> list:
+    """The model's own embeddings of `images` (at the processor's size), as its language model
+    receives them: pixels rescaled and normalised as the image processor's `settings` say,
+    through the vision tower and the projector. One (image tokens x hidden) array each."""
     import numpy as np
     import torch
 
-    settings = json.loads((folder / "preprocessor_config.json").read_text(encoding="utf-8"))
     mean, std = np.array(settings["image_mean"]), np.array(settings["image_std"])
+    weight = next(model.parameters())
     features = []
     for image in images:
         pixels = (image * settings.get("rescale_factor", 1 / 255) - mean) / std
-        tensor = torch.from_numpy(pixels.astype(np.float32)).permute(2, 0, 1)[None]
-        tensor = tensor.to(device=next(model.parameters()).device, dtype=next(model.parameters()).dtype)
+        tensor = torch.from_numpy(pixels.astype(np.float32)).permute(2, 0, 1)[None].to(weight.device, weight.dtype)
         with torch.inference_mode():
             out = model.get_image_features(pixel_values=tensor)
         out = getattr(out, "pooler_output", out)

@@ -28,6 +28,7 @@ The model cards (which include gate results) are written after the gates, by the
 from __future__ import annotations
 
 import gc
+import json
 import math
 import os
 import resource
@@ -49,7 +50,6 @@ MERGE_PROBE_TOKENS = 8  # answer tokens per probe whose logits are kept (3 model
 DIVERGENCE_EXAMPLES = 32  # test examples for perplexity and KL (the merged model's final hidden states on
 # their answer tokens stay in memory, not its logits: 32 x 500 tokens x 2,560 x 4 bytes = 164 MB for Gemma 3 4B)
 STOP_CHECKS = 8  # chat completions that must end at end of turn
-PROJECTOR_IMAGES = 2  # fixed images that llama.cpp's vision projector must embed as the merged model does
 PROJECTOR_FILE = "mmproj-model-F16.gguf"  # F16: what llama.cpp's converter and released projector files use
 
 
@@ -87,9 +87,8 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
     # 4. GGUF files
     quantized_dir = ws.path(cfg.save.gguf_path)
     exported = _export(ctx, converter, merged_dir, quantized_dir, types)
+    remove_if_created(ws, quantized_dir / PROJECTOR_FILE)  # an earlier run's would pass for this model's
     projector = _export_projector(ctx, converter, merged_dir, quantized_dir, vision) if vision else None
-    if not vision:  # a projector file from an earlier, image-text base model would pass for this one's
-        remove_if_created(ws, quantized_dir / PROJECTOR_FILE)
 
     # 5. verify each file with llama.cpp's runtime
     verified = []
@@ -329,18 +328,17 @@ def _export_projector(ctx: PhaseContext, converter: Path, merged_dir: Path, out_
     recorded (and warned about), not raised."""
     ws, log = ctx.workspace, ctx.log
     path = out_dir / PROJECTOR_FILE
-    if "unsupported" in vision:
-        log.warning("no vision projector file: %s", vision["unsupported"])
-        remove_if_created(ws, path)
-        return {"exported": False, "path": ws.rel(path), "reason": vision["unsupported"]}
+    reason = vision.get("unsupported")
     started = time.monotonic()
-    log.info("converting the vision tower of %s to %s", ws.rel(merged_dir), ws.rel(path))
-    try:
-        llama_cpp.convert(converter, merged_dir, path, "f16", ws.logs_dir / "gguf-convert-mmproj.log", mmproj=True)
-    except InputError as e:
-        log.warning("no vision projector file: %s", e)
-        path.unlink(missing_ok=True)
-        return {"exported": False, "path": ws.rel(path), "reason": str(e)[:2000]}
+    if not reason:
+        log.info("converting the vision tower of %s to %s", ws.rel(merged_dir), ws.rel(path))
+        try:
+            llama_cpp.convert(converter, merged_dir, path, "f16", ws.logs_dir / "gguf-convert-mmproj.log", mmproj=True)
+        except InputError as e:  # the converter wrote nothing at `path`
+            reason = str(e)[:2000]
+    if reason:
+        log.warning("no vision projector file: %s", reason)
+        return {"exported": False, "path": ws.rel(path), "reason": reason}
     record_created(ws, path)
     return {"exported": True, "path": ws.rel(path), "method": "convert_hf_to_gguf.py --mmproj --outtype f16",
             "export_seconds": round(time.monotonic() - started, 3), "size_bytes": path.stat().st_size}
@@ -354,12 +352,14 @@ def _vision_reference(model, merged_dir: Path, text_shapes: list[tuple[int, ...]
     images and its vision parameter count (all parameters but the language model's). Or
     {"unsupported": why} for a model without an image processor file, or whose image features
     need more than pixels at one fixed size (Qwen 2.5 VL's grid, Llama 3.2 Vision's tiles)."""
-    if not (merged_dir / "preprocessor_config.json").is_file():
+    settings_file = merged_dir / "preprocessor_config.json"
+    if not settings_file.is_file():
         return {"unsupported": "the model has no preprocessor_config.json (its image processor settings), which "
                                "llama.cpp's converter needs for the projector file"}
+    settings = json.loads(settings_file.read_text(encoding="utf-8"))
     try:
-        images = modeling.probe_images(merged_dir, PROJECTOR_IMAGES)
-        features = modeling.image_features(model, merged_dir, images)
+        images = modeling.probe_images(settings)
+        features = modeling.image_features(model, settings, images)
     except (TypeError, ValueError, KeyError, RuntimeError) as e:
         return {"unsupported": f"{type(model).__name__} does not embed an image from its pixels at one fixed size "
                                f"({type(e).__name__}: {e}); the factory checks projector files of Gemma 3-style models"}
@@ -374,13 +374,14 @@ def _verify_projector(path: Path, text_gguf: Path, reference: dict[str, Any]) ->
     from gguf import GGUFReader
 
     parameters = sum(int(t.n_elements) for t in GGUFReader(path).tensors)
+    counts = {"parameters": parameters, "expected_parameters": reference["parameters"],
+              "parameters_match": parameters == reference["parameters"]}
     llm = llama_cpp.load(text_gguf, n_ctx=256)
     try:
         embedded = llama_cpp.image_embeddings(path, llm, reference["images"])
     except InputError as e:  # a file llama.cpp cannot use fails the gate (min_cosine null), it does not stop the phase
-        return {"parameters": parameters, "expected_parameters": reference["parameters"],
-                "parameters_match": parameters == reference["parameters"], "images": 0, "image_tokens": [],
-                "min_cosine": None, "max_relative_difference": None, "error": str(e)}
+        return {**counts, "images": 0, "image_tokens": [], "min_cosine": None, "max_relative_difference": None,
+                "error": str(e)}
     finally:
         del llm
         gc.collect()
@@ -394,9 +395,7 @@ def _verify_projector(path: Path, text_gguf: Path, reference: dict[str, Any]) ->
         differences.append(float(np.abs(mine - theirs).max() / max(1e-12, float(np.abs(theirs).max()))))
     same_shape = all(a == b for a, b in tokens)
     return {
-        "parameters": parameters,
-        "expected_parameters": reference["parameters"],
-        "parameters_match": parameters == reference["parameters"],
+        **counts,
         "images": len(tokens),
         "image_tokens": tokens,  # [llama.cpp, merged model] per image
         "min_cosine": float(min(cosines)) if same_shape and cosines else None,
