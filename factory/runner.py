@@ -105,7 +105,7 @@ def run_pipeline(
     settings = output_settings(cfg, ws)  # none may be the workspace or contain it: refused before anything runs
     reporter = reporter or _Silent()
     result = RunResult()
-    with run_lock(ws), _sigterm_as_cancel(), _log_to_file(ws):
+    with run_lock(ws), _signals_as_cancel(), _log_to_file(ws):
         for rewritten in finalize_abandoned(ws, lock_held=True):
             reporter.note(f"{rewritten}: the previous run had disappeared without a final state; marked failed")
         for removed in discard_unfinished(ws):
@@ -190,6 +190,7 @@ def _run_one(phase: Phase, cfg: FactoryConfig, ws: Workspace, status: StatusWrit
                            training, options)
     try:
         metrics = distributed.run_phase(phase, context) if distributed.launches(phase, cfg) else phase.run(context)
+        _raise_if_signalled()  # a cancellation the phase's code swallowed is still one
     except BaseException as exc:
         exc = _as_user_error(exc, ws, f"running {phase.name}")  # while the disk is as the failure left it
         try:
@@ -315,11 +316,13 @@ class _PhaseProgress:
         self.done, self.total, self.unit = 0, None, "items"
 
     def start(self, total: int | None, unit: str) -> None:
+        _raise_if_signalled()
         self.done, self.total, self.unit = 0, total, unit
         self.status.phase_progress(self.phase.name, 0, total, unit, force=True)
         self.reporter.progress(self.phase, 0, total, unit)
 
     def advance(self, n: int = 1) -> None:
+        _raise_if_signalled()
         self.done += n
         self.status.phase_progress(self.phase.name, self.done, self.total, self.unit)
         self.reporter.progress(self.phase, self.done, self.total, self.unit)
@@ -332,21 +335,42 @@ class _PhaseProgress:
 # --- process guards ----------------------------------------------------------------------
 
 
-@contextmanager
-def _sigterm_as_cancel() -> Iterator[None]:
-    """Turn SIGTERM into an exception, so the final status is written as for Ctrl-C."""
-    def cancel(signum, frame):
-        raise Cancelled("terminated by SIGTERM")
+_signalled: int | None = None  # the SIGTERM or SIGINT this run received (signal handlers are per process)
 
+
+def _cancel(signum: int, frame) -> None:
+    global _signalled
+    _signalled = signum
+    _raise_if_signalled()
+
+
+def _raise_if_signalled() -> None:
+    """Raise the cancellation a signal asked for (Cancelled for SIGTERM, KeyboardInterrupt for
+    Ctrl-C). The handler raises it at once; this raises it again at the next progress step and
+    at the end of each phase, because Python drops an exception raised while a finalizer runs
+    ("Exception ignored in ...: KeyboardInterrupt", a weakref callback during garbage
+    collection): a Ctrl-C during quantize was lost that way and the run went on to succeed."""
+    if _signalled == signal.SIGTERM:
+        raise Cancelled("terminated by SIGTERM")
+    if _signalled == signal.SIGINT:
+        raise KeyboardInterrupt
+
+
+@contextmanager
+def _signals_as_cancel() -> Iterator[None]:
+    """Turn SIGTERM and Ctrl-C into exceptions that are not lost, so the final status is written."""
+    global _signalled
+    _signalled = None
     try:
-        previous = signal.signal(signal.SIGTERM, cancel)
+        previous = {signum: signal.signal(signum, _cancel) for signum in (signal.SIGTERM, signal.SIGINT)}
     except ValueError:  # not the main thread: leave signals alone
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 @contextmanager

@@ -676,6 +676,48 @@ def assert_cancelled_in(root: Path, phase: str, proc: subprocess.CompletedProces
     assert partial_files(root) == []
 
 
+SIGNAL_IN_A_FINALIZER = textwrap.dedent("""
+    import os, signal, sys
+    from factory.config import parse_config
+    from factory.phase import Phase
+    from factory.runner import run_pipeline
+    from factory.workspace import Workspace
+
+    class SignalsWhenCollected:
+        def __del__(self):  # as a weakref callback during garbage collection in quantize
+            os.kill(os.getpid(), getattr(signal, sys.argv[2]))
+            sum(range(1000))  # the handler runs here; Python drops what it raises ("Exception ignored in")
+
+    def phase(ctx):
+        SignalsWhenCollected()
+        print("the phase went on", flush=True)
+        ctx.progress.start(3, "steps")
+        ctx.progress.advance()
+        print("past a progress step", flush=True)
+        return {}
+
+    try:
+        run_pipeline(parse_config({}), Workspace.at(sys.argv[1]), (Phase("format", "", "format", phase),))
+        print("completed")
+    except BaseException as e:
+        print("stopped by", type(e).__name__)
+""")
+
+
+@pytest.mark.parametrize("signame, raised", [("SIGINT", "KeyboardInterrupt"), ("SIGTERM", "Cancelled")])
+def test_a_signal_that_lands_in_a_finalizer_still_cancels_the_run(tmp_path, signame, raised):
+    """Python drops an exception raised while a finalizer runs, so a Ctrl-C or SIGTERM that
+    arrives then was lost and the run went on to succeed (a Ctrl-C in quantize, seen in the
+    suite). The runner remembers the signal and stops at the phase's next progress step."""
+    (tmp_path / "factory.yaml").write_text("")
+    proc = subprocess.run([sys.executable, "-c", SIGNAL_IN_A_FINALIZER, str(tmp_path), signame],
+                          capture_output=True, text=True, timeout=120)
+    assert "Exception ignored" in proc.stderr and raised in proc.stderr  # the real thing: the first raise was lost
+    assert proc.stdout.splitlines() == ["the phase went on", f"stopped by {raised}"], proc.stdout + proc.stderr
+    status = read(tmp_path / ".factory" / "status.json")
+    assert status["state"] == "cancelled" and [p["state"] for p in status["phases"]] == ["cancelled"], status
+
+
 @pytest.mark.slow
 def test_sigterm_and_ctrl_c_in_every_model_phase_then_a_clean_resume_and_no_secret_written(fresh, tmp_path):
     root = copy_of(fresh, tmp_path)
