@@ -437,7 +437,8 @@ class SaveConfig(Section):
     Q4_K_S, Q4_1, Q4_0, IQ4_NL, IQ4_XS, Q3_K_L, Q3_K_M, Q3_K_S and Q2_K from its quantizer."""
 
     merged_dtype: Literal["bfloat16", "float16"] = "bfloat16"
-    """16-bit type of the merged model (never fp32: it doubles the memory, seed 002)."""
+    """16-bit type of the merged model (never fp32: it doubles the memory, seed 002). Unsloth's
+    merge keeps the base checkpoint's own type; files it writes in another are rewritten in this."""
 
     llama_cpp_dir: str | None = None
     """A llama.cpp checkout to convert with (needs convert_hf_to_gguf.py and gguf-py/); the

@@ -489,6 +489,79 @@ def complete_saved_files(source: str, out_dir: Path) -> list[str]:
     return restored
 
 
+# safetensors' names of the float types a merged model can hold
+_SAFETENSORS_FLOATS = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
+
+
+def saved_float_types(folder: Path) -> list[str]:
+    """The float types (torch names) of the tensors in a saved model folder, read from the
+    safetensors headers alone."""
+    from safetensors import safe_open
+
+    found = set()
+    for path in folder.glob("*.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            found |= {f.get_slice(name).get_dtype() for name in f.keys()}
+    return sorted(_SAFETENSORS_FLOATS[t] for t in found if t in _SAFETENSORS_FLOATS)
+
+
+def cast_saved_weights(folder: Path, dtype: str) -> list[str]:
+    """Rewrite, one file at a time, the safetensors files of a saved model whose float tensors are
+    of another type than `dtype`, and the config's dtype with them; returns the files rewritten.
+
+    Unsloth's save_pretrained_merged writes the base checkpoint's own type, which is float32
+    for some checkpoints (seen on an H200 with a float32 base): the merge is to be 16-bit.
+    """
+    import json
+    import os
+
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    rewritten = []
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {"format": "pt"}
+            types = {f.get_slice(name).get_dtype() for name in f.keys()}
+        if not any(t in _SAFETENSORS_FLOATS and _SAFETENSORS_FLOATS[t] != dtype for t in types):
+            continue
+        target = getattr(torch, dtype)
+        tensors = {name: t.to(target) if t.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) else t
+                   for name, t in load_file(path).items()}
+        partial = path.with_name(path.name + ".partial")
+        save_file(tensors, partial, metadata=metadata)
+        os.replace(partial, path)
+        rewritten.append(path.name)
+        del tensors
+    if rewritten:
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():  # total_size is the tensors' bytes, now fewer
+            data = json.loads(index.read_text(encoding="utf-8"))
+            data.setdefault("metadata", {})["total_size"] = sum(_tensor_bytes(p) for p in folder.glob("*.safetensors"))
+            index.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        config_path = folder / "config.json"
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+
+        def retype(section: dict) -> None:  # the text and vision sub-configs carry their own
+            for key, value in section.items():
+                if key in ("dtype", "torch_dtype") and value in _SAFETENSORS_FLOATS.values():
+                    section[key] = dtype
+                elif isinstance(value, dict):
+                    retype(value)
+
+        retype(config)
+        config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return rewritten
+
+
+def _tensor_bytes(path: Path) -> int:
+    """The bytes of a safetensors file's tensors: the file less its 8-byte length and header."""
+    with path.open("rb") as f:
+        header = int.from_bytes(f.read(8), "little")
+    return path.stat().st_size - 8 - header
+
+
 def local_model_inputs(cfg: FactoryConfig, ws: Workspace) -> list[Path]:
     """The base model folder when it is local: part of a phase's fingerprint."""
     path = ws.path(cfg.model.name)

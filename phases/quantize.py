@@ -196,6 +196,10 @@ def _merge(ctx: PhaseContext, backend, adapter: Path, merged_dir: Path, staging:
     del model
     gc.collect()
     restored = modeling.complete_saved_files(base, staging)
+    recast = modeling.cast_saved_weights(staging, cfg.save.merged_dtype)
+    if recast:
+        ctx.log.info("%s wrote the base checkpoint's own type; rewrote %s as %s", method, ", ".join(recast),
+                     cfg.save.merged_dtype)
     ctx.progress.advance()
 
     # The check reads the model back from disk: a merge or a save that lost the adapter shows here.
@@ -214,7 +218,8 @@ def _merge(ctx: PhaseContext, backend, adapter: Path, merged_dir: Path, staging:
     return {
         "path": ws.rel(merged_dir),
         "method": method,
-        "dtype": cfg.save.merged_dtype,
+        "dtype": "/".join(modeling.saved_float_types(staging)),  # read from the files written
+        "files_recast": recast,
         "probe_prompts": len(probe_ids),
         "max_abs_diff_vs_adapter": vs_adapter,
         "max_abs_diff_vs_base": vs_base,

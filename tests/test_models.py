@@ -272,6 +272,7 @@ def test_quantize_offline_gives_verified_gguf_files_that_do_the_task(example):
     assert merge["dtype"] == "bfloat16" and merge["diff_ratio"] < 0.1 and merge["max_abs_diff_vs_base"] > 1.0
     assert merge["argmax_agreement_vs_adapter"] >= 0.99
     merged = example / "models" / "checkpoints" / "merged"
+    assert _float_types(merged) == {"BF16"}  # the base is float32 on disk; the merge is 16-bit
     assert {"config.json", "tokenizer.model", "tokenizer_config.json", "generation_config.json"} <= {p.name for p in merged.iterdir()}
     assert list(merged.glob("*.safetensors"))
     tokenizer_config = json.loads((merged / "tokenizer_config.json").read_text())
@@ -316,6 +317,45 @@ def test_quantize_offline_gives_verified_gguf_files_that_do_the_task(example):
     sampled = factory("sample", "-C", example, "-m", q8["path"], "--system", system, "-p", right["prompt"],
                       "--temperature", "0", "--max-new-tokens", "32", check_rc=0)
     assert right["reference"] in sampled.stdout
+
+
+def _float_types(folder: Path) -> set[str]:
+    """The tensor types in the folder's safetensors headers, parsed here (JSON after an 8-byte length)."""
+    found = set()
+    for path in folder.glob("*.safetensors"):
+        with path.open("rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        found |= {entry["dtype"] for name, entry in header.items() if name != "__metadata__"}
+    return found
+
+
+def test_a_float32_merge_is_rewritten_in_16_bit(example, tmp_path):
+    """Unsloth's save_pretrained_merged keeps a float32 base's type (seen on an H200 with the
+    example's base); the quantize phase rewrites such files shard by shard, in the type asked for."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from factory import modeling
+
+    model = AutoModelForCausalLM.from_pretrained(example / "models" / "base", dtype=torch.float32)
+    saved = tmp_path / "merged"
+    model.save_pretrained(saved, max_shard_size="1MB")  # several shards and an index, as big models have
+    shards = sorted(p.name for p in saved.glob("*.safetensors"))
+    assert len(shards) > 1 and _float_types(saved) == {"F32"}
+    float32_bytes = json.loads((saved / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
+
+    assert modeling.cast_saved_weights(saved, "bfloat16") == shards
+    assert _float_types(saved) == {"BF16"} and modeling.saved_float_types(saved) == ["bfloat16"]
+    assert json.loads((saved / "config.json").read_text())["dtype"] == "bfloat16"
+    index = json.loads((saved / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] * 2 == float32_bytes
+    assert modeling.cast_saved_weights(saved, "bfloat16") == []  # already 16-bit: nothing rewritten
+
+    reloaded = AutoModelForCausalLM.from_pretrained(saved)  # the config's type: no dtype argument
+    assert reloaded.dtype == torch.bfloat16
+    weights = reloaded.state_dict()
+    for name, tensor in model.state_dict().items():  # each weight rounded once, float32 -> bfloat16
+        assert torch.equal(weights[name], tensor.to(torch.bfloat16)), name
 
 
 def test_a_merge_that_lost_the_adapter_fails_the_gate(example, tmp_path):
