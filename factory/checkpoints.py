@@ -43,14 +43,14 @@ def problem(checkpoint: Path) -> str | None:
 
 
 def last_complete(output_dir: Path, fingerprint: str, log: logging.Logger) -> Path | None:
-    """The newest usable checkpoint made with this config and data, or None (start over)."""
+    """The newest usable checkpoint made with this config, data and base model, or None (start over)."""
     for checkpoint in _checkpoints(output_dir):
         trouble = problem(checkpoint)
         if trouble:
             log.warning("skipping checkpoint %s: %s; trying the one before it", checkpoint.name, trouble)
             continue
         if json.loads((checkpoint / STATE_FILE).read_text()).get("fingerprint") != fingerprint:
-            log.info("checkpoints in %s are from another config, data or trained layers; starting over", output_dir)
+            log.info("checkpoints in %s are from another config, data, base model or trained layers; starting over", output_dir)
             return None
         return checkpoint
     return None

@@ -119,10 +119,18 @@ def compute(phase: "Phase", cfg: FactoryConfig, ws: Workspace, cache: HashCache)
         "inputs": {ws.rel(p): cache.path_digest(p) for p in phase.inputs(cfg, ws)},
     }
     if "model" in phase.config_sections and not ws.path(cfg.model.name).is_dir():
-        from factory import hub
-
-        fingerprint["model_revision"] = hub.resolved_revision(cfg.model.name)
+        fingerprint["model_revision"] = base_model_identity(cfg, ws, cache)
     return fingerprint
+
+
+def base_model_identity(cfg: FactoryConfig, ws: Workspace, cache: HashCache) -> str:
+    """What model.name loads: a local folder's content digest, or a hub id's resolved commit."""
+    folder = ws.path(cfg.model.name)
+    if folder.is_dir():
+        return cache.path_digest(folder)
+    from factory import hub
+
+    return hub.resolved_revision(cfg.model.name)
 
 
 def output_digests(phase: "Phase", cfg: FactoryConfig, ws: Workspace, cache: HashCache) -> dict[str, str]:

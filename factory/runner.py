@@ -179,6 +179,7 @@ def _run_one(phase: Phase, cfg: FactoryConfig, ws: Workspace, status: StatusWrit
     for output in phase.outputs(cfg, ws):  # refuse before any work, not after an hour of it
         check_replaceable(ws, output, settings.get(Path(os.path.abspath(output)), f"the {phase.name} phase's output"))
     fingerprints.invalidate(ws, phase)
+    _save_hash_cache(cache)  # what the phase hashes again (finetune's checkpoint identity) is then known
     status.phase_started(phase.name, ws.rel(metrics_path))
     reporter.phase_started(phase)
     log.info("%s: started", phase.name)

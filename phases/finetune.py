@@ -45,6 +45,7 @@ from factory import checkpoints, modeling, trackers
 from factory.config import SHARDING_STRATEGIES, FactoryConfig
 from factory.chat import named_templates
 from factory.errors import InputError
+from factory.fingerprint import HashCache, base_model_identity
 from factory.io import file_sha256, write_json
 from factory.phase import TRAINING_LIBRARIES, Phase, PhaseContext
 from factory.workspace import Workspace, output_folder, staged_dir
@@ -102,7 +103,7 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
 
     # 3. checkpoints from an earlier, interrupted run of the same config and data
     output_dir = output_folder(ws, ws.path(cfg.training.output_dir), "training.output_dir")
-    fingerprint = _fingerprint(cfg, train_file, val_file, resolved, model)
+    fingerprint = _fingerprint(cfg, ws, train_file, val_file, resolved, model)
     if ctx.options.get("restart") and main:
         checkpoints.remove_all(ws, output_dir, log)
     # Every process reads the same (shared) folder and takes the same checkpoint; with --restart, none.
@@ -828,7 +829,7 @@ def _fmt(value: float | None) -> str:
 NOT_IN_CHECKPOINT_FINGERPRINT = ("select", "report_to")
 
 
-def _fingerprint(cfg: FactoryConfig, train_file: Path, val_file: Path, resolved, model) -> str:
+def _fingerprint(cfg: FactoryConfig, ws: Workspace, train_file: Path, val_file: Path, resolved, model) -> str:
     digest = xxhash.xxh3_128()
     # the trained weights by name and shape: another factory or PEFT version may adapt other
     # layers for the same config, and the optimizer state of a checkpoint then fits no longer
@@ -839,6 +840,9 @@ def _fingerprint(cfg: FactoryConfig, train_file: Path, val_file: Path, resolved,
     # the processes count through `resolved` (world_size); how they share the model changes the checkpoint's files
     sections["training"]["distributed"] = {"strategy": cfg.training.distributed.strategy}
     digest.update(orjson.dumps(sections, option=orjson.OPT_SORT_KEYS))
+    # model.name can stay while the model changes (a folder rebuilt, a new hub commit): a
+    # checkpoint's adapter fits the weights it was trained on only
+    digest.update(base_model_identity(cfg, ws, HashCache(ws)).encode())
     digest.update(repr(resolved).encode())
     digest.update(train_file.read_bytes())
     digest.update(val_file.read_bytes() if val_file.exists() else b"")

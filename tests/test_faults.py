@@ -637,7 +637,23 @@ def test_checkpoints_of_other_trained_layers_are_not_resumed(trained, tmp_path):
     build_tiny_gemma3(base, corpus=record_texts(generate_task_records(120)), layers=3)
     factory("run", "finetune", "--force", "-C", root, check_rc=0)
     assert metrics(root, "training-stats")["resumed_from_step"] == 0
-    assert "are from another config, data or trained layers; starting over" in (root / "logs" / "factory.log").read_text()
+    assert "are from another config, data, base model or trained layers; starting over" in (root / "logs" / "factory.log").read_text()
+
+
+@pytest.mark.slow
+def test_checkpoints_of_another_base_model_are_not_resumed(trained, tmp_path):
+    """model.name's folder now holds other weights of the same shapes (rebuilt, or replaced by a
+    newer download): an adapter trained on the old weights fits none of the new ones, so the
+    run starts over. It resumed, and finished on the old model's adapter."""
+    from safetensors.torch import load_file, save_file
+
+    root = copy_of(trained, tmp_path)
+    weights_file = root / "models" / "base" / "model.safetensors"
+    weights = load_file(weights_file)
+    save_file({name: -w for name, w in weights.items()}, weights_file, metadata={"format": "pt"})
+    factory("run", "finetune", "-C", root, check_rc=0)  # no --force: the runner sees the model changed
+    assert metrics(root, "training-stats")["resumed_from_step"] == 0
+    assert "are from another config, data, base model or trained layers; starting over" in (root / "logs" / "factory.log").read_text()
 
 
 def _default_sigint():
