@@ -56,7 +56,7 @@ class InputSpec(Section):
     """For `mapped` (and CSV/TSV): which field or column holds each role's text,
     e.g. {user: question, assistant: answer}. A field may be a path into nested data
     (`answers.text[0]`), a column number (CSV/TSV without header), or a list of fields joined
-    by a blank line ({user: [context, question]}). A path with `[*]` gives one record per
+    by a blank line, empty ones left out ({user: [context, question]}). A path with `[*]` gives one record per
     element: {user: "qas[*].question", assistant: "qas[*].answers[0].text"}. Setting it
     implies format `mapped`."""
 

@@ -926,20 +926,43 @@ def detect_format(first: list[dict], spec: InputSpec, kind: str, rel: str) -> st
         best = max(votes.values())
         return next(fmt for fmt in (_record_format(r, kind) for r in records) if votes.get(fmt) == best)
     keys = [str(k) for k in records[0]] if records and type(records[0]) is dict else []
+    example = f"data:\n  inputs:\n    - path: {spec.path}\n      mapping: {suggested_mapping(keys)}"
     if kind in ("csv", "tsv"):
         raise InputError(
             f"{rel}: a {kind.upper()} file needs a column mapping; its columns are {', '.join(keys)}. "
-            f"Say which column is which role in factory.yaml, e.g.\n"
-            f"data:\n  inputs:\n    - path: {spec.path}\n      mapping: {{user: {keys[0]}, assistant: {keys[-1]}}}"
+            f"Say which column is which role in factory.yaml, e.g.\n{example}"
         )
     raise InputError(
         f"{rel}: cannot tell the format of the records; the first record has the keys {', '.join(keys) or '(none)'}. "
         "Expected instruction+output (alpaca), conversations (sharegpt), messages (openai), prompt+completion, "
         "or an OpenAssistant tree; "
-        f"otherwise set format or a mapping for this input in factory.yaml under data.inputs, e.g.\n"
-        f"data:\n  inputs:\n    - path: {spec.path}\n      mapping: {{user: {keys[0] if keys else 'question'}, "
-        f"assistant: {keys[-1] if keys else 'answer'}}}"
+        f"otherwise set format or a mapping for this input in factory.yaml under data.inputs, e.g.\n{example}"
     )
+
+
+# Field names of each role in public instruction data (Dolly, OpenOrca, MetaMathQA, GSM8K,
+# SST-2, SQuAD, ...): what the mapping an error suggests is made of.
+ROLE_FIELDS = {
+    "system": ("system_prompt", "system"),
+    "user": ("instruction", "question", "query", "problem", "prompt", "input", "context", "sentence", "text",
+             "human", "request"),
+    "assistant": ("output", "response", "answer", "answers", "completion", "solution", "target", "label", "gpt",
+                  "reply"),
+}
+
+
+def suggested_mapping(keys: list[str]) -> str:
+    """A `mapping` for records with these keys, in YAML flow style: the known role fields found,
+    the user's in the record's order (Dolly: [instruction, context]); else the first and last key."""
+    lower = {k.lower(): k for k in keys}
+    assistant = next((lower[f] for f in ROLE_FIELDS["assistant"] if f in lower), None)
+    system = next((lower[f] for f in ROLE_FIELDS["system"] if f in lower), None)
+    user = [k for k in keys if k.lower() in ROLE_FIELDS["user"] and k not in (assistant, system)]
+    if assistant is None or not user:
+        return f"{{user: {keys[0] if keys else 'question'}, assistant: {keys[-1] if len(keys) > 1 else 'answer'}}}"
+    roles = ([f"system: {system}"] if system else []) + [f"user: {user[0] if len(user) == 1 else '[' + ', '.join(user) + ']'}",
+                                                          f"assistant: {assistant}"]
+    return "{" + ", ".join(roles) + "}"
 
 
 def _check_columns(spec: InputSpec, header_row: dict, kind: str, rel: str) -> None:
@@ -1025,8 +1048,8 @@ def mapped(spec: InputSpec) -> Callable[[dict], dict]:
     names = tuple(" + ".join(map(str, f)) for f in (system_fields, user_fields, answer_fields))
     hint = "every record needs the fields named in data.inputs[].mapping"
 
-    def text(obj: dict, fields: list[Any]) -> str:
-        return "\n\n".join(_scalar_text(obj, field, hint) for field in fields)
+    def text(obj: dict, fields: list[Any]) -> str:  # an empty field of several (Dolly's context) adds no blank lines
+        return "\n\n".join(part for part in (_scalar_text(obj, field, hint) for field in fields) if part.strip())
 
     def convert(obj: dict) -> dict:
         system = text(obj, system_fields)

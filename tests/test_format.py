@@ -202,6 +202,34 @@ def test_csv_without_mapping_is_an_input_error_showing_its_columns(tmp_path):
     assert not (tmp_path / "data/formatted/all.jsonl").exists()
 
 
+@pytest.mark.parametrize("layout, expected", [
+    # databricks-dolly-15k: the context is empty in most records
+    ([{"instruction": "When did Virgin Australia start?", "context": "Virgin Australia began on 31 August 2000.",
+       "response": "On 31 August 2000.", "category": "closed_qa"},
+      {"instruction": "Name a primary colour.", "context": "", "response": "Red.", "category": "open_qa"}],
+     [[("user", "When did Virgin Australia start?\n\nVirgin Australia began on 31 August 2000."),
+       ("assistant", "On 31 August 2000.")],
+      [("user", "Name a primary colour."), ("assistant", "Red.")]]),
+    # OpenOrca
+    ([{"id": "niv.1", "system_prompt": "You are an AI assistant.", "question": "2+2?", "response": "4"}],
+     [[("system", "You are an AI assistant."), ("user", "2+2?"), ("assistant", "4")]]),
+    # MetaMathQA: the original question is not the answer
+    ([{"query": "What is 3 times 4?", "response": "It is 12.", "type": "GSM_Rephrased",
+       "original_question": "3*4?"}],
+     [[("user", "What is 3 times 4?"), ("assistant", "It is 12.")]]),
+])
+def test_an_unknown_layout_gets_a_mapping_that_reads_it(tmp_path, layout, expected):
+    """The error's suggested mapping, pasted into the config as a user would, gives the right turns."""
+    import yaml
+
+    write(tmp_path, "data/raw/d.jsonl", "".join(orjson.dumps(r).decode() + "\n" for r in layout))
+    with pytest.raises(InputError, match="cannot tell the format") as e:
+        run_format(tmp_path)
+    suggested = yaml.safe_load(str(e.value).split("e.g.\n", 1)[1])
+    run_format(tmp_path, suggested["data"]["inputs"])
+    assert [r["conversations"] for r in records(tmp_path)] == [turns(*t) for t in expected]
+
+
 def test_csv_short_first_row_is_a_reject_not_a_header_problem(tmp_path):
     write(tmp_path, "data/raw/s.csv", "sentence,label\nno label here\nfine,1\n")
     run_format(tmp_path, [{"path": "data/raw", "mapping": {"user": "sentence", "assistant": "label"}}])
