@@ -152,7 +152,8 @@ class DedupConfig(Section):
 
     normalized: bool = True
     """Drop records equal to an earlier one after normalization: Unicode NFKC, case folded,
-    runs of whitespace made one space. Symbols, punctuation and digits are kept, so
+    runs of whitespace made one space (and spaces between Chinese, Japanese or Thai letters
+    ignored). Symbols, punctuation and digits are kept, so
     "x = a + b" and "x = a - b" stay distinct (conversation text only; `tools` and `meta`
     are ignored)."""
 
@@ -167,7 +168,9 @@ class DedupConfig(Section):
     they are near-duplicates; also the threshold of the near-duplicate leakage check."""
 
     ngram: int = Field(3, ge=1, le=10)
-    """Words per shingle for near-duplicates. Turns shorter than this are compared exactly only."""
+    """Words per shingle for near-duplicates (in Chinese, Japanese, Thai and other scripts
+    written without spaces, each letter is a word). Turns shorter than this are compared
+    exactly only."""
 
 
 class DecontaminateConfig(Section):
@@ -183,7 +186,7 @@ class DecontaminateConfig(Section):
 
     ngram: int = Field(13, ge=3)
     """Words in a shared run that counts as contamination (13, as in the GPT-3 and Llama
-    reports)."""
+    reports; a letter of a script without spaces, such as Chinese, is a word)."""
 
 
 class DataConfig(Section):

@@ -3,7 +3,8 @@ near-duplicate search.
 
 normalize() folds what does not change meaning and nothing else: Unicode NFKC (full-width
 letters, ligatures, non-breaking spaces), case (str.casefold), and whitespace (every run
-becomes one space, ends stripped). Symbols, punctuation and digits stay, so "x = a + b" and
+becomes one space, ends stripped; in scripts written without spaces, such as Chinese,
+Japanese and Thai, each character is a word). Symbols, punctuation and digits stay, so "x = a + b" and
 "x = a - b" differ, and so do "-5" and "5".
 
 Near-duplicates: MinHash signatures in datasketch's "affine32" scheme, the default of
@@ -48,11 +49,25 @@ _MIX = [_U64(c) for c in (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E37
                           0xBF58476D1CE4E5B9, 0xD6E8FEB86659FD93)]
 
 
+_UNSPACED = re.compile("[\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff"
+                       "\uf900-\ufaff\U00020000-\U0002fa1f]+")
+"""Runs of scripts written without spaces between words (Thai, Lao, Myanmar, Khmer, Japanese
+kana, CJK ideographs). Each character of a run is made a word: word n-grams are then character
+n-grams there, as near-duplicate and contamination searches need (a whole Chinese sentence
+was one word, so two that differ in one character shared no n-gram)."""
+
+
+def _space_out(text: str) -> str:
+    # a run at a time: 25 us for a 200-character Chinese text, against 160 with a substitution per character
+    return _UNSPACED.sub(lambda run: f" {' '.join(run.group())} ", text)
+
+
 def normalize(text: str) -> str:
-    """NFKC, case folded, whitespace runs as one space (see the module docstring)."""
+    """NFKC, case folded, whitespace runs as one space, a character of an unspaced script as
+    a word (see the module docstring)."""
     if text.isascii():
         return " ".join(text.lower().split())
-    return " ".join(unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold()).split())
+    return " ".join(_space_out(unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold())).split())
 
 
 _ASCII_FOLD = bytes(c + 32 if 65 <= c <= 90 else 32 if c in (9, 10, 11, 12, 13, 28, 29, 30, 31) else c
@@ -91,8 +106,9 @@ def normalize_batch(texts: list[str]) -> list[bytes]:
 
 
 def _fold_unicode(text: str) -> str:
-    """NFKC and case folding (as normalize()), other whitespace as ASCII spaces."""
-    return _OTHER_SPACES.sub(" ", unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold()))
+    """NFKC, case folding and unspaced characters as words (as normalize()), other whitespace
+    as ASCII spaces."""
+    return _OTHER_SPACES.sub(" ", _space_out(unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold())))
 
 
 def text_key(normalized: str, seed: int = 0) -> int:

@@ -581,6 +581,34 @@ def test_decontamination_removes_train_hits_and_reports_the_rest(ws):
     assert m["decontamination"]["removed"] == 0 and m["decontamination"]["remaining_in_train"] > 0
 
 
+def test_near_duplicates_and_contamination_in_scripts_without_spaces(ws):
+    """Chinese and Thai have no spaces between words: each letter counts as a word there, so a
+    prompt that differs from another in one letter is a near-duplicate, and a benchmark
+    question copied into a longer prompt is contamination. With a whole sentence as one
+    word, neither was found (0 pairs, 0 hits)."""
+    import random
+
+    rng = random.Random(7)
+    han = [chr(c) for c in range(0x4E00, 0x9FA6)]
+    thai = [chr(c) for c in range(0x0E01, 0x0E2F)]
+    texts = ["".join(rng.choice(han if i % 2 else thai) for _ in range(60)) for i in range(140)]
+    near = [t[:30] + ("中" if t[30] != "中" else "国") + t[31:] for t in texts[:20]]  # one letter changed
+    bench = [{"instruction": t, "input": "", "output": "x"} for t in texts[120:]]
+    bench_file = ws.root / "bench.json"
+    bench_file.write_bytes(orjson.dumps(bench))
+    copied = [f"请回答：{b['instruction'][:20]}。" for b in bench[:5]]  # a 20-letter run of each question
+    write_input(ws, [record(t, f"A{i}") for i, t in enumerate(texts[:120])] +
+                [record(t, f"B{i}") for i, t in enumerate(near)] + [record(t, "C") for t in copied])
+    m = run(ws, {"decontaminate": [str(bench_file)]})
+    assert m["near_duplicates"]["pairs"] == 20
+    assert m["decontamination"]["by_match"] == {"exact": 0, "ngram": 5}
+    where = {}
+    for name, recs in outputs(ws).items():
+        for rec in recs:
+            where.setdefault(rec["conversations"][0]["content"][:30], set()).add(name)
+    assert all(len(s) == 1 for s in where.values())  # each near pair in one split
+
+
 def test_minhash_signatures_are_datasketchs_and_lsh_finds_what_datasketch_finds(monkeypatch):
     from datasketch import MinHash, MinHashLSH
 
@@ -644,7 +672,8 @@ def test_normalize_batch_equals_normalize_text_by_text():
     tricky = ["  A  b\t\nC ", "", " ", "\x1f", "x\u00a0y", "ÉCOLE  ß ﬁ", "\u2028a\u2029", "a\x85", "Σ AΣ",
               " \u3000 ", "e\u0301", "\u0301x", "Ａ Ｂ", "\n\n", "a b", "İ", "x = a + b", "-5", " {\"k\": [1, 2]} ",
               "a\x00b", "\x0b\x0c\r\x1c\x1dz\x1e", "ends  ", "  starts", "Tab\tand\r\nCRLF",
-              "a=\u0338b", "\u212aelvin", "A\u030a and e\u0301\u0323 x", "\u1100\u1161\u11a8 K\u0301", "long " * 50 + "Ω\u0345"]
+              "a=\u0338b", "\u212aelvin", "A\u030a and e\u0301\u0323 x", "\u1100\u1161\u11a8 K\u0301", "long " * 50 + "Ω\u0345",
+              "人工智能，是 计算机。", "ข้อความภาษาไทย ok", "ｶﾀｶﾅ と ひらがな", "\u0e49start", "ข้อ", "中\u3000文", "ÉCOLE中文ß"]
     texts = tricky + [t for r in unique_records(300) for t in (turn["content"] for turn in r["conversations"])]
     expected = [textsim.normalize(t).encode() for t in texts]
     assert textsim.normalize_batch(texts) == expected
@@ -660,6 +689,7 @@ def test_normalize_batch_equals_normalize_text_by_text():
 # --- the real datasets: an independent re-count ---------------------------------------------
 
 REAL_SPLITS = [("glaive_toolcall_en_demo.json", {}), ("kto_en_demo.json", {}), ("alpaca_en_demo.json", {}),
+               ("alpaca_zh_demo.json", {}),
                ("gsm8k/train.jsonl", {"mapping": {"user": "question", "assistant": "answer"}})]
 
 
