@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import re
 import string
+import unicodedata
 from collections import Counter
 from typing import Any, Callable, Sequence
 
@@ -20,8 +21,23 @@ _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
 
 def normalize_answer(text: str) -> str:
-    """SQuAD-style normalization: lower case, no punctuation, no articles, single spaces."""
-    return " ".join(_ARTICLES.sub(" ", text.lower().translate(_PUNCT)).split())
+    """SQuAD-style normalization: lower case, no punctuation or symbols (of any script, as
+    MLQA's), no English articles, single spaces."""
+    text = text.lower()
+    if text.isascii():
+        text = text.translate(_PUNCT)  # ASCII's punctuation and symbols: string.punctuation
+    else:
+        text = "".join(c for c in text if unicodedata.category(c)[0] not in "PS")
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def words(text: str) -> list[str]:
+    """Whitespace tokens, each character of Chinese, Japanese, Thai and other scripts written
+    without spaces being one (as MLQA scores Chinese): a sentence there is otherwise one token,
+    and token F1 or ROUGE-L can only say 0 or 1."""
+    from factory.textsim import space_out
+
+    return space_out(text).split()
 
 
 def exact_match(prediction: str, reference: str) -> float:
@@ -33,7 +49,7 @@ def normalized_exact_match(prediction: str, reference: str) -> float:
 
 
 def token_f1(prediction: str, reference: str) -> float:
-    pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
+    pred, ref = words(normalize_answer(prediction)), words(normalize_answer(reference))
     if not pred or not ref:
         return float(pred == ref)
     common = sum((Counter(pred) & Counter(ref)).values())
@@ -44,8 +60,8 @@ def token_f1(prediction: str, reference: str) -> float:
 
 
 def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F-measure over whitespace tokens (longest common subsequence)."""
-    pred, ref = prediction.split(), reference.split()
+    """ROUGE-L F-measure over `words` (longest common subsequence)."""
+    pred, ref = words(prediction), words(reference)
     if not pred or not ref:
         return float(pred == ref)
     previous = [0] * (len(ref) + 1)
@@ -64,7 +80,10 @@ def rouge_l(prediction: str, reference: str) -> float:
 def bleu(prediction: str, reference: str) -> float:
     import sacrebleu
 
-    return min(1.0, sacrebleu.sentence_bleu(prediction, [reference]).score / 100.0)
+    from factory.textsim import space_out
+
+    # sacrebleu's default tokenizer (13a) splits on spaces: unspaced scripts go in as characters
+    return min(1.0, sacrebleu.sentence_bleu(space_out(prediction), [space_out(reference)]).score / 100.0)
 
 
 def chrf(prediction: str, reference: str) -> float:

@@ -57,7 +57,8 @@ n-grams there, as near-duplicate and contamination searches need (a whole Chines
 was one word, so two that differ in one character shared no n-gram)."""
 
 
-def _space_out(text: str) -> str:
+def space_out(text: str) -> str:
+    """`text` with a space around each character of a run of an unspaced script."""
     # a run at a time: 25 us for a 200-character Chinese text, against 160 with a substitution per character
     return _UNSPACED.sub(lambda run: f" {' '.join(run.group())} ", text)
 
@@ -67,7 +68,7 @@ def normalize(text: str) -> str:
     a word (see the module docstring)."""
     if text.isascii():
         return " ".join(text.lower().split())
-    return " ".join(_space_out(unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold())).split())
+    return " ".join(space_out(unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold())).split())
 
 
 _ASCII_FOLD = bytes(c + 32 if 65 <= c <= 90 else 32 if c in (9, 10, 11, 12, 13, 28, 29, 30, 31) else c
@@ -108,7 +109,7 @@ def normalize_batch(texts: list[str]) -> list[bytes]:
 def _fold_unicode(text: str) -> str:
     """NFKC, case folding and unspaced characters as words (as normalize()), other whitespace
     as ASCII spaces."""
-    return _OTHER_SPACES.sub(" ", _space_out(unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold())))
+    return _OTHER_SPACES.sub(" ", space_out(unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold())))
 
 
 def text_key(normalized: str, seed: int = 0) -> int:

@@ -18,6 +18,18 @@ def test_builtin_scorers():
     assert s["json_valid"]('{"a": 1}', "") == 1.0 and s["json_valid"]("{a: 1}", "") == 0.0
 
 
+def test_scorers_count_chinese_and_japanese_by_character():
+    """Unspaced scripts: a character is a token (MLQA's rule for Chinese), punctuation of any
+    script is dropped. With whitespace tokens a sentence was one token: F1, ROUGE-L and BLEU
+    gave 0 for any answer short of an exact copy."""
+    s = build_scorers(["normalized_exact_match", "bleu"])
+    assert token_f1("北京是首都。", "首都北京") == pytest.approx(2 * (4 / 5) * 1 / (4 / 5 + 1))  # 4 common of 5 and 4
+    assert rouge_l("北京是首都", "首都北京") == pytest.approx(2 * (2 / 5) * (2 / 4) / (2 / 5 + 2 / 4))  # LCS 北京
+    assert token_f1("東京は日本の首都です", "日本の首都は東京") > 0.8
+    assert s["normalized_exact_match"]("答案：是。", "答案是") == 1.0 and s["normalized_exact_match"]("¿Qué?", "qué") == 1.0
+    assert 0 < s["bleu"]("今天的天气很好，我们去公园散步吧", "今天天气很好，我们去公园散步") < 1
+
+
 def test_regex_scorer_extracts_gsm8k_answers():
     score = regex_match(r"####\s*(-?[\d,\.]+)")
     assert score("so 3 + 4 = 7\n#### 1,234", "work...\n#### 1234") == 1.0
