@@ -39,7 +39,9 @@ FieldPath = Union[int, str]
 class InputSpec(Section):
     path: str = "data/raw"
     """A file or folder, relative to the workspace. Folders are read recursively
-    (.json, .jsonl, .csv, .tsv, .txt, .parquet); hidden files are skipped."""
+    (.json, .jsonl, .csv, .tsv, .txt, .parquet, and the text kinds compressed as .gz, .bz2 or
+    .xz); hidden files are skipped, other files skipped with a warning and listed in the
+    metrics."""
 
     format: InputFormat = "auto"
     """How to read the records: `auto` decides per file from its extension and its first

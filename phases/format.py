@@ -43,10 +43,12 @@ from __future__ import annotations
 import csv
 import importlib
 import io
+import lzma
 import os
 import re
 import sys
 import time
+import zlib
 from collections import Counter, deque
 from functools import lru_cache
 from itertools import chain, islice
@@ -64,13 +66,16 @@ from factory.workers import default_workers, worker_pool
 from factory.workspace import Workspace
 
 EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv", ".txt", ".parquet")
+COMPRESSIONS = (".gz", ".bz2", ".xz")
+"""Compressed text files (`train.jsonl.gz`), read as a stream; not Parquet, which compresses itself."""
 BATCH = 5000  # records between writes and progress updates
 RANGE_BYTES = 1 << 20  # a large JSONL file is converted by worker processes in ranges of about this size
 RAW_CHARS = 300  # how much of a rejected record's text goes to rejects.jsonl
 DETECT_RECORDS = 20  # `format: auto` votes over this many first records of a file
 BOM = b"\xef\xbb\xbf"
 ADD_NEWLINE = orjson.OPT_APPEND_NEWLINE
-NO_INPUT_FIX = "put .jsonl/.json/.csv/.tsv/.txt/.parquet files in data/raw/ or set data.inputs in factory.yaml"
+NO_INPUT_FIX = ("put .jsonl/.json/.csv/.tsv/.txt/.parquet files (the text ones may be .gz/.bz2/.xz) in data/raw/ "
+                "or set data.inputs in factory.yaml")
 
 # Role order over one letter per turn, s(ystem) u(ser) a(ssistant) t(ool): an optional system
 # turn, then user/assistant pairs, tool results only right after an assistant (function call)
@@ -123,7 +128,11 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
     ws = ctx.workspace
     files, skipped = collect_files(ctx.config.data.inputs, ws)
     if not files:
-        raise InputError(f"no input files found in {_input_paths(ctx.config, ws)}; {NO_INPUT_FIX}")
+        where = ", ".join(ws.rel(p) for p in _input_paths(ctx.config, ws))
+        unread = f" (files of other kinds there: {', '.join(skipped[:5])}{', ...' if len(skipped) > 5 else ''})" if skipped else ""
+        raise InputError(f"no input files found in {where}{unread}; {NO_INPUT_FIX}")
+    for rel in skipped:
+        ctx.log.warning("format: %s skipped: not a file kind the phase reads (%s)", rel, NO_INPUT_FIX)
 
     ctx.progress.start(None, "records")
     per_file: dict[str, dict[str, Any]] = {}
@@ -211,16 +220,16 @@ def collect_files(inputs: list[InputSpec], ws: Workspace, where: str = "data.inp
                 f"data.inputs[{i}].path: {ws.rel(root)} does not exist; {NO_INPUT_FIX} (or fix the path)"
             )
         if root.is_file():
-            if root.suffix.lower() not in EXTENSIONS:
+            if file_kind(root) is None:
                 raise InputError(
-                    f"{where}[{i}]: {ws.rel(root)} is not a .jsonl, .json, .csv, .tsv, .txt or .parquet file; "
-                    "convert it or point the path at a supported file"
+                    f"{where}[{i}]: {ws.rel(root)} is not a .jsonl, .json, .csv, .tsv, .txt or .parquet file "
+                    "(nor a .gz, .bz2 or .xz of a text one); convert it or point the path at a supported file"
                 )
             candidates = [root]
         else:
             candidates = _walk(root, own_outputs)
         for path in candidates:
-            if path.suffix.lower() not in EXTENSIONS:
+            if file_kind(path) is None:
                 skipped.append(ws.rel(path))
                 continue
             key = path.resolve()
@@ -228,6 +237,15 @@ def collect_files(inputs: list[InputSpec], ws: Workspace, where: str = "data.inp
                 seen.add(key)
                 files.append((path, spec))
     return files, skipped
+
+
+def file_kind(path: Path) -> tuple[str, str | None] | None:
+    """(kind, compression) of a file the phase reads, e.g. ("jsonl", ".gz"); None for others."""
+    suffixes = [s.lower() for s in path.suffixes[-2:]]
+    compression = suffixes.pop() if suffixes and suffixes[-1] in COMPRESSIONS else None
+    if not suffixes or suffixes[-1] not in EXTENSIONS or (compression and suffixes[-1] == ".parquet"):
+        return None
+    return suffixes[-1][1:], compression
 
 
 def _walk(root: Path, excluded: set[Path]) -> list[Path]:
@@ -243,7 +261,9 @@ def _walk(root: Path, excluded: set[Path]) -> list[Path]:
 
 def format_any(reader: "FileReader", out: AtomicOutput, rejects: AtomicOutput, progress, log) -> dict:
     """Convert one file (format_file), a large JSONL file in worker processes."""
-    workers = default_workers(reader.path.stat().st_size) if reader.kind == "jsonl" and not reader.spec.transform else 1
+    # ranges need seeking to byte offsets: a compressed file is read in one stream
+    parallel = reader.kind == "jsonl" and not reader.spec.transform and reader.compression is None
+    workers = default_workers(reader.path.stat().st_size) if parallel else 1
     fmt = reader.decided_format() if workers > 1 else None
     if fmt is None:
         return format_file(reader, out, rejects, progress)
@@ -374,7 +394,7 @@ class FileReader:
                  line_range: tuple[int, int, int] | None = None):
         self.path, self.spec, self.rel, self.root = path, spec, rel, root
         self.fixed_format, self.line_range = fmt, line_range
-        self.kind = path.suffix.lower()[1:]  # jsonl, json, csv, tsv, txt, parquet
+        self.kind, self.compression = file_kind(path)  # jsonl, json, csv, tsv, txt, parquet; .gz, .bz2, .xz
         self.format: str | None = None
         self.encoding = "utf-8"
         self.incomplete: dict[str, Any] | None = None
@@ -391,8 +411,16 @@ class FileReader:
         entry.update(reason=problem.reason, detail=problem.detail, raw=_raw_text(raw, self.delimiter))
         return entry
 
+    def _open(self):
+        if self.compression is None:
+            return open(self.path, "rb")
+        import bz2
+        import gzip
+
+        return {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}[self.compression](self.path, "rb")
+
     def __iter__(self) -> Iterator[tuple[Any, Any, Any]]:
-        with open(self.path, "rb") as f, csv_field_size_limit():  # long documents in one cell are fine
+        with self._open() as f, csv_field_size_limit():  # long documents in one cell are fine
             if self.line_range:
                 start, end, first_line = self.line_range
                 f.seek(start)
@@ -402,12 +430,23 @@ class FileReader:
             if self._unreadable_encoding(head, f):
                 return
             f.seek(3 if head.startswith(BOM) else 0)
-            yield from self._converted(self._pipeline(f))
+            if self.compression is None:
+                yield from self._converted(self._pipeline(f))
+                return
+            last = None
+            try:
+                for last in self._converted(self._pipeline(f)):
+                    yield last
+            except (EOFError, OSError, zlib.error, lzma.LZMAError) as e:  # gzip, bz2 and lzma: a cut or damaged file
+                self.incomplete = {"reason": "truncated_file", "records_lost": None, "at": last[0] if last else 0,
+                                   "detail": f"the {self.compression} stream ends or breaks after "
+                                             f"{'record ' + str(last[0]) if last else 'no record'} ({e}); the rest "
+                                             "of the file is missing: download or copy it again"}
 
     def decided_format(self) -> str | None:
         """The format a full read picks for this file from its first records, or None when the
         file is not UTF-8 or none of its first records can decide it."""
-        with open(self.path, "rb") as f, csv_field_size_limit():
+        with self._open() as f, csv_field_size_limit():
             head = f.read(4)
             if self._unreadable_encoding(head, f):
                 return None

@@ -299,6 +299,39 @@ def test_folders_recursive_sorted_hidden_and_other_extensions_skipped(tmp_path):
     assert metrics["skipped_files"] == ["data/raw/notes.md"]
 
 
+def test_compressed_files_are_read_and_a_cut_one_is_recorded_incomplete(tmp_path):
+    """Hub and GitHub datasets often come as .jsonl.gz, .json.xz or .csv.bz2: read as they are,
+    not skipped; a download cut short (a gzip stream without its end) is a file not read to
+    its end, with the records read so far kept and the data-valid gate failing."""
+    import bz2
+    import gzip
+    import lzma
+
+    rows = [{"instruction": f"Question {i} about rivers", "input": "", "output": f"Answer {i}. " * 30} for i in range(2000)]
+    lines = b"".join(orjson.dumps(r) + b"\n" for r in rows)
+    write(tmp_path, "data/raw/a.jsonl.gz", gzip.compress(lines))
+    write(tmp_path, "data/raw/b.json.xz", lzma.compress(orjson.dumps(rows[:50])))
+    write(tmp_path, "data/raw/c.csv.bz2", bz2.compress(b"question,answer\n" + b"".join(f"q{i},a{i}\n".encode() for i in range(50))))
+    csv_input = {"path": "data/raw/c.csv.bz2", "mapping": {"user": "question", "assistant": "answer"}}
+    metrics = run_format(tmp_path, [csv_input, "data/raw"])  # the first input naming a file reads it
+    assert {f: (m["format"], m["records_out"]) for f, m in metrics["per_file"].items()} == {
+        "data/raw/c.csv.bz2": ("mapped", 50), "data/raw/a.jsonl.gz": ("alpaca", 2000), "data/raw/b.json.xz": ("alpaca", 50)}
+    assert metrics["incomplete_files"] == [] and metrics["skipped_files"] == []
+    assert records(tmp_path)[50 + 1999]["conversations"][0]["content"] == "Question 1999 about rivers"
+
+    (tmp_path / "data/raw/b.json.xz").unlink()
+    (tmp_path / "data/raw/c.csv.bz2").unlink()
+    whole = gzip.compress(lines)
+    write(tmp_path, "data/raw/a.jsonl.gz", whole[: len(whole) // 2])
+    metrics = run_format(tmp_path)
+    (cut,) = metrics["incomplete_files"]
+    read = metrics["records_in"]
+    assert cut["file"] == "data/raw/a.jsonl.gz" and cut["reason"] == "truncated_file" and cut["records_lost"] is None
+    assert 0 < read < 2000 and cut["at"] >= read and "download or copy it again" in cut["detail"]
+    assert [r["conversations"][0]["content"] for r in records(tmp_path)[-1:]] == [f"Question {read - 1} about rivers"]
+    assert not metrics["accounting"]["balanced"]
+
+
 def test_input_folder_containing_outputs_does_not_read_them(tmp_path):
     write(tmp_path, "data/raw/a.jsonl", jsonl({"prompt": "p", "completion": "c"}))
     run_format(tmp_path, ["data"])
