@@ -20,9 +20,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from factory import __version__
+from factory import __version__, hub
 from factory.example import FAMILIES
-from factory.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, Cancelled, FactoryError, GateFailed
+from factory.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, Cancelled, FactoryError, GateFailed, InputError
 from factory.workspace import Workspace
 
 app = typer.Typer(
@@ -468,7 +468,12 @@ def validate(workspace: WorkspaceOpt = Path("."), debug: DebugOpt = False) -> No
         except ConfigError as e:
             problems.append(str(e))
         for spec in cfg.data.inputs:
-            if not ws.path(spec.path).exists():
+            if spec.path.startswith(hub.DATASET_PREFIX):  # its form only: the hub is asked when format runs
+                try:
+                    hub.parse_dataset_uri(spec.path)
+                except InputError as e:
+                    problems.append(f"data.inputs: {e}")
+            elif not ws.path(spec.path).exists():
                 problems.append(f"data.inputs: {spec.path} does not exist (relative paths are under {ws.root})")
     if problems:
         raise FactoryError("\n".join(problems))

@@ -38,11 +38,14 @@ class Workspace:
         return p if p.is_absolute() else self.root / p
 
     def rel(self, path: Path) -> str:
-        """How to show a path to the user: relative to the workspace when inside it."""
+        """How to show a path to the user: relative to the workspace when inside it, a hub
+        dataset's file as its hf:// address."""
         try:
             return str(Path(path).resolve().relative_to(self.root))
         except ValueError:
-            return str(path)
+            from factory.hub import cache_uri
+
+            return cache_uri(path) or str(path)
 
     @property
     def config_file(self) -> Path:

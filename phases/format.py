@@ -41,6 +41,7 @@ in line ranges of 1 MB, and written in file order: the same bytes as one pass.
 from __future__ import annotations
 
 import csv
+import fnmatch
 import importlib
 import io
 import lzma
@@ -58,6 +59,7 @@ from typing import Any, Callable, Iterator
 import ijson
 import orjson
 
+from factory import hub
 from factory.config import FactoryConfig, InputSpec
 from factory.errors import InputError
 from factory.io import AtomicOutput, csv_field_size_limit
@@ -193,8 +195,14 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
     }
 
 
+def input_location(ws: Workspace, path: str) -> Path:
+    """A data input's file or folder; a hub dataset's is its snapshot in the hub cache (a new
+    commit is a new folder), downloaded on first use."""
+    return hub.dataset_snapshot(path)[0] if path.startswith(hub.DATASET_PREFIX) else ws.path(path)
+
+
 def _input_paths(cfg: FactoryConfig, ws: Workspace) -> list[Path]:
-    return [ws.path(spec.path) for spec in cfg.data.inputs]
+    return [input_location(ws, spec.path) for spec in cfg.data.inputs]
 
 
 def _outputs(cfg: FactoryConfig, ws: Workspace) -> list[Path]:
@@ -212,22 +220,11 @@ def collect_files(inputs: list[InputSpec], ws: Workspace, where: str = "data.inp
     # A folder input such as `data` must not read this phase's or split's own outputs.
     own_outputs = {ws.formatted_dir.resolve(), ws.splits_dir.resolve()}
     for i, spec in enumerate(inputs):
-        root = ws.path(spec.path)
-        if not root.exists():
-            raise InputError(
-                f"{where}[{i}]: {ws.rel(root)} does not exist; {NO_INPUT_FIX} (or fix the path)"
-                if where != "data.inputs" else
-                f"data.inputs[{i}].path: {ws.rel(root)} does not exist; {NO_INPUT_FIX} (or fix the path)"
-            )
-        if root.is_file():
-            if file_kind(root) is None:
-                raise InputError(
-                    f"{where}[{i}]: {ws.rel(root)} is not a .jsonl, .json, .csv, .tsv, .txt or .parquet file "
-                    "(nor a .gz, .bz2 or .xz of a text one); convert it or point the path at a supported file"
-                )
-            candidates = [root]
+        if spec.path.startswith(hub.DATASET_PREFIX):
+            candidates = _dataset_files(spec.path, f"{where}[{i}]")
         else:
-            candidates = _walk(root, own_outputs)
+            candidates = _local_files(ws, spec.path, f"{where}[{i}]" + (".path" if where == "data.inputs" else ""),
+                                      own_outputs)
         for path in candidates:
             if file_kind(path) is None:
                 skipped.append(ws.rel(path))
@@ -237,6 +234,29 @@ def collect_files(inputs: list[InputSpec], ws: Workspace, where: str = "data.inp
                 seen.add(key)
                 files.append((path, spec))
     return files, skipped
+
+
+def _local_files(ws: Workspace, path: str, key: str, excluded: set[Path]) -> list[Path]:
+    root = ws.path(path)
+    if not root.exists():
+        raise InputError(f"{key}: {ws.rel(root)} does not exist; {NO_INPUT_FIX} (or fix the path)")
+    if root.is_dir():
+        return _walk(root, excluded)
+    if file_kind(root) is None:
+        raise InputError(f"{key}: {ws.rel(root)} is not a .jsonl, .json, .csv, .tsv, .txt or .parquet file (nor a "
+                         ".gz, .bz2 or .xz of a text one); convert it or point the path at a supported file")
+    return [root]
+
+
+def _dataset_files(uri: str, key: str) -> list[Path]:
+    folder, pattern = hub.dataset_snapshot(uri)
+    files = {p.relative_to(folder).as_posix(): p for p in _walk(folder, set()) if file_kind(p)}
+    chosen = hub.train_split_files(list(files)) if pattern is None else [f for f in files if fnmatch.fnmatch(f, pattern)]
+    found = [files[f] for f in chosen]
+    if not found:
+        raise InputError(f"{key}: {uri} matches no file of the dataset that the phase reads; name them with a "
+                         "pattern after the name, e.g. hf://datasets/OWNER/NAME/data/train-*.parquet")
+    return found
 
 
 def file_kind(path: Path) -> tuple[str, str | None] | None:

@@ -303,7 +303,9 @@ def _outputs(cfg, ws) -> list[Path]:
 
 
 def _inputs(cfg, ws) -> list[Path]:
-    return [ws.formatted_file] + [ws.path(p) for p in cfg.data.decontaminate.benchmarks]
+    from phases.format import input_location
+
+    return [ws.formatted_file] + [input_location(ws, p) for p in cfg.data.decontaminate.benchmarks]
 
 
 PHASE = Phase(

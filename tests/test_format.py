@@ -815,3 +815,70 @@ def test_a_large_jsonl_file_converted_in_ranges_by_workers_gives_the_bytes_of_on
     blank = sum(1 for n in range(0, 400, 9) if not bad[n % 7].strip())
     assert serial["per_file"]["data/raw/a.jsonl"]["format"] == "alpaca" and serial["rejected"] == 1 + 45 - blank + 1
     assert serial["incomplete_files"][0]["reason"] == "truncated_file"
+
+
+# --- hub datasets: hf://datasets/OWNER/NAME[/PATTERN], through the hub cache -------------------
+
+
+def _hub_cache_with_dataset(cache: Path, repo: str, commit: str, files: dict[str, list[dict]]) -> None:
+    """The hub cache's layout for a downloaded dataset (huggingface_hub's, documented): the commit
+    of `main` in refs/, the files under snapshots/<commit>/."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    repo_dir = cache / f"datasets--{repo.replace('/', '--')}"
+    (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    for name, rows in files.items():
+        path = repo_dir / "snapshots" / commit / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+def test_a_hub_dataset_is_read_from_the_hub_cache_train_split_by_default(tmp_path):
+    """`hf://datasets/OWNER/NAME` reads the train split's files, as the hub's loader names them,
+    from the hub cache (offline here: huggingface_hub's own snapshot_download finds them); a
+    pattern picks files; a new commit of the dataset makes format run again; a dataset neither
+    reachable nor cached is exit 2 naming the input and how to work offline."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    def messages(prefix, n):
+        return [{"messages": [{"role": "user", "content": f"{prefix} question {i}?"},
+                              {"role": "assistant", "content": f"{prefix} answer {i}."}]} for i in range(n)]
+
+    cache, ws = tmp_path / "hub", tmp_path / "ws"
+    ws.mkdir()
+    _hub_cache_with_dataset(cache, "acme/chat-data", "a" * 40, {"data/train-00000-of-00001.parquet": messages("train", 150),
+                                                                  "data/test-00000-of-00001.parquet": messages("test", 20)})
+    env = {**__import__("os").environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+
+    def run(inputs):
+        (ws / "factory.yaml").write_text(yaml.safe_dump({"data": {"inputs": inputs}}))
+        return subprocess.run([sys.executable, "-m", "factory", "run", "format", "-C", str(ws)], capture_output=True,
+                              text=True, env=env, timeout=300)
+
+    proc = run(["hf://datasets/acme/chat-data"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = orjson.loads((ws / "metrics" / "format.json").read_bytes())
+    assert list(metrics["per_file"]) == ["hf://datasets/acme/chat-data/data/train-00000-of-00001.parquet"]
+    assert metrics["records_out"] == 150 and records(ws)[0]["conversations"][0]["content"] == "train question 0?"
+    assert "format: skipped" in run(["hf://datasets/acme/chat-data"]).stderr  # the same commit: unchanged
+
+    _hub_cache_with_dataset(cache, "acme/chat-data", "b" * 40, {"data/train-00000-of-00001.parquet": messages("new", 160)})
+    proc = run(["hf://datasets/acme/chat-data"])
+    assert proc.returncode == 0 and "format: skipped" not in proc.stderr, proc.stderr[-2000:]
+    assert orjson.loads((ws / "metrics" / "format.json").read_bytes())["records_out"] == 160
+
+    _hub_cache_with_dataset(cache, "acme/chat-data", "a" * 40, {})  # main back at the first commit
+    proc = run(["hf://datasets/acme/chat-data/data/test-*.parquet", "hf://datasets/acme/chat-data/data/train-*"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert list(orjson.loads((ws / "metrics" / "format.json").read_bytes())["per_file"]) == [
+        "hf://datasets/acme/chat-data/data/test-00000-of-00001.parquet",
+        "hf://datasets/acme/chat-data/data/train-00000-of-00001.parquet"]
+
+    proc = run(["hf://datasets/acme/not-downloaded"])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "hf://datasets/acme/not-downloaded" in proc.stderr and "HF_HUB_OFFLINE" in proc.stderr
