@@ -50,7 +50,8 @@ class InputSpec(Section):
     """How to read the records: `auto` decides per file from its extension and its first
     records (a record that fits no format is rejected, not the file); or one of alpaca,
     sharegpt, openai, prompt_completion, mapped (fields named in `mapping`), text (each .txt
-    file is one document), oasst (OpenAssistant message trees, one tree per JSONL line)."""
+    file is one document), oasst (OpenAssistant message trees, one tree per JSONL line, or
+    the message table of oasst1/oasst2 on the hub, a message a row)."""
 
     records: str | None = None
     """Where the records are inside each JSON document (a JSON file, or each JSONL line), as a

@@ -26,7 +26,8 @@ its first records):
   prompt_completion  prompt / completion
   mapped             any fields (JSON, nested paths) or columns (CSV/TSV/Parquet), through `mapping`
   text               each .txt file is one document (a single assistant turn)
-  oasst              OpenAssistant message trees: the best-ranked path or every path
+  oasst              OpenAssistant message trees (or their message table, a message a row):
+                     the best-ranked path or every path
 
 Per input, `records` points into nested JSON (SQuAD's data[*].paragraphs[*]), a `[*]` in a
 mapped field gives one record per list element, and `transform: module:function` rewrites
@@ -285,7 +286,7 @@ def format_any(reader: "FileReader", out: AtomicOutput, rejects: AtomicOutput, p
     parallel = reader.kind == "jsonl" and not reader.spec.transform and reader.compression is None
     workers = default_workers(reader.path.stat().st_size) if parallel else 1
     fmt = reader.decided_format() if workers > 1 else None
-    if fmt is None:
+    if fmt is None or fmt == "oasst":  # a message table's rows link across the file: one pass
         return format_file(reader, out, rejects, progress)
     return format_in_ranges(reader, fmt, out, rejects, progress, workers, log)
 
@@ -477,6 +478,8 @@ class FileReader:
     def _pipeline(self, f, first_line: int = 1) -> Iterator[tuple[Any, Any, Any]]:
         """The raw items of the file (records inside documents, transformed, fanned out)."""
         items = self._items(f, first_line)
+        if self.spec.format in ("auto", "oasst") and not (self.spec.records or self.spec.mapping or self.spec.transform):
+            items = _message_table_as_trees(items)
         if self.spec.records and self.kind != "json":
             items = _within(items, self.spec.records)
         if self.spec.transform:
@@ -805,6 +808,45 @@ def _ijson_prefix(records: str | None) -> str:
     if any(isinstance(t, int) for t in tokens):
         raise InputError(f"records: {records!r}: use names and [*] only (e.g. data[*].paragraphs[*])")
     return ".".join("item" if t == "*" else t for t in tokens)
+
+
+def _message_table_as_trees(items: Iterator) -> Iterator[tuple[Any, Any, Any]]:
+    """OpenAssistant's message table (a message a row, with message_id and parent_id: oasst1's
+    and oasst2's layout on the hub) as message trees, one item a tree at its root's row, which
+    the oasst converter reads like the JSONL trees; any other file's items pass unchanged. The
+    rows are linked in memory (oasst2's 135k messages: a few hundred MB). A message whose
+    parent is not in the file is rejected (`orphan_message`), never dropped unseen."""
+    head = []
+    for item in items:
+        head.append(item)
+        if type(item[1]) is dict:
+            break
+    first = head[-1][1] if head and type(head[-1][1]) is dict else None
+    if first is None or "message_id" not in first or "parent_id" not in first or "replies" in first:
+        return chain(head, items)  # not a generator: other files' items pass at C speed
+    return _linked_trees(chain(head, items))
+
+
+def _linked_trees(rows: Iterator) -> Iterator[tuple[Any, Any, Any]]:
+    messages: dict[Any, tuple[Any, dict, Any]] = {}
+    for loc, row, raw in rows:
+        if type(row) is not dict or row.get("message_id") is None:
+            yield loc, row if type(row) is Reject else Reject(
+                "missing_field", "a row of a message table needs `message_id`; fix the row"), raw
+            continue
+        messages[row["message_id"]] = (loc, {**row, "replies": []}, raw)
+    roots = []
+    for loc, message, raw in messages.values():  # in file order
+        parent = message.get("parent_id")
+        if parent is None:
+            roots.append((loc, message, raw))
+        elif parent in messages:
+            messages[parent][1]["replies"].append(message)
+        else:
+            yield loc, Reject("orphan_message", f"message {message['message_id']}: its parent {parent} is not in the "
+                                                "file, so its conversation cannot be rebuilt; add the file that holds "
+                                                "it to the same input"), raw
+    yield from roots
 
 
 def _within(items: Iterator, records: str) -> Iterator[tuple[Any, Any, Any]]:

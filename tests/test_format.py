@@ -817,6 +817,53 @@ def test_a_large_jsonl_file_converted_in_ranges_by_workers_gives_the_bytes_of_on
     assert serial["incomplete_files"][0]["reason"] == "truncated_file"
 
 
+def _oasst_message_table() -> list[dict]:
+    """Rows as OpenAssistant/oasst1 and oasst2 have them on the hub (one message a row; their
+    other columns, such as lang or emojis, left out), children before their parents sometimes."""
+    def row(mid, parent, tree, role, text, rank=None, **extra):
+        return {"message_id": mid, "parent_id": parent, "message_tree_id": tree, "role": role, "text": text,
+                "rank": rank, "deleted": False, "review_result": True, "lang": "en", **extra}
+
+    return [
+        row("a1", "p1", "t1", "assistant", "Second best answer.", rank=1),
+        row("p1", None, "t1", "prompter", "What is a river?"),
+        row("a0", "p1", "t1", "assistant", "Flowing water.", rank=0),
+        row("f0", "a0", "t1", "prompter", "And a lake?"),
+        row("g0", "f0", "t1", "assistant", "Still water."),
+        row("x0", "p1", "t1", "assistant", "Deleted reply.", rank=2, deleted=True),
+        row("p2", None, "t2", "prompter", "Name a colour."),
+        row("b0", "p2", "t2", "assistant", "Red."),
+        row("o1", "missing", "t3", "assistant", "A reply whose prompt is in another file."),
+    ]
+
+
+@pytest.mark.parametrize("kind", ["parquet", "jsonl"])
+def test_an_oasst_message_table_is_read_as_trees(tmp_path, kind):
+    """The hub's OpenAssistant layout (a message a row, linked by parent_id) gives the same
+    conversations as its trees: every row was a tree of one message, and all were rejected."""
+    rows = _oasst_message_table()
+    if kind == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        (tmp_path / "data/raw").mkdir(parents=True)
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / "data/raw/train.parquet")
+    else:
+        write(tmp_path, "data/raw/train.jsonl", "".join(orjson.dumps(r).decode() + "\n" for r in rows))
+    metrics = run_format(tmp_path)
+    assert [r["conversations"] for r in records(tmp_path)] == [
+        turns(("user", "What is a river?"), ("assistant", "Flowing water."), ("user", "And a lake?"),
+              ("assistant", "Still water.")),
+        turns(("user", "Name a colour."), ("assistant", "Red.")),
+    ]
+    assert [(r["reason"], "o1" in r["detail"]) for r in rejects(tmp_path)] == [("orphan_message", True)]
+    assert metrics["per_file"][f"data/raw/train.{kind}"]["format"] == "oasst" and metrics["records_in"] == 3
+
+    metrics = run_format(tmp_path, [{"path": "data/raw", "tree_paths": "all"}])
+    assert sorted(r["conversations"][1]["content"] for r in records(tmp_path)) == [
+        "Flowing water.", "Red.", "Second best answer."]
+
+
 # --- hub datasets: hf://datasets/OWNER/NAME[/PATTERN], through the hub cache -------------------
 
 
