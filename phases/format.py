@@ -1054,13 +1054,12 @@ ROLE_FIELDS = {
 
 def suggested_mapping(keys: list[str]) -> str:
     """A `mapping` for records with these keys, in YAML flow style: the known role fields found,
-    the user's in the record's order (Dolly: [instruction, context]); else the first and last key."""
+    the user's in the record's order (Dolly: [instruction, context]); a role none of whose
+    known names is there gets a placeholder to replace (a guess would train the wrong text)."""
     lower = {k.lower(): k for k in keys}
-    assistant = next((lower[f] for f in ROLE_FIELDS["assistant"] if f in lower), None)
+    assistant = next((lower[f] for f in ROLE_FIELDS["assistant"] if f in lower), "ANSWER_FIELD")
     system = next((lower[f] for f in ROLE_FIELDS["system"] if f in lower), None)
-    user = [k for k in keys if k.lower() in ROLE_FIELDS["user"] and k not in (assistant, system)]
-    if assistant is None or not user:
-        return f"{{user: {keys[0] if keys else 'question'}, assistant: {keys[-1] if len(keys) > 1 else 'answer'}}}"
+    user = [k for k in keys if k.lower() in ROLE_FIELDS["user"] and k not in (assistant, system)] or ["PROMPT_FIELD"]
     roles = ([f"system: {system}"] if system else []) + [f"user: {user[0] if len(user) == 1 else '[' + ', '.join(user) + ']'}",
                                                           f"assistant: {assistant}"]
     return "{" + ", ".join(roles) + "}"

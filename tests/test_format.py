@@ -202,6 +202,12 @@ def test_csv_without_mapping_is_an_input_error_showing_its_columns(tmp_path):
     assert not (tmp_path / "data/formatted/all.jsonl").exists()
 
 
+def test_a_layout_without_known_role_fields_gets_placeholders_not_a_guess(tmp_path):
+    write(tmp_path, "data/raw/d.jsonl", orjson.dumps({"chosen": "Human: hi Assistant: hello", "rejected": "x"}).decode())
+    with pytest.raises(InputError, match=r"mapping: \{user: PROMPT_FIELD, assistant: ANSWER_FIELD\}"):
+        run_format(tmp_path)
+
+
 @pytest.mark.parametrize("layout, expected", [
     # databricks-dolly-15k: the context is empty in most records
     ([{"instruction": "When did Virgin Australia start?", "context": "Virgin Australia began on 31 August 2000.",
