@@ -1028,6 +1028,13 @@ def detect_format(first: list[dict], spec: InputSpec, kind: str, rel: str) -> st
         return next(fmt for fmt in (_record_format(r, kind) for r in records) if votes.get(fmt) == best)
     keys = [str(k) for k in records[0]] if records and type(records[0]) is dict else []
     example = f"data:\n  inputs:\n    - path: {spec.path}\n      mapping: {suggested_mapping(keys)}"
+    nested = next((k for k, v in (records[0].items() if keys else ()) if type(v) is list and v and type(v[0]) is dict), None)
+    if nested is not None and not spec.records:  # {"version": 1, "data": [records...]}: point into the list
+        raise InputError(
+            f"{rel}: cannot tell the format of the records; the first record has the keys {', '.join(keys)}, and "
+            f"`{nested}` holds a list of objects: if those are the records, say where they are, e.g.\n"
+            f"data:\n  inputs:\n    - path: {spec.path}\n      records: \"{nested}[*]\""
+        )
     if kind in ("csv", "tsv"):
         raise InputError(
             f"{rel}: a {kind.upper()} file needs a column mapping; its columns are {', '.join(keys)}. "

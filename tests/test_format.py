@@ -202,6 +202,17 @@ def test_csv_without_mapping_is_an_input_error_showing_its_columns(tmp_path):
     assert not (tmp_path / "data/formatted/all.jsonl").exists()
 
 
+def test_records_inside_a_document_get_a_records_path_that_reads_them(tmp_path):
+    import yaml
+
+    rows = [{"instruction": f"Q{i}", "input": "", "output": f"A{i}"} for i in range(3)]
+    write(tmp_path, "data/raw/d.json", orjson.dumps({"version": "1.0", "data": rows}).decode())
+    with pytest.raises(InputError, match="`data` holds a list of objects") as e:
+        run_format(tmp_path)
+    run_format(tmp_path, yaml.safe_load(str(e.value).split("e.g.\n", 1)[1])["data"]["inputs"])
+    assert [r["conversations"][-1]["content"] for r in records(tmp_path)] == ["A0", "A1", "A2"]
+
+
 def test_a_layout_without_known_role_fields_gets_placeholders_not_a_guess(tmp_path):
     write(tmp_path, "data/raw/d.jsonl", orjson.dumps({"chosen": "Human: hi Assistant: hello", "rejected": "x"}).decode())
     with pytest.raises(InputError, match=r"mapping: \{user: PROMPT_FIELD, assistant: ANSWER_FIELD\}"):
