@@ -413,7 +413,15 @@ def _verify(ctx: PhaseContext, path: Path, gtype, shapes: list[tuple[int, ...]],
     from factory import evaluation
 
     cfg = ctx.config
-    llm = llama_cpp.load(path, n_ctx=plan.context_length(cfg) + cfg.evaluation.max_new_tokens, logits_all=True)
+    language_modelling = bool(reference.get("language_modelling"))  # plain text: nothing to generate
+    n_ctx = plan.context_length(cfg) + cfg.evaluation.max_new_tokens
+    llm = llama_cpp.load(path, n_ctx=n_ctx, logits_all=True)  # the divergence check's scores: n_ctx x vocabulary
+    # A test prompt can be longer than the training context (a tool-call conversation with its
+    # tool definitions), and the merged model answered it whole: generation gets a context that
+    # holds the longest prompt, without the scores buffer.
+    longest = max((len(chat.prompt_ids(r)) for r in records), default=0) if not language_modelling else 0
+    needed = longest + cfg.evaluation.max_new_tokens
+    generator = llm if needed <= n_ctx else llama_cpp.load(path, n_ctx=needed)
     size = path.stat().st_size
     runtime = llama_cpp.runtime()
     n_params = runtime.llama_model_n_params(llm.model)
@@ -421,7 +429,6 @@ def _verify(ctx: PhaseContext, path: Path, gtype, shapes: list[tuple[int, ...]],
     low, high = llama_cpp.expected_bits_per_weight(gtype, shapes)
 
     # tokenizer: the same ids as the HF tokenizer on every test conversation
-    language_modelling = bool(reference.get("language_modelling"))  # plain text: nothing to generate
     texts = [r["conversations"][0]["content"] if language_modelling else
              chat.render(messages(r["conversations"]), generation_prompt=False) for r in records]
     same = sum(chat.tokenizer(t, add_special_tokens=False)["input_ids"] == llm.tokenize(t.encode(), add_bos=False, special=True)
@@ -432,7 +439,8 @@ def _verify(ctx: PhaseContext, path: Path, gtype, shapes: list[tuple[int, ...]],
     started = time.monotonic()
     predictions = []
     for record in [] if language_modelling else records:
-        out = llm.create_completion(chat.prompt_ids(record), max_tokens=cfg.evaluation.max_new_tokens, temperature=0.0, top_k=1)
+        out = generator.create_completion(chat.prompt_ids(record), max_tokens=cfg.evaluation.max_new_tokens,
+                                          temperature=0.0, top_k=1)
         predictions.append(chat.answer_text(out["choices"][0]["text"]))
         ctx.progress.advance()
     nll_gguf, nll_merged, kl, tokens = _divergence(llm, divergence)
@@ -452,12 +460,13 @@ def _verify(ctx: PhaseContext, path: Path, gtype, shapes: list[tuple[int, ...]],
     stops = agree = 0
     checks = [] if language_modelling else records[:STOP_CHECKS]
     for record, prediction in zip(checks, predictions):
-        llm.reset()
-        out = llm.create_chat_completion(chat.prompt_messages(record), max_tokens=cfg.evaluation.max_new_tokens, temperature=0.0, top_k=1)
+        generator.reset()
+        out = generator.create_chat_completion(chat.prompt_messages(record), max_tokens=cfg.evaluation.max_new_tokens,
+                                               temperature=0.0, top_k=1)
         stops += out["choices"][0]["finish_reason"] == "stop"
         agree += chat.answer_text(out["choices"][0]["message"]["content"] or "") == prediction
     embedded_template = llm.metadata.get("tokenizer.chat_template")
-    del llm
+    del llm, generator
     gc.collect()
 
     return {

@@ -319,6 +319,33 @@ def test_quantize_offline_gives_verified_gguf_files_that_do_the_task(example):
     assert right["reference"] in sampled.stdout
 
 
+def test_test_prompts_longer_than_the_training_context_are_answered_by_the_gguf(example, tmp_path):
+    """Tool-call conversations carry their tool definitions: a test prompt can be longer than
+    model.max_seq_length, and the merged model answers it whole. The GGUF check gave llama.cpp a
+    context of max_seq_length + max_new_tokens and stopped with an internal error ("could not
+    broadcast input array from shape (139,) into shape (24,)") on real glaive tool-call data."""
+    from transformers import AutoTokenizer
+
+    from factory.chat import ChatFormat
+
+    factory("run", "evaluate", "-C", example, check_rc=0)
+    ws = tmp_path / "ws"
+    shutil.copytree(example, ws, ignore=shutil.ignore_patterns("outputs", "quantized", "merged", "run.lock"))
+    chat = ChatFormat.from_tokenizer(AutoTokenizer.from_pretrained(example / "models" / "base"))
+    tests = [json.loads(line) for line in (ws / "data" / "splits" / "test.jsonl").read_text().splitlines()[:8]]
+    shortest = min(len(chat.prompt_ids(r)) for r in tests)
+    max_new_tokens = 32
+    assert shortest > 8 + max_new_tokens  # every prompt longer than the context the GGUF got
+    config = (ws / "factory.yaml").read_text().replace("[Q8_0, Q4_K_M]", "[F16]").replace("max_seq_length: 128",
+                                                                                           "max_seq_length: 8")
+    (ws / "factory.yaml").write_text(config + "  max_examples: 8\n")  # appended to the evaluation section
+    proc = factory("run", "--only", "quantize", "-C", ws)
+    assert proc.returncode in (0, 1) and "internal error" not in proc.stderr, proc.stderr[-3000:]
+    (f16,) = metrics(ws, "quantization")["types"]
+    assert f16["tokenizer_agreement"] == 1.0 and f16["chat_matches_greedy"] == 1.0
+    assert f16["score"] == f16["merged_score"] > 0  # the same answers as the merged model, from the whole prompts
+
+
 def _float_types(folder: Path) -> set[str]:
     """The tensor types in the folder's safetensors headers, parsed here (JSON after an 8-byte length)."""
     found = set()
