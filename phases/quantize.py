@@ -419,8 +419,8 @@ def _verify(ctx: PhaseContext, path: Path, gtype, shapes: list[tuple[int, ...]],
     # A test prompt can be longer than the training context (a tool-call conversation with its
     # tool definitions), and the merged model answered it whole: generation gets a context that
     # holds the longest prompt, without the scores buffer.
-    longest = max((len(chat.prompt_ids(r)) for r in records), default=0) if not language_modelling else 0
-    needed = longest + cfg.evaluation.max_new_tokens
+    prompts = [] if language_modelling else [chat.prompt_ids(r) for r in records]
+    needed = max(map(len, prompts), default=0) + cfg.evaluation.max_new_tokens
     generator = llm if needed <= n_ctx else llama_cpp.load(path, n_ctx=needed)
     size = path.stat().st_size
     runtime = llama_cpp.runtime()
@@ -438,9 +438,8 @@ def _verify(ctx: PhaseContext, path: Path, gtype, shapes: list[tuple[int, ...]],
     ctx.progress.start(len(records), f"examples ({gtype.name})")
     started = time.monotonic()
     predictions = []
-    for record in [] if language_modelling else records:
-        out = generator.create_completion(chat.prompt_ids(record), max_tokens=cfg.evaluation.max_new_tokens,
-                                          temperature=0.0, top_k=1)
+    for prompt in prompts:
+        out = generator.create_completion(prompt, max_tokens=cfg.evaluation.max_new_tokens, temperature=0.0, top_k=1)
         predictions.append(chat.answer_text(out["choices"][0]["text"]))
         ctx.progress.advance()
     nll_gguf, nll_merged, kl, tokens = _divergence(llm, divergence)
