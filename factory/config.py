@@ -42,7 +42,8 @@ class InputSpec(Section):
     (.json, .jsonl, .csv, .tsv, .txt, .parquet, and the text kinds compressed as .gz, .bz2 or
     .xz); hidden files are skipped, other files skipped with a warning and listed in the
     metrics. Or a Hugging Face dataset, `hf://datasets/OWNER/NAME[@REVISION][/PATTERN]`:
-    without a pattern its train split's files (as the hub's loader names them), with one the
+    without a pattern its train split's files (the default configuration's in the dataset
+    card, else as the hub's loader names them), with one the
     files it matches (`hf://datasets/tatsu-lab/alpaca/data/*.parquet`); downloaded into the
     hub cache once, read from the cache with HF_HUB_OFFLINE=1."""
 
@@ -182,8 +183,8 @@ class DedupConfig(Section):
 class DecontaminateConfig(Section):
     benchmarks: list[str] = Field(default_factory=list)
     """Benchmark test files (canonical, Alpaca, ShareGPT, OpenAI or any file `format` reads;
-    paths relative to the workspace, or hub datasets with a pattern naming their test files:
-    hf://datasets/openai/gsm8k/main/test-*.parquet). Every record of every split is checked against their
+    paths relative to the workspace, or hub datasets: their test split, or the files a pattern
+    names: hf://datasets/openai/gsm8k/main/test-*.parquet). Every record of every split is checked against their
     prompts: a shared run of `ngram` words, or the same normalized prompt or user turn."""
 
     action: Literal["remove", "report"] = "remove"

@@ -119,19 +119,33 @@ def parse_dataset_uri(uri: str) -> tuple[str, str, str | None]:
 
 
 @functools.cache
-def dataset_snapshot(uri: str) -> tuple[Path, str | None]:
-    """The local folder holding the files of a hub dataset input, and the input's pattern
-    (relative to that folder, fnmatch as the hub's own; None: the train split's files). The files are downloaded into the
-    hub cache once; when HF_HUB_OFFLINE is set or the hub cannot be reached, the cached snapshot
-    is used. Errors name the input and the ways to run offline (exit 2)."""
+def dataset_snapshot(uri: str, split: str = "train") -> tuple[Path, list[str], bool]:
+    """The local folder holding the files of a hub dataset input, the patterns (fnmatch, as the
+    hub's own, relative to that folder) of the files to read, and whether the split's files are
+    still to be chosen by name among them (split_files).
+
+    Without a pattern in the URI, `split` (train for data, test for a benchmark) is what the
+    hub's loader (`datasets`) would load: as the dataset card's `configs` declare it (its default
+    configuration's files of that split), else the files named as that split. Only those files are downloaded, into the hub
+    cache, once; when HF_HUB_OFFLINE is set or the hub cannot be reached, the cached snapshot is
+    used. Errors name the input and the fix (exit 2)."""
+    repo, revision, pattern = parse_dataset_uri(uri)
+    if pattern:
+        return _download(uri, repo, revision, [pattern]), [pattern], False
+    card = _download(uri, repo, revision, ["README.md"]) / "README.md"
+    patterns = _card_split_patterns(uri, card, split) if card.is_file() else None
+    if patterns is None:
+        return _download(uri, repo, revision, DATA_FILE_PATTERNS), DATA_FILE_PATTERNS, True
+    return _download(uri, repo, revision, patterns), patterns, False
+
+
+def _download(uri: str, repo: str, revision: str, patterns: list[str]) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
 
-    repo, revision, pattern = parse_dataset_uri(uri)
     try:
-        folder = snapshot_download(repo, repo_type="dataset", revision=revision,
-                                   allow_patterns=[pattern] if pattern else DATA_FILE_PATTERNS)
+        return Path(snapshot_download(repo, repo_type="dataset", revision=revision, allow_patterns=patterns))
     except GatedRepoError:
         raise InputError(f"{uri} is a gated dataset: accept its terms on the hub and set HF_TOKEN to a token of "
                          f"that account; or {DATASET_OFFLINE_OPTIONS}") from None
@@ -145,21 +159,80 @@ def dataset_snapshot(uri: str) -> tuple[Path, str | None]:
     except HfHubHTTPError as e:
         status = getattr(getattr(e, "response", None), "status_code", None)
         raise InputError(f"{uri}: the hub refused the request (HTTP {status}); {DATASET_OFFLINE_OPTIONS}") from None
-    return Path(folder), pattern
+
+
+def _card_split_patterns(uri: str, card: Path, split: str) -> list[str] | None:
+    """The `split` files of the dataset card's default configuration (its YAML `configs`, as
+    `datasets` reads them: the only one, the one named `default`, or the one marked `default:
+    true`); None when the card declares no configuration, or its default one only a
+    `data_dir` (whose files are then chosen by name). A card with several configurations and
+    no default, or whose default has no such split (UltraChat's train_sft and train_gen),
+    is an InputError that lists them as URIs to pick from."""
+    from huggingface_hub.repocard import metadata_load
+
+    try:
+        metadata = metadata_load(card) or {}
+    except Exception as e:  # a card's YAML the hub would show as broken
+        log.warning("%s: the dataset card's metadata cannot be read (%s); the %s split is chosen by file name", uri, e, split)
+        return None
+    configs = {c.get("config_name", "default"): c for c in metadata.get("configs") or [] if isinstance(c, dict)}
+    if not configs:
+        return None
+    defaults = [name for name, c in configs.items() if len(configs) == 1 or name == "default" or c.get("default")]
+    if len(defaults) != 1:
+        choices = "; ".join(f"{name}: {_as_uris(uri, _config_splits(c).get(split, []))}"
+                            for name, c in list(configs.items())[:8])
+        raise InputError(f"{uri}: the dataset has {len(configs)} configurations and none is the default; name the "
+                         f"files of one after the dataset's name ({choices}{'; ...' if len(configs) > 8 else ''})")
+    splits = _config_splits(configs[defaults[0]])
+    if not splits:
+        return None
+    if split not in splits:
+        choices = "; ".join(f"{name}: {_as_uris(uri, paths)}" for name, paths in splits.items())
+        raise InputError(f"{uri}: the dataset card names no {split} split ({choices}); name the files of the split "
+                         "to use after the dataset's name")
+    return splits[split]
+
+
+def _config_splits(config: dict) -> dict[str, list[str]]:
+    """A card configuration's `data_files` as {split: [patterns]}: a pattern or a list of them
+    is the train split; a list of {split, path} or a {split: path} mapping names each split.
+    Patterns are relative to the configuration's `data_dir`; {} when it has no data_files."""
+    data_files, folder = config.get("data_files"), str(config.get("data_dir") or "").strip("/")
+    if data_files is None:
+        return {"train": [f"{folder}/{p}" for p in DATA_FILE_PATTERNS]} if folder else {}
+    if isinstance(data_files, (str, list)) and all(isinstance(f, str) for f in _listed(data_files)):
+        data_files = {"train": data_files}
+    elif isinstance(data_files, list):
+        data_files = {f.get("split", "train"): f.get("path", []) for f in data_files if isinstance(f, dict)}
+    if not isinstance(data_files, dict):
+        return {}
+    return {str(split): [f"{folder}/{p}" if folder else p for p in _listed(paths)] for split, paths in data_files.items()}
+
+
+def _listed(value) -> list:
+    return [value] if isinstance(value, str) else list(value or [])
+
+
+def _as_uris(uri: str, patterns: list[str]) -> str:
+    return ", ".join(f"{uri.rstrip('/')}/{p}" for p in patterns) or "no files"
 
 
 _SPLIT_NAME = re.compile(r"(?:^|[-._ /])(train|training|test|testing|eval|evaluation|valid|validation|dev|val)"
                          r"(?:[-._ 0-9/]|$)", re.IGNORECASE)
 
 
-def train_split_files(files: list[str]) -> list[str]:
-    """Of a dataset's file paths, the train split's, named as the hub's loader (`datasets`) finds
-    them (`train-00000-of-00001.parquet`, `data/train.jsonl`, `train/part-0.json`); all of them
-    when no file names a split."""
+SPLIT_WORDS = {"train": ("train", "training"), "test": ("test", "testing", "eval", "evaluation")}
+
+
+def split_files(files: list[str], split: str) -> list[str]:
+    """Of a dataset's file paths, those of `split` (train or test), named as the hub's loader
+    (`datasets`) finds them (`train-00000-of-00001.parquet`, `data/test.jsonl`,
+    `train/part-0.json`); all of them when no file names a split."""
     named = {f: _SPLIT_NAME.findall(f) for f in files}
     if not any(named.values()):
         return files
-    return [f for f, words in named.items() if any(w.lower() in ("train", "training") for w in words)]
+    return [f for f, words in named.items() if any(w.lower() in SPLIT_WORDS[split] for w in words)]
 
 
 _CACHED = re.compile(r"/datasets--([^/]+?)--([^/]+)/snapshots/[0-9a-f]{40}/(.+)$")

@@ -196,10 +196,10 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
     }
 
 
-def input_location(ws: Workspace, path: str) -> Path:
+def input_location(ws: Workspace, path: str, split: str = "train") -> Path:
     """A data input's file or folder; a hub dataset's is its snapshot in the hub cache (a new
-    commit is a new folder), downloaded on first use."""
-    return hub.dataset_snapshot(path)[0] if path.startswith(hub.DATASET_PREFIX) else ws.path(path)
+    commit is a new folder), with `split`'s files downloaded on first use."""
+    return hub.dataset_snapshot(path, split)[0] if path.startswith(hub.DATASET_PREFIX) else ws.path(path)
 
 
 def _input_paths(cfg: FactoryConfig, ws: Workspace) -> list[Path]:
@@ -213,8 +213,10 @@ def _outputs(cfg: FactoryConfig, ws: Workspace) -> list[Path]:
 # --- finding the files -------------------------------------------------------------------
 
 
-def collect_files(inputs: list[InputSpec], ws: Workspace, where: str = "data.inputs") -> tuple[list[tuple[Path, InputSpec]], list[str]]:
-    """(file, its input spec) in a stable order, and the files skipped for their extension."""
+def collect_files(inputs: list[InputSpec], ws: Workspace, where: str = "data.inputs",
+                  split: str = "train") -> tuple[list[tuple[Path, InputSpec]], list[str]]:
+    """(file, its input spec) in a stable order, and the files skipped for their extension;
+    a hub dataset named without a pattern gives its `split` (train, or test for benchmarks)."""
     files: list[tuple[Path, InputSpec]] = []
     skipped: list[str] = []
     seen: set[Path] = set()
@@ -222,7 +224,7 @@ def collect_files(inputs: list[InputSpec], ws: Workspace, where: str = "data.inp
     own_outputs = {ws.formatted_dir.resolve(), ws.splits_dir.resolve()}
     for i, spec in enumerate(inputs):
         if spec.path.startswith(hub.DATASET_PREFIX):
-            candidates = _dataset_files(spec.path, f"{where}[{i}]")
+            candidates = _dataset_files(spec.path, f"{where}[{i}]", split)
         else:
             candidates = _local_files(ws, spec.path, f"{where}[{i}]" + (".path" if where == "data.inputs" else ""),
                                       own_outputs)
@@ -249,10 +251,11 @@ def _local_files(ws: Workspace, path: str, key: str, excluded: set[Path]) -> lis
     return [root]
 
 
-def _dataset_files(uri: str, key: str) -> list[Path]:
-    folder, pattern = hub.dataset_snapshot(uri)
+def _dataset_files(uri: str, key: str, split: str) -> list[Path]:
+    folder, patterns, split_by_name = hub.dataset_snapshot(uri, split)
     files = {p.relative_to(folder).as_posix(): p for p in _walk(folder, set()) if file_kind(p)}
-    chosen = hub.train_split_files(list(files)) if pattern is None else [f for f in files if fnmatch.fnmatch(f, pattern)]
+    chosen = [f for f in files if any(fnmatch.fnmatch(f, pattern) for pattern in patterns)]
+    chosen = hub.split_files(chosen, split) if split_by_name else chosen
     found = [files[f] for f in chosen]
     if not found:
         raise InputError(f"{key}: {uri} matches no file of the dataset that the phase reads; name them with a "

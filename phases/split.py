@@ -305,7 +305,7 @@ def _outputs(cfg, ws) -> list[Path]:
 def _inputs(cfg, ws) -> list[Path]:
     from phases.format import input_location
 
-    return [ws.formatted_file] + [input_location(ws, p) for p in cfg.data.decontaminate.benchmarks]
+    return [ws.formatted_file] + [input_location(ws, p, "test") for p in cfg.data.decontaminate.benchmarks]
 
 
 PHASE = Phase(
@@ -869,7 +869,7 @@ def _load_benchmarks(cfg, ws, seed: int) -> Benchmarks:
     from factory.config import InputSpec
     from phases.format import Reject, canonical_records, collect_files
 
-    files, _ = collect_files([InputSpec(path=p) for p in cfg.benchmarks], ws, "data.decontaminate.benchmarks")
+    files, _ = collect_files([InputSpec(path=p) for p in cfg.benchmarks], ws, "data.decontaminate.benchmarks", "test")
     shown: list[str] = []
     file_of: list[int] = []
     gram_texts: list[str] = []

@@ -946,3 +946,82 @@ def test_a_hub_dataset_is_read_from_the_hub_cache_train_split_by_default(tmp_pat
     proc = run(["hf://datasets/acme/not-downloaded"])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "hf://datasets/acme/not-downloaded" in proc.stderr and "HF_HUB_OFFLINE" in proc.stderr
+
+
+def test_a_hub_datasets_card_decides_which_files_are_its_train_split(tmp_path):
+    """A dataset card's `configs` say which files each split is, as `datasets` reads them. By
+    file name alone, UltraChat's layout (train_sft and train_gen) and SmolTalk's (the `all`
+    configuration beside the ones it merges) were read whole: two tasks mixed, or every record
+    twice. Now the default configuration's train files are read; a card with no train split,
+    or several configurations and no default, is exit 2 listing the URIs to choose from."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    def messages(prefix, n):
+        return [{"messages": [{"role": "user", "content": f"{prefix} question {i}?"},
+                              {"role": "assistant", "content": f"{prefix} answer {i}."}]} for i in range(n)]
+
+    def card(repo, configs):
+        folder = cache / f"datasets--{repo.replace('/', '--')}" / "snapshots" / ("c" * 40)
+        (folder / "README.md").write_text(f"---\n{yaml.safe_dump({'configs': configs})}---\n# {repo}\n")
+
+    cache, ws = tmp_path / "hub", tmp_path / "ws"
+    ws.mkdir()
+    _hub_cache_with_dataset(cache, "acme/ultra", "c" * 40, {
+        "data/train_sft-00000-of-00001.parquet": messages("sft", 120),
+        "data/train_gen-00000-of-00001.parquet": messages("gen", 130),
+        "data/test_sft-00000-of-00001.parquet": messages("test", 20)})
+    card("acme/ultra", [{"config_name": "default", "data_files": [
+        {"split": "train_sft", "path": "data/train_sft-*"}, {"split": "test_sft", "path": "data/test_sft-*"},
+        {"split": "train_gen", "path": "data/train_gen-*"}]}])
+    _hub_cache_with_dataset(cache, "acme/talk", "c" * 40, {
+        "data/all/train-00000-of-00001.parquet": messages("all", 150),
+        "data/small/train-00000-of-00001.parquet": messages("all", 150)[:60]})
+    talk = [{"config_name": "all", "data_files": [{"split": "train", "path": "data/all/train-*"}]},
+            {"config_name": "small", "data_files": "data/small/train-*"}]
+    card("acme/talk", talk)
+    env = {**__import__("os").environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+
+    def run(inputs):
+        (ws / "factory.yaml").write_text(yaml.safe_dump({"data": {"inputs": inputs}}))
+        return subprocess.run([sys.executable, "-m", "factory", "run", "format", "-C", str(ws)], capture_output=True,
+                              text=True, env=env, timeout=300)
+
+    def files_read():
+        return list(orjson.loads((ws / "metrics" / "format.json").read_bytes())["per_file"])
+
+    proc = run(["hf://datasets/acme/ultra"])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    for split in ("train_sft", "test_sft", "train_gen"):
+        assert f"{split}: hf://datasets/acme/ultra/data/{split}-*" in proc.stderr
+    proc = run(["hf://datasets/acme/ultra/data/train_sft-*"])  # pasted from the message
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert files_read() == ["hf://datasets/acme/ultra/data/train_sft-00000-of-00001.parquet"]
+
+    proc = run(["hf://datasets/acme/talk"])
+    assert proc.returncode == 2 and "2 configurations and none is the default" in proc.stderr, proc.stderr[-2000:]
+    assert "all: hf://datasets/acme/talk/data/all/train-*; small: hf://datasets/acme/talk/data/small/train-*" in proc.stderr
+    talk[0]["default"] = True
+    card("acme/talk", talk)
+    proc = run(["hf://datasets/acme/talk"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert files_read() == ["hf://datasets/acme/talk/data/all/train-00000-of-00001.parquet"]
+    assert orjson.loads((ws / "metrics" / "format.json").read_bytes())["records_out"] == 150
+
+    # a benchmark named by its hub name is its test split: 7 of its test prompts are in the data,
+    # and every prompt of its train split is too (which must not count)
+    _hub_cache_with_dataset(cache, "acme/bench", "c" * 40, {
+        "data/train-00000-of-00001.parquet": messages("all", 150)[20:],
+        "data/test-00000-of-00001.parquet": messages("all", 7) + messages("unseen", 30)})
+    card("acme/bench", [{"config_name": "main", "data_files": [
+        {"split": "train", "path": "data/train-*"}, {"split": "test", "path": "data/test-*"}]}])
+    (ws / "factory.yaml").write_text(yaml.safe_dump({"data": {
+        "inputs": ["hf://datasets/acme/talk"], "decontaminate": {"benchmarks": ["hf://datasets/acme/bench"]},
+        "split": {"train": 0.6, "val": 0.1, "test": 0.3}}}))
+    proc = subprocess.run([sys.executable, "-m", "factory", "run", "split", "-C", str(ws)], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    found = orjson.loads((ws / "metrics" / "split.json").read_bytes())["decontamination"]["found"]
+    assert sum(found.values()) == 7, found
