@@ -282,9 +282,8 @@ class ChatFormat:
 
     def training_text(self, conversations: list[dict]) -> str:
         """A record's conversation as seed 004's training text for the unsloth backend: rendered
-        as the training masks see it, without a leading BOS (the tokenizer adds it)."""
-        bos = self.tokenizer.bos_token or "\0"
-        return self.render(messages(conversations), generation_prompt=False, training=True).removeprefix(bos)
+        as the training masks see it, without a leading BOS where the tokenizer adds it."""
+        return self.render(messages(conversations), generation_prompt=False, training=True).removeprefix(_added_bos(self.tokenizer))
 
     def _with_system(self, turns: list[dict]) -> list[dict]:
         """`turns` with a system message moved into the first user message where the template
@@ -384,10 +383,12 @@ class ChatFormat:
     def ollama_template(self) -> str:
         """The template in Ollama's Go syntax, built from the probe's literal text pieces.
 
-        BOS is left out: llama.cpp and Ollama add it from the GGUF's add_bos_token flag.
+        BOS is left out where the tokenizer adds it (the GGUF's add_bos_token flag, from which
+        llama.cpp and Ollama add it). Where it does not, a BOS the template writes is a turn's
+        own token (SmolLM2's BOS is `<|im_start|>`) and stays.
         """
         self._require_template()
-        p = {k: v.removeprefix(self.tokenizer.bos_token or "\0") for k, v in self.probe.items()}
+        p = {k: v.removeprefix(_added_bos(self.tokenizer)) for k, v in self.probe.items()}
         return (
             "{{- range $i, $_ := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}"
             '{{ if eq .Role "system" }}' + _go(p["system_head"]) + "{{ .Content }}" + _go(p["system_to_user"])
@@ -487,6 +488,12 @@ def _between(text: str, start: str | None, end: str | None) -> str:
 def _encoding_adds_bos(tokenizer) -> bool:
     ids = tokenizer("a", add_special_tokens=True)["input_ids"]
     return bool(ids) and ids[0] == tokenizer.bos_token_id
+
+
+def _added_bos(tokenizer) -> str:
+    """The BOS text the tokenizer puts before every encoded text, or "\0" (nothing to strip)
+    when it adds none: a template's own leading BOS is then a turn token (SmolLM2's)."""
+    return tokenizer.bos_token if tokenizer.bos_token and _encoding_adds_bos(tokenizer) else "\0"
 
 
 def _end_of_turn(tokenizer, assistant_end: str) -> tuple[int, bool]:

@@ -462,6 +462,38 @@ def test_a_template_that_rewrites_earlier_turns_trains_with_trls_variant_and_sco
     assert [e["scores"]["exact_match"] for e in scored["examples"]] == [1.0, 1.0], scored["examples"]
 
 
+# SmolLM2-Instruct's template and special tokens (HuggingFaceTB/SmolLM2-135M-Instruct): its BOS
+# is <|im_start|>, which the template writes at every turn and the tokenizer never adds.
+SMOLLM2_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def test_a_bos_that_the_template_writes_and_the_tokenizer_never_adds_stays_in_the_ollama_template(models):
+    """SmolLM2's BOS is its turn token <|im_start|>: left out of the Ollama template and the
+    unsloth backend's training text as a BOS that the tokenizer adds, every Ollama chat and
+    training text began `system\n...` without it. It stays where the tokenizer does not add
+    BOS, and goes where it does (Gemma's <bos>)."""
+    tokenizer = _tokenizer(models["qwen-2.5"])
+    tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token = "<|im_start|>", "<|im_end|>", "<|im_end|>"
+    tokenizer.chat_template = SMOLLM2_TEMPLATE
+    chat_format = chat.ChatFormat.from_tokenizer(tokenizer)
+    assert tokenizer("a")["input_ids"] == tokenizer("a", add_special_tokens=False)["input_ids"]  # no BOS added
+    assert chat_format.bos_token_id is None and chat_format.eot_token == "<|im_end|>"
+    # the unsloth backend's training text (its tokenizer adds nothing in front) keeps it too
+    assert chat_format.training_text(CONVERSATIONS[0]).startswith("<|im_start|>system\nYou are a helpful")
+    template = chat_format.ollama_template
+    assert '{{ if eq .Role "system" }}<|im_start|>system\n{{ .Content }}<|im_end|>\n<|im_start|>user\n' in template
+    assert ("{{ if eq $i 0 }}<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+            "Face<|im_end|>\n<|im_start|>user\n{{ end }}") in template
+    gemma = chat.ChatFormat.from_tokenizer(_tokenizer(models["gemma-3"]))
+    assert gemma.tokenizer.bos_token == "<bos>" and "<bos>" not in gemma.ollama_template
+    assert "{{ if eq $i 0 }}<start_of_turn>user\n{{ end }}" in gemma.ollama_template
+
+
 def test_a_template_without_a_system_role_gets_the_system_message_in_the_first_user_turn(models):
     """Gemma 1 and 2's template raises on a system message (the format phase makes one of
     every Alpaca instruction: exit 3 in finetune before). The system message opens the first
