@@ -59,6 +59,11 @@ class InputSpec(Section):
     path with `[*]` for every element of a list: `data[*].paragraphs[*]` for SQuAD (each
     paragraph, with its `qas`). Default: the document itself (a JSON array: each element)."""
 
+    messages: str | None = None
+    """The field that holds each record's conversation, a list of messages ({role, content}, or
+    ShareGPT's {from, value}), where it is not `messages` or `conversations`: `conversation`
+    (lmsys-chat-1m), `chosen` (preference data, to train on the chosen replies), `dialog`."""
+
     mapping: dict[Literal["system", "user", "assistant"], Union[FieldPath, list[FieldPath]]] | None = None
     """For `mapped` (and CSV/TSV): which field or column holds each role's text,
     e.g. {user: question, assistant: answer}. A field may be a path into nested data
@@ -94,6 +99,9 @@ class InputSpec(Section):
 
     @model_validator(mode="after")
     def _mapping_means_mapped(self) -> "InputSpec":
+        if self.messages is not None and (self.format not in ("auto", "openai", "sharegpt") or self.mapping):
+            raise ValueError("`messages` names the conversation's field of openai or sharegpt records; it does not go "
+                             "with a mapping or format " + repr(self.format))
         if self.format == "mapped" and not self.mapping:
             raise ValueError("format 'mapped' needs a `mapping`, e.g. {user: question, assistant: answer}")
         if self.mapping is not None and "assistant" not in self.mapping:

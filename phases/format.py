@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import csv
 import fnmatch
+import functools
 import importlib
 import io
 import lzma
@@ -967,14 +968,17 @@ def choose_converter(spec: InputSpec, kind: str, first: list[Any], rel: str) -> 
                              "save the records as .jsonl or set format: text for this input")
         fmt, convert = "text", text_document
     else:
-        if fmt == "auto":
+        if fmt == "auto" and spec.messages:  # openai when no first record has the list: rejected naming the field
+            fmt = next((found for r in first if type(r) is dict and (found := _messages_written_as(r.get(spec.messages)))),
+                       "openai")
+        elif fmt == "auto":
             fmt = detect_format(first, spec, kind, rel)
         if fmt == "mapped" and kind in ("csv", "tsv") and spec.header:
             _check_columns(spec, first[0], kind, rel)
         convert = {
             "alpaca": alpaca,
-            "sharegpt": sharegpt,
-            "openai": openai,
+            "sharegpt": functools.partial(sharegpt, field=spec.messages or "conversations"),
+            "openai": functools.partial(openai, field=spec.messages or "messages"),
             "prompt_completion": prompt_completion,
             "text": text_field,
             "oasst": oasst_tree(spec.tree_paths),
@@ -1031,7 +1035,16 @@ def detect_format(first: list[dict], spec: InputSpec, kind: str, rel: str) -> st
         return next(fmt for fmt in (_record_format(r, kind) for r in records) if votes.get(fmt) == best)
     keys = [str(k) for k in records[0]] if records and type(records[0]) is dict else []
     example = f"data:\n  inputs:\n    - path: {spec.path}\n      mapping: {suggested_mapping(keys)}"
-    nested = next((k for k, v in (records[0].items() if keys else ()) if type(v) is list and v and type(v[0]) is dict), None)
+    lists = [k for k, v in (records[0].items() if keys else ()) if type(v) is list and v and type(v[0]) is dict]
+    turns = [k for k in lists if _messages_written_as(records[0][k])]
+    if turns:  # lmsys-chat-1m's `conversation`, preference data's `chosen`
+        field = "chosen" if "chosen" in turns else turns[0]
+        raise InputError(
+            f"{rel}: cannot tell the format of the records; the first record has the keys {', '.join(keys)}, and "
+            f"{', '.join(f'`{k}`' for k in turns)} {'holds a list' if len(turns) == 1 else 'hold lists'} of messages: say which "
+            f"field holds the conversation, e.g.\ndata:\n  inputs:\n    - path: {spec.path}\n      messages: {field}"
+        )
+    nested = lists[0] if lists else None
     if nested is not None and not spec.records:  # {"version": 1, "data": [records...]}: point into the list
         raise InputError(
             f"{rel}: cannot tell the format of the records; the first record has the keys {', '.join(keys)}, and "
@@ -1051,14 +1064,24 @@ def detect_format(first: list[dict], spec: InputSpec, kind: str, rel: str) -> st
     )
 
 
+def _messages_written_as(turns: Any) -> str | None:
+    """sharegpt or openai for a list of {from, value} or {role, content} objects; else None."""
+    if type(turns) is list and turns and type(turns[0]) is dict:
+        if "from" in turns[0] and "value" in turns[0]:
+            return "sharegpt"
+        if "role" in turns[0] and "content" in turns[0]:
+            return "openai"
+    return None
+
+
 # Field names of each role in public instruction data (Dolly, OpenOrca, MetaMathQA, GSM8K,
 # SST-2, SQuAD, ...): what the mapping an error suggests is made of.
 ROLE_FIELDS = {
     "system": ("system_prompt", "system"),
-    "user": ("instruction", "question", "query", "problem", "prompt", "input", "context", "sentence", "text",
-             "human", "request"),
-    "assistant": ("output", "response", "answer", "answers", "completion", "solution", "target", "label", "gpt",
-                  "reply"),
+    "user": ("instruction", "question", "query", "problem", "prompt", "input", "inputs", "context", "sentence",
+             "text", "human", "request"),
+    "assistant": ("output", "response", "answer", "answers", "completion", "solution", "target", "targets", "label",
+                  "gpt", "reply"),
 }
 
 
@@ -1205,25 +1228,25 @@ def single_turn(system: str, user: str, answer: str, names: tuple[str, str, str]
     return [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
 
 
-def sharegpt(obj: dict) -> dict:
+def sharegpt(obj: dict, field: str = "conversations") -> dict:
     """conversations [{from, value}] (role/content also accepted), optional system and tools."""
-    turns = _turn_list(obj, "conversations", "ShareGPT records need conversations: [{from, value}, ...]")
+    turns = _turn_list(obj, field, f"ShareGPT records need {field}: [{{from, value}}, ...]")
     conversation = []
     system = _optional_text(obj, "system")
     if system:
         conversation.append({"role": "system", "content": system})
     for i, turn in enumerate(turns):
         if type(turn) is not dict:
-            raise Reject("wrong_type", f"conversations[{i}] is a JSON {_json_type(turn)}, not {{from, value}}; fix the record")
+            raise Reject("wrong_type", f"{field}[{i}] is a JSON {_json_type(turn)}, not {{from, value}}; fix the record")
         speaker = turn.get("from", turn.get("role"))
         role = SHAREGPT_ROLES.get(speaker) if type(speaker) is str else None
         if role is None:
-            raise Reject("unknown_role", f"conversations[{i}].from is {speaker!r}; use one of {', '.join(SHAREGPT_ROLES)}")
+            raise Reject("unknown_role", f"{field}[{i}].from is {speaker!r}; use one of {', '.join(SHAREGPT_ROLES)}")
         content = turn.get("value", turn.get("content"))
         if type(content) is not str:
-            raise _bad_text(f"conversations[{i}].value", content)
+            raise _bad_text(f"{field}[{i}].value", content)
         conversation.append({"role": role, "content": content})
-    record = {"conversations": check_order(conversation, "conversations")}
+    record = {"conversations": check_order(conversation, field)}
     tools = obj.get("tools")
     if tools not in (None, "", []):
         record["tools"] = tools
@@ -1232,22 +1255,22 @@ def sharegpt(obj: dict) -> dict:
     return record
 
 
-def openai(obj: dict) -> dict:
+def openai(obj: dict, field: str = "messages") -> dict:
     """messages [{role, content}]; content may be a list of text parts; an extra `label` (KTO)
     goes to meta."""
-    turns = _turn_list(obj, "messages", "OpenAI records need messages: [{role, content}, ...]")
+    turns = _turn_list(obj, field, f"OpenAI records need {field}: [{{role, content}}, ...]")
     conversation = []
     for i, turn in enumerate(turns):
         if type(turn) is not dict:
-            raise Reject("wrong_type", f"messages[{i}] is a JSON {_json_type(turn)}, not {{role, content}}; fix the record")
+            raise Reject("wrong_type", f"{field}[{i}] is a JSON {_json_type(turn)}, not {{role, content}}; fix the record")
         role = OPENAI_ROLES.get(turn.get("role")) if type(turn.get("role")) is str else None
         if role is None:
-            raise Reject("unknown_role", f"messages[{i}].role is {turn.get('role')!r}; use one of {', '.join(OPENAI_ROLES)}")
+            raise Reject("unknown_role", f"{field}[{i}].role is {turn.get('role')!r}; use one of {', '.join(OPENAI_ROLES)}")
         content = turn.get("content")
         if type(content) is not str:
-            content = _openai_content(content, turn, f"messages[{i}].content")
+            content = _openai_content(content, turn, f"{field}[{i}].content")
         conversation.append({"role": role, "content": content})
-    record = {"conversations": check_order(conversation, "messages")}
+    record = {"conversations": check_order(conversation, field)}
     if "tools" in obj and obj["tools"] not in (None, "", []):
         record["tools"] = obj["tools"]
     if "label" in obj:

@@ -110,6 +110,14 @@ def test_an_unknown_key_is_named_whatever_it_looks_like():
     assert "[/INST]: unknown key; valid keys: data, model" in message
 
 
+def test_a_messages_field_with_a_mapping_or_another_format_is_refused():
+    for spec in ({"path": "x", "messages": "dialog", "mapping": {"user": "q", "assistant": "a"}},
+                 {"path": "x", "messages": "dialog", "format": "alpaca"}):
+        with pytest.raises(ConfigError, match=r"data.inputs.0: .*`messages` names the conversation's field"):
+            parse_config({"data": {"inputs": [spec]}})
+    assert parse_config({"data": {"inputs": [{"path": "x", "messages": "dialog", "format": "sharegpt"}]}})
+
+
 def test_yaml_syntax_error_names_file_and_line(tmp_path):
     path = tmp_path / "factory.yaml"
     path.write_text("data:\n  inputs: [a\n  split: {}\n")

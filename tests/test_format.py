@@ -213,6 +213,43 @@ def test_records_inside_a_document_get_a_records_path_that_reads_them(tmp_path):
     assert [r["conversations"][-1]["content"] for r in records(tmp_path)] == ["A0", "A1", "A2"]
 
 
+@pytest.mark.parametrize("layout, field", [
+    # lmsys-chat-1m: one conversation per record, under `conversation`
+    ([{"conversation_id": "a1", "model": "vicuna-13b", "turn": 1, "language": "English",
+       "conversation": [{"content": "Q0 what?", "role": "user"}, {"content": "A0.", "role": "assistant"}]},
+      {"conversation_id": "a2", "model": "koala-13b", "turn": 1, "language": "English",
+       "conversation": [{"content": "Q1 what?", "role": "user"}, {"content": "A1.", "role": "assistant"}]},
+      {"conversation_id": "a3", "model": "vicuna-13b", "turn": 0, "language": "English", "conversation": "lost"}],
+     "conversation"),
+    # preference data (ultrafeedback_binarized's prefs): the chosen and the rejected conversation
+    ([{"prompt": f"Q{i} what?", "score_chosen": 8.0,
+       "chosen": [{"role": "user", "content": f"Q{i} what?"}, {"role": "assistant", "content": f"A{i}."}],
+       "rejected": [{"role": "user", "content": f"Q{i} what?"}, {"role": "assistant", "content": "No."}]}
+      for i in range(2)] + [{"prompt": "Q2", "rejected": []}], "chosen"),
+    # ShareGPT-style turns under another name
+    ([{"id": i, "dialog": [{"from": "human", "value": f"Q{i} what?"}, {"from": "gpt", "value": f"A{i}."}]}
+      for i in range(2)] + [{"id": 2, "dialog": [{"from": "narrator", "value": "x"}]}], "dialog"),
+])
+def test_a_conversation_under_another_field_is_read_with_the_field_the_error_names(tmp_path, layout, field):
+    """A list of messages under a field other than messages/conversations was taken for the
+    records themselves (the error suggested `records: "conversation[*]"`, which read every turn
+    as a record). The error now names the field to paste as `messages`, which reads the
+    conversations; a record without it is rejected naming the field."""
+    import yaml
+
+    write(tmp_path, "data/raw/d.jsonl", "\n".join(orjson.dumps(r).decode() for r in layout))
+    with pytest.raises(InputError, match=f"say which field holds the conversation") as e:
+        run_format(tmp_path)
+    inputs = yaml.safe_load(str(e.value).split("e.g.\n", 1)[1])["data"]["inputs"]
+    assert inputs == [{"path": "data/raw", "messages": field}]
+    metrics = run_format(tmp_path, inputs)
+    assert [[(t["role"], t["content"]) for t in r["conversations"]] for r in records(tmp_path)] == [
+        [("user", f"Q{i} what?"), ("assistant", f"A{i}.")] for i in range(2)]
+    assert metrics["records_in"] == 3 and metrics["rejected"] == 1
+    (reject,) = rejects(tmp_path)
+    assert reject["line"] == 3 and f"{field}" in reject["detail"], reject
+
+
 def test_a_layout_without_known_role_fields_gets_placeholders_not_a_guess(tmp_path):
     write(tmp_path, "data/raw/d.jsonl", orjson.dumps({"chosen": "Human: hi Assistant: hello", "rejected": "x"}).decode())
     with pytest.raises(InputError, match=r"mapping: \{user: PROMPT_FIELD, assistant: ANSWER_FIELD\}"):
