@@ -145,6 +145,8 @@ class ChatFormat:
             tokenizer.chat_template = read_named_template(template)
             source = template
         probe, system_folded, reasoning_end = _probe(tokenizer)
+        if reasoning_end is None and "<think>" in probe["generation_prompt"]:
+            reasoning_end = "</think>"  # the generation prompt opens the block (DeepSeek R1)
         bos = tokenizer.bos_token
         bos_in_template = bool(bos) and probe["head"].startswith(bos)
         adds_bos = bool(bos) and _encoding_adds_bos(tokenizer)
@@ -339,6 +341,13 @@ class ChatFormat:
         for index in answers:
             prompt = self.render(turns[:index], generation_prompt=True, training=True)
             through = self.render(turns[: index + 1], generation_prompt=False, training=True)
+            opened = prompt.rfind("<think>")
+            if self.training_template and not through.startswith(prompt) and through.startswith(prompt[:opened]) \
+                    and opened >= len(self.render(turns[:index], generation_prompt=False, training=True)):
+                # TRL's variant of a template whose generation prompt opens the reasoning block
+                # (DeepSeek R1's `<think>\n`, Nemotron 3's), for an answer that does not begin
+                # with that text: the answer is trained from the assistant header on
+                prompt = prompt[:opened]
             # A template may close a conversation differently from a turn that others follow
             # (Phi-3 ends with EOS): the answer's span ends where the two renderings part.
             end = len(through) if text.startswith(through) else len(os.path.commonprefix([text, through]))

@@ -494,6 +494,36 @@ def test_a_bos_that_the_template_writes_and_the_tokenizer_never_adds_stays_in_th
     assert "{{ if eq $i 0 }}<start_of_turn>user\n{{ end }}" in gemma.ollama_template
 
 
+def test_a_template_whose_generation_prompt_opens_the_reasoning_block_trains_with_and_without_reasoning(models):
+    """DeepSeek-R1-Distill's template (every distill checkpoint's) prefills `<think>\\n` after the
+    assistant header and drops the reasoning of every answer: no conversation could be masked
+    (exit 2 before any training). With TRL's training variant, an answer written with its
+    reasoning trains from inside the block the prompt opened, one without it from the header,
+    and a generated answer is scored on what follows `</think>`."""
+    tokenizer = _tokenizer(models["qwen-2.5"])  # R1-Distill-Qwen's vocabulary, with its own special tokens
+    tokenizer.add_special_tokens({"bos_token": "<｜begin▁of▁sentence｜>", "eos_token": "<｜end▁of▁sentence｜>",
+                                  "additional_special_tokens": ["<｜User｜>", "<｜Assistant｜>"]})
+    tokenizer.add_tokens(["<think>", "</think>"])
+    tokenizer.chat_template = _trl_template("deepseek_r1_distill")
+    chat_format = chat.ChatFormat.from_tokenizer(tokenizer)
+    assert "TRL's training variant" in chat_format.template_source and chat_format.multi_turn
+    assert chat_format.reasoning_end == "</think>" and chat_format.stop_tokens == ["<｜end▁of▁sentence｜>"]
+
+    def trained(first, second):
+        record = {"conversations": [{"role": "system", "content": "Be brief."}, *CONVERSATIONS[0][:1],
+                                    {"role": "assistant", "content": first}, *CONVERSATIONS[0][2:3],
+                                    {"role": "assistant", "content": second}]}
+        row = chat_format.training_example(record)
+        return tokenizer.decode([i for i, label in zip(row["input_ids"], row["labels"]) if label != -100])
+
+    assert trained("4", "6") == "4<｜end▁of▁sentence｜>6<｜end▁of▁sentence｜>"
+    assert trained("<think>\n2 and 2\n</think>\n\n4", "<think>\n3 and 3\n</think>\n\n6") == (
+        "2 and 2\n</think>\n\n4<｜end▁of▁sentence｜>3 and 3\n</think>\n\n6<｜end▁of▁sentence｜>")
+    prompt = tokenizer.decode(chat_format.prompt_ids({"conversations": CONVERSATIONS[0][:2]}))
+    assert prompt == "<｜begin▁of▁sentence｜><｜User｜>What is 2+2?<｜Assistant｜><think>\n"  # inside the block
+    assert chat_format.answer_text("2 and 2 make 4\n</think>\n\n4") == "4"
+
+
 def test_a_template_without_a_system_role_gets_the_system_message_in_the_first_user_turn(models):
     """Gemma 1 and 2's template raises on a system message (the format phase makes one of
     every Alpaca instruction: exit 3 in finetune before). The system message opens the first
