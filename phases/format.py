@@ -22,7 +22,7 @@ Input shapes (`format`, per input; `auto` decides per file from the extension an
 its first records):
   alpaca             instruction / input / output
   sharegpt           conversations [{from, value}], optional tools and system
-  openai             messages [{role, content}]
+  openai             messages [{role, content}] (either under another field: `messages: FIELD`)
   prompt_completion  prompt / completion
   mapped             any fields (JSON, nested paths) or columns (CSV/TSV/Parquet), through `mapping`
   text               each .txt file is one document (a single assistant turn)
