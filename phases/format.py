@@ -95,6 +95,11 @@ SHAREGPT_ROLES = {
     "user": "user",
     "gpt": "assistant",
     "assistant": "assistant",
+    # the raw ShareGPT crawl (Vicuna's) names some answers after the assistant that wrote them
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "bard": "assistant",
+    "model": "assistant",
     "system": "system",
     "function_call": "assistant",
     "observation": "tool",
@@ -105,6 +110,7 @@ OPENAI_ROLES = {
     "developer": "system",
     "user": "user",
     "assistant": "assistant",
+    "model": "assistant",  # Gemini's and Gemma's name for it
     "tool": "tool",
     "function": "tool",
 }

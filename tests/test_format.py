@@ -506,6 +506,18 @@ def test_role_order_unknown_role_and_empty_conversations(tmp_path):
     assert "'robot'" in details[3] and "human" in details[3]
 
 
+def test_assistant_names_of_public_chat_data_are_assistant_turns(tmp_path):
+    """Vicuna's ShareGPT crawl names answers chatgpt, bing or bard; Gemini-style messages name the
+    assistant `model`. They were rejected as unknown roles."""
+    write(tmp_path, "data/raw/c.jsonl", jsonl(
+        *({"conversations": [{"from": "human", "value": f"q {name}"}, {"from": name, "value": "a"}]}
+          for name in ("chatgpt", "bing", "bard", "model"))))
+    write(tmp_path, "data/raw/m.jsonl", jsonl({"messages": [{"role": "user", "content": "q"}, {"role": "model", "content": "a"}]}))
+    metrics = run_format(tmp_path)
+    assert metrics["rejected"] == 0 and metrics["records_out"] == 5
+    assert {r["conversations"][1]["role"] for r in records(tmp_path)} == {"assistant"}
+
+
 def test_openai_bad_roles(tmp_path):
     write(tmp_path, "data/raw/m.jsonl", jsonl(
         {"messages": [{"role": "user", "content": "q"}]},
