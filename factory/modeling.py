@@ -141,6 +141,7 @@ def load_for_inference(cfg: FactoryConfig, ws: Workspace, backend: Backend, *, p
             )
     elif quantize and backend.device != "cuda":
         log.info("model.load_in_4bit is ignored on %s (4-bit needs CUDA); using %s", backend.device, kwargs["dtype"])
+    require_text_generation_model(path, cfg.model.name)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if adapter is not None:
@@ -151,6 +152,29 @@ def load_for_inference(cfg: FactoryConfig, ws: Workspace, backend: Backend, *, p
         model = model.to(backend.device)
     model.eval()
     return model, ChatFormat.from_tokenizer(tokenizer, cfg.dataset.chat_template, model.generation_config)
+
+
+def require_text_generation_model(path: str, name: str) -> None:
+    """An InputError (exit 2, before any phase loads weights) for a model that transformers'
+    AutoModelForCausalLM cannot load: an image-text architecture other than Gemma 3's
+    (Qwen2.5-VL, Mistral Small 3.1, LLaVA, SmolVLM) or a model_type that transformers does not
+    know (a model with code of its own). Both were a ValueError, exit 3."""
+    import transformers
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except ValueError as e:
+        raise InputError(f"model.name {name!r}: transformers {transformers.__version__} cannot read its config.json "
+                         f"({str(e).splitlines()[0]}); models that need their own code (trust_remote_code) are not "
+                         "supported: use a model that transformers knows, or upgrade transformers if it is newer") from None
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        architecture = ", ".join(getattr(config, "architectures", None) or [config.model_type])
+        raise InputError(f"model.name {name!r} is a {architecture} ({config.model_type}), which transformers does not "
+                         "load as a text-generation model (AutoModelForCausalLM); the factory fine-tunes text models "
+                         "and Gemma 3's image-text models. Use the text-only model of that family (e.g. Qwen2.5-7B-"
+                         "Instruct for Qwen2.5-VL-7B-Instruct)")
 
 
 def add_lora(model, cfg: FactoryConfig, backend: Backend, *, rank: int):

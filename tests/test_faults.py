@@ -364,6 +364,22 @@ def test_an_unreachable_hub_id_exits_2_at_once_naming_model_name(data_ready, tmp
     assert status["state"] == "failed" and status["error"]["type"] == "InputError"
 
 
+def test_an_image_text_model_that_transformers_loads_only_as_such_exits_2_naming_it(data_ready, tmp_path):
+    """Qwen2.5-VL (like Mistral Small 3.1, LLaVA or SmolVLM) is no AutoModelForCausalLM: the
+    baseline phase stopped with exit 3, ValueError "Unrecognized configuration class"."""
+    from transformers import Qwen2_5_VLConfig
+
+    root = tmp_path / "ws"
+    shutil.copytree(data_ready, root)
+    config = Qwen2_5_VLConfig()
+    config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
+    config.save_pretrained(root / "models" / "vl")
+    (root / "factory.yaml").write_text("model: {name: models/vl}\n")
+    proc = factory("run", "baseline", "-C", root, timeout=120)
+    assert proc.returncode == 2 and "internal error" not in proc.stderr, proc.stderr
+    assert "model.name 'models/vl' is a Qwen2_5_VLForConditionalGeneration (qwen2_5_vl)" in " ".join(proc.stderr.split())
+
+
 # --- two runs, one workspace --------------------------------------------------------------------
 
 
