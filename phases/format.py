@@ -1042,7 +1042,7 @@ def detect_format(first: list[dict], spec: InputSpec, kind: str, rel: str) -> st
     keys = [str(k) for k in records[0]] if records and type(records[0]) is dict else []
     example = f"data:\n  inputs:\n    - path: {spec.path}\n      mapping: {suggested_mapping(keys)}"
     lists = [k for k, v in (records[0].items() if keys else ()) if type(v) is list and v and type(v[0]) is dict]
-    turns = [k for k in lists if _messages_written_as(records[0][k])]
+    turns = [k for k in keys if _messages_written_as(records[0][k])]
     if turns:  # lmsys-chat-1m's `conversation`, preference data's `chosen`
         field = "chosen" if "chosen" in turns else turns[0]
         raise InputError(
@@ -1071,7 +1071,10 @@ def detect_format(first: list[dict], spec: InputSpec, kind: str, rel: str) -> st
 
 
 def _messages_written_as(turns: Any) -> str | None:
-    """sharegpt or openai for a list of {from, value} or {role, content} objects; else None."""
+    """sharegpt or openai for a list of {from, value} or {role, content} objects, or openai for a
+    Human/Assistant transcript (read by openai()); else None."""
+    if type(turns) is str and re.match(r"\s*Human: ", turns) and "\n\nAssistant: " in turns:
+        return "openai"
     if type(turns) is list and turns and type(turns[0]) is dict:
         if "from" in turns[0] and "value" in turns[0]:
             return "sharegpt"
@@ -1264,6 +1267,8 @@ def sharegpt(obj: dict, field: str = "conversations") -> dict:
 def openai(obj: dict, field: str = "messages") -> dict:
     """messages [{role, content}]; content may be a list of text parts; an extra `label` (KTO)
     goes to meta."""
+    if type(obj.get(field)) is str and field != "messages":  # a Human/Assistant transcript (Anthropic's HH)
+        obj = {**obj, field: _transcript_turns(obj[field], field)}
     turns = _turn_list(obj, field, f"OpenAI records need {field}: [{{role, content}}, ...]")
     conversation = []
     for i, turn in enumerate(turns):
@@ -1282,6 +1287,20 @@ def openai(obj: dict, field: str = "messages") -> dict:
     if "label" in obj:
         record["meta"] = {"label": obj["label"]}
     return record
+
+
+_TRANSCRIPT_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant): ")
+TRANSCRIPT_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
+def _transcript_turns(text: str, field: str) -> list[dict]:
+    """`\n\nHuman: ...\n\nAssistant: ...` (Anthropic's hh-rlhf) as messages."""
+    parts = _TRANSCRIPT_TURN.split(text)
+    if parts[0].strip() or len(parts) < 3:
+        raise Reject("wrong_type", f"`{field}` is text that is not a transcript of `Human: ` and `Assistant: ` turns "
+                                   "each after a blank line; fix the record or name another field")
+    return [{"role": TRANSCRIPT_ROLES[speaker], "content": content.strip()}
+            for speaker, content in zip(parts[1::2], parts[2::2])]
 
 
 def _openai_content(content: Any, turn: dict, field: str) -> str:

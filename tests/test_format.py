@@ -226,6 +226,9 @@ def test_records_inside_a_document_get_a_records_path_that_reads_them(tmp_path):
        "chosen": [{"role": "user", "content": f"Q{i} what?"}, {"role": "assistant", "content": f"A{i}."}],
        "rejected": [{"role": "user", "content": f"Q{i} what?"}, {"role": "assistant", "content": "No."}]}
       for i in range(2)] + [{"prompt": "Q2", "rejected": []}], "chosen"),
+    # Anthropic's hh-rlhf: each conversation a Human/Assistant transcript, the chosen and the rejected
+    ([{"chosen": f"\n\nHuman: Q{i} what?\n\nAssistant: A{i}.", "rejected": f"\n\nHuman: Q{i} what?\n\nAssistant: No."}
+      for i in range(2)] + [{"chosen": "Q2 what? A2.", "rejected": ""}], "chosen"),
     # ShareGPT-style turns under another name
     ([{"id": i, "dialog": [{"from": "human", "value": f"Q{i} what?"}, {"from": "gpt", "value": f"A{i}."}]}
       for i in range(2)] + [{"id": 2, "dialog": [{"from": "narrator", "value": "x"}]}], "dialog"),
