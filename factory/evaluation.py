@@ -176,6 +176,11 @@ def stopping(chat, records: list[dict], generations: list, max_new_tokens: int) 
     if longest + 1 > max_new_tokens:
         causes.append(f"reference answers run to {longest} tokens, more than evaluation.max_new_tokens "
                       f"({max_new_tokens}) allows with the end token: raise it")
+    thinking = [g for g in generations if not g.stopped and chat.reasoning_end and chat.reasoning_end not in g.text]
+    if thinking:  # a reasoning model cut off inside its reasoning block
+        causes.append(f"{len(thinking)} of {len(generations)} answers ran to max_new_tokens ({max_new_tokens}) before "
+                      f"closing the reasoning block with {chat.reasoning_end!r}: the model reasons before it answers; "
+                      "raise evaluation.max_new_tokens (reasoning models use hundreds to thousands of tokens)")
     if chat.eot_appended:
         causes.append(f"the template writes no end-of-turn token; the factory appends {chat.eot_token!r} in training, "
                       "so a base model that was not trained this way will not stop")

@@ -494,18 +494,24 @@ def test_a_bos_that_the_template_writes_and_the_tokenizer_never_adds_stays_in_th
     assert "{{ if eq $i 0 }}<start_of_turn>user\n{{ end }}" in gemma.ollama_template
 
 
+def _r1_chat_format(models) -> chat.ChatFormat:
+    """DeepSeek-R1-Distill-Qwen's tokenizer (Qwen 2's vocabulary, its own special tokens) and template."""
+    tokenizer = _tokenizer(models["qwen-2.5"])
+    tokenizer.add_special_tokens({"bos_token": "<｜begin▁of▁sentence｜>", "eos_token": "<｜end▁of▁sentence｜>",
+                                  "additional_special_tokens": ["<｜User｜>", "<｜Assistant｜>"]})
+    tokenizer.add_tokens(["<think>", "</think>"])
+    tokenizer.chat_template = _trl_template("deepseek_r1_distill")
+    return chat.ChatFormat.from_tokenizer(tokenizer)
+
+
 def test_a_template_whose_generation_prompt_opens_the_reasoning_block_trains_with_and_without_reasoning(models):
     """DeepSeek-R1-Distill's template (every distill checkpoint's) prefills `<think>\\n` after the
     assistant header and drops the reasoning of every answer: no conversation could be masked
     (exit 2 before any training). With TRL's training variant, an answer written with its
     reasoning trains from inside the block the prompt opened, one without it from the header,
     and a generated answer is scored on what follows `</think>`."""
-    tokenizer = _tokenizer(models["qwen-2.5"])  # R1-Distill-Qwen's vocabulary, with its own special tokens
-    tokenizer.add_special_tokens({"bos_token": "<｜begin▁of▁sentence｜>", "eos_token": "<｜end▁of▁sentence｜>",
-                                  "additional_special_tokens": ["<｜User｜>", "<｜Assistant｜>"]})
-    tokenizer.add_tokens(["<think>", "</think>"])
-    tokenizer.chat_template = _trl_template("deepseek_r1_distill")
-    chat_format = chat.ChatFormat.from_tokenizer(tokenizer)
+    chat_format = _r1_chat_format(models)
+    tokenizer = chat_format.tokenizer
     assert "TRL's training variant" in chat_format.template_source and chat_format.multi_turn
     assert chat_format.reasoning_end == "</think>" and chat_format.stop_tokens == ["<｜end▁of▁sentence｜>"]
 
@@ -522,6 +528,23 @@ def test_a_template_whose_generation_prompt_opens_the_reasoning_block_trains_wit
     prompt = tokenizer.decode(chat_format.prompt_ids({"conversations": CONVERSATIONS[0][:2]}))
     assert prompt == "<｜begin▁of▁sentence｜><｜User｜>What is 2+2?<｜Assistant｜><think>\n"  # inside the block
     assert chat_format.answer_text("2 and 2 make 4\n</think>\n\n4") == "4"
+
+
+def test_answers_cut_off_inside_the_reasoning_block_are_named_as_the_cause_of_a_low_stop_rate(models):
+    """A reasoning model evaluated with a short max_new_tokens never reaches its answer: the
+    stop-rate causes say so, counting the cut answers that never closed the block."""
+    from factory.evaluation import stopping
+    from factory.modeling import Generation
+
+    chat_format = _r1_chat_format(models)
+    records = [{"conversations": [*CONVERSATIONS[0][:1], {"role": "assistant", "content": "4"}]}] * 4
+    generations = [Generation("2 and 2 make", False), Generation("2 and 2 make 4, so", False),
+                   Generation("2 and 2\n</think>\n\n4 and", False), Generation("2 and 2\n</think>\n\n4", True)]
+    causes = stopping(chat_format, records, generations, max_new_tokens=8)["causes"]
+    assert any(c.startswith("2 of 4 answers ran to max_new_tokens (8) before closing the reasoning block with "
+                            "'</think>'") for c in causes), causes
+    plain = chat.ChatFormat.from_tokenizer(_tokenizer(models["qwen-2.5"]))  # no reasoning block: not a cause
+    assert not any("reasoning" in c for c in stopping(plain, records, generations, max_new_tokens=8)["causes"])
 
 
 def test_a_template_without_a_system_role_gets_the_system_message_in_the_first_user_turn(models):
