@@ -141,8 +141,9 @@ def load_for_inference(cfg: FactoryConfig, ws: Workspace, backend: Backend, *, p
             )
     elif quantize and backend.device != "cuda":
         log.info("model.load_in_4bit is ignored on %s (4-bit needs CUDA); using %s", backend.device, kwargs["dtype"])
-    require_text_generation_model(path, cfg.model.name)
+    config = require_text_generation_model(path, cfg.model.name)
     tokenizer = AutoTokenizer.from_pretrained(path)
+    require_own_tokenizer(tokenizer, config, cfg.model.name)
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if adapter is not None:
         from peft import PeftModel
@@ -154,7 +155,7 @@ def load_for_inference(cfg: FactoryConfig, ws: Workspace, backend: Backend, *, p
     return model, ChatFormat.from_tokenizer(tokenizer, cfg.dataset.chat_template, model.generation_config)
 
 
-def require_text_generation_model(path: str, name: str) -> None:
+def require_text_generation_model(path: str, name: str):
     """An InputError (exit 2, before any phase loads weights) for a model that transformers'
     AutoModelForCausalLM cannot load: an image-text architecture other than Gemma 3's
     (Qwen2.5-VL, Mistral Small 3.1, LLaVA, SmolVLM) or a model_type that transformers does not
@@ -175,6 +176,20 @@ def require_text_generation_model(path: str, name: str) -> None:
                          "load as a text-generation model (AutoModelForCausalLM); the factory fine-tunes text models "
                          "and Gemma 3's image-text models. Use the text-only model of that family (e.g. Qwen2.5-7B-"
                          "Instruct for Qwen2.5-VL-7B-Instruct)")
+    return config
+
+
+def require_own_tokenizer(tokenizer, config, name: str) -> None:
+    """An InputError for a tokenizer far smaller than the model's vocabulary. transformers 5
+    builds an empty tokenizer (its special tokens only) for a folder without tokenizer files, as
+    a checkpoint saved without its tokenizer is: every word then became one unknown token, and
+    the run trained on that."""
+    vocabulary = getattr(config.get_text_config(), "vocab_size", None)
+    if vocabulary and len(tokenizer) < vocabulary // 2:
+        raise InputError(f"model.name {name!r}: its tokenizer has {len(tokenizer)} tokens and the model a vocabulary of "
+                         f"{vocabulary}: the tokenizer files (tokenizer.json, or tokenizer.model or vocab.json and "
+                         "merges.txt, with tokenizer_config.json) are missing from the folder or are another model's; "
+                         "copy them from the model this checkpoint was trained from")
 
 
 def add_lora(model, cfg: FactoryConfig, backend: Backend, *, rank: int):

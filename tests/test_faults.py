@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from factory.config import parse_config
 from factory.errors import UnsafePath
@@ -378,6 +379,23 @@ def test_an_image_text_model_that_transformers_loads_only_as_such_exits_2_naming
     proc = factory("run", "baseline", "-C", root, timeout=120)
     assert proc.returncode == 2 and "internal error" not in proc.stderr, proc.stderr
     assert "model.name 'models/vl' is a Qwen2_5_VLForConditionalGeneration (qwen2_5_vl)" in " ".join(proc.stderr.split())
+
+
+def test_a_model_folder_without_its_tokenizer_exits_2_instead_of_training_on_an_empty_one(tmp_path):
+    """A checkpoint saved without its tokenizer files: transformers 5 makes a tokenizer of the
+    special tokens alone, and the run went on (with a template set, on text that was all
+    unknown tokens). Now exit 2 at the first model phase, naming what is missing."""
+    root = tmp_path / "ws"
+    factory("init", "--example", root, check_rc=0)
+    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja"):
+        (root / "models" / "base" / name).unlink(missing_ok=True)
+    config = yaml.safe_load((root / "factory.yaml").read_text())
+    config.setdefault("dataset", {})["chat_template"] = "gemma-3"  # so that nothing else stops it
+    (root / "factory.yaml").write_text(yaml.safe_dump(config))
+    proc = factory("run", "baseline", "-C", root, timeout=300)
+    message = " ".join(proc.stderr.split())
+    assert proc.returncode == 2 and "internal error" not in message, proc.stderr[-2000:]
+    assert "model.name 'models/base': its tokenizer has 5 tokens and the model a vocabulary of 400" in message
 
 
 # --- two runs, one workspace --------------------------------------------------------------------
