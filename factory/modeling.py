@@ -141,10 +141,17 @@ def load_for_inference(cfg: FactoryConfig, ws: Workspace, backend: Backend, *, p
             )
     elif quantize and backend.device != "cuda":
         log.info("model.load_in_4bit is ignored on %s (4-bit needs CUDA); using %s", backend.device, kwargs["dtype"])
+    from safetensors import SafetensorError
+
     config = require_text_generation_model(path, cfg.model.name)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    require_own_tokenizer(tokenizer, config, cfg.model.name)
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        require_own_tokenizer(tokenizer, config, cfg.model.name)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, SafetensorError) as e:  # weights missing, cut short or unreadable: the user's folder
+        raise InputError(f"model.name {cfg.model.name!r} cannot be loaded: {type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:400]}; check that the folder holds the whole model (config.json, "
+                         "the weights named in it, the tokenizer files), or download it again") from None
     if adapter is not None:
         from peft import PeftModel
 
