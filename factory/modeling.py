@@ -13,6 +13,7 @@ that importing this module costs nothing (the CLI answers --help without them).
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,7 +149,7 @@ def load_for_inference(cfg: FactoryConfig, ws: Workspace, backend: Backend, *, p
         tokenizer = AutoTokenizer.from_pretrained(path)
         require_own_tokenizer(tokenizer, config, cfg.model.name)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, SafetensorError) as e:  # weights missing, cut short or unreadable: the user's folder
+    except (OSError, SafetensorError, json.JSONDecodeError) as e:  # files missing, cut short or unreadable
         raise InputError(f"model.name {cfg.model.name!r} cannot be loaded: {type(e).__name__}: "
                          f"{' '.join(str(e).split())[:400]}; check that the folder holds the whole model (config.json, "
                          "the weights named in it, the tokenizer files), or download it again") from None

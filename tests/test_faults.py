@@ -398,17 +398,17 @@ def test_a_model_folder_without_its_tokenizer_exits_2_instead_of_training_on_an_
     assert "model.name 'models/base': its tokenizer has 5 tokens and the model a vocabulary of 400" in message
 
 
-@pytest.mark.parametrize("damage", ["missing", "cut"])
-def test_model_weights_missing_or_cut_short_exit_2_naming_model_name(tmp_path, damage):
+@pytest.mark.parametrize("damage", ["weights missing", "weights cut", "tokenizer cut"])
+def test_model_files_missing_or_cut_short_exit_2_naming_model_name(tmp_path, damage):
     """A download that never finished: exit 3 before ("internal error: OSError ... no file named
-    model.safetensors", "SafetensorError: ... incomplete metadata")."""
+    model.safetensors", "SafetensorError: ... incomplete metadata", "JSONDecodeError")."""
     root = tmp_path / "ws"
     factory("init", "--example", root, check_rc=0)
-    weights = root / "models" / "base" / "model.safetensors"
-    if damage == "missing":
-        weights.unlink()
+    path = root / "models" / "base" / ("tokenizer.json" if damage.startswith("tokenizer") else "model.safetensors")
+    if damage.endswith("missing"):
+        path.unlink()
     else:
-        os.truncate(weights, weights.stat().st_size // 2)
+        os.truncate(path, path.stat().st_size // 2)
     proc = factory("run", "baseline", "-C", root, timeout=300)
     message = " ".join(proc.stderr.split())
     assert proc.returncode == 2 and "internal error" not in message, proc.stderr[-2000:]
