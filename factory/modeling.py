@@ -149,10 +149,12 @@ def load_for_inference(cfg: FactoryConfig, ws: Workspace, backend: Backend, *, p
         tokenizer = AutoTokenizer.from_pretrained(path)
         require_own_tokenizer(tokenizer, config, cfg.model.name)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, SafetensorError, json.JSONDecodeError) as e:  # files missing, cut short or unreadable
+    except (OSError, SafetensorError, json.JSONDecodeError, RuntimeError) as e:
+        # files missing, cut short or unreadable; weights of other shapes than config.json says
+        # (RuntimeError, after transformers' report of each mismatch)
         raise InputError(f"model.name {cfg.model.name!r} cannot be loaded: {type(e).__name__}: "
                          f"{' '.join(str(e).split())[:400]}; check that the folder holds the whole model (config.json, "
-                         "the weights named in it, the tokenizer files), or download it again") from None
+                         "the weights it describes, the tokenizer files), or download it again") from None
     if adapter is not None:
         from peft import PeftModel
 

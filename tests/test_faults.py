@@ -398,15 +398,19 @@ def test_a_model_folder_without_its_tokenizer_exits_2_instead_of_training_on_an_
     assert "model.name 'models/base': its tokenizer has 5 tokens and the model a vocabulary of 400" in message
 
 
-@pytest.mark.parametrize("damage", ["weights missing", "weights cut", "tokenizer cut"])
+@pytest.mark.parametrize("damage", ["weights missing", "weights cut", "tokenizer cut", "config of other weights"])
 def test_model_files_missing_or_cut_short_exit_2_naming_model_name(tmp_path, damage):
-    """A download that never finished: exit 3 before ("internal error: OSError ... no file named
-    model.safetensors", "SafetensorError: ... incomplete metadata", "JSONDecodeError")."""
+    """A download that never finished, or a config.json that is not the weights' own: exit 3
+    before ("internal error: OSError ... no file named model.safetensors", "SafetensorError: ...
+    incomplete metadata", "JSONDecodeError", "RuntimeError: ... ignore_mismatched_sizes")."""
     root = tmp_path / "ws"
     factory("init", "--example", root, check_rc=0)
-    path = root / "models" / "base" / ("tokenizer.json" if damage.startswith("tokenizer") else "model.safetensors")
+    path = root / "models" / "base" / {"tokenizer": "tokenizer.json", "weights": "model.safetensors",
+                                       "config": "config.json"}[damage.split()[0]]
     if damage.endswith("missing"):
         path.unlink()
+    elif damage.startswith("config"):
+        path.write_text(json.dumps({**json.loads(path.read_text()), "intermediate_size": 96}))
     else:
         os.truncate(path, path.stat().st_size // 2)
     proc = factory("run", "baseline", "-C", root, timeout=300)
