@@ -38,6 +38,7 @@ _PROBE_TURNS = [{"role": "system", "content": _SYSTEM}, {"role": "user", "conten
                {"role": "assistant", "content": _ANSWER1}, {"role": "user", "content": _USER2},
                {"role": "assistant", "content": _ANSWER1}]
 _REASONING = "PROBEREASONINGxq"
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"  # a reasoning block that a generation prompt opens (DeepSeek R1)
 
 
 def named_templates() -> list[str]:
@@ -145,8 +146,8 @@ class ChatFormat:
             tokenizer.chat_template = read_named_template(template)
             source = template
         probe, system_folded, reasoning_end = _probe(tokenizer)
-        if reasoning_end is None and "<think>" in probe["generation_prompt"]:
-            reasoning_end = "</think>"  # the generation prompt opens the block (DeepSeek R1)
+        if reasoning_end is None and THINK_OPEN in probe["generation_prompt"]:
+            reasoning_end = THINK_CLOSE
         bos = tokenizer.bos_token
         bos_in_template = bool(bos) and probe["head"].startswith(bos)
         adds_bos = bool(bos) and _encoding_adds_bos(tokenizer)
@@ -341,13 +342,14 @@ class ChatFormat:
         for index in answers:
             prompt = self.render(turns[:index], generation_prompt=True, training=True)
             through = self.render(turns[: index + 1], generation_prompt=False, training=True)
-            opened = prompt.rfind("<think>")
-            if self.training_template and not through.startswith(prompt) and through.startswith(prompt[:opened]) \
-                    and opened >= len(self.render(turns[:index], generation_prompt=False, training=True)):
+            if self.training_template and not through.startswith(prompt):
                 # TRL's variant of a template whose generation prompt opens the reasoning block
                 # (DeepSeek R1's `<think>\n`, Nemotron 3's), for an answer that does not begin
                 # with that text: the answer is trained from the assistant header on
-                prompt = prompt[:opened]
+                opened = prompt.rfind(THINK_OPEN)
+                if opened >= len(self.render(turns[:index], generation_prompt=False, training=True)) \
+                        and through.startswith(prompt[:opened]):
+                    prompt = prompt[:opened]
             # A template may close a conversation differently from a turn that others follow
             # (Phi-3 ends with EOS): the answer's span ends where the two renderings part.
             end = len(through) if text.startswith(through) else len(os.path.commonprefix([text, through]))

@@ -148,7 +148,7 @@ def load_for_inference(cfg: FactoryConfig, ws: Workspace, backend: Backend, *, p
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         require_own_tokenizer(tokenizer, config, cfg.model.name)
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)  # config.json read once
     except (OSError, SafetensorError, json.JSONDecodeError, RuntimeError) as e:
         # files missing, cut short or unreadable; weights of other shapes than config.json says
         # (RuntimeError, after transformers' report of each mismatch)
