@@ -122,7 +122,9 @@ class ChatFormat:
     turns (Qwen 3 drops the reasoning block of every answer but the last); None otherwise."""
 
     multi_turn: bool
-    """False when only single-turn records can be masked (see _settle_masks)."""
+    """False when the template renders earlier turns differently once later ones follow and TRL
+    has no training variant of it (see _settle_masks): a multi-turn record then trains as one
+    sequence per answer (training_examples)."""
 
     sampling: dict[str, float | int]
     """Sampling settings the model's generation config sets (temperature, top_p, top_k,
@@ -162,7 +164,8 @@ class ChatFormat:
         # after every user turn anyway, what follows the user turn's end.
         eot_text = tokenizer.convert_ids_to_tokens(eot_id)
         instruction = _instruction_part(probe, eot_text)
-        response = probe["generation_prompt"] or _header_after(probe["user_to_assistant"], eot_text)
+        response = (probe["generation_prompt"].removesuffix(probe["generation_opening"])
+                    or _header_after(probe["user_to_assistant"], eot_text))
         if not response.strip():
             raise InputError("the chat template writes no assistant header, so answers cannot be told from prompts; "
                              f"set dataset.chat_template to one of {', '.join(named_templates())}")
@@ -192,25 +195,29 @@ class ChatFormat:
 
     def _settle_masks(self) -> None:
         """Check once, on probe conversations, that answers can be masked, and choose how: with
-        the template itself; else with TRL's training variant of it; else with the system
+        the template itself or TRL's training variant of it (that first where the template
+        writes reasoning); else with the system
         message in the first user turn (a template that writes it where later turns decide,
-        as Mistral v0.3's writes it into the last user message only); else for single-turn
-        records only (a multi-turn record is exit 2 when the finetune phase meets it). A
-        template that masks no conversation stops the run here (exit 2), before any training."""
+        as Mistral v0.3's writes it into the last user message only); else answer by answer
+        (training_examples). A template that masks not even a single-turn conversation stops
+        the run here (exit 2), before any training."""
         multi_turn = {"conversations": _PROBE_TURNS}
         single_turn = {"conversations": _PROBE_TURNS[:3]}
         unfolded, folded = (self.system_folded, self.probe), (True, _folded_system(self.probe))
         training_template = _trl_training_template(self.tokenizer)
-        choices = [(None, unfolded, multi_turn, ""),
-                   *([(training_template, unfolded, multi_turn, ", masks from TRL's training variant")]
-                     if training_template else []),
+        own, trl = (None, unfolded, multi_turn, ""), (training_template, unfolded, multi_turn,
+                                                     ", masks from TRL's training variant")
+        # where the template writes reasoning, TRL's variant first: it keeps the reasoning of the
+        # answers that the model's own drops (DeepSeek R1's drops it from every answer)
+        preferred = ([trl, own] if self.reasoning_end else [own, trl]) if training_template else [own]
+        choices = [*preferred,
                    (None, folded, multi_turn, ""),
-                   (None, unfolded, single_turn, ", single-turn records only"),
-                   (None, folded, single_turn, ", single-turn records only")]
+                   (None, unfolded, single_turn, ", each answer in a sequence of its own"),
+                   (None, folded, single_turn, ", each answer in a sequence of its own")]
         error = None
         for self.training_template, (self.system_folded, self.probe), probe, note in choices:
             try:
-                self.training_example(probe)
+                self._masked(probe, every_answer=True)
             except InputError as e:
                 error = error or e
                 continue
@@ -220,8 +227,8 @@ class ChatFormat:
                 log.warning(FOLDED_SYSTEM)
             if not self.multi_turn:
                 log.warning("the chat template (%s) renders earlier turns differently once later ones follow, and TRL "
-                            "has no training variant of it: single-turn records train; a multi-turn one stops the run "
-                            "(exit 2)", self.template_source)
+                            "has no training variant of it: a multi-turn record trains as one sequence per answer, "
+                            "each in the conversation before it as the template renders it then", self.template_source)
             return
         raise error
 
@@ -317,6 +324,17 @@ class ChatFormat:
         """Token ids of the conversation up to the last answer, with the generation prompt."""
         return self.encode(self.render(self.prompt_messages(record), generation_prompt=True))
 
+    def training_examples(self, record: dict) -> list[dict[str, list[int]]]:
+        """What a record trains on: one sequence, every answer trained (training_example); or,
+        where earlier turns render differently once later ones follow (multi_turn False), one
+        sequence per answer: the conversation before it, as the template renders it when the
+        model writes that answer, and the answer trained."""
+        turns = record["conversations"]
+        if self.multi_turn or is_plain_text(record):
+            return [self.training_example(record)]
+        return [self._masked({"conversations": turns[: i + 1]}, every_answer=False)
+                for i, turn in enumerate(turns) if turn["role"] == "assistant"]
+
     def training_example(self, record: dict) -> dict[str, list[int]]:
         """input_ids and labels: every assistant turn trained (with its end-of-turn token),
         everything else -100."""
@@ -342,14 +360,13 @@ class ChatFormat:
         for index in answers:
             prompt = self.render(turns[:index], generation_prompt=True, training=True)
             through = self.render(turns[: index + 1], generation_prompt=False, training=True)
-            if self.training_template and not through.startswith(prompt):
-                # TRL's variant of a template whose generation prompt opens the reasoning block
-                # (DeepSeek R1's `<think>\n`, Nemotron 3's), for an answer that does not begin
-                # with that text: the answer is trained from the assistant header on
-                opened = prompt.rfind(THINK_OPEN)
-                if opened >= len(self.render(turns[:index], generation_prompt=False, training=True)) \
-                        and through.startswith(prompt[:opened]):
-                    prompt = prompt[:opened]
+            opening = self.probe["generation_opening"]
+            if opening and prompt.endswith(opening) and not through.startswith(prompt) \
+                    and through.startswith(prompt[: -len(opening)]):
+                # the generation prompt opens a block (DeepSeek R1's `<think>\n`) or writes an
+                # empty one (Gemma 4's thought channel) that this answer does not begin with:
+                # it is trained from the assistant header on
+                prompt = prompt[: -len(opening)]
             # A template may close a conversation differently from a turn that others follow
             # (Phi-3 ends with EOS): the answer's span ends where the two renderings part.
             end = len(through) if text.startswith(through) else len(os.path.commonprefix([text, through]))
@@ -430,6 +447,10 @@ def _probe(tokenizer) -> tuple[dict[str, str], bool, str | None]:
     assistant_to_user:  after an answer that another user message follows
     assistant_end:      after the last answer of a conversation
     generation_prompt:  what add_generation_prompt adds (the assistant header)
+    generation_opening: the end of the generation prompt that a rendered answer does not begin
+                        with: a reasoning block it opens (DeepSeek R1's `<think>\n`, GLM 4.7's
+                        `<think>`) or writes empty (Gemma 4's `<|channel>thought\n<channel|>`,
+                        Cohere 2's `<|START_THINKING|>`); "" for most templates
     system_head, system_to_user: around a system message (which some templates fold into the
                         first user turn; for a template without a system role, the factory does)
     """
@@ -460,6 +481,7 @@ def _probe(tokenizer) -> tuple[dict[str, str], bool, str | None]:
         # empty when a template ends a conversation differently without the prompt (Phi-3
         # writes EOS there): the assistant header is then read off user_to_assistant
         "generation_prompt": prompted[len(one):] if prompted.startswith(one) else "",
+        "generation_opening": _generation_opening(tokenizer, one, prompted, answered),
     }
     if _SYSTEM in system:
         parts["system_head"] = _between(system, None, _SYSTEM)
@@ -467,6 +489,18 @@ def _probe(tokenizer) -> tuple[dict[str, str], bool, str | None]:
         return parts, False, reasoning_end
     log.warning(FOLDED_SYSTEM)
     return _folded_system(parts), True, reasoning_end
+
+
+def _generation_opening(tokenizer, unprompted: str, prompted: str, answered: str) -> str:
+    """The tokens at the end of the generation prompt (`prompted` after `unprompted`) that the
+    answered conversation does not have where the answer begins (see _probe)."""
+    if answered.startswith(prompted) or not prompted.startswith(unprompted):
+        return ""
+    shared = len(os.path.commonprefix([prompted, answered]))
+    # back to a token boundary: `<think>` and `</think>` share their first character
+    offsets = tokenizer(prompted, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    cut = max((stop for _, stop in offsets if stop <= shared), default=0)
+    return prompted[cut:] if cut > len(unprompted) else ""
 
 
 FOLDED_SYSTEM = ("the chat template has no system role that renders the same whatever follows; a system message is "

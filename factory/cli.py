@@ -266,7 +266,8 @@ def setup_gguf(
     Takes convert_hf_to_gguf.py and its gguf-py from the llama-cpp-python sdist of the pinned
     version, the same llama.cpp as the runtime that verifies the files, so that quantize never
     clones, builds or downloads anything. `make install` runs this. It also keeps the sdist's
-    vocabularies of Llama 3, Qwen 2, Llama 2 and Phi-3 and, when the train extra is installed,
+    real models' chat templates and the vocabularies of Llama 3, Qwen 2, Llama 2 and Phi-3 and,
+    when the train extra is installed,
     turns them into the tokenizers of `factory init --example --family` (a few minutes, once).
     """
     import importlib.util

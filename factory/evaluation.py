@@ -166,7 +166,7 @@ def stopping(chat, records: list[dict], generations: list, max_new_tokens: int) 
         return out
     causes = out["causes"]
     sample = records[: min(len(records), 50)]
-    trained = [chat.eot_token_id in chat.training_example(r)["labels"] for r in sample]
+    trained = [chat.eot_token_id in chat.training_examples(r)[-1]["labels"] for r in sample]
     if not all(trained):
         causes.append(f"the end-of-turn token {chat.eot_token!r} is not in the trained span of "
                       f"{trained.count(False)} of {len(sample)} examples: the template's end token is outside the "

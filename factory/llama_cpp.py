@@ -38,6 +38,9 @@ CONVERTER_PARTS = (CONVERTER, "conversion/", "gguf-py/", "LICENSE")
 # original Hugging Face tokenizer gives them (.out), a reference that does not come from us.
 VOCABS = ("llama-bpe", "qwen2", "llama-spm", "phi-3")
 VOCAB_PARTS = tuple(f"models/ggml-vocab-{name}.gguf{ext}" for name in VOCABS for ext in ("", ".inp", ".out"))
+# Real models' chat templates, as llama.cpp's own tests use them (Gemma 4, DeepSeek, GLM, ...):
+# the tests render each through the factory's chat format.
+TEMPLATES = "models/templates/"
 INSTALL_HINT = ("run `factory setup-gguf` (or `make install`), which takes llama.cpp's converter from the "
                 f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} sdist on the package registry; "
                 "or point save.llama_cpp_dir (or FACTORY_LLAMA_CPP) at a llama.cpp checkout")
@@ -130,11 +133,21 @@ def vocab_file(name: str, suffix: str = "") -> Path:
     return gguf.with_name(gguf.name + suffix)
 
 
+def chat_template_files() -> list[Path]:
+    """The real models' chat templates in the installed folder (TEMPLATES)."""
+    folder = default_converter_dir() / TEMPLATES
+    if not folder.is_dir():
+        raise InputError(f"llama.cpp's chat templates are not installed in {folder}: {INSTALL_HINT}")
+    return sorted(folder.glob("*.jinja"))
+
+
 def fetch_converter(dest: Path | None = None, *, log=print) -> Path:
-    """Take llama.cpp's converter and the VOCABS files out of the pinned llama-cpp-python sdist
-    (install time). A folder from an older setup-gguf that lacks the vocabularies is replaced."""
+    """Take llama.cpp's converter, the VOCABS files and the chat TEMPLATES out of the pinned
+    llama-cpp-python sdist (install time). A folder from an older setup-gguf that lacks the
+    vocabularies or the templates is replaced."""
     dest = dest or default_converter_dir()
-    if (dest / CONVERTER).is_file() and all((dest / part).is_file() for part in VOCAB_PARTS):
+    if (dest / CONVERTER).is_file() and all((dest / part).is_file() for part in VOCAB_PARTS) \
+            and any((dest / TEMPLATES).glob("*.jinja")):
         log(f"llama.cpp converter and vocabularies already in {dest}")
         return dest
     with tempfile.TemporaryDirectory() as tmp:
@@ -155,7 +168,7 @@ def fetch_converter(dest: Path | None = None, *, log=print) -> Path:
             for member in archive.getmembers():
                 inner = member.name.removeprefix(prefix)
                 if (member.name.startswith(prefix) and (member.isfile() or member.isdir())
-                        and (inner.startswith(CONVERTER_PARTS) or inner in VOCAB_PARTS)):
+                        and (inner.startswith((*CONVERTER_PARTS, TEMPLATES)) or inner in VOCAB_PARTS)):
                     member.name = inner
                     members.append(member)
             archive.extractall(staging, members=members, filter="data")

@@ -405,27 +405,29 @@ def _dataset(backend, chat, records: list[dict], max_length: int, split: str, lo
         return _text_dataset(chat, records)
     dataset, dropped = _token_dataset(chat, records, max_length)
     if dropped:
-        log.warning("%d of %d %s records have no answer token within max_seq_length %d and are left out",
-                    dropped, len(records), split, max_length)
+        log.warning("%d %s sequences (from %d records) have no answer token within max_seq_length %d and are "
+                    "left out", dropped, split, len(records), max_length)
     return dataset
 
 
 def _token_dataset(chat, records: list[dict], max_length: int) -> tuple[Any, int]:
     """input_ids and labels from the chat format, cut to max_length: what the hf backend
-    trains on. Also returns how many records were left with no trained token by the cut."""
+    trains on (a record is one sequence, or one per answer: ChatFormat.training_examples). Also
+    returns how many sequences were left with no trained token by the cut."""
     from datasets import Dataset
 
     rows, dropped = [], 0
     for number, record in enumerate(records, 1):
         try:
-            example = chat.training_example(record)
-        except InputError as e:  # a multi-turn record and a template that masks single turns only
+            examples = chat.training_examples(record)
+        except InputError as e:  # a record whose answers the template does not render verbatim
             raise InputError(f"record {number} of the split: {e}") from None
-        example = {key: values[:max_length] for key, values in example.items()}
-        if any(label != -100 for label in example["labels"]):
-            rows.append(example)
-        else:
-            dropped += 1
+        for example in examples:
+            example = {key: values[:max_length] for key, values in example.items()}
+            if any(label != -100 for label in example["labels"]):
+                rows.append(example)
+            else:
+                dropped += 1
     return Dataset.from_list(rows), dropped
 
 

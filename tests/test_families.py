@@ -9,6 +9,7 @@ on a machine where that has not run, the first test builds them (several minutes
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -597,26 +598,95 @@ def test_a_template_that_moves_the_system_message_gets_it_in_the_first_user_turn
     assert tokenizer.decode(chat_format.prompt_ids(record)) == prompt  # the template's own single-turn prompt
 
 
-def test_a_template_that_rewrites_earlier_turns_without_a_trl_variant_trains_single_turn_records(models):
-    """Qwen 3's template with one byte changed (as a model's revised template would be) is no
-    longer TRL's, so there is no training variant: single-turn records still train, with the
-    answer the template writes (its empty reasoning block, the answer, the end of turn), and a
-    multi-turn record stops the finetune phase's data with exit 2, naming the record."""
-    from factory.errors import InputError
+def test_a_template_that_rewrites_earlier_turns_without_a_trl_variant_trains_each_answer_in_its_own_sequence(models):
+    """Qwen 3's template with one byte changed (as a model's revised template would be; llama.cpp
+    keeps an older revision of Qwen3-0.6B's) is no longer TRL's, so there is no training variant.
+    A multi-turn record stopped the finetune phase with exit 2. It trains as one sequence per
+    answer: the conversation before it as the template renders it when the model writes that
+    answer (earlier answers without their reasoning block), and the answer as the template writes
+    the last one (its empty reasoning block, the answer, the end of turn)."""
     from phases.finetune import _token_dataset
 
     tokenizer = _tokenizer(models["qwen-3"])
     tokenizer.chat_template = _trl_template("qwen3") + "\n"
     chat_format = chat.ChatFormat.from_tokenizer(tokenizer)
     assert not chat_format.multi_turn and chat_format.training_template is None
-    assert "single-turn records only" in chat_format.template_source
+    assert "each answer in a sequence of its own" in chat_format.template_source
     single = {"conversations": [{"role": "system", "content": "Be brief."}, *CONVERSATIONS[0][:2]]}
-    row = chat_format.training_example(single)
-    assert tokenizer.decode(row["input_ids"]) == tokenizer.apply_chat_template(single["conversations"], tokenize=False)
-    trained = tokenizer.decode([i for i, label in zip(row["input_ids"], row["labels"]) if label != -100])
-    assert trained == "<think>\n\n</think>\n\n4<|im_end|>\n"
-    with pytest.raises(InputError, match=r"record 2 of the split: .*single-turn records only.* not prefix-preserving"):
-        _token_dataset(chat_format, [single, {"conversations": CONVERSATIONS[0]}], 128)
+    two = {"conversations": [{"role": "system", "content": "Be brief."}, *CONVERSATIONS[0]]}
+    dataset, dropped = _token_dataset(chat_format, [single, two], 128)
+    assert len(dataset) == 3 and dropped == 0
+    for row, turns in zip(dataset, [single["conversations"], two["conversations"][:3], two["conversations"]]):
+        # the whole sequence is the template's own rendering of the conversation up to the answer
+        assert tokenizer.decode(row["input_ids"]) == tokenizer.apply_chat_template(turns, tokenize=False)
+        trained = tokenizer.decode([i for i, label in zip(row["input_ids"], row["labels"]) if label != -100])
+        assert trained == f"<think>\n\n</think>\n\n{turns[-1]['content']}<|im_end|>\n"
+    # the second answer's sequence has the first answer as the template writes history: no block
+    assert "<|im_start|>assistant\n4<|im_end|>" in tokenizer.decode(dataset[2]["input_ids"])
+
+
+# llama.cpp's collection keeps tool-use variants beside models' default templates: these render
+# nothing without the `tools` or `functions` a caller passes, or (Command R7B's) write a generation
+# prompt after every conversation. A model's tokenizer_config.json names its default one.
+TOOL_USE_TEMPLATES = {"CohereForAI-c4ai-command-r-plus-tool_use", "CohereForAI-c4ai-command-r7b-12-2024-tool_use",
+                      "NousResearch-Hermes-2-Pro-Llama-3-8B-tool_use", "NousResearch-Hermes-3-Llama-3.1-8B-tool_use",
+                      "fireworks-ai-llama-3-firefunction-v2"}
+# The markers a template writes, which its model's tokenizer has as special tokens: <|im_end|>,
+# <｜User｜>, <turn|>, [INST], <end_of_turn>, MiniMax's ]~b] and [e~[, Hunyuan's <｜hy_User:opensource｜>, ...
+TEMPLATE_MARKERS = re.compile(r"<\|[^|<>'\"\s]{1,40}\|>|<｜[^｜'\"]{1,40}｜>|<\|[A-Za-z_]{2,30}>|<[A-Za-z_]{2,30}\|>"
+                              r"|\[[A-Z_]{3,30}\]|<(?:start|end)_of_turn>|\]~!?b\]|\[e~\[|<SPECIAL_\d+>|<seed:[a-z_]+>"
+                              r"|</?think:[a-z]+>")
+
+
+def test_every_real_template_in_llama_cpps_collection_trains_its_answers_and_nothing_else(models):
+    """llama.cpp keeps 70 real models' chat templates for its own tests (Gemma 4, DeepSeek R1 and
+    V3, GLM 4, Kimi, gpt-oss, Granite, Cohere, ...). On a real tokenizer (Llama 3's, with the
+    markers each template writes as special tokens), each gives a chat format whose sequences
+    train both answers of a two-turn conversation and an end of turn after each, and none of the
+    system or user text. Twelve of them (Gemma 4's, QwQ's, R1-Distill's, GLM 4.7's, DeepSeek V3.2's,
+    MiniMax M2's, Cohere 2's, ...: generation prompts that open a reasoning block or write an
+    empty one) stopped the run with exit 2; three (Qwen3-0.6B's older revision, StepFun 3.5's,
+    Nemotron Nano 2's) trained no multi-turn record."""
+    from factory.errors import InputError
+
+    files = llama_cpp.chat_template_files()
+    assert len(files) >= 60, files
+    record = {"conversations": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+                                {"role": "assistant", "content": "Hello 7"},
+                                {"role": "user", "content": "What is 2 and 2"},
+                                {"role": "assistant", "content": "It is 4"}]}
+    tokenizer = _tokenizer(models["llama-3.1"])
+    markers = set()
+    for path in files:  # in the source, and as rendered (Hunyuan's are built by the template)
+        tokenizer.chat_template = path.read_text(encoding="utf-8")
+        try:
+            rendered = tokenizer.apply_chat_template(record["conversations"], tokenize=False, add_generation_prompt=True)
+        except Exception:  # the tool-use variants
+            rendered = ""
+        markers |= set(TEMPLATE_MARKERS.findall(tokenizer.chat_template + rendered))
+    tokenizer.add_special_tokens({"additional_special_tokens": sorted(markers)}, replace_extra_special_tokens=False)
+    tokenizer.add_tokens(["<think>", "</think>"])
+    failures = {}
+    for path in files:
+        tokenizer.chat_template = path.read_text(encoding="utf-8")
+        if path.stem in TOOL_USE_TEMPLATES:
+            with pytest.raises(InputError, match="chat template"):
+                chat.ChatFormat.from_tokenizer(tokenizer)
+            continue
+        try:
+            chat_format = chat.ChatFormat.from_tokenizer(tokenizer)
+            sequences = chat_format.training_examples(record)
+        except InputError as e:
+            failures[path.stem] = str(e)[:200]
+            continue
+        trained = [tokenizer.decode([i for i, label in zip(row["input_ids"], row["labels"]) if label != -100])
+                   for row in sequences]
+        everything = "".join(trained)
+        ends = [chat_format.eot_token_id in row["labels"] for row in sequences]
+        if not (everything.count("Hello 7") == everything.count("It is 4") == 1 and all(ends)) \
+                or any(text in everything for text in ("Be brief", "Hi there", "What is")):
+            failures[path.stem] = f"{chat_format.template_source}: trained {trained}, end of turn {ends}"
+    assert not failures, json.dumps(failures, indent=1, ensure_ascii=False)
 
 
 def test_gguf_chat_prompts_are_rendered_as_llama_server_renders_them():
