@@ -106,8 +106,8 @@ def load_model(cfg: FactoryConfig, ws: Workspace, backend: Backend, *, max_seq_l
             model_name=path, max_seq_length=max_seq_length, dtype=cfg.model.dtype and torch_dtype(cfg, "cuda"),
             load_in_4bit=cfg.model.load_in_4bit,
         )
-        return model, ChatFormat.from_tokenizer(text_tokenizer(tokenizer), cfg.dataset.chat_template,
-                                                model.generation_config)
+        return model, ChatFormat.from_tokenizer(faithful_tokenizer(text_tokenizer(tokenizer), path),
+                                                cfg.dataset.chat_template, model.generation_config)
     return load_for_inference(cfg, ws, backend, path=path, quantize=cfg.model.load_in_4bit)
 
 
@@ -122,7 +122,7 @@ def load_for_inference(cfg: FactoryConfig, ws: Workspace, backend: Backend, *, p
                        adapter: Path | None = None, quantize: bool = False):
     """A model for generation and its chat format: the base (from model.name or `path`), plus a
     LoRA adapter."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from factory.chat import ChatFormat
     from transformers.utils import logging as hf_logging
@@ -146,7 +146,7 @@ def load_for_inference(cfg: FactoryConfig, ws: Workspace, backend: Backend, *, p
 
     config = require_text_generation_model(path, cfg.model.name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = load_tokenizer(path)
         require_own_tokenizer(tokenizer, config, cfg.model.name)
         model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)  # config.json read once
     except (OSError, SafetensorError, json.JSONDecodeError, RuntimeError) as e:
@@ -187,6 +187,43 @@ def require_text_generation_model(path: str, name: str):
                          "and Gemma 3's image-text models. Use the text-only model of that family (e.g. Qwen2.5-7B-"
                          "Instruct for Qwen2.5-VL-7B-Instruct)")
     return config
+
+
+def load_tokenizer(path: str):
+    """The model's tokenizer as its tokenizer.json describes it (faithful_tokenizer)."""
+    from transformers import AutoTokenizer
+
+    return faithful_tokenizer(AutoTokenizer.from_pretrained(path), path)
+
+
+def faithful_tokenizer(tokenizer, path: str):
+    """`tokenizer` (loaded from `path`), or the tokenizer as path's tokenizer.json describes it.
+
+    transformers 5 loads a tokenizer whose tokenizer_config.json names LlamaTokenizerFast with
+    LlamaTokenizer, which puts SentencePiece's pre-tokenizer in place of the file's byte-level
+    one: DeepSeek-R1-Distill-Llama's, DeepSeek V3's and other Llama 3 vocabularies under that
+    class name then lose every space, in training and in generation (transformers issue 45488;
+    transformers routes only a few hub ids around it, not a download in a folder). Such a
+    tokenizer is loaded as the file says instead (PreTrainedTokenizerFast)."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.utils import cached_file
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or _byte_level(json.loads(backend.to_str()).get("pre_tokenizer")):
+        return tokenizer
+    spec = cached_file(path, "tokenizer.json", _raise_exceptions_for_missing_entries=False,
+                       _raise_exceptions_for_connection_errors=False)
+    if not spec or not _byte_level(json.loads(Path(spec).read_text(encoding="utf-8")).get("pre_tokenizer")):
+        return tokenizer
+    log.warning("%s: transformers loads the tokenizer as %s, which replaces tokenizer.json's byte-level pre-tokenizer "
+                "(every space would be lost); it is loaded as tokenizer.json describes it", path, type(tokenizer).__name__)
+    return PreTrainedTokenizerFast.from_pretrained(path)
+
+
+def _byte_level(pre_tokenizer: dict | None) -> bool:
+    if not pre_tokenizer:
+        return False
+    return pre_tokenizer.get("type") == "ByteLevel" or any(map(_byte_level, pre_tokenizer.get("pretokenizers") or []))
 
 
 def require_own_tokenizer(tokenizer, config, name: str) -> None:

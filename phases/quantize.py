@@ -152,7 +152,7 @@ PHASE = Phase(
 def _merge(ctx: PhaseContext, backend, adapter: Path, merged_dir: Path, staging: Path, probes: list[dict]) -> dict[str, Any]:
     """Merge into `staging`, which takes merged_dir's place when this returns."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from factory.chat import ChatFormat
 
@@ -162,7 +162,7 @@ def _merge(ctx: PhaseContext, backend, adapter: Path, merged_dir: Path, staging:
     started = time.monotonic()
     # the base model's tokenizer with the chat format it was trained with (a saved copy can lose
     # settings such as SentencePiece's `legacy`, which change the ids)
-    chat = ChatFormat.from_tokenizer(AutoTokenizer.from_pretrained(base), cfg.dataset.chat_template)
+    chat = ChatFormat.from_tokenizer(modeling.load_tokenizer(base), cfg.dataset.chat_template)
     # Causal: the logits of the first answer tokens do not depend on the rest of the conversation.
     probe_ids = [(ids[: head + MERGE_PROBE_TOKENS], head) for ids, head in (_ids_and_head(chat, r) for r in probes)]
     ctx.progress.start(3, "merge steps")
