@@ -427,11 +427,14 @@ class DatasetConfig(Section):
     chat_template: str = "auto"
     """`auto`: the model tokenizer's own chat template (the one it was trained with). Or a
     template the factory ships, applied to a tokenizer that has none or when you want another:
-    gemma-3, llama-3.1, qwen-2.5, qwen-3, chatml, mistral, phi-3, alpaca. Everything else (end
-    of turn and stop tokens, pad token, BOS, training masks, the Ollama template) is read off
-    the template; it must render a conversation as a prefix-preserving text (each turn the same
-    whatever follows), or have a training variant in TRL (Qwen 3's, which drops earlier
-    answers' reasoning, has), or the run stops before training with exit 2."""
+    gemma-3, llama-3.1, qwen-2.5, qwen-3, deepseek-r1, chatml, mistral, phi-3, alpaca. Everything
+    else (end of turn and stop tokens, pad token, BOS, training masks, the Ollama template) is
+    read off the template. A template that renders earlier turns differently once later ones
+    follow (Qwen 3's drops earlier answers' reasoning) trains through TRL's training variant of
+    it, or else each answer in a sequence of its own; one whose generation prompt opens a
+    reasoning block (DeepSeek R1's, Gemma 4's) trains answers from the assistant header. Only a
+    template that renders not even one answer verbatim after its prompt stops the run before
+    training (exit 2)."""
 
     @field_validator("chat_template")
     @classmethod

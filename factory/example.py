@@ -8,7 +8,7 @@ folder, so every phase treats it exactly like `google/gemma-3-*`: the same archi
 special tokens, chat template and file layout, only tiny and untrained.
 
 `--family` picks another family (FAMILIES): Gemma 3 with a vision tower (as 4B-27B are),
-Llama 3.1, Qwen 2.5, Qwen 3, Mistral or Phi-3, each
+Llama 3.1, Qwen 2.5, Qwen 3, DeepSeek-R1-Distill-Llama, Mistral or Phi-3, each
 from its real model's config.json with tiny sizes, its real tokenizer (factory.real_tokenizers)
 and its real chat template. build_custom_template_model makes, for tests, a model with a
 template of its own that no table knows.
@@ -503,6 +503,31 @@ FAMILIES: dict[str, Family] = {
                    "additional_special_tokens": QWEN25_ADDED[1:14], "clean_up_tokenization_spaces": False,
                    "errors": "replace", "model_max_length": 131072, "split_special_tokens": False},
         added_tokens={151643 + i: (t, i < 14) for i, t in enumerate(QWEN3_ADDED)}),
+    # Llama 3.1's architecture and vocabulary with DeepSeek's turn tokens in its reserved ids, and a
+    # tokenizer_config.json that names LlamaTokenizerFast (transformers 5 would load that as a
+    # SentencePiece tokenizer: modeling.load_tokenizer); the template opens the reasoning block
+    # in every generation prompt and drops the reasoning of every answer (TRL's variant keeps it).
+    "deepseek-r1": Family(
+        "deepseek-ai/DeepSeek-R1-Distill-Llama-8B", vocab="llama-bpe", template="deepseek-r1",
+        config={"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 128256,
+                "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+                "num_key_value_heads": 8, "hidden_act": "silu", "max_position_embeddings": 131072,
+                "rms_norm_eps": 1e-05, "rope_theta": 500000.0,
+                "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                 "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+                "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
+                "bos_token_id": 128000, "eos_token_id": 128001},
+        generation={"bos_token_id": 128000, "eos_token_id": 128001, "do_sample": True, "temperature": 0.6,
+                    "top_p": 0.95},
+        tokenizer={"tokenizer_class": "LlamaTokenizerFast", "add_bos_token": True, "add_eos_token": False,
+                   "bos_token": "<｜begin▁of▁sentence｜>", "eos_token": "<｜end▁of▁sentence｜>",
+                   "pad_token": "<｜end▁of▁sentence｜>", "unk_token": None, "legacy": True,
+                   "clean_up_tokenization_spaces": False, "use_default_system_prompt": False,
+                   "model_max_length": 16384},
+        added_tokens={**_llama31_added_tokens(), 128000: ("<｜begin▁of▁sentence｜>", True),
+                      128001: ("<｜end▁of▁sentence｜>", True), 128011: ("<｜User｜>", False),
+                      128012: ("<｜Assistant｜>", False), 128013: ("<think>", False), 128014: ("</think>", False),
+                      128015: ("<｜▁pad▁｜>", True)}),
     # llama.cpp has no Mistral vocabulary: Llama 2's stands in, a SentencePiece BPE model of the
     # same size, byte fallback and special ids (<unk> <s> </s> = 0 1 2) as Mistral 7B v0.1's.
     # add_prefix_space false: the template writes the space before [INST] and the answer itself,

@@ -49,6 +49,8 @@ REAL = {
     "qwen-2.5": dict(eot="<|im_end|>", header="<|im_start|>assistant\n", arch="qwen2"),
     "qwen-3": dict(eot="<|im_end|>", header="<|im_start|>assistant\n", arch="qwen3",
                    answer_prefix="<think>\n\n</think>\n\n", reasoning_end="</think>", training_template="qwen3_training"),
+    "deepseek-r1": dict(eot="<｜end▁of▁sentence｜>", header="<｜Assistant｜>", arch="llama", reasoning_end="</think>",
+                        training_template="deepseek_r1_distill_training"),
     "mistral": dict(eot="</s>", header="[/INST]", arch="llama"),
     "phi-3": dict(eot="<|end|>", header="<|assistant|>\n", arch="phi3", final_tail="<|endoftext|>"),
     CUSTOM: dict(eot="</s>", header="### Answer:\n", arch="llama"),
@@ -148,7 +150,7 @@ def runs(tmp_path_factory):
     """Every model's workspace after the whole pipeline, or the error that stopped it. The
     largest vocabularies first, so that the two workers finish together."""
     base = tmp_path_factory.mktemp("pipelines")
-    order = ["qwen-3", "qwen-2.5", "llama-3.1", "phi-3", "mistral", CUSTOM, "gemma-3", "gemma-3-vision"]
+    order = ["qwen-3", "qwen-2.5", "llama-3.1", "deepseek-r1", "phi-3", "mistral", CUSTOM, "gemma-3", "gemma-3-vision"]
 
     def attempt(name):
         try:
@@ -169,9 +171,10 @@ def run(runs, request):
 
 
 def _tokenizer(root: Path):
-    from transformers import AutoTokenizer
+    """The tokenizer as the pipeline loads it (DeepSeek-R1-Distill-Llama's needs modeling.load_tokenizer)."""
+    from factory import modeling
 
-    return AutoTokenizer.from_pretrained(root / "models" / "base")
+    return modeling.load_tokenizer(str(root / "models" / "base"))
 
 
 def _token(tokenizer, text: str) -> int:
