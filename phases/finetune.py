@@ -404,6 +404,9 @@ def _dataset(backend, chat, records: list[dict], max_length: int, split: str, lo
     if backend.name == "unsloth":
         return _text_dataset(chat, records)
     dataset, dropped = _token_dataset(chat, records, max_length)
+    if len(dataset) + dropped != len(records):
+        log.info("%d %s records train as %d sequences (%s)", len(records), split, len(dataset) + dropped,
+                 chat.template_source)
     if dropped:
         log.warning("%d %s sequences (from %d records) have no answer token within max_seq_length %d and are "
                     "left out", dropped, split, len(records), max_length)

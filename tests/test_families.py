@@ -683,7 +683,7 @@ def test_every_real_template_in_llama_cpps_collection_trains_its_answers_and_not
     V3, GLM 4, Kimi, gpt-oss, Granite, Cohere, ...). On a real tokenizer (Llama 3's, with the
     markers each template writes as special tokens), each gives a chat format whose sequences
     train both answers of a two-turn conversation and an end of turn after each, and none of the
-    system or user text. Twelve of them (Gemma 4's, QwQ's, R1-Distill's, GLM 4.7's, DeepSeek V3.2's,
+    system or user text; its generation prompt ends with the assistant header. Twelve of them (Gemma 4's, QwQ's, R1-Distill's, GLM 4.7's, DeepSeek V3.2's,
     MiniMax M2's, Cohere 2's, ...: generation prompts that open a reasoning block or write an
     empty one) stopped the run with exit 2; three (Qwen3-0.6B's older revision, StepFun 3.5's,
     Nemotron Nano 2's) trained no multi-turn record."""
@@ -723,9 +723,13 @@ def test_every_real_template_in_llama_cpps_collection_trains_its_answers_and_not
                    for row in sequences]
         everything = "".join(trained)
         ends = [chat_format.eot_token_id in row["labels"] for row in sequences]
+        # generation: the prompt ends with the assistant header and what the template opens after it
+        prompt = tokenizer.decode(chat_format.prompt_ids(record))
+        header = (chat_format.probe["generation_prompt"] or chat_format.response_part).rstrip()
         if not (everything.count("Hello 7") == everything.count("It is 4") == 1 and all(ends)) \
-                or any(text in everything for text in ("Be brief", "Hi there", "What is")):
-            failures[path.stem] = f"{chat_format.template_source}: trained {trained}, end of turn {ends}"
+                or any(text in everything for text in ("Be brief", "Hi there", "What is")) \
+                or not prompt.rstrip().endswith(header) or "It is 4" in prompt or "{{ .Content }}" not in chat_format.ollama_template:
+            failures[path.stem] = f"{chat_format.template_source}: trained {trained}, end of turn {ends}, prompt {prompt!r}"
     assert not failures, json.dumps(failures, indent=1, ensure_ascii=False)
 
 
