@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -311,12 +311,37 @@ def placement() -> dict[str, Any]:
 
 
 def load(path: Path, *, n_ctx: int, logits_all: bool = False, threads: int | None = None):
-    """A llama_cpp.Llama placed as `placement()` says."""
+    """A llama_cpp.Llama placed as `placement()` says; an InputError with llama.cpp's reason
+    when it cannot load the file (an architecture or a tensor shape this llama.cpp does not know)."""
     runtime_module = runtime()
     where = placement()
-    with _kernels(plain=where["plain_cpu_kernels"]), _native_stderr_to(os.devnull):  # notes such as "using full-size SWA cache"
-        return _bounded(runtime_module.Llama)(str(path), n_ctx=n_ctx, logits_all=logits_all, verbose=False, seed=0,
+
+    def attempt(verbose: bool):
+        return _bounded(runtime_module.Llama)(str(path), n_ctx=n_ctx, logits_all=logits_all, verbose=verbose, seed=0,
                                               n_gpu_layers=where["n_gpu_layers"], n_threads=threads or max(1, os.cpu_count() or 1))
+
+    with _kernels(plain=where["plain_cpu_kernels"]):
+        try:
+            with _native_stderr_to(os.devnull):  # notes such as "using full-size SWA cache"
+                return attempt(verbose=False)
+        except ValueError as e:
+            failure = e
+        # again, verbose, for llama.cpp's reason (verbose=False silences its log)
+        with tempfile.TemporaryDirectory() as tmp:
+            native, logged = Path(tmp) / "native.log", Path(tmp) / "logged.log"
+            try:  # llama-cpp-python prints llama.cpp's log to sys.stderr, which a caller may have replaced
+                with _native_stderr_to(native), open(logged, "w", encoding="utf-8") as out, redirect_stderr(out):
+                    attempt(verbose=True)
+            except ValueError:
+                pass
+            finally:
+                runtime()  # llama.cpp's log back to errors only
+            log_text = logged.read_text(encoding="utf-8") + native.read_text(encoding="utf-8", errors="replace")
+            reasons = [" ".join(line.split()) for line in log_text.splitlines() if "error" in line.lower()]
+    raise InputError(f"llama.cpp (llama-cpp-python {LLAMA_CPP_PYTHON_VERSION}) cannot load {path}: "
+                     f"{' '.join(reasons[:2]) or failure}. The model's architecture may be newer than this llama.cpp, "
+                     "or its config.json may not describe its weights as llama.cpp reads them; the merged model is "
+                     "there without it (`factory run evaluate` stops before quantize)")
 
 
 def image_embeddings(mmproj: Path, text_model, images: list) -> list:

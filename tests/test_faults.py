@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import os
 import re
 import shutil
@@ -549,6 +550,20 @@ def test_a_native_stderr_redirect_does_not_swallow_the_terminal(tmp_path):
     proc = subprocess.run([sys.executable, "-c", NATIVE_STDERR, str(log)], capture_output=True, text=True, check=True)
     assert "progress line for the user" in proc.stderr and "native chatter" not in proc.stderr
     assert log.read_text() == "native chatter\n"
+
+
+def test_a_gguf_that_llama_cpp_cannot_load_is_an_input_error_with_llama_cpps_reason():
+    """A converted file this llama.cpp cannot read (seen: a Gemma 4 text model whose embedding has
+    more rows than its tokenizer, 'token_embd.weight has wrong shape') stopped quantize with exit
+    3, "ValueError: Failed to load model from file". Now exit 2 with llama.cpp's own reason, read
+    from its log, here for a vocabulary-only GGUF; a loadable file loads afterwards as before."""
+    from factory import llama_cpp
+    from factory.errors import InputError
+
+    with pytest.raises(InputError, match=r"cannot load .*ggml-vocab-llama-bpe\.gguf: llama_model_load: error loading "
+                                         r"model: .*'token_embd\.weight' not found"):
+        llama_cpp.load(llama_cpp.vocab_file("llama-bpe"), n_ctx=64)
+    assert llama_cpp.runtime()._logger.logger.level == logging.ERROR  # llama.cpp's log back to errors only
 
 
 # --- the model phases: one tiny Gemma-3 workspace ------------------------------------------------
