@@ -448,6 +448,16 @@ SPM_NO_PREFIX = {
                                                  {"type": "ByteFallback"}, {"type": "Fuse"}]},
 }
 
+# Llama-3.1-8B's config.json (the Instruct model's and DeepSeek-R1-Distill-Llama-8B's differ
+# in their end-of-sequence ids only).
+LLAMA31_CONFIG = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 128256,
+                  "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+                  "num_key_value_heads": 8, "hidden_act": "silu", "max_position_embeddings": 131072,
+                  "rms_norm_eps": 1e-05, "rope_theta": 500000.0,
+                  "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+                  "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False, "bos_token_id": 128000}
+
 # SentencePiece tokenizers load with `legacy: true`: a space prefix after every special token,
 # as SentencePiece itself, transformers 4's tokenizer.json and llama.cpp tokenize. transformers
 # 5 with `legacy: false` leaves it out after special tokens, and the same text then gets other
@@ -458,14 +468,7 @@ FAMILIES: dict[str, Family] = {
     "gemma-3-vision": Family("google/gemma-3-4b-it", vocab=None, template="gemma-3", vision=True),
     "llama-3.1": Family(
         "meta-llama/Llama-3.1-8B-Instruct", vocab="llama-bpe", template="llama-3.1",
-        config={"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 128256,
-                "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-                "num_key_value_heads": 8, "hidden_act": "silu", "max_position_embeddings": 131072,
-                "rms_norm_eps": 1e-05, "rope_theta": 500000.0,
-                "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                 "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-                "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
-                "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009]},
+        config={**LLAMA31_CONFIG, "eos_token_id": [128001, 128008, 128009]},
         generation={"bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009], "do_sample": True,
                     "temperature": 0.6, "top_p": 0.9},
         tokenizer={"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>",
@@ -509,14 +512,7 @@ FAMILIES: dict[str, Family] = {
     # in every generation prompt and drops the reasoning of every answer (TRL's variant keeps it).
     "deepseek-r1": Family(
         "deepseek-ai/DeepSeek-R1-Distill-Llama-8B", vocab="llama-bpe", template="deepseek-r1",
-        config={"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 128256,
-                "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-                "num_key_value_heads": 8, "hidden_act": "silu", "max_position_embeddings": 131072,
-                "rms_norm_eps": 1e-05, "rope_theta": 500000.0,
-                "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                 "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-                "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
-                "bos_token_id": 128000, "eos_token_id": 128001},
+        config={**LLAMA31_CONFIG, "eos_token_id": 128001},  # Llama-3.1-8B's, which it is distilled into
         generation={"bos_token_id": 128000, "eos_token_id": 128001, "do_sample": True, "temperature": 0.6,
                     "top_p": 0.95},
         tokenizer={"tokenizer_class": "LlamaTokenizerFast", "add_bos_token": True, "add_eos_token": False,
