@@ -413,15 +413,20 @@ class ChatFormat:
 
         BOS is left out where the tokenizer adds it (the GGUF's add_bos_token flag, from which
         llama.cpp and Ollama add it). Where it does not, a BOS the template writes is a turn's
-        own token (SmolLM2's BOS is `<|im_start|>`) and stays.
+        own token (SmolLM2's BOS is `<|im_start|>`) and stays. The last user message is followed
+        by the template's own generation prompt where it differs from the header earlier answers
+        follow (DeepSeek R1's opens `<think>\n`, GLM 4.7's history answers begin `</think>`).
         """
         self._require_template()
         p = {k: v.removeprefix(_added_bos(self.tokenizer)) for k, v in self.probe.items()}
+        to_answer, to_generation = _go(p["user_to_assistant"]), _go(p["user_to_generation"])
+        after_user = to_answer if to_answer == to_generation else \
+            "{{ if $last }}" + to_generation + "{{ else }}" + to_answer + "{{ end }}"
         return (
             "{{- range $i, $_ := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}"
             '{{ if eq .Role "system" }}' + _go(p["system_head"]) + "{{ .Content }}" + _go(p["system_to_user"])
             + '{{ else if eq .Role "user" }}{{ if eq $i 0 }}' + _go(p["head"]) + "{{ end }}{{ .Content }}"
-            + _go(p["user_to_assistant"])
+            + after_user
             + '{{ else if eq .Role "assistant" }}{{ .Content }}{{ if not $last }}' + _go(p["assistant_to_user"])
             + "{{ end }}{{ end }}{{ end }}"
         )
@@ -444,6 +449,7 @@ def _probe(tokenizer) -> tuple[dict[str, str], bool, str | None]:
 
     head:               before the first user message (BOS, a default system prompt, the user header)
     user_to_assistant:  after a user message, up to the answer (user end + assistant header)
+    user_to_generation: after the last user message, with the generation prompt
     assistant_to_user:  after an answer that another user message follows
     assistant_end:      after the last answer of a conversation
     generation_prompt:  what add_generation_prompt adds (the assistant header)
@@ -476,6 +482,7 @@ def _probe(tokenizer) -> tuple[dict[str, str], bool, str | None]:
     parts = {
         "head": _between(one, None, _USER1),
         "user_to_assistant": _between(two, _USER1, _ANSWER1),
+        "user_to_generation": _between(prompted, _USER1, None),
         "assistant_to_user": _between(two, _ANSWER1, _USER2),
         "assistant_end": _between(answered, _ANSWER1, None),
         # empty when a template ends a conversation differently without the prompt (Phi-3

@@ -569,6 +569,10 @@ def test_a_template_whose_generation_prompt_opens_the_reasoning_block_trains_wit
     prompt = tokenizer.decode(chat_format.prompt_ids({"conversations": CONVERSATIONS[0][:2]}))
     assert prompt == "<｜begin▁of▁sentence｜><｜User｜>What is 2+2?<｜Assistant｜><think>\n"  # inside the block
     assert chat_format.answer_text("2 and 2 make 4\n</think>\n\n4") == "4"
+    # Ollama: the last user message is followed by the template's generation prompt, earlier ones by
+    # the header their answers follow
+    assert "{{ .Content }}{{ if $last }}<｜Assistant｜><think>\n{{ else }}<｜Assistant｜>{{ end }}" in \
+        chat_format.ollama_template
 
 
 def test_answers_cut_off_inside_the_reasoning_block_are_named_as_the_cause_of_a_low_stop_rate(models):
