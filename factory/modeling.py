@@ -167,8 +167,8 @@ def load_for_inference(cfg: FactoryConfig, ws: Workspace, backend: Backend, *, p
 
 def require_text_generation_model(path: str, name: str):
     """An InputError (exit 2, before any phase loads weights) for a model that transformers'
-    AutoModelForCausalLM cannot load: an image-text architecture other than Gemma 3's
-    (Qwen2.5-VL, Mistral Small 3.1, LLaVA, SmolVLM) or a model_type that transformers does not
+    AutoModelForCausalLM cannot load: an image-text architecture other than Gemma's (Gemma 3,
+    3n and 4 load as one; Qwen2.5-VL, Mistral Small 3.1, LLaVA and SmolVLM do not) or a model_type that transformers does not
     know (a model with code of its own). Both were a ValueError, exit 3."""
     import transformers
     from transformers import AutoConfig
@@ -184,7 +184,7 @@ def require_text_generation_model(path: str, name: str):
         architecture = ", ".join(getattr(config, "architectures", None) or [config.model_type])
         raise InputError(f"model.name {name!r} is a {architecture} ({config.model_type}), which transformers does not "
                          "load as a text-generation model (AutoModelForCausalLM); the factory fine-tunes text models "
-                         "and Gemma 3's image-text models. Use the text-only model of that family (e.g. Qwen2.5-7B-"
+                         "and Gemma's image-text models. Use the text-only model of that family (e.g. Qwen2.5-7B-"
                          "Instruct for Qwen2.5-VL-7B-Instruct)")
     return config
 
@@ -204,25 +204,23 @@ def faithful_tokenizer(tokenizer, path: str):
     one: DeepSeek-R1-Distill-Llama's, DeepSeek V3's and other Llama 3 vocabularies under that
     class name then lose every space, in training and in generation (transformers issue 45488;
     transformers routes only a few hub ids around it, not a download in a folder). Such a
-    tokenizer is loaded as the file says instead (PreTrainedTokenizerFast)."""
+    tokenizer (a byte-level vocabulary: the space byte's token `Ġ` and no SentencePiece `▁`,
+    with a pre-tokenizer that is not byte-level) is loaded as the file says instead
+    (PreTrainedTokenizerFast)."""
     from transformers import PreTrainedTokenizerFast
-    from transformers.utils import cached_file
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None or _byte_level(json.loads(backend.to_str()).get("pre_tokenizer")):
+    if backend is None or backend.token_to_id("Ġ") is None or backend.token_to_id("▁") is not None:
         return tokenizer
-    spec = cached_file(path, "tokenizer.json", _raise_exceptions_for_missing_entries=False,
-                       _raise_exceptions_for_connection_errors=False)
-    if not spec or not _byte_level(json.loads(Path(spec).read_text(encoding="utf-8")).get("pre_tokenizer")):
+    pre_tokenizer = backend.pre_tokenizer  # its JSON alone: the whole tokenizer's takes seconds
+    if pre_tokenizer is not None and _byte_level(json.loads(pre_tokenizer.__getstate__())):
         return tokenizer
     log.warning("%s: transformers loads the tokenizer as %s, which replaces tokenizer.json's byte-level pre-tokenizer "
                 "(every space would be lost); it is loaded as tokenizer.json describes it", path, type(tokenizer).__name__)
     return PreTrainedTokenizerFast.from_pretrained(path)
 
 
-def _byte_level(pre_tokenizer: dict | None) -> bool:
-    if not pre_tokenizer:
-        return False
+def _byte_level(pre_tokenizer: dict) -> bool:
     return pre_tokenizer.get("type") == "ByteLevel" or any(map(_byte_level, pre_tokenizer.get("pretokenizers") or []))
 
 

@@ -1047,7 +1047,7 @@ def detect_format(first: list[dict], spec: InputSpec, kind: str, rel: str) -> st
         field = "chosen" if "chosen" in turns else turns[0]
         raise InputError(
             f"{rel}: cannot tell the format of the records; the first record has the keys {', '.join(keys)}, and "
-            f"{', '.join(f'`{k}`' for k in turns)} {'holds a list' if len(turns) == 1 else 'hold lists'} of messages: say which "
+            f"{', '.join(f'`{k}`' for k in turns)} {'holds' if len(turns) == 1 else 'hold'} a conversation: say which "
             f"field holds the conversation, e.g.\ndata:\n  inputs:\n    - path: {spec.path}\n      messages: {field}"
         )
     nested = lists[0] if lists else None
