@@ -159,7 +159,7 @@ class ChatFormat:
         configured = getattr(generation_config, "eos_token_id", None)
         configured = configured if isinstance(configured, list) else [configured]
         stops = list(dict.fromkeys(i for i in [eot_id, tokenizer.eos_token_id, *configured]
-                                   if i is not None and i != tokenizer.bos_token_id))
+                                   if i is not None and not _only_bos(tokenizer, i)))
         # The assistant header: what add_generation_prompt adds, or, for templates that write it
         # after every user turn anyway, what follows the user turn's end.
         eot_text = tokenizer.convert_ids_to_tokens(eot_id)
@@ -281,6 +281,15 @@ class ChatFormat:
     def stop_tokens(self) -> list[str]:
         return self.tokenizer.convert_ids_to_tokens(self.stop_token_ids)
 
+    @property
+    def answer_end_text(self) -> str | None:
+        """What the template writes after an answer when that is text, not a special token
+        (ChatML's `<|im_end|>` on a base model's vocabulary, which has no such token): trained
+        before the appended EOS, it is not part of the answer (answer_text) and is a stop string
+        for runtimes that take one (the Ollama Modelfile). None otherwise."""
+        end = self.probe.get("assistant_end", "").strip() if self.eot_appended else ""
+        return end or None
+
     # --- rendering and tokenizing ------------------------------------------------------
 
     def render(self, turns: list[dict], *, generation_prompt: bool, training: bool = False) -> str:
@@ -306,9 +315,12 @@ class ChatFormat:
         return [{"role": "user", "content": system}, *rest]
 
     def answer_text(self, generated: str) -> str:
-        """The answer in a generation: after its reasoning block when the template writes one."""
+        """The answer in a generation: after its reasoning block when the template writes one,
+        before the template's end of answer when that is text (answer_end_text)."""
         if self.reasoning_end and self.reasoning_end in generated:
             generated = generated.rsplit(self.reasoning_end, 1)[1]
+        if self.answer_end_text:
+            generated = generated.split(self.answer_end_text, 1)[0]
         return generated.strip()
 
     def encode(self, text: str) -> list[int]:
@@ -548,12 +560,18 @@ def _added_bos(tokenizer) -> str:
     return tokenizer.bos_token if tokenizer.bos_token and _encoding_adds_bos(tokenizer) else "\0"
 
 
+def _only_bos(tokenizer, token_id: int) -> bool:
+    """Whether `token_id` is BOS and not also EOS (GPT-2's, Pythia's and OPT's one token is
+    both, and generation must stop at it)."""
+    return token_id == tokenizer.bos_token_id and token_id != tokenizer.eos_token_id
+
+
 def _end_of_turn(tokenizer, assistant_end: str) -> tuple[int, bool]:
     """The first special token the template writes after an answer; else EOS, appended."""
     special = set(tokenizer.all_special_ids) | {
         i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(t, "special", False)}
     for token_id in tokenizer(assistant_end, add_special_tokens=False)["input_ids"]:
-        if token_id in special and token_id != tokenizer.bos_token_id:
+        if token_id in special and not _only_bos(tokenizer, token_id):
             return token_id, False
     if tokenizer.eos_token_id is None:
         raise InputError("the chat template ends an answer with no special token and the tokenizer has no EOS token, "

@@ -266,7 +266,7 @@ def setup_gguf(
     Takes convert_hf_to_gguf.py and its gguf-py from the llama-cpp-python sdist of the pinned
     version, the same llama.cpp as the runtime that verifies the files, so that quantize never
     clones, builds or downloads anything. `make install` runs this. It also keeps the sdist's
-    real models' chat templates and the vocabularies of Llama 3, Qwen 2, Llama 2 and Phi-3 and,
+    real models' chat templates and the vocabularies of Llama 3, Qwen 2, Llama 2, Phi-3 and GPT-2 and,
     when the train extra is installed,
     turns them into the tokenizers of `factory init --example --family` (a few minutes, once).
     """
@@ -521,7 +521,7 @@ def plan(workspace: WorkspaceOpt = Path("."), debug: DebugOpt = False) -> None:
         err.print(f"no memory estimate: {cfg.model.name} is not a local folder with config.json")
         return
     estimate = planning.estimate(model_config, resolved, load_in_4bit=cfg.model.load_in_4bit and backend.device == "cuda",
-                                 n_targets=len(cfg.lora.target_modules),
+                                 n_targets=7 if cfg.lora.target_modules == "all-linear" else len(cfg.lora.target_modules),
                                  trained_whole=tuple(cfg.lora.modules_to_save),
                                  gradient_checkpointing=bool(cfg.lora.use_gradient_checkpointing))
     for key, value in dataclasses.asdict(estimate).items():

@@ -263,9 +263,13 @@ class LoraConfig(Section):
 
     lora_alpha: int = 16
     lora_dropout: float = 0.0
-    target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    )
+    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
+    """The layers that get an adapter. `all-linear`: every linear layer of the parts the
+    `finetune_*` settings select, except the output embedding, as PEFT's and Unsloth's
+    `all-linear`: for Llama, Mistral, Qwen and Gemma exactly seed 004's `[q_proj, k_proj,
+    v_proj, o_proj, gate_proj, up_proj, down_proj]`, for Phi-3 its fused `qkv_proj` and
+    `gate_up_proj` too, for GPT-2 `c_attn`, `c_proj`, `c_fc`. A list names layers by the last
+    part of their name, as PEFT's `target_modules` does."""
     modules_to_save: list[str] = Field(default_factory=list)
     """Layers trained whole (not through LoRA) and saved with the adapter, PEFT's
     `modules_to_save`: `[lm_head, embed_tokens]` teaches a model new tokens or a new language

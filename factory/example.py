@@ -581,6 +581,19 @@ CUSTOM_TEMPLATE_MODEL = Family(
                "clean_up_tokenization_spaces": False, "model_max_length": 4096})
 
 
+# For tests: a base model of an older kind, as GPT-2, Pythia and OPT are: learned position
+# embeddings, Conv1D layers whose names are none of Llama's, one token that is both BOS and EOS,
+# no chat template and no pad token. Its files are openai-community/gpt2's.
+GPT2_BASE_MODEL = Family(
+    "openai-community/gpt2", vocab="gpt-2", template="",
+    config={"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": 50257, "n_embd": 768,
+            "n_layer": 12, "n_head": 12, "n_ctx": 1024, "n_positions": 1024, "activation_function": "gelu_new",
+            "attn_pdrop": 0.1, "embd_pdrop": 0.1, "resid_pdrop": 0.1, "layer_norm_epsilon": 1e-05,
+            "bos_token_id": 50256, "eos_token_id": 50256},
+    generation={"bos_token_id": 50256, "eos_token_id": 50256},
+    tokenizer={"model_max_length": 1024})
+
+
 def build_family_model(out_dir: Path, family: Family, *, seed: int = 0, chat_template: str | None = None) -> Path:
     """Write a randomly initialised tiny model of `family` with its real tokenizer and template.
 
@@ -598,7 +611,7 @@ def build_family_model(out_dir: Path, family: Family, *, seed: int = 0, chat_tem
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    template = chat_template if chat_template is not None else read_named_template(family.template)
+    template = chat_template if chat_template is not None else family.template and read_named_template(family.template)
 
     real_tokenizers.copy_files(family.vocab, out_dir)
     spec_path = out_dir / "tokenizer.json"
@@ -612,13 +625,16 @@ def build_family_model(out_dir: Path, family: Family, *, seed: int = 0, chat_tem
     spec_path.write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
     decoder = {str(i): {k: v for k, v in t.items() if k != "id"} for i, t in sorted(added.items())}
     (out_dir / "tokenizer_config.json").write_text(json.dumps(
-        {**family.tokenizer, "added_tokens_decoder": decoder, "chat_template": template}, indent=2, ensure_ascii=False
+        {**family.tokenizer, "added_tokens_decoder": decoder, **({"chat_template": template} if template else {})},
+        indent=2, ensure_ascii=False
     ) + "\n", encoding="utf-8")
     tokenizer = AutoTokenizer.from_pretrained(out_dir)
 
     real = family.config
-    sizes = {**TINY_SIZES, "num_key_value_heads": max(1, TINY_SIZES["num_attention_heads"] * real["num_key_value_heads"]
-                                                         // real["num_attention_heads"])}
+    sizes = dict(TINY_SIZES)  # GPT-2's config takes these names for its own (n_embd, n_layer, n_head)
+    if "num_key_value_heads" in real:
+        sizes["num_key_value_heads"] = max(1, sizes["num_attention_heads"] * real["num_key_value_heads"]
+                                           // real["num_attention_heads"])
     config = AutoConfig.for_model(**{**real, **sizes})
     if config.vocab_size < len(tokenizer):
         raise RuntimeError(f"{family.real_model}: vocabulary {config.vocab_size} < tokenizer {len(tokenizer)}")
@@ -632,6 +648,11 @@ def build_family_model(out_dir: Path, family: Family, *, seed: int = 0, chat_tem
 def build_custom_template_model(out_dir: Path, *, seed: int = 0) -> Path:
     """CUSTOM_TEMPLATE_MODEL, for tests: a model whose template no table knows."""
     return build_family_model(out_dir, CUSTOM_TEMPLATE_MODEL, seed=seed, chat_template=CUSTOM_TEMPLATE)
+
+
+def build_gpt2_base_model(out_dir: Path, *, seed: int = 0) -> Path:
+    """GPT2_BASE_MODEL, for tests: a base model of another architecture, without a chat template."""
+    return build_family_model(out_dir, GPT2_BASE_MODEL, seed=seed)
 
 
 # --- the workspace ---------------------------------------------------------------------

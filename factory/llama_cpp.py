@@ -36,7 +36,7 @@ CONVERTER_PARTS = (CONVERTER, "conversion/", "gguf-py/", "LICENSE")
 # Real tokenizers, offline: llama.cpp's vocabulary-only GGUFs of Llama 3 (llama-bpe), Qwen 2
 # (qwen2), Llama 2 (llama-spm) and Phi-3 (phi-3), each with the test texts (.inp) and the ids the
 # original Hugging Face tokenizer gives them (.out), a reference that does not come from us.
-VOCABS = ("llama-bpe", "qwen2", "llama-spm", "phi-3")
+VOCABS = ("llama-bpe", "qwen2", "llama-spm", "phi-3", "gpt-2")
 VOCAB_PARTS = tuple(f"models/ggml-vocab-{name}.gguf{ext}" for name in VOCABS for ext in ("", ".inp", ".out"))
 # Real models' chat templates, as llama.cpp's own tests use them (Gemma 4, DeepSeek, GLM, ...):
 # the tests render each through the factory's chat format.

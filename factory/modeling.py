@@ -248,7 +248,8 @@ def add_lora(model, cfg: FactoryConfig, backend: Backend, *, rank: int):
         from unsloth import FastModel
 
         return FastModel.get_peft_model(
-            model, r=rank, target_modules=lora.target_modules, lora_alpha=lora.lora_alpha,
+            model, r=rank, target_modules=sorted({name.rsplit(".", 1)[-1] for name in _lora_targets(model, lora)}),
+            lora_alpha=lora.lora_alpha,
             lora_dropout=lora.lora_dropout, bias=lora.bias, modules_to_save=lora.modules_to_save or None,
             use_gradient_checkpointing=lora.use_gradient_checkpointing, random_state=cfg.training.seed,
             finetune_vision_layers=lora.finetune_vision_layers, finetune_language_layers=lora.finetune_language_layers,
@@ -257,9 +258,6 @@ def add_lora(model, cfg: FactoryConfig, backend: Backend, *, rank: int):
     from peft import LoraConfig, get_peft_model
 
     targets = _lora_targets(model, lora)
-    if not targets:
-        raise InputError(f"lora.target_modules {lora.target_modules} match no layer of the model that the "
-                         "lora.finetune_* settings select")
     head = next((name for name, module in model.named_modules() if module is model.get_output_embeddings()), None)
     if head in targets:
         head = head.rsplit(".", 1)[-1]
@@ -282,10 +280,19 @@ VISION_PARTS = ("vision", "visual", "image", "multi_modal_projector", "mm_projec
 def _lora_targets(model, lora) -> list[str]:
     """The full names of the layers that get an adapter: `target_modules` names, kept or left
     out by the finetune_{vision,language}_layers and finetune_{attention,mlp}_modules settings
-    as Unsloth keeps them, so that both backends adapt the same layers."""
+    as Unsloth keeps them, so that both backends adapt the same layers. `all-linear` names
+    every linear layer (torch's, bitsandbytes' 4-bit ones, GPT-2's Conv1D) but the output
+    embedding."""
+    from transformers.pytorch_utils import Conv1D
+    import torch
+
+    head = model.get_output_embeddings()
+    linear = {name for name, module in model.named_modules()
+              if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not head}
+    all_linear = lora.target_modules == "all-linear"
     chosen = []
     for name, _ in model.named_modules():
-        if name.rsplit(".", 1)[-1] not in lora.target_modules:
+        if not (name in linear if all_linear else name.rsplit(".", 1)[-1] in lora.target_modules):
             continue
         path = name.lower()
         vision = any(part in path for part in VISION_PARTS)
@@ -296,6 +303,9 @@ def _lora_targets(model, lora) -> list[str]:
         if ("mlp" in path or "feed_forward" in path) and not lora.finetune_mlp_modules:
             continue
         chosen.append(name)
+    if not chosen:
+        raise InputError(f"lora.target_modules {lora.target_modules} match no layer of the model that the "
+                         f"lora.finetune_* settings select; its linear layers are {sorted({n.rsplit('.', 1)[-1] for n in linear})}")
     return chosen
 
 
@@ -404,11 +414,28 @@ def answer_hidden_states(model, rows: Sequence[tuple[list[int], list[int]]], *, 
 
 def text_model_shapes(model) -> list[tuple[int, ...]]:
     """The shapes of the weights a text GGUF holds: the language model and its head. A
-    multimodal model's vision tower and projector go to llama.cpp's separate mmproj file."""
-    weights = {id(p): p for p in model.get_decoder().parameters()}
+    multimodal model's vision tower and projector go to llama.cpp's separate mmproj file.
+    A weight llama.cpp's converter keeps in F32 whatever the type is given as 1-D, as the
+    other F32 ones (norms, biases) are: learned position and token-type embeddings (GPT-2's
+    `wpe`: 0.23 bits a weight of a Q8_0 file at 64 wide, 0.15 at GPT-2's size) and MoE routers."""
+    import torch
+
+    decoder = model.get_decoder()
+    text = model.config.get_text_config()
+    vocabulary = text.vocab_size
+    experts = next((getattr(text, key) for key in ("num_local_experts", "num_experts", "n_routed_experts")
+                    if getattr(text, key, None)), None)
+    kept_f32 = set()
+    for module in decoder.modules():
+        if isinstance(module, torch.nn.Embedding) and module is not model.get_input_embeddings() \
+                and module.num_embeddings < vocabulary:
+            kept_f32.add(id(module.weight))
+        if isinstance(module, torch.nn.Linear) and experts and module.out_features == experts:
+            kept_f32.add(id(module.weight))
+    weights = {id(p): p for p in decoder.parameters()}
     head = model.get_output_embeddings().weight
     weights.setdefault(id(head), head)  # an untied head; a tied one is the decoder's embedding
-    return [tuple(p.shape) for p in weights.values()]
+    return [(p.numel(),) if key in kept_f32 else tuple(p.shape) for key, p in weights.items()]
 
 
 def has_vision_tower(model) -> bool:

@@ -1,16 +1,17 @@
-"""Real tokenizers offline: Llama 3, Qwen 2, Llama 2 and Phi-3, from llama.cpp's vocabularies.
+"""Real tokenizers offline: Llama 3, Qwen 2, Llama 2, Phi-3 and GPT-2, from llama.cpp's vocabularies.
 
 llama.cpp tests its tokenizers with vocabulary-only GGUF files (`models/ggml-vocab-*.gguf` in
 its source, which `factory setup-gguf` keeps from the pinned llama-cpp-python sdist). Each holds
 a real model's full vocabulary: `llama-bpe` is Llama 3's (128,256 tokens), `qwen2` Qwen 2's,
-`llama-spm` Llama 2's SentencePiece model (32,000 pieces) and `phi-3` Phi-3's (Llama 2's plus
-its chat tokens). This module turns each into an ordinary Hugging Face tokenizer folder, once,
-and keeps it next to the files it came from (`<converter folder>/tokenizers/<name>/`, so it is
-keyed by the sdist version): reading a GGUF vocabulary takes a minute or more, a saved folder
+`llama-spm` Llama 2's SentencePiece model (32,000 pieces), `phi-3` Phi-3's (Llama 2's plus
+its chat tokens) and `gpt-2` GPT-2's (50,257 tokens; `<|endoftext|>` is both BOS and EOS). This
+module turns each into an ordinary Hugging Face tokenizer folder, once, and keeps it next to
+the files it came from (`<converter folder>/tokenizers/<name>/`, so it is keyed by the sdist
+version): reading a GGUF vocabulary takes a minute or more, a saved folder
 loads in seconds. The example models of factory.example build on these folders.
 
 What a folder holds is what the real model's folder holds for its tokenizer:
-- BPE vocabularies (llama-bpe, qwen2): tokenizer.json, read by transformers from the GGUF; Llama
+- BPE vocabularies (llama-bpe, qwen2, gpt-2): tokenizer.json, read by transformers from the GGUF; Llama
   3's pre-tokenizer, which transformers does not restore from the GGUF, is set as Llama 3's own
   tokenizer.json has it, so llama.cpp's converter recognises it by its hash.
 - SentencePiece vocabularies (llama-spm, phi-3): tokenizer.model, rebuilt from the GGUF's pieces,

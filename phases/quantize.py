@@ -543,7 +543,7 @@ def _write_modelfile(cfg: FactoryConfig, ws: Workspace, quantized_dir: Path, typ
     lines.append(f"FROM ./{llama_cpp.gguf_file(quantized_dir, type_name).name}")
     if chat.has_template:
         lines.append(f'TEMPLATE """{chat.ollama_template}"""')
-    lines += [f'PARAMETER stop "{token}"' for token in chat.stop_tokens]
+    lines += [f'PARAMETER stop "{token}"' for token in [*chat.stop_tokens, *filter(None, [chat.answer_end_text])]]
     lines += [f"PARAMETER {OLLAMA_PARAMETERS.get(key, key)} {value}" for key, value in chat.sampling.items()]
     lines.append(f"PARAMETER num_ctx {plan.context_length(cfg)}")
     path = quantized_dir / "Modelfile"

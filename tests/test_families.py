@@ -430,6 +430,24 @@ def test_lora_finetune_settings_select_the_layers_on_the_hf_backend(models, sett
         add_lora(AutoModelForCausalLM.from_pretrained(models["gemma-3"]), cfg, Backend("hf", "test", "cpu"), rank=4)
 
 
+@pytest.mark.parametrize("name", ["gemma-3", "llama-3.1", "qwen-3", "mistral", "phi-3"])
+def test_the_default_adapts_every_linear_layer_of_the_language_model_but_the_head(models, name):
+    """lora.target_modules `all-linear` (the default): for Llama, Qwen, Mistral and Gemma the
+    seed's seven projections; for Phi-3 also its fused qkv_proj and gate_up_proj, which the
+    seed's list (the default before) left without an adapter (o_proj and down_proj only)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from factory.config import parse_config
+    from factory.modeling import Backend, add_lora
+
+    base = AutoModelForCausalLM.from_pretrained(models[name])
+    linear = {n for n, m in base.named_modules() if type(m) is torch.nn.Linear and n != "lm_head"}
+    model = add_lora(base, parse_config({}), Backend("hf", "test", "cpu"), rank=4)
+    adapted = {n.removeprefix("base_model.model.") for n, m in model.named_modules() if hasattr(m, "lora_A")}
+    assert adapted == linear and len(adapted) == base.config.num_hidden_layers * (4 if name == "phi-3" else 7)
+
+
 @pytest.mark.parametrize("name", ["gemma-3", "mistral"])
 def test_modules_to_save_trains_the_head_whole_and_a_tied_one_stays_tied(models, name, tmp_path):
     """lora.modules_to_save: [lm_head] trains PEFT's copy of the head, which the merge puts in

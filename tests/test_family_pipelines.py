@@ -35,6 +35,8 @@ ENV = {**os.environ, "COLUMNS": "200", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS":
 PHASES = ("baseline", "finetune", "evaluate", "quantize")
 METRICS = {"baseline": "baseline", "finetune": "training-stats", "evaluate": "evaluation", "quantize": "quantization"}
 CUSTOM = "custom"  # example.build_custom_template_model: Llama 2 architecture, an Alpaca-like template of its own
+GPT2 = "gpt-2 base"  # example.build_gpt2_base_model: GPT-2's architecture and vocabulary, no chat template
+BUILDERS = {CUSTOM: "build_custom_template_model", GPT2: "build_gpt2_base_model"}  # the user's own model folders
 
 # What each real model writes, from its model card and files, independently of the factory:
 # the end-of-turn token after every answer, the text before every answer (the assistant
@@ -131,15 +133,18 @@ def run_every_phase(root: Path, log: Path | None = None) -> None:
 
 def _run_model(root: Path, name: str) -> Path:
     log = root.parent / f"{name}.log"
-    factory("init", "--example", root, *(["--family", name] if name != CUSTOM else []), "--records", RECORDS,
+    factory("init", "--example", root, *(["--family", name] if name not in BUILDERS else []), "--records", RECORDS,
             "--steps", STEPS.get(name, DEFAULT_STEPS), check_rc=0, log=log)
-    if name == CUSTOM:  # the user's own model folder in place of the example's
+    if name in BUILDERS:  # the user's own model folder in place of the example's
         import shutil
 
         shutil.rmtree(root / "models" / "base")
-        subprocess.run([sys.executable, "-c", "import sys; from factory.example import build_custom_template_model; "
-                        "build_custom_template_model(sys.argv[1])", root / "models" / "base"],
+        subprocess.run([sys.executable, "-c", f"import sys; from factory.example import {BUILDERS[name]}; "
+                        f"{BUILDERS[name]}(sys.argv[1])", root / "models" / "base"],
                        check=True, env=ENV, capture_output=True, timeout=600)
+    if name == GPT2:  # a base model: the user names a template
+        with open(root / "factory.yaml", "a", encoding="utf-8") as f:
+            f.write("\ndataset:\n  chat_template: chatml\n")
     small_run(root, examples=EXAMPLES)
     run_every_phase(root, log)
     return root
@@ -150,7 +155,7 @@ def runs(tmp_path_factory):
     """Every model's workspace after the whole pipeline, or the error that stopped it. The
     largest vocabularies first, so that the two workers finish together."""
     base = tmp_path_factory.mktemp("pipelines")
-    order = ["qwen-3", "qwen-2.5", "llama-3.1", "deepseek-r1", "phi-3", "mistral", CUSTOM, "gemma-3", "gemma-3-vision"]
+    order = ["qwen-3", "qwen-2.5", "llama-3.1", "deepseek-r1", "phi-3", GPT2, "mistral", CUSTOM, "gemma-3", "gemma-3-vision"]
 
     def attempt(name):
         try:
@@ -408,6 +413,88 @@ def test_a_model_with_a_template_of_its_own_and_no_pad_token_keeps_them(runs):
     assert not any(base.chat_template == p.read_text() for p in shipped)
     pad = metrics(run, "training-stats")["chat_format"]["pad_token"]
     assert pad not in (None, base.eos_token, base.bos_token)
+
+
+def test_a_base_model_of_another_architecture_trains_with_a_named_template(runs):
+    """GPT-2 as a user brings it: Conv1D layers named none of Llama's, learned position
+    embeddings, `<|endoftext|>` both BOS and EOS, no chat template (`dataset.chat_template:
+    chatml`, whose `<|im_end|>` is plain text in this vocabulary). Every linear layer gets an
+    adapter; each answer trains as its text, ChatML's end and EOS; generation stops at EOS and
+    the answer is what precedes `<|im_end|>`; the GGUF keeps the position embeddings in F32 and
+    its size is what the type implies; the Modelfile stops at both."""
+    import gguf
+    import torch
+    from peft import PeftModel
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers.pytorch_utils import Conv1D
+
+    from factory.chat import ChatFormat
+    from factory.config import load_config
+    from phases.finetune import _token_dataset
+
+    run = runs[GPT2]
+    if isinstance(run, BaseException):
+        raise run
+    tokenizer = _tokenizer(run)
+    eos = tokenizer.eos_token_id
+    assert tokenizer.chat_template is None and tokenizer.bos_token_id == eos == 50256
+    chatml = (Path(__file__).parents[1] / "factory" / "templates" / "chatml.jinja").read_text()
+    stats, evaluation, quantization = (metrics(run, METRICS[p]) for p in ("finetune", "evaluate", "quantize"))
+    assert stats["chat_format"]["template"] == "chatml" and stats["chat_format"]["stop_token_ids"] == [eos]
+
+    # adapters: on every Conv1D layer of the model, read from the adapter's own file
+    base = AutoModelForCausalLM.from_pretrained(run / "models" / "base")
+    conv1d = {name for name, module in base.named_modules() if isinstance(module, Conv1D)}
+    with safe_open(run / evaluation["adapter"] / "adapter_model.safetensors", "pt") as f:
+        adapted = {key.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for key in f.keys()}
+    assert len(conv1d) == 16 and adapted == conv1d
+
+    # masks: the answer, `<|im_end|>\n` and EOS trained; the prompt ends with the assistant header
+    cfg = load_config(run / "factory.yaml", {})
+    chat = ChatFormat.from_tokenizer(_tokenizer(run), cfg.dataset.chat_template,
+                                     GenerationConfig.from_pretrained(run / "models" / "base"))
+    records = [json.loads(line) for line in (run / "data" / "splits" / "train.jsonl").read_text().splitlines()[:16]]
+    dataset, _ = _token_dataset(chat, [*records, MULTI_TURN], cfg.model.max_seq_length)
+    for record, row in zip([*records, MULTI_TURN], dataset):
+        turns = _template_messages(record)
+        # ChatML's text turn by turn (a turn's end is a pre-token boundary), EOS after each answer
+        assert row["input_ids"] == [i for t in turns for i in [
+            *tokenizer(f"<|im_start|>{t['role']}\n{t['content']}<|im_end|>\n")["input_ids"],
+            *([eos] if t["role"] == "assistant" else [])]][:cfg.model.max_seq_length]
+        answers = [t["content"] for t in turns if t["role"] == "assistant"]
+        spans = _trained_runs(row["labels"])
+        assert [tokenizer.decode([row["input_ids"][i] for i in span]) for span in spans] == \
+            [f"{answer}<|im_end|>\n<|endoftext|>" for answer in answers]
+        before = tokenizer.decode(row["input_ids"][:spans[-1].start])
+        assert before.endswith("<|im_start|>assistant\n") and before.count("<|endoftext|>") == len(answers) - 1
+
+    # generation: a plain argmax loop from the chatml prompt, stopped at EOS, cut at `<|im_end|>`
+    model = PeftModel.from_pretrained(base, run / evaluation["adapter"]).eval()
+    test = [json.loads(line) for line in (run / "data" / "splits" / "test.jsonl").read_text().splitlines()]
+    stopped = 0
+    for example in evaluation["examples"]:
+        prompt = tokenizer.apply_chat_template(_template_messages(test[example["index"]])[:-1], tokenize=False,
+                                               add_generation_prompt=True, chat_template=chatml)
+        ids, new = tokenizer(prompt)["input_ids"], []
+        with torch.inference_mode():
+            while len(new) < MAX_NEW_TOKENS and (not new or new[-1] != eos):
+                new.append(int(model(input_ids=torch.tensor([ids + new])).logits[0, -1].argmax()))
+        ended = new[-1] == eos
+        answer = tokenizer.decode(new[:-1] if ended else new).split("<|im_end|>")[0].strip()
+        assert (example["prediction"], example["stopped"]) == (answer, ended), tokenizer.decode(new)
+        stopped += ended
+    assert stopped > 0 and evaluation["stopping"]["rate"] == stopped / len(evaluation["examples"])
+
+    # the GGUF: GPT-2's architecture, the position embeddings in F32, every other matrix Q8_0
+    (q8,) = quantization["types"]
+    reader = gguf.GGUFReader(run / q8["path"])
+    assert reader.fields["general.architecture"].contents() == "gpt2"
+    types = {t.name: t.tensor_type.name for t in reader.tensors if len(t.shape) == 2}
+    assert types.pop("position_embd.weight") == "F32" and set(types.values()) == {"Q8_0"}
+    assert q8["size_within_bounds"] and q8["tokenizer_agreement"] == 1.0
+    modelfile = (run / "models" / "quantized" / "Modelfile").read_text().splitlines()
+    assert {'PARAMETER stop "<|endoftext|>"', 'PARAMETER stop "<|im_end|>"'} <= set(modelfile)
 
 
 def test_an_image_text_model_trains_and_exports_its_language_model(runs):
