@@ -184,6 +184,28 @@ def fetch_converter(dest: Path | None = None, *, log=print) -> Path:
     return dest
 
 
+# llama.cpp's converter reads a model's settings through transformers' AutoConfig, and
+# transformers 5 drops or renames some that the converter then looks up by their old name in
+# config.json (GPT-NeoX's `rotary_pct`: every Pythia failed with KeyError). The converter runs
+# with config.json's own entries under the ones AutoConfig gives.
+CONVERTER_WITH_CONFIG_JSON = """
+import json, runpy, sys
+from pathlib import Path
+script = sys.argv.pop(1)
+sys.path[:0] = [str(Path(script).parent), str(Path(script).parent / "gguf-py")]
+from conversion.base import ModelBase
+load = ModelBase.load_hparams
+def load_hparams(dir_model, *args, **kwargs):
+    hparams = load(dir_model, *args, **kwargs)
+    path = Path(dir_model) / "config.json"
+    written = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    return {**written, **hparams}
+ModelBase.load_hparams = staticmethod(load_hparams)
+sys.argv[0] = script
+runpy.run_path(script, run_name="__main__")
+"""
+
+
 def convert(llama_cpp: Path, model_dir: Path, out_file: Path, outtype: str, log_file: Path, *,
             mmproj: bool = False) -> None:
     """Run llama.cpp's converter on a Hugging Face folder; its output goes to `log_file`.
@@ -194,7 +216,8 @@ def convert(llama_cpp: Path, model_dir: Path, out_file: Path, outtype: str, log_
     tmp = out_file.with_suffix(".gguf.partial")
     with open(log_file, "w", encoding="utf-8") as log:
         done = subprocess.run(
-            [sys.executable, str(llama_cpp / CONVERTER), str(model_dir), "--outfile", str(tmp), "--outtype", outtype,
+            [sys.executable, *(["-c", CONVERTER_WITH_CONFIG_JSON] if (llama_cpp / "conversion" / "base.py").is_file() else []),
+             str(llama_cpp / CONVERTER), str(model_dir), "--outfile", str(tmp), "--outtype", outtype,
              *(["--mmproj"] if mmproj else [])],
             stdout=log, stderr=subprocess.STDOUT, env=env,
         )

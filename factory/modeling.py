@@ -426,15 +426,17 @@ def text_model_shapes(model) -> list[tuple[int, ...]]:
     experts = next((getattr(text, key) for key in ("num_local_experts", "num_experts", "n_routed_experts")
                     if getattr(text, key, None)), None)
     kept_f32 = set()
-    for module in decoder.modules():
+    for name, module in decoder.named_modules():
         if isinstance(module, torch.nn.Embedding) and module is not model.get_input_embeddings() \
                 and module.num_embeddings < vocabulary:
             kept_f32.add(id(module.weight))
-        if isinstance(module, torch.nn.Linear) and experts and module.out_features == experts:
-            kept_f32.add(id(module.weight))
+        weight = getattr(module, "weight", None)
+        if experts and name.rsplit(".", 1)[-1] in ("gate", "router") and isinstance(weight, torch.nn.Parameter) \
+                and weight.dim() == 2 and weight.shape[0] == experts:
+            kept_f32.add(id(weight))
     weights = {id(p): p for p in decoder.parameters()}
-    head = model.get_output_embeddings().weight
-    weights.setdefault(id(head), head)  # an untied head; a tied one is the decoder's embedding
+    for p in model.get_output_embeddings().parameters():  # an untied head (Phi-2's has a bias); a tied one is the decoder's embedding
+        weights.setdefault(id(p), p)
     return [(p.numel(),) if key in kept_f32 else tuple(p.shape) for key, p in weights.items()]
 
 
@@ -560,12 +562,16 @@ class LogitHead:
             yield start, self(hidden[start : start + self.positions])
 
 
+CONFIG_KEYS_NOT_RESTORED = {"torch_dtype", "dtype", "quantization_config", "transformers_version", "_name_or_path"}
+
+
 def complete_saved_files(source: str, out_dir: Path) -> list[str]:
     """Put back what transformers 5's save_pretrained leaves out of a saved model folder.
 
-    llama.cpp's converter needs the SentencePiece `tokenizer.model` (without it a Gemma or
-    Llama-2 vocabulary is not recognised), `added_tokens_decoder` (without it the turn
-    tokens become plain text in the GGUF and chat output never stops) and, for an image-text
+    llama.cpp's converter needs config.json's settings as the model's authors wrote them, the
+    SentencePiece `tokenizer.model` (without it a Gemma or Llama-2 vocabulary is not
+    recognised), `added_tokens_decoder` (without it the turn tokens become plain text in the
+    GGUF and chat output never stops) and, for an image-text
     model, the image processor's settings (`preprocessor_config.json`: the vision projector
     file takes its normalisation from it). All are taken from the base model (`source`: a
     folder or a hub id). Returns what was restored.
@@ -581,6 +587,18 @@ def complete_saved_files(source: str, out_dir: Path) -> list[str]:
         return Path(found) if found else None
 
     restored = []
+    # settings transformers 5 reads and then writes under other names or not at all (Pythia's
+    # `rotary_pct`, which llama.cpp's converter needs); the merged weights' own type and a base
+    # checkpoint's quantization do not describe the merged model
+    base_model_config, model_config_path = base_file("config.json"), out_dir / "config.json"
+    if base_model_config and model_config_path.exists():
+        base = json.loads(base_model_config.read_text(encoding="utf-8"))
+        config = json.loads(model_config_path.read_text(encoding="utf-8"))
+        missing = {k: v for k, v in base.items() if k not in config and k not in CONFIG_KEYS_NOT_RESTORED}
+        if missing:
+            config.update(missing)
+            model_config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            restored += [f"config.json:{k}" for k in missing]
     for name in ("tokenizer.model", "preprocessor_config.json", "processor_config.json"):
         found = base_file(name)
         if found and not (out_dir / name).exists():

@@ -103,6 +103,56 @@ def test_named_templates_that_trl_ships_are_trls_byte_for_byte():
     assert {p.stem for p in chat.TEMPLATES_DIR.glob("*.jinja")} >= {*(f.template for f in example.FAMILIES.values()), "alpaca", "chatml"}
 
 
+def test_a_gpt_neox_model_merged_by_transformers_5_converts_to_gguf(tmp_path):
+    """Pythia's config.json gives `rotary_pct`, which transformers 5 reads into rope_parameters
+    and neither writes back nor returns from AutoConfig; llama.cpp's converter looks it up by
+    that name. The merged folder gets it back from the base model's config.json, and the
+    converter sees config.json's own entries: the GGUF's rotary dimension is rotary_pct of a head."""
+    import gguf
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from factory.modeling import complete_saved_files
+
+    hub, merged = tmp_path / "pythia", tmp_path / "merged"
+    config = AutoConfig.for_model("gpt_neox", vocab_size=50257, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=256, max_position_embeddings=256, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(hub)
+    AutoTokenizer.from_pretrained(real_tokenizers.folder("gpt-2")).save_pretrained(hub)
+    written = json.loads((hub / "config.json").read_text())  # as EleutherAI's config.json has them
+    (hub / "config.json").write_text(json.dumps({**written, "rotary_pct": 0.25, "rotary_emb_base": 10000}))
+    AutoModelForCausalLM.from_pretrained(hub).save_pretrained(merged)  # what the quantize phase's merge writes
+    AutoTokenizer.from_pretrained(hub).save_pretrained(merged)
+    assert "rotary_pct" not in json.loads((merged / "config.json").read_text())
+    assert "config.json:rotary_pct" in complete_saved_files(str(hub), merged)
+    out = tmp_path / "model.gguf"
+    llama_cpp.convert(llama_cpp.converter_dir(None), merged, out, "q8_0", tmp_path / "convert.log")
+    reader = gguf.GGUFReader(out)
+    assert reader.fields["general.architecture"].contents() == "gptneox"
+    assert reader.fields["gptneox.rope.dimension_count"].contents() == 4  # 0.25 x 16
+
+
+@pytest.mark.parametrize("model_type, kept_f32", [("phi", set()), ("gpt2", {"transformer.wpe.weight"}),
+                                                   ("mixtral", {f"model.layers.{i}.mlp.gate.weight" for i in range(2)})])
+def test_the_size_check_counts_every_weight_of_a_text_model_once(model_type, kept_f32):
+    """modeling.text_model_shapes, what a GGUF's size is checked against: every parameter of a
+    text model once (Phi-2's head has a bias), and as F32 (1-D) the ones llama.cpp's converter
+    keeps in F32 whatever the type: GPT-2's learned position embeddings, Mixtral's routers."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from factory.modeling import text_model_shapes
+
+    config = AutoConfig.for_model(model_type, vocab_size=5000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=128, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)
+    model = AutoModelForCausalLM.from_config(config)
+    params = dict(model.named_parameters())
+    expected = sorted((p.numel(),) if name in kept_f32 else tuple(p.shape) for name, p in params.items())
+    assert all(name in params for name in kept_f32)
+    assert sorted(text_model_shapes(model)) == expected
+
+
 @pytest.mark.parametrize("name", list(REFERENCE_VOCAB))
 def test_tokenizer_gives_the_original_tokenizers_ids(models, name):
     """llama.cpp's test texts, tokenized by the original Hugging Face tokenizer (the .out files),
