@@ -69,8 +69,8 @@ class RunReporter:
         origin = self._origin.get(phase.name)
         if origin is None or origin[2] != unit or done < origin[1]:  # a new count (e.g. the next split scored)
             origin = self._origin[phase.name] = (now, done, unit)
-        # done 0 says nothing the "started" line did not ("format: 0 records" read as a result)
-        if not self.live and done and now - self._last_line >= PLAIN_INTERVAL_S:
+        # 0 of an unknown total says nothing the "started" line did not ("format: 0 records" read as a result)
+        if not self.live and (done or total) and now - self._last_line >= PLAIN_INTERVAL_S:
             self._last_line = now
             line = f"{phase.name}: {done}{f'/{total}' if total else ''} {unit}"
             if total and done > origin[1]:

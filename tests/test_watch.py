@@ -147,3 +147,26 @@ def test_run_prints_plain_progress_lines_with_rate_and_eta_when_not_a_terminal(m
     assert lines[-2] == "finetune: 280/1000 steps, 8/s, ETA 1m30s" and len(lines) == 10
     assert lines[-1] == "finetune: succeeded (30.0s)"
     assert "\x1b[" not in log.getvalue()  # no escape codes in a CI log
+
+
+def test_a_count_of_unknown_total_prints_no_line_before_it_starts_counting(monkeypatch):
+    """"format: 0 records" right after "started" read as the phase's result (it then read 600)."""
+    import io
+
+    from rich.console import Console
+
+    from factory import terminal
+    from factory.phase import Phase
+
+    clock = [100.0]
+    monkeypatch.setattr(terminal.time, "monotonic", lambda: clock[0])
+    log = io.StringIO()
+    reporter = terminal.RunReporter(Console(file=log, force_terminal=False, width=120))
+    phase = Phase("format", "read", "format", None)
+    with reporter:
+        reporter.phase_started(phase)
+        reporter.progress(phase, 0, None, "records")
+        clock[0] += 6
+        reporter.progress(phase, 600, None, "records")
+        reporter.phase_finished(phase, "succeeded", 6.0, "")
+    assert log.getvalue().splitlines() == ["format: started (read)", "format: 600 records", "format: succeeded (6.0s)"]
