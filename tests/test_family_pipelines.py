@@ -1,9 +1,9 @@
 """Every model family through every phase, and data beyond the example's chat task.
 
 Each family's example (`factory init --example --family F`: a tiny model of the family's real
-architecture, vocabulary, tokenizer and chat template, random weights), and a Llama-architecture
+architecture, vocabulary, tokenizer and chat template, random weights), a Llama-architecture
 model with a chat template of its own and no pad token (the issue's original report: it died in
-finetune with exit 3), run format -> split -> baseline -> finetune -> evaluate -> quantize at a
+finetune with exit 3), and a GPT-2 base model trained with a named template, run format -> split -> baseline -> finetune -> evaluate -> quantize at a
 small size, through the CLI as a user runs them. The gates need not pass on these small runs;
 every phase must run and every artifact be right, checked against what each real model is known
 to write (the tables below), not against what the factory derived from it:
