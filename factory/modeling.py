@@ -106,9 +106,12 @@ def load_model(cfg: FactoryConfig, ws: Workspace, backend: Backend, *, max_seq_l
             model_name=path, max_seq_length=max_seq_length, dtype=cfg.model.dtype and torch_dtype(cfg, "cuda"),
             load_in_4bit=cfg.model.load_in_4bit,
         )
-        return model, ChatFormat.from_tokenizer(faithful_tokenizer(text_tokenizer(tokenizer), path),
-                                                cfg.dataset.chat_template, model.generation_config)
-    return load_for_inference(cfg, ws, backend, path=path, quantize=cfg.model.load_in_4bit)
+        loaded = model, ChatFormat.from_tokenizer(faithful_tokenizer(text_tokenizer(tokenizer), path),
+                                                  cfg.dataset.chat_template, model.generation_config)
+    else:
+        loaded = load_for_inference(cfg, ws, backend, path=path, quantize=cfg.model.load_in_4bit)
+    require_positions(loaded[0], max_seq_length, "model.max_seq_length", "set model.max_seq_length to {limit} or less")
+    return loaded
 
 
 def text_tokenizer(loaded):
@@ -336,6 +339,8 @@ def generate(model, chat, records: list[dict], *, batch_size: int, max_new_token
     for start in range(0, len(records), batch_size):
         chunk = [chat.prompt_ids(r) for r in records[start : start + batch_size]]
         width = max(len(ids) for ids in chunk)
+        require_positions(model, width + max_new_tokens, f"a test prompt with evaluation.max_new_tokens ({max_new_tokens})",
+                          "lower evaluation.max_new_tokens, or leave out longer records (data.inputs[].transform)")
         ids = torch.tensor([[chat.pad_token_id] * (width - len(i)) + i for i in chunk], device=device)
         mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in chunk], device=device)
         with torch.inference_mode():
@@ -393,6 +398,9 @@ def answer_hidden_states(model, rows: Sequence[tuple[list[int], list[int]]], *, 
 
     decoder = base_transformer(model)
     device = next(model.parameters()).device
+    if rows:
+        require_positions(model, max(len(ids) for ids, _ in rows), "a test record (prompt and answer)",
+                          "leave out longer records (data.inputs[].transform)")
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
@@ -412,6 +420,25 @@ def answer_hidden_states(model, rows: Sequence[tuple[list[int], list[int]]], *, 
         yield batch, hidden, targets[scored].to(device)
 
 
+def learned_position_embeddings(model) -> list:
+    """The decoder's embeddings other than the token embedding: learned absolute positions
+    (GPT-2's `wpe`, OPT's `embed_positions`), which rotary models do not have."""
+    import torch
+
+    vocabulary = model.config.get_text_config().vocab_size
+    return [m for m in model.get_decoder().modules() if isinstance(m, torch.nn.Embedding)
+            and m is not model.get_input_embeddings() and m.num_embeddings < vocabulary]
+
+
+def require_positions(model, tokens: int, what: str, fix: str) -> None:
+    """An InputError when `tokens` are more than a model with learned position embeddings can
+    read (torch's IndexError otherwise); `fix` may name the limit as {limit}."""
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if limit and tokens > limit and learned_position_embeddings(model):
+        raise InputError(f"{what} is {tokens} tokens, and the model reads at most {limit} (learned position "
+                         f"embeddings: max_position_embeddings); {fix.format(limit=limit)}")
+
+
 def text_model_shapes(model) -> list[tuple[int, ...]]:
     """The shapes of the weights a text GGUF holds: the language model and its head. A
     multimodal model's vision tower and projector go to llama.cpp's separate mmproj file.
@@ -422,14 +449,10 @@ def text_model_shapes(model) -> list[tuple[int, ...]]:
 
     decoder = model.get_decoder()
     text = model.config.get_text_config()
-    vocabulary = text.vocab_size
     experts = next((getattr(text, key) for key in ("num_local_experts", "num_experts", "n_routed_experts")
                     if getattr(text, key, None)), None)
-    kept_f32 = set()
+    kept_f32 = {id(module.weight) for module in learned_position_embeddings(model)}
     for name, module in decoder.named_modules():
-        if isinstance(module, torch.nn.Embedding) and module is not model.get_input_embeddings() \
-                and module.num_embeddings < vocabulary:
-            kept_f32.add(id(module.weight))
         weight = getattr(module, "weight", None)
         if experts and name.rsplit(".", 1)[-1] in ("gate", "router") and isinstance(weight, torch.nn.Parameter) \
                 and weight.dim() == 2 and weight.shape[0] == experts:

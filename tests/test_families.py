@@ -103,6 +103,34 @@ def test_named_templates_that_trl_ships_are_trls_byte_for_byte():
     assert {p.stem for p in chat.TEMPLATES_DIR.glob("*.jinja")} >= {*(f.template for f in example.FAMILIES.values()), "alpaca", "chatml"}
 
 
+def test_a_model_with_learned_positions_refuses_what_it_cannot_read_with_the_key_to_change(models, tmp_path):
+    """GPT-2 reads at most n_positions tokens (its `wpe` has that many rows): a longer sequence
+    was torch's IndexError (exit 3). Training longer than that, and a test record or prompt
+    that does not fit, are input errors that say which setting to change; a rotary model
+    (Mistral's) reads the same length."""
+    from transformers import AutoModelForCausalLM
+
+    from factory.chat import ChatFormat
+    from factory.errors import InputError
+    from factory.modeling import answer_loss, generate, require_positions
+
+    gpt2 = AutoModelForCausalLM.from_pretrained(example.build_gpt2_base_model(tmp_path / "gpt2"))
+    rows = gpt2.get_decoder().wpe.num_embeddings
+    with pytest.raises(InputError, match=f"model.max_seq_length is 2048 tokens, and the model reads at most {rows}.*"
+                                         f"set model.max_seq_length to {rows} or less"):
+        require_positions(gpt2, 2048, "model.max_seq_length", "set model.max_seq_length to {limit} or less")
+    long = [list(range(100, 100 + rows + 1)), [-100] * rows + [7]]
+    with pytest.raises(InputError, match="a test record .prompt and answer. is 1025 tokens"):
+        answer_loss(gpt2, [long], batch_size=1, pad_token_id=0)
+    chat = ChatFormat.from_tokenizer(_tokenizer(tmp_path / "gpt2"), "chatml")
+    record = {"conversations": [{"role": "user", "content": "word " * rows}, {"role": "assistant", "content": "x"}]}
+    with pytest.raises(InputError, match="lower evaluation.max_new_tokens"):
+        generate(gpt2, chat, [record], batch_size=1, max_new_tokens=4)
+    assert answer_loss(gpt2, [(long[0][:rows], long[1][:rows])], batch_size=1, pad_token_id=0)[1] == 0
+    mistral = AutoModelForCausalLM.from_pretrained(models["mistral"])
+    assert answer_loss(mistral, [long], batch_size=1, pad_token_id=0)[1] == 1
+
+
 def test_a_gpt_neox_model_merged_by_transformers_5_converts_to_gguf(tmp_path):
     """Pythia's config.json gives `rotary_pct`, which transformers 5 reads into rope_parameters
     and neither writes back nor returns from AutoConfig; llama.cpp's converter looks it up by
