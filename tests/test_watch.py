@@ -120,18 +120,24 @@ def test_watch_with_nothing_running_prints_once_and_exits(tmp_path):
     assert both.returncode == 2 and "not both" in both.stderr
 
 
-def test_run_prints_plain_progress_lines_with_rate_and_eta_when_not_a_terminal(monkeypatch):
+def _plain_reporter(monkeypatch):
+    """A RunReporter writing to a non-terminal console, its output, and the clock it reads."""
     import io
 
     from rich.console import Console
 
     from factory import terminal
-    from factory.phase import Phase
 
     clock = [100.0]
     monkeypatch.setattr(terminal.time, "monotonic", lambda: clock[0])
     log = io.StringIO()
-    reporter = terminal.RunReporter(Console(file=log, force_terminal=False, width=120))
+    return terminal.RunReporter(Console(file=log, force_terminal=False, width=120)), log, clock
+
+
+def test_run_prints_plain_progress_lines_with_rate_and_eta_when_not_a_terminal(monkeypatch):
+    from factory.phase import Phase
+
+    reporter, log, clock = _plain_reporter(monkeypatch)
     phase = Phase("finetune", "train", "training-stats", None)
     with reporter:
         reporter.phase_started(phase)
@@ -151,17 +157,9 @@ def test_run_prints_plain_progress_lines_with_rate_and_eta_when_not_a_terminal(m
 
 def test_a_count_of_unknown_total_prints_no_line_before_it_starts_counting(monkeypatch):
     """"format: 0 records" right after "started" read as the phase's result (it then read 600)."""
-    import io
-
-    from rich.console import Console
-
-    from factory import terminal
     from factory.phase import Phase
 
-    clock = [100.0]
-    monkeypatch.setattr(terminal.time, "monotonic", lambda: clock[0])
-    log = io.StringIO()
-    reporter = terminal.RunReporter(Console(file=log, force_terminal=False, width=120))
+    reporter, log, clock = _plain_reporter(monkeypatch)
     phase = Phase("format", "read", "format", None)
     with reporter:
         reporter.phase_started(phase)
