@@ -347,6 +347,25 @@ class ChatFormat:
         return [self._masked({"conversations": turns[: i + 1]}, every_answer=False)
                 for i, turn in enumerate(turns) if turn["role"] == "assistant"]
 
+    def reasoning_left_out(self, record: dict) -> int:
+        """How many of a record's answers hold reasoning (what precedes `</think>`, or the
+        template's own reasoning end, in the answer's text) that the training text leaves out:
+        DeepSeek R1's template keeps only what follows `</think>` in every answer, so a model
+        trained through it learns the answers without their reasoning."""
+        close = self.reasoning_end or THINK_CLOSE
+        turns = record["conversations"]
+        if is_plain_text(record) or not any(t["role"] == "assistant" and close in t["content"] for t in turns):
+            return 0
+        left_out = 0
+        for i, turn in enumerate(turns):
+            if turn["role"] != "assistant" or close not in turn["content"]:
+                continue
+            # the text that answer trains in: the whole conversation, or the conversation up to it
+            shown = turns if self.multi_turn else turns[: i + 1]
+            text = self.render(messages(shown), generation_prompt=False, training=True)
+            left_out += turn["content"].split(close, 1)[0].replace(THINK_OPEN, "").strip() not in text
+        return left_out
+
     def training_example(self, record: dict) -> dict[str, list[int]]:
         """input_ids and labels: every assistant turn trained (with its end-of-turn token),
         everything else -100."""

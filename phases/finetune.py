@@ -401,6 +401,12 @@ def _strategy_arguments(cfg: FactoryConfig, world_size: int) -> dict[str, Any]:
 def _dataset(backend, chat, records: list[dict], max_length: int, split: str, log):
     """The records as the trainer's dataset: one function for the train and the val split, so
     that both are formatted and masked the same way (the loss on answer tokens only)."""
+    left_out = sum(chat.reasoning_left_out(r) for r in records)
+    if left_out:
+        log.warning("%d %s answers hold reasoning (before %s) that the chat template (%s) leaves out of the training "
+                    "text: the model learns those answers without it. To train the reasoning, set dataset.chat_template "
+                    "to a template that keeps it (for DeepSeek R1 distills: deepseek-r1, whose training variant does)",
+                    left_out, split, chat.reasoning_end or "</think>", chat.template_source)
     if backend.name == "unsloth":
         return _text_dataset(chat, records)
     dataset, dropped = _token_dataset(chat, records, max_length)

@@ -641,6 +641,34 @@ def _r1_chat_format(models) -> chat.ChatFormat:
     return chat.ChatFormat.from_tokenizer(tokenizer)
 
 
+def test_reasoning_that_the_template_leaves_out_of_training_is_counted_and_warned_about(models, caplog):
+    """DeepSeek R1-Distill's template as the hub has had it (llama.cpp keeps two revisions)
+    writes only what follows `</think>` of every answer: a model trained through it learns the
+    answers of reasoning data without their reasoning, silently. The finetune phase now says
+    how many answers lose it; TRL's training variant (the `deepseek-r1` named template's) keeps it."""
+    import logging
+
+    from factory.modeling import Backend
+    from phases.finetune import _dataset
+
+    record = {"conversations": [
+        {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>\nTwo and two.\n</think>\n\n4"},
+        {"role": "user", "content": "3+3?"}, {"role": "assistant", "content": "<think>\nThree and three.\n</think>\n\n6"}]}
+    plain = {"conversations": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}
+    for revision in ("deepseek-ai-DeepSeek-R1-Distill-Llama-8B.jinja", "llama-cpp-deepseek-r1.jinja"):
+        tokenizer = _tokenizer(models["deepseek-r1"])
+        tokenizer.chat_template = (llama_cpp.default_converter_dir() / llama_cpp.TEMPLATES / revision).read_text()
+        rendered = tokenizer.apply_chat_template(record["conversations"], tokenize=False)
+        assert "Two and two" not in rendered and "Three and three" not in rendered  # the template's own doing
+        chat_format = chat.ChatFormat.from_tokenizer(tokenizer)
+        assert chat_format.reasoning_left_out(record) == 2 and chat_format.reasoning_left_out(plain) == 0
+    theirs = chat.ChatFormat.from_tokenizer(_tokenizer(models["deepseek-r1"]), "deepseek-r1")
+    assert "TRL's training variant" in theirs.template_source and theirs.reasoning_left_out(record) == 0
+    caplog.set_level(logging.WARNING)
+    _dataset(Backend("hf", "test", "cpu"), chat_format, [record, plain, record], 128, "training", logging.getLogger("test"))
+    assert "4 training answers hold reasoning (before </think>)" in caplog.text
+
+
 def test_a_template_whose_generation_prompt_opens_the_reasoning_block_trains_with_and_without_reasoning(models):
     """DeepSeek-R1-Distill's template (every distill checkpoint's) prefills `<think>\\n` after the
     assistant header and drops the reasoning of every answer: no conversation could be masked
