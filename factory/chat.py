@@ -354,17 +354,17 @@ class ChatFormat:
         trained through it learns the answers without their reasoning."""
         close = self.reasoning_end or THINK_CLOSE
         turns = record["conversations"]
-        if is_plain_text(record) or not any(t["role"] == "assistant" and close in t["content"] for t in turns):
+        reasoning = [] if is_plain_text(record) else [
+            (i, t["content"].split(close, 1)[0].replace(THINK_OPEN, "").strip())
+            for i, t in enumerate(turns) if t["role"] == "assistant" and close in t["content"]]
+        if not reasoning:
             return 0
-        left_out = 0
-        for i, turn in enumerate(turns):
-            if turn["role"] != "assistant" or close not in turn["content"]:
-                continue
-            # the text that answer trains in: the whole conversation, or the conversation up to it
-            shown = turns if self.multi_turn else turns[: i + 1]
-            text = self.render(messages(shown), generation_prompt=False, training=True)
-            left_out += turn["content"].split(close, 1)[0].replace(THINK_OPEN, "").strip() not in text
-        return left_out
+        def rendered(shown: list[dict]) -> str:
+            return self.render(messages(shown), generation_prompt=False, training=True)
+
+        # the text each answer trains in: the whole conversation (rendered once), or the conversation up to it
+        whole = rendered(turns) if self.multi_turn else None
+        return sum(text not in (whole if whole is not None else rendered(turns[: i + 1])) for i, text in reasoning)
 
     def training_example(self, record: dict) -> dict[str, list[int]]:
         """input_ids and labels: every assistant turn trained (with its end-of-turn token),

@@ -171,8 +171,9 @@ def load_for_inference(cfg: FactoryConfig, ws: Workspace, backend: Backend, *, p
 def require_text_generation_model(path: str, name: str):
     """An InputError (exit 2, before any phase loads weights) for a model that transformers'
     AutoModelForCausalLM cannot load: an image-text architecture other than Gemma's (Gemma 3,
-    3n and 4 load as one; Qwen2.5-VL, Mistral Small 3.1, LLaVA and SmolVLM do not) or a model_type that transformers does not
-    know (a model with code of its own). Both were a ValueError, exit 3."""
+    3n and 4 load as one; Qwen2.5-VL, Mistral Small 3.1, LLaVA and SmolVLM do not) or a
+    model_type that transformers does not know (a model with code of its own). Both were a
+    ValueError, exit 3."""
     import transformers
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
