@@ -49,7 +49,9 @@ class InputSpec(Section):
 
     format: InputFormat = "auto"
     """How to read the records: `auto` decides per file from its extension and its first
-    records (a record that fits no format is rejected, not the file); or one of alpaca,
+    records (a record that fits no format is rejected, not the file; JSON records of none of
+    them whose fields name their roles, as Dolly's instruction/context/response, are read by
+    those names, with a warning that shows the mapping); or one of alpaca,
     sharegpt, openai, prompt_completion, mapped (fields named in `mapping`), text (each .txt
     file is one document), oasst (OpenAssistant message trees, one tree per JSONL line, or
     the message table of oasst1/oasst2 on the hub, a message a row)."""

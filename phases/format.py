@@ -183,6 +183,11 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
     accounting["balanced"] = records_in == totals["converted"] + rejected + totals["filtered"] and not incomplete
     for item in incomplete:
         ctx.log.warning("format: %s could not be read to its end: %s", item["file"], item["detail"])
+    for rel, stats in per_file.items():
+        if stats.get("mapping_by_name"):
+            ctx.log.warning("format: %s has none of the named formats; read by its field names as mapping: %s "
+                            "(set data.inputs[].mapping to read it otherwise)", rel,
+                            orjson.dumps(stats["mapping_by_name"]).decode())
     ctx.log.info("format: %d records in, %d out, %d rejected", records_in, records_out, rejected)
     return {
         "records_in": records_in,
@@ -326,6 +331,8 @@ def format_file(reader: "FileReader", out: AtomicOutput, rejects: AtomicOutput, 
     progress.advance(stats["rejected"] + stats["filtered"])
     stats["records_in"] = stats["converted"] + stats["rejected"] + stats["filtered"]
     stats["format"] = reader.format
+    if reader.mapping_by_name:
+        stats["mapping_by_name"] = reader.mapping_by_name
     if reader.encoding != "utf-8":
         stats["encoding"] = reader.encoding
     if reader.incomplete:
@@ -367,6 +374,8 @@ def format_in_ranges(reader: "FileReader", fmt: str, out: AtomicOutput, rejects:
                 stats["reasons"].update(part["reasons"])
                 if part.get("incomplete"):  # the last line cut off: only the last range can have it
                     stats["incomplete"] = part["incomplete"]
+                if part.get("mapping_by_name"):
+                    stats.setdefault("mapping_by_name", part["mapping_by_name"])
                 progress.advance(part["records_out"] + part["rejected"] + part["filtered"])
     return stats
 
@@ -427,6 +436,7 @@ class FileReader:
         self.fixed_format, self.line_range = fmt, line_range
         self.kind, self.compression = file_kind(path)  # jsonl, json, csv, tsv, txt, parquet; .gz, .bz2, .xz
         self.format: str | None = None
+        self.mapping_by_name: dict[str, Any] | None = None
         self.encoding = "utf-8"
         self.incomplete: dict[str, Any] | None = None
         self.location = {"jsonl": "line", "csv": "line", "tsv": "line", "json": "index", "parquet": "row"}.get(self.kind)
@@ -554,13 +564,13 @@ class FileReader:
         usable = self._usable(first)
         convert = None
         if self.fixed_format:
-            self.format, convert = choose_converter(self.spec.model_copy(update={"format": self.fixed_format}),
-                                                    self.kind, usable, self.rel)
+            self.format, convert, self.mapping_by_name = choose_converter(
+                self.spec.model_copy(update={"format": self.fixed_format}), self.kind, usable, self.rel)
         elif usable:
-            self.format, convert = choose_converter(self.spec, self.kind, usable, self.rel)
+            self.format, convert, self.mapping_by_name = choose_converter(self.spec, self.kind, usable, self.rel)
         for loc, item, raw in chain(first, items):
             if convert is None and type(item) is expected:  # nothing usable among the first records
-                self.format, convert = choose_converter(self.spec, self.kind, [item], self.rel)
+                self.format, convert, self.mapping_by_name = choose_converter(self.spec, self.kind, [item], self.rel)
             yield loc, _convert(convert, item, expected), raw
         if self.format is None:
             self.format = "text" if self.kind == "txt" else self.spec.format
@@ -965,9 +975,11 @@ class _Several(list):
 # --- choosing a converter ----------------------------------------------------------------
 
 
-def choose_converter(spec: InputSpec, kind: str, first: list[Any], rel: str) -> tuple[str, Callable[[Any], Any]]:
-    """The format name and the function for this file, from the spec and its first records."""
-    fmt = spec.format
+def choose_converter(spec: InputSpec, kind: str, first: list[Any], rel: str
+                     ) -> tuple[str, Callable[[Any], Any], dict[str, Any] | None]:
+    """The format name and the function for this file, from the spec and its first records, and
+    the mapping `format: auto` chose by field names (None when it chose none)."""
+    fmt, by_name = spec.format, None
     if kind == "txt":
         if fmt not in ("auto", "text"):
             raise InputError(f"{rel}: a .txt file is read as one plain-text document (format text), not as {fmt}; "
@@ -979,6 +991,9 @@ def choose_converter(spec: InputSpec, kind: str, first: list[Any], rel: str) -> 
                        "openai")
         elif fmt == "auto":
             fmt = detect_format(first, spec, kind, rel)
+        if fmt == "mapped" and not spec.mapping:  # records known by their field names (Dolly, MetaMath, GSM8K)
+            by_name = fields_by_name(first)
+            spec = spec.model_copy(update={"mapping": by_name})
         if fmt == "mapped" and kind in ("csv", "tsv") and spec.header:
             _check_columns(spec, first[0], kind, rel)
         convert = {
@@ -993,7 +1008,7 @@ def choose_converter(spec: InputSpec, kind: str, first: list[Any], rel: str) -> 
         convert = with_prompts(convert, spec.system_prompt, spec.user_template)
     if spec.transform:
         convert = each_of(convert)
-    return fmt, convert
+    return fmt, convert, by_name
 
 
 def each_of(convert: Callable[[Any], Any]) -> Callable[[Any], Any]:
@@ -1039,6 +1054,8 @@ def detect_format(first: list[dict], spec: InputSpec, kind: str, rel: str) -> st
     if votes:
         best = max(votes.values())
         return next(fmt for fmt in (_record_format(r, kind) for r in records) if votes.get(fmt) == best)
+    if kind not in ("csv", "tsv") and fields_by_name(records):
+        return "mapped"
     keys = [str(k) for k in records[0]] if records and type(records[0]) is dict else []
     example = f"data:\n  inputs:\n    - path: {spec.path}\n      mapping: {suggested_mapping(keys)}"
     lists = [k for k, v in (records[0].items() if keys else ()) if type(v) is list and v and type(v[0]) is dict]
@@ -1084,7 +1101,8 @@ def _messages_written_as(turns: Any) -> str | None:
 
 
 # Field names of each role in public instruction data (Dolly, OpenOrca, MetaMathQA, GSM8K,
-# SST-2, SQuAD, ...): what the mapping an error suggests is made of.
+# SST-2, SQuAD, ...): what `format: auto` reads by name (fields_by_name) and what the mapping
+# an error suggests is made of.
 ROLE_FIELDS = {
     "system": ("system_prompt", "system"),
     "user": ("instruction", "question", "query", "problem", "prompt", "input", "inputs", "context", "sentence",
@@ -1092,6 +1110,32 @@ ROLE_FIELDS = {
     "assistant": ("output", "response", "answer", "answers", "completion", "solution", "target", "targets", "label",
                   "gpt", "reply"),
 }
+
+
+# Names `format: auto` does not read a role from on their own: a label's words are the user's
+# choice (label_map), and a text or sentence field may be either side of a task.
+NOT_A_ROLE_BY_NAME = ("label", "text", "sentence")
+
+
+def fields_by_name(records: list[Any]) -> dict[str, Any] | None:
+    """The mapping `format: auto` reads records of no named format with, from their field names
+    (ROLE_FIELDS but NOT_A_ROLE_BY_NAME): string fields, the user's in the record's order (Dolly:
+    instruction, context -> response; MetaMath: query -> response; GSM8K: question -> answer).
+    The most common among `records`; None where a record names no answer, several, or no prompt,
+    because a guess would train the wrong text."""
+    found: Counter = Counter()
+    for record in records:
+        if type(record) is not dict:
+            continue
+        roles = {role: tuple(k for k, v in record.items() if type(v) is str and k.lower() in names
+                             and k.lower() not in NOT_A_ROLE_BY_NAME) for role, names in ROLE_FIELDS.items()}
+        if len(roles["assistant"]) == 1 and roles["user"] and len(roles["system"]) <= 1:
+            found[roles["system"], roles["user"], roles["assistant"][0]] += 1
+    if not found:
+        return None
+    system, user, assistant = max(found, key=found.get)  # the earliest on a tie
+    return {**({"system": system[0]} if system else {}), "user": user[0] if len(user) == 1 else list(user),
+            "assistant": assistant}
 
 
 def suggested_mapping(keys: list[str]) -> str:

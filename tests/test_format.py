@@ -275,16 +275,39 @@ def test_a_layout_without_known_role_fields_gets_placeholders_not_a_guess(tmp_pa
        "original_question": "3*4?"}],
      [[("user", "What is 3 times 4?"), ("assistant", "It is 12.")]]),
 ])
-def test_an_unknown_layout_gets_a_mapping_that_reads_it(tmp_path, layout, expected):
-    """The error's suggested mapping, pasted into the config as a user would, gives the right turns."""
+def test_a_layout_known_by_its_field_names_is_read_without_a_mapping(tmp_path, layout, expected):
+    """Records of none of the named formats whose fields say their roles (Dolly, OpenOrca,
+    MetaMathQA) stopped the run with exit 2 and a mapping to paste. `format: auto` now reads them
+    by those names, says which mapping it used in the metrics, and gives the same turns as the
+    mapping written out."""
+    write(tmp_path, "data/raw/d.jsonl", "".join(orjson.dumps(r).decode() + "\n" for r in layout))
+    metrics = run_format(tmp_path)
+    assert [r["conversations"] for r in records(tmp_path)] == [turns(*t) for t in expected]
+    (stats,) = metrics["per_file"].values()
+    assert stats["format"] == "mapped" and metrics["rejected"] == 0
+    by_name = stats["mapping_by_name"]
+    run_format(tmp_path, [{"path": "data/raw", "mapping": by_name}])
+    assert [r["conversations"] for r in records(tmp_path)] == [turns(*t) for t in expected]
+    assert "mapping_by_name" not in run_format(tmp_path, [{"path": "data/raw", "mapping": by_name}])["per_file"]["data/raw/d.jsonl"]
+
+
+@pytest.mark.parametrize("layout", [
+    [{"question": "2+2?", "answer": "4", "response": "four"}],  # two fields could be the answer
+    [{"sentence": "a fine film", "label": "1"}],  # a label's words are the user's choice (label_map)
+    [{"sentence": "a fine film", "response": "x"}],  # a sentence may be either side
+])
+def test_a_layout_whose_roles_its_names_do_not_settle_gets_a_mapping_to_fill_in(tmp_path, layout):
+    """No guess where the names are ambiguous: the error's suggested mapping, pasted into the
+    config as a user would, reads the records."""
     import yaml
 
     write(tmp_path, "data/raw/d.jsonl", "".join(orjson.dumps(r).decode() + "\n" for r in layout))
     with pytest.raises(InputError, match="cannot tell the format") as e:
         run_format(tmp_path)
-    suggested = yaml.safe_load(str(e.value).split("e.g.\n", 1)[1])
-    run_format(tmp_path, suggested["data"]["inputs"])
-    assert [r["conversations"] for r in records(tmp_path)] == [turns(*t) for t in expected]
+    suggested = yaml.safe_load(str(e.value).split("e.g.\n", 1)[1])["data"]["inputs"]
+    if "PROMPT_FIELD" not in str(suggested):
+        run_format(tmp_path, suggested)
+        assert len(records(tmp_path)) == len(layout)
 
 
 def test_csv_short_first_row_is_a_reject_not_a_header_problem(tmp_path):
@@ -326,17 +349,17 @@ def test_explicit_format_overrides_detection(tmp_path):
 
 
 def test_undetectable_format_names_file_keys_and_fix(tmp_path):
-    write(tmp_path, "data/raw/q.jsonl", jsonl({"question": "q", "answer": "a"}))
+    write(tmp_path, "data/raw/q.jsonl", jsonl({"q": "q", "a": "a"}))
     with pytest.raises(InputError) as e:
         run_format(tmp_path)
     message = str(e.value)
-    assert "data/raw/q.jsonl" in message and "question, answer" in message
+    assert "data/raw/q.jsonl" in message and "q, a" in message
     assert "data.inputs" in message and "factory.yaml" in message
 
 
 def test_an_error_in_a_later_file_leaves_no_partial_output(tmp_path):
     write(tmp_path, "data/raw/a.jsonl", jsonl({"prompt": "p", "completion": "c"}))
-    write(tmp_path, "data/raw/b.jsonl", jsonl({"question": "q", "answer": "a"}))
+    write(tmp_path, "data/raw/b.jsonl", jsonl({"q": "q", "a": "a"}))
     with pytest.raises(InputError, match="b.jsonl"):
         run_format(tmp_path)
     formatted = tmp_path / "data/formatted"
