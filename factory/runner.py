@@ -34,7 +34,7 @@ from factory.errors import Cancelled, FactoryError, GateFailed, disk_full, is_di
 from factory.gates import Gate, check_gate, gates_after, load_gates
 from factory.io import read_json_if_exists, write_json
 from factory.phase import Phase, PhaseContext
-from factory.redact import RedactingFormatter
+from factory.redact import RedactingFormatter, redact
 from factory.report import REPORTED_METRICS, write_report
 from factory.status import Heartbeat, StatusWriter, TrainingStatus, finalize_abandoned, run_lock
 from factory.workspace import Workspace, check_replaceable, discard_unfinished, output_settings, record_created
@@ -105,7 +105,7 @@ def run_pipeline(
     settings = output_settings(cfg, ws)  # none may be the workspace or contain it: refused before anything runs
     reporter = reporter or _Silent()
     result = RunResult()
-    with run_lock(ws), _signals_as_cancel(), _log_to_file(ws):
+    with run_lock(ws), _signals_as_cancel(), _log_to_file(ws, reporter):
         for rewritten in finalize_abandoned(ws, lock_held=True):
             reporter.note(f"{rewritten}: the previous run had disappeared without a final state; marked failed")
         for removed in discard_unfinished(ws):
@@ -374,19 +374,43 @@ def _signals_as_cancel() -> Iterator[None]:
             signal.signal(signum, handler)
 
 
+class _WarningsToTerminal(logging.Handler):
+    """Warnings of the factory's loggers as notes on the terminal, where they are read, each
+    once a run (each phase that builds the chat format says the same); the log file keeps them
+    all, with their tracebacks."""
+
+    def __init__(self, reporter: Reporter):
+        super().__init__(logging.WARNING)
+        self.reporter = reporter
+        self.shown: set[str] = set()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = redact(record.getMessage())
+            if message not in self.shown:
+                self.shown.add(message)
+                self.reporter.note(f"warning: {message}")
+        except Exception:  # a broken terminal must not fail the run; the file has the warning
+            self.handleError(record)
+
+
 @contextmanager
-def _log_to_file(ws: Workspace) -> Iterator[None]:
+def _log_to_file(ws: Workspace, reporter: Reporter) -> Iterator[None]:
+    """The factory's log to .factory/logs/factory.log, and its warnings to the terminal."""
     ws.logs_dir.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(ws.logs_dir / "factory.log", encoding="utf-8")
     handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    shown = _WarningsToTerminal(reporter)
     root = logging.getLogger("factory")
     root.addHandler(handler)
+    root.addHandler(shown)
     previous_level = root.level
     root.setLevel(min(previous_level or logging.INFO, logging.INFO))
     try:
         yield
     finally:
         root.removeHandler(handler)
+        root.removeHandler(shown)
         root.setLevel(previous_level)
         handler.close()
 

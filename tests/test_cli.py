@@ -87,6 +87,21 @@ def test_run_split_end_to_end_then_skip(ws):
     assert "split" in factory("status", "-C", ws, check_rc=0).stdout
 
 
+def test_a_phase_warning_reaches_the_terminal_and_the_log(tmp_path):
+    """Phase warnings (data read by guessed field names, leakage, reasoning left out of training)
+    went to logs/factory.log only: a user at the terminal never saw them."""
+    factory("init", tmp_path / "ws", check_rc=0)
+    root = tmp_path / "ws"
+    (root / "data" / "raw" / "dolly.jsonl").write_text("".join(
+        json.dumps({"instruction": f"Add {i} and {i + 1}.", "context": "", "response": str(2 * i + 1),
+                    "category": "closed_qa"}) + "\n" for i in range(300)))
+    proc = factory("run", "format", "-C", root, check_rc=0)
+    shown = " ".join(proc.stderr.split())  # the terminal wraps long lines
+    assert ('warning: format: data/raw/dolly.jsonl has none of the named formats; read by its field names as '
+            'mapping: {"user":["instruction","context"],"assistant":"response"}') in shown, proc.stderr
+    assert "WARNING factory.format: format: data/raw/dolly.jsonl has none" in (root / "logs/factory.log").read_text()
+
+
 def test_gate_failure_exit_1_with_table(ws):
     (ws / "data" / "raw" / "bad.jsonl").write_text('{"instruction": "x", "output": ""}\n' * 20)  # 20 empty answers
     proc = factory("run", "split", "-C", ws, check_rc=1)
