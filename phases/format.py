@@ -5,7 +5,8 @@ order; hidden files skipped), converts each record to the canonical form of
 schemas/record.schema.json
 
     {"conversations": [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...],
-     "tools": ... (ShareGPT tool definitions, as given), "meta": {...} (e.g. the raw label)}
+     "tools": ... (ShareGPT/OpenAI tool definitions, as given; also written into the system
+     turn, so that training sees them), "meta": {...} (e.g. the raw label)}
 
 and writes data/formatted/all.jsonl. Every record that cannot be converted goes to
 data/formatted/rejects.jsonl with its file, line (or array index, or row), a reason code, a
@@ -1299,10 +1300,7 @@ def sharegpt(obj: dict, field: str = "conversations") -> dict:
         if type(content) is not str:
             raise _bad_text(f"{field}[{i}].value", content)
         conversation.append({"role": role, "content": content})
-    record = {"conversations": check_order(conversation, field)}
-    tools = obj.get("tools")
-    if tools not in (None, "", []):
-        record["tools"] = tools
+    record = _with_tools({"conversations": check_order(conversation, field)}, obj.get("tools"))
     if "label" in obj:
         record["meta"] = {"label": obj["label"]}
     return record
@@ -1325,12 +1323,33 @@ def openai(obj: dict, field: str = "messages") -> dict:
         if type(content) is not str:
             content = _openai_content(content, turn, f"{field}[{i}].content")
         conversation.append({"role": role, "content": content})
-    record = {"conversations": check_order(conversation, field)}
-    if "tools" in obj and obj["tools"] not in (None, "", []):
-        record["tools"] = obj["tools"]
+    record = _with_tools({"conversations": check_order(conversation, field)}, obj.get("tools"))
     if "label" in obj:
         record["meta"] = {"label": obj["label"]}
     return record
+
+
+TOOLS_PREAMBLE = "You have access to the following functions:"
+
+
+def _with_tools(record: dict, tools: Any) -> dict:
+    """The record with its tool definitions (ShareGPT's `tools`, OpenAI's) kept as given and
+    written into its system turn: a model trained to call functions must see the definitions
+    it calls, and the system turn reaches every template, the GGUF and any chat endpoint alike
+    (LLaMA-Factory writes them there too)."""
+    if tools in (None, "", []):
+        return record
+    try:
+        parsed = orjson.loads(tools) if type(tools) is str else tools
+    except orjson.JSONDecodeError:
+        parsed = tools
+    listed = parsed if type(parsed) is str else orjson.dumps(parsed).decode()
+    turns = record["conversations"]
+    if turns[0]["role"] == "system":
+        turns[0] = {"role": "system", "content": f"{turns[0]['content']}\n\n{TOOLS_PREAMBLE}\n{listed}"}
+    else:
+        turns.insert(0, {"role": "system", "content": f"{TOOLS_PREAMBLE}\n{listed}"})
+    return {**record, "tools": tools}
 
 
 _TRANSCRIPT_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant): ")

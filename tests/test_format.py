@@ -128,6 +128,9 @@ def test_sharegpt_tool_roles_and_tools_kept(tmp_path):
     (out,) = records(tmp_path)
     assert [t["role"] for t in out["conversations"]] == ["system", "user", "assistant", "tool", "assistant", "user", "assistant"]
     assert out["tools"] == '[{"name": "weather"}]'
+    # the definitions the calls use are in the system turn, which every chat template renders
+    assert out["conversations"][0]["content"] == ('You can call functions.\n\nYou have access to the following '
+                                                  'functions:\n[{"name":"weather"}]')
     assert metrics["per_file"]["data/raw/chat.json"]["format"] == "sharegpt"
 
 
@@ -667,6 +670,13 @@ def test_real_dataset(tmp_path, name, settings, fmt, count):
     if name.startswith("glaive"):
         assert all(isinstance(r["tools"], str) for r in out)
         assert any(t["role"] == "tool" for r in out for t in r["conversations"])
+        # every function a record defines is named in the system turn it trains with
+        raw = orjson.loads(source.read_bytes())
+        assert len(raw) == len(out) and sum(bool(r.get("tools")) for r in raw) > 100
+        for given, record in zip(raw, out):
+            names = [f["name"] for f in orjson.loads(given["tools"])] if given.get("tools") else []
+            system = record["conversations"][0]["content"] if record["conversations"][0]["role"] == "system" else ""
+            assert all(f'"name":"{name}"' in system for name in names), (names, system[:200])
     if name.startswith("kto"):
         assert {r["meta"]["label"] for r in out} == {True, False}
     if name.startswith("sst2"):
