@@ -207,20 +207,25 @@ def faithful_tokenizer(tokenizer, path: str):
     LlamaTokenizer, which puts SentencePiece's pre-tokenizer in place of the file's byte-level
     one: DeepSeek-R1-Distill-Llama's, DeepSeek V3's and other Llama 3 vocabularies under that
     class name then lose every space, in training and in generation (transformers issue 45488;
-    transformers routes only a few hub ids around it, not a download in a folder). Such a
-    tokenizer (a byte-level vocabulary: the space byte's token `Ġ` and no SentencePiece `▁`,
-    with a pre-tokenizer that is not byte-level) is loaded as the file says instead
+    transformers routes only a few hub ids around it, not a download in a folder). The other
+    way round, it loads every qwen2 model's tokenizer as Qwen2Tokenizer, whatever its
+    tokenizer_config.json says, and that one puts a byte-level pre-tokenizer in place of a
+    SentencePiece vocabulary's. Such a tokenizer (a byte-level vocabulary, the space byte's
+    token `Ġ` and no SentencePiece `▁`, with a pre-tokenizer that is not byte-level; or a
+    SentencePiece one with a byte-level pre-tokenizer) is loaded as the file says instead
     (PreTrainedTokenizerFast)."""
     from transformers import PreTrainedTokenizerFast
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None or backend.token_to_id("Ġ") is None or backend.token_to_id("▁") is not None:
+    if backend is None or (backend.token_to_id("Ġ") is None) == (backend.token_to_id("▁") is None):
         return tokenizer
     pre_tokenizer = backend.pre_tokenizer  # its JSON alone: the whole tokenizer's takes seconds
-    if pre_tokenizer is not None and _byte_level(json.loads(pre_tokenizer.__getstate__())):
+    byte_level = pre_tokenizer is not None and _byte_level(json.loads(pre_tokenizer.__getstate__()))
+    if byte_level == (backend.token_to_id("Ġ") is not None):
         return tokenizer
-    log.warning("%s: transformers loads the tokenizer as %s, which replaces tokenizer.json's byte-level pre-tokenizer "
-                "(every space would be lost); it is loaded as tokenizer.json describes it", path, type(tokenizer).__name__)
+    log.warning("%s: transformers loads the tokenizer as %s, which replaces tokenizer.json's %s pre-tokenizer "
+                "(every space would be lost); it is loaded as tokenizer.json describes it", path,
+                type(tokenizer).__name__, "SentencePiece" if byte_level else "byte-level")
     return PreTrainedTokenizerFast.from_pretrained(path)
 
 

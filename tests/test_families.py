@@ -258,6 +258,26 @@ def test_a_llama_3_vocabulary_under_llamas_sentencepiece_class_name_keeps_its_by
     assert type(gemma).__name__ == type(_tokenizer(models["gemma-3"])).__name__
 
 
+def test_a_sentencepiece_vocabulary_under_a_qwen2_model_keeps_its_spaces(tmp_path):
+    """transformers 5 loads every qwen2 model's tokenizer as Qwen2Tokenizer, whatever
+    tokenizer_config.json names, and that puts a byte-level pre-tokenizer over a SentencePiece
+    vocabulary: "Format the date" became "Format", "the", "date", the spaces gone (the example's
+    Qwen 2.5 with `--vocab task`). The factory's tokenizer gives what tokenizer.json gives."""
+    from tokenizers import Tokenizer
+
+    from factory import modeling
+
+    folder = example.build_family_model(tmp_path / "qwen", example.FAMILIES["qwen-2.5"],
+                                        task_records=example.generate_task_records(200))
+    assert json.loads((folder / "config.json").read_text())["model_type"] == "qwen2"
+    tokenizer = modeling.load_tokenizer(str(folder))
+    own = Tokenizer.from_file(str(folder / "tokenizer.json"))  # the file itself, not transformers
+    for text in ("Format the date and amount.", "Locale: de-DE. Date: 2016-09-01.", "  two  spaces\n\nand lines"):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert ids == own.encode(text, add_special_tokens=False).ids, text
+        assert tokenizer.decode(ids) == text
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_tokenizer_round_trips_and_template_renders_two_turns(models, name):
     tokenizer = _tokenizer(models[name])
