@@ -187,7 +187,11 @@ def fetch_converter(dest: Path | None = None, *, log=print) -> Path:
 # llama.cpp's converter reads a model's settings through transformers' AutoConfig, and
 # transformers 5 drops or renames some that the converter then looks up by their old name in
 # config.json (GPT-NeoX's `rotary_pct`: every Pythia failed with KeyError). The converter runs
-# with config.json's own entries under the ones AutoConfig gives.
+# with config.json's own entries under the ones AutoConfig gives. And for SentencePiece
+# vocabularies it writes `add_space_prefix` only for Llama (from tokenizer_config.json),
+# Gemma, BERT and T5: under any other architecture a tokenizer.model without the dummy prefix
+# became a GGUF that puts a space before every text (a Qwen 3 with one: tokenizer agreement 0);
+# the tokenizer.model's own setting is written where the converter wrote none.
 CONVERTER_WITH_CONFIG_JSON = """
 import json, runpy, sys
 from pathlib import Path
@@ -201,6 +205,16 @@ def load_hparams(dir_model, *args, **kwargs):
     written = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     return {**written, **hparams}
 ModelBase.load_hparams = staticmethod(load_hparams)
+from conversion.base import TextModel
+set_vocab = TextModel._set_vocab_sentencepiece
+def set_vocab_sentencepiece(self, *args, **kwargs):
+    set_vocab(self, *args, **kwargs)
+    from sentencepiece import sentencepiece_model_pb2
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString((self.dir_model / "tokenizer.model").read_bytes())
+    if not proto.normalizer_spec.add_dummy_prefix and not any("tokenizer.ggml.add_space_prefix" in kv for kv in self.gguf_writer.kv_data):
+        self.gguf_writer.add_add_space_prefix(False)
+TextModel._set_vocab_sentencepiece = set_vocab_sentencepiece
 sys.argv[0] = script
 runpy.run_path(script, run_name="__main__")
 """
