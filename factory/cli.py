@@ -130,7 +130,13 @@ def init(
         f"With --example: the model family, one of {', '.join(EXAMPLE_FAMILIES)}. The tiny model has the "
         "architecture, special tokens and chat template of the real model (Gemma 3 1B; Gemma 3 4B, an "
         "image-text model; Llama 3.1 8B, Qwen 2.5 7B, Qwen 3 0.6B, Mistral 7B v0.1, Phi-3 mini) and its full "
-        "vocabulary, except Gemma's: a small tokenizer trained on the task."))] = EXAMPLE_FAMILIES[0],
+        "vocabulary (see --vocab), except Gemma's: a small tokenizer trained on the task."))] = EXAMPLE_FAMILIES[0],
+    vocabulary: Annotated[Optional[str], typer.Option("--vocab", help=(
+        "With --example: `real`, the family's full vocabulary (the default), or `task`, about 400 pieces "
+        "trained on the example's data with the family's special tokens and template kept, as Gemma's always "
+        "is: a demo-sized run of a family then learns the task on a CPU (Qwen 3's passes every gate; "
+        "Llama-style models without normalised queries and keys do not learn it through LoRA at this size)."),
+        show_default=False)] = None,
     records: Annotated[int, typer.Option("--records", help="With --example: how many records to generate.")] = 4200,
     steps: Annotated[int, typer.Option("--steps", help="With --example: training steps in factory.yaml.")] = 1000,
     locales: Annotated[Optional[str], typer.Option("--locales", help=(
@@ -151,6 +157,11 @@ def init(
     _debug = debug
     if family not in EXAMPLE_FAMILIES or (family != EXAMPLE_FAMILIES[0] and not example):
         raise FactoryError(f"--family {family}: use it with --example, and one of {', '.join(EXAMPLE_FAMILIES)}")
+    if vocabulary is not None and (vocabulary not in ("real", "task") or not example):
+        raise FactoryError(f"--vocab {vocabulary}: use it with --example, and one of real, task")
+    if vocabulary == "real" and FAMILIES[family].vocab is None:
+        raise FactoryError(f"--vocab real: {family}'s real vocabulary is not among llama.cpp's, so its example has "
+                           "only the task vocabulary; leave --vocab out")
     ws = Workspace.at(directory)
     config = ws.root / "factory.yaml"
     if config.exists() and not force:
@@ -165,8 +176,9 @@ def init(
         from factory import example as example_workspace
 
         err.print(f"Generating {records} records and a tiny {family} model in {ws.root} ...")
-        example_workspace.write_example_workspace(ws.root, records=records, family=family,
-                                                  locales=locales.split(",") if locales else None)
+        example_workspace.write_example_workspace(
+            ws.root, records=records, family=family, locales=locales.split(",") if locales else None,
+            vocabulary="task" if FAMILIES[family].vocab is None else vocabulary or "real")
         config.write_text(example_workspace.example_config(steps=steps, family=family), encoding="utf-8")
     else:
         config.write_text(header + commented_template() + "\n", encoding="utf-8")

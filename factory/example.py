@@ -175,21 +175,28 @@ IMAGE_TOKENS = ["<start_of_image>", "<end_of_image>", "<image_soft_token>"]
 TEMPLATE_TEXTS = ["<start_of_turn>user\n", "<end_of_turn>\n", "<start_of_turn>model\n", "<start_of_turn>system\n"]
 
 
-def train_sentencepiece(corpus: list[str], vocab_size: int = 400) -> bytes:
-    """A SentencePiece BPE model proto trained on `corpus`, shaped like Gemma's.
+GEMMA_CONTROL = {"pad": (PAD_ID, "<pad>"), "eos": (EOS_ID, "<eos>"), "bos": (BOS_ID, "<bos>"), "unk": (UNK_ID, "<unk>")}
+
+
+def train_sentencepiece(corpus: list[str], vocab_size: int = 400, *, control: dict[str, tuple[int, str]] = GEMMA_CONTROL,
+                        user_defined: list[str] = SPECIAL_TOKENS[4:], extra_texts: list[str] = TEMPLATE_TEXTS) -> bytes:
+    """A SentencePiece BPE model proto trained on `corpus` (and `extra_texts`), shaped like Gemma's.
 
     Byte fallback (any text encodes), no dummy prefix, identity normalization (newlines and
     runs of spaces survive), digits split one per token (as Gemma does; it also makes the
-    number task learnable by a tiny model), Gemma's special ids, and the turn markers as
-    user-defined pieces, so that they tokenize from text. 256 byte pieces, the 7 specials
-    and the corpus's characters come first; `vocab_size` is a soft upper bound.
+    number task learnable by a tiny model), the `control` pieces at their ids (Gemma's pad,
+    eos, bos, unk; a role left out has none), and the `user_defined` pieces (the turn
+    markers), so that they tokenize from text. 256 byte pieces, the special pieces and the
+    corpus's characters come first; `vocab_size` is a soft upper bound.
     """
     import io
 
     import sentencepiece as spm
 
     buffer = io.BytesIO()
-    lines = [text for text in corpus if text] + TEMPLATE_TEXTS
+    lines = [text for text in corpus if text] + extra_texts
+    ids = {f"{role}_id": control.get(role, (-1, ""))[0] for role in ("pad", "eos", "bos", "unk")}
+    pieces = {f"{role}_piece": piece for role, (_, piece) in control.items()}
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines),
         model_writer=buffer,
@@ -205,15 +212,9 @@ def train_sentencepiece(corpus: list[str], vocab_size: int = 400) -> bytes:
         split_by_whitespace=True,
         character_coverage=1.0,
         max_sentence_length=1 << 16,
-        pad_id=PAD_ID,
-        eos_id=EOS_ID,
-        bos_id=BOS_ID,
-        unk_id=UNK_ID,
-        pad_piece="<pad>",
-        eos_piece="<eos>",
-        bos_piece="<bos>",
-        unk_piece="<unk>",
-        user_defined_symbols=SPECIAL_TOKENS[4:],
+        **ids,
+        **pieces,
+        user_defined_symbols=user_defined,
         num_threads=1,  # deterministic
         minloglevel=2,
     )
@@ -594,7 +595,8 @@ GPT2_BASE_MODEL = Family(
     tokenizer={"model_max_length": 1024})
 
 
-def build_family_model(out_dir: Path, family: Family, *, seed: int = 0, chat_template: str | None = None) -> Path:
+def build_family_model(out_dir: Path, family: Family, *, seed: int = 0, chat_template: str | None = None,
+                       task_records: list[dict[str, Any]] | None = None) -> Path:
     """Write a randomly initialised tiny model of `family` with its real tokenizer and template.
 
     The tokenizer files come from factory.real_tokenizers (built once per machine), with the
@@ -602,7 +604,8 @@ def build_family_model(out_dir: Path, family: Family, *, seed: int = 0, chat_tem
     from its real config.json with TINY_SIZES; generation_config.json is the real one. Like a
     downloaded model, the template is in tokenizer_config.json, and for SentencePiece families
     tokenizer.model is there for llama.cpp's converter. `chat_template` replaces the family's.
-    Returns `out_dir`.
+    With `task_records` (Alpaca rows), the vocabulary is the task's instead (task_vocabulary),
+    and the model has TASK_VOCABULARY_SIZES. Returns `out_dir`.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -630,19 +633,82 @@ def build_family_model(out_dir: Path, family: Family, *, seed: int = 0, chat_tem
     ) + "\n", encoding="utf-8")
     tokenizer = AutoTokenizer.from_pretrained(out_dir)
 
-    real = family.config
+    real, generation = family.config, family.generation
     sizes = dict(TINY_SIZES)  # GPT-2's config takes these names for its own (n_embd, n_layer, n_head)
     if "num_key_value_heads" in real:
         sizes["num_key_value_heads"] = max(1, sizes["num_attention_heads"] * real["num_key_value_heads"]
                                            // real["num_attention_heads"])
+    if task_records is not None:
+        renumber = task_vocabulary(out_dir, tokenizer, task_records, family)
+        real, generation = renumber(real), renumber(generation)
+        tokenizer = AutoTokenizer.from_pretrained(out_dir)
+        sizes.update(TASK_VOCABULARY_SIZES, vocab_size=len(tokenizer))
     config = AutoConfig.for_model(**{**real, **sizes})
     if config.vocab_size < len(tokenizer):
         raise RuntimeError(f"{family.real_model}: vocabulary {config.vocab_size} < tokenizer {len(tokenizer)}")
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    model.generation_config = GenerationConfig(**family.generation)
+    model.generation_config = GenerationConfig(**generation)
     model.save_pretrained(out_dir)
     return out_dir
+
+
+# The task vocabulary's model: 6 layers, as the tiny Gemma's, and rope_theta 10,000: at the
+# example's 128 tokens, the 1,000,000 of Qwen 3 and Llama 3.1 barely turns the slow half of the
+# rotary pairs, and the copy is not learnt (Qwen 3, 1,000 steps: exact match 0.09 at 1,000,000,
+# 0.75 at 10,000; 4 layers at 10,000: 0.46).
+TASK_VOCABULARY_SIZES = {"num_hidden_layers": 6, "rope_theta": 10000.0}
+
+
+def task_vocabulary(out_dir: Path, tokenizer, records: list[dict[str, Any]], family: Family):
+    """Replace the real tokenizer in `out_dir` with a SentencePiece vocabulary trained on
+    `records` as the family's template renders them (about 400 pieces, like the Gemma
+    example's, besides the family's special and added tokens), keeping each of those, by name,
+    as a piece of its own (the same special flags, so llama.cpp marks them as control tokens). The template,
+    the tokenizer_config.json settings and which tokens are BOS, EOS and pad stay the family's.
+
+    Returns a function that renumbers the special token ids of a config.json or
+    generation_config.json dict from the real vocabulary to this one."""
+    from transformers import LlamaTokenizer
+
+    added = sorted(tokenizer.added_tokens_decoder.items())
+    unk = tokenizer.unk_token or "<unk>"
+    texts = [tokenizer.apply_chat_template(task_messages(r), tokenize=False) for r in records]
+    kept = [t.content for _, t in added if t.content != unk]
+    proto = train_sentencepiece(texts, 400 + len(kept), control={"unk": (0, unk)}, user_defined=kept, extra_texts=[])
+    roles = {role: getattr(tokenizer, f"{role}_token") for role in ("bos", "eos", "pad")}
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "tokenizer.model").write_bytes(proto)
+        task = LlamaTokenizer.from_pretrained(tmp, legacy=True, add_prefix_space=False, unk_token=unk,
+                                              **{f"{role}_token": token for role, token in roles.items()})
+    special = {t.content for _, t in added if t.special} | {unk}
+    spec = json.loads(task.backend_tokenizer.to_str())
+    for token in spec["added_tokens"]:
+        token.update(special=token["content"] in special, normalized=False)
+    spec.update(SPM_NO_PREFIX)
+    (out_dir / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+    (out_dir / "tokenizer.model").write_bytes(proto)
+    config = json.loads((out_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config["added_tokens_decoder"] = {str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in spec["added_tokens"]}
+    config["tokenizer_class"] = "LlamaTokenizer"  # a SentencePiece model now, whatever the family's was
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+                                                    encoding="utf-8")
+    new_ids = {t["content"]: t["id"] for t in spec["added_tokens"]}
+
+    def renumber(settings: dict[str, Any]) -> dict[str, Any]:
+        def one(token_id: int) -> int:
+            return new_ids[tokenizer.convert_ids_to_tokens(token_id)]
+
+        return {key: ([one(i) for i in value] if isinstance(value, list) else one(value))
+                if key.endswith("token_id") and value is not None else value for key, value in settings.items()}
+
+    return renumber
+
+
+def task_messages(record: dict[str, Any]) -> list[dict[str, str]]:
+    """An Alpaca row of the example as a chat: instruction and input, then the output."""
+    user = "\n\n".join(str(record[k]).strip() for k in ("instruction", "input") if record.get(k))
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": str(record["output"]).strip()}]
 
 
 def build_custom_template_model(out_dir: Path, *, seed: int = 0) -> Path:
@@ -676,18 +742,27 @@ def record_texts(records: list[dict[str, Any]]) -> list[str]:
     return texts
 
 
+VOCABULARIES = ("real", "task")
+"""What the example model's tokenizer is: the family's real vocabulary (llama.cpp's copy), or
+one of about 400 pieces trained on the example's data, the family's special tokens kept
+(Gemma 3's is always this: its real vocabulary is not among llama.cpp's)."""
+
+
 def write_example_workspace(
     root: Path, *, records: int = 2500, seed: int = 0, locales: list[str] | None = None,
-    family: str = DEFAULT_FAMILY, **model_kwargs: Any,
+    family: str = DEFAULT_FAMILY, vocabulary: str = "real", **model_kwargs: Any,
 ) -> dict[str, Path]:
     """Write data/raw/localization.jsonl (`records` Alpaca rows) and models/base/ under `root`:
-    a tiny model of `family` (a FAMILIES name); `model_kwargs` go to build_tiny_gemma3 (Gemma 3 only).
+    a tiny model of `family` (a FAMILIES name) with its `vocabulary` (one of VOCABULARIES);
+    `model_kwargs` go to build_tiny_gemma3 (Gemma 3 only).
 
     Returns {"raw": file, "model": folder}. The factory.yaml that points at them is the
     caller's business.
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}; known: {', '.join(FAMILIES)}")
+    if vocabulary not in VOCABULARIES:
+        raise ValueError(f"unknown vocabulary {vocabulary!r}; known: {', '.join(VOCABULARIES)}")
     root = Path(root)
     rows = generate_task_records(records, seed=seed, locales=locales)
     raw = root / RAW_FILE
@@ -699,7 +774,7 @@ def write_example_workspace(
     if FAMILIES[family].vocab is None:
         build_tiny_gemma3(model_dir, corpus=record_texts(rows), seed=seed, vision=FAMILIES[family].vision, **model_kwargs)
     else:
-        build_family_model(model_dir, FAMILIES[family], seed=seed)
+        build_family_model(model_dir, FAMILIES[family], seed=seed, task_records=rows if vocabulary == "task" else None)
     return {"raw": raw, "model": model_dir}
 
 
