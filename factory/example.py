@@ -639,7 +639,7 @@ def build_family_model(out_dir: Path, family: Family, *, seed: int = 0, chat_tem
         sizes["num_key_value_heads"] = max(1, sizes["num_attention_heads"] * real["num_key_value_heads"]
                                            // real["num_attention_heads"])
     if task_records is not None:
-        renumber = task_vocabulary(out_dir, tokenizer, task_records, family)
+        renumber = task_vocabulary(out_dir, tokenizer, task_records)
         real, generation = renumber(real), renumber(generation)
         tokenizer = AutoTokenizer.from_pretrained(out_dir)
         sizes.update(TASK_VOCABULARY_SIZES, vocab_size=len(tokenizer))
@@ -660,11 +660,11 @@ def build_family_model(out_dir: Path, family: Family, *, seed: int = 0, chat_tem
 TASK_VOCABULARY_SIZES = {"num_hidden_layers": 6, "rope_theta": 10000.0}
 
 
-def task_vocabulary(out_dir: Path, tokenizer, records: list[dict[str, Any]], family: Family):
-    """Replace the real tokenizer in `out_dir` with a SentencePiece vocabulary trained on
-    `records` as the family's template renders them (about 400 pieces, like the Gemma
-    example's, besides the family's special and added tokens), keeping each of those, by name,
-    as a piece of its own (the same special flags, so llama.cpp marks them as control tokens). The template,
+def task_vocabulary(out_dir: Path, tokenizer, records: list[dict[str, Any]]):
+    """Replace the real `tokenizer` in `out_dir` with a SentencePiece vocabulary trained on
+    `records` as its template renders them (about 400 pieces, like the Gemma example's, besides
+    the family's special and added tokens), keeping each of those, by name, as a piece of its
+    own with the same special flag (so llama.cpp marks them as control tokens). The template,
     the tokenizer_config.json settings and which tokens are BOS, EOS and pad stay the family's.
 
     Returns a function that renumbers the special token ids of a config.json or
@@ -735,11 +735,8 @@ QUICK_LOCALES = ["en-US", "de-DE", "ja-JP"]
 def record_texts(records: list[dict[str, Any]]) -> list[str]:
     """The tokenizer's corpus: each Alpaca record as the Gemma template renders it (so that
     newlines and the turn markers are learnt in context), without <bos>."""
-    texts = []
-    for r in records:
-        user = "\n\n".join(str(r[k]).strip() for k in ("instruction", "input") if r.get(k))
-        texts.append(f"<start_of_turn>user\n{user}<end_of_turn>\n<start_of_turn>model\n{str(r['output']).strip()}<end_of_turn>\n")
-    return texts
+    return [f"<start_of_turn>user\n{user['content']}<end_of_turn>\n<start_of_turn>model\n{answer['content']}<end_of_turn>\n"
+            for user, answer in map(task_messages, records)]
 
 
 VOCABULARIES = ("real", "task")
