@@ -81,8 +81,8 @@ def recorder(ws: Workspace, output_dir: Path):
         def on_step_end(self, args, state, control, **kwargs):
             if control.should_save:
                 folder = output_dir / f"{PREFIX}{state.global_step}"
+                record_created(ws, folder, unfinished=True)  # before it exists: never a folder unrecorded
                 folder.mkdir(parents=True, exist_ok=True)
-                record_created(ws, folder, unfinished=True)
 
         def on_save(self, args, state, control, **kwargs):
             # The trainer's files are written. Finished before training_state.json follows (a

@@ -297,9 +297,10 @@ def staged_dir(ws: Workspace, target: Path, setting: str) -> Iterator[Path]:
     staging = target.with_name(f".{target.name}.partial")
     if staging.exists():
         remove_created(ws, staging, f"{setting} (staging folder)")
-    staging.mkdir(parents=True)
-    record_created(ws, staging, unfinished=True)
     try:
+        # recorded before it exists: a Ctrl-C while it is being recorded leaves no folder unrecorded
+        record_created(ws, staging, unfinished=True)
+        staging.mkdir(parents=True)
         yield staging
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -310,8 +311,8 @@ def staged_dir(ws: Workspace, target: Path, setting: str) -> Iterator[Path]:
         check_replaceable(ws, target, setting)
         if old.exists():
             remove_created(ws, old)
+        record_created(ws, old, unfinished=True)  # first, as the staging folder's
         os.replace(target, old)
-        record_created(ws, old, unfinished=True)
     os.replace(staging, target)
     forget_created(ws, staging)
     record_created(ws, target)

@@ -762,6 +762,28 @@ def assert_cancelled_in(root: Path, phase: str, proc: subprocess.CompletedProces
     assert partial_files(root) == []
 
 
+def test_a_ctrl_c_while_a_staging_folder_is_recorded_leaves_no_folder(tmp_path, monkeypatch):
+    """`factory run` interrupted right after quantize started left models/checkpoints/.merged.partial
+    behind now and then: the staging folder was made before it was recorded, so an interruption
+    between the two left a folder no run knew to remove."""
+    from factory import workspace
+
+    ws = Workspace.at(tmp_path)
+    target = tmp_path / "models" / "checkpoints" / "merged"
+    save = workspace._save_created
+
+    def interrupted(*args):
+        monkeypatch.setattr(workspace, "_save_created", save)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(workspace, "_save_created", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with workspace.staged_dir(ws, target, "save.merged_path"):
+            pass
+    workspace.discard_unfinished(ws)  # what the runner does after any failure
+    assert not target.with_name(".merged.partial").exists() and not target.exists()
+
+
 SIGNAL_IN_A_FINALIZER = textwrap.dedent("""
     import os, signal, sys
     from factory.config import parse_config
