@@ -690,7 +690,8 @@ def task_vocabulary(out_dir: Path, tokenizer, records: list[dict[str, Any]]):
     (out_dir / "tokenizer.model").write_bytes(proto)
     config = json.loads((out_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
     config["added_tokens_decoder"] = {str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in spec["added_tokens"]}
-    config["tokenizer_class"] = "LlamaTokenizer"  # a SentencePiece model now, whatever the family's was
+    # a SentencePiece model now, whatever the family's was, and without the dummy prefix
+    config.update(tokenizer_class="LlamaTokenizer", add_prefix_space=False)
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
                                                     encoding="utf-8")
     new_ids = {t["content"]: t["id"] for t in spec["added_tokens"]}

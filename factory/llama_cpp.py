@@ -189,9 +189,9 @@ def fetch_converter(dest: Path | None = None, *, log=print) -> Path:
 # config.json (GPT-NeoX's `rotary_pct`: every Pythia failed with KeyError). The converter runs
 # with config.json's own entries under the ones AutoConfig gives. And for SentencePiece
 # vocabularies it writes `add_space_prefix` only for Llama (from tokenizer_config.json),
-# Gemma, BERT and T5: under any other architecture a tokenizer.model without the dummy prefix
-# became a GGUF that puts a space before every text (a Qwen 3 with one: tokenizer agreement 0);
-# the tokenizer.model's own setting is written where the converter wrote none.
+# Gemma, BERT and T5: under any other architecture (Qwen, Phi-3) a tokenizer.model without the
+# dummy prefix became a GGUF that puts a space before every text (tokenizer agreement 0); the
+# tokenizer.model's own setting is written where the converter wrote none.
 CONVERTER_WITH_CONFIG_JSON = """
 import json, runpy, sys
 from pathlib import Path
@@ -206,15 +206,17 @@ def load_hparams(dir_model, *args, **kwargs):
     return {**written, **hparams}
 ModelBase.load_hparams = staticmethod(load_hparams)
 from conversion.base import TextModel
-set_vocab = TextModel._set_vocab_sentencepiece
-def set_vocab_sentencepiece(self, *args, **kwargs):
-    set_vocab(self, *args, **kwargs)
-    from sentencepiece import sentencepiece_model_pb2
-    proto = sentencepiece_model_pb2.ModelProto()
-    proto.ParseFromString((self.dir_model / "tokenizer.model").read_bytes())
-    if not proto.normalizer_spec.add_dummy_prefix and not any("tokenizer.ggml.add_space_prefix" in kv for kv in self.gguf_writer.kv_data):
-        self.gguf_writer.add_add_space_prefix(False)
-TextModel._set_vocab_sentencepiece = set_vocab_sentencepiece
+prepare = TextModel.prepare_metadata
+def prepare_metadata(self, *args, **kwargs):
+    prepare(self, *args, **kwargs)  # which ends with the model's set_vocab
+    kv = {k: v for data in self.gguf_writer.kv_data for k, v in data.items()}
+    spm = kv.get("tokenizer.ggml.model") is not None and kv["tokenizer.ggml.model"].value == "llama"
+    if spm and "tokenizer.ggml.add_space_prefix" not in kv and (self.dir_model / "tokenizer.model").is_file():
+        from sentencepiece import sentencepiece_model_pb2
+        proto = sentencepiece_model_pb2.ModelProto()
+        proto.ParseFromString((self.dir_model / "tokenizer.model").read_bytes())
+        self.gguf_writer.add_add_space_prefix(proto.normalizer_spec.add_dummy_prefix)
+TextModel.prepare_metadata = prepare_metadata
 sys.argv[0] = script
 runpy.run_path(script, run_name="__main__")
 """
