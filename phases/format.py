@@ -301,10 +301,10 @@ def format_any(reader: "FileReader", out: AtomicOutput, rejects: AtomicOutput, p
     # ranges need seeking to byte offsets: a compressed file is read in one stream
     parallel = reader.kind == "jsonl" and not reader.spec.transform and reader.compression is None
     workers = default_workers(reader.path.stat().st_size) if parallel else 1
-    fmt = reader.decided_format() if workers > 1 else None
-    if fmt is None or fmt == "oasst":  # a message table's rows link across the file: one pass
+    decided = reader.decided_format() if workers > 1 else None
+    if decided is None or decided[0] == "oasst":  # a message table's rows link across the file: one pass
         return format_file(reader, out, rejects, progress)
-    return format_in_ranges(reader, fmt, out, rejects, progress, workers, log)
+    return format_in_ranges(reader, *decided, out, rejects, progress, workers, log)
 
 
 def format_file(reader: "FileReader", out: AtomicOutput, rejects: AtomicOutput, progress) -> dict:
@@ -349,17 +349,19 @@ def _flush(lines: list[bytes], out: AtomicOutput, stats: dict, progress) -> None
         lines.clear()
 
 
-def format_in_ranges(reader: "FileReader", fmt: str, out: AtomicOutput, rejects: AtomicOutput, progress,
-                     workers: int, log) -> dict:
+def format_in_ranges(reader: "FileReader", fmt: str, by_name: dict[str, Any] | None, out: AtomicOutput,
+                     rejects: AtomicOutput, progress, workers: int, log) -> dict:
     """format_file for a large JSONL file: its lines are independent, so worker processes
-    convert line-aligned ranges of it (format_file on each, with the format the file's first
-    records decided), and this process writes their output and rejects in file order. At
+    convert line-aligned ranges of it (format_file on each, with the format, and the mapping
+    by field names, the file's first records decided), and this process writes their output
+    and rejects in file order. At
     most two ranges per worker are in flight, so memory does not grow with the file.
 
     A transform may keep state from record to record, so a file with one is read in one pass."""
     stats: dict[str, Any] = {"format": fmt, "records_in": 0, "records_out": 0, "converted": 0, "rejected": 0,
-                             "filtered": 0, "reasons": Counter()}
-    jobs = ((reader.path, reader.spec, reader.rel, reader.root, fmt, line_range)
+                             "filtered": 0, "reasons": Counter(), **({"mapping_by_name": by_name} if by_name else {})}
+    spec = reader.spec.model_copy(update={"mapping": by_name}) if by_name else reader.spec
+    jobs = ((reader.path, spec, reader.rel, reader.root, fmt, line_range)
             for line_range in _line_ranges(reader.path, RANGE_BYTES))
     with worker_pool(workers, log, "format") as pool:
         pending: deque = deque()
@@ -375,8 +377,6 @@ def format_in_ranges(reader: "FileReader", fmt: str, out: AtomicOutput, rejects:
                 stats["reasons"].update(part["reasons"])
                 if part.get("incomplete"):  # the last line cut off: only the last range can have it
                     stats["incomplete"] = part["incomplete"]
-                if part.get("mapping_by_name"):
-                    stats.setdefault("mapping_by_name", part["mapping_by_name"])
                 progress.advance(part["records_out"] + part["rejected"] + part["filtered"])
     return stats
 
@@ -485,16 +485,20 @@ class FileReader:
                                              f"{'record ' + str(last[0]) if last else 'no record'} ({e}); the rest "
                                              "of the file is missing: download or copy it again"}
 
-    def decided_format(self) -> str | None:
-        """The format a full read picks for this file from its first records, or None when the
-        file is not UTF-8 or none of its first records can decide it."""
+    def decided_format(self) -> tuple[str, dict[str, Any] | None] | None:
+        """The format a full read picks for this file from its first records and its mapping by
+        field names (choose_converter), or None when the file is not UTF-8 or none of its first
+        records can decide it."""
         with self._open() as f, csv_field_size_limit():
             head = f.read(4)
             if self._unreadable_encoding(head, f):
                 return None
             f.seek(3 if head.startswith(BOM) else 0)
             usable = self._usable(list(islice(self._pipeline(f), DETECT_RECORDS)))
-        return choose_converter(self.spec, self.kind, usable, self.rel)[0] if usable else None
+        if not usable:
+            return None
+        fmt, _, by_name = choose_converter(self.spec, self.kind, usable, self.rel)
+        return fmt, by_name
 
     def _pipeline(self, f, first_line: int = 1) -> Iterator[tuple[Any, Any, Any]]:
         """The raw items of the file (records inside documents, transformed, fanned out)."""

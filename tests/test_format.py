@@ -294,6 +294,31 @@ def test_a_layout_known_by_its_field_names_is_read_without_a_mapping(tmp_path, l
     assert "mapping_by_name" not in run_format(tmp_path, [{"path": "data/raw", "mapping": by_name}])["per_file"]["data/raw/d.jsonl"]
 
 
+def test_a_large_file_read_by_field_names_in_ranges_gives_the_bytes_of_one_pass(tmp_path, monkeypatch):
+    """Worker processes read a large file's ranges with the mapping its first records gave; a
+    range whose own first records name no answer (here 60 records without `response`, each a
+    reject) crashed with exit 3 when each range chose for itself."""
+    import phases.format as fmt
+
+    rows = [{"instruction": f"Say {i}.", "context": "" if i % 3 else f"Context {i}.", "category": "open_qa",
+             **({} if 100 <= i < 160 else {"response": f"{i}"})} for i in range(400)]
+    content = "".join(orjson.dumps(r).decode() + "\n" for r in rows)
+    write(tmp_path / "one", "data/raw/d.jsonl", content)
+    serial = run_format(tmp_path / "one")
+    monkeypatch.setattr(fmt, "default_workers", lambda size: 2)
+    monkeypatch.setattr(fmt, "RANGE_BYTES", 700)
+    write(tmp_path / "ranges", "data/raw/d.jsonl", content)
+    progress = CountingProgress()
+    parallel = run_format(tmp_path / "ranges", progress=progress)
+    assert progress.calls > 10  # the ranges were used
+    for name in ("all.jsonl", "rejects.jsonl"):
+        assert (tmp_path / "ranges/data/formatted" / name).read_bytes() == (tmp_path / "one/data/formatted" / name).read_bytes()
+    drop = ("seconds", "output_sha256")
+    assert {k: v for k, v in parallel.items() if k not in drop} == {k: v for k, v in serial.items() if k not in drop}
+    assert serial["rejected"] == 60 and serial["per_file"]["data/raw/d.jsonl"]["mapping_by_name"] == {
+        "user": ["instruction", "context"], "assistant": "response"}
+
+
 @pytest.mark.parametrize("layout", [
     [{"question": "2+2?", "answer": "4", "response": "four"}],  # two fields could be the answer
     [{"sentence": "a fine film", "label": "1"}],  # a label's words are the user's choice (label_map)
