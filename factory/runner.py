@@ -396,7 +396,7 @@ class _WarningsToTerminal(logging.Handler):
 
 @contextmanager
 def _log_to_file(ws: Workspace, reporter: Reporter) -> Iterator[None]:
-    """The factory's log to .factory/logs/factory.log, and its warnings to the terminal."""
+    """The factory's log to logs/factory.log, and its warnings to the terminal."""
     ws.logs_dir.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(ws.logs_dir / "factory.log", encoding="utf-8")
     handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
