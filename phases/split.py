@@ -27,9 +27,9 @@ one space; symbols, punctuation and digits are kept.
 Memory: about 60 bytes a record plus, with near-duplicates on, 152 bytes per distinct user
 turn of at least `dedup.ngram` words (LSH band keys 72, a signature sketch 64, record and
 key), plus two blocks per worker; LSH candidates are filtered band by band as found, and
-the ones kept are measured exactly (textsim.pair_jaccard) on their texts read back in file
-order, a few thousand lines at a time (by the worker processes when there are some), with
-numpy arrays (no Python set per text).
+the ones kept are measured exactly (textsim.pair_jaccard, numpy arrays, no Python set per
+text) on their normalized texts, which the scan and the check write to an unnamed temporary
+file as they go (SpilledTexts: on disk, not in memory) and read back by row.
 
 Speed: a block's records are parsed with one orjson call each, then handled together: all
 texts normalized at once (textsim.normalize_batch), record and prompt keys combined from
@@ -39,12 +39,14 @@ the turn keys in numpy, MinHash for a block's distinct user turns in one batch.
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 import time
 from array import array
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
-from itertools import compress
+from itertools import compress, repeat
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -117,7 +119,8 @@ def _split(ctx: PhaseContext, workers: int | None, chunk_bytes: int, stack: Exit
     # 1. scan -------------------------------------------------------------------------
     blocks = _blocks(source, chunk_bytes)
     ctx.progress.start(None, "records scanned")
-    scan = _Scan(textsim.lsh_params(settings.threshold)[0])
+    spilled = stack.enter_context(SpilledTexts(ws.formatted_dir))
+    scan = _Scan(textsim.lsh_params(settings.threshold)[0], spilled)
     for part in _map_blocks(_scan_block, [(str(source), a, b) for a, b in blocks], settings, workers, log, pool):
         scan.add(part)
         ctx.progress.advance(part["records"])
@@ -137,12 +140,13 @@ def _split(ctx: PhaseContext, workers: int | None, chunk_bytes: int, stack: Exit
     near_a = near_b = np.zeros(0, np.int64)
     near_pairs_found = 0
     if settings.near:
-        near_a, near_b, near_j = _near_record_pairs(scan, kind == 0, settings, source, pool)
+        near_a, near_b, near_j = _near_record_pairs(scan, kind == 0, settings)
         near_pairs_found = int(near_a.size)
         if data.dedup.near == "drop":
             _drop_near(near_a, near_b, near_j, duplicate_of, kind, similarity)
             both = (kind[near_a] == 0) & (kind[near_b] == 0)
             near_a, near_b = near_a[both], near_b[both]
+    spilled.close()
     keep = np.flatnonzero(kind == 0)
     dropped = {name: int(np.count_nonzero(kind == k)) for k, name in KINDS.items()}
     kept = int(keep.size)
@@ -455,28 +459,38 @@ class _Block:
         return np.fromiter(map(codes.__getitem__, self.roles), np.uint64, len(self.roles))
 
 
-def _user_turns(texts: list[bytes], record: np.ndarray, settings: Settings, near: bool) -> dict[str, Any]:
-    """Keys of the normalized user turns (of at least min_turn_words words) and, with `near`,
-    LSH band keys of each distinct one of at least near_min_words words (its first occurrence)."""
+def text_keys(texts: list[bytes], seed: int) -> np.ndarray:
+    """The 64-bit key of each text (never 0, which means 'no key')."""
+    import numpy as np
+
+    keys = np.fromiter(map(xxhash.xxh3_64_intdigest, texts, repeat(seed, len(texts))), np.uint64, len(texts))
+    keys[keys == 0] = 1
+    return keys
+
+
+def _user_turns(texts: list[bytes], key: np.ndarray, record: np.ndarray, settings: Settings, near: bool) -> dict[str, Any]:
+    """Keys of the normalized user turns `texts` (their keys `key`) of at least min_turn_words
+    words and, with `near`, LSH band keys of each distinct one of at least near_min_words words
+    (its first occurrence)."""
     import numpy as np
     from factory import textsim
 
     s = settings
-    h = xxhash.xxh3_64_intdigest
-    key = np.fromiter((h(t, s.seed) or 1 for t in texts), np.uint64, len(texts))
-    words = np.fromiter((t.count(b" ") + 1 if t else 0 for t in texts), np.int64, len(texts))
+    words = textsim.word_counts(texts)
     counted = np.flatnonzero((words > 0) & (words >= s.min_turn_words))
     result = {"turn_record": record[counted].tobytes(), "turn_key": key[counted].tobytes()}
     if near:
         long_enough = np.flatnonzero(words >= max(1, s.near_min_words))
         _, first = np.unique(key[long_enough], return_index=True)
         rows = long_enough[np.sort(first)]
-        sig = textsim.signatures([texts[i] for i in rows.tolist()], s.ngram)
+        chosen = [texts[i] for i in rows.tolist()]
+        sig = textsim.signatures(chosen, s.ngram)
         bands = textsim.band_keys(sig, *textsim.lsh_params(s.threshold))
         result.update(near_record=record[rows].tobytes(), near_key=key[rows].tobytes(), near_bands=bands.tobytes(),
-                      near_sketch=textsim.sketch(sig).tobytes())
+                      near_sketch=textsim.sketch(sig).tobytes(), near_text=b"".join(chosen),
+                      near_length=np.fromiter(map(len, chosen), np.int64, len(chosen)).tobytes())
     else:
-        result.update(near_record=b"", near_key=b"", near_bands=b"", near_sketch=b"")
+        result.update(near_record=b"", near_key=b"", near_bands=b"", near_sketch=b"", near_text=b"", near_length=b"")
     return result
 
 
@@ -509,7 +523,7 @@ def _scan_block(job: tuple[str, int, int]) -> dict[str, Any]:
     block = _Block(path, data, start)
     n = block.records
     texts = textsim.normalize_batch(block.contents)
-    turn_key = np.fromiter((h(t, seed) or 1 for t in texts), np.uint64, len(texts))
+    turn_key = text_keys(texts, seed)
     roles = block.role_codes(seed)
     assistant = h(b"assistant", seed)
     last = block.first_turn + block.turns - 1
@@ -520,10 +534,10 @@ def _scan_block(job: tuple[str, int, int]) -> dict[str, Any]:
     prompt[block.turns - answered == 0] = 0
     user = np.flatnonzero(roles == h(b"user", seed))
     part = {"records": n, "lines": block.lines, "blank": block.lines - n,
-            "exact": np.fromiter((h(line, seed) for line in block.raw_lines), np.uint64, n).tobytes(),
+            "exact": text_keys(block.raw_lines, seed).tobytes(),
             "norm": _combine(turn_key, roles, block).tobytes(), "prompt": prompt.tobytes(),
             "offset": block.offset.tobytes(), "line": block.line.tobytes()}
-    part.update(_user_turns([texts[i] for i in user.tolist()], block.record_of_turn[user], s, s.near))
+    part.update(_user_turns([texts[i] for i in user.tolist()], turn_key[user], block.record_of_turn[user], s, s.near))
     names: dict[int, str] = {}
     missing = 0
     stratum = array("Q")
@@ -574,8 +588,9 @@ class _Scan:
     TURN_FIELDS = {"turn_record": "q", "turn_key": "Q", "near_record": "q", "near_key": "Q", "near_bands": "Q",
                    "near_sketch": "B", "hit_record": "q", "hit_kind": "b", "hit_benchmark": "q"}
 
-    def __init__(self, bands: int) -> None:
+    def __init__(self, bands: int, texts: "SpilledTexts") -> None:
         self.bands = bands
+        self.texts = texts  # the normalized text of each near_* row
         self.parts: dict[str, array] = {f: array("Q") for f in self.FIELDS}
         self.parts.update({f: array(code) for f, code in self.TURN_FIELDS.items()})
         self.block_records: list[int] = []
@@ -597,6 +612,7 @@ class _Scan:
             if f in part:  # record numbers from the block's to the file's
                 values = (np.frombuffer(part[f], np.int64) + base).tobytes() if f.endswith("_record") else part[f]
                 self.parts[f].frombytes(values)
+        self.texts.add(part["near_text"], part["near_length"])
         self.block_records.append(part["records"])
         self.block_blanks.append(part["blank"])
         self.records += part["records"]
@@ -615,6 +631,61 @@ class _Scan:
         self.near_sketch = self.near_sketch.reshape(-1, textsim.NUM_PERM)
 
 
+class SpilledTexts:
+    """Normalized texts in an unnamed temporary file beside the data (gone when closed, or
+    when the process ends however it ends), appended a block at a time and read back by row
+    number. Near-duplicate candidates are measured exactly on their texts: a few rows out of
+    many, long after their block was scanned. Kept here they cost no memory (the page cache
+    holds them), and reading one back is a slice, where re-reading its record cost a JSON
+    parse and a normalization."""
+
+    WINDOW = 1 << 22
+    """Rows asked for together are read in runs of about this many bytes of the file."""
+
+    def __init__(self, folder: Path) -> None:
+        self.file = tempfile.TemporaryFile(dir=folder)
+        self.size = 0
+        self.ends = array("q")  # where each row's text ends
+
+    def __enter__(self) -> "SpilledTexts":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.file.close()
+
+    def add(self, texts: bytes, lengths: bytes) -> None:
+        """Rows with these texts (concatenated) of these lengths (int64)."""
+        import numpy as np
+
+        self.file.write(texts)
+        self.ends.frombytes((np.cumsum(np.frombuffer(lengths, np.int64)) + self.size).tobytes())
+        self.size += len(texts)
+
+    def read(self, rows: np.ndarray) -> list[bytes]:
+        """The texts of these rows, in this order."""
+        import numpy as np
+
+        self.file.flush()
+        ends = np.frombuffer(self.ends, np.int64)
+        end = ends[rows]
+        start = np.where(rows > 0, ends[rows - 1], 0)
+        order = np.argsort(start, kind="stable")
+        start, end = start[order], end[order]
+        found = [b""] * rows.size
+        i = 0
+        while i < rows.size:
+            low = int(start[i])
+            j = max(i + 1, int(np.searchsorted(start, low + self.WINDOW)))
+            data = os.pread(self.file.fileno(), int(end[i:j].max()) - low, low)
+            for k, a, b in zip(order[i:j].tolist(), (start[i:j] - low).tolist(), (end[i:j] - low).tolist()):
+                found[k] = data[a:b]
+            i = j
+        return found
+
+
 # --- 2. dedup --------------------------------------------------------------------------
 
 
@@ -630,8 +701,7 @@ def _mark_duplicates(keys: np.ndarray, among: np.ndarray, duplicate_of: np.ndarr
     kind[among[repeated]] = code
 
 
-def _near_record_pairs(scan: _Scan, alive: np.ndarray, settings: Settings, source: Path, pool=None
-                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _near_record_pairs(scan: _Scan, alive: np.ndarray, settings: Settings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Record pairs (a < b) with near-duplicate user turns (different texts), among live records;
     each user text is searched once (its first occurrence)."""
     import numpy as np
@@ -641,11 +711,8 @@ def _near_record_pairs(scan: _Scan, alive: np.ndarray, settings: Settings, sourc
     _, first = np.unique(scan.near_key[rows], return_index=True)
     rows = rows[np.sort(first)]
 
-    def texts_of(found: np.ndarray) -> list[bytes]:
-        return _normalized_user_turns(source, scan.offset[scan.near_record[rows[found]]].astype(np.int64),
-                                      scan.near_key[rows[found]], settings.seed, pool)
-
-    low, high, similarity = textsim.near_duplicate_pairs(scan.near_bands[rows], scan.near_sketch[rows], texts_of,
+    low, high, similarity = textsim.near_duplicate_pairs(scan.near_bands[rows], scan.near_sketch[rows],
+                                                         lambda found: scan.texts.read(rows[found]),
                                                          settings.ngram, settings.threshold)
     a, b = scan.near_record[rows[low]], scan.near_record[rows[high]]
     a, b = np.minimum(a, b), np.maximum(a, b)
@@ -1065,45 +1132,38 @@ def measure_leakage(ws, settings: Settings, workers: int = 1, chunk_bytes: int =
     grown = {f: array(codes[f.removeprefix("near_")]) for f in ("split", "key", "offset", "line", "near_split",
                                                                 "near_key", "near_offset", "near_line", "near_bands",
                                                                 "near_sketch")}  # grown in place, as the scan's
-    for part in _map_blocks(_check_block, jobs, settings, workers, log, pool):
-        name = SPLITS[part["split"]]
-        base_line = lines[name]
-        records[name] += part["records"]
-        lines[name] += part["lines"]
-        for prefix in ("", "near_"):
-            grown[prefix + "split"].frombytes(bytes([part["split"]]) * (len(part[prefix + "key"]) // 8))
-            grown[prefix + "key"].frombytes(part[prefix + "key"])
-            grown[prefix + "offset"].frombytes(part[prefix + "offset"])
-            grown[prefix + "line"].frombytes((np.frombuffer(part[prefix + "line"], np.int64) + base_line).tobytes())
-        grown["near_bands"].frombytes(part["near_bands"])
-        grown["near_sketch"].frombytes(part["near_sketch"])
-        if progress is not None:
-            progress.advance(part["records"])
-    t = {f: np.frombuffer(values, np.dtype(values.typecode)) for f, values in grown.items()}
-    bands = t["near_bands"].reshape(-1, textsim.lsh_params(settings.threshold)[0])
-    sketches = t["near_sketch"].reshape(-1, textsim.NUM_PERM)
+    with SpilledTexts(ws.splits_dir) as spilled:  # the normalized text of each near_* row
+        for part in _map_blocks(_check_block, jobs, settings, workers, log, pool):
+            name = SPLITS[part["split"]]
+            base_line = lines[name]
+            records[name] += part["records"]
+            lines[name] += part["lines"]
+            for prefix in ("", "near_"):
+                grown[prefix + "split"].frombytes(bytes([part["split"]]) * (len(part[prefix + "key"]) // 8))
+                grown[prefix + "key"].frombytes(part[prefix + "key"])
+                grown[prefix + "offset"].frombytes(part[prefix + "offset"])
+                grown[prefix + "line"].frombytes((np.frombuffer(part[prefix + "line"], np.int64) + base_line).tobytes())
+            grown["near_bands"].frombytes(part["near_bands"])
+            grown["near_sketch"].frombytes(part["near_sketch"])
+            spilled.add(part["near_text"], part["near_length"])
+            if progress is not None:
+                progress.advance(part["records"])
+        t = {f: np.frombuffer(values, np.dtype(values.typecode)) for f, values in grown.items()}
+        bands = t["near_bands"].reshape(-1, textsim.lsh_params(settings.threshold)[0])
+        sketches = t["near_sketch"].reshape(-1, textsim.NUM_PERM)
 
-    shared = _shared_between_splits(t["key"], t["split"])
-    # near-duplicates: each distinct text once per split; pairs of different texts in two splits
-    packed = t["near_key"] & ~np.uint64(3) | t["near_split"].astype(np.uint64)
-    _, rows = np.unique(packed, return_index=True)
+        shared = _shared_between_splits(t["key"], t["split"])
+        # near-duplicates: each distinct text once per split; pairs of different texts in two splits
+        packed = t["near_key"] & ~np.uint64(3) | t["near_split"].astype(np.uint64)
+        _, rows = np.unique(packed, return_index=True)
 
-    def texts_of(found: np.ndarray) -> list[bytes]:
-        texts = [b""] * found.size
-        for k, name in enumerate(SPLITS):
-            mine = np.flatnonzero(t["near_split"][rows[found]] == k)
-            chosen = rows[found[mine]]
-            for i, text in zip(mine.tolist(), _normalized_user_turns(ws.split_file(name), t["near_offset"][chosen],
-                                                                     t["near_key"][chosen], settings.seed, pool)):
-                texts[i] = text
-        return texts
+        def across(low: np.ndarray, high: np.ndarray) -> np.ndarray:  # only pairs of two splits are leakage
+            a, b = rows[low], rows[high]
+            return (t["near_split"][a] != t["near_split"][b]) & (t["near_key"][a] != t["near_key"][b])
 
-    def across(low: np.ndarray, high: np.ndarray) -> np.ndarray:  # only pairs of two splits are leakage
-        a, b = rows[low], rows[high]
-        return (t["near_split"][a] != t["near_split"][b]) & (t["near_key"][a] != t["near_key"][b])
-
-    low, high, similarity = textsim.near_duplicate_pairs(bands[rows], sketches[rows], texts_of, settings.ngram,
-                                                         settings.threshold, across)
+        low, high, similarity = textsim.near_duplicate_pairs(bands[rows], sketches[rows],
+                                                             lambda found: spilled.read(rows[found]), settings.ngram,
+                                                             settings.threshold, across)
     a, b = rows[low], rows[high]
     across = (t["near_split"][a] != t["near_split"][b]) & (t["near_key"][a] != t["near_key"][b])
     a, b, similarity = a[across], b[across], similarity[across]
@@ -1130,14 +1190,16 @@ def _check_block(job: tuple[str, int, int, int]) -> dict[str, Any]:
     block = _Block(path, _read_block(path, start, end), start)
     user = [role == "user" for role in block.roles]
     texts = textsim.normalize_batch(list(compress(block.contents, user)))
-    part = _user_turns(texts, block.record_of_turn[np.asarray(user, bool)], _SETTINGS, near=True)
+    part = _user_turns(texts, text_keys(texts, _SETTINGS.seed), block.record_of_turn[np.asarray(user, bool)], _SETTINGS,
+                       near=True)
     turn_record = np.frombuffer(part["turn_record"], np.int64)
     near_record = np.frombuffer(part["near_record"], np.int64)
     return {"split": split, "records": block.records, "lines": block.lines,
             "key": part["turn_key"], "offset": block.offset[turn_record].tobytes(),
             "line": block.line[turn_record].tobytes(), "near_key": part["near_key"],
             "near_offset": block.offset[near_record].tobytes(), "near_line": block.line[near_record].tobytes(),
-            "near_bands": part["near_bands"], "near_sketch": part["near_sketch"]}
+            "near_bands": part["near_bands"], "near_sketch": part["near_sketch"], "near_text": part["near_text"],
+            "near_length": part["near_length"]}
 
 
 def _user_turn_with_key(f, offset: int, key: int, seed: int) -> str:
@@ -1150,50 +1212,6 @@ def _user_turn_with_key(f, offset: int, key: int, seed: int) -> str:
         if turn["role"] == "user" and (xxhash.xxh3_64_intdigest(text.encode(), seed) or 1) == key:
             return turn["content"]
     return ""
-
-
-TEXTS_PER_JOB = 8192
-"""_normalized_user_turns hands the worker processes runs of this many lines (in file order)."""
-
-
-def _normalized_user_turns(path: Path, offsets: np.ndarray, keys: np.ndarray, seed: int, pool=None) -> list[bytes]:
-    """For each i, the normalized user turn with key keys[i] of the line at byte offsets[i]:
-    the lines are read in file order through a large buffer (a seek inside it reads nothing),
-    and a few thousand at a time parsed and normalized together; by the pool's workers, a
-    run of lines each, when there is a pool and enough lines."""
-    import numpy as np
-
-    if pool is None or offsets.size < 2 * TEXTS_PER_JOB:
-        return _user_turns_at((str(path), offsets, keys, seed))
-    order = np.argsort(offsets, kind="stable")
-    runs = range(0, order.size, TEXTS_PER_JOB)
-    jobs = [(str(path), offsets[order[lo:lo + TEXTS_PER_JOB]], keys[order[lo:lo + TEXTS_PER_JOB]], seed) for lo in runs]
-    found = [b""] * offsets.size
-    for lo, texts in zip(runs, pool.imap(_user_turns_at, jobs)):
-        for i, text in zip(order[lo:lo + TEXTS_PER_JOB].tolist(), texts):
-            found[i] = text
-    return found
-
-
-def _user_turns_at(job: tuple[str, np.ndarray, np.ndarray, int]) -> list[bytes]:
-    import numpy as np
-    from factory import textsim
-
-    path, offsets, keys, seed = job
-    found = [b""] * offsets.size
-    order = np.argsort(offsets, kind="stable")
-    h = xxhash.xxh3_64_intdigest
-    with open(path, "rb", buffering=1 << 20) as f:
-        for lo in range(0, order.size, 4096):
-            chosen = order[lo:lo + 4096]
-            users = [[turn["content"] for turn in orjson.loads(_line_at(f, offset))["conversations"]
-                      if turn["role"] == "user"] for offset in offsets[chosen].tolist()]
-            texts = iter(textsim.normalize_batch([text for turns in users for text in turns]))
-            for i, turns, key in zip(chosen.tolist(), users, keys[chosen].tolist()):
-                for text in [next(texts) for _ in turns]:
-                    if (h(text, seed) or 1) == key:
-                        found[i] = text
-    return found
 
 
 def _leak_examples(ws, seed: int, t: dict[str, np.ndarray], a: np.ndarray, b: np.ndarray,

@@ -524,20 +524,24 @@ def test_near_duplicates_dropped_are_written_with_the_record_they_duplicate(ws):
     assert recount_lines(ws.formatted_file) == sum(recount_lines(ws.split_file(n)) for n in SPLITS) + len(entries)
 
 
-def test_near_duplicate_texts_read_back_by_workers_match_one_process(tmp_path, monkeypatch):
-    """The near-duplicate candidates' texts are read back by the worker processes (runs of 4
-    lines here): the same pairs, drops and files as in one process."""
-    monkeypatch.setattr(split, "TEXTS_PER_JOB", 4)
+def test_near_duplicate_texts_spilled_by_workers_match_one_process(tmp_path, monkeypatch):
+    """The near-duplicate candidates' texts, spilled block by block by the worker processes
+    (blocks of 2 KB) and read back in windows of 64 bytes: the same pairs, drops and files as
+    in one process with one window."""
     base, near = paraphrases(30)
     records = [record(q, f"Answer A{i}") for i, q in enumerate(base)] + unique_records(80)
     records += [record(q, f"Answer B{i}") for i, q in enumerate(near)]
     results = []
     for i, workers in enumerate((1, 2)):
+        if workers == 2:
+            monkeypatch.setattr(split.SpilledTexts, "WINDOW", 64)
         ws = Workspace.at(tmp_path / str(i))
         write_input(ws, records)
         m = run(ws, {"dedup": {"near": "drop"}}, workers=workers, chunk_bytes=2 << 10)
         results.append(({k: v for k, v in m.items() if k not in ("seconds", "seconds_by_step")},
                         ws.duplicates_file.read_bytes()))
+        assert sorted(p.name for p in ws.splits_dir.iterdir()) == ["test.jsonl", "train.jsonl", "val.jsonl"]
+        assert sorted(p.name for p in ws.formatted_dir.iterdir()) == ["all.jsonl", "duplicates.jsonl"]
     assert results[0] == results[1]
     assert results[0][0]["near_duplicates"]["dropped"] >= 28
 
@@ -684,6 +688,24 @@ def test_normalize_batch_equals_normalize_text_by_text():
     spaces = [chr(c) for c in range(0x110000) if chr(c).isspace()]
     mixed = [f"É{s}a{s}{s}ß{s}" for s in spaces] + [f"{s}ﬁ" for s in spaces] + [f"{s}\u00e9{s}x" for s in spaces]
     assert textsim.normalize_batch(mixed) == [textsim.normalize(t).encode() for t in mixed]
+
+
+def test_texts_of_plain_characters_normalize_as_text_by_text():
+    """normalize_batch lower-cases a text whose characters above ASCII are all plain (no NFKC,
+    no regular expressions): every such character, and random strings of them with ASCII,
+    give what normalize() gives; and the test refuses what needs more."""
+    import random
+
+    from factory import textsim
+
+    plain = textsim._plain_text()
+    chars = [chr(c) for c in (*range(0x80, 0x3400), *range(0x1F000, 0x1FB00)) if plain(chr(c))]
+    assert len(chars) > 5000 and all(plain(c) for c in "é’“–°ñΔ×🚀ö") and "Σ" not in chars
+    assert not any(plain(t) for t in ("x²", "a\u00a0b", "ß", "ﬁ", "e\u0301", "İ", "中", "\u1161", "ǅ"))
+    rng = random.Random(3)
+    texts = [f"X{c}Y {c}{c.upper()}\t{c}" for c in chars]
+    texts += ["".join(rng.choice(chars + list("AbZ .\t\n")) for _ in range(rng.randint(1, 30))) for _ in range(20000)]
+    assert textsim.normalize_batch(texts) == [textsim.normalize(t).encode() for t in texts]
 
 
 # --- the real datasets: an independent re-count ---------------------------------------------
