@@ -317,21 +317,22 @@ def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
     return keys
 
 
-def candidate_pairs(keys: np.ndarray, keep: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
-                    ) -> tuple[np.ndarray, np.ndarray]:
+def candidate_pairs(keys: np.ndarray, keep: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+                    threads: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """Pairs (i, j), i < j, of rows that share an LSH band: the pairs datasketch.MinHashLSH's
     query returns for the same bands (all pairs of a bucket up to MAX_ALL_PAIRS_BUCKET), and
     of those only the ones `keep(i, j)` accepts, filtered as they are found (a band can give
-    tens of millions of candidates on templated data)."""
+    tens of millions of candidates on templated data). Bands are searched `threads` at a time
+    (numpy's sorts and filters let go of the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     m = keys.shape[0]
-    found: list[np.ndarray] = []
 
-    def add(pairs: np.ndarray) -> None:
-        for lo in range(0, pairs.shape[1], 1 << 20):
-            chunk = pairs[:, lo:lo + (1 << 20)]
-            found.append(chunk if keep is None else chunk[:, keep(chunk[0], chunk[1])])
+    def kept(pairs: np.ndarray) -> list[np.ndarray]:
+        chunks = [pairs[:, lo:lo + (1 << 20)] for lo in range(0, pairs.shape[1], 1 << 20)]
+        return chunks if keep is None else [chunk[:, keep(chunk[0], chunk[1])] for chunk in chunks]
 
-    for k in range(keys.shape[1]):
+    def band_pairs(k: int) -> list[np.ndarray]:
         order = np.argsort(keys[:, k], kind="stable")
         sorted_keys = keys[order, k]
         new = np.concatenate(([True], sorted_keys[1:] != sorted_keys[:-1]))
@@ -339,17 +340,22 @@ def candidate_pairs(keys: np.ndarray, keep: Callable[[np.ndarray, np.ndarray], n
         start = np.flatnonzero(new)
         size = np.diff(np.append(start, m))
         if size.max(initial=1) < 2:
-            continue
+            return []
         small = size[bucket] <= MAX_ALL_PAIRS_BUCKET
+        found = []
         for d in range(1, min(int(size.max()), MAX_ALL_PAIRS_BUCKET)):
             same = (bucket[:-d] == bucket[d:]) & small[:-d]
-            add(np.stack((order[:-d][same], order[d:][same])))
+            found += kept(np.stack((order[:-d][same], order[d:][same])))
         large = np.flatnonzero(~small)
         if large.size:
             head = order[start[bucket[large]]]
-            add(np.stack((head, order[large])))
+            found += kept(np.stack((head, order[large])))
             chain = large[:-1][bucket[large[:-1]] == bucket[large[1:]]]
-            add(np.stack((order[chain], order[chain + 1])))
+            found += kept(np.stack((order[chain], order[chain + 1])))
+        return found
+
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        found = [pairs for band in pool.map(band_pairs, range(keys.shape[1])) for pairs in band]
     if not found:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     pairs = np.concatenate(found, axis=1).astype(np.int64)
