@@ -1062,7 +1062,7 @@ def detect_format(first: list[dict], spec: InputSpec, kind: str, rel: str) -> st
     if kind not in ("csv", "tsv") and fields_by_name(records):
         return "mapped"
     keys = [str(k) for k in records[0]] if records and type(records[0]) is dict else []
-    example = f"data:\n  inputs:\n    - path: {spec.path}\n      mapping: {suggested_mapping(keys)}"
+    example = f"data:\n  inputs:\n    - path: {spec.path}\n      mapping: {suggested_mapping(records[0] if keys else {})}"
     lists = [k for k, v in (records[0].items() if keys else ()) if type(v) is list and v and type(v[0]) is dict]
     turns = [k for k in keys if _messages_written_as(records[0][k])]
     if turns:  # lmsys-chat-1m's `conversation`, preference data's `chosen`
@@ -1143,17 +1143,42 @@ def fields_by_name(records: list[Any]) -> dict[str, Any] | None:
             "assistant": assistant}
 
 
-def suggested_mapping(keys: list[str]) -> str:
-    """A `mapping` for records with these keys, in YAML flow style: the known role fields found,
-    the user's in the record's order (Dolly: [instruction, context]); a role none of whose
-    known names is there gets a placeholder to replace (a guess would train the wrong text)."""
+def suggested_mapping(record: dict) -> str:
+    """A `mapping` for records like this one, in YAML flow style: the known role fields found,
+    the user's in the record's order (Dolly: [instruction, context]), each followed down to its
+    first text where it holds a list or an object (SQuAD's answers: answers.text[0]); a role
+    none of whose known names is there gets a placeholder to replace (a guess would train the
+    wrong text)."""
+    keys = [str(k) for k in record]
     lower = {k.lower(): k for k in keys}
-    assistant = next((lower[f] for f in ROLE_FIELDS["assistant"] if f in lower), "ANSWER_FIELD")
+    assistant = next((lower[f] for f in ROLE_FIELDS["assistant"] if f in lower), None)
     system = next((lower[f] for f in ROLE_FIELDS["system"] if f in lower), None)
-    user = [k for k in keys if k.lower() in ROLE_FIELDS["user"] and k not in (assistant, system)] or ["PROMPT_FIELD"]
-    roles = ([f"system: {system}"] if system else []) + [f"user: {user[0] if len(user) == 1 else '[' + ', '.join(user) + ']'}",
-                                                          f"assistant: {assistant}"]
+    user = [k for k in keys if k.lower() in ROLE_FIELDS["user"] and k not in (assistant, system)]
+    shown = [_text_path(record, k) for k in user] or ["PROMPT_FIELD"]
+    roles = ([f"system: {_text_path(record, system)}"] if system else []) + [
+        f"user: {shown[0] if len(shown) == 1 else '[' + ', '.join(shown) + ']'}",
+        f"assistant: {_text_path(record, assistant) if assistant else 'ANSWER_FIELD'}"]
     return "{" + ", ".join(roles) + "}"
+
+
+def _text_path(record: dict, field: str) -> str:
+    """`field`, or a path from it down to the first text inside it: the first element of a
+    list, the first field of an object that leads to one (SQuAD's {"answers": {"answer_start":
+    [0], "text": ["..."]}} -> answers.text[0])."""
+    def first_text(value: Any, path: str, depth: int) -> str | None:
+        if isinstance(value, str):
+            return path
+        if depth == 0:
+            return None
+        if isinstance(value, list):
+            return first_text(value[0], f"{path}[0]", depth - 1) if value else None
+        if isinstance(value, dict):
+            return next((found for key, item in value.items() if isinstance(key, str) and _PATH_TOKEN.fullmatch(key)
+                         and (found := first_text(item, f"{path}.{key}", depth - 1))), None)
+        return None
+
+    path = first_text(record.get(field), field, 4) or field
+    return path if path.isidentifier() else orjson.dumps(path).decode()  # YAML flow style: [ and ] need quotes
 
 
 def _check_columns(spec: InputSpec, header_row: dict, kind: str, rel: str) -> None:

@@ -322,10 +322,13 @@ def test_a_large_file_read_by_field_names_in_ranges_gives_the_bytes_of_one_pass(
     [{"question": "2+2?", "answer": "4", "response": "four"}],  # two fields could be the answer
     [{"sentence": "a fine film", "label": "1"}],  # a label's words are the user's choice (label_map)
     [{"sentence": "a fine film", "response": "x"}],  # a sentence may be either side
+    # Hugging Face's squad: the answer is inside an object of lists
+    [{"id": "5733be28", "title": "Paris", "context": "Paris is in France.", "question": "Where is Paris?",
+      "answers": {"answer_start": [12], "text": ["France"]}}],
 ])
 def test_a_layout_whose_roles_its_names_do_not_settle_gets_a_mapping_to_fill_in(tmp_path, layout):
     """No guess where the names are ambiguous: the error's suggested mapping, pasted into the
-    config as a user would, reads the records."""
+    config as a user would, reads the records (a nested answer by its path, quoted for YAML)."""
     import yaml
 
     write(tmp_path, "data/raw/d.jsonl", "".join(orjson.dumps(r).decode() + "\n" for r in layout))
@@ -334,6 +337,9 @@ def test_a_layout_whose_roles_its_names_do_not_settle_gets_a_mapping_to_fill_in(
     suggested = yaml.safe_load(str(e.value).split("e.g.\n", 1)[1])["data"]["inputs"]
     run_format(tmp_path, suggested)
     assert len(records(tmp_path)) == len(layout)
+    if "answers" in layout[0]:
+        assert suggested[0]["mapping"] == {"user": ["context", "question"], "assistant": "answers.text[0]"}
+        assert records(tmp_path)[0]["conversations"][-1] == {"role": "assistant", "content": "France"}
 
 
 def test_csv_short_first_row_is_a_reject_not_a_header_problem(tmp_path):
