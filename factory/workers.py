@@ -7,6 +7,7 @@ own process (starting workers would cost more than it saves).
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import signal
@@ -34,6 +35,10 @@ def _start_worker(initializer: Callable[..., None] | None, initargs: tuple) -> N
     # Ctrl-C is handled by the parent, which terminates the pool; SIGTERM just ends a worker.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # The objects inherited from the parent are never garbage: frozen, the collector no longer
+    # walks them each time a block's records fill a generation, and so no longer copies their
+    # pages (copy-on-write): 20% of the split workers' CPU at 1M records.
+    gc.freeze()
     if initializer is not None:
         initializer(*initargs)
 
