@@ -39,7 +39,6 @@ the turn keys in numpy, MinHash for a block's distinct user turns in one batch.
 from __future__ import annotations
 
 import math
-import os
 import tempfile
 import time
 from array import array
@@ -660,6 +659,7 @@ class SpilledTexts:
         """Rows with these texts (concatenated) of these lengths (int64)."""
         import numpy as np
 
+        self.file.seek(self.size)
         self.file.write(texts)
         self.ends.frombytes((np.cumsum(np.frombuffer(lengths, np.int64)) + self.size).tobytes())
         self.size += len(texts)
@@ -668,7 +668,6 @@ class SpilledTexts:
         """The texts of these rows, in this order."""
         import numpy as np
 
-        self.file.flush()
         ends = np.frombuffer(self.ends, np.int64)
         end = ends[rows]
         start = np.where(rows > 0, ends[rows - 1], 0)
@@ -679,7 +678,8 @@ class SpilledTexts:
         while i < rows.size:
             low = int(start[i])
             j = max(i + 1, int(np.searchsorted(start, low + self.WINDOW)))
-            data = os.pread(self.file.fileno(), int(end[i:j].max()) - low, low)
+            self.file.seek(low)
+            data = self.file.read(int(end[i:j].max()) - low)
             for k, a, b in zip(order[i:j].tolist(), (start[i:j] - low).tolist(), (end[i:j] - low).tolist()):
                 found[k] = data[a:b]
             i = j
