@@ -63,9 +63,10 @@ class InputSpec(Section):
 
     messages: str | None = None
     """The field that holds each record's conversation, a list of messages ({role, content}, or
-    ShareGPT's {from, value}) or a transcript of `\\n\\nHuman: ` and `\\n\\nAssistant: ` turns
-    (Anthropic's hh-rlhf), where it is not `messages` or `conversations`: `conversation`
-    (lmsys-chat-1m), `chosen` (preference data, to train on the chosen replies), `dialog`."""
+    ShareGPT's {from, value}), of exchanges ({input, output}: Capybara), or a transcript of
+    `\\n\\nHuman: ` and `\\n\\nAssistant: ` turns (Anthropic's hh-rlhf), where it is not
+    `messages` or `conversations`: `conversation` (lmsys-chat-1m, Capybara), `chosen`
+    (preference data, to train on the chosen replies), `dialog`."""
 
     mapping: dict[Literal["system", "user", "assistant"], Union[FieldPath, list[FieldPath]]] | None = None
     """For `mapped` (and CSV/TSV): which field or column holds each role's text,

@@ -1094,13 +1094,14 @@ def detect_format(first: list[dict], spec: InputSpec, kind: str, rel: str) -> st
 
 def _messages_written_as(turns: Any) -> str | None:
     """sharegpt or openai for a list of {from, value} or {role, content} objects, or openai for a
-    Human/Assistant transcript (read by openai()); else None."""
+    Human/Assistant transcript or a list of exchanges, {input, output} (both read by openai());
+    else None."""
     if type(turns) is str and re.match(r"\s*Human: ", turns) and "\n\nAssistant: " in turns:
         return "openai"
     if type(turns) is list and turns and type(turns[0]) is dict:
         if "from" in turns[0] and "value" in turns[0]:
             return "sharegpt"
-        if "role" in turns[0] and "content" in turns[0]:
+        if "role" in turns[0] and "content" in turns[0] or _pair_fields(turns[0]):
             return "openai"
     return None
 
@@ -1520,7 +1521,29 @@ def _turn_list(obj: dict, field: str, hint: str) -> list:
         raise Reject("missing_field", f"no `{field}` field; {hint}")
     if type(turns) is not list:
         raise Reject("wrong_type", f"`{field}` is a JSON {_json_type(turns)}, not a list; {hint}")
-    return turns
+    return _pairs_as_messages(turns, field) if turns and _pair_fields(turns[0]) else turns
+
+
+def _pair_fields(turn: Any) -> tuple[str, str] | None:
+    """The (prompt, answer) fields of a turn written as an exchange, {input, output} (Capybara)
+    or any one prompt and one answer field of ROLE_FIELDS with text, or None."""
+    if type(turn) is not dict or "role" in turn or "from" in turn:
+        return None
+    named = {role: [k for k, v in turn.items() if type(v) is str and k.lower() in ROLE_FIELDS[role]
+                    and k.lower() not in NOT_A_ROLE_BY_NAME] for role in ("user", "assistant")}
+    return (named["user"][0], named["assistant"][0]) if len(named["user"]) == len(named["assistant"]) == 1 else None
+
+
+def _pairs_as_messages(turns: list, field: str) -> list[dict]:
+    """A conversation written as exchanges, [{input, output}, ...], as user and assistant messages."""
+    messages = []
+    for i, turn in enumerate(turns):
+        fields = _pair_fields(turn)
+        if fields is None:
+            raise Reject("wrong_type", f"{field}[{i}] is not an exchange of a prompt and an answer field with text, "
+                                       f"as {field}[0] is; fix or remove the record")
+        messages += [{"role": "user", "content": turn[fields[0]]}, {"role": "assistant", "content": turn[fields[1]]}]
+    return messages
 
 
 def _optional_text(obj: dict, field: str) -> str:

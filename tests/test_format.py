@@ -235,6 +235,9 @@ def test_records_inside_a_document_get_a_records_path_that_reads_them(tmp_path):
     # ShareGPT-style turns under another name
     ([{"id": i, "dialog": [{"from": "human", "value": f"Q{i} what?"}, {"from": "gpt", "value": f"A{i}."}]}
       for i in range(2)] + [{"id": 2, "dialog": [{"from": "narrator", "value": "x"}]}], "dialog"),
+    # Capybara: a conversation written as exchanges
+    ([{"source": "Airoboros", "conversation": [{"input": f"Q{i} what?", "output": f"A{i}."}]} for i in range(2)]
+     + [{"source": "x", "conversation": [{"input": "Q2", "output": "A2"}, {"input": "Q3"}]}], "conversation"),
 ])
 def test_a_conversation_under_another_field_is_read_with_the_field_the_error_names(tmp_path, layout, field):
     """A list of messages under a field other than messages/conversations was taken for the
@@ -254,6 +257,19 @@ def test_a_conversation_under_another_field_is_read_with_the_field_the_error_nam
     assert metrics["records_in"] == 3 and metrics["rejected"] == 1
     (reject,) = rejects(tmp_path)
     assert reject["line"] == 3 and f"{field}" in reject["detail"], reject
+
+
+def test_a_conversation_written_as_exchanges_keeps_its_turns(tmp_path):
+    """Capybara-style conversations, [{input, output}, ...], under `conversations`: read as one
+    multi-turn conversation each (were rejected: no role), not a record per exchange."""
+    layout = [{"conversations": [{"input": f"Q{i}", "output": f"A{i}"}, {"input": f"Q{i} again", "output": f"B{i}"}]}
+              for i in range(3)] + [{"conversations": [{"prompt": "P", "response": "R"}]}]
+    write(tmp_path, "data/raw/d.jsonl", "\n".join(orjson.dumps(r).decode() for r in layout))
+    metrics = run_format(tmp_path)
+    assert metrics["rejected"] == 0
+    assert [r["conversations"] for r in records(tmp_path)] == [
+        turns(("user", f"Q{i}"), ("assistant", f"A{i}"), ("user", f"Q{i} again"), ("assistant", f"B{i}")) for i in range(3)
+    ] + [turns(("user", "P"), ("assistant", "R"))]
 
 
 def test_a_layout_without_known_role_fields_gets_placeholders_not_a_guess(tmp_path):
