@@ -1525,11 +1525,11 @@ def _turn_list(obj: dict, field: str, hint: str) -> list:
 
 
 def _pair_fields(turn: Any) -> tuple[str, str] | None:
-    """The (prompt, answer) fields of a turn written as an exchange, {input, output} (Capybara)
-    or any one prompt and one answer field of ROLE_FIELDS with text, or None."""
+    """The (prompt, answer) fields of a turn written as an exchange, {input, output} (Capybara),
+    {user, assistant}, or any one prompt and one answer field of ROLE_FIELDS with text, or None."""
     if type(turn) is not dict or "role" in turn or "from" in turn:
         return None
-    named = {role: [k for k, v in turn.items() if type(v) is str and k.lower() in ROLE_FIELDS[role]
+    named = {role: [k for k, v in turn.items() if type(v) is str and (k.lower() in ROLE_FIELDS[role] or k.lower() == role)
                     and k.lower() not in NOT_A_ROLE_BY_NAME] for role in ("user", "assistant")}
     return (named["user"][0], named["assistant"][0]) if len(named["user"]) == len(named["assistant"]) == 1 else None
 

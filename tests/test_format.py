@@ -263,13 +263,14 @@ def test_a_conversation_written_as_exchanges_keeps_its_turns(tmp_path):
     """Capybara-style conversations, [{input, output}, ...], under `conversations`: read as one
     multi-turn conversation each (were rejected: no role), not a record per exchange."""
     layout = [{"conversations": [{"input": f"Q{i}", "output": f"A{i}"}, {"input": f"Q{i} again", "output": f"B{i}"}]}
-              for i in range(3)] + [{"conversations": [{"prompt": "P", "response": "R"}]}]
+              for i in range(3)] + [{"conversations": [{"prompt": "P", "response": "R"}]},
+                                    {"conversations": [{"user": "U", "assistant": "V"}]}]
     write(tmp_path, "data/raw/d.jsonl", "\n".join(orjson.dumps(r).decode() for r in layout))
     metrics = run_format(tmp_path)
     assert metrics["rejected"] == 0
     assert [r["conversations"] for r in records(tmp_path)] == [
         turns(("user", f"Q{i}"), ("assistant", f"A{i}"), ("user", f"Q{i} again"), ("assistant", f"B{i}")) for i in range(3)
-    ] + [turns(("user", "P"), ("assistant", "R"))]
+    ] + [turns(("user", "P"), ("assistant", "R")), turns(("user", "U"), ("assistant", "V"))]
 
 
 def test_a_layout_without_known_role_fields_gets_placeholders_not_a_guess(tmp_path):
