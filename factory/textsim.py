@@ -80,11 +80,11 @@ _OTHER_SPACES = re.compile("[\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f
 
 
 def normalize_batch(texts: list[str]) -> list[bytes]:
-    """[normalize(t).encode() for t in texts], computed together: the texts that are not
-    ASCII (a few) get NFKC and case folding one by one and their other whitespace made a
-    space, then all are joined and lower-cased, their whitespace runs collapsed and their
-    ends stripped in a few passes over the joined bytes (no per-word Python objects;
-    tests/test_split.py checks the equality)."""
+    """[normalize(t).encode() for t in texts], computed together: a text that is not ASCII
+    is lower-cased when its other characters are plain (_plain_text), else gets NFKC, case
+    folding and its other whitespace made a space; then all are joined and lower-cased, their
+    whitespace runs collapsed and their ends stripped in a few passes over the joined bytes
+    (no per-word Python objects; tests/test_split.py checks the equality)."""
     if not texts:
         return []
     # every text ends with a NUL, the last one too
