@@ -21,7 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from factory import __version__, hub
-from factory.example import FAMILIES
+from factory.example import FAMILIES, VOCABULARIES
 from factory.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, Cancelled, FactoryError, GateFailed, InputError
 from factory.workspace import Workspace
 
@@ -157,8 +157,8 @@ def init(
     _debug = debug
     if family not in EXAMPLE_FAMILIES or (family != EXAMPLE_FAMILIES[0] and not example):
         raise FactoryError(f"--family {family}: use it with --example, and one of {', '.join(EXAMPLE_FAMILIES)}")
-    if vocabulary is not None and (vocabulary not in ("real", "task") or not example):
-        raise FactoryError(f"--vocab {vocabulary}: use it with --example, and one of real, task")
+    if vocabulary is not None and (vocabulary not in VOCABULARIES or not example):
+        raise FactoryError(f"--vocab {vocabulary}: use it with --example, and one of {', '.join(VOCABULARIES)}")
     if vocabulary == "real" and FAMILIES[family].vocab is None:
         raise FactoryError(f"--vocab real: {family}'s real vocabulary is not among llama.cpp's, so its example has "
                            "only the task vocabulary; leave --vocab out")

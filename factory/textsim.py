@@ -25,6 +25,7 @@ import re
 import unicodedata
 from array import array
 from functools import lru_cache
+from itertools import repeat
 from typing import Callable
 
 import numpy as np
@@ -142,9 +143,16 @@ def _fold_unicode(text: str) -> str:
     return _OTHER_SPACES.sub(" ", space_out(unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold())))
 
 
-def text_key(normalized: str, seed: int = 0) -> int:
+def text_key(normalized: str | bytes, seed: int = 0) -> int:
     """A 64-bit key of an already normalized text (never 0, which means 'no key')."""
-    return xxhash.xxh3_64_intdigest(normalized.encode(), seed) or 1
+    return xxhash.xxh3_64_intdigest(normalized if type(normalized) is bytes else normalized.encode(), seed) or 1
+
+
+def text_keys(texts: list[bytes], seed: int = 0) -> np.ndarray:
+    """text_key of each text, together."""
+    keys = np.fromiter(map(xxhash.xxh3_64_intdigest, texts, repeat(seed, len(texts))), np.uint64, len(texts))
+    keys[keys == 0] = 1
+    return keys
 
 
 def words(normalized: str) -> int:

@@ -1133,8 +1133,7 @@ def fields_by_name(records: list[Any]) -> dict[str, Any] | None:
     for record in records:
         if type(record) is not dict:
             continue
-        roles = {role: tuple(k for k, v in record.items() if type(v) is str and k.lower() in names
-                             and k.lower() not in NOT_A_ROLE_BY_NAME) for role, names in ROLE_FIELDS.items()}
+        roles = _fields_named_as(record, ROLE_FIELDS)
         if len(roles["assistant"]) == 1 and roles["user"] and len(roles["system"]) <= 1:
             found[roles["system"], roles["user"], roles["assistant"][0]] += 1
     if not found:
@@ -1142,6 +1141,13 @@ def fields_by_name(records: list[Any]) -> dict[str, Any] | None:
     system, user, assistant = max(found, key=found.get)  # the earliest on a tie
     return {**({"system": system[0]} if system else {}), "user": user[0] if len(user) == 1 else list(user),
             "assistant": assistant}
+
+
+def _fields_named_as(obj: dict, names: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+    """Per role, the text fields of `obj` with one of its `names` (any case), never one of
+    NOT_A_ROLE_BY_NAME, in the record's order."""
+    return {role: tuple(k for k, v in obj.items() if type(v) is str and k.lower() in known
+                        and k.lower() not in NOT_A_ROLE_BY_NAME) for role, known in names.items()}
 
 
 def suggested_mapping(record: dict) -> str:
@@ -1524,13 +1530,17 @@ def _turn_list(obj: dict, field: str, hint: str) -> list:
     return _pairs_as_messages(turns, field) if turns and _pair_fields(turns[0]) else turns
 
 
+EXCHANGE_FIELDS = {role: (*ROLE_FIELDS[role], role) for role in ("user", "assistant")}
+"""The names of an exchange's prompt and answer: ROLE_FIELDS', and `user` and `assistant`
+themselves (inside a conversation they cannot be a user's name or id)."""
+
+
 def _pair_fields(turn: Any) -> tuple[str, str] | None:
     """The (prompt, answer) fields of a turn written as an exchange, {input, output} (Capybara),
     {user, assistant}, or any one prompt and one answer field of ROLE_FIELDS with text, or None."""
     if type(turn) is not dict or "role" in turn or "from" in turn:
         return None
-    named = {role: [k for k, v in turn.items() if type(v) is str and (k.lower() in ROLE_FIELDS[role] or k.lower() == role)
-                    and k.lower() not in NOT_A_ROLE_BY_NAME] for role in ("user", "assistant")}
+    named = _fields_named_as(turn, EXCHANGE_FIELDS)
     return (named["user"][0], named["assistant"][0]) if len(named["user"]) == len(named["assistant"]) == 1 else None
 
 

@@ -45,7 +45,7 @@ from array import array
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
-from itertools import compress, repeat
+from itertools import compress
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -458,15 +458,6 @@ class _Block:
         return np.fromiter(map(codes.__getitem__, self.roles), np.uint64, len(self.roles))
 
 
-def text_keys(texts: list[bytes], seed: int) -> np.ndarray:
-    """The 64-bit key of each text (never 0, which means 'no key')."""
-    import numpy as np
-
-    keys = np.fromiter(map(xxhash.xxh3_64_intdigest, texts, repeat(seed, len(texts))), np.uint64, len(texts))
-    keys[keys == 0] = 1
-    return keys
-
-
 def _user_turns(texts: list[bytes], key: np.ndarray, record: np.ndarray, settings: Settings, near: bool) -> dict[str, Any]:
     """Keys of the normalized user turns `texts` (their keys `key`) of at least min_turn_words
     words and, with `near`, LSH band keys of each distinct one of at least near_min_words words
@@ -522,7 +513,7 @@ def _scan_block(job: tuple[str, int, int]) -> dict[str, Any]:
     block = _Block(path, data, start)
     n = block.records
     texts = textsim.normalize_batch(block.contents)
-    turn_key = text_keys(texts, seed)
+    turn_key = textsim.text_keys(texts, seed)
     roles = block.role_codes(seed)
     assistant = h(b"assistant", seed)
     last = block.first_turn + block.turns - 1
@@ -533,7 +524,7 @@ def _scan_block(job: tuple[str, int, int]) -> dict[str, Any]:
     prompt[block.turns - answered == 0] = 0
     user = np.flatnonzero(roles == h(b"user", seed))
     part = {"records": n, "lines": block.lines, "blank": block.lines - n,
-            "exact": text_keys(block.raw_lines, seed).tobytes(),
+            "exact": textsim.text_keys(block.raw_lines, seed).tobytes(),
             "norm": _combine(turn_key, roles, block).tobytes(), "prompt": prompt.tobytes(),
             "offset": block.offset.tobytes(), "line": block.line.tobytes()}
     part.update(_user_turns([texts[i] for i in user.tolist()], turn_key[user], block.record_of_turn[user], s, s.near))
@@ -564,7 +555,7 @@ def _scan_block(job: tuple[str, int, int]) -> dict[str, Any]:
             exact = [b"\n".join(turns[:count - answer])] + [t for t, u in zip(turns, is_user[a:a + count]) if u]
             for text in exact:
                 bench_exact[0].append(i)
-                bench_exact[1].append(h(text, seed) or 1)
+                bench_exact[1].append(textsim.text_key(text, seed))
             bench_texts += turns
             bench_owner.extend([i] * count)
         part.update(s.benchmarks.match(bench_texts, np.frombuffer(bench_owner, np.int64),
@@ -643,7 +634,6 @@ class SpilledTexts:
 
     def __init__(self, folder: Path) -> None:
         self.file = tempfile.TemporaryFile(dir=folder)
-        self.size = 0
         self.ends = array("q")  # where each row's text ends
 
     def __enter__(self) -> "SpilledTexts":
@@ -659,10 +649,10 @@ class SpilledTexts:
         """Rows with these texts (concatenated) of these lengths (int64)."""
         import numpy as np
 
-        self.file.seek(self.size)
+        size = self.ends[-1] if self.ends else 0
+        self.file.seek(size)
         self.file.write(texts)
-        self.ends.frombytes((np.cumsum(np.frombuffer(lengths, np.int64)) + self.size).tobytes())
-        self.size += len(texts)
+        self.ends.frombytes((np.cumsum(np.frombuffer(lengths, np.int64)) + size).tobytes())
 
     def read(self, rows: np.ndarray) -> list[bytes]:
         """The texts of these rows, in this order."""
@@ -959,7 +949,7 @@ def _load_benchmarks(cfg, ws, seed: int) -> Benchmarks:
                 texts = [textsim.normalize(t["content"]) for t in prompt]
                 keys = ["\n".join(texts)] + [t for turn, t in zip(prompt, texts) if turn["role"] == "user"]
                 for key in keys:
-                    exact.setdefault(xxhash.xxh3_64_intdigest(key.encode(), seed) or 1, b)
+                    exact.setdefault(textsim.text_key(key, seed), b)
                 gram_texts += texts
                 gram_owner += [b] * len(texts)
                 shown.append(_cut_text("\n".join(t["content"] for t in prompt)))
@@ -1190,8 +1180,8 @@ def _check_block(job: tuple[str, int, int, int]) -> dict[str, Any]:
     block = _Block(path, _read_block(path, start, end), start)
     user = [role == "user" for role in block.roles]
     texts = textsim.normalize_batch(list(compress(block.contents, user)))
-    part = _user_turns(texts, text_keys(texts, _SETTINGS.seed), block.record_of_turn[np.asarray(user, bool)], _SETTINGS,
-                       near=True)
+    part = _user_turns(texts, textsim.text_keys(texts, _SETTINGS.seed), block.record_of_turn[np.asarray(user, bool)],
+                       _SETTINGS, near=True)
     turn_record = np.frombuffer(part["turn_record"], np.int64)
     near_record = np.frombuffer(part["near_record"], np.int64)
     return {"split": split, "records": block.records, "lines": block.lines,
@@ -1209,7 +1199,7 @@ def _user_turn_with_key(f, offset: int, key: int, seed: int) -> str:
     record = orjson.loads(_line_at(f, offset))
     for turn in record["conversations"]:
         text = textsim.normalize(turn["content"])
-        if turn["role"] == "user" and (xxhash.xxh3_64_intdigest(text.encode(), seed) or 1) == key:
+        if turn["role"] == "user" and textsim.text_key(text, seed) == key:
             return turn["content"]
     return ""
 
