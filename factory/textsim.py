@@ -343,12 +343,18 @@ def candidate_pairs(keys: np.ndarray, keep: Callable[[np.ndarray, np.ndarray], n
     def band_pairs(k: int) -> list[np.ndarray]:
         order = np.argsort(keys[:, k], kind="stable")
         sorted_keys = keys[order, k]
+        # most rows are alone in a band and cannot pair: only the others are searched
+        repeated = sorted_keys[1:] == sorted_keys[:-1]
+        shared = np.zeros(m, bool)
+        shared[1:] = repeated
+        shared[:-1] |= repeated
+        order, sorted_keys = order[shared], sorted_keys[shared]
+        if not order.size:
+            return []
         new = np.concatenate(([True], sorted_keys[1:] != sorted_keys[:-1]))
         bucket = np.cumsum(new) - 1
         start = np.flatnonzero(new)
-        size = np.diff(np.append(start, m))
-        if size.max(initial=1) < 2:
-            return []
+        size = np.diff(np.append(start, order.size))
         small = size[bucket] <= MAX_ALL_PAIRS_BUCKET
         found = []
         for d in range(1, min(int(size.max()), MAX_ALL_PAIRS_BUCKET)):
