@@ -50,6 +50,7 @@ import io
 import lzma
 import os
 import re
+import shutil
 import sys
 import time
 import zlib
@@ -353,31 +354,41 @@ def format_in_ranges(reader: "FileReader", fmt: str, by_name: dict[str, Any] | N
                      rejects: AtomicOutput, progress, workers: int, log) -> dict:
     """format_file for a large JSONL file: its lines are independent, so worker processes
     convert line-aligned ranges of it (format_file on each, with the format, and the mapping
-    by field names, the file's first records decided), and this process writes their output
-    and rejects in file order. At
-    most two ranges per worker are in flight, so memory does not grow with the file.
+    by field names, the file's first records decided), each into a file of its own in a
+    folder beside the output, and this process appends those files and the rejects in file
+    order. The converted text does not come back through the pool's pipe: pickled, sent and
+    unpickled, it cost this process more CPU than the workers' conversion left it. At most
+    two ranges per worker are in flight, so memory does not grow with the file.
 
     A transform may keep state from record to record, so a file with one is read in one pass."""
     stats: dict[str, Any] = {"format": fmt, "records_in": 0, "records_out": 0, "converted": 0, "rejected": 0,
                              "filtered": 0, "reasons": Counter(), **({"mapping_by_name": by_name} if by_name else {})}
     spec = reader.spec.model_copy(update={"mapping": by_name}) if by_name else reader.spec
-    jobs = ((reader.path, spec, reader.rel, reader.root, fmt, line_range)
+    folder = out.path.with_name(f".{out.path.name}.ranges.partial")
+    shutil.rmtree(folder, ignore_errors=True)  # left by a run that was killed outright
+    folder.mkdir()
+    jobs = ((reader.path, spec, reader.rel, reader.root, fmt, line_range, folder / f"{line_range[0]}.jsonl")
             for line_range in _line_ranges(reader.path, RANGE_BYTES))
-    with worker_pool(workers, log, "format") as pool:
-        pending: deque = deque()
-        for job in chain(jobs, [None]):
-            if job is not None:
-                pending.append(pool.apply_async(_format_range, (job,)))
-            while pending and (job is None or len(pending) >= 2 * workers):
-                part = pending.popleft().get()
-                out.write(part.pop("out"))
-                rejects.write(part.pop("rejects"))
-                for key in ("records_in", "records_out", "converted", "rejected", "filtered"):
-                    stats[key] += part[key]
-                stats["reasons"].update(part["reasons"])
-                if part.get("incomplete"):  # the last line cut off: only the last range can have it
-                    stats["incomplete"] = part["incomplete"]
-                progress.advance(part["records_out"] + part["rejected"] + part["filtered"])
+    try:
+        with worker_pool(workers, log, "format") as pool:
+            pending: deque = deque()
+            for job in chain(jobs, [None]):
+                if job is not None:
+                    pending.append(pool.apply_async(_format_range, (job,)))
+                while pending and (job is None or len(pending) >= 2 * workers):
+                    part = pending.popleft().get()
+                    converted = part.pop("out")
+                    out.write(converted.read_bytes())
+                    converted.unlink()
+                    rejects.write(part.pop("rejects"))
+                    for key in ("records_in", "records_out", "converted", "rejected", "filtered"):
+                        stats[key] += part[key]
+                    stats["reasons"].update(part["reasons"])
+                    if part.get("incomplete"):  # the last line cut off: only the last range can have it
+                        stats["incomplete"] = part["incomplete"]
+                    progress.advance(part["records_out"] + part["rejected"] + part["filtered"])
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     return stats
 
 
@@ -408,11 +419,12 @@ class _NoProgress:
 
 
 def _format_range(job: tuple) -> dict:
-    """format_file on one range of a JSONL file (in a worker process)."""
-    path, spec, rel, root, fmt, line_range = job
-    out, rejects = io.BytesIO(), io.BytesIO()
-    stats = format_file(FileReader(path, spec, rel, root, fmt, line_range), out, rejects, _NoProgress())
-    return {**stats, "out": out.getvalue(), "rejects": rejects.getvalue()}
+    """format_file on one range of a JSONL file (in a worker process), into the file `target`."""
+    path, spec, rel, root, fmt, line_range, target = job
+    rejects = io.BytesIO()
+    with open(target, "wb") as out:
+        stats = format_file(FileReader(path, spec, rel, root, fmt, line_range), out, rejects, _NoProgress())
+    return {**stats, "out": target, "rejects": rejects.getvalue()}
 
 
 def canonical_records(path: Path, spec: InputSpec, rel: str, root: Path | None = None):

@@ -902,6 +902,32 @@ def assert_disk_full(root: Path, point: Path, proc: subprocess.CompletedProcess)
     assert partial_files(root) == []
 
 
+def test_a_full_disk_while_workers_convert_ranges_leaves_nothing_behind(tmp_path, tmpfs, monkeypatch):
+    """Format's workers write each range's records to a file of their own beside the output:
+    when the disk fills there, the error is a full disk and neither the ranges nor a partial
+    output stay; with space, the same run writes the output and removes the ranges."""
+    import phases
+    import phases.format as fmt
+    from factory.errors import DiskFull
+
+    monkeypatch.setattr(fmt, "default_workers", lambda size: 2)
+    monkeypatch.setattr(fmt, "RANGE_BYTES", 4 << 10)
+    disk = tmpfs("disk")
+    ws = Workspace.at(disk / "ws")
+    raw = disk / "ws" / "data" / "raw" / "a.jsonl"
+    raw.parent.mkdir(parents=True)
+    raw.write_text("".join(json.dumps({"instruction": f"question {n}", "input": "", "output": "an answer " * 20}) + "\n"
+                           for n in range(2000)))
+    resize(disk, 200 << 10)  # the output is about 500 KB
+    with pytest.raises(DiskFull, match="no space left on the disk mounted at"):
+        run_pipeline(parse_config({}), ws, phases.PIPELINE, target="format")
+    assert partial_files(ws.root) == [] and not ws.formatted_file.exists()
+    resize(disk, 8 << 20)
+    run_pipeline(parse_config({}), ws, phases.PIPELINE, target="format")
+    assert read(ws.metrics_file("format"))["records_out"] == 2000
+    assert sorted(p.name for p in ws.formatted_dir.iterdir()) == ["all.jsonl", "rejects.jsonl"]
+
+
 @pytest.mark.slow
 def test_a_full_disk_in_every_writing_phase_then_a_run_after_freeing_space(fresh, tmp_path, tmpfs):
     disk = tmpfs("disk")

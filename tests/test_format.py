@@ -957,6 +957,7 @@ def test_a_large_jsonl_file_converted_in_ranges_by_workers_gives_the_bytes_of_on
             stop.set()
         assert progress.calls > 10  # advanced once per range: the ranges were used
         assert "format: 2 worker processes (spawn)" in caplog.text or not beside_a_thread
+        assert sorted(p.name for p in (in_ranges / "data/formatted").iterdir()) == ["all.jsonl", "rejects.jsonl"]
         for name in ("all.jsonl", "rejects.jsonl"):
             assert (in_ranges / "data/formatted" / name).read_bytes() == (one_pass / "data/formatted" / name).read_bytes()
         assert {k: v for k, v in parallel.items() if k not in drop} == {k: v for k, v in serial.items() if k not in drop}
