@@ -24,6 +24,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from array import array
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from itertools import repeat
 from typing import Callable
@@ -38,6 +39,10 @@ MINHASH_SEED = 1
 LSH_WEIGHTS = (0.1, 0.9)
 """datasketch's (false positive, false negative) weights: candidates favour recall; the
 Jaccard estimate of each candidate pair decides."""
+
+THREADS = 2
+"""Threads for the near-duplicate search's large numpy steps (sorts and filters let go of the
+GIL): the pool's worker processes are idle then, so this uses the second core."""
 
 MAX_ALL_PAIRS_BUCKET = 32
 """An LSH bucket up to this size yields all its pairs; a larger one (a template repeated
@@ -325,15 +330,12 @@ def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
     return keys
 
 
-def candidate_pairs(keys: np.ndarray, keep: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
-                    threads: int = 2) -> tuple[np.ndarray, np.ndarray]:
+def candidate_pairs(keys: np.ndarray, keep: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
     """Pairs (i, j), i < j, of rows that share an LSH band: the pairs datasketch.MinHashLSH's
     query returns for the same bands (all pairs of a bucket up to MAX_ALL_PAIRS_BUCKET), and
     of those only the ones `keep(i, j)` accepts, filtered as they are found (a band can give
-    tens of millions of candidates on templated data). Bands are searched `threads` at a time
-    (numpy's sorts and filters let go of the GIL)."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    tens of millions of candidates on templated data). Bands are searched THREADS at a time."""
     m = keys.shape[0]
 
     def kept(pairs: np.ndarray) -> list[np.ndarray]:
@@ -368,7 +370,7 @@ def candidate_pairs(keys: np.ndarray, keep: Callable[[np.ndarray, np.ndarray], n
             found += kept(np.stack((order[chain], order[chain + 1])))
         return found
 
-    with ThreadPoolExecutor(max(1, threads)) as pool:
+    with ThreadPoolExecutor(THREADS) as pool:
         found = [pairs for band in pool.map(band_pairs, range(keys.shape[1])) for pairs in band]
     if not found:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
@@ -435,16 +437,18 @@ def pair_jaccard(hashes: np.ndarray, owner: np.ndarray, a: np.ndarray, b: np.nda
     (`hashes, owner` as ngram_hashes gives them), exactly, in numpy: for a run of pairs both
     sides' n-grams are laid out by pair and sorted; each distinct (pair, n-gram) is in the
     union, and in the intersection when both sides have it. No Python set per text (about
-    1 KB each for short texts) and no copy of all n-grams beyond the run's."""
+    1 KB each for short texts) and no copy of all n-grams beyond the run's. Runs are
+    measured THREADS at a time."""
     top = int(max(a.max(), b.max())) + 1 if a.size else 0
     start = np.searchsorted(owner, np.arange(top + 1))  # owner is sorted
     size = np.diff(start)
     work = np.cumsum(size[a] + size[b])
     cuts = [0, *np.searchsorted(work, np.arange(PAIR_CHUNK, int(work[-1]) if work.size else 0, PAIR_CHUNK)).tolist(), a.size]
     out = np.zeros(a.size)
-    for lo, hi in zip(cuts, cuts[1:]):
+
+    def measure(lo: int, hi: int) -> None:
         if hi <= lo:
-            continue
+            return
         left, right = size[a[lo:hi]], size[b[lo:hi]]
         pair = np.arange(hi - lo)
         pairs = np.concatenate((np.repeat(pair, left), np.repeat(pair, right)))
@@ -457,6 +461,9 @@ def pair_jaccard(hashes: np.ndarray, owner: np.ndarray, a: np.ndarray, b: np.nda
         union = np.bincount(pairs[first], minlength=hi - lo)
         both = np.bincount(pairs[first][in_both], minlength=hi - lo)
         np.divide(both, union, out=out[lo:hi], where=union > 0)
+
+    with ThreadPoolExecutor(THREADS) as pool:
+        list(pool.map(measure, cuts[:-1], cuts[1:]))
     return out
 
 
