@@ -148,6 +148,7 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
 
     ctx.progress.start(None, "records")
     per_file: dict[str, dict[str, Any]] = {}
+    shutil.rmtree(_ranges_folder(ws.formatted_file), ignore_errors=True)  # left by a run that was killed outright
     with AtomicOutput(ws.formatted_file) as out, AtomicOutput(ws.rejects_file) as rejects:
         for path, spec in files:
             rel = ws.rel(path)
@@ -364,8 +365,7 @@ def format_in_ranges(reader: "FileReader", fmt: str, by_name: dict[str, Any] | N
     stats: dict[str, Any] = {"format": fmt, "records_in": 0, "records_out": 0, "converted": 0, "rejected": 0,
                              "filtered": 0, "reasons": Counter(), **({"mapping_by_name": by_name} if by_name else {})}
     spec = reader.spec.model_copy(update={"mapping": by_name}) if by_name else reader.spec
-    folder = out.path.with_name(f".{out.path.name}.ranges.partial")
-    shutil.rmtree(folder, ignore_errors=True)  # left by a run that was killed outright
+    folder = _ranges_folder(out.path)
     folder.mkdir()
     jobs = ((reader.path, spec, reader.rel, reader.root, fmt, line_range, folder / f"{line_range[0]}.jsonl")
             for line_range in _line_ranges(reader.path, RANGE_BYTES))
@@ -390,6 +390,11 @@ def format_in_ranges(reader: "FileReader", fmt: str, by_name: dict[str, Any] | N
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return stats
+
+
+def _ranges_folder(output: Path) -> Path:
+    """Where format_in_ranges's workers write their ranges while `output` is written."""
+    return output.with_name(f".{output.name}.ranges.partial")
 
 
 def _line_ranges(path: Path, size: int) -> Iterator[tuple[int, int, int]]:

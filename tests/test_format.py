@@ -964,6 +964,12 @@ def test_a_large_jsonl_file_converted_in_ranges_by_workers_gives_the_bytes_of_on
     blank = sum(1 for n in range(0, 400, 9) if not bad[n % 7].strip())
     assert serial["per_file"]["data/raw/a.jsonl"]["format"] == "alpaca" and serial["rejected"] == 1 + 45 - blank + 1
     assert serial["incomplete_files"][0]["reason"] == "truncated_file"
+    monkeypatch.undo()  # a small file again: one pass
+    left = one_pass / "data/formatted/.all.jsonl.ranges.partial"  # as a run killed outright leaves it
+    left.mkdir()
+    (left / "3.jsonl").write_bytes(b"{}")
+    run_format(one_pass)  # one pass, no ranges: still removed
+    assert not left.exists()
 
 
 def _oasst_message_table() -> list[dict]:
