@@ -299,7 +299,8 @@ def _data_blocks(fmt: dict | None, split: dict | None) -> list[Block]:
     near = split.get("near_duplicates") or {}
     blocks.append(Paragraph(f"Duplicates dropped: {split.get('duplicates_exact')} exact, {split.get('duplicates_normalized')} "
                             f"normalized, {near.get('dropped')} near (mode {near.get('mode')}, Jaccard >= "
-                            f"{near.get('threshold')}); {near.get('pairs')} near-duplicate pairs found; each dropped "
+                            f"{near.get('threshold')}); {near.get('pairs')} near-duplicate pairs "
+                            f"{'linked records into groups' if near.get('mode') == 'group' else 'found'}; each dropped "
                             f"record is in {(split.get('duplicates_file') or {}).get('path')}."))
     d = split.get("decontamination") or {}
     if d.get("benchmarks"):

@@ -24,10 +24,11 @@ from __future__ import annotations
 import re
 import unicodedata
 from array import array
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from itertools import repeat
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import xxhash
@@ -44,9 +45,14 @@ THREADS = 2
 """Threads for the near-duplicate search's large numpy steps (sorts and filters let go of the
 GIL): the pool's worker processes are idle then, so this uses the second core."""
 
-MAX_ALL_PAIRS_BUCKET = 32
-"""An LSH bucket up to this size yields all its pairs; a larger one (a template repeated
-many times) yields each member with the bucket's first member and with its neighbour."""
+SMALL_BUCKET = 32
+"""LSH buckets up to this size are searched along the sorted band column, a distance at a time."""
+
+MAX_ALL_PAIRS_BUCKET = 2048
+"""An LSH bucket up to this size yields all its pairs (a larger one, bucket by bucket): a
+question and its many small variants share buckets of hundreds, and only all pairs link every
+variant that is a near-duplicate of some other. A larger bucket (a template repeated
+thousands of times) yields each member with the bucket's first member and with its neighbour."""
 
 _U64 = np.uint64
 _BASE = 0x100000001B3  # odd, so invertible modulo 2^64
@@ -330,19 +336,20 @@ def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
     return keys
 
 
-def candidate_pairs(keys: np.ndarray, keep: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
-                    ) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs (i, j), i < j, of rows that share an LSH band: the pairs datasketch.MinHashLSH's
-    query returns for the same bands (all pairs of a bucket up to MAX_ALL_PAIRS_BUCKET), and
-    of those only the ones `keep(i, j)` accepts, filtered as they are found (a band can give
-    tens of millions of candidates on templated data). Bands are searched THREADS at a time."""
+def band_candidates(keys: np.ndarray, keep: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
+                    ) -> Iterator[np.ndarray]:
+    """For each LSH band in turn, the pairs (i, j), i < j, of rows that share its key, packed as
+    i * len(keys) + j, sorted and distinct: all pairs of a bucket up to MAX_ALL_PAIRS_BUCKET,
+    and of those only the ones `keep(i, j)` accepts, filtered as they are found (a band can give
+    tens of millions of candidates on templated data). Bands are searched THREADS at a time,
+    and no further ahead: `keep` may change between bands."""
     m = keys.shape[0]
 
     def kept(pairs: np.ndarray) -> list[np.ndarray]:
         chunks = [pairs[:, lo:lo + (1 << 20)] for lo in range(0, pairs.shape[1], 1 << 20)]
         return chunks if keep is None else [chunk[:, keep(chunk[0], chunk[1])] for chunk in chunks]
 
-    def band_pairs(k: int) -> list[np.ndarray]:
+    def band_pairs(k: int) -> np.ndarray:
         order = np.argsort(keys[:, k], kind="stable")
         sorted_keys = keys[order, k]
         # most rows are alone in a band and cannot pair: only the others are searched
@@ -352,32 +359,59 @@ def candidate_pairs(keys: np.ndarray, keep: Callable[[np.ndarray, np.ndarray], n
         shared[:-1] |= repeated
         order, sorted_keys = order[shared], sorted_keys[shared]
         if not order.size:
-            return []
+            return np.zeros(0, np.int64)
         new = np.concatenate(([True], sorted_keys[1:] != sorted_keys[:-1]))
         bucket = np.cumsum(new) - 1
         start = np.flatnonzero(new)
         size = np.diff(np.append(start, order.size))
-        small = size[bucket] <= MAX_ALL_PAIRS_BUCKET
+        small = size[bucket] <= SMALL_BUCKET
         found = []
-        for d in range(1, min(int(size.max()), MAX_ALL_PAIRS_BUCKET)):
+        for d in range(1, min(int(size.max()), SMALL_BUCKET)):
             same = (bucket[:-d] == bucket[d:]) & small[:-d]
             found += kept(np.stack((order[:-d][same], order[d:][same])))
-        large = np.flatnonzero(~small)
+        medium = np.flatnonzero((size > SMALL_BUCKET) & (size <= MAX_ALL_PAIRS_BUCKET))
+        for s in np.unique(size[medium]).tolist():  # the buckets of one size together
+            members = order[start[medium[size[medium] == s]][:, None] + np.arange(s)]
+            i, j = np.triu_indices(s, 1)
+            for rows in np.array_split(members, max(1, members.shape[0] * i.size >> 20)):
+                found += kept(np.stack((rows[:, i].ravel(), rows[:, j].ravel())))
+        large = np.flatnonzero(size[bucket] > MAX_ALL_PAIRS_BUCKET)
         if large.size:
             head = order[start[bucket[large]]]
             found += kept(np.stack((head, order[large])))
             chain = large[:-1][bucket[large[:-1]] == bucket[large[1:]]]
             found += kept(np.stack((order[chain], order[chain + 1])))
-        return found
+        if not found:
+            return np.zeros(0, np.int64)
+        pairs = np.concatenate(found, axis=1).astype(np.int64)
+        low, high = np.minimum(pairs[0], pairs[1]), np.maximum(pairs[0], pairs[1])
+        return distinct(low[low != high] * m + high[low != high])
 
     with ThreadPoolExecutor(THREADS) as pool:
-        found = [pairs for band in pool.map(band_pairs, range(keys.shape[1])) for pairs in band]
-    if not found:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    pairs = np.concatenate(found, axis=1).astype(np.int64)
-    low, high = np.minimum(pairs[0], pairs[1]), np.maximum(pairs[0], pairs[1])
-    packed = np.unique(low[low != high] * m + high[low != high])
+        pending = deque(pool.submit(band_pairs, k) for k in range(min(THREADS, keys.shape[1])))
+        for k in range(len(pending), keys.shape[1] + len(pending)):
+            band = pending.popleft().result()
+            if k < keys.shape[1]:
+                pending.append(pool.submit(band_pairs, k))
+            yield band
+
+
+def candidate_pairs(keys: np.ndarray, keep: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (i, j), i < j, of rows that share an LSH band, sorted: the pairs
+    datasketch.MinHashLSH's query returns for the same bands (band_candidates)."""
+    m = keys.shape[0]
+    packed = np.zeros(0, np.int64)
+    for band in band_candidates(keys, keep):
+        packed = distinct(np.concatenate((packed, band))) if band.size else packed
     return packed // m, packed % m
+
+
+def distinct(values: np.ndarray) -> np.ndarray:
+    """np.unique(values), by a sort: numpy 2.3's hash-based np.unique takes ten times as long
+    on millions of integers (11.1 s against 0.9 s for 13M here)."""
+    values = np.sort(values)
+    return values[np.concatenate(([True], values[1:] != values[:-1]))] if values.size else values
 
 
 def estimated_jaccard(sig: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
@@ -385,7 +419,7 @@ def estimated_jaccard(sig: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.
     out = np.empty(low.size)
     for lo in range(0, low.size, 1 << 16):
         hi = lo + (1 << 16)
-        out[lo:hi] = (sig[low[lo:hi]] == sig[high[lo:hi]]).mean(axis=1)
+        out[lo:hi] = (sig[low[lo:hi]] == sig[high[lo:hi]]).sum(axis=1, dtype=np.uint16) / sig.shape[1]
     return out
 
 
@@ -404,28 +438,112 @@ def sketch(sig: np.ndarray) -> np.ndarray:
     return sig.astype(np.uint8)
 
 
+LINKING_RUN = 1 << 16
+"""near_duplicate_pairs(linking=True) measures candidates this many at a time."""
+
+
 def near_duplicate_pairs(keys: np.ndarray, sketches: np.ndarray, texts_of: Callable[[np.ndarray], list],
-                         n: int, threshold: float, wanted: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
-                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                         n: int, threshold: float, wanted: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+                         linking: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pairs (i, j), i < j, of rows whose word n-gram sets have a Jaccard similarity of at
-    least `threshold`, with that similarity: LSH candidates (from the band keys) that
+    least `threshold`, with that similarity, sorted: LSH candidates (from the band keys) that
     `wanted(i, j)` keeps, filtered by their estimate from the signature sketches, measured
-    exactly on the texts (`texts_of(rows)` gives the normalized texts)."""
+    exactly on the texts (`texts_of(rows)` gives the normalized texts of sorted rows).
+
+    With `linking`, only the pairs that link rows into groups: band by band, candidates are
+    measured in runs, highest estimate first, and a candidate whose rows earlier pairs already
+    joined (through any chain) is neither measured nor kept. The groups (connected
+    components) are those of all pairs, but a question with hundreds of variants that are
+    near-duplicates of each other costs hundreds of measurements, not tens of thousands, and
+    its candidates are dropped as the bands are searched instead of piling up."""
     def keep(low: np.ndarray, high: np.ndarray) -> np.ndarray:
         chosen = estimated_jaccard(sketches, low, high) >= threshold - ESTIMATE_MARGIN
+        if linking:
+            chosen &= group[low] != group[high]
         return chosen & wanted(low, high) if wanted is not None else chosen
 
-    low, high = candidate_pairs(keys, keep)
-    rows = np.unique(np.concatenate((low, high)))
-    hashes, owner = array("Q"), array("q")  # grown in place, a run of rows' texts at a time
-    for lo in range(0, rows.size, TEXTS_RUN):
-        found, which = ngram_hashes(texts_of(rows[lo:lo + TEXTS_RUN]), n)
-        hashes.frombytes(found.tobytes())
-        owner.frombytes((which + lo).tobytes())
-    similarity = pair_jaccard(np.frombuffer(hashes, np.uint64), np.frombuffer(owner, np.int64),
-                              np.searchsorted(rows, low), np.searchsorted(rows, high))
-    keep_pair = similarity >= threshold - 1e-12
-    return low[keep_pair], high[keep_pair], similarity[keep_pair] if similarity.size else np.zeros(0)
+    m = keys.shape[0]
+    grams = _NgramSets(texts_of, n, m)
+    if not linking:
+        low, high = candidate_pairs(keys, keep)
+        grams.add(distinct(np.concatenate((low, high))))
+        similarity = grams.jaccard(low, high)
+        keep_pair = similarity >= threshold - 1e-12
+        return low[keep_pair], high[keep_pair], similarity[keep_pair]
+
+    group = np.arange(m)  # each row's group: the smallest row it is linked to so far
+    linked, similarities = [], []
+    apart = np.zeros(0, np.int64)  # pairs measured below the threshold (packed, sorted): not again in a later band
+    for band in band_candidates(keys, keep):
+        if apart.size:
+            band = band[apart[np.minimum(np.searchsorted(apart, band), apart.size - 1)] != band]
+        low, high = band // m, band % m
+        order = np.argsort(-estimated_jaccard(sketches, low, high), kind="stable")
+        low, high = low[order], high[order]
+        for lo in range(0, low.size, LINKING_RUN):
+            a, b = low[lo:lo + LINKING_RUN], high[lo:lo + LINKING_RUN]
+            unlinked = group[a] != group[b]
+            a, b = a[unlinked], b[unlinked]
+            grams.add(distinct(np.concatenate((a, b))))
+            similarity = grams.jaccard(a, b)
+            passed = similarity >= threshold - 1e-12
+            apart = distinct(np.concatenate((apart, a[~passed] * m + b[~passed])))
+            if passed.any():
+                linked.append(a[passed] * m + b[passed])
+                similarities.append(similarity[passed])
+                group = _merged(group, a[passed], b[passed])
+    if not linked:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
+    packed, similarity = np.concatenate(linked), np.concatenate(similarities)
+    order = np.argsort(packed, kind="stable")
+    return packed[order] // m, packed[order] % m, similarity[order]
+
+
+def _merged(group: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """`group` after linking rows a[k] and b[k] for every k: each merged group takes its
+    smallest label."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    ga, gb = group[a], group[b]
+    labels = distinct(np.concatenate((ga, gb)))
+    ia, ib = np.searchsorted(labels, ga), np.searchsorted(labels, gb)
+    graph = coo_matrix((np.ones(ia.size, np.int8), (ia, ib)), shape=(labels.size, labels.size))
+    component = connected_components(graph, directed=False)[1]
+    smallest = np.full(component.max() + 1, group.size, np.int64)
+    np.minimum.at(smallest, component, labels)
+    relabel = np.arange(group.size)
+    relabel[labels] = smallest[component]
+    return relabel[group]
+
+
+class _NgramSets:
+    """The n-gram hashes of rows' texts, read (`texts_of`) and hashed once each, as they are
+    first needed, and grown in place."""
+
+    def __init__(self, texts_of: Callable[[np.ndarray], list], n: int, rows: int):
+        self.texts_of, self.n = texts_of, n
+        self.slot = np.full(rows, -1, np.int64)  # a row's number among those hashed
+        self.hashes, self.owner = array("Q"), array("q")
+        self.count = 0
+
+    def add(self, rows: np.ndarray) -> None:
+        """Hash the texts of these rows (sorted, distinct) that are not hashed yet."""
+        rows = rows[self.slot[rows] < 0]
+        for lo in range(0, rows.size, TEXTS_RUN):
+            found, which = ngram_hashes(self.texts_of(rows[lo:lo + TEXTS_RUN]), self.n)
+            self.hashes.frombytes(found.tobytes())
+            self.owner.frombytes((which + self.count + lo).tobytes())
+        self.slot[rows] = self.count + np.arange(rows.size)
+        self.count += rows.size
+
+    def jaccard(self, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+        """pair_jaccard of rows low[k] and high[k], all added."""
+        if not low.size:
+            return np.zeros(0)
+        # views made here and dropped on return: an array cannot grow while numpy holds its buffer
+        return pair_jaccard(np.frombuffer(self.hashes, np.uint64), np.frombuffer(self.owner, np.int64),
+                            self.slot[low], self.slot[high])
 
 
 PAIR_CHUNK = 1 << 20
@@ -439,20 +557,20 @@ def pair_jaccard(hashes: np.ndarray, owner: np.ndarray, a: np.ndarray, b: np.nda
     union, and in the intersection when both sides have it. No Python set per text (about
     1 KB each for short texts) and no copy of all n-grams beyond the run's. Runs are
     measured THREADS at a time."""
-    top = int(max(a.max(), b.max())) + 1 if a.size else 0
-    start = np.searchsorted(owner, np.arange(top + 1))  # owner is sorted
-    size = np.diff(start)
-    work = np.cumsum(size[a] + size[b])
+    # each side's n-grams: where they start in `hashes` and how many (owner is sorted)
+    start_a, start_b = np.searchsorted(owner, a), np.searchsorted(owner, b)
+    size_a, size_b = np.searchsorted(owner, a, "right") - start_a, np.searchsorted(owner, b, "right") - start_b
+    work = np.cumsum(size_a + size_b)
     cuts = [0, *np.searchsorted(work, np.arange(PAIR_CHUNK, int(work[-1]) if work.size else 0, PAIR_CHUNK)).tolist(), a.size]
     out = np.zeros(a.size)
 
     def measure(lo: int, hi: int) -> None:
         if hi <= lo:
             return
-        left, right = size[a[lo:hi]], size[b[lo:hi]]
+        left, right = size_a[lo:hi], size_b[lo:hi]
         pair = np.arange(hi - lo)
         pairs = np.concatenate((np.repeat(pair, left), np.repeat(pair, right)))
-        values = np.concatenate((hashes[_ranges(start[a[lo:hi]], left)], hashes[_ranges(start[b[lo:hi]], right)]))
+        values = np.concatenate((hashes[_ranges(start_a[lo:hi], left)], hashes[_ranges(start_b[lo:hi], right)]))
         on_right = np.arange(values.size) >= int(left.sum())
         order = np.lexsort((values, pairs))
         values, pairs, on_right = values[order], pairs[order], on_right[order]

@@ -139,7 +139,7 @@ def _split(ctx: PhaseContext, workers: int | None, chunk_bytes: int, stack: Exit
     near_a = near_b = np.zeros(0, np.int64)
     near_pairs_found = 0
     if settings.near:
-        near_a, near_b, near_j = _near_record_pairs(scan, kind == 0, settings)
+        near_a, near_b, near_j = _near_record_pairs(scan, kind == 0, settings, linking=data.dedup.near == "group")
         near_pairs_found = int(near_a.size)
         if data.dedup.near == "drop":
             _drop_near(near_a, near_b, near_j, duplicate_of, kind, similarity)
@@ -691,9 +691,11 @@ def _mark_duplicates(keys: np.ndarray, among: np.ndarray, duplicate_of: np.ndarr
     kind[among[repeated]] = code
 
 
-def _near_record_pairs(scan: _Scan, alive: np.ndarray, settings: Settings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _near_record_pairs(scan: _Scan, alive: np.ndarray, settings: Settings, linking: bool
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Record pairs (a < b) with near-duplicate user turns (different texts), among live records;
-    each user text is searched once (its first occurrence)."""
+    each user text is searched once (its first occurrence). With `linking` (dedup.near: group),
+    only the pairs that join groups (textsim.near_duplicate_pairs)."""
     import numpy as np
     from factory import textsim
 
@@ -703,7 +705,7 @@ def _near_record_pairs(scan: _Scan, alive: np.ndarray, settings: Settings) -> tu
 
     low, high, similarity = textsim.near_duplicate_pairs(scan.near_bands[rows], scan.near_sketch[rows],
                                                          lambda found: scan.texts.read(rows[found]),
-                                                         settings.ngram, settings.threshold)
+                                                         settings.ngram, settings.threshold, linking=linking)
     a, b = scan.near_record[rows[low]], scan.near_record[rows[high]]
     a, b = np.minimum(a, b), np.maximum(a, b)
     different = a != b
