@@ -139,10 +139,11 @@ def _split(ctx: PhaseContext, workers: int | None, chunk_bytes: int, stack: Exit
     near_a = near_b = np.zeros(0, np.int64)
     near_pairs_found = 0
     if settings.near:
-        near_a, near_b, near_j = _near_record_pairs(scan, kind == 0, settings, linking=data.dedup.near == "group")
+        near_a, near_b, near_j, later_key = _near_record_pairs(scan, kind == 0, settings,
+                                                               linking=data.dedup.near == "group")
         near_pairs_found = int(near_a.size)
         if data.dedup.near == "drop":
-            _drop_near(near_a, near_b, near_j, duplicate_of, kind, similarity)
+            _drop_near(scan, near_a, near_b, near_j, later_key, duplicate_of, kind, similarity)
             both = (kind[near_a] == 0) & (kind[near_b] == 0)
             near_a, near_b = near_a[both], near_b[both]
     spilled.close()
@@ -692,10 +693,11 @@ def _mark_duplicates(keys: np.ndarray, among: np.ndarray, duplicate_of: np.ndarr
 
 
 def _near_record_pairs(scan: _Scan, alive: np.ndarray, settings: Settings, linking: bool
-                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Record pairs (a < b) with near-duplicate user turns (different texts), among live records;
-    each user text is searched once (its first occurrence). With `linking` (dedup.near: group),
-    only the pairs that join groups (textsim.near_duplicate_pairs)."""
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Record pairs (a < b) with near-duplicate user turns (different texts), among live records,
+    with their similarity and the key of b's user turn; each user text is searched once (its
+    first occurrence). With `linking` (dedup.near: group), only the pairs that join groups
+    (textsim.near_duplicate_pairs)."""
     import numpy as np
     from factory import textsim
 
@@ -706,23 +708,44 @@ def _near_record_pairs(scan: _Scan, alive: np.ndarray, settings: Settings, linki
     low, high, similarity = textsim.near_duplicate_pairs(scan.near_bands[rows], scan.near_sketch[rows],
                                                          lambda found: scan.texts.read(rows[found]),
                                                          settings.ngram, settings.threshold, linking=linking)
-    a, b = scan.near_record[rows[low]], scan.near_record[rows[high]]
-    a, b = np.minimum(a, b), np.maximum(a, b)
+    first, second = scan.near_record[rows[low]], scan.near_record[rows[high]]
+    swapped = first > second
+    a, b = np.where(swapped, second, first), np.where(swapped, first, second)
+    later_key = np.where(swapped, scan.near_key[rows[low]], scan.near_key[rows[high]])
     different = a != b
-    a, b, similarity = a[different], b[different], similarity[different]
+    a, b, similarity, later_key = a[different], b[different], similarity[different], later_key[different]
     order = np.lexsort((a, b))
-    return a[order], b[order], similarity[order]
+    return a[order], b[order], similarity[order], later_key[order]
 
 
-def _drop_near(a: np.ndarray, b: np.ndarray, similarity: np.ndarray, duplicate_of: np.ndarray, kind: np.ndarray,
-               similarity_of: np.ndarray) -> None:
+def _drop_near(scan: _Scan, a: np.ndarray, b: np.ndarray, similarity: np.ndarray, later_key: np.ndarray,
+               duplicate_of: np.ndarray, kind: np.ndarray, similarity_of: np.ndarray) -> None:
     """dedup.near: drop. In file order, a record is dropped when an earlier record that is kept
-    near-duplicates it; it is recorded as a duplicate of the first such record."""
-    for x, y, j in zip(a.tolist(), b.tolist(), similarity.tolist()):  # sorted by b, then a
+    near-duplicates it; it is recorded as a duplicate of the first such record. The pairs are
+    between each text's first record: every later record with the same user turn goes too (it
+    near-duplicates the same earlier record), or it would stay, in any split, beside it."""
+    import numpy as np
+
+    gone: list[tuple[int, int, float]] = []  # (key of the dropped user turn, the record kept, similarity)
+    for x, y, j, key in zip(a.tolist(), b.tolist(), similarity.tolist(), later_key.tolist()):  # sorted by b, then a
         if kind[y] == 0 and kind[x] == 0:
             kind[y] = NEAR
             duplicate_of[y] = x
             similarity_of[y] = j
+            gone.append((key, x, j))
+    if not gone:
+        return
+    keys = np.array([key for key, _, _ in gone], np.uint64)
+    order = np.argsort(keys)
+    keys, kept, similar = keys[order], np.array([x for _, x, _ in gone])[order], np.array([j for _, _, j in gone])[order]
+    at = np.minimum(np.searchsorted(keys, scan.turn_key), keys.size - 1)
+    hit = np.flatnonzero(keys[at] == scan.turn_key)[::-1]  # reversed: a record's first such turn is assigned last
+    records, at = scan.turn_record[hit], at[hit]
+    live = kind[records] == 0
+    records, at = records[live], at[live]
+    kind[records] = NEAR
+    duplicate_of[records] = kept[at]
+    similarity_of[records] = similar[at]
 
 
 # --- 3. group --------------------------------------------------------------------------

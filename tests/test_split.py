@@ -723,6 +723,27 @@ def test_a_question_and_its_variants_stay_in_one_split(ws):
     assert m["largest_group"] >= 250
 
 
+def test_every_record_with_a_dropped_user_turn_is_dropped(ws):
+    """dedup.near: drop, when the later of two near-duplicate questions is the user turn of
+    several records (other system prompts or answers): every one of them goes, as a duplicate
+    of the earlier question's record, not only the first (the others stayed, and the check
+    found them beside the question in other splits)."""
+    base, near = paraphrases(30)
+    records = [record(q, f"Answer A{i}") for i, q in enumerate(base)] + unique_records(200)
+    records += [record(q, f"Answer B{i}-{k}", system=f"Prompt {k}") for k in range(4) for i, q in enumerate(near)]
+    write_input(ws, records)
+    m = run(ws, {"dedup": {"near": "drop"}})
+    assert m["leakage"]["total"] == 0
+    entries = [orjson.loads(line) for line in ws.duplicates_file.read_bytes().splitlines()]
+    near_questions = set(near)
+    dropped = [e for e in entries if e["record"]["conversations"][1]["content"] in near_questions]
+    assert len(dropped) == m["near_duplicates"]["dropped"] >= 4 * 28
+    assert all(e["duplicate_of"]["conversations"][0]["content"] in base and e["duplicate_of_line"] < e["line"]
+               for e in dropped)
+    written = [rec["conversations"][-2]["content"] for recs in outputs(ws).values() for rec in recs]
+    assert sum(q in near_questions for q in written) == 4 * 30 - len(dropped)
+
+
 def test_pair_jaccard_equals_python_sets_of_word_ngrams(monkeypatch):
     """The numpy Jaccard of candidate pairs against sets of word 3-gram tuples, on texts from a
     small vocabulary (n-grams repeated inside a text, many overlaps), in one run and in many."""
