@@ -232,14 +232,14 @@ class Heartbeat:
         self._thread = threading.Thread(target=self._beat, name="factory-heartbeat", daemon=True)
 
     def __enter__(self) -> "Heartbeat":
-        _FORK_GUARDS.add(self._busy)
         self._thread.start()
+        guard_for_fork(self._thread, self._busy)
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
-        _FORK_GUARDS.discard(self._busy)
+        unguard_for_fork(self._thread)
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_SECONDS):
@@ -251,16 +251,26 @@ class Heartbeat:
                         log.debug("heartbeat not written: %s", e)
 
 
-_FORK_GUARDS: set[threading.Lock] = set()
+_FORK_GUARDS: dict[threading.Thread, threading.Lock | threading.RLock] = {}
+"""Threads that only touch what they hold their lock for: a fork waits for the lock, so no
+child inherits it held or a write half done (the heartbeat, the live progress display)."""
+
+
+def guard_for_fork(thread: threading.Thread, lock) -> None:
+    _FORK_GUARDS[thread] = lock
+
+
+def unguard_for_fork(thread: threading.Thread) -> None:
+    _FORK_GUARDS.pop(thread, None)
 
 
 def _before_fork() -> None:
-    for guard in list(_FORK_GUARDS):
+    for guard in list(_FORK_GUARDS.values()):
         guard.acquire()
 
 
 def _after_fork() -> None:
-    for guard in list(_FORK_GUARDS):
+    for guard in list(_FORK_GUARDS.values()):
         guard.release()
 
 
@@ -269,10 +279,9 @@ if hasattr(os, "register_at_fork"):
 
 
 def fork_is_safe() -> bool:
-    """Whether forking now is safe: no threads but the main one and the fork-safe heartbeat
-    (a live progress display's thread holds locks a child could inherit held)."""
-    heartbeats = sum(1 for t in threading.enumerate() if t.name == "factory-heartbeat")
-    return threading.active_count() - heartbeats == 1
+    """Whether forking now is safe: no threads but this one and those guarded for forks (any
+    other may hold a lock that a child would inherit held)."""
+    return all(t is threading.current_thread() or t in _FORK_GUARDS for t in threading.enumerate())
 
 
 # --- the status files ---------------------------------------------------------------------------

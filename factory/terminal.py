@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from factory.status import read_status
+from factory.status import guard_for_fork, read_status, unguard_for_fork
 from factory.workspace import Workspace
 
 STATE_STYLE = {
@@ -51,10 +51,19 @@ class RunReporter:
 
     def __enter__(self) -> "RunReporter":
         self._bars.__enter__()
+        # the display's refresh thread draws only while it holds the display's lock: guarded by
+        # it, a phase's worker processes can still be forked (spawned, each imports numpy and
+        # the phase again: about a second more at the start of each pool)
+        self._refresher = getattr(self._bars.live, "_refresh_thread", None)
+        if self._refresher is not None:
+            guard_for_fork(self._refresher, self._bars.live._lock)
         return self
 
     def __exit__(self, *exc) -> None:
         self._bars.__exit__(*exc)
+        if self._refresher is not None:
+            self._refresher.join(timeout=5)  # told to stop, it ends at once
+            unguard_for_fork(self._refresher)
 
     def phase_started(self, phase) -> None:
         self._tasks[phase.name] = self._bars.add_task(phase.name, total=None, unit="")

@@ -968,3 +968,29 @@ def test_a_full_disk_in_every_writing_phase_then_a_run_after_freeing_space(fresh
     final = factory("run", "-C", root, check_rc=0)
     assert "gate quantization-verified: passed" in final.stderr
     assert (small / "quantized" / "model-Q8_0.gguf").is_file() and partial_files(root) == []
+
+
+def test_worker_processes_are_forked_beside_the_live_progress_display(tmp_path, caplog):
+    """The terminal's progress display redraws from a thread of its own: guarded by the
+    display's lock, forks stay safe (spawned workers import numpy and the phase again), and
+    children forked while it redraws many times a second neither hang nor inherit it held."""
+    import io
+
+    from rich.console import Console
+
+    from factory.status import fork_is_safe
+    from factory.terminal import RunReporter
+    from factory.workers import worker_pool
+
+    console = Console(file=io.StringIO(), force_terminal=True, width=100)
+    reporter = RunReporter(console)
+    reporter._bars.live.refresh_per_second = 200  # redraw all the time
+    with reporter:
+        reporter.phase_started(Phase("format", "converts", "format", lambda ctx: {}))
+        assert reporter._refresher is not None and reporter._refresher.is_alive() and fork_is_safe()
+        with caplog.at_level(logging.INFO):
+            for _ in range(5):
+                with worker_pool(2, logging.getLogger("test"), "format") as pool:
+                    assert sorted(pool.map(abs, range(-50, 0))) == list(range(1, 51))
+        assert caplog.text.count("2 worker processes (fork)") == 5
+    assert fork_is_safe()
