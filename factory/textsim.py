@@ -336,20 +336,30 @@ def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
     return keys
 
 
-def band_candidates(keys: np.ndarray, keep: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
-                    ) -> Iterator[np.ndarray]:
+def band_candidates(keys: np.ndarray, keep: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+                    group: Callable[[], np.ndarray] | None = None
+                    ) -> Iterator[tuple[np.ndarray, Callable[[], np.ndarray]]]:
     """For each LSH band in turn, the pairs (i, j), i < j, of rows that share its key, packed as
-    i * len(keys) + j, sorted and distinct: all pairs of a bucket up to MAX_ALL_PAIRS_BUCKET,
-    and of those only the ones `keep(i, j)` accepts, filtered as they are found (a band can give
-    tens of millions of candidates on templated data). Bands are searched THREADS at a time,
-    and no further ahead: `keep` may change between bands."""
+    i * len(keys) + j, sorted and distinct, in two parts: (first, rest). `first`: every pair of
+    a bucket up to SMALL_BUCKET, and each member of a larger one with the bucket's first member
+    and with its neighbour; `rest()`, computed when called: the other pairs of the buckets up to
+    MAX_ALL_PAIRS_BUCKET, leaving out a bucket whose rows `group()` (a label per row) already
+    puts in one group. Only the pairs `keep(i, j)` accepts, filtered as they are found (a band
+    can give tens of millions of candidates on templated data). Bands are searched THREADS at
+    a time, and no further ahead: `keep` may change between bands."""
     m = keys.shape[0]
 
-    def kept(pairs: np.ndarray) -> list[np.ndarray]:
+    def kept(pairs: np.ndarray) -> np.ndarray:
         chunks = [pairs[:, lo:lo + (1 << 20)] for lo in range(0, pairs.shape[1], 1 << 20)]
-        return chunks if keep is None else [chunk[:, keep(chunk[0], chunk[1])] for chunk in chunks]
+        chunks = chunks if keep is None else [chunk[:, keep(chunk[0], chunk[1])] for chunk in chunks]
+        return np.concatenate(chunks, axis=1) if chunks else np.zeros((2, 0), np.int64)
 
-    def band_pairs(k: int) -> np.ndarray:
+    def packed(found: list[np.ndarray]) -> np.ndarray:
+        pairs = np.concatenate(found, axis=1).astype(np.int64) if found else np.zeros((2, 0), np.int64)
+        low, high = np.minimum(pairs[0], pairs[1]), np.maximum(pairs[0], pairs[1])
+        return distinct(low[low != high] * m + high[low != high])
+
+    def band_pairs(k: int) -> tuple[np.ndarray, Callable[[], np.ndarray]]:
         order = np.argsort(keys[:, k], kind="stable")
         sorted_keys = keys[order, k]
         # most rows are alone in a band and cannot pair: only the others are searched
@@ -359,7 +369,7 @@ def band_candidates(keys: np.ndarray, keep: Callable[[np.ndarray, np.ndarray], n
         shared[:-1] |= repeated
         order, sorted_keys = order[shared], sorted_keys[shared]
         if not order.size:
-            return np.zeros(0, np.int64)
+            return np.zeros(0, np.int64), lambda: np.zeros(0, np.int64)
         new = np.concatenate(([True], sorted_keys[1:] != sorted_keys[:-1]))
         bucket = np.cumsum(new) - 1
         start = np.flatnonzero(new)
@@ -368,24 +378,28 @@ def band_candidates(keys: np.ndarray, keep: Callable[[np.ndarray, np.ndarray], n
         found = []
         for d in range(1, min(int(size.max()), SMALL_BUCKET)):
             same = (bucket[:-d] == bucket[d:]) & small[:-d]
-            found += kept(np.stack((order[:-d][same], order[d:][same])))
-        medium = np.flatnonzero((size > SMALL_BUCKET) & (size <= MAX_ALL_PAIRS_BUCKET))
-        for s in np.unique(size[medium]).tolist():  # the buckets of one size together
-            members = order[start[medium[size[medium] == s]][:, None] + np.arange(s)]
-            i, j = np.triu_indices(s, 1)
-            for rows in np.array_split(members, max(1, members.shape[0] * i.size >> 20)):
-                found += kept(np.stack((rows[:, i].ravel(), rows[:, j].ravel())))
-        large = np.flatnonzero(size[bucket] > MAX_ALL_PAIRS_BUCKET)
+            found.append(kept(np.stack((order[:-d][same], order[d:][same]))))
+        large = np.flatnonzero(~small)
         if large.size:
             head = order[start[bucket[large]]]
-            found += kept(np.stack((head, order[large])))
+            found.append(kept(np.stack((head, order[large]))))
             chain = large[:-1][bucket[large[:-1]] == bucket[large[1:]]]
-            found += kept(np.stack((order[chain], order[chain + 1])))
-        if not found:
-            return np.zeros(0, np.int64)
-        pairs = np.concatenate(found, axis=1).astype(np.int64)
-        low, high = np.minimum(pairs[0], pairs[1]), np.maximum(pairs[0], pairs[1])
-        return distinct(low[low != high] * m + high[low != high])
+            found.append(kept(np.stack((order[chain], order[chain + 1]))))
+
+        def rest() -> np.ndarray:
+            medium = np.flatnonzero((size > SMALL_BUCKET) & (size <= MAX_ALL_PAIRS_BUCKET))
+            more = []
+            for s in np.unique(size[medium]).tolist():  # the buckets of one size together
+                members = order[start[medium[size[medium] == s]][:, None] + np.arange(s)]
+                if group is not None:
+                    labels = group()[members]
+                    members = members[(labels != labels[:, :1]).any(axis=1)]
+                i, j = np.triu_indices(s, 1)
+                for rows in np.array_split(members, max(1, members.shape[0] * i.size >> 20)):
+                    more.append(kept(np.stack((rows[:, i].ravel(), rows[:, j].ravel()))))
+            return packed(more)
+
+        return packed(found), rest
 
     with ThreadPoolExecutor(THREADS) as pool:
         pending = deque(pool.submit(band_pairs, k) for k in range(min(THREADS, keys.shape[1])))
@@ -402,15 +416,16 @@ def candidate_pairs(keys: np.ndarray, keep: Callable[[np.ndarray, np.ndarray], n
     datasketch.MinHashLSH's query returns for the same bands (band_candidates)."""
     m = keys.shape[0]
     packed = np.zeros(0, np.int64)
-    for band in band_candidates(keys, keep):
-        packed = distinct(np.concatenate((packed, band))) if band.size else packed
+    for first, rest in band_candidates(keys, keep):
+        packed = distinct(np.concatenate((packed, first, rest())))
     return packed // m, packed % m
 
 
-def distinct(values: np.ndarray) -> np.ndarray:
+def distinct(values: np.ndarray, runs: bool = False) -> np.ndarray:
     """np.unique(values), by a sort: numpy 2.3's hash-based np.unique takes ten times as long
-    on millions of integers (11.1 s against 0.9 s for 13M here)."""
-    values = np.sort(values)
+    on millions of integers (11.1 s against 0.9 s for 13M here). `runs`: `values` are a few
+    sorted runs end to end, which a stable sort (timsort) merges in one pass."""
+    values = np.sort(values, kind="stable" if runs else None)
     return values[np.concatenate(([True], values[1:] != values[:-1]))] if values.size else values
 
 
@@ -450,17 +465,18 @@ def near_duplicate_pairs(keys: np.ndarray, sketches: np.ndarray, texts_of: Calla
     `wanted(i, j)` keeps, filtered by their estimate from the signature sketches, measured
     exactly on the texts (`texts_of(rows)` gives the normalized texts of sorted rows).
 
-    With `linking`, only the pairs that link rows into groups: band by band, candidates are
-    measured in runs, highest estimate first, and a candidate whose rows earlier pairs already
-    joined (through any chain) is neither measured nor kept. The groups (connected
-    components) are those of all pairs, but a question with hundreds of variants that are
-    near-duplicates of each other costs hundreds of measurements, not tens of thousands, and
-    its candidates are dropped as the bands are searched instead of piling up."""
+    With `linking`, only pairs that link rows into groups, enough for the groups (connected
+    components) to be those of all pairs: band by band, a candidate whose rows are already
+    in one group is dropped as it is found, and the others are measured in runs (_link_run).
+    A question with hundreds of variants, all near-duplicates of each other, costs hundreds of
+    measurements, not tens of thousands."""
     def keep(low: np.ndarray, high: np.ndarray) -> np.ndarray:
-        chosen = estimated_jaccard(sketches, low, high) >= threshold - ESTIMATE_MARGIN
+        chosen = np.ones(low.size, bool) if wanted is None else wanted(low, high)  # the cheap tests first
         if linking:
             chosen &= group[low] != group[high]
-        return chosen & wanted(low, high) if wanted is not None else chosen
+        some = np.flatnonzero(chosen)
+        chosen[some] = estimated_jaccard(sketches, low[some], high[some]) >= threshold - ESTIMATE_MARGIN
+        return chosen
 
     m = keys.shape[0]
     grams = _NgramSets(texts_of, n, m)
@@ -472,31 +488,71 @@ def near_duplicate_pairs(keys: np.ndarray, sketches: np.ndarray, texts_of: Calla
         return low[keep_pair], high[keep_pair], similarity[keep_pair]
 
     group = np.arange(m)  # each row's group: the smallest row it is linked to so far
-    linked, similarities = [], []
+    linked: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     apart = np.zeros(0, np.int64)  # pairs measured below the threshold (packed, sorted): not again in a later band
-    for band in band_candidates(keys, keep):
-        if apart.size:
-            band = band[apart[np.minimum(np.searchsorted(apart, band), apart.size - 1)] != band]
-        low, high = band // m, band % m
-        order = np.argsort(-estimated_jaccard(sketches, low, high), kind="stable")
-        low, high = low[order], high[order]
-        for lo in range(0, low.size, LINKING_RUN):
-            a, b = low[lo:lo + LINKING_RUN], high[lo:lo + LINKING_RUN]
-            unlinked = group[a] != group[b]
-            a, b = a[unlinked], b[unlinked]
-            grams.add(distinct(np.concatenate((a, b))))
-            similarity = grams.jaccard(a, b)
-            passed = similarity >= threshold - 1e-12
-            apart = distinct(np.concatenate((apart, a[~passed] * m + b[~passed])))
-            if passed.any():
-                linked.append(a[passed] * m + b[passed])
-                similarities.append(similarity[passed])
-                group = _merged(group, a[passed], b[passed])
+    for first, rest in band_candidates(keys, keep, lambda: group):
+        for part in (first, None):
+            band = rest() if part is None else part  # the rest once the first pairs are linked
+            if apart.size:
+                band = band[apart[np.minimum(np.searchsorted(apart, band), apart.size - 1)] != band]
+            low, high = band // m, band % m
+            estimate = estimated_jaccard(sketches, low, high)
+            order = np.argsort(-estimate, kind="stable")
+            low, high, estimate = low[order], high[order], estimate[order]
+            failed = []
+            for lo in range(0, low.size, LINKING_RUN):
+                run = slice(lo, lo + LINKING_RUN)
+                group = _link_run(low[run], high[run], estimate[run], group, grams, threshold, linked, failed)
+            if failed:
+                apart = distinct(np.concatenate((apart, distinct(np.concatenate(failed)))), runs=True)
     if not linked:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
-    packed, similarity = np.concatenate(linked), np.concatenate(similarities)
-    order = np.argsort(packed, kind="stable")
-    return packed[order] // m, packed[order] % m, similarity[order]
+    a, b, similarity = (np.concatenate(parts) for parts in zip(*linked))
+    order = np.lexsort((b, a))
+    return a[order], b[order], similarity[order]
+
+
+def _link_run(a: np.ndarray, b: np.ndarray, estimate: np.ndarray, group: np.ndarray, grams: "_NgramSets",
+              threshold: float, linked: list, failed: list) -> np.ndarray:
+    """Measure the candidate pairs (a[k], b[k]) (by decreasing estimate) that join two groups,
+    in two rounds: first one pair per edge of a spanning forest of the groups (the best
+    estimate between two groups: the whole of a set of variants that are all near-duplicates
+    of each other is linked with one pair per variant), then every candidate that still joins
+    two groups. Appends (a, b, similarity) of the pairs that pass to `linked`, the packed pairs
+    that fail to `failed`; returns the new groups."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import minimum_spanning_tree
+
+    m = group.size
+    pending = np.flatnonzero(group[a] != group[b])
+    if not pending.size:
+        return group
+    ga, gb = group[a[pending]], group[b[pending]]
+    low_g, high_g = np.minimum(ga, gb), np.maximum(ga, gb)
+    _, first = np.unique(low_g * m + high_g, return_index=True)  # pending is by estimate: the best per pair of groups
+    choice = pending[first]
+    labels = distinct(np.concatenate((low_g[first], high_g[first])))
+    ia, ib = np.searchsorted(labels, low_g[first]), np.searchsorted(labels, high_g[first])
+    forest = minimum_spanning_tree(coo_matrix((2.0 - estimate[choice], (ia, ib)), shape=(labels.size, labels.size)))
+    forest = forest.tocoo()
+    edge = ia.astype(np.int64) * labels.size + ib  # ia < ib: labels are sorted and low_g < high_g
+    by_edge = np.argsort(edge)
+    tree_edge = np.minimum(forest.row, forest.col).astype(np.int64) * labels.size + np.maximum(forest.row, forest.col)
+    forest_pairs = choice[by_edge[np.searchsorted(edge[by_edge], tree_edge)]]
+    for measured in (forest_pairs, None):
+        if measured is None:  # the second round: what still joins two groups
+            rest = np.ones(a.size, bool)
+            rest[forest_pairs] = False
+            measured = np.flatnonzero(rest & (group[a] != group[b]))
+        x, y = a[measured], b[measured]
+        grams.add(distinct(np.concatenate((x, y))))
+        similarity = grams.jaccard(x, y)
+        passed = similarity >= threshold - 1e-12
+        failed.append(x[~passed] * m + y[~passed])
+        if passed.any():
+            linked.append((x[passed], y[passed], similarity[passed]))
+            group = _merged(group, x[passed], y[passed])
+    return group
 
 
 def _merged(group: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
