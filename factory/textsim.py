@@ -49,10 +49,11 @@ SMALL_BUCKET = 32
 """LSH buckets up to this size are searched along the sorted band column, a distance at a time."""
 
 MAX_ALL_PAIRS_BUCKET = 2048
-"""An LSH bucket up to this size yields all its pairs (a larger one, bucket by bucket): a
-question and its many small variants share buckets of hundreds, and only all pairs link every
-variant that is a near-duplicate of some other. A larger bucket (a template repeated
-thousands of times) yields each member with the bucket's first member and with its neighbour."""
+"""An LSH bucket up to this size yields all its pairs (above SMALL_BUCKET, the buckets of one
+size at a time): a question and its many small variants share buckets of hundreds, and only
+all pairs link every variant that is a near-duplicate of some other. A larger bucket (a
+template repeated thousands of times) yields each member with the bucket's first member and
+with its neighbour."""
 
 _U64 = np.uint64
 _BASE = 0x100000001B3  # odd, so invertible modulo 2^64
