@@ -232,8 +232,8 @@ class Heartbeat:
         self._thread = threading.Thread(target=self._beat, name="factory-heartbeat", daemon=True)
 
     def __enter__(self) -> "Heartbeat":
+        guard_for_fork(self._thread, self._busy)  # before it starts: no fork sees it unguarded
         self._thread.start()
-        guard_for_fork(self._thread, self._busy)
         return self
 
     def __exit__(self, *exc) -> None:

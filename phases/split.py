@@ -739,10 +739,11 @@ def _drop_near(scan: _Scan, a: np.ndarray, b: np.ndarray, similarity: np.ndarray
     order = np.argsort(keys)
     keys, kept, similar = keys[order], np.array([x for _, x, _ in gone])[order], np.array([j for _, _, j in gone])[order]
     at = np.minimum(np.searchsorted(keys, scan.turn_key), keys.size - 1)
-    hit = np.flatnonzero(keys[at] == scan.turn_key)[::-1]  # reversed: a record's first such turn is assigned last
+    hit = np.flatnonzero(keys[at] == scan.turn_key)
     records, at = scan.turn_record[hit], at[hit]
     live = kind[records] == 0
-    records, at = records[live], at[live]
+    records, first = np.unique(records[live], return_index=True)  # a record's first such turn (turns are in file order)
+    at = at[live][first]
     kind[records] = NEAR
     duplicate_of[records] = kept[at]
     similarity_of[records] = similar[at]
@@ -1179,9 +1180,7 @@ def measure_leakage(ws, settings: Settings, workers: int = 1, chunk_bytes: int =
         low, high, similarity = textsim.near_duplicate_pairs(bands[rows], sketches[rows],
                                                              lambda found: spilled.read(rows[found]), settings.ngram,
                                                              settings.threshold, across)
-    a, b = rows[low], rows[high]
-    across = (t["near_split"][a] != t["near_split"][b]) & (t["near_key"][a] != t["near_key"][b])
-    a, b, similarity = a[across], b[across], similarity[across]
+    a, b = rows[low], rows[high]  # all across splits: `across` chose the candidates
     pair_of = t["near_split"][a].astype(np.int64) + t["near_split"][b]  # 1 train-val, 2 train-test, 3 val-test
     result: dict[str, Any] = {
         "method": "re-read data/splits/*.jsonl; normalized user turns in two splits, and MinHash "
