@@ -74,19 +74,24 @@ class AtomicOutput:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = self.path.with_name(f".{self.path.name}.partial")
+        self.partial = self.path.with_name(f".{self.path.name}.partial")  # where it is written until complete
         self._file = None
         self._waiting: list[AtomicOutput] = []  # completed inner outputs, renamed when this one is
         self.sha256 = hashlib.sha256()
 
     def __enter__(self) -> "AtomicOutput":
-        self._file = open(self._tmp, "wb", buffering=1 << 20)
+        self._file = open(self.partial, "wb", buffering=1 << 20)
         _open_outputs().append(self)
         return self
 
     def write(self, data: bytes) -> None:
         self._file.write(data)
         self.sha256.update(data)
+
+    def flush(self) -> None:
+        """Pass what was written to the operating system: it can be read back from `partial`
+        (or from `path`, once the output is complete)."""
+        self._file.flush()
 
     def __exit__(self, exc_type, exc, tb) -> None:
         stack = _open_outputs()
@@ -105,11 +110,11 @@ class AtomicOutput:
             stack[-1]._waiting += [self, *self._waiting]
         else:
             for output in (*self._waiting, self):
-                os.replace(output._tmp, output.path)
+                os.replace(output.partial, output.path)
 
     def _discard(self) -> None:
         for output in (self, *self._waiting):
-            output._tmp.unlink(missing_ok=True)
+            output.partial.unlink(missing_ok=True)
 
 
 def _open_outputs() -> list[AtomicOutput]:

@@ -42,9 +42,11 @@ import math
 import tempfile
 import time
 from array import array
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
+from functools import cached_property
 from itertools import compress
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -223,23 +225,26 @@ def _split(ctx: PhaseContext, workers: int | None, chunk_bytes: int, stack: Exit
                         "removed" if data.decontaminate.action == "remove" else "kept: decontaminate.action is report")
     laps("decontaminate")
 
-    # 6. write ------------------------------------------------------------------------
+    # 6. write, and 7. check -------------------------------------------------------------
+    # The check reads each part of a split file back as soon as it is written: the workers
+    # measure while this process waits for the disk.
     counts = {name: int(np.count_nonzero(record_split == k)) for k, name in enumerate(SPLITS)}
     ctx.progress.start(int(sum(counts.values())), "records written")
-    files = _write(source, blocks, scan, record_split, ws, ctx.progress)
-    for name in SPLITS:
-        files[name]["records"] = counts[name]
-    duplicates = _write_duplicates(ws, source, scan, duplicate_of, kind, similarity)
-    if benchmarks is not None:
-        _write_contaminated(ws, source, scan, hit, where, kinds, owners, benchmarks, data.decontaminate)
-    laps("write")
+    scan.release(*_Scan.SEARCH_FIELDS)  # the check's keys take their place
+    with _LeakageCheck(ws, settings, pool) as check:
+        files = _write(source, blocks, scan, record_split, ws, ctx.progress, check, chunk_bytes)
+        for name in SPLITS:
+            files[name]["records"] = counts[name]
+        duplicates = _write_duplicates(ws, source, scan, duplicate_of, kind, similarity)
+        if benchmarks is not None:
+            _write_contaminated(ws, source, scan, hit, where, kinds, owners, benchmarks, data.decontaminate)
+        laps("write")
 
-    strata = _strata(record_split, scan, values) if cfg.stratify else None
-    del scan
-
-    # 7. check ------------------------------------------------------------------------
-    ctx.progress.start(int(sum(counts.values())), "records checked")
-    leakage = measure_leakage(ws, settings, workers, chunk_bytes, ctx.progress, log, pool)
+        strata = _strata(record_split, scan, values) if cfg.stratify else None
+        del scan
+        ctx.progress.start(int(sum(counts.values())), "records checked")
+        ctx.progress.advance(sum(check.records.values()))  # checked while written
+        leakage = check.result(ctx.progress)
     stack.close()
     if leakage["total"]:
         log.warning("split: %d user turns and %d near-duplicate pairs are shared between splits",
@@ -422,9 +427,9 @@ def _line_number(path: str, offset: int) -> int:
 class _Block:
     """The records of one block, parsed at once: per record its file offset, its line in
     the block (0-based) and its number of turns; per turn (all turns flattened in record
-    order) its role and its content."""
+    order) its role and its content. With `role`, only the turns of that role are kept."""
 
-    def __init__(self, path: str, data: bytes, start: int):
+    def __init__(self, path: str, data: bytes, start: int, role: str | None = None):
         import numpy as np
 
         raw = data.split(b"\n")
@@ -437,26 +442,74 @@ class _Block:
         self.records = len(lines)
         self.raw_lines = lines
         try:
-            self.parsed = list(map(orjson.loads, lines))
+            turns, self.roles, self.contents = _turns(lines, role)
+        except Exception:  # anything simdjson does not take: orjson decides, and names the line
+            turns, self.roles, self.contents = self._turns_of_parsed(path, start, role)
+        self.turns = np.frombuffer(turns, np.int64)
+        self.first_turn = np.cumsum(self.turns) - self.turns
+        self.record_of_turn = np.repeat(np.arange(self.records), self.turns)
+
+    @cached_property
+    def parsed(self) -> list[dict]:
+        """The records as dicts (for a stratum: only then is each record built whole)."""
+        return list(map(orjson.loads, self.raw_lines))
+
+    def _turns_of_parsed(self, path: str, start: int, role: str | None) -> tuple[array, list, list]:
+        try:
             conversations = [record["conversations"] for record in self.parsed]
-            self.turns = np.fromiter(map(len, conversations), np.int64, len(conversations))
-            self.roles = [turn["role"] for turns in conversations for turn in turns]
-            self.contents = [turn["content"] for turns in conversations for turn in turns]
-            if not self.turns.all() or set(map(type, self.roles)) - {str} or set(map(type, self.contents)) - {str}:
+            if not all(map(len, conversations)):
                 raise TypeError
+            roles = [turn["role"] for turns in conversations for turn in turns]
+            kept = [[turn for turn in turns if role is None or turn["role"] == role] for turns in conversations]
+            contents = [turn["content"] for turns in kept for turn in turns]
+            if set(map(type, roles)) - {str} or set(map(type, contents)) - {str}:
+                raise TypeError
+            roles = roles if role is None else [role] * len(contents)
         except (orjson.JSONDecodeError, TypeError, KeyError, AttributeError):
-            for line, offset in zip(lines, self.offset.tolist()):
+            for line, offset in zip(self.raw_lines, self.offset.tolist()):
                 _conversation(line, path, offset)  # raises the InputError that names the line
             raise InputError(f"{path}: the records from byte {start} on are not records with `conversations`; "
                              f"the file is written by `factory run format`: run it again") from None
-        self.first_turn = np.cumsum(self.turns) - self.turns
-        self.record_of_turn = np.repeat(np.arange(self.records), self.turns)
+        return array("q", map(len, kept)), roles, contents
 
     def role_codes(self, seed: int) -> np.ndarray:
         import numpy as np
 
         codes = {role: xxhash.xxh3_64_intdigest(role.encode(), seed) for role in set(self.roles)}
         return np.fromiter(map(codes.__getitem__, self.roles), np.uint64, len(self.roles))
+
+
+def _turns(lines: list[bytes], role: str | None) -> tuple[array, list[str], list[str]]:
+    """(turns kept per record, their roles, their contents) of JSON lines that are records
+    with `conversations` (every role a string, the contents kept strings): simdjson builds
+    Python strings only for what is asked (twice as fast as orjson's whole records; the check
+    skips every answer). Raises on anything else. A key given twice in a record would be
+    read first-wins here and last-wins by orjson; `format` writes none."""
+    import simdjson
+
+    parser = simdjson.Parser()
+    counts, roles, contents = array("q"), [], []
+    for line in lines:
+        document = parser.parse(line)
+        conversation = document["conversations"]
+        turn = None
+        kept = 0
+        for turn in conversation:
+            name = turn["role"]
+            if role is None or name == role:
+                content = turn["content"]
+                if type(name) is not str or type(content) is not str:
+                    raise TypeError
+                roles.append(name)
+                contents.append(content)
+                kept += 1
+            elif type(name) is not str:
+                raise TypeError
+        if not len(conversation):
+            raise TypeError
+        counts.append(kept)
+        del document, conversation, turn  # the parser is reused only when nothing holds the last document
+    return counts, roles, contents
 
 
 def _user_turns(texts: list[bytes], key: np.ndarray, record: np.ndarray, settings: Settings, near: bool) -> dict[str, Any]:
@@ -578,6 +631,9 @@ class _Scan:
     FIELDS = ("exact", "norm", "prompt", "offset", "line", "stratum")
     TURN_FIELDS = {"turn_record": "q", "turn_key": "Q", "near_record": "q", "near_key": "Q", "near_bands": "Q",
                    "near_sketch": "B", "hit_record": "q", "hit_kind": "b", "hit_benchmark": "q"}
+    SEARCH_FIELDS = ("exact", "norm", "prompt", "turn_record", "turn_key", "near_record", "near_key", "near_bands",
+                     "near_sketch")
+    """The keys for de-duplication and grouping, not needed once records are assigned."""
 
     def __init__(self, bands: int, texts: "SpilledTexts") -> None:
         self.bands = bands
@@ -611,6 +667,12 @@ class _Scan:
         for key, name in part["names"].items():
             if len(self.names) < 50 * MAX_STRATA_SHOWN:
                 self.names.setdefault(key, name)
+
+    def release(self, *fields: str) -> None:
+        """Let go of fields no longer needed (their memory is returned at once)."""
+        for f in fields:
+            delattr(self, f)
+            del self.parts[f]
 
     def finish(self) -> None:
         import numpy as np
@@ -1032,8 +1094,9 @@ def _contamination_metrics(scan: _Scan, hit: np.ndarray, where: np.ndarray, kind
 
 
 def _write(source: Path, blocks: list[tuple[int, int]], scan: _Scan, record_split: np.ndarray,
-           ws, progress) -> dict[str, dict[str, Any]]:
-    """Copy each kept line, unchanged, to its split's file, in input order.
+           ws, progress, check: "_LeakageCheck", chunk_bytes: int) -> dict[str, dict[str, Any]]:
+    """Copy each kept line, unchanged, to its split's file, in input order, and hand each
+    part of about chunk_bytes to `check` once it is in the file.
 
     Consecutive lines bound for one split are copied as one slice of the block (their
     offsets are known from the scan). A helper thread does the file writes and SHA-256
@@ -1045,7 +1108,14 @@ def _write(source: Path, blocks: list[tuple[int, int]], scan: _Scan, record_spli
     outputs = [AtomicOutput(ws.split_file(name)) for name in SPLITS]
     offsets = scan.offset
     position = 0
+    written, checked = [0, 0, 0], [0, 0, 0]  # bytes of each file written, and handed to the check
     pending: list[Future] = []
+
+    def hand_over(k: int) -> None:
+        outputs[k].flush()
+        check.submit(outputs[k], checked[k], written[k], k)
+        checked[k] = written[k]
+
     with outputs[0], outputs[1], outputs[2], open(source, "rb") as f, ThreadPoolExecutor(1) as writer:
         for (start, end), count, blank in zip(blocks, scan.block_records, scan.block_blanks):
             f.seek(start)
@@ -1055,10 +1125,18 @@ def _write(source: Path, blocks: list[tuple[int, int]], scan: _Scan, record_spli
             position += count
             for done in pending:
                 done.result()
+            for k in range(len(SPLITS)):
+                if written[k] - checked[k] >= chunk_bytes:
+                    hand_over(k)
             pending = [writer.submit(outputs[k].write, piece) for k, piece in enumerate(pieces) if piece]
+            for k, piece in enumerate(pieces):
+                written[k] += len(piece)
             progress.advance(int(np.count_nonzero(which >= 0)))
         for done in pending:
             done.result()
+        for k in range(len(SPLITS)):
+            if written[k] > checked[k]:
+                hand_over(k)
     return {name: {"path": ws.rel(out.path), "records": 0, "sha256": out.sha256.hexdigest()}
             for name, out in zip(SPLITS, outputs)}
 
@@ -1129,42 +1207,84 @@ def _write_contaminated(ws, source: Path, scan: _Scan, hit: np.ndarray, where: n
 
 def measure_leakage(ws, settings: Settings, workers: int = 1, chunk_bytes: int = CHUNK_BYTES, progress=None,
                     log=None, pool=None) -> dict[str, Any]:
-    """Leakage between the split files as written, measured without the grouping: every
-    normalized user turn (of at least data.split.min_turn_words words) found in two splits,
-    and every pair of different user turns in two splits whose MinHash Jaccard estimate
-    reaches dedup.near_threshold. Reads data/splits/{train,val,test}.jsonl afresh."""
-    import numpy as np
-    from factory import textsim
-
+    """Leakage between the split files as written (see _LeakageCheck), read afresh."""
     jobs = []
     for k, name in enumerate(SPLITS):
         path = ws.split_file(name)
         if not path.is_file():
             raise InputError(f"{ws.rel(path)} not found: run `factory run split` to write the splits")
-        jobs += [(str(path), a, b, k) for a, b in _blocks(path, chunk_bytes)]
-    records = dict.fromkeys(SPLITS, 0)
-    lines = dict.fromkeys(SPLITS, 0)
-    codes = {"split": "b", "key": "Q", "offset": "q", "line": "q", "bands": "Q", "sketch": "B"}
-    grown = {f: array(codes[f.removeprefix("near_")]) for f in ("split", "key", "offset", "line", "near_split",
-                                                                "near_key", "near_offset", "near_line", "near_bands",
-                                                                "near_sketch")}  # grown in place, as the scan's
-    with SpilledTexts(ws.splits_dir) as spilled:  # the normalized text of each near_* row
+        jobs += [(str(path), a, b, k, None) for a, b in _blocks(path, chunk_bytes)]
+    with _LeakageCheck(ws, settings) as check:
         for part in _map_blocks(_check_block, jobs, settings, workers, log, pool):
-            name = SPLITS[part["split"]]
-            base_line = lines[name]
-            records[name] += part["records"]
-            lines[name] += part["lines"]
-            for prefix in ("", "near_"):
-                grown[prefix + "split"].frombytes(bytes([part["split"]]) * (len(part[prefix + "key"]) // 8))
-                grown[prefix + "key"].frombytes(part[prefix + "key"])
-                grown[prefix + "offset"].frombytes(part[prefix + "offset"])
-                grown[prefix + "line"].frombytes((np.frombuffer(part[prefix + "line"], np.int64) + base_line).tobytes())
-            grown["near_bands"].frombytes(part["near_bands"])
-            grown["near_sketch"].frombytes(part["near_sketch"])
-            spilled.add(part["near_text"], part["near_length"])
-            if progress is not None:
-                progress.advance(part["records"])
-        t = {f: np.frombuffer(values, np.dtype(values.typecode)) for f, values in grown.items()}
+            check.add(part, progress)
+        return check.result(progress)
+
+
+class _LeakageCheck:
+    """Leakage between the split files as written, measured without the grouping: every
+    normalized user turn (of at least data.split.min_turn_words words) found in two splits,
+    and every pair of different user turns in two splits whose word n-gram Jaccard reaches
+    dedup.near_threshold (MinHash LSH candidates, measured exactly). The files are read back
+    in parts (_check_block), in the pool's workers while the split's process writes the rest
+    (submit), or handed in (add); each file's parts in order."""
+
+    FIELDS = {"split": "b", "key": "Q", "offset": "q", "line": "q", "near_split": "b", "near_key": "Q",
+              "near_offset": "q", "near_line": "q", "near_bands": "Q", "near_sketch": "B"}
+
+    def __init__(self, ws, settings: Settings, pool=None) -> None:
+        self.ws, self.settings, self.pool = ws, settings, pool
+        self.records = dict.fromkeys(SPLITS, 0)
+        self.lines = dict.fromkeys(SPLITS, 0)
+        self.grown = {f: array(code) for f, code in self.FIELDS.items()}  # grown in place, as the scan's
+        ws.splits_dir.mkdir(parents=True, exist_ok=True)
+        self.spilled = SpilledTexts(ws.splits_dir)  # the normalized text of each near_* row
+        self.pending: deque = deque()  # submitted parts, in order
+
+    def __enter__(self) -> "_LeakageCheck":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.spilled.close()
+
+    def submit(self, output: AtomicOutput, start: int, end: int, split: int) -> None:
+        """Check bytes [start, end) of a split file being written (flushed, whole lines)."""
+        job = (str(output.partial), start, end, split, str(output.path))
+        if self.pool is None:
+            _init_worker(self.settings)
+            self.add(_check_block(job))
+            return
+        self.pending.append(self.pool.apply_async(_check_block, (job,)))
+        while self.pending and self.pending[0].ready():
+            self.add(self.pending.popleft().get())
+
+    def add(self, part: dict[str, Any], progress=None) -> None:
+        import numpy as np
+
+        grown = self.grown
+        name = SPLITS[part["split"]]
+        base_line = self.lines[name]
+        self.records[name] += part["records"]
+        self.lines[name] += part["lines"]
+        for prefix in ("", "near_"):
+            grown[prefix + "split"].frombytes(bytes([part["split"]]) * (len(part[prefix + "key"]) // 8))
+            grown[prefix + "key"].frombytes(part[prefix + "key"])
+            grown[prefix + "offset"].frombytes(part[prefix + "offset"])
+            grown[prefix + "line"].frombytes((np.frombuffer(part[prefix + "line"], np.int64) + base_line).tobytes())
+        grown["near_bands"].frombytes(part["near_bands"])
+        grown["near_sketch"].frombytes(part["near_sketch"])
+        self.spilled.add(part["near_text"], part["near_length"])
+        if progress is not None:
+            progress.advance(part["records"])
+
+    def result(self, progress=None) -> dict[str, Any]:
+        """The leakage once every part is in (the submitted ones are waited for)."""
+        import numpy as np
+        from factory import textsim
+
+        while self.pending:
+            self.add(self.pending.popleft().get(), progress)
+        settings = self.settings
+        t = {f: np.frombuffer(values, np.dtype(values.typecode)) for f, values in self.grown.items()}
         bands = t["near_bands"].reshape(-1, textsim.lsh_params(settings.threshold)[0])
         sketches = t["near_sketch"].reshape(-1, textsim.NUM_PERM)
 
@@ -1178,34 +1298,39 @@ def measure_leakage(ws, settings: Settings, workers: int = 1, chunk_bytes: int =
             return (t["near_split"][a] != t["near_split"][b]) & (t["near_key"][a] != t["near_key"][b])
 
         low, high, similarity = textsim.near_duplicate_pairs(bands[rows], sketches[rows],
-                                                             lambda found: spilled.read(rows[found]), settings.ngram,
-                                                             settings.threshold, across)
-    a, b = rows[low], rows[high]  # all across splits: `across` chose the candidates
-    pair_of = t["near_split"][a].astype(np.int64) + t["near_split"][b]  # 1 train-val, 2 train-test, 3 val-test
-    result: dict[str, Any] = {
-        "method": "re-read data/splits/*.jsonl; normalized user turns in two splits, and MinHash "
-                  f"near-duplicate user turns (Jaccard >= {settings.threshold}, word {settings.ngram}-grams)",
-        "records": records,
-    }
-    for (x, y), code in zip(PAIRS, (1, 2, 3)):
-        result[f"{x}_{y}"] = {"user_turns": shared[(x, y)], "near_duplicates": int(np.count_nonzero(pair_of == code))}
-    result["user_turns"] = sum(result[f"{x}_{y}"]["user_turns"] for x, y in PAIRS)
-    result["near_duplicates"] = int(a.size)
-    result["total"] = result["user_turns"] + result["near_duplicates"]
-    result["examples"] = _leak_examples(ws, settings.seed, t, a, b, similarity)
-    return result
+                                                             lambda found: self.spilled.read(rows[found]),
+                                                             settings.ngram, settings.threshold, across)
+        a, b = rows[low], rows[high]  # all across splits: `across` chose the candidates
+        pair_of = t["near_split"][a].astype(np.int64) + t["near_split"][b]  # 1 train-val, 2 train-test, 3 val-test
+        result: dict[str, Any] = {
+            "method": "re-read data/splits/*.jsonl; normalized user turns in two splits, and MinHash "
+                      f"near-duplicate user turns (Jaccard >= {settings.threshold}, word {settings.ngram}-grams)",
+            "records": dict(self.records),
+        }
+        for (x, y), code in zip(PAIRS, (1, 2, 3)):
+            result[f"{x}_{y}"] = {"user_turns": shared[(x, y)], "near_duplicates": int(np.count_nonzero(pair_of == code))}
+        result["user_turns"] = sum(result[f"{x}_{y}"]["user_turns"] for x, y in PAIRS)
+        result["near_duplicates"] = int(a.size)
+        result["total"] = result["user_turns"] + result["near_duplicates"]
+        result["examples"] = _leak_examples(self.ws, settings.seed, t, a, b, similarity)
+        return result
 
 
-def _check_block(job: tuple[str, int, int, int]) -> dict[str, Any]:
+def _check_block(job: tuple[str, int, int, int, str | None]) -> dict[str, Any]:
     import numpy as np
     from factory import textsim
 
-    path, start, end, split = job
-    block = _Block(path, _read_block(path, start, end), start)
-    user = [role == "user" for role in block.roles]
-    texts = textsim.normalize_batch(list(compress(block.contents, user)))
-    part = _user_turns(texts, textsim.text_keys(texts, _SETTINGS.seed), block.record_of_turn[np.asarray(user, bool)],
-                       _SETTINGS, near=True)
+    path, start, end, split, complete = job
+    try:
+        data = _read_block(path, start, end)
+    except FileNotFoundError:  # written while this waited, and renamed in place: the same bytes
+        if complete is None:
+            raise
+        path = complete
+        data = _read_block(path, start, end)
+    block = _Block(complete or path, data, start, role="user")
+    texts = textsim.normalize_batch(block.contents)
+    part = _user_turns(texts, textsim.text_keys(texts, _SETTINGS.seed), block.record_of_turn, _SETTINGS, near=True)
     turn_record = np.frombuffer(part["turn_record"], np.int64)
     near_record = np.frombuffer(part["near_record"], np.int64)
     return {"split": split, "records": block.records, "lines": block.lines,

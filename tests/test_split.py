@@ -283,6 +283,35 @@ def test_a_broken_line_is_reported_with_its_number(ws):
         run(ws)
 
 
+def test_the_turns_simdjson_reads_are_those_orjson_reads(tmp_path):
+    """The scan and the check take each record's turns through simdjson, building strings only
+    for what they ask; anything simdjson refuses goes through orjson. Both give the same."""
+    lines = [orjson.dumps(r) for r in unique_records(20)] + [
+        orjson.dumps(record("é\u2028 😀 \" \\n \x00", "x", system="s", meta={"turns": [{"role": "user"}]})),
+        b'{"conversations": [{"content": "q", "role": "user"}, {"role": "assistant", "content": "a", "x": null}]}',
+        b' {"conversations":[{"role":"tool","content":"{\\"a\\": 1}"}, {"role":"user","content":"\\ud83d\\ude00"}]} ',
+    ]
+    big = b'{"conversations": [{"role": "user", "content": "q"}], "n": 123456789012345678901234567890}'
+    for role in (None, "user"):
+        expected = [[t for t in orjson.loads(line)["conversations"] if role is None or t["role"] == role]
+                    for line in lines + [big]]
+        counts, roles, contents = split._turns(lines, role)  # simdjson alone
+        assert list(counts) == [len(t) for t in expected[:-1]]
+        assert roles == [t["role"] for turns in expected[:-1] for t in turns]
+        assert contents == [t["content"] for turns in expected[:-1] for t in turns]
+        with pytest.raises(RuntimeError):  # an integer beyond 64 bits: orjson reads it, simdjson does not
+            split._turns([big], role)
+        data = b"\n".join(lines + [big]) + b"\n"
+        (tmp_path / "all.jsonl").write_bytes(data)
+        block = split._Block(str(tmp_path / "all.jsonl"), data, 0, role)
+        assert block.turns.tolist() == [len(t) for t in expected]
+        assert block.contents == [t["content"] for turns in expected for t in turns]
+        bad = data + b'{"conversations": [{"role": "user", "content": 5}]}\n'
+        (tmp_path / "all.jsonl").write_bytes(bad)
+        with pytest.raises(InputError, match="line 25"):
+            split._Block(str(tmp_path / "all.jsonl"), bad, 0, role)
+
+
 def test_blank_lines_and_a_missing_final_newline(tmp_path):
     lines = [orjson.dumps(r) for r in unique_records(40)]
     for i, chunk_bytes in enumerate((1 << 20, 300)):  # one block; many blocks, some with blank lines
@@ -443,6 +472,45 @@ def test_a_user_turn_shared_by_single_and_multi_turn_conversations_stays_in_one_
     assert a["split"] != b["split"] and norm(a["text"]) == norm(b["text"])
     line = ws.split_file(a["split"]).read_bytes().splitlines()[a["line"] - 1]
     assert a["text"] in [t["content"] for t in orjson.loads(line)["conversations"]]
+
+
+def test_the_check_made_while_the_files_are_written_equals_one_made_after(ws):
+    """The split's check reads each part of a split file back as it is written (in the
+    workers, small parts here): it finds what a check of the finished files finds. With
+    dedup.near off nothing links near-duplicate questions, so some end up in two splits."""
+    long_q = "Describe step by step how a bill becomes a law in a parliament with two chambers and a head of state {}"
+    records = [record(long_q.format(f"example {i}"), f"Answer {i}.") for i in range(120)]  # Jaccard 0.9 to each other
+    write_input(ws, records + unique_records(600))
+    m = run(ws, {"dedup": {"near": "off"}}, workers=2, chunk_bytes=4 << 10)
+    assert m["leakage"]["near_duplicates"] > 0 and m["leakage"]["user_turns"] == 0
+    cfg = parse_config({"data": {"dedup": {"near": "off"}}})
+    settings = split.Settings(seed=cfg.data.split.seed, stratify=None, min_turn_words=cfg.data.split.min_turn_words,
+                              ngram=3, near=False, threshold=0.8)
+    after = split.measure_leakage(ws, settings, workers=2, chunk_bytes=64 << 10, log=logging.getLogger("test.split"))
+    assert after == m["leakage"]
+    assert m["accounting"]["balanced"] and m["leakage"]["records"] == m["counts"]
+    example = next(e for e in m["leakage"]["examples"] if e["kind"] == "near_duplicate")
+    for side in example["pair"]:  # the lines named are those of the finished files
+        line = ws.split_file(side["split"]).read_bytes().splitlines()[side["line"] - 1]
+        assert side["text"] == orjson.loads(line)["conversations"][0]["content"]
+
+
+def test_a_part_checked_after_its_file_was_renamed_is_read_from_the_finished_file(ws):
+    """A part handed to the check names the file being written; when a worker gets to it
+    after the file was completed (renamed in place), it reads the same bytes there."""
+    write_input(ws, unique_records(50))
+    run(ws)
+    path = ws.split_file("train")
+    cfg = parse_config({})
+    split._init_worker(split.Settings(seed=cfg.data.split.seed, stratify=None, min_turn_words=0, ngram=3, near=True,
+                                      threshold=0.8))
+    size = path.stat().st_size
+    gone = path.with_name(f".{path.name}.partial")
+    assert not gone.exists()
+    late = split._check_block((str(gone), 0, size, 0, str(path)))
+    assert late == split._check_block((str(path), 0, size, 0, None)) and late["records"] == 40
+    with pytest.raises(FileNotFoundError):
+        split._check_block((str(gone), 0, size, 0, None))
 
 
 def test_the_leakage_check_fails_on_split_files_that_leak(ws):
@@ -799,6 +867,13 @@ def test_texts_of_plain_characters_normalize_as_text_by_text():
     texts = [f"X{c}Y {c}{c.upper()}\t{c}" for c in chars]
     texts += ["".join(rng.choice(chars + list("AbZ .\t\n")) for _ in range(rng.randint(1, 30))) for _ in range(20000)]
     assert textsim.normalize_batch(texts) == [textsim.normalize(t).encode() for t in texts]
+    # texts that need more, anywhere among plain ones (first, last, side by side, at either end of a text)
+    others = ["ß", "ﬁ", "中", "\u00a0", "Σ", "e\u0301", "\u3000", "Ａ"]
+    for _ in range(200):
+        batch = [rng.choice(others) * rng.randint(0, 1) + "".join(rng.choice(chars[:50] + list("Ab .") + others[:1] * (k % 3 == 0))
+                                                                 for _ in range(rng.randint(0, 8))) + rng.choice(others) * (k % 5 == 0)
+                 for k in range(rng.randint(1, 12))]
+        assert textsim.normalize_batch(batch) == [textsim.normalize(t).encode() for t in batch], batch
 
 
 # --- the real datasets: an independent re-count ---------------------------------------------
