@@ -100,25 +100,32 @@ def normalize_batch(texts: list[str]) -> list[bytes]:
     (no per-word Python objects; tests/test_split.py checks the equality)."""
     if not texts:
         return []
-    # every text ends with a NUL, the last one too
-    if all(t.isascii() for t in texts):  # O(1) per text in CPython: a flag of the string
-        joined = "\x00".join([*texts, ""]).encode()
-    else:
-        plain = _plain_text()
-        joined = b"\x00".join([t.encode() if t.isascii() else t.lower().encode() if plain(t) else _fold_unicode(t).encode()
-                               for t in texts] + [b""])
+    # every text ends with a NUL, the last one too. A text above ASCII is folded and stands in
+    # the join as its UTF-8 bytes read as Latin-1: every piece is then a one-byte-per-character
+    # string, and the joined string's Latin-1 encoding is the UTF-8 of all (no copy per text)
+    pieces = [*texts, ""]
+    plain = None
+    for i, t in enumerate(texts):
+        if not t.isascii():  # O(1) in CPython: a flag of the string
+            plain = plain or _plain_text()
+            pieces[i] = (t.lower() if plain(t) else _fold_unicode(t)).encode().decode("latin-1")
+    joined = "\x00".join(pieces).encode("latin-1")
     data = np.frombuffer(joined.translate(_ASCII_FOLD), np.uint8)  # lower case, every whitespace a space
     end = data == 0
     if np.count_nonzero(end) != len(texts):  # a text holds a NUL itself
         return [normalize(t).encode() for t in texts]
     # a space goes when the byte before it is a space or a text's end (or it opens the data):
     # runs keep their first space and texts lose their leading ones; a trailing one is left,
-    # and found below fast (a search for " \x00" tests the rare NUL first, unlike "\x00 ")
+    # and dropped after
     space = data == 32
     keep = np.empty(data.size, bool)
     keep[0] = not space[0]
     np.logical_not(space[1:] & (space[:-1] | end[:-1]), out=keep[1:])
-    return data[keep].tobytes().replace(b" \x00", b"\x00").split(b"\x00")[:-1]
+    data = data[keep]
+    trailing = np.flatnonzero((data[:-1] == 32) & (data[1:] == 0))  # a run's space kept at a text's end
+    if trailing.size:
+        data = np.delete(data, trailing)
+    return data.tobytes().split(b"\x00")[:-1]
 
 
 @lru_cache(maxsize=None)
