@@ -451,7 +451,19 @@ TEXTS_RUN = 1 << 16
 
 ESTIMATE_MARGIN = 0.2
 """Candidates whose estimate is this far below the threshold are still measured exactly (4
-standard errors at 64 permutations): the estimate only filters, the exact Jaccard decides."""
+standard errors at 64 permutations): the estimate only filters, the exact Jaccard decides.
+Two sets that can reach the threshold only when equal (lowest_reaching) are measured only
+when their signatures are equal, and two that cannot reach it are not measured."""
+
+
+def lowest_reaching(size_a: np.ndarray, size_b: np.ndarray, threshold: float) -> np.ndarray:
+    """The lowest Jaccard similarity of at least `threshold` that two sets of these sizes can
+    have, or 2 where none can. |A & B| = i gives i / (|A| + |B| - i), at least the threshold t
+    from i = t (|A| + |B|) / (1 + t) on, and i is at most the smaller size: two sets of 7
+    n-grams reach 0.8 only when equal (6 shared give 0.75), and 5 against 7 never do."""
+    total = size_a + size_b
+    shared = np.ceil(threshold * total / (1 + threshold) - 1e-9)
+    return np.where(shared <= np.minimum(size_a, size_b), shared / np.maximum(total - shared, 1), 2.0)
 
 
 def sketch(sig: np.ndarray) -> np.ndarray:
@@ -487,10 +499,12 @@ def near_duplicate_pairs(keys: np.ndarray, sketches: np.ndarray, texts_of: Calla
         return chosen
 
     m = keys.shape[0]
-    grams = _NgramSets(texts_of, n, m)
+    grams = _NgramSets(texts_of, n, m, threshold)
     if not linking:
         low, high = candidate_pairs(keys, keep)
         grams.add(distinct(np.concatenate((low, high))))
+        some = ~grams.out_of_reach(low, high, sketches)
+        low, high = low[some], high[some]
         similarity = grams.jaccard(low, high)
         keep_pair = similarity >= threshold - 1e-12
         return low[keep_pair], high[keep_pair], similarity[keep_pair]
@@ -510,7 +524,7 @@ def near_duplicate_pairs(keys: np.ndarray, sketches: np.ndarray, texts_of: Calla
             failed = []
             for lo in range(0, low.size, LINKING_RUN):
                 run = slice(lo, lo + LINKING_RUN)
-                group = _link_run(low[run], high[run], estimate[run], group, grams, threshold, linked, failed)
+                group = _link_run(low[run], high[run], estimate[run], group, grams, sketches, threshold, linked, failed)
             if failed:
                 apart = distinct(np.concatenate((apart, distinct(np.concatenate(failed)))), runs=True)
     if not linked:
@@ -521,7 +535,7 @@ def near_duplicate_pairs(keys: np.ndarray, sketches: np.ndarray, texts_of: Calla
 
 
 def _link_run(a: np.ndarray, b: np.ndarray, estimate: np.ndarray, group: np.ndarray, grams: "_NgramSets",
-              threshold: float, linked: list, failed: list) -> np.ndarray:
+              sketches: np.ndarray, threshold: float, linked: list, failed: list) -> np.ndarray:
     """Measure the candidate pairs (a[k], b[k]) (by decreasing estimate) that join two groups,
     in two rounds: first one pair per edge of a spanning forest of the groups (the best
     estimate between two groups: the whole of a set of variants that are all near-duplicates
@@ -554,6 +568,9 @@ def _link_run(a: np.ndarray, b: np.ndarray, estimate: np.ndarray, group: np.ndar
             measured = np.flatnonzero(rest & (group[a] != group[b]))
         x, y = a[measured], b[measured]
         grams.add(distinct(np.concatenate((x, y))))
+        vain = grams.out_of_reach(x, y, sketches)
+        failed.append(x[vain] * m + y[vain])
+        x, y = x[~vain], y[~vain]
         similarity = grams.jaccard(x, y)
         passed = similarity >= threshold - 1e-12
         failed.append(x[~passed] * m + y[~passed])
@@ -583,23 +600,49 @@ def _merged(group: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 class _NgramSets:
     """The n-gram hashes of rows' texts, read (`texts_of`) and hashed once each, as they are
-    first needed, and grown in place."""
+    first needed, and grown in place; and for a text of fewer n-grams than out_of_reach needs
+    to know about, how many distinct ones it has."""
 
-    def __init__(self, texts_of: Callable[[np.ndarray], list], n: int, rows: int):
-        self.texts_of, self.n = texts_of, n
+    def __init__(self, texts_of: Callable[[np.ndarray], list], n: int, rows: int, threshold: float):
+        self.texts_of, self.n, self.threshold = texts_of, n, threshold
+        # sets of equal size below this reach the threshold only when equal (lowest_reaching)
+        self.small = (1 + threshold) / (1 - threshold) if threshold < 1 else np.inf
         self.slot = np.full(rows, -1, np.int64)  # a row's number among those hashed
-        self.hashes, self.owner = array("Q"), array("q")
+        self.hashes, self.owner, self.size = array("Q"), array("q"), array("q")
         self.count = 0
 
     def add(self, rows: np.ndarray) -> None:
         """Hash the texts of these rows (sorted, distinct) that are not hashed yet."""
         rows = rows[self.slot[rows] < 0]
         for lo in range(0, rows.size, TEXTS_RUN):
-            found, which = ngram_hashes(self.texts_of(rows[lo:lo + TEXTS_RUN]), self.n)
+            texts = self.texts_of(rows[lo:lo + TEXTS_RUN])
+            found, which = ngram_hashes(texts, self.n)
             self.hashes.frombytes(found.tobytes())
             self.owner.frombytes((which + self.count + lo).tobytes())
+            size = np.bincount(which, minlength=len(texts))
+            few = size < self.small
+            size[~few] = -1  # not needed
+            some = few[which]
+            found, which = found[some], which[some]
+            order = np.lexsort((found, which))
+            found, which = found[order], which[order]
+            new = np.concatenate(([True], (found[1:] != found[:-1]) | (which[1:] != which[:-1])))[:found.size]
+            size[few] = np.bincount(which[new], minlength=len(texts))[few]
+            self.size.frombytes(size.astype(np.int64).tobytes())
         self.slot[rows] = self.count + np.arange(rows.size)
         self.count += rows.size
+
+    def out_of_reach(self, low: np.ndarray, high: np.ndarray, sketches: np.ndarray) -> np.ndarray:
+        """Pairs of rows (added) known below the threshold without measuring them: sets too
+        unequal in size to reach it, or small sets that reach it only when equal (then their
+        signatures are equal too) with signatures that differ."""
+        size = np.frombuffer(self.size, np.int64)
+        size_a, size_b = size[self.slot[low]], size[self.slot[high]]
+        known = np.flatnonzero((size_a >= 0) & (size_b >= 0))
+        lowest = lowest_reaching(size_a[known], size_b[known], self.threshold)
+        out = np.zeros(low.size, bool)
+        out[known] = (lowest > 1) | (lowest == 1) & (estimated_jaccard(sketches, low[known], high[known]) < 1)
+        return out
 
     def jaccard(self, low: np.ndarray, high: np.ndarray) -> np.ndarray:
         """pair_jaccard of rows low[k] and high[k], all added."""

@@ -781,6 +781,47 @@ def test_a_question_with_hundreds_of_variants_is_linked_to_every_one(monkeypatch
     assert (np.diff(la * len(texts) + lb) > 0).all() and (lj >= 0.8).all()
 
 
+def test_the_lowest_jaccard_two_set_sizes_reach_is_that_of_the_smallest_intersection():
+    from factory import textsim
+
+    size_a, size_b = np.meshgrid(np.arange(1, 40), np.arange(1, 40))
+    size_a, size_b = size_a.ravel(), size_b.ravel()
+    for threshold in (0.5, 0.8, 0.85, 0.9):
+        got = textsim.lowest_reaching(size_a, size_b, threshold)
+        for a, b, lowest in zip(size_a.tolist(), size_b.tolist(), got.tolist()):
+            reachable = [i / (a + b - i) for i in range(min(a, b) + 1) if i / (a + b - i) >= threshold - 1e-12]
+            assert abs(lowest - min(reachable)) < 1e-12 if reachable else lowest == 2
+
+
+def test_numbered_copies_of_short_questions_are_not_measured_in_vain(monkeypatch):
+    """Short questions, each copied hundreds of times with a number: two copies share 4 of 6
+    word 3-grams (0.67), share LSH buckets, and their estimates often pass 0.6; sets of 5
+    n-grams reach 0.8 only when equal, so only pairs with equal signatures are measured. The
+    pairs found are still exactly those of all pairs, both ways of searching."""
+    from factory import textsim
+
+    questions = [f"tell me about topic{q} in brief" for q in range(8)]
+    texts = [textsim.normalize(f"{questions[i % 8]} (#{i})") for i in range(800)]
+    texts += ["a b c a b c", "a b c a b c a", "x y z w v u t s", "x y z w v u t s r"]  # equal sets; 6 of 7 (0.857)
+    sig = textsim.signatures(texts, 3)
+    keys = textsim.band_keys(sig, *textsim.lsh_params(0.8))
+    low, high = textsim.candidate_pairs(keys)
+    assert np.count_nonzero(textsim.estimated_jaccard(textsim.sketch(sig), low, high) >= 0.6) > 5000  # the vain ones
+    measured = []
+    real = textsim.pair_jaccard
+    monkeypatch.setattr(textsim, "pair_jaccard", lambda *args: measured.append(args[2].size) or real(*args))
+    grams = [{tuple(t.split()[k:k + 3]) for k in range(len(t.split()) - 2)} for t in texts]
+    exact = {(i, j) for i in range(len(texts)) for j in range(i + 1, len(texts))
+             if len(grams[i] & grams[j]) >= 0.8 * len(grams[i] | grams[j]) - 1e-9}
+    assert exact == {(800, 801), (802, 803)}
+    for linking in (False, True):
+        measured.clear()
+        a, b, similarity = textsim.near_duplicate_pairs(keys, textsim.sketch(sig), lambda rows: [texts[r] for r in rows],
+                                                        3, 0.8, linking=linking)
+        assert set(zip(a.tolist(), b.tolist())) == exact and sum(measured) < 10
+        assert sorted(similarity.round(3).tolist()) == [0.857, 1.0]
+
+
 def test_a_question_and_its_variants_stay_in_one_split(ws):
     """The split phase on records whose user turns are a question and 300 variants of it (and
     other questions): the variants are grouped with the question, and the check, which
