@@ -227,7 +227,7 @@ def _split(ctx: PhaseContext, workers: int | None, chunk_bytes: int, stack: Exit
 
     # 6. write, and 7. check -------------------------------------------------------------
     # The check reads each part of a split file back as soon as it is written: the workers
-    # measure while this process waits for the disk.
+    # measure while this process writes the rest.
     counts = {name: int(np.count_nonzero(record_split == k)) for k, name in enumerate(SPLITS)}
     ctx.progress.start(int(sum(counts.values())), "records written")
     scan.release(*_Scan.SEARCH_FIELDS)  # the check's keys take their place
@@ -496,15 +496,15 @@ def _turns(lines: list[bytes], role: str | None) -> tuple[array, list[str], list
         kept = 0
         for turn in conversation:
             name = turn["role"]
+            if type(name) is not str:
+                raise TypeError
             if role is None or name == role:
                 content = turn["content"]
-                if type(name) is not str or type(content) is not str:
+                if type(content) is not str:
                     raise TypeError
                 roles.append(name)
                 contents.append(content)
                 kept += 1
-            elif type(name) is not str:
-                raise TypeError
         if not len(conversation):
             raise TypeError
         counts.append(kept)
@@ -1239,6 +1239,8 @@ class _LeakageCheck:
         ws.splits_dir.mkdir(parents=True, exist_ok=True)
         self.spilled = SpilledTexts(ws.splits_dir)  # the normalized text of each near_* row
         self.pending: deque = deque()  # submitted parts, in order
+        if pool is None:
+            _init_worker(settings)  # parts are checked in this process
 
     def __enter__(self) -> "_LeakageCheck":
         return self
@@ -1250,7 +1252,6 @@ class _LeakageCheck:
         """Check bytes [start, end) of a split file being written (flushed, whole lines)."""
         job = (str(output.partial), start, end, split, str(output.path))
         if self.pool is None:
-            _init_worker(self.settings)
             self.add(_check_block(job))
             return
         self.pending.append(self.pool.apply_async(_check_block, (job,)))
