@@ -42,6 +42,11 @@ class DiskFull(FactoryError):
     """A write failed for lack of space (or quota). Nothing half-written is left in place."""
 
 
+class WorkerKilled(FactoryError):
+    """A worker process of a phase was killed from outside (by the out-of-memory killer, or a
+    signal sent to it). Nothing half-written is left; running again starts the phase over."""
+
+
 class GateFailed(FactoryError):
     """A gate's criteria were not met. Carries the results for the report."""
 

@@ -11,9 +11,12 @@ import gc
 import multiprocessing
 import os
 import signal
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
+from factory.errors import WorkerKilled
 from factory.status import fork_is_safe
 
 PARALLEL_MIN_BYTES = 64 << 20
@@ -45,15 +48,43 @@ def _start_worker(initializer: Callable[..., None] | None, initargs: tuple) -> N
 
 @contextmanager
 def worker_pool(workers: int, log, what: str, initializer: Callable[..., None] | None = None,
-                initargs: tuple = ()) -> Iterator[Any]:
-    """A multiprocessing pool of `workers` processes, or None for one (work in this process).
-    Start it before holding large data: forked workers would otherwise copy its pages."""
+                initargs: tuple = ()) -> Iterator[ProcessPoolExecutor | None]:
+    """A pool of `workers` processes, or None for one (work in this process). Start it before
+    holding large data: forked workers would otherwise copy its pages. On an error or Ctrl-C
+    the workers are stopped at once, not left to finish what was queued.
+
+    concurrent.futures' pool, not multiprocessing's: the latter's worker-watching thread wakes
+    whenever a result waits in the pipe, and with the split's 300 KB results it cost this
+    process 1.2 s of CPU per 865 of them (0.3 s here)."""
     if workers <= 1:
         yield None
         return
     # fork is instant; with other threads alive (a progress display) forking is unsafe.
     method = "fork" if fork_is_safe() and "fork" in multiprocessing.get_all_start_methods() else "spawn"
     log.info("%s: %d worker processes (%s)", what, workers, method)
-    with multiprocessing.get_context(method).Pool(workers, initializer=_start_worker,
-                                                  initargs=(initializer, initargs)) as pool:
+    before = set(multiprocessing.active_children())
+    pool = ProcessPoolExecutor(workers, multiprocessing.get_context(method), _start_worker, (initializer, initargs))
+    processes: set = set()
+    try:
+        pool.submit(int).result()  # the workers start now (all of them, when forked), before any data is held
+        processes = set(multiprocessing.active_children()) - before
         yield pool
+    except BaseException as error:
+        processes |= set(multiprocessing.active_children()) - before  # spawned ones start as needed
+        for process in processes:
+            process.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)  # every worker is joined: its exit code is known
+        killed = {-p.exitcode for p in processes if p.exitcode is not None and p.exitcode < 0}
+        if len(killed) > 1:  # the others of a broken pool are ended with SIGTERM
+            killed.discard(signal.SIGTERM)
+        if isinstance(error, BrokenProcessPool) and killed and not killed & _CRASHES:
+            memory = " (most likely by the system, for lack of memory)" if signal.SIGKILL in killed else ""
+            raise WorkerKilled(
+                f"{what}: a worker process was killed by {', '.join(signal.Signals(k).name for k in sorted(killed))}"
+                f"{memory}; nothing half-written was kept: free memory, or stop what killed it, and run again"
+            ) from None
+        raise
+    pool.shutdown(wait=True)
+
+_CRASHES = {signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT, signal.SIGFPE, signal.SIGILL}
+"""Signals a worker sends itself when it crashes: a bug, reported as one."""

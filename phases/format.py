@@ -374,9 +374,9 @@ def format_in_ranges(reader: "FileReader", fmt: str, by_name: dict[str, Any] | N
             pending: deque = deque()
             for job in chain(jobs, [None]):
                 if job is not None:
-                    pending.append(pool.apply_async(_format_range, (job,)))
+                    pending.append(pool.submit(_format_range, job))
                 while pending and (job is None or len(pending) >= 2 * workers):
-                    part = pending.popleft().get()
+                    part = pending.popleft().result()
                     converted = part.pop("out")
                     out.write(converted.read_bytes())
                     converted.unlink()

@@ -389,11 +389,11 @@ def _blocks(path: Path, chunk_bytes: int) -> list[tuple[int, int]]:
 def _map_blocks(function: Callable, jobs: list, settings: Settings, workers: int, log, pool=None) -> Iterator[dict]:
     """function(job) for every job, in order: in the pool's workers, or in this process."""
     if pool is not None and len(jobs) > 1:
-        yield from pool.imap(function, jobs)
+        yield from pool.map(function, jobs)
         return
     if pool is None and workers > 1 and len(jobs) > 1:
         with worker_pool(min(workers, len(jobs)), log, "split", _init_worker, (settings,)) as own:
-            yield from own.imap(function, jobs)
+            yield from own.map(function, jobs)
         return
     _init_worker(settings)
     yield from map(function, jobs)
@@ -1254,9 +1254,9 @@ class _LeakageCheck:
         if self.pool is None:
             self.add(_check_block(job))
             return
-        self.pending.append(self.pool.apply_async(_check_block, (job,)))
-        while self.pending and self.pending[0].ready():
-            self.add(self.pending.popleft().get())
+        self.pending.append(self.pool.submit(_check_block, job))
+        while self.pending and self.pending[0].done():
+            self.add(self.pending.popleft().result())
 
     def add(self, part: dict[str, Any], progress=None) -> None:
         import numpy as np
@@ -1283,7 +1283,7 @@ class _LeakageCheck:
         from factory import textsim
 
         while self.pending:
-            self.add(self.pending.popleft().get(), progress)
+            self.add(self.pending.popleft().result(), progress)
         settings = self.settings
         t = {f: np.frombuffer(values, np.dtype(values.typecode)) for f, values in self.grown.items()}
         bands = t["near_bands"].reshape(-1, textsim.lsh_params(settings.threshold)[0])

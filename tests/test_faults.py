@@ -1001,3 +1001,46 @@ def test_worker_processes_are_forked_beside_the_live_progress_display():
                           env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert proc.stdout.count("2 worker processes (fork)") == 5 and proc.stdout.rstrip().endswith("done")
+
+
+POOL_UNDER_FAULTS = textwrap.dedent("""
+    import logging, multiprocessing, os, signal, sys, time
+    from factory.errors import WorkerKilled
+    from factory.workers import worker_pool
+
+    def mark(i):
+        time.sleep(0.05)
+        open(os.path.join(sys.argv[1], str(i)), "w").close()
+
+    try:  # an error in the phase's process while 200 jobs are queued
+        with worker_pool(2, logging.getLogger("test"), "split") as pool:
+            futures = [pool.submit(mark, i) for i in range(200)]
+            futures[0].result()
+            raise RuntimeError("stop")
+    except RuntimeError:
+        print("done after error", len(os.listdir(sys.argv[1])), "children", len(multiprocessing.active_children()))
+
+    try:  # a worker killed from outside while the pool works
+        with worker_pool(2, logging.getLogger("test"), "split") as pool:
+            os.kill(pool.submit(os.getpid).result(), signal.SIGKILL)
+            list(pool.map(time.sleep, [0.01] * 100))
+    except WorkerKilled as error:
+        print("error:", error)
+    print("children", len(multiprocessing.active_children()))
+""")
+
+
+def test_worker_pool_stops_its_workers_on_an_error_and_names_a_worker_killed_from_outside(tmp_path):
+    """On an error in the phase's process the workers are stopped, not left to work through
+    the queue (concurrent.futures' pool waits for it on exit); a worker killed by SIGKILL (the
+    out-of-memory killer) fails the phase with an error that says so, where multiprocessing's
+    pool waited forever for the lost job."""
+    proc = subprocess.run([sys.executable, "-c", POOL_UNDER_FAULTS, str(tmp_path)], capture_output=True, text=True,
+                          env=ENV, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    first, error, last = proc.stdout.splitlines()
+    done, children = re.fullmatch(r"done after error (\d+) children (\d+)", first).groups()
+    assert 1 <= int(done) < 50 and children == "0", first  # 200 queued, 2 workers: at most a few ran
+    assert error.startswith("error: split: a worker process was killed by SIGKILL (most likely by the system, "
+                            "for lack of memory)"), error
+    assert last == "children 0"
