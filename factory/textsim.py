@@ -104,11 +104,18 @@ def normalize_batch(texts: list[str]) -> list[bytes]:
     # the join as its UTF-8 bytes read as Latin-1: every piece is then a one-byte-per-character
     # string, and the joined string's Latin-1 encoding is the UTF-8 of all (no copy per text)
     pieces = [*texts, ""]
-    plain = None
-    for i, t in enumerate(texts):
-        if not t.isascii():  # O(1) in CPython: a flag of the string
-            plain = plain or _plain_text()
-            pieces[i] = (t.lower() if plain(t) else _fold_unicode(t)).encode().decode("latin-1")
+    wide = [i for i, t in enumerate(texts) if not t.isascii()]  # O(1) per text in CPython: a flag of the string
+    if wide:
+        plain = _plain_text()
+        lowered = [i for i in wide if plain(texts[i])]
+        for i in set(wide).difference(lowered):
+            pieces[i] = _fold_unicode(texts[i]).encode().decode("latin-1")
+        # the plain ones lower-cased together: lower() is per character for them (no Σ)
+        together = "\x00".join([texts[i] for i in lowered]).lower().encode().decode("latin-1").split("\x00")
+        if len(together) != len(lowered):  # a text holds a NUL itself
+            return [normalize(t).encode() for t in texts]
+        for i, piece in zip(lowered, together):
+            pieces[i] = piece
     joined = "\x00".join(pieces).encode("latin-1")
     data = np.frombuffer(joined.translate(_ASCII_FOLD), np.uint8)  # lower case, every whitespace a space
     end = data == 0

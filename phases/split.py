@@ -437,7 +437,7 @@ class _Block:
         filled = np.flatnonzero(length)
         self.offset = (start + np.cumsum(length + 1) - length - 1)[filled]
         self.line = filled
-        self.lines = data.count(b"\n") + (not data.endswith(b"\n") and bool(data))
+        self.lines = len(raw) - 1 + bool(raw[-1])  # newlines, and a last line without one
         lines = raw[:-1] if filled.size == len(raw) - 1 and not raw[-1] else [raw[i] for i in filled.tolist()]
         self.records = len(lines)
         self.raw_lines = lines

@@ -886,6 +886,8 @@ def test_normalize_batch_equals_normalize_text_by_text():
     ascii_only = [t for t in texts if t.isascii() and "\x00" not in t]
     assert textsim.normalize_batch(ascii_only) == [textsim.normalize(t).encode() for t in ascii_only]
     assert textsim.normalize_batch([]) == []
+    nul = ["é", "Ö\x00é B", "ü Ü", "x"]  # a NUL in a text lower-cased with others (the only NUL of the batch)
+    assert textsim.normalize_batch(nul) == [textsim.normalize(t).encode() for t in nul]
     # every character str.split() splits on, inside, around and between non-ASCII words
     spaces = [chr(c) for c in range(0x110000) if chr(c).isspace()]
     mixed = [f"É{s}a{s}{s}ß{s}" for s in spaces] + [f"{s}ﬁ" for s in spaces] + [f"{s}\u00e9{s}x" for s in spaces]
