@@ -297,22 +297,28 @@ def signatures(texts: list[str] | list[bytes], n: int, num_perm: int = NUM_PERM,
     Every text must have at least n words. Row i equals the hashvalues of
     datasketch.MinHash(num_perm, seed, hashfunc=identity, scheme="affine32") after
     update_batch(shingle_hash32(n-gram hashes of text i))."""
-    if not texts:
+    return minhash(*ngram_hashes(texts, n), len(texts), num_perm, seed)
+
+
+def minhash(hashes: np.ndarray, owner: np.ndarray, count: int, num_perm: int = NUM_PERM,
+            seed: int = MINHASH_SEED) -> np.ndarray:
+    """signatures() of `count` texts from their n-gram hashes (as ngram_hashes gives them:
+    every text has some)."""
+    if not count:
         return np.zeros((0, num_perm), np.uint32)
-    hashes, owner = ngram_hashes(texts, n)
     first = np.flatnonzero(np.concatenate(([True], owner[1:] != owner[:-1])))
-    if first.size != len(texts):
-        raise ValueError(f"signatures need texts of at least {n} words")
+    if first.size != count:
+        raise ValueError("signatures need texts of at least n words")
     a, b = _permutations(num_perm, seed)
     mixed = _fmix32(shingle_hash32(hashes))
-    out = np.empty((num_perm, len(texts)), np.uint32)
+    out = np.empty((num_perm, count), np.uint32)
     # a permutation per row, the shingles of 1,024 texts along it: each minimum runs over
     # contiguous memory, and a slice's products stay in the cache
     with np.errstate(over="ignore"):
-        for lo in range(0, len(texts), 1024):
-            hi = min(len(texts), lo + 1024)
+        for lo in range(0, count, 1024):
+            hi = min(count, lo + 1024)
             s0 = first[lo]
-            s1 = first[hi] if hi < len(texts) else mixed.size
+            s1 = first[hi] if hi < count else mixed.size
             products = np.multiply(a[:, None], mixed[None, s0:s1])
             products += b[:, None]
             out[:, lo:hi] = np.minimum.reduceat(products, first[lo:hi] - s0, axis=1)
@@ -453,8 +459,8 @@ def estimated_jaccard(sig: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.
     return out
 
 
-TEXTS_RUN = 1 << 16
-"""near_duplicate_pairs asks for the candidates' texts this many at a time."""
+NGRAMS_RUN = 1 << 16
+"""near_duplicate_pairs asks for the candidates' n-gram hashes this many rows at a time."""
 
 ESTIMATE_MARGIN = 0.2
 """Candidates whose estimate is this far below the threshold are still measured exactly (4
@@ -484,13 +490,15 @@ LINKING_RUN = 1 << 16
 """near_duplicate_pairs(linking=True) measures candidates this many at a time."""
 
 
-def near_duplicate_pairs(keys: np.ndarray, sketches: np.ndarray, texts_of: Callable[[np.ndarray], list],
-                         n: int, threshold: float, wanted: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+def near_duplicate_pairs(keys: np.ndarray, sketches: np.ndarray,
+                         ngrams_of: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], threshold: float,
+                         wanted: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
                          linking: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pairs (i, j), i < j, of rows whose word n-gram sets have a Jaccard similarity of at
     least `threshold`, with that similarity, sorted: LSH candidates (from the band keys) that
     `wanted(i, j)` keeps, filtered by their estimate from the signature sketches, measured
-    exactly on the texts (`texts_of(rows)` gives the normalized texts of sorted rows).
+    exactly on the n-gram hashes (`ngrams_of(rows)`, for sorted rows: as ngram_hashes of
+    their texts gives them).
 
     With `linking`, only pairs that link rows into groups, enough for the groups (connected
     components) to be those of all pairs: band by band, a candidate whose rows are already
@@ -506,7 +514,7 @@ def near_duplicate_pairs(keys: np.ndarray, sketches: np.ndarray, texts_of: Calla
         return chosen
 
     m = keys.shape[0]
-    grams = _NgramSets(texts_of, n, m, threshold)
+    grams = _NgramSets(ngrams_of, m, threshold)
     if not linking:
         low, high = candidate_pairs(keys, keep)
         grams.add(distinct(np.concatenate((low, high))))
@@ -606,12 +614,12 @@ def _merged(group: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 class _NgramSets:
-    """The n-gram hashes of rows' texts, read (`texts_of`) and hashed once each, as they are
-    first needed, and grown in place; and for a text of fewer n-grams than out_of_reach needs
-    to know about, how many distinct ones it has."""
+    """The n-gram hashes of rows' texts, read (`ngrams_of`) once each, as they are first
+    needed, and grown in place; and for a text of fewer n-grams than out_of_reach needs to
+    know about, how many distinct ones it has."""
 
-    def __init__(self, texts_of: Callable[[np.ndarray], list], n: int, rows: int, threshold: float):
-        self.texts_of, self.n, self.threshold = texts_of, n, threshold
+    def __init__(self, ngrams_of: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], rows: int, threshold: float):
+        self.ngrams_of, self.threshold = ngrams_of, threshold
         # sets of equal size below this reach the threshold only when equal (lowest_reaching)
         self.small = (1 + threshold) / (1 - threshold) if threshold < 1 else np.inf
         self.slot = np.full(rows, -1, np.int64)  # a row's number among those hashed
@@ -619,14 +627,14 @@ class _NgramSets:
         self.count = 0
 
     def add(self, rows: np.ndarray) -> None:
-        """Hash the texts of these rows (sorted, distinct) that are not hashed yet."""
+        """Read the n-gram hashes of these rows (sorted, distinct) that are not read yet."""
         rows = rows[self.slot[rows] < 0]
-        for lo in range(0, rows.size, TEXTS_RUN):
-            texts = self.texts_of(rows[lo:lo + TEXTS_RUN])
-            found, which = ngram_hashes(texts, self.n)
+        for lo in range(0, rows.size, NGRAMS_RUN):
+            run = rows[lo:lo + NGRAMS_RUN]
+            found, which = self.ngrams_of(run)
             self.hashes.frombytes(found.tobytes())
             self.owner.frombytes((which + self.count + lo).tobytes())
-            size = np.bincount(which, minlength=len(texts))
+            size = np.bincount(which, minlength=run.size)
             few = size < self.small
             size[~few] = -1  # not needed
             some = few[which]
@@ -634,7 +642,7 @@ class _NgramSets:
             order = np.lexsort((found, which))
             found, which = found[order], which[order]
             new = np.concatenate(([True], (found[1:] != found[:-1]) | (which[1:] != which[:-1])))[:found.size]
-            size[few] = np.bincount(which[new], minlength=len(texts))[few]
+            size[few] = np.bincount(which[new], minlength=run.size)[few]
             self.size.frombytes(size.astype(np.int64).tobytes())
         self.slot[rows] = self.count + np.arange(rows.size)
         self.count += rows.size

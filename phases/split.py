@@ -28,8 +28,9 @@ Memory: about 60 bytes a record plus, with near-duplicates on, 152 bytes per dis
 turn of at least `dedup.ngram` words (LSH band keys 72, a signature sketch 64, record and
 key), plus two blocks per worker; LSH candidates are filtered band by band as found, and
 the ones kept are measured exactly (textsim.pair_jaccard, numpy arrays, no Python set per
-text) on their normalized texts, which the scan and the check write to an unnamed temporary
-file as they go (SpilledTexts: on disk, not in memory) and read back by row.
+text) on their word n-gram hashes, which the scan's and the check's workers compute for the
+signatures and this process writes to an unnamed temporary file as they come (SpilledNgrams:
+on disk, not in memory) and reads back by row.
 
 Speed: a block's records are parsed with one orjson call each, then handled together: all
 texts normalized at once (textsim.normalize_batch), record and prompt keys combined from
@@ -120,7 +121,7 @@ def _split(ctx: PhaseContext, workers: int | None, chunk_bytes: int, stack: Exit
     # 1. scan -------------------------------------------------------------------------
     blocks = _blocks(source, chunk_bytes)
     ctx.progress.start(None, "records scanned")
-    spilled = stack.enter_context(SpilledTexts(ws.formatted_dir))
+    spilled = stack.enter_context(SpilledNgrams(ws.formatted_dir))
     scan = _Scan(textsim.lsh_params(settings.threshold)[0], spilled)
     for part in _map_blocks(_scan_block, [(str(source), a, b) for a, b in blocks], settings, workers, log, pool):
         scan.add(part)
@@ -527,14 +528,15 @@ def _user_turns(texts: list[bytes], key: np.ndarray, record: np.ndarray, setting
         long_enough = np.flatnonzero(words >= max(1, s.near_min_words))
         _, first = np.unique(key[long_enough], return_index=True)
         rows = long_enough[np.sort(first)]
-        chosen = [texts[i] for i in rows.tolist()]
-        sig = textsim.signatures(chosen, s.ngram)
+        hashes, owner = textsim.ngram_hashes([texts[i] for i in rows.tolist()], s.ngram)
+        sig = textsim.minhash(hashes, owner, rows.size)
         bands = textsim.band_keys(sig, *textsim.lsh_params(s.threshold))
         result.update(near_record=record[rows].tobytes(), near_key=key[rows].tobytes(), near_bands=bands.tobytes(),
-                      near_sketch=textsim.sketch(sig).tobytes(), near_text=b"".join(chosen),
-                      near_length=np.fromiter(map(len, chosen), np.int64, len(chosen)).tobytes())
+                      near_sketch=textsim.sketch(sig).tobytes(), near_ngrams=hashes.tobytes(),
+                      near_ngram_count=np.bincount(owner, minlength=rows.size).tobytes())
     else:
-        result.update(near_record=b"", near_key=b"", near_bands=b"", near_sketch=b"", near_text=b"", near_length=b"")
+        result.update(near_record=b"", near_key=b"", near_bands=b"", near_sketch=b"", near_ngrams=b"",
+                      near_ngram_count=b"")
     return result
 
 
@@ -635,9 +637,9 @@ class _Scan:
                      "near_sketch")
     """The keys for de-duplication and grouping, not needed once records are assigned."""
 
-    def __init__(self, bands: int, texts: "SpilledTexts") -> None:
+    def __init__(self, bands: int, ngrams: "SpilledNgrams") -> None:
         self.bands = bands
-        self.texts = texts  # the normalized text of each near_* row
+        self.ngrams = ngrams  # the n-gram hashes of each near_* row
         self.parts: dict[str, array] = {f: array("Q") for f in self.FIELDS}
         self.parts.update({f: array(code) for f, code in self.TURN_FIELDS.items()})
         self.block_records: list[int] = []
@@ -659,7 +661,7 @@ class _Scan:
             if f in part:  # record numbers from the block's to the file's
                 values = (np.frombuffer(part[f], np.int64) + base).tobytes() if f.endswith("_record") else part[f]
                 self.parts[f].frombytes(values)
-        self.texts.add(part["near_text"], part["near_length"])
+        self.ngrams.add(part["near_ngrams"], part["near_ngram_count"])
         self.block_records.append(part["records"])
         self.block_blanks.append(part["blank"])
         self.records += part["records"]
@@ -684,22 +686,23 @@ class _Scan:
         self.near_sketch = self.near_sketch.reshape(-1, textsim.NUM_PERM)
 
 
-class SpilledTexts:
-    """Normalized texts in an unnamed temporary file beside the data (gone when closed, or
-    when the process ends however it ends), appended a block at a time and read back by row
-    number. Near-duplicate candidates are measured exactly on their texts: a few rows out of
-    many, long after their block was scanned. Kept here they cost no memory (the page cache
-    holds them), and reading one back is a slice, where re-reading its record cost a JSON
-    parse and a normalization."""
+class SpilledNgrams:
+    """The word n-gram hashes of each near-duplicate candidate (a distinct normalized user
+    turn), in an unnamed temporary file beside the data (gone when closed, or when the
+    process ends however it ends), appended a block at a time as the workers computed them
+    (for the MinHash signatures) and read back by row number. Candidates are measured
+    exactly on them: a few rows out of many, long after their block was scanned. Kept here
+    they cost no memory (the page cache holds them), and reading one back is a slice, where
+    the text cost reading, splitting into words and hashing again in this process."""
 
     WINDOW = 1 << 22
     """Rows asked for together are read in runs of about this many bytes of the file."""
 
     def __init__(self, folder: Path) -> None:
         self.file = tempfile.TemporaryFile(dir=folder)
-        self.ends = array("q")  # where each row's text ends
+        self.ends = array("q")  # where each row's hashes end (in hashes)
 
-    def __enter__(self) -> "SpilledTexts":
+    def __enter__(self) -> "SpilledNgrams":
         return self
 
     def __exit__(self, *exc) -> None:
@@ -708,35 +711,39 @@ class SpilledTexts:
     def close(self) -> None:
         self.file.close()
 
-    def add(self, texts: bytes, lengths: bytes) -> None:
-        """Rows with these texts (concatenated) of these lengths (int64)."""
+    def add(self, hashes: bytes, counts: bytes) -> None:
+        """Rows with these n-gram hashes (uint64, concatenated), this many each (int64)."""
         import numpy as np
 
         size = self.ends[-1] if self.ends else 0
-        self.file.seek(size)
-        self.file.write(texts)
-        self.ends.frombytes((np.cumsum(np.frombuffer(lengths, np.int64)) + size).tobytes())
+        self.file.seek(8 * size)
+        self.file.write(hashes)
+        self.ends.frombytes((np.cumsum(np.frombuffer(counts, np.int64)) + size).tobytes())
 
-    def read(self, rows: np.ndarray) -> list[bytes]:
-        """The texts of these rows, in this order."""
+    def read(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The n-gram hashes of these rows, row after row in this order, and for each hash
+        the index in `rows` of its row (as textsim.ngram_hashes gives them)."""
         import numpy as np
+        from factory.textsim import _ranges
 
         ends = np.frombuffer(self.ends, np.int64)
         end = ends[rows]
         start = np.where(rows > 0, ends[rows - 1], 0)
-        order = np.argsort(start, kind="stable")
-        start, end = start[order], end[order]
-        found = [b""] * rows.size
+        length = end - start
+        placed = np.cumsum(length) - length  # where each row's hashes go in the result
+        hashes = np.empty(int(length.sum()), np.uint64)
+        order = np.argsort(start, kind="stable")  # read in file order, a window at a time
+        in_order = start[order]
         i = 0
         while i < rows.size:
-            low = int(start[i])
-            j = max(i + 1, int(np.searchsorted(start, low + self.WINDOW)))
-            self.file.seek(low)
-            data = self.file.read(int(end[i:j].max()) - low)
-            for k, a, b in zip(order[i:j].tolist(), (start[i:j] - low).tolist(), (end[i:j] - low).tolist()):
-                found[k] = data[a:b]
+            low = int(in_order[i])
+            j = max(i + 1, int(np.searchsorted(in_order, low + self.WINDOW // 8)))
+            chunk = order[i:j]
+            self.file.seek(8 * low)
+            data = np.frombuffer(self.file.read(8 * (int(end[chunk].max()) - low)), np.uint64)
+            hashes[_ranges(placed[chunk], length[chunk])] = data[_ranges(start[chunk] - low, length[chunk])]
             i = j
-        return found
+        return hashes, np.repeat(np.arange(rows.size), length)
 
 
 # --- 2. dedup --------------------------------------------------------------------------
@@ -768,8 +775,8 @@ def _near_record_pairs(scan: _Scan, alive: np.ndarray, settings: Settings, linki
     rows = rows[np.sort(first)]
 
     low, high, similarity = textsim.near_duplicate_pairs(scan.near_bands[rows], scan.near_sketch[rows],
-                                                         lambda found: scan.texts.read(rows[found]),
-                                                         settings.ngram, settings.threshold, linking=linking)
+                                                         lambda found: scan.ngrams.read(rows[found]),
+                                                         settings.threshold, linking=linking)
     first, second = scan.near_record[rows[low]], scan.near_record[rows[high]]
     swapped = first > second
     a, b = np.where(swapped, second, first), np.where(swapped, first, second)
@@ -1237,7 +1244,7 @@ class _LeakageCheck:
         self.lines = dict.fromkeys(SPLITS, 0)
         self.grown = {f: array(code) for f, code in self.FIELDS.items()}  # grown in place, as the scan's
         ws.splits_dir.mkdir(parents=True, exist_ok=True)
-        self.spilled = SpilledTexts(ws.splits_dir)  # the normalized text of each near_* row
+        self.spilled = SpilledNgrams(ws.splits_dir)  # the n-gram hashes of each near_* row
         self.pending: deque = deque()  # submitted parts, in order
         if pool is None:
             _init_worker(settings)  # parts are checked in this process
@@ -1273,7 +1280,7 @@ class _LeakageCheck:
             grown[prefix + "line"].frombytes((np.frombuffer(part[prefix + "line"], np.int64) + base_line).tobytes())
         grown["near_bands"].frombytes(part["near_bands"])
         grown["near_sketch"].frombytes(part["near_sketch"])
-        self.spilled.add(part["near_text"], part["near_length"])
+        self.spilled.add(part["near_ngrams"], part["near_ngram_count"])
         if progress is not None:
             progress.advance(part["records"])
 
@@ -1300,7 +1307,7 @@ class _LeakageCheck:
 
         low, high, similarity = textsim.near_duplicate_pairs(bands[rows], sketches[rows],
                                                              lambda found: self.spilled.read(rows[found]),
-                                                             settings.ngram, settings.threshold, across)
+                                                             settings.threshold, across)
         a, b = rows[low], rows[high]  # all across splits: `across` chose the candidates
         pair_of = t["near_split"][a].astype(np.int64) + t["near_split"][b]  # 1 train-val, 2 train-test, 3 val-test
         result: dict[str, Any] = {
@@ -1338,8 +1345,8 @@ def _check_block(job: tuple[str, int, int, int, str | None]) -> dict[str, Any]:
             "key": part["turn_key"], "offset": block.offset[turn_record].tobytes(),
             "line": block.line[turn_record].tobytes(), "near_key": part["near_key"],
             "near_offset": block.offset[near_record].tobytes(), "near_line": block.line[near_record].tobytes(),
-            "near_bands": part["near_bands"], "near_sketch": part["near_sketch"], "near_text": part["near_text"],
-            "near_length": part["near_length"]}
+            "near_bands": part["near_bands"], "near_sketch": part["near_sketch"], "near_ngrams": part["near_ngrams"],
+            "near_ngram_count": part["near_ngram_count"]}
 
 
 def _user_turn_with_key(f, offset: int, key: int, seed: int) -> str:

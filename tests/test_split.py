@@ -592,17 +592,17 @@ def test_near_duplicates_dropped_are_written_with_the_record_they_duplicate(ws):
     assert recount_lines(ws.formatted_file) == sum(recount_lines(ws.split_file(n)) for n in SPLITS) + len(entries)
 
 
-def test_near_duplicate_texts_spilled_by_workers_match_one_process(tmp_path, monkeypatch):
-    """The near-duplicate candidates' texts, spilled block by block by the worker processes
-    (blocks of 2 KB) and read back in windows of 64 bytes: the same pairs, drops and files as
-    in one process with one window."""
+def test_near_duplicate_ngrams_spilled_from_workers_match_one_process(tmp_path, monkeypatch):
+    """The near-duplicate candidates' n-gram hashes, spilled block by block as the worker
+    processes send them (blocks of 2 KB) and read back in windows of 64 bytes: the same pairs,
+    drops and files as in one process with one window."""
     base, near = paraphrases(30)
     records = [record(q, f"Answer A{i}") for i, q in enumerate(base)] + unique_records(80)
     records += [record(q, f"Answer B{i}") for i, q in enumerate(near)]
     results = []
     for i, workers in enumerate((1, 2)):
         if workers == 2:
-            monkeypatch.setattr(split.SpilledTexts, "WINDOW", 64)
+            monkeypatch.setattr(split.SpilledNgrams, "WINDOW", 64)
         ws = Workspace.at(tmp_path / str(i))
         write_input(ws, records)
         m = run(ws, {"dedup": {"near": "drop"}}, workers=workers, chunk_bytes=2 << 10)
@@ -612,6 +612,26 @@ def test_near_duplicate_texts_spilled_by_workers_match_one_process(tmp_path, mon
         assert sorted(p.name for p in ws.formatted_dir.iterdir()) == ["all.jsonl", "duplicates.jsonl"]
     assert results[0] == results[1]
     assert results[0][0]["near_duplicates"]["dropped"] >= 28
+
+
+def test_spilled_ngrams_read_back_in_any_order_and_window(tmp_path, monkeypatch):
+    """Rows of n-gram hashes added in blocks (some rows with none) read back as asked: any
+    order, any window, each row's hashes in order and the index of its row beside each."""
+    rng = np.random.default_rng(5)
+    counts = rng.integers(0, 9, 300)
+    hashes = rng.integers(0, 2**63, int(counts.sum()), dtype=np.uint64)
+    ends = np.cumsum(counts)
+    with split.SpilledNgrams(tmp_path) as spilled:
+        for lo, hi in ((0, 7), (7, 8), (8, 150), (150, 300)):
+            a, b = (ends[lo - 1] if lo else 0), ends[hi - 1]
+            spilled.add(hashes[a:b].tobytes(), counts[lo:hi].astype(np.int64).tobytes())
+        for window in (8, 64, 1 << 22):
+            monkeypatch.setattr(split.SpilledNgrams, "WINDOW", window)
+            rows = rng.permutation(300)[:120]
+            got, owner = spilled.read(rows)
+            expected = [hashes[ends[r] - counts[r]:ends[r]] for r in rows]
+            assert got.tolist() == np.concatenate(expected).tolist()
+            assert owner.tolist() == np.repeat(np.arange(rows.size), counts[rows]).tolist()
 
 
 def test_short_generic_turns_can_be_kept_from_linking(ws):
@@ -708,14 +728,17 @@ def test_minhash_signatures_are_datasketchs_and_lsh_finds_what_datasketch_finds(
     # the sketches' estimate never falls below datasketch's, so filtering on it loses no pair
     assert (textsim.estimated_jaccard(textsim.sketch(sig), low, high) >= textsim.estimated_jaccard(sig, low, high)).all()
     # the pairs kept are measured exactly on the word 3-gram sets
-    a, b, similarity = textsim.near_duplicate_pairs(keys, textsim.sketch(sig), lambda rows: [texts[r] for r in rows], 3, 0.8)
+    def ngrams_of(rows):
+        return textsim.ngram_hashes([texts[r] for r in rows], 3)
+
+    a, b, similarity = textsim.near_duplicate_pairs(keys, textsim.sketch(sig), ngrams_of, 0.8)
     grams = [{tuple(t.split()[k:k + 3]) for k in range(len(t.split()) - 2)} for t in texts]
     exact = {(i, j) for i in range(len(texts)) for j in range(i + 1, len(texts))
              if len(grams[i] & grams[j]) / len(grams[i] | grams[j]) >= 0.8}
     assert set(zip(a.tolist(), b.tolist())) == exact and len(exact) >= 30
     assert all(abs(x - len(grams[i] & grams[j]) / len(grams[i] | grams[j])) < 1e-9 for i, j, x in zip(a, b, similarity))
-    monkeypatch.setattr(textsim, "TEXTS_RUN", 7)  # the candidates' texts asked for a few at a time: the same pairs
-    again = textsim.near_duplicate_pairs(keys, textsim.sketch(sig), lambda rows: [texts[r] for r in rows], 3, 0.8)
+    monkeypatch.setattr(textsim, "NGRAMS_RUN", 7)  # the candidates' n-grams asked for a few at a time: the same pairs
+    again = textsim.near_duplicate_pairs(keys, textsim.sketch(sig), ngrams_of, 0.8)
     assert all((x == y).all() for x, y in zip(again, (a, b, similarity)))
 
 
@@ -758,10 +781,10 @@ def test_a_question_with_hundreds_of_variants_is_linked_to_every_one(monkeypatch
     low, high = textsim.candidate_pairs(keys)
     assert set(zip(low.tolist(), high.tolist())) == theirs
 
-    def texts_of(found):
-        return [texts[r] for r in found]
+    def ngrams_of(found):
+        return textsim.ngram_hashes([texts[r] for r in found], 3)
 
-    a, b, _ = textsim.near_duplicate_pairs(keys, textsim.sketch(sig), texts_of, 3, 0.8)
+    a, b, _ = textsim.near_duplicate_pairs(keys, textsim.sketch(sig), ngrams_of, 0.8)
     grams = [{tuple(t.split()[k:k + 3]) for k in range(len(t.split()) - 2)} for t in texts]
     assert all(len(grams[i] & grams[j]) / len(grams[i] | grams[j]) >= 0.8 for i, j in zip(a, b))
     question = texts.index(" ".join(f"word{k}" for k in range(20)))
@@ -774,7 +797,7 @@ def test_a_question_with_hundreds_of_variants_is_linked_to_every_one(monkeypatch
         return connected_components(graph, directed=False)[1]
 
     monkeypatch.setattr(textsim, "LINKING_RUN", 64)  # measured in many runs: pruning between runs
-    la, lb, lj = textsim.near_duplicate_pairs(keys, textsim.sketch(sig), texts_of, 3, 0.8, linking=True)
+    la, lb, lj = textsim.near_duplicate_pairs(keys, textsim.sketch(sig), ngrams_of, 0.8, linking=True)
     assert sum(i >= 301 for i in la) < 200 and set(zip(la.tolist(), lb.tolist())) <= set(zip(a.tolist(), b.tolist()))
     same = groups(a, b)
     assert (groups(la, lb)[:, None] == groups(la, lb)[None, :]).tolist() == (same[:, None] == same[None, :]).tolist()
@@ -816,8 +839,8 @@ def test_numbered_copies_of_short_questions_are_not_measured_in_vain(monkeypatch
     assert exact == {(800, 801), (802, 803)}
     for linking in (False, True):
         measured.clear()
-        a, b, similarity = textsim.near_duplicate_pairs(keys, textsim.sketch(sig), lambda rows: [texts[r] for r in rows],
-                                                        3, 0.8, linking=linking)
+        a, b, similarity = textsim.near_duplicate_pairs(
+            keys, textsim.sketch(sig), lambda rows: textsim.ngram_hashes([texts[r] for r in rows], 3), 0.8, linking=linking)
         assert set(zip(a.tolist(), b.tolist())) == exact and sum(measured) < 10
         assert sorted(similarity.round(3).tolist()) == [0.857, 1.0]
 
