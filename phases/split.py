@@ -1296,7 +1296,7 @@ class _LeakageCheck:
         bands = t["near_bands"].reshape(-1, textsim.lsh_params(settings.threshold)[0])
         sketches = t["near_sketch"].reshape(-1, textsim.NUM_PERM)
 
-        shared = _shared_between_splits(t["key"], t["split"])
+        shared, leaking = _shared_between_splits(t["key"], t["split"])
         # near-duplicates: each distinct text once per split; pairs of different texts in two splits
         packed = t["near_key"] & ~np.uint64(3) | t["near_split"].astype(np.uint64)
         _, rows = np.unique(packed, return_index=True)
@@ -1320,7 +1320,7 @@ class _LeakageCheck:
         result["user_turns"] = sum(result[f"{x}_{y}"]["user_turns"] for x, y in PAIRS)
         result["near_duplicates"] = int(a.size)
         result["total"] = result["user_turns"] + result["near_duplicates"]
-        result["examples"] = _leak_examples(self.ws, settings.seed, t, a, b, similarity)
+        result["examples"] = _leak_examples(self.ws, settings.seed, t, leaking, a, b, similarity)
         return result
 
 
@@ -1361,9 +1361,11 @@ def _user_turn_with_key(f, offset: int, key: int, seed: int) -> str:
     return ""
 
 
-def _leak_examples(ws, seed: int, t: dict[str, np.ndarray], a: np.ndarray, b: np.ndarray,
+def _leak_examples(ws, seed: int, t: dict[str, np.ndarray], leaking: np.ndarray, a: np.ndarray, b: np.ndarray,
                    similarity: np.ndarray) -> list[dict[str, Any]]:
-    """A few leaking pairs, with the text and line of each side, for the metrics and the report."""
+    """A few leaking pairs, with the text and line of each side, for the metrics and the report:
+    user turns of the keys `leaking` (as _shared_between_splits gives them), near-duplicate
+    rows a[k], b[k]."""
     import numpy as np
 
     examples = []
@@ -1373,13 +1375,12 @@ def _leak_examples(ws, seed: int, t: dict[str, np.ndarray], a: np.ndarray, b: np
             text = _user_turn_with_key(files[split], offset, key, seed)
             return {"split": SPLITS[split], "line": line + 1, "text": _cut_text(text)}
 
-        packed = (t["key"] & ~np.uint64(3)) | t["split"].astype(np.uint64)
-        _, first = np.unique(packed, return_index=True)
-        keys, count = np.unique(t["key"][first], return_counts=True)
-        for key in keys[count > 1][:EXAMPLES].tolist():
-            rows = first[t["key"][first] == key][:2]
-            examples.append({"kind": "user_turn", "pair": [side(int(t["split"][r]), int(t["offset"][r]),
-                                                                int(t["line"][r]), key) for r in rows]})
+        masked = t["key"] & ~np.uint64(3)
+        for key in leaking[:EXAMPLES].tolist():
+            rows = np.flatnonzero(masked == np.uint64(key))
+            _, first = np.unique(t["split"][rows], return_index=True)  # the first row in each split
+            examples.append({"kind": "user_turn", "pair": [side(int(t["split"][r]), int(t["offset"][r]), int(t["line"][r]),
+                                                                int(t["key"][r])) for r in rows[np.sort(first)][:2]]})
         for x, y, j in list(zip(a.tolist(), b.tolist(), similarity.tolist()))[:EXAMPLES]:
             examples.append({"kind": "near_duplicate", "jaccard": round(j, 4), "pair": [
                 side(int(t["near_split"][r]), int(t["near_offset"][r]), int(t["near_line"][r]), int(t["near_key"][r]))
@@ -1393,8 +1394,9 @@ def _leak_examples(ws, seed: int, t: dict[str, np.ndarray], a: np.ndarray, b: np
 # --- metrics ---------------------------------------------------------------------------
 
 
-def _shared_between_splits(keys: np.ndarray, split: np.ndarray) -> dict[tuple[str, str], int]:
-    """For each pair of splits, how many distinct keys occur in both.
+def _shared_between_splits(keys: np.ndarray, split: np.ndarray) -> tuple[dict[tuple[str, str], int], np.ndarray]:
+    """For each pair of splits, how many distinct keys occur in both; and the keys found in
+    more than one split (their two low bits cleared), sorted.
 
     One sort of (key, split) packed in 64 bits (the key's two low bits give way to the
     split), then the set of splits of each distinct key as a bit mask.
@@ -1410,7 +1412,7 @@ def _shared_between_splits(keys: np.ndarray, split: np.ndarray) -> dict[tuple[st
     for a, b in PAIRS:
         both = np.uint8((1 << SPLITS.index(a)) | (1 << SPLITS.index(b)))
         result[(a, b)] = int(np.count_nonzero((masks & both) == both))
-    return result
+    return result, key[starts][(masks & (masks - np.uint8(1))) != 0] << np.uint64(2)
 
 
 def _strata(record_split: np.ndarray, scan: _Scan, values: np.ndarray) -> dict[str, dict[str, int]]:
