@@ -7,6 +7,7 @@ own process (starting workers would cost more than it saves).
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import multiprocessing
 import os
@@ -42,8 +43,26 @@ def _start_worker(initializer: Callable[..., None] | None, initargs: tuple) -> N
     # walks them each time a block's records fill a generation, and so no longer copies their
     # pages (copy-on-write): 20% of the split workers' CPU at 1M records.
     gc.freeze()
+    _keep_heap_top()
     if initializer is not None:
         initializer(*initargs)
+
+
+M_TOP_PAD = -2
+HEAP_TOP_PAD = 16 << 20
+
+
+def _keep_heap_top() -> None:
+    """Keep HEAP_TOP_PAD bytes of free memory at the top of the heap (glibc's mallopt
+    M_TOP_PAD) instead of returning it to the system each time it frees: a worker handles
+    range after range with the same few large buffers, and with glibc's default every range
+    faulted them in again (200,000 page faults and 0.5 s of system time per format worker at
+    1M records; 3,700 with the pad). A no-op without glibc."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(ctypes.c_int(M_TOP_PAD), ctypes.c_int(HEAP_TOP_PAD))
 
 
 @contextmanager
