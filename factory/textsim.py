@@ -364,10 +364,11 @@ def band_candidates(keys: np.ndarray, keep: Callable[[np.ndarray, np.ndarray], n
     i * len(keys) + j, sorted and distinct, in two parts: (first, rest). `first`: every pair of
     a bucket up to SMALL_BUCKET, and each member of a larger one with the bucket's first member
     and with its neighbour; `rest()`, computed when called: the other pairs of the buckets up to
-    MAX_ALL_PAIRS_BUCKET, leaving out a bucket whose rows `group()` (a label per row) already
-    puts in one group. Only the pairs `keep(i, j)` accepts, filtered as they are found (a band
-    can give tens of millions of candidates on templated data). Bands are searched THREADS at
-    a time, and no further ahead: `keep` may change between bands."""
+    MAX_ALL_PAIRS_BUCKET. A bucket whose rows `group()` (a label per row) puts in one group
+    gives none: only pairs across groups are wanted (labels may only merge from band to band).
+    Only the pairs `keep(i, j)` accepts, filtered as they are found (a band can give tens of
+    millions of candidates on templated data). Bands are searched THREADS at a time, and no
+    further ahead: `keep` may change between bands."""
     m = keys.shape[0]
 
     def kept(pairs: np.ndarray) -> np.ndarray:
@@ -389,12 +390,22 @@ def band_candidates(keys: np.ndarray, keep: Callable[[np.ndarray, np.ndarray], n
         shared[1:] = repeated
         shared[:-1] |= repeated
         order, sorted_keys = order[shared], sorted_keys[shared]
+
+        def buckets() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            new = np.concatenate(([True], sorted_keys[1:] != sorted_keys[:-1]))
+            start = np.flatnonzero(new)
+            return np.cumsum(new) - 1, start, np.diff(np.append(start, order.size))
+
         if not order.size:
             return np.zeros(0, np.int64), lambda: np.zeros(0, np.int64)
-        new = np.concatenate(([True], sorted_keys[1:] != sorted_keys[:-1]))
-        bucket = np.cumsum(new) - 1
-        start = np.flatnonzero(new)
-        size = np.diff(np.append(start, order.size))
+        bucket, start, size = buckets()
+        if group is not None:  # only the buckets whose rows are in two groups or more
+            labels = group()[order]
+            mixed = (np.minimum.reduceat(labels, start) != np.maximum.reduceat(labels, start))[bucket]
+            order, sorted_keys = order[mixed], sorted_keys[mixed]
+            if not order.size:
+                return np.zeros(0, np.int64), lambda: np.zeros(0, np.int64)
+            bucket, start, size = buckets()
         small = size[bucket] <= SMALL_BUCKET
         found = []
         for d in range(1, min(int(size.max()), SMALL_BUCKET)):
@@ -412,7 +423,7 @@ def band_candidates(keys: np.ndarray, keep: Callable[[np.ndarray, np.ndarray], n
             more = []
             for s in np.unique(size[medium]).tolist():  # the buckets of one size together
                 members = order[start[medium[size[medium] == s]][:, None] + np.arange(s)]
-                if group is not None:
+                if group is not None:  # again: the groups may have merged since
                     labels = group()[members]
                     members = members[(labels != labels[:, :1]).any(axis=1)]
                 i, j = np.triu_indices(s, 1)
@@ -431,13 +442,14 @@ def band_candidates(keys: np.ndarray, keep: Callable[[np.ndarray, np.ndarray], n
             yield band
 
 
-def candidate_pairs(keys: np.ndarray, keep: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
-                    ) -> tuple[np.ndarray, np.ndarray]:
+def candidate_pairs(keys: np.ndarray, keep: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+                    labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Pairs (i, j), i < j, of rows that share an LSH band, sorted: the pairs
-    datasketch.MinHashLSH's query returns for the same bands (band_candidates)."""
+    datasketch.MinHashLSH's query returns for the same bands (band_candidates); with
+    `labels`, only those of rows with different labels."""
     m = keys.shape[0]
     packed = np.zeros(0, np.int64)
-    for first, rest in band_candidates(keys, keep):
+    for first, rest in band_candidates(keys, keep, None if labels is None else lambda: labels):
         packed = distinct(np.concatenate((packed, first, rest())), runs=True)  # three sorted runs
     return packed // m, packed % m
 
@@ -493,12 +505,13 @@ LINKING_RUN = 1 << 16
 def near_duplicate_pairs(keys: np.ndarray, sketches: np.ndarray,
                          ngrams_of: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], threshold: float,
                          wanted: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
-                         linking: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                         labels: np.ndarray | None = None, linking: bool = False
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pairs (i, j), i < j, of rows whose word n-gram sets have a Jaccard similarity of at
-    least `threshold`, with that similarity, sorted: LSH candidates (from the band keys) that
-    `wanted(i, j)` keeps, filtered by their estimate from the signature sketches, measured
-    exactly on the n-gram hashes (`ngrams_of(rows)`, for sorted rows: as ngram_hashes of
-    their texts gives them).
+    least `threshold`, with that similarity, sorted: LSH candidates (from the band keys) of
+    rows with different `labels` (if given) that `wanted(i, j)` keeps, filtered by their
+    estimate from the signature sketches, measured exactly on the n-gram hashes
+    (`ngrams_of(rows)`, for sorted rows: as ngram_hashes of their texts gives them).
 
     With `linking`, only pairs that link rows into groups, enough for the groups (connected
     components) to be those of all pairs: band by band, a candidate whose rows are already
@@ -507,6 +520,8 @@ def near_duplicate_pairs(keys: np.ndarray, sketches: np.ndarray,
     measurements, not tens of thousands."""
     def keep(low: np.ndarray, high: np.ndarray) -> np.ndarray:
         chosen = np.ones(low.size, bool) if wanted is None else wanted(low, high)  # the cheap tests first
+        if labels is not None:
+            chosen &= labels[low] != labels[high]
         if linking:
             chosen &= group[low] != group[high]
         some = np.flatnonzero(chosen)
@@ -516,7 +531,7 @@ def near_duplicate_pairs(keys: np.ndarray, sketches: np.ndarray,
     m = keys.shape[0]
     grams = _NgramSets(ngrams_of, m, threshold)
     if not linking:
-        low, high = candidate_pairs(keys, keep)
+        low, high = candidate_pairs(keys, keep, labels)
         grams.add(distinct(np.concatenate((low, high))))
         some = ~grams.out_of_reach(low, high, sketches)
         low, high = low[some], high[some]

@@ -1301,14 +1301,13 @@ class _LeakageCheck:
         packed = t["near_key"] & ~np.uint64(3) | t["near_split"].astype(np.uint64)
         _, rows = np.unique(packed, return_index=True)
 
-        def across(low: np.ndarray, high: np.ndarray) -> np.ndarray:  # only pairs of two splits are leakage
-            a, b = rows[low], rows[high]
-            return (t["near_split"][a] != t["near_split"][b]) & (t["near_key"][a] != t["near_key"][b])
+        def different(low: np.ndarray, high: np.ndarray) -> np.ndarray:  # one text in two splits: a shared turn
+            return t["near_key"][rows[low]] != t["near_key"][rows[high]]
 
         low, high, similarity = textsim.near_duplicate_pairs(bands[rows], sketches[rows],
                                                              lambda found: self.spilled.read(rows[found]),
-                                                             settings.threshold, across)
-        a, b = rows[low], rows[high]  # all across splits: `across` chose the candidates
+                                                             settings.threshold, different, t["near_split"][rows])
+        a, b = rows[low], rows[high]  # all across splits: only those were candidates
         pair_of = t["near_split"][a].astype(np.int64) + t["near_split"][b]  # 1 train-val, 2 train-test, 3 val-test
         result: dict[str, Any] = {
             "method": "re-read data/splits/*.jsonl; normalized user turns in two splits, and MinHash "

@@ -483,6 +483,9 @@ def test_the_check_made_while_the_files_are_written_equals_one_made_after(ws):
     write_input(ws, records + unique_records(600))
     m = run(ws, {"dedup": {"near": "off"}}, workers=2, chunk_bytes=4 << 10)
     assert m["leakage"]["near_duplicates"] > 0 and m["leakage"]["user_turns"] == 0
+    # every pair across splits, counted by brute force: LSH finds a pair at 0.9 with probability 0.997
+    across = near_pairs_across_splits(ws)
+    assert 0.95 * across <= m["leakage"]["near_duplicates"] <= across and across > 1000
     cfg = parse_config({"data": {"dedup": {"near": "off"}}})
     settings = split.Settings(seed=cfg.data.split.seed, stratify=None, min_turn_words=cfg.data.split.min_turn_words,
                               ngram=3, near=False, threshold=0.8)
@@ -493,6 +496,20 @@ def test_the_check_made_while_the_files_are_written_equals_one_made_after(ws):
     for side in example["pair"]:  # the lines named are those of the finished files
         line = ws.split_file(side["split"]).read_bytes().splitlines()[side["line"] - 1]
         assert side["text"] == orjson.loads(line)["conversations"][0]["content"]
+
+
+def near_pairs_across_splits(ws, threshold=0.8, n=3):
+    """Pairs of different user turns (each once per split) in two split files whose word
+    n-gram sets reach `threshold`, by comparing every pair (Python sets)."""
+    from factory import textsim
+
+    texts = {(k, textsim.normalize(turn["content"])) for k, name in enumerate(SPLITS)
+             for line in ws.split_file(name).read_bytes().splitlines()
+             for turn in orjson.loads(line)["conversations"] if turn["role"] == "user"}
+    grams = [(k, t, {tuple(t.split()[i:i + n]) for i in range(len(t.split()) - n + 1)}) for k, t in sorted(texts)]
+    grams = [g for g in grams if g[2]]
+    return sum(1 for i, (k, t, a) in enumerate(grams) for (l, u, b) in grams[i + 1:]
+               if k != l and t != u and len(a & b) >= threshold * len(a | b) - 1e-9)
 
 
 def test_a_part_checked_after_its_file_was_renamed_is_read_from_the_finished_file(ws):
