@@ -15,13 +15,18 @@ import signal
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 from factory.errors import WorkerKilled
 from factory.status import fork_is_safe
 
 PARALLEL_MIN_BYTES = 64 << 20
 MAX_WORKERS = 8
+HEAP_TOP_PAD = 16 << 20
+"""Free memory each worker keeps at the top of its heap (_keep_heap_top)."""
+M_TOP_PAD = -2  # glibc's mallopt parameter for it
+_CRASHES = {signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT, signal.SIGFPE, signal.SIGILL}
+"""Signals a worker sends itself when it crashes: a bug, reported as one."""
 
 
 def default_workers(size: int) -> int:
@@ -48,16 +53,12 @@ def _start_worker(initializer: Callable[..., None] | None, initargs: tuple) -> N
         initializer(*initargs)
 
 
-M_TOP_PAD = -2
-HEAP_TOP_PAD = 16 << 20
-
-
 def _keep_heap_top() -> None:
     """Keep HEAP_TOP_PAD bytes of free memory at the top of the heap (glibc's mallopt
     M_TOP_PAD) instead of returning it to the system each time it frees: a worker handles
     range after range with the same few large buffers, and with glibc's default every range
     faulted them in again (200,000 page faults and 0.5 s of system time per format worker at
-    1M records; 3,700 with the pad). A no-op without glibc."""
+    1M records; about 4,000 with the pad). A no-op without glibc."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
@@ -104,6 +105,3 @@ def worker_pool(workers: int, log, what: str, initializer: Callable[..., None] |
             ) from None
         raise
     pool.shutdown(wait=True)
-
-_CRASHES = {signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT, signal.SIGFPE, signal.SIGILL}
-"""Signals a worker sends itself when it crashes: a bug, reported as one."""

@@ -32,9 +32,10 @@ text) on their word n-gram hashes, which the scan's and the check's workers comp
 signatures and this process writes to an unnamed temporary file as they come (SpilledNgrams:
 on disk, not in memory) and reads back by row.
 
-Speed: a block's records are parsed with one orjson call each, then handled together: all
-texts normalized at once (textsim.normalize_batch), record and prompt keys combined from
-the turn keys in numpy, MinHash for a block's distinct user turns in one batch.
+Speed: a block's records are parsed with simdjson (Python strings only for the turns read),
+then handled together: all texts normalized at once (textsim.normalize_batch), record and
+prompt keys combined from the turn keys in numpy, MinHash for a block's distinct user turns
+in one batch.
 """
 
 from __future__ import annotations
