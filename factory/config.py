@@ -219,6 +219,12 @@ class DataConfig(Section):
     decontaminate: DecontaminateConfig = Field(default_factory=DecontaminateConfig)
     """Public benchmarks to keep out of training: a list of files, or {benchmarks, action, ngram}."""
 
+    workers: int | None = Field(None, ge=1, le=64, exclude=True)
+    """Worker processes for `format` and `split`. null (the default): one per CPU (at most 8)
+    for a file of 64 MB or more, none below (starting them costs more than they save); 1 does
+    all the work in the phase's process, with the least memory. The outputs are the same
+    whatever the number, so changing it re-runs nothing."""
+
     @field_validator("inputs", mode="before")
     @classmethod
     def _paths_as_specs(cls, value: Any) -> Any:

@@ -29,8 +29,11 @@ _CRASHES = {signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT, signal.SIGFPE, signal
 """Signals a worker sends itself when it crashes: a bug, reported as one."""
 
 
-def default_workers(size: int) -> int:
-    """Worker processes for a file of `size` bytes: 1 (none) below PARALLEL_MIN_BYTES."""
+def default_workers(size: int, configured: int | None = None) -> int:
+    """Worker processes for a file of `size` bytes: `configured` (data.workers) when set, else
+    1 (none) below PARALLEL_MIN_BYTES and one per CPU (at most MAX_WORKERS) from there."""
+    if configured is not None:
+        return configured
     if size < PARALLEL_MIN_BYTES:
         return 1
     try:

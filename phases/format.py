@@ -152,7 +152,8 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
     with AtomicOutput(ws.formatted_file) as out, AtomicOutput(ws.rejects_file) as rejects:
         for path, spec in files:
             rel = ws.rel(path)
-            per_file[rel] = format_any(FileReader(path, spec, rel, ws.root), out, rejects, ctx.progress, ctx.log)
+            per_file[rel] = format_any(FileReader(path, spec, rel, ws.root), out, rejects, ctx.progress, ctx.log,
+                                       ctx.config.data.workers)
             ctx.log.debug("format: %s: %s", rel, per_file[rel])
         records_in = sum(stats["records_in"] for stats in per_file.values())
         if records_in == 0:
@@ -298,11 +299,13 @@ def _walk(root: Path, excluded: set[Path]) -> list[Path]:
 # --- one file ----------------------------------------------------------------------------
 
 
-def format_any(reader: "FileReader", out: AtomicOutput, rejects: AtomicOutput, progress, log) -> dict:
-    """Convert one file (format_file), a large JSONL file in worker processes."""
+def format_any(reader: "FileReader", out: AtomicOutput, rejects: AtomicOutput, progress, log,
+               workers: int | None = None) -> dict:
+    """Convert one file (format_file), a large JSONL file in worker processes (`workers`:
+    data.workers)."""
     # ranges need seeking to byte offsets: a compressed file is read in one stream
     parallel = reader.kind == "jsonl" and not reader.spec.transform and reader.compression is None
-    workers = default_workers(reader.path.stat().st_size) if parallel else 1
+    workers = default_workers(reader.path.stat().st_size, workers) if parallel else 1
     decided = reader.decided_format() if workers > 1 else None
     if decided is None or decided[0] == "oasst":  # a message table's rows link across the file: one pass
         return format_file(reader, out, rejects, progress)

@@ -109,7 +109,7 @@ def _split(ctx: PhaseContext, workers: int | None, chunk_bytes: int, stack: Exit
     if not source.is_file():
         raise InputError(f"{ws.rel(source)} not found: run `factory run format` first to create it from data/raw")
     if workers is None:
-        workers = default_workers(source.stat().st_size)
+        workers = default_workers(source.stat().st_size, data.workers)
     benchmarks = _load_benchmarks(data.decontaminate, ws, cfg.seed & _U64) if data.decontaminate.benchmarks else None
     settings = Settings(seed=cfg.seed & _U64, stratify=cfg.stratify, min_turn_words=cfg.min_turn_words,
                         ngram=data.dedup.ngram, near=data.dedup.near != "off", threshold=data.dedup.near_threshold,

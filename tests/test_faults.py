@@ -856,12 +856,39 @@ def test_sigterm_and_ctrl_c_in_the_data_phases_then_a_clean_resume(tmp_path):
     root = tmp_path / "ws"
     factory("init", root, check_rc=0)
     (root / "data" / "raw" / "train.jsonl").write_text(alpaca_lines(400_000))
+    config = yaml.safe_load((root / "factory.yaml").read_text())
+    config["data"]["workers"] = 2  # the file is small: worker processes only when asked for
+    (root / "factory.yaml").write_text(yaml.safe_dump(config))
     for phase, sig in (("format", signal.SIGINT), ("split", signal.SIGTERM)):
         proc = interrupt_during(root, phase, sig, "split")
         assert_cancelled_in(root, phase, proc)
         assert not (root / "data" / "splits" / "train.jsonl").exists()
+    # a worker of the split killed from outside, as the out-of-memory killer does
+    proc = kill_a_worker_during(root, "split")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "a worker process was killed by SIGKILL" in re.sub(r"\s*\n\s*", " ", proc.stderr), proc.stderr[-3000:]
+    doc = read(root / ".factory" / "status.json")
+    assert doc["state"] == "failed" and doc["error"]["type"] == "WorkerKilled", doc["error"]
+    assert not (root / "data" / "splits" / "train.jsonl").exists() and partial_files(root) == []
     factory("run", "split", "-C", root, check_rc=0)
     assert metrics(root, "split")["counts"]["train"] > 300_000
+
+
+def kill_a_worker_during(root: Path, phase: str) -> subprocess.CompletedProcess:
+    """Start `factory run`, SIGKILL one of `phase`'s worker processes once they run, and wait."""
+    import psutil
+
+    proc = subprocess.Popen([sys.executable, "-m", "factory", "run", phase, "-C", str(root)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        wait_for(lambda: phase_state(root, phase) == "running" or proc.poll() is not None, 600, f"{phase} to start")
+        workers = wait_for(lambda: proc.poll() is not None or psutil.Process(proc.pid).children(), 60, "its workers")
+        assert proc.poll() is None, f"the run ended before its workers were seen: {proc.stderr.read()[-2000:]}"
+        workers[0].kill()
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 # --- a full disk, for real ----------------------------------------------------------------------

@@ -84,6 +84,8 @@ def test_runs_then_skips_unchanged_then_reruns_changed(ws):
     # format restores the same output, so split's input is unchanged again
     assert rerun.ran == ["format"] and rerun.skipped == ["split"]
 
+    workers = parse_config({**CFG.model_dump(), "data": {"workers": 2}})  # changes how, not what: nothing re-runs
+    assert run_pipeline(workers, ws, PIPELINE, target="split").ran == []
     changed_cfg = parse_config({**CFG.model_dump(), "data": {"split": {"seed": 1, "train": 0.8, "val": 0.1, "test": 0.1}}})
     assert run_pipeline(changed_cfg, ws, PIPELINE, target="split").ran == ["format"]  # only format reads `data`
 
