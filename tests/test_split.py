@@ -310,6 +310,13 @@ def test_the_turns_simdjson_reads_are_those_orjson_reads(tmp_path):
         (tmp_path / "all.jsonl").write_bytes(bad)
         with pytest.raises(InputError, match="line 25"):
             split._Block(str(tmp_path / "all.jsonl"), bad, 0, role)
+        # two records on one line, as one array of lines would take them: refused, naming the line
+        two = data + lines[0] + b"," + lines[1] + b"\n" + lines[2] + b"\n"
+        (tmp_path / "all.jsonl").write_bytes(two)
+        with pytest.raises(ValueError):
+            split._turns(lines + [lines[0] + b"," + lines[1]], role)
+        with pytest.raises(InputError, match="line 25"):
+            split._Block(str(tmp_path / "all.jsonl"), two, 0, role)
 
 
 def test_blank_lines_and_a_missing_final_newline(tmp_path):
