@@ -937,7 +937,6 @@ def test_a_full_disk_while_workers_convert_ranges_leaves_nothing_behind(tmp_path
     import phases.format as fmt
     from factory.errors import DiskFull
 
-    monkeypatch.setattr(fmt, "default_workers", lambda size: 2)
     monkeypatch.setattr(fmt, "RANGE_BYTES", 4 << 10)
     disk = tmpfs("disk")
     ws = Workspace.at(disk / "ws")
@@ -946,11 +945,12 @@ def test_a_full_disk_while_workers_convert_ranges_leaves_nothing_behind(tmp_path
     raw.write_text("".join(json.dumps({"instruction": f"question {n}", "input": "", "output": "an answer " * 20}) + "\n"
                            for n in range(2000)))
     resize(disk, 200 << 10)  # the output is about 500 KB
+    two_workers = parse_config({"data": {"workers": 2}})  # the file is small: workers only when asked for
     with pytest.raises(DiskFull, match="no space left on the disk mounted at"):
-        run_pipeline(parse_config({}), ws, phases.PIPELINE, target="format")
+        run_pipeline(two_workers, ws, phases.PIPELINE, target="format")
     assert partial_files(ws.root) == [] and not ws.formatted_file.exists()
     resize(disk, 8 << 20)
-    run_pipeline(parse_config({}), ws, phases.PIPELINE, target="format")
+    run_pipeline(two_workers, ws, phases.PIPELINE, target="format")
     assert read(ws.metrics_file("format"))["records_out"] == 2000
     assert sorted(p.name for p in ws.formatted_dir.iterdir()) == ["all.jsonl", "rejects.jsonl"]
 

@@ -34,9 +34,9 @@ class CountingProgress:
         self.calls += 1
 
 
-def run_format(root: Path, inputs=None, progress=None) -> dict:
+def run_format(root: Path, inputs=None, progress=None, workers=None) -> dict:
     """Run the phase on workspace `root`; check the invariants every run must keep."""
-    raw = {} if inputs is None else {"data": {"inputs": inputs}}
+    raw = {"data": {**({} if inputs is None else {"inputs": inputs}), **({} if workers is None else {"workers": workers})}}
     progress = progress or CountingProgress()
     ctx = PhaseContext(parse_config(raw), Workspace.at(root), progress, logging.getLogger("test"))
     metrics = PHASE.run(ctx)
@@ -321,11 +321,10 @@ def test_a_large_file_read_by_field_names_in_ranges_gives_the_bytes_of_one_pass(
     content = "".join(orjson.dumps(r).decode() + "\n" for r in rows)
     write(tmp_path / "one", "data/raw/d.jsonl", content)
     serial = run_format(tmp_path / "one")
-    monkeypatch.setattr(fmt, "default_workers", lambda size: 2)
     monkeypatch.setattr(fmt, "RANGE_BYTES", 700)
     write(tmp_path / "ranges", "data/raw/d.jsonl", content)
     progress = CountingProgress()
-    parallel = run_format(tmp_path / "ranges", progress=progress)
+    parallel = run_format(tmp_path / "ranges", progress=progress, workers=2)
     assert progress.calls > 10  # the ranges were used
     for name in ("all.jsonl", "rejects.jsonl"):
         assert (tmp_path / "ranges/data/formatted" / name).read_bytes() == (tmp_path / "one/data/formatted" / name).read_bytes()
@@ -938,7 +937,6 @@ def test_a_large_jsonl_file_converted_in_ranges_by_workers_gives_the_bytes_of_on
     one_pass = tmp_path / "one"
     write(one_pass, "data/raw/a.jsonl", content)
     serial = run_format(one_pass)
-    monkeypatch.setattr(fmt, "default_workers", lambda size: 2)
     monkeypatch.setattr(fmt, "RANGE_BYTES", 700)
     drop = ("seconds", "output_sha256")
     for beside_a_thread in (False, True):
@@ -952,7 +950,7 @@ def test_a_large_jsonl_file_converted_in_ranges_by_workers_gives_the_bytes_of_on
         caplog.clear()
         try:
             with caplog.at_level(logging.INFO):
-                parallel = run_format(in_ranges, progress=progress)
+                parallel = run_format(in_ranges, progress=progress, workers=2)
         finally:
             stop.set()
         assert progress.calls > 10  # advanced once per range: the ranges were used
