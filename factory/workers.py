@@ -85,15 +85,14 @@ def worker_pool(workers: int, log, what: str, initializer: Callable[..., None] |
     # fork is instant; with other threads alive (a progress display) forking is unsafe.
     method = "fork" if fork_is_safe() and "fork" in multiprocessing.get_all_start_methods() else "spawn"
     log.info("%s: %d worker processes (%s)", what, workers, method)
-    before = set(multiprocessing.active_children())
     pool = ProcessPoolExecutor(workers, multiprocessing.get_context(method), _start_worker, (initializer, initargs))
-    processes: set = set()
     try:
         pool.submit(int).result()  # the workers start now (all of them, when forked), before any data is held
-        processes = set(multiprocessing.active_children()) - before
         yield pool
     except BaseException as error:
-        processes |= set(multiprocessing.active_children()) - before  # spawned ones start as needed
+        # every worker the pool started, a dead one too (its exit code says what killed it);
+        # the pool has no public list of them before Python 3.14's terminate_workers()
+        processes = list((getattr(pool, "_processes", None) or {}).values())
         for process in processes:
             process.terminate()
         pool.shutdown(wait=True, cancel_futures=True)  # every worker is joined: its exit code is known
@@ -108,3 +107,4 @@ def worker_pool(workers: int, log, what: str, initializer: Callable[..., None] |
             ) from None
         raise
     pool.shutdown(wait=True)
+

@@ -1054,6 +1054,29 @@ POOL_UNDER_FAULTS = textwrap.dedent("""
     except WorkerKilled as error:
         print("error:", error)
     print("children", len(multiprocessing.active_children()))
+
+    import threading, psutil
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()  # the spawned workers' helper process: not a worker
+    known = {p.pid for p in psutil.Process().children()}
+
+    def kill_the_first_worker():
+        while True:
+            workers = [p for p in psutil.Process().children() if p.pid not in known]
+            if workers:
+                return workers[0].kill()
+            time.sleep(0.001)
+
+    stop = threading.Event()
+    threading.Thread(target=stop.wait).start()  # another thread: the workers are spawned, one by one
+    threading.Thread(target=kill_the_first_worker).start()
+    try:  # killed while it starts, before the pool has done anything
+        with worker_pool(2, logging.getLogger("test"), "split") as pool:
+            list(pool.map(abs, range(100)))
+    except WorkerKilled as error:
+        print("error:", error)
+    stop.set()
 """)
 
 
@@ -1061,13 +1084,14 @@ def test_worker_pool_stops_its_workers_on_an_error_and_names_a_worker_killed_fro
     """On an error in the phase's process the workers are stopped, not left to work through
     the queue (concurrent.futures' pool waits for it on exit); a worker killed by SIGKILL (the
     out-of-memory killer) fails the phase with an error that says so, where multiprocessing's
-    pool waited forever for the lost job."""
+    pool waited forever for the lost job: forked and at work, or spawned and still starting."""
     proc = subprocess.run([sys.executable, "-c", POOL_UNDER_FAULTS, str(tmp_path)], capture_output=True, text=True,
                           env=ENV, timeout=120)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    first, error, last = proc.stdout.splitlines()
+    first, error, last, starting = proc.stdout.splitlines()
     done, children = re.fullmatch(r"done after error (\d+) children (\d+)", first).groups()
     assert 1 <= int(done) < 50 and children == "0", first  # 200 queued, 2 workers: at most a few ran
-    assert error.startswith("error: split: a worker process was killed by SIGKILL (most likely by the system, "
-                            "for lack of memory)"), error
+    for line in (error, starting):
+        assert line.startswith("error: split: a worker process was killed by SIGKILL (most likely by the system, "
+                               "for lack of memory)"), line
     assert last == "children 0"
