@@ -103,7 +103,8 @@ def worker_pool(workers: int, log, what: str, initializer: Callable[..., None] |
             memory = " (most likely by the system, for lack of memory)" if signal.SIGKILL in killed else ""
             raise WorkerKilled(
                 f"{what}: a worker process was killed by {', '.join(signal.Signals(k).name for k in sorted(killed))}"
-                f"{memory}; nothing half-written was kept: free memory, or stop what killed it, and run again"
+                f"{memory}; nothing half-written was kept: free memory (or set data.workers: 1, which needs less), "
+                f"or stop what killed it, and run again"
             ) from None
         raise
     pool.shutdown(wait=True)
