@@ -308,7 +308,7 @@ def minhash(hashes: np.ndarray, owner: np.ndarray, count: int, num_perm: int = N
         return np.zeros((0, num_perm), np.uint32)
     first = np.flatnonzero(np.concatenate(([True], owner[1:] != owner[:-1])))
     if first.size != count:
-        raise ValueError("signatures need texts of at least n words")
+        raise ValueError("every text needs at least one n-gram (n words)")
     a, b = _permutations(num_perm, seed)
     mixed = _fmix32(shingle_hash32(hashes))
     out = np.empty((num_perm, count), np.uint32)
@@ -707,7 +707,8 @@ def pair_jaccard(hashes: np.ndarray, owner: np.ndarray, a: np.ndarray, b: np.nda
         left, right = size_a[lo:hi], size_b[lo:hi]
         pair = np.arange(hi - lo)
         pairs = np.concatenate((np.repeat(pair, left), np.repeat(pair, right)))
-        values = np.concatenate((hashes[_ranges(start_a[lo:hi], left)], hashes[_ranges(start_b[lo:hi], right)]))
+        values = np.concatenate((hashes[index_ranges(start_a[lo:hi], left)],
+                                 hashes[index_ranges(start_b[lo:hi], right)]))
         on_right = np.arange(values.size) >= int(left.sum())
         order = np.lexsort((values, pairs))
         values, pairs, on_right = values[order], pairs[order], on_right[order]
@@ -722,7 +723,7 @@ def pair_jaccard(hashes: np.ndarray, owner: np.ndarray, a: np.ndarray, b: np.nda
     return out
 
 
-def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+def index_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """The concatenated aranges [s, s + l) for each start s and length l."""
     ends = np.cumsum(lengths)
     return np.repeat(starts - (ends - lengths), lengths) + np.arange(int(ends[-1]) if ends.size else 0)

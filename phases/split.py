@@ -725,7 +725,7 @@ class SpilledNgrams:
         """The n-gram hashes of these rows, row after row in this order, and for each hash
         the index in `rows` of its row (as textsim.ngram_hashes gives them)."""
         import numpy as np
-        from factory.textsim import _ranges
+        from factory.textsim import index_ranges
 
         ends = np.frombuffer(self.ends, np.int64)
         end = ends[rows]
@@ -742,7 +742,7 @@ class SpilledNgrams:
             chunk = order[i:j]
             self.file.seek(8 * low)
             data = np.frombuffer(self.file.read(8 * (int(end[chunk].max()) - low)), np.uint64)
-            hashes[_ranges(placed[chunk], length[chunk])] = data[_ranges(start[chunk] - low, length[chunk])]
+            hashes[index_ranges(placed[chunk], length[chunk])] = data[index_ranges(start[chunk] - low, length[chunk])]
             i = j
         return hashes, np.repeat(np.arange(rows.size), length)
 
