@@ -934,14 +934,17 @@ def test_a_large_jsonl_file_converted_in_ranges_by_workers_gives_the_bytes_of_on
            b'{"instruction": "i", "input": 5, "output": "o"}', b"", b"   ", b'{"instruction": "i", "input": "x"}']
     lines = [b'{"question": "a bad first record"}'] + [line for n, g in enumerate(good) for line in ([g, bad[n % 7]] if n % 9 == 0 else [g])]
     content = b"\xef\xbb\xbf" + b"\n".join(lines) + b'\n{"instruction": "i", "output": "cut'
+    second = b"\n".join(good[:150]) + b"\n"  # a second file: its ranges go after the first file's records
     one_pass = tmp_path / "one"
     write(one_pass, "data/raw/a.jsonl", content)
+    write(one_pass, "data/raw/b.jsonl", second)
     serial = run_format(one_pass)
     monkeypatch.setattr(fmt, "RANGE_BYTES", 700)
-    drop = ("seconds", "output_sha256")
+    drop = ("seconds",)
     for beside_a_thread in (False, True):
         in_ranges = tmp_path / f"ranges-{beside_a_thread}"
         write(in_ranges, "data/raw/a.jsonl", content)
+        write(in_ranges, "data/raw/b.jsonl", second)
         stop = threading.Event()
         helper = threading.Thread(target=stop.wait)
         if beside_a_thread:
@@ -959,15 +962,17 @@ def test_a_large_jsonl_file_converted_in_ranges_by_workers_gives_the_bytes_of_on
         for name in ("all.jsonl", "rejects.jsonl"):
             assert (in_ranges / "data/formatted" / name).read_bytes() == (one_pass / "data/formatted" / name).read_bytes()
         assert {k: v for k, v in parallel.items() if k not in drop} == {k: v for k, v in serial.items() if k not in drop}
+        assert parallel["output_sha256"] == hashlib.sha256((in_ranges / "data/formatted/all.jsonl").read_bytes()).hexdigest()
     blank = sum(1 for n in range(0, 400, 9) if not bad[n % 7].strip())
     assert serial["per_file"]["data/raw/a.jsonl"]["format"] == "alpaca" and serial["rejected"] == 1 + 45 - blank + 1
-    assert serial["incomplete_files"][0]["reason"] == "truncated_file"
+    assert serial["per_file"]["data/raw/b.jsonl"]["records_out"] == 150
     monkeypatch.undo()  # a small file again: one pass
     left = one_pass / "data/formatted/.all.jsonl.ranges.partial"  # as a run killed outright leaves it
     left.mkdir()
     (left / "3.jsonl").write_bytes(b"{}")
     run_format(one_pass)  # one pass, no ranges: still removed
     assert not left.exists()
+    assert serial["incomplete_files"][0]["reason"] == "truncated_file"
 
 
 def _oasst_message_table() -> list[dict]:
