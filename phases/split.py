@@ -9,9 +9,9 @@ Reads top to bottom:
             of the user turns' MinHash signatures (near-duplicates), benchmark matches
             (data.decontaminate), the stratum, and the line's offset
 2. dedup    drop exact, then normalized duplicates (the first occurrence is kept: only records
-            sharing a normalized prompt can be one, and only their answers are normalized,
-            in the scan when the prompt is shared within a block, else read back), then with
-            dedup.near: drop, records whose user turn near-duplicates an earlier kept one
+            sharing a normalized prompt can be one, and only their answers are read back and
+            normalized), then with dedup.near: drop, records whose user turn near-duplicates
+            an earlier kept one
 3. group    connected components over every shared key: a user turn, the prompt, the
             normalized record, a near-duplicate user turn; a component goes to one split
 4. assign   order components by a seeded hash (a component's smallest record key), fill
@@ -590,10 +590,8 @@ def _scan_block(job: tuple[str, int, int]) -> dict[str, Any]:
     answered = roles[last] == assistant if n else np.zeros(0, bool)
     in_prompt = np.ones(roles.size, bool)
     in_prompt[last[answered]] = False
-    # the answers are normalized only for a benchmark search, or where another record of the
-    # block has the same prompt (a prompt's answers usually sit together): a record's
-    # normalized key is otherwise computed later, and only where its prompt is shared
-    # (_normalized_keys)
+    # the answers are normalized only for a benchmark search: a record's normalized key is
+    # computed later, and only where its prompt is shared (_normalized_keys)
     texts = [b""] * roles.size
     normalized = np.flatnonzero(in_prompt) if s.benchmarks is None else np.arange(roles.size)
     for i, text in zip(normalized.tolist(), textsim.normalize_batch([block.contents[i] for i in normalized.tolist()])):
@@ -604,19 +602,10 @@ def _scan_block(job: tuple[str, int, int]) -> dict[str, Any]:
     prompt_sum = np.add.reduceat(shares, block.first_turn) if n else np.zeros(0, np.uint64)
     prompt = _record_keys(prompt_sum)
     prompt[block.turns - answered == 0] = 0
-    norm = np.where(answered, np.uint64(0), prompt)  # 0: not known yet; an unanswered record's is its prompt's
-    _, inverse, counts = np.unique(prompt, return_inverse=True, return_counts=True)
-    here = np.flatnonzero(answered & (counts[inverse.reshape(-1)] > 1))
-    if here.size:
-        answers = last[here]
-        keys = (turn_key[answers] if s.benchmarks is not None
-                else textsim.text_keys(textsim.normalize_batch([block.contents[i] for i in answers.tolist()]), seed))
-        norm[here] = _record_keys(prompt_sum[here] + _turn_shares(keys, roles[answers], block.turns[here] - 1))
     user = np.flatnonzero(roles == h(b"user", seed))
     part = {"records": n, "lines": block.lines, "blank": block.lines - n,
             "exact": textsim.text_keys(block.raw_lines, seed).tobytes(), "prompt": prompt.tobytes(),
-            "prompt_sum": prompt_sum.tobytes(), "norm": norm.tobytes(), "offset": block.offset.tobytes(),
-            "line": block.line.tobytes()}
+            "prompt_sum": prompt_sum.tobytes(), "offset": block.offset.tobytes(), "line": block.line.tobytes()}
     part.update(_user_turns([texts[i] for i in user.tolist()], turn_key[user], block.record_of_turn[user], s, s.near))
     names: dict[int, str] = {}
     missing = 0
@@ -664,11 +653,11 @@ class _Scan:
     """The keys of all records, in file order, each field grown in place as blocks come in (a
     large array grows by remapping its pages, not by a copy: no second copy at the end)."""
 
-    FIELDS = ("exact", "prompt", "prompt_sum", "norm", "offset", "line", "stratum")
+    FIELDS = ("exact", "prompt", "prompt_sum", "offset", "line", "stratum")
     TURN_FIELDS = {"turn_record": "q", "turn_key": "Q", "near_record": "q", "near_key": "Q", "near_bands": "Q",
                    "near_sketch": "B", "hit_record": "q", "hit_kind": "b", "hit_benchmark": "q"}
-    SEARCH_FIELDS = ("exact", "prompt", "prompt_sum", "norm", "turn_record", "turn_key", "near_record", "near_key",
-                     "near_bands", "near_sketch")
+    SEARCH_FIELDS = ("exact", "prompt", "prompt_sum", "turn_record", "turn_key", "near_record", "near_key", "near_bands",
+                     "near_sketch")
     """The keys for de-duplication and grouping, not needed once records are assigned."""
 
     def __init__(self, bands: int, ngrams: "SpilledNgrams") -> None:
@@ -800,16 +789,15 @@ def _normalized_keys(scan: _Scan, among: np.ndarray, source: Path, blocks: list[
     """A key per record that is equal for two of `among` exactly when their turns are equal
     once normalized (roles, order and normalized texts). Two records can be equal so only
     when their prompts (every turn but a last answer, normalized) are: the records of `among`
-    whose prompt another one has get their normalized-record key (the scan's, or their
-    answers read back and normalized in the workers); every other record keeps its exact key.
-    Answers are most of the text and most prompts are distinct, so the scan normalizes
-    answers only for prompts shared within a block. Returns at once, the pool's workers at
-    work: the function returned gives the keys."""
+    whose prompt another one has get their normalized-record key, their answers read back
+    and normalized in the workers; every other record keeps its exact key. Answers are most
+    of the text and most prompts are distinct, so the scan does not normalize answers.
+    Returns at once, the pool's workers at work: the function returned gives the keys."""
     import numpy as np
 
-    keys = np.where(scan.norm != 0, scan.norm, scan.exact)
+    keys = scan.exact.copy()
     _, inverse, counts = np.unique(scan.prompt[among], return_inverse=True, return_counts=True)
-    shared = among[(counts[inverse.reshape(-1)] > 1) & (scan.norm[among] == 0)]
+    shared = among[counts[inverse.reshape(-1)] > 1]
     block_of = np.searchsorted(np.cumsum(scan.block_records), shared, side="right")
     cuts = np.flatnonzero(np.diff(block_of)) + 1
     jobs = [(str(source), *blocks[int(block_of[rows[0]])], scan.offset[shared[rows]].tobytes(),

@@ -180,10 +180,6 @@ def test_normalized_duplicates_among_records_that_share_prompts(tmp_path):
     records += [record("Which café?", t) for t in ("ＣＡＦÉ  Ｎｏｒｄ", "café nord", "Café Nord.", "café\u00a0nord")]
     records += [{"conversations": [{"role": "assistant", "content": t}]} for t in ("Hello there.", "HELLO  there.", "Hi.")]
     records += [{"conversations": [{"role": "user", "content": t}]} for t in ("Open question one.", "open QUESTION one.")]
-    # a prompt shared within the first block (its answers normalized by the scan) and by a
-    # record of the last one (read back): one key either way
-    records = [record("Shared far apart.", t) for t in ("Far answer one.", "Far answer two.")] + records
-    records.append(record("shared  FAR apart.", "far ANSWER one."))
     lines = list(dict.fromkeys(orjson.dumps(r) for r in records))
     by_text = {tuple((t["role"], normalize(t["content"])) for t in orjson.loads(line)["conversations"]) for line in lines}
     for i, workers in enumerate((1, 2)):
