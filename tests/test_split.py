@@ -156,6 +156,45 @@ def test_exact_and_normalized_duplicates_are_dropped_and_counted(ws):
     assert answers["Crème brûlée"] == 1  # the first occurrence is the one kept
 
 
+def test_normalized_duplicates_among_records_that_share_prompts(tmp_path):
+    """Only records with the same normalized prompt are read back for their normalized key:
+    many answers to one prompt, some of them case and whitespace variants of another, a
+    variant with another prompt, answer-only and unanswered records, in many blocks, with
+    and without workers. The count is checked against one made record by record."""
+    import random
+
+    from factory.textsim import normalize
+
+    rng = random.Random(7)
+    records = []
+    for i in range(900):
+        prompt = f"Question {i % 40}: explain the idea of item {i % 40} in plain words."
+        answer = f"Answer {i % 70} with detail {'and more ' * (i % 5)}ending."
+        if i % 9 == 0:
+            answer = rng.choice([answer.upper(), answer.replace(" ", "\n  "), "  " + answer.lower() + "\t"])
+        if i % 31 == 0:
+            prompt = prompt.replace("Question", "Query")  # the same answer under another prompt
+        records.append(record(prompt, answer, system="Be brief." if i % 2 else None))
+    # answers of the same letters in another order (anagrams); full-width letters
+    records += [record("Anagrams, please.", f"{w} now.") for w in ("listen", "silent", "Silent", "enlist", "tinsel") * 3]
+    records += [record("Which café?", t) for t in ("ＣＡＦÉ  Ｎｏｒｄ", "café nord", "Café Nord.", "café\u00a0nord")]
+    records += [{"conversations": [{"role": "assistant", "content": t}]} for t in ("Hello there.", "HELLO  there.", "Hi.")]
+    records += [{"conversations": [{"role": "user", "content": t}]} for t in ("Open question one.", "open QUESTION one.")]
+    # a prompt shared within the first block (its answers normalized by the scan) and by a
+    # record of the last one (read back): one key either way
+    records = [record("Shared far apart.", t) for t in ("Far answer one.", "Far answer two.")] + records
+    records.append(record("shared  FAR apart.", "far ANSWER one."))
+    lines = list(dict.fromkeys(orjson.dumps(r) for r in records))
+    by_text = {tuple((t["role"], normalize(t["content"])) for t in orjson.loads(line)["conversations"]) for line in lines}
+    for i, workers in enumerate((1, 2)):
+        ws = Workspace.at(tmp_path / str(i))
+        write_input(ws, records)
+        m = run(ws, workers=workers, chunk_bytes=2 << 10)
+        assert m["duplicates_exact"] == len(records) - len(lines)
+        assert m["duplicates_normalized"] == len(lines) - len(by_text) > 50
+        assert m["accounting"]["balanced"]
+
+
 def test_symbols_digits_and_signs_are_not_normalized_away(ws):
     distinct = [("Simplify: x = a + b", "x = a + b"), ("Simplify: x = a - b", "x = a - b"),
                 ("What is -5 + 10?", "5"), ("What is 5 + 10?", "15"), ('Parse {"a": [1, 2]}', "ok"),
