@@ -108,4 +108,3 @@ def worker_pool(workers: int, log, what: str, initializer: Callable[..., None] |
             ) from None
         raise
     pool.shutdown(wait=True)
-

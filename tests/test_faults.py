@@ -1071,8 +1071,8 @@ POOL_UNDER_FAULTS = textwrap.dedent("""
             time.sleep(0.001)
 
     stop = threading.Event()
-    threading.Thread(target=stop.wait).start()  # another thread: the workers are spawned, one by one
-    threading.Thread(target=kill_the_first_worker).start()
+    threading.Thread(target=stop.wait, daemon=True).start()  # another thread: the workers are spawned, one by one
+    threading.Thread(target=kill_the_first_worker, daemon=True).start()
     try:  # killed while it starts, before the pool has done anything
         with worker_pool(2, logging.getLogger("test"), "split") as pool:
             list(pool.map(abs, range(100)))

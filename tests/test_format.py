@@ -965,6 +965,7 @@ def test_a_large_jsonl_file_converted_in_ranges_by_workers_gives_the_bytes_of_on
         assert parallel["output_sha256"] == hashlib.sha256((in_ranges / "data/formatted/all.jsonl").read_bytes()).hexdigest()
     blank = sum(1 for n in range(0, 400, 9) if not bad[n % 7].strip())
     assert serial["per_file"]["data/raw/a.jsonl"]["format"] == "alpaca" and serial["rejected"] == 1 + 45 - blank + 1
+    assert serial["incomplete_files"][0]["reason"] == "truncated_file"
     assert serial["per_file"]["data/raw/b.jsonl"]["records_out"] == 150
     monkeypatch.undo()  # a small file again: one pass
     left = one_pass / "data/formatted/.all.jsonl.ranges.partial"  # as a run killed outright leaves it
@@ -972,7 +973,6 @@ def test_a_large_jsonl_file_converted_in_ranges_by_workers_gives_the_bytes_of_on
     (left / "3.jsonl").write_bytes(b"{}")
     run_format(one_pass)  # one pass, no ranges: still removed
     assert not left.exists()
-    assert serial["incomplete_files"][0]["reason"] == "truncated_file"
 
 
 def _oasst_message_table() -> list[dict]:

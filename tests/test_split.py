@@ -157,10 +157,12 @@ def test_exact_and_normalized_duplicates_are_dropped_and_counted(ws):
 
 
 def test_normalized_duplicates_among_records_that_share_prompts(tmp_path):
-    """Only records with the same normalized prompt are read back for their normalized key:
-    many answers to one prompt, some of them case and whitespace variants of another, a
-    variant with another prompt, answer-only and unanswered records, in many blocks, with
-    and without workers. The count is checked against one made record by record."""
+    """Normalized duplicates where many records share a prompt: many answers to one prompt,
+    some of them case, whitespace or full-width variants of another, anagram answers, the
+    same answer under another prompt, answer-only and unanswered records, a prompt shared by
+    the first block and the last, in many blocks, with and without workers. The counts are
+    checked against ones made record by record. (It guards any scan that normalizes answers
+    only where a prompt is shared, as 662c594/d64d462 did before they were reverted.)"""
     import random
 
     from factory.textsim import normalize
@@ -180,8 +182,7 @@ def test_normalized_duplicates_among_records_that_share_prompts(tmp_path):
     records += [record("Which café?", t) for t in ("ＣＡＦÉ  Ｎｏｒｄ", "café nord", "Café Nord.", "café\u00a0nord")]
     records += [{"conversations": [{"role": "assistant", "content": t}]} for t in ("Hello there.", "HELLO  there.", "Hi.")]
     records += [{"conversations": [{"role": "user", "content": t}]} for t in ("Open question one.", "open QUESTION one.")]
-    # a prompt shared within the first block (its answers normalized by the scan) and by a
-    # record of the last one (read back): one key either way
+    # a prompt shared within the first block and by a record of the last one
     records = [record("Shared far apart.", t) for t in ("Far answer one.", "Far answer two.")] + records
     records.append(record("shared  FAR apart.", "far ANSWER one."))
     lines = list(dict.fromkeys(orjson.dumps(r) for r in records))
