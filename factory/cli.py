@@ -138,7 +138,10 @@ def init(
         "Llama-style models without normalised queries and keys do not learn it through LoRA at this size)."),
         show_default=False)] = None,
     records: Annotated[int, typer.Option("--records", help="With --example: how many records to generate.")] = 4200,
-    steps: Annotated[int, typer.Option("--steps", help="With --example: training steps in factory.yaml.")] = 1000,
+    steps: Annotated[Optional[int], typer.Option("--steps", help=(
+        "With --example: training steps in factory.yaml; by default the family's "
+        "(" + ", ".join(f"{name} {FAMILIES[name].steps:,}" for name in EXAMPLE_FAMILIES) + ")."),
+        show_default=False)] = None,
     locales: Annotated[Optional[str], typer.Option("--locales", help=(
         "With --example: a comma-separated subset of the task's locales; fewer locales learn in fewer "
         "steps, e.g. en-US,de-DE,ja-JP."))] = None,
