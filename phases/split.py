@@ -5,14 +5,17 @@ Reads top to bottom:
 
 1. scan     stream all.jsonl in blocks (worker processes for big files); per record keep
             8-byte keys in flat arrays, never the record: the exact line, the normalized
-            record, the normalized prompt (system and user turns), each normalized user turn,
-            LSH band keys of the user turns' MinHash signatures (near-duplicates), benchmark matches
+            prompt (every turn but a last answer), each normalized user turn, LSH band keys
+            of the user turns' MinHash signatures (near-duplicates), benchmark matches
             (data.decontaminate), the stratum, and the line's offset
-2. dedup    drop exact, then normalized duplicates (the first occurrence is kept), then with
+2. dedup    drop exact, then normalized duplicates (the first occurrence is kept: only records
+            sharing a normalized prompt can be one, and only their answers are normalized,
+            in the scan when the prompt is shared within a block, else read back), then with
             dedup.near: drop, records whose user turn near-duplicates an earlier kept one
 3. group    connected components over every shared key: a user turn, the prompt, the
             normalized record, a near-duplicate user turn; a component goes to one split
-4. assign   order components by a seeded hash, fill train/val/test by cumulative record
+4. assign   order components by a seeded hash (a component's smallest record key), fill
+            train/val/test by cumulative record
             counts, per stratum when `data.split.stratify` is set
 5. decontaminate   leave contaminated train records out (or only count them)
 6. write    copy each kept line unchanged into its split file; every dropped record goes to
@@ -33,9 +36,9 @@ signatures and this process writes to an unnamed temporary file as they come (Sp
 on disk, not in memory) and reads back by row.
 
 Speed: a block's records are parsed with simdjson (Python strings only for the turns read),
-then handled together: all texts normalized at once (textsim.normalize_batch), record and
-prompt keys combined from the turn keys in numpy, MinHash for a block's distinct user turns
-in one batch.
+then handled together: all prompt texts normalized at once (textsim.normalize_batch), prompt
+keys combined from the turn keys in numpy, MinHash for a block's distinct user turns in one
+batch. Answers, most of the text, are normalized only where two records share a prompt.
 """
 
 from __future__ import annotations
@@ -137,8 +140,10 @@ def _split(ctx: PhaseContext, workers: int | None, chunk_bytes: int, stack: Exit
     kind = np.zeros(n, np.int8)
     if data.dedup.exact:
         _mark_duplicates(scan.exact, np.arange(n), duplicate_of, kind, EXACT)
-    if data.dedup.normalized:
-        _mark_duplicates(scan.norm, np.flatnonzero(kind == 0), duplicate_of, kind, NORMALIZED)
+    # the workers read back answers for the normalized keys while this process searches
+    # near-duplicates: the search takes each user text's first record, which is never a
+    # normalized duplicate (its original comes earlier, with the same turns)
+    normalized_keys = _normalized_keys(scan, np.flatnonzero(kind == 0), source, blocks, settings, workers, log, pool)
     similarity = np.zeros(n)
     near_a = near_b = np.zeros(0, np.int64)
     near_pairs_found = 0
@@ -146,6 +151,11 @@ def _split(ctx: PhaseContext, workers: int | None, chunk_bytes: int, stack: Exit
         near_a, near_b, near_j, later_key = _near_record_pairs(scan, kind == 0, settings,
                                                                linking=data.dedup.near == "group")
         near_pairs_found = int(near_a.size)
+    norm = normalized_keys()
+    del normalized_keys
+    if data.dedup.normalized:
+        _mark_duplicates(norm, np.flatnonzero(kind == 0), duplicate_of, kind, NORMALIZED)
+    if settings.near:
         if data.dedup.near == "drop":
             _drop_near(scan, near_a, near_b, near_j, later_key, duplicate_of, kind, similarity)
             both = (kind[near_a] == 0) & (kind[near_b] == 0)
@@ -164,14 +174,15 @@ def _split(ctx: PhaseContext, workers: int | None, chunk_bytes: int, stack: Exit
     laps("dedup")
 
     # 3. group ------------------------------------------------------------------------
-    component = _components(scan, keep, near_a, near_b, cfg.group_by_prompt)
+    component = _components(scan, keep, norm, near_a, near_b, cfg.group_by_prompt)
     group_of_kept = component[keep]
     group_count = int(group_of_kept.max()) + 1
     group_size = np.bincount(group_of_kept, minlength=group_count)
-    # A component's key: its smallest normalized-record key (seeded): a seeded order that
-    # does not depend on the input order. Its first record gives its stratum.
+    # A component's key: its smallest record key (seeded): a seeded order that does not
+    # depend on the input order. Its first record gives its stratum.
     group_keys = np.full(group_count, np.iinfo(np.uint64).max, np.uint64)
-    np.minimum.at(group_keys, group_of_kept, scan.norm[keep])
+    np.minimum.at(group_keys, group_of_kept, norm[keep])
+    del norm
     group_first = np.full(group_count, n, np.int64)
     np.minimum.at(group_first, group_of_kept, keep)
     if group_count < len(needed):
@@ -541,20 +552,24 @@ def _user_turns(texts: list[bytes], key: np.ndarray, record: np.ndarray, setting
     return result
 
 
-def _combine(keys: np.ndarray, roles: np.ndarray, block: _Block, include: np.ndarray | None = None) -> np.ndarray:
-    """One 64-bit key per record from its turns' (role, normalized text key, position), in order."""
+def _turn_shares(keys: np.ndarray, roles: np.ndarray, position: np.ndarray) -> np.ndarray:
+    """Each turn's share of its record's key: its normalized text key, role and position
+    in the record (0-based) mixed. A record's key is _record_keys of its turns' sum."""
     import numpy as np
     from factory import textsim
 
-    position = np.arange(keys.size, dtype=np.uint64) - np.repeat(block.first_turn, block.turns).astype(np.uint64)
     mix_text, mix_role, mix_position = (np.uint64(c) for c in (_MIX_TEXT, _MIX_ROLE, _MIX_POSITION))
     with np.errstate(over="ignore"):
-        mixed = textsim.fmix64(keys * mix_text + roles * mix_role + (position + np.uint64(1)) * mix_position)
-    if include is not None:
-        mixed[~include] = 0
-    combined = textsim.fmix64(np.add.reduceat(mixed, block.first_turn)) if keys.size else np.zeros(0, np.uint64)
-    combined[combined == 0] = 1
-    return combined
+        return textsim.fmix64(keys * mix_text + roles * mix_role + (position.astype(np.uint64) + np.uint64(1)) * mix_position)
+
+
+def _record_keys(sums: np.ndarray) -> np.ndarray:
+    """Record keys (never 0) from the sums of their turns' shares (modulo 2^64)."""
+    from factory import textsim
+
+    keys = textsim.fmix64(sums)
+    keys[keys == 0] = 1
+    return keys
 
 
 def _scan_block(job: tuple[str, int, int]) -> dict[str, Any]:
@@ -569,21 +584,39 @@ def _scan_block(job: tuple[str, int, int]) -> dict[str, Any]:
     seed, stratify = s.seed, s.stratify
     block = _Block(path, data, start)
     n = block.records
-    texts = textsim.normalize_batch(block.contents)
-    turn_key = textsim.text_keys(texts, seed)
     roles = block.role_codes(seed)
     assistant = h(b"assistant", seed)
     last = block.first_turn + block.turns - 1
     answered = roles[last] == assistant if n else np.zeros(0, bool)
-    in_prompt = np.ones(len(texts), bool)
+    in_prompt = np.ones(roles.size, bool)
     in_prompt[last[answered]] = False
-    prompt = _combine(turn_key, roles, block, in_prompt)
+    # the answers are normalized only for a benchmark search, or where another record of the
+    # block has the same prompt (a prompt's answers usually sit together): a record's
+    # normalized key is otherwise computed later, and only where its prompt is shared
+    # (_normalized_keys)
+    texts = [b""] * roles.size
+    normalized = np.flatnonzero(in_prompt) if s.benchmarks is None else np.arange(roles.size)
+    for i, text in zip(normalized.tolist(), textsim.normalize_batch([block.contents[i] for i in normalized.tolist()])):
+        texts[i] = text
+    turn_key = textsim.text_keys(texts, seed)
+    shares = _turn_shares(turn_key, roles, np.arange(roles.size) - np.repeat(block.first_turn, block.turns))
+    shares[~in_prompt] = 0
+    prompt_sum = np.add.reduceat(shares, block.first_turn) if n else np.zeros(0, np.uint64)
+    prompt = _record_keys(prompt_sum)
     prompt[block.turns - answered == 0] = 0
+    norm = np.where(answered, np.uint64(0), prompt)  # 0: not known yet; an unanswered record's is its prompt's
+    _, inverse, counts = np.unique(prompt, return_inverse=True, return_counts=True)
+    here = np.flatnonzero(answered & (counts[inverse.reshape(-1)] > 1))
+    if here.size:
+        answers = last[here]
+        keys = (turn_key[answers] if s.benchmarks is not None
+                else textsim.text_keys(textsim.normalize_batch([block.contents[i] for i in answers.tolist()]), seed))
+        norm[here] = _record_keys(prompt_sum[here] + _turn_shares(keys, roles[answers], block.turns[here] - 1))
     user = np.flatnonzero(roles == h(b"user", seed))
     part = {"records": n, "lines": block.lines, "blank": block.lines - n,
-            "exact": textsim.text_keys(block.raw_lines, seed).tobytes(),
-            "norm": _combine(turn_key, roles, block).tobytes(), "prompt": prompt.tobytes(),
-            "offset": block.offset.tobytes(), "line": block.line.tobytes()}
+            "exact": textsim.text_keys(block.raw_lines, seed).tobytes(), "prompt": prompt.tobytes(),
+            "prompt_sum": prompt_sum.tobytes(), "norm": norm.tobytes(), "offset": block.offset.tobytes(),
+            "line": block.line.tobytes()}
     part.update(_user_turns([texts[i] for i in user.tolist()], turn_key[user], block.record_of_turn[user], s, s.near))
     names: dict[int, str] = {}
     missing = 0
@@ -631,11 +664,11 @@ class _Scan:
     """The keys of all records, in file order, each field grown in place as blocks come in (a
     large array grows by remapping its pages, not by a copy: no second copy at the end)."""
 
-    FIELDS = ("exact", "norm", "prompt", "offset", "line", "stratum")
+    FIELDS = ("exact", "prompt", "prompt_sum", "norm", "offset", "line", "stratum")
     TURN_FIELDS = {"turn_record": "q", "turn_key": "Q", "near_record": "q", "near_key": "Q", "near_bands": "Q",
                    "near_sketch": "B", "hit_record": "q", "hit_kind": "b", "hit_benchmark": "q"}
-    SEARCH_FIELDS = ("exact", "norm", "prompt", "turn_record", "turn_key", "near_record", "near_key", "near_bands",
-                     "near_sketch")
+    SEARCH_FIELDS = ("exact", "prompt", "prompt_sum", "norm", "turn_record", "turn_key", "near_record", "near_key",
+                     "near_bands", "near_sketch")
     """The keys for de-duplication and grouping, not needed once records are assigned."""
 
     def __init__(self, bands: int, ngrams: "SpilledNgrams") -> None:
@@ -762,6 +795,65 @@ def _mark_duplicates(keys: np.ndarray, among: np.ndarray, duplicate_of: np.ndarr
     kind[among[repeated]] = code
 
 
+def _normalized_keys(scan: _Scan, among: np.ndarray, source: Path, blocks: list[tuple[int, int]], settings: Settings,
+                     workers: int, log, pool) -> Callable[[], np.ndarray]:
+    """A key per record that is equal for two of `among` exactly when their turns are equal
+    once normalized (roles, order and normalized texts). Two records can be equal so only
+    when their prompts (every turn but a last answer, normalized) are: the records of `among`
+    whose prompt another one has get their normalized-record key (the scan's, or their
+    answers read back and normalized in the workers); every other record keeps its exact key.
+    Answers are most of the text and most prompts are distinct, so the scan normalizes
+    answers only for prompts shared within a block. Returns at once, the pool's workers at
+    work: the function returned gives the keys."""
+    import numpy as np
+
+    keys = np.where(scan.norm != 0, scan.norm, scan.exact)
+    _, inverse, counts = np.unique(scan.prompt[among], return_inverse=True, return_counts=True)
+    shared = among[(counts[inverse.reshape(-1)] > 1) & (scan.norm[among] == 0)]
+    block_of = np.searchsorted(np.cumsum(scan.block_records), shared, side="right")
+    cuts = np.flatnonzero(np.diff(block_of)) + 1
+    jobs = [(str(source), *blocks[int(block_of[rows[0]])], scan.offset[shared[rows]].tobytes(),
+             scan.prompt_sum[shared[rows]].tobytes()) for rows in np.split(np.arange(shared.size), cuts) if rows.size]
+    found = (pool.map(_normalized_record_keys, jobs) if pool is not None
+             else _map_blocks(_normalized_record_keys, jobs, settings, workers, log))
+
+    def result() -> np.ndarray:
+        keys[shared] = np.frombuffer(b"".join(found), np.uint64)
+        return keys
+
+    return result
+
+
+def _normalized_record_keys(job: tuple[str, int, int, bytes, bytes]) -> bytes:
+    """The normalized-record keys (uint64) of the records at these file offsets in the block
+    [start, end), given the sums of their prompts' turn shares: a last answer's share is added."""
+    import numpy as np
+    import simdjson
+    from factory import textsim
+
+    path, start, end, offsets, prompt_sums = job
+    seed = _SETTINGS.seed
+    data = _read_block(path, start, end)
+    lines = []
+    for offset in np.frombuffer(offsets, np.uint64).tolist():
+        stop = data.find(b"\n", offset - start)
+        lines.append(data[offset - start:stop if stop >= 0 else len(data)])
+    answers, position = [], []  # the scan read these lines: each is a record with turns
+    for record in simdjson.Parser().parse(b"[" + b",".join(lines) + b"]"):
+        turns = record["conversations"]
+        last = turns[-1]
+        answered = last["role"] == "assistant"
+        answers.append(last["content"] if answered else "")
+        position.append(len(turns) - 1 if answered else -1)
+    position = np.array(position, np.int64)
+    sums = np.frombuffer(prompt_sums, np.uint64).copy()
+    answer = np.flatnonzero(position >= 0)
+    texts = textsim.normalize_batch([answers[i] for i in answer.tolist()])
+    roles = np.full(answer.size, xxhash.xxh3_64_intdigest(b"assistant", seed), np.uint64)
+    sums[answer] += _turn_shares(textsim.text_keys(texts, seed), roles, position[answer])
+    return _record_keys(sums).tobytes()
+
+
 def _near_record_pairs(scan: _Scan, alive: np.ndarray, settings: Settings, linking: bool
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Record pairs (a < b) with near-duplicate user turns (different texts), among live records,
@@ -822,7 +914,8 @@ def _drop_near(scan: _Scan, a: np.ndarray, b: np.ndarray, similarity: np.ndarray
 # --- 3. group --------------------------------------------------------------------------
 
 
-def _components(scan: _Scan, keep: np.ndarray, near_a: np.ndarray, near_b: np.ndarray, by_prompt: bool) -> np.ndarray:
+def _components(scan: _Scan, keep: np.ndarray, norm: np.ndarray, near_a: np.ndarray, near_b: np.ndarray,
+                by_prompt: bool) -> np.ndarray:
     """Connected components of the kept records over their shared keys (a component number
     per record; dropped records get their own). Records sharing a key are linked in a chain
     (each to the next in key order), which connects them with one edge per record."""
@@ -833,7 +926,7 @@ def _components(scan: _Scan, keep: np.ndarray, near_a: np.ndarray, near_b: np.nd
     n = scan.records
     alive = np.zeros(n, bool)
     alive[keep] = True
-    sources: list[tuple[np.ndarray, np.ndarray]] = [(keep, scan.norm[keep])]
+    sources: list[tuple[np.ndarray, np.ndarray]] = [(keep, norm[keep])]
     if by_prompt:
         with_prompt = keep[scan.prompt[keep] != 0]
         sources.append((with_prompt, scan.prompt[with_prompt]))
