@@ -15,8 +15,8 @@ Reads top to bottom:
 3. group    connected components over every shared key: a user turn, the prompt, the
             normalized record, a near-duplicate user turn; a component goes to one split
 4. assign   order components by a seeded hash (a component's smallest record key), fill
-            train/val/test by cumulative record
-            counts, per stratum when `data.split.stratify` is set
+            train/val/test by cumulative record counts, per stratum when
+            `data.split.stratify` is set
 5. decontaminate   leave contaminated train records out (or only count them)
 6. write    copy each kept line unchanged into its split file; every dropped record goes to
             data/formatted/duplicates.jsonl or contaminated.jsonl with the record it matched
@@ -807,9 +807,13 @@ def _normalized_keys(scan: _Scan, among: np.ndarray, source: Path, blocks: list[
     work: the function returned gives the keys."""
     import numpy as np
 
-    keys = np.where(scan.norm != 0, scan.norm, scan.exact)
+    # whether the scan has a record's normalized key depends on its block (a prompt shared in
+    # it), so a record whose prompt no other one has keeps its exact key, whatever the blocks
+    keys = scan.exact.copy()
     _, inverse, counts = np.unique(scan.prompt[among], return_inverse=True, return_counts=True)
-    shared = among[(counts[inverse.reshape(-1)] > 1) & (scan.norm[among] == 0)]
+    sharing = among[counts[inverse.reshape(-1)] > 1]
+    keys[sharing] = scan.norm[sharing]
+    shared = sharing[scan.norm[sharing] == 0]
     block_of = np.searchsorted(np.cumsum(scan.block_records), shared, side="right")
     cuts = np.flatnonzero(np.diff(block_of)) + 1
     jobs = [(str(source), *blocks[int(block_of[rows[0]])], scan.offset[shared[rows]].tobytes(),

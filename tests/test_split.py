@@ -116,14 +116,25 @@ def test_same_seed_same_bytes_other_seed_other_split(tmp_path):
 
 
 def test_assignment_does_not_depend_on_input_order(tmp_path):
+    """The same records in another order, in blocks of 2 KB: the same splits. Some records
+    have an exact duplicate, side by side in one order (one block) and far apart in the
+    other, and some share a prompt with another answer."""
+    import random
+
     records = unique_records(200)
+    records += [records[k] for k in range(0, 200, 10)]  # far apart from their originals
+    records += [record(records[k]["conversations"][0]["content"], f"Another answer {k}.") for k in range(5, 200, 25)]
+    shuffled = records[:]
+    random.Random(7).shuffle(shuffled)
+    adjacent = [r for k, r in enumerate(records[:200]) for _ in range(2 if k % 10 == 0 else 1)] + records[220:]
     found = []
-    for i, order in enumerate((records, records[::-1])):
+    for i, order in enumerate((records, records[::-1], shuffled, adjacent)):
         ws = Workspace.at(tmp_path / str(i))
         write_input(ws, order)
-        run(ws)
-        found.append({name: sorted(map(prompt_of, recs)) for name, recs in outputs(ws).items()})
-    assert found[0] == found[1]
+        m = run(ws, chunk_bytes=2 << 10)
+        assert m["duplicates_exact"] == 20
+        found.append({name: sorted(map(json.dumps, recs)) for name, recs in outputs(ws).items()})
+    assert all(f == found[0] for f in found[1:])
 
 
 def test_exact_and_normalized_duplicates_are_dropped_and_counted(ws):
@@ -161,8 +172,8 @@ def test_normalized_duplicates_among_records_that_share_prompts(tmp_path):
     some of them case, whitespace or full-width variants of another, anagram answers, the
     same answer under another prompt, answer-only and unanswered records, a prompt shared by
     the first block and the last, in many blocks, with and without workers. The counts are
-    checked against ones made record by record. (It guards any scan that normalizes answers
-    only where a prompt is shared, as 662c594/d64d462 did before they were reverted.)"""
+    checked against ones made record by record: the scan normalizes answers only where a
+    prompt is shared, within a block or read back from another."""
     import random
 
     from factory.textsim import normalize
