@@ -25,6 +25,7 @@ MAX_WORKERS = 8
 HEAP_TOP_PAD = 16 << 20
 """Free memory each worker keeps at the top of its heap (_keep_heap_top)."""
 M_TOP_PAD = -2  # glibc's mallopt parameter for it
+PR_SET_PDEATHSIG = 1  # Linux's prctl option: a signal for this process when its parent ends
 _CRASHES = {signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT, signal.SIGFPE, signal.SIGILL}
 """Signals a worker sends itself when it crashes: a bug, reported as one."""
 
@@ -43,10 +44,11 @@ def default_workers(size: int, configured: int | None = None) -> int:
     return max(1, min(cpus, MAX_WORKERS))
 
 
-def _start_worker(initializer: Callable[..., None] | None, initargs: tuple) -> None:
+def _start_worker(parent: int, initializer: Callable[..., None] | None, initargs: tuple) -> None:
     # Ctrl-C is handled by the parent, which terminates the pool; SIGTERM just ends a worker.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _end_with(parent)
     # The objects inherited from the parent are never garbage: frozen, the collector no longer
     # walks them each time a block's records fill a generation, and so no longer copies their
     # pages (copy-on-write): 20% of the split workers' CPU at 1M records.
@@ -54,6 +56,20 @@ def _start_worker(initializer: Callable[..., None] | None, initargs: tuple) -> N
     _keep_heap_top()
     if initializer is not None:
         initializer(*initargs)
+
+
+def _end_with(parent: int) -> None:
+    """Be killed when the parent process ends (Linux's PR_SET_PDEATHSIG), however it ends: a
+    worker of a parent killed by SIGKILL (the out-of-memory killer), or one the parent started
+    just as Ctrl-C stopped it and so never knew of, would otherwise wait forever on the pool's
+    pipes, of which it holds both ends, with its memory. A no-op elsewhere."""
+    try:
+        prctl = ctypes.CDLL(None).prctl
+    except (OSError, AttributeError):
+        return
+    prctl(ctypes.c_int(PR_SET_PDEATHSIG), ctypes.c_ulong(signal.SIGKILL))
+    if os.getppid() != parent:  # it ended before the line above
+        os._exit(1)
 
 
 def _keep_heap_top() -> None:
@@ -85,7 +101,8 @@ def worker_pool(workers: int, log, what: str, initializer: Callable[..., None] |
     # fork is instant; with other threads alive (a progress display) forking is unsafe.
     method = "fork" if fork_is_safe() and "fork" in multiprocessing.get_all_start_methods() else "spawn"
     log.info("%s: %d worker processes (%s)", what, workers, method)
-    pool = ProcessPoolExecutor(workers, multiprocessing.get_context(method), _start_worker, (initializer, initargs))
+    pool = ProcessPoolExecutor(workers, multiprocessing.get_context(method), _start_worker,
+                               (os.getpid(), initializer, initargs))
     try:
         pool.submit(int).result()  # the workers start now (all of them, when forked), before any data is held
         yield pool

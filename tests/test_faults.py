@@ -9,6 +9,7 @@ each: the faults are what is tested here, not the learning).
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import logging
@@ -1097,3 +1098,38 @@ def test_worker_pool_stops_its_workers_on_an_error_and_names_a_worker_killed_fro
         assert line.startswith("error: split: a worker process was killed by SIGKILL (most likely by the system, "
                                "for lack of memory)"), line
     assert last == "children 0"
+
+
+@pytest.mark.slow
+def test_the_run_killed_by_sigkill_takes_its_data_workers_with_it(tmp_path):
+    """`factory run` killed by SIGKILL (the out-of-memory killer, `kill -9`) while the split's
+    workers scan: they end with it, instead of waiting forever on the pool's pipes with their
+    memory held; then a run after it completes."""
+    import psutil
+
+    root = tmp_path / "ws"
+    factory("init", root, check_rc=0)
+    (root / "data" / "raw" / "train.jsonl").write_text(alpaca_lines(400_000))
+    config = yaml.safe_load((root / "factory.yaml").read_text())
+    config["data"]["workers"] = 2
+    (root / "factory.yaml").write_text(yaml.safe_dump(config))
+    proc = subprocess.Popen([sys.executable, "-m", "factory", "run", "split", "-C", str(root)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    workers = []
+    try:
+        wait_for(lambda: phase_state(root, "split") == "running" or proc.poll() is not None, 600, "split to start")
+        workers = wait_for(lambda: proc.poll() is not None or [  # a resource tracker is no worker
+            c for c in psutil.Process(proc.pid).children() if "resource_tracker" not in " ".join(c.cmdline())],
+            60, "its workers")
+        assert proc.poll() is None, "the run ended before its workers were seen"
+        proc.kill()
+        proc.wait()
+        gone, alive = psutil.wait_procs(workers, timeout=30)
+        assert len(gone) == len(workers) == 2 and not alive, [p.pid for p in alive]
+    finally:
+        proc.kill()
+        for worker in workers:
+            with contextlib.suppress(psutil.Error):
+                worker.kill()
+    factory("run", "split", "-C", root, check_rc=0)
+    assert metrics(root, "split")["counts"]["train"] > 300_000
