@@ -1116,12 +1116,16 @@ def test_the_run_killed_by_sigkill_takes_its_data_workers_with_it(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "factory", "run", "split", "-C", str(root)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
     workers = []
+
+    def both_workers():  # a resource tracker is no worker
+        found = [c for c in psutil.Process(proc.pid).children() if "resource_tracker" not in " ".join(c.cmdline())]
+        return len(found) == 2 and found
+
     try:
         wait_for(lambda: phase_state(root, "split") == "running" or proc.poll() is not None, 600, "split to start")
-        workers = wait_for(lambda: proc.poll() is not None or [  # a resource tracker is no worker
-            c for c in psutil.Process(proc.pid).children() if "resource_tracker" not in " ".join(c.cmdline())],
-            60, "its workers")
+        found = wait_for(lambda: proc.poll() is not None or both_workers(), 60, "its workers")
         assert proc.poll() is None, "the run ended before its workers were seen"
+        workers = found
         proc.kill()
         proc.wait()
         gone, alive = psutil.wait_procs(workers, timeout=30)
