@@ -58,14 +58,22 @@ def _start_worker(parent: int, initializer: Callable[..., None] | None, initargs
         initializer(*initargs)
 
 
+def _libc(name: str):
+    """A function of the C library this process runs on, or None where it has no such one."""
+    try:
+        return getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError):
+        return None
+
+
 def _end_with(parent: int) -> None:
     """Be killed when the parent process ends (Linux's PR_SET_PDEATHSIG), however it ends: a
     worker of a parent killed by SIGKILL (the out-of-memory killer), or one the parent started
     just as Ctrl-C stopped it and so never knew of, would otherwise wait forever on the pool's
-    pipes, of which it holds both ends, with its memory. A no-op elsewhere."""
-    try:
-        prctl = ctypes.CDLL(None).prctl
-    except (OSError, AttributeError):
+    pipes, of which it holds both ends, with its memory. A no-op elsewhere. (The signal comes
+    when the thread that started the worker ends: the thread that uses the pool, here.)"""
+    prctl = _libc("prctl")
+    if prctl is None:
         return
     prctl(ctypes.c_int(PR_SET_PDEATHSIG), ctypes.c_ulong(signal.SIGKILL))
     if os.getppid() != parent:  # it ended before the line above
@@ -78,11 +86,9 @@ def _keep_heap_top() -> None:
     range after range with the same few large buffers, and with glibc's default every range
     faulted them in again (200,000 page faults and 0.5 s of system time per format worker at
     1M records; about 4,000 with the pad). A no-op without glibc."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt(ctypes.c_int(M_TOP_PAD), ctypes.c_int(HEAP_TOP_PAD))
+    mallopt = _libc("mallopt")
+    if mallopt is not None:
+        mallopt(ctypes.c_int(M_TOP_PAD), ctypes.c_int(HEAP_TOP_PAD))
 
 
 @contextmanager
