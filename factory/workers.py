@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from typing import Callable, Iterator
 
 from factory.errors import WorkerKilled
+from factory.io import libc_function
 from factory.status import fork_is_safe
 
 PARALLEL_MIN_BYTES = 64 << 20
@@ -58,21 +59,13 @@ def _start_worker(parent: int, initializer: Callable[..., None] | None, initargs
         initializer(*initargs)
 
 
-def _libc(name: str):
-    """A function of the C library this process runs on, or None where it has no such one."""
-    try:
-        return getattr(ctypes.CDLL(None), name)
-    except (OSError, AttributeError):
-        return None
-
-
 def _end_with(parent: int) -> None:
     """Be killed when the parent process ends (Linux's PR_SET_PDEATHSIG), however it ends: a
     worker of a parent killed by SIGKILL (the out-of-memory killer), or one the parent started
     just as Ctrl-C stopped it and so never knew of, would otherwise wait forever on the pool's
     pipes, of which it holds both ends, with its memory. A no-op elsewhere. (The signal comes
     when the thread that started the worker ends: the thread that uses the pool, here.)"""
-    prctl = _libc("prctl")
+    prctl = libc_function("prctl")
     if prctl is None:
         return
     prctl(ctypes.c_int(PR_SET_PDEATHSIG), ctypes.c_ulong(signal.SIGKILL))
@@ -86,7 +79,7 @@ def _keep_heap_top() -> None:
     range after range with the same few large buffers, and with glibc's default every range
     faulted them in again (200,000 page faults and 0.5 s of system time per format worker at
     1M records; about 4,000 with the pad). A no-op without glibc."""
-    mallopt = _libc("mallopt")
+    mallopt = libc_function("mallopt")
     if mallopt is not None:
         mallopt(ctypes.c_int(M_TOP_PAD), ctypes.c_int(HEAP_TOP_PAD))
 

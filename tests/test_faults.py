@@ -10,6 +10,7 @@ each: the faults are what is tested here, not the learning).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import http.client
 import json
 import logging
@@ -892,6 +893,36 @@ def kill_a_worker_during(root: Path, phase: str) -> subprocess.CompletedProcess:
     finally:
         proc.kill()
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+WRITE_80_MB = """
+import hashlib, os, sys
+from factory.io import AtomicOutput
+chunk = bytes(range(256)) * 4096 * 3  # 3 MiB: the writes straddle each 32 MiB mark
+with AtomicOutput(sys.argv[1]) as out:
+    for i in range(27):
+        out.write(chunk[i:] + chunk[:i])
+print(out.sha256.hexdigest())
+"""
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_a_large_output_is_handed_to_the_disk_as_it_comes_and_keeps_every_byte(tmp_path):
+    """AtomicOutput starts the disk writes of each 32 MiB as it comes (sync_file_range), so
+    that its fsync does not wait for the whole file: seen from the system calls themselves."""
+    target, trace = tmp_path / "out.bin", tmp_path / "trace"
+    proc = subprocess.run(["strace", "-f", "-e", "trace=sync_file_range,fsync", "-o", str(trace),
+                           sys.executable, "-c", WRITE_80_MB, str(target)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    chunk = bytes(range(256)) * 4096 * 3
+    expected = b"".join(chunk[i:] + chunk[:i] for i in range(27))
+    assert target.read_bytes() == expected
+    assert proc.stdout.strip() == hashlib.sha256(expected).hexdigest()
+    calls = re.findall(r"sync_file_range\(\d+, (\d+), (\d+), SYNC_FILE_RANGE_WRITE\) = 0", trace.read_text())
+    ranges = [(int(start), int(count)) for start, count in calls]
+    assert len(ranges) == 2 and ranges[0][0] == 0 and ranges[1][0] == sum(ranges[0]), ranges
+    assert all(count >= 32 << 20 for _, count in ranges), ranges
+    assert "fsync(" in trace.read_text()
 
 
 # --- a full disk, for real ----------------------------------------------------------------------
