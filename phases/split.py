@@ -667,9 +667,9 @@ class _Scan:
     FIELDS = ("exact", "prompt", "prompt_sum", "norm", "offset", "line", "stratum")
     TURN_FIELDS = {"turn_record": "q", "turn_key": "Q", "near_record": "q", "near_key": "Q", "near_bands": "Q",
                    "near_sketch": "B", "hit_record": "q", "hit_kind": "b", "hit_benchmark": "q"}
-    SEARCH_FIELDS = ("exact", "prompt", "prompt_sum", "norm", "turn_record", "turn_key", "near_record", "near_key",
-                     "near_bands", "near_sketch")
-    """The keys for de-duplication and grouping, not needed once records are assigned."""
+    SEARCH_FIELDS = ("exact", "prompt", "prompt_sum", "norm", "turn_record", "turn_key", "near_record", "near_key")
+    """The keys for de-duplication and grouping, not needed once records are assigned (the
+    near-duplicate search lets go of near_bands and near_sketch itself)."""
 
     def __init__(self, bands: int, ngrams: "SpilledNgrams") -> None:
         self.bands = bands
@@ -871,9 +871,11 @@ def _near_record_pairs(scan: _Scan, alive: np.ndarray, settings: Settings, linki
     _, first = np.unique(scan.near_key[rows], return_index=True)
     rows = rows[np.sort(first)]
 
-    low, high, similarity = textsim.near_duplicate_pairs(scan.near_bands[rows], scan.near_sketch[rows],
-                                                         lambda found: scan.ngrams.read(rows[found]),
+    bands, sketches = scan.near_bands[rows], scan.near_sketch[rows]
+    scan.release("near_bands", "near_sketch")  # the search's copies replace them (100 MB at 1M records)
+    low, high, similarity = textsim.near_duplicate_pairs(bands, sketches, lambda found: scan.ngrams.read(rows[found]),
                                                          settings.threshold, linking=linking)
+    del bands, sketches
     first, second = scan.near_record[rows[low]], scan.near_record[rows[high]]
     swapped = first > second
     a, b = np.where(swapped, second, first), np.where(swapped, first, second)
@@ -1391,18 +1393,18 @@ class _LeakageCheck:
             self.add(self.pending.popleft().result(), progress)
         settings = self.settings
         t = {f: np.frombuffer(values, np.dtype(values.typecode)) for f, values in self.grown.items()}
-        bands = t["near_bands"].reshape(-1, textsim.lsh_params(settings.threshold)[0])
-        sketches = t["near_sketch"].reshape(-1, textsim.NUM_PERM)
-
         shared, leaking = _shared_between_splits(t["key"], t["split"])
         # near-duplicates: each distinct text once per split; pairs of different texts in two splits
         packed = t["near_key"] & ~np.uint64(3) | t["near_split"].astype(np.uint64)
         _, rows = np.unique(packed, return_index=True)
+        bands = t.pop("near_bands").reshape(-1, textsim.lsh_params(settings.threshold)[0])[rows]
+        sketches = t.pop("near_sketch").reshape(-1, textsim.NUM_PERM)[rows]
+        del self.grown["near_bands"], self.grown["near_sketch"]  # the search's copies replace them
 
         def different(low: np.ndarray, high: np.ndarray) -> np.ndarray:  # one text in two splits: a shared turn
             return t["near_key"][rows[low]] != t["near_key"][rows[high]]
 
-        low, high, similarity = textsim.near_duplicate_pairs(bands[rows], sketches[rows],
+        low, high, similarity = textsim.near_duplicate_pairs(bands, sketches,
                                                              lambda found: self.spilled.read(rows[found]),
                                                              settings.threshold, different, t["near_split"][rows])
         a, b = rows[low], rows[high]  # all across splits: only those were candidates
