@@ -541,9 +541,10 @@ def test_the_check_made_while_the_files_are_written_equals_one_made_after(ws):
     write_input(ws, records + unique_records(600))
     m = run(ws, {"dedup": {"near": "off"}}, workers=2, chunk_bytes=4 << 10)
     assert m["leakage"]["near_duplicates"] > 0 and m["leakage"]["user_turns"] == 0
-    # every pair across splits, counted by brute force: LSH finds a pair at 0.9 with probability 0.997
+    # every pair across splits, counted by brute force: LSH finds a pair at 0.9 with probability 0.99998
+    # (12 bands of 5 rows; 0.997 with 9 of 7)
     across = near_pairs_across_splits(ws)
-    assert 0.95 * across <= m["leakage"]["near_duplicates"] <= across and across > 1000
+    assert 0.999 * across <= m["leakage"]["near_duplicates"] <= across and across > 1000
     cfg = parse_config({"data": {"dedup": {"near": "off"}}})
     settings = split.Settings(seed=cfg.data.split.seed, stratify=None, min_turn_words=cfg.data.split.min_turn_words,
                               ngram=3, near=False, threshold=0.8)
