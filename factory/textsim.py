@@ -361,7 +361,7 @@ def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
 
 
 def band_candidates(keys: np.ndarray, keep: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
-                    group: Callable[[], np.ndarray] | None = None
+                    group: Callable[[], np.ndarray] | None = None, large: list[int] | None = None
                     ) -> Iterator[tuple[np.ndarray, Callable[[], np.ndarray]]]:
     """For each LSH band in turn, the pairs (i, j), i < j, of rows that share its key, packed as
     i * len(keys) + j, sorted and distinct, in two parts: (first, rest). `first`: every pair of
@@ -371,7 +371,8 @@ def band_candidates(keys: np.ndarray, keep: Callable[[np.ndarray, np.ndarray], n
     gives none: only pairs across groups are wanted (labels may only merge from band to band).
     Only the pairs `keep(i, j)` accepts, filtered as they are found (a band can give tens of
     millions of candidates on templated data). Bands are searched THREADS at a time, and no
-    further ahead: `keep` may change between bands."""
+    further ahead: `keep` may change between bands. Each band with a bucket above
+    MAX_ALL_PAIRS_BUCKET (of rows in two groups) is appended to `large`."""
     m = keys.shape[0]
 
     def kept(pairs: np.ndarray) -> np.ndarray:
@@ -414,12 +415,14 @@ def band_candidates(keys: np.ndarray, keep: Callable[[np.ndarray, np.ndarray], n
         for d in range(1, min(int(size.max()), SMALL_BUCKET)):
             same = (bucket[:-d] == bucket[d:]) & small[:-d]
             found.append(kept(np.stack((order[:-d][same], order[d:][same]))))
-        large = np.flatnonzero(~small)
-        if large.size:
-            head = order[start[bucket[large]]]
-            found.append(kept(np.stack((head, order[large]))))
-            chain = large[:-1][bucket[large[:-1]] == bucket[large[1:]]]
+        in_large = np.flatnonzero(~small)
+        if in_large.size:
+            head = order[start[bucket[in_large]]]
+            found.append(kept(np.stack((head, order[in_large]))))
+            chain = in_large[:-1][bucket[in_large[:-1]] == bucket[in_large[1:]]]
             found.append(kept(np.stack((order[chain], order[chain + 1]))))
+        if large is not None and size.max() > MAX_ALL_PAIRS_BUCKET:
+            large.append(k)
 
         def rest() -> np.ndarray:
             medium = np.flatnonzero((size > SMALL_BUCKET) & (size <= MAX_ALL_PAIRS_BUCKET))
@@ -446,13 +449,13 @@ def band_candidates(keys: np.ndarray, keep: Callable[[np.ndarray, np.ndarray], n
 
 
 def candidate_pairs(keys: np.ndarray, keep: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
-                    labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                    labels: np.ndarray | None = None, large: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Pairs (i, j), i < j, of rows that share an LSH band, sorted: the pairs
     datasketch.MinHashLSH's query returns for the same bands (band_candidates); with
     `labels`, only those of rows with different labels."""
     m = keys.shape[0]
     packed = np.zeros(0, np.int64)
-    for first, rest in band_candidates(keys, keep, None if labels is None else lambda: labels):
+    for first, rest in band_candidates(keys, keep, None if labels is None else lambda: labels, large):
         packed = distinct(np.concatenate((packed, first, rest())), runs=True)  # three sorted runs
     return packed // m, packed % m
 
@@ -508,7 +511,7 @@ LINKING_RUN = 1 << 16
 def near_duplicate_pairs(keys: np.ndarray, sketches: np.ndarray,
                          ngrams_of: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], threshold: float,
                          wanted: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
-                         labels: np.ndarray | None = None, linking: bool = False
+                         labels: np.ndarray | None = None, linking: bool = False, large: list[int] | None = None
                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pairs (i, j), i < j, of rows whose word n-gram sets have a Jaccard similarity of at
     least `threshold`, with that similarity, sorted: LSH candidates (from the band keys) of
@@ -520,7 +523,9 @@ def near_duplicate_pairs(keys: np.ndarray, sketches: np.ndarray,
     components) to be those of all pairs: band by band, a candidate whose rows are already
     in one group is dropped as it is found, and the others are measured in runs (_link_run).
     A question with hundreds of variants, all near-duplicates of each other, costs hundreds of
-    measurements, not tens of thousands."""
+    measurements, not tens of thousands. With `large`, each band with a bucket too large for
+    all its pairs is appended to it (band_candidates): only there can a pair reaching the
+    threshold go unmeasured."""
     def keep(low: np.ndarray, high: np.ndarray) -> np.ndarray:
         chosen = np.ones(low.size, bool) if wanted is None else wanted(low, high)  # the cheap tests first
         if labels is not None:
@@ -534,7 +539,7 @@ def near_duplicate_pairs(keys: np.ndarray, sketches: np.ndarray,
     m = keys.shape[0]
     grams = _NgramSets(ngrams_of, m, threshold)
     if not linking:
-        low, high = candidate_pairs(keys, keep, labels)
+        low, high = candidate_pairs(keys, keep, labels, large)
         grams.add(distinct(np.concatenate((low, high))))
         some = ~grams.out_of_reach(low, high, sketches)
         low, high = low[some], high[some]
@@ -545,7 +550,7 @@ def near_duplicate_pairs(keys: np.ndarray, sketches: np.ndarray,
     group = np.arange(m)  # each row's group: the smallest row it is linked to so far
     linked: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     apart = np.zeros(0, np.int64)  # pairs measured below the threshold (packed, sorted): not again in a later band
-    for first, rest in band_candidates(keys, keep, lambda: group):
+    for first, rest in band_candidates(keys, keep, lambda: group, large):
         for part in (first, None):
             band = rest() if part is None else part  # the rest once the first pairs are linked
             if apart.size:

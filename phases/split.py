@@ -79,6 +79,8 @@ EXAMPLES = 5
 """Example pairs per kind in the metrics (leakage, near-duplicates, contamination)."""
 
 SHOWN_CHARS = 200
+NEAR_REPAIRS = 10
+"""Rounds of the search for near-duplicate pairs left in two splits after assignment (_repair)."""
 MOST_SHARED = 5
 BOILERPLATE_RECORDS = 10
 """A benchmark n-gram found in this many benchmark records or more is template text, not a
@@ -147,9 +149,10 @@ def _split(ctx: PhaseContext, workers: int | None, chunk_bytes: int, stack: Exit
     similarity = np.zeros(n)
     near_a = near_b = np.zeros(0, np.int64)
     near_pairs_found = 0
+    search = None
     if settings.near:
-        near_a, near_b, near_j, later_key = _near_record_pairs(scan, kind == 0, settings,
-                                                               linking=data.dedup.near == "group")
+        search = _NearSearch(scan, kind == 0)
+        near_a, near_b, near_j, later_key = _near_record_pairs(scan, search, settings, linking=data.dedup.near == "group")
         near_pairs_found = int(near_a.size)
     norm = normalized_keys()
     del normalized_keys
@@ -160,7 +163,6 @@ def _split(ctx: PhaseContext, workers: int | None, chunk_bytes: int, stack: Exit
             _drop_near(scan, near_a, near_b, near_j, later_key, duplicate_of, kind, similarity)
             both = (kind[near_a] == 0) & (kind[near_b] == 0)
             near_a, near_b = near_a[both], near_b[both]
-    spilled.close()
     keep = np.flatnonzero(kind == 0)
     dropped = {name: int(np.count_nonzero(kind == k)) for k, name in KINDS.items()}
     kept = int(keep.size)
@@ -219,6 +221,16 @@ def _split(ctx: PhaseContext, workers: int | None, chunk_bytes: int, stack: Exit
     group_split = _fill_empty_splits(group_split, group_size, ratios, kept, group_count)
     record_split = np.full(n, -1, np.int8)
     record_split[keep] = group_split[group_of_kept]
+    near_repaired = 0
+    if search is not None and search.large_buckets:
+        near_repaired = _repair(scan, search, settings, component, group_size, group_split, record_split)
+        if near_repaired:
+            group_count = int(np.unique(component[keep]).size)
+            largest = int(np.bincount(component[keep]).max())
+            log.info("split: %d near-duplicate pairs in two splits after assignment, found as the check looks for "
+                     "them: their groups joined the split of the largest one", near_repaired)
+    del search
+    spilled.close()
     laps("assign")
 
     # 5. decontaminate ----------------------------------------------------------------
@@ -290,7 +302,8 @@ def _split(ctx: PhaseContext, workers: int | None, chunk_bytes: int, stack: Exit
         "duplicates_normalized": dropped["normalized"],
         "near_duplicates": {"mode": data.dedup.near, "threshold": settings.threshold, "ngram": settings.ngram,
                             "num_perm": textsim.NUM_PERM, "lsh_bands_rows": list(textsim.lsh_params(settings.threshold))
-                            if settings.near else None, "pairs": near_pairs_found, "dropped": dropped["near"]},
+                            if settings.near else None, "pairs": near_pairs_found, "dropped": dropped["near"],
+                            "repaired_after_assignment": near_repaired},
         "duplicates_file": duplicates,
         "records_out": kept,
         "groups": group_count,
@@ -858,24 +871,35 @@ def _normalized_record_keys(job: tuple[str, int, int, bytes, bytes]) -> bytes:
     return _record_keys(sums).tobytes()
 
 
-def _near_record_pairs(scan: _Scan, alive: np.ndarray, settings: Settings, linking: bool
+class _NearSearch:
+    """The rows of the scan's near_* fields that the near-duplicate searches look at: each user
+    text's first occurrence among the live records, in file order, with their band keys and
+    sketches (the scan lets go of its own: 100 MB at 1M records)."""
+
+    def __init__(self, scan: _Scan, alive: np.ndarray) -> None:
+        import numpy as np
+
+        rows = np.flatnonzero(alive[scan.near_record])
+        _, first = np.unique(scan.near_key[rows], return_index=True)
+        self.rows = rows[np.sort(first)]
+        self.bands, self.sketches = scan.near_bands[self.rows], scan.near_sketch[self.rows]
+        scan.release("near_bands", "near_sketch")
+        self.large_buckets: list[int] = []  # bands where the search met a bucket too large for all its pairs
+
+
+def _near_record_pairs(scan: _Scan, search: _NearSearch, settings: Settings, linking: bool
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Record pairs (a < b) with near-duplicate user turns (different texts), among live records,
-    with their similarity and the key of b's user turn; each user text is searched once (its
-    first occurrence). With `linking` (dedup.near: group), only the pairs that join groups
-    (textsim.near_duplicate_pairs)."""
+    """Record pairs (a < b) with near-duplicate user turns (different texts), among the live
+    records, with their similarity and the key of b's user turn; each user text is searched
+    once (its first occurrence). With `linking` (dedup.near: group), only the pairs that join
+    groups (textsim.near_duplicate_pairs)."""
     import numpy as np
     from factory import textsim
 
-    rows = np.flatnonzero(alive[scan.near_record])
-    _, first = np.unique(scan.near_key[rows], return_index=True)
-    rows = rows[np.sort(first)]
-
-    bands, sketches = scan.near_bands[rows], scan.near_sketch[rows]
-    scan.release("near_bands", "near_sketch")  # the search's copies replace them (100 MB at 1M records)
-    low, high, similarity = textsim.near_duplicate_pairs(bands, sketches, lambda found: scan.ngrams.read(rows[found]),
-                                                         settings.threshold, linking=linking)
-    del bands, sketches
+    rows = search.rows
+    low, high, similarity = textsim.near_duplicate_pairs(search.bands, search.sketches,
+                                                         lambda found: scan.ngrams.read(rows[found]),
+                                                         settings.threshold, linking=linking, large=search.large_buckets)
     first, second = scan.near_record[rows[low]], scan.near_record[rows[high]]
     swapped = first > second
     a, b = np.where(swapped, second, first), np.where(swapped, first, second)
@@ -1070,6 +1094,51 @@ def _fill_empty_splits(group_split: np.ndarray, group_size: np.ndarray, ratios: 
         candidates = np.flatnonzero(group_split == donor)
         group_split[candidates[np.argmin(group_size[candidates])]] = k
     return group_split
+
+
+def _repair(scan: _Scan, search: _NearSearch, settings: Settings, component: np.ndarray, group_size: np.ndarray,
+            group_split: np.ndarray, record_split: np.ndarray) -> int:
+    """Near-duplicate pairs of user turns left in two splits, searched as the leakage check
+    will search the written files (each text once per split, by key and split, candidates
+    only across splits). Run where the grouping's search met an LSH bucket too large for all
+    its pairs (a long template with a few words changed, thousands of times: it measures each
+    member against the bucket's first and its neighbour only, and the check, among other
+    rows, meets other neighbours). The groups of each pair found join the split of the
+    largest of them, and the search runs again, at most NEAR_REPAIRS times. Updates
+    component (joined groups take the number of their largest), group_size, group_split and
+    record_split in place; returns the pairs found."""
+    import numpy as np
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+    from factory import textsim
+
+    record = scan.near_record[search.rows]
+    key = scan.near_key[search.rows]
+    found = 0
+    for _ in range(NEAR_REPAIRS):
+        live = np.flatnonzero(record_split[record] >= 0)
+        live = live[np.argsort(key[live] & ~np.uint64(3) | record_split[record[live]].astype(np.uint64))]  # the check's order
+        low, high, _ = textsim.near_duplicate_pairs(search.bands[live], search.sketches[live],
+                                                    lambda rows: scan.ngrams.read(search.rows[live[rows]]),
+                                                    settings.threshold, labels=record_split[record[live]])
+        if not low.size:
+            break
+        found += int(low.size)
+        groups = group_split.size
+        a, b = component[record[live[low]]], component[record[live[high]]]
+        joined = connected_components(coo_matrix((np.ones(a.size, np.int8), (a, b)), shape=(groups, groups)),
+                                      directed=False)[1]
+        by_set = np.lexsort((-group_size, joined))  # each joined set, its largest group first
+        largest = by_set[np.concatenate(([True], joined[by_set][1:] != joined[by_set][:-1]))]
+        head = np.zeros(joined.max() + 1, np.int64)
+        head[joined[largest]] = largest
+        size = np.bincount(joined, weights=group_size).astype(group_size.dtype)
+        group_split[:] = group_split[head[joined]]
+        group_size[:] = size[joined]
+        kept = component >= 0
+        component[kept] = head[joined[component[kept]]]
+        record_split[kept] = group_split[component[kept]]
+    return found
 
 
 # --- 5. decontaminate ------------------------------------------------------------------

@@ -557,6 +557,33 @@ def test_the_check_made_while_the_files_are_written_equals_one_made_after(ws):
         assert side["text"] == orjson.loads(line)["conversations"][0]["content"]
 
 
+def test_near_duplicates_of_a_bucket_too_large_for_all_its_pairs_end_in_one_split(ws, monkeypatch):
+    """A long template with two words changed: thousands of texts share LSH buckets, and the
+    grouping measures each member of a bucket above MAX_ALL_PAIRS_BUCKET against its first and
+    its neighbour only, so near-duplicate pairs of other members can stay in two splits, where
+    the check, meeting other neighbours, found them and splits-ready failed. After assignment
+    the split now searches as the check will and joins those groups (the bucket limit is
+    lowered so that 3,000 records do what 200,000 did)."""
+    import random
+
+    from factory import textsim
+
+    monkeypatch.setattr(textsim, "MAX_ALL_PAIRS_BUCKET", 64)
+    rng = random.Random(3)
+    words = [f"w{i}" for i in range(300)]
+    template = "Classify the sentiment of this short movie review as positive or negative and say why:"
+    write_input(ws, [record(f"{template} {' '.join(rng.sample(words, 2))}", f"Answer {i}.") for i in range(3000)])
+    monkeypatch.setattr(split, "NEAR_REPAIRS", 0)
+    before = run(ws)
+    assert before["leakage"]["near_duplicates"] > 0 and before["near_duplicates"]["repaired_after_assignment"] == 0
+    monkeypatch.undo()
+    monkeypatch.setattr(textsim, "MAX_ALL_PAIRS_BUCKET", 64)
+    after = run(ws)
+    assert after["near_duplicates"]["repaired_after_assignment"] >= before["leakage"]["near_duplicates"]
+    assert after["leakage"]["total"] == 0 and after["accounting"]["balanced"]
+    assert after["groups"] < before["groups"] and sum(after["counts"].values()) == 3000
+
+
 def near_pairs_across_splits(ws, threshold=0.8, n=3):
     """Pairs of different user turns (each once per split) in two split files whose word
     n-gram sets reach `threshold`, by comparing every pair (Python sets)."""
