@@ -27,7 +27,7 @@ from array import array
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
-from itertools import repeat
+from itertools import chain, repeat
 from typing import Callable, Iterator
 
 import numpy as np
@@ -50,6 +50,10 @@ GIL): the pool's worker processes are idle then, so this uses the second core.""
 
 SMALL_BUCKET = 32
 """LSH buckets up to this size are searched along the sorted band column, a distance at a time."""
+
+RARE_NGRAM_ROWS = 32
+"""Texts of LSH buckets above MAX_ALL_PAIRS_BUCKET that share an n-gram found in at most this
+many of them are candidates too (near_duplicate_pairs)."""
 
 MAX_ALL_PAIRS_BUCKET = 2048
 """An LSH bucket up to this size yields all its pairs (above SMALL_BUCKET, the buckets of one
@@ -361,7 +365,7 @@ def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
 
 
 def band_candidates(keys: np.ndarray, keep: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
-                    group: Callable[[], np.ndarray] | None = None, large: list[int] | None = None
+                    group: Callable[[], np.ndarray] | None = None, large: list[np.ndarray] | None = None
                     ) -> Iterator[tuple[np.ndarray, Callable[[], np.ndarray]]]:
     """For each LSH band in turn, the pairs (i, j), i < j, of rows that share its key, packed as
     i * len(keys) + j, sorted and distinct, in two parts: (first, rest). `first`: every pair of
@@ -371,8 +375,8 @@ def band_candidates(keys: np.ndarray, keep: Callable[[np.ndarray, np.ndarray], n
     gives none: only pairs across groups are wanted (labels may only merge from band to band).
     Only the pairs `keep(i, j)` accepts, filtered as they are found (a band can give tens of
     millions of candidates on templated data). Bands are searched THREADS at a time, and no
-    further ahead: `keep` may change between bands. Each band with a bucket above
-    MAX_ALL_PAIRS_BUCKET (of rows in two groups) is appended to `large`."""
+    further ahead: `keep` may change between bands. The rows of each bucket above
+    MAX_ALL_PAIRS_BUCKET (of rows in two groups) are appended to `large`."""
     m = keys.shape[0]
 
     def kept(pairs: np.ndarray) -> np.ndarray:
@@ -421,8 +425,10 @@ def band_candidates(keys: np.ndarray, keep: Callable[[np.ndarray, np.ndarray], n
             found.append(kept(np.stack((head, order[in_large]))))
             chain = in_large[:-1][bucket[in_large[:-1]] == bucket[in_large[1:]]]
             found.append(kept(np.stack((order[chain], order[chain + 1]))))
-        if large is not None and size.max() > MAX_ALL_PAIRS_BUCKET:
-            large.append(k)
+        if large is not None and in_large.size:
+            huge = in_large[size[bucket[in_large]] > MAX_ALL_PAIRS_BUCKET]
+            if huge.size:
+                large.append(order[huge])
 
         def rest() -> np.ndarray:
             medium = np.flatnonzero((size > SMALL_BUCKET) & (size <= MAX_ALL_PAIRS_BUCKET))
@@ -448,8 +454,39 @@ def band_candidates(keys: np.ndarray, keep: Callable[[np.ndarray, np.ndarray], n
             yield band
 
 
+def _rare_ngram_pairs(rows: np.ndarray, ngrams_of: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+                      m: int, keep: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> np.ndarray:
+    """Pairs (i, j), i < j, of `rows` (sorted, distinct, of m) that share an n-gram found in 2 to
+    RARE_NGRAM_ROWS of them and that `keep(i, j)` accepts (filtered as they are found, a million
+    at a time), packed as i * m + j, sorted and distinct."""
+    hashes, owner = ngrams_of(rows)
+    order = np.lexsort((owner, hashes))
+    hashes, owner = hashes[order], owner[order]
+    new = np.concatenate(([True], (hashes[1:] != hashes[:-1]) | (owner[1:] != owner[:-1])))
+    hashes, owner = hashes[new], owner[new]  # each n-gram once per row, rows grouped by n-gram
+    start = np.flatnonzero(np.concatenate(([True], hashes[1:] != hashes[:-1])))
+    size = np.diff(np.append(start, hashes.size))
+    rare = (size >= 2) & (size <= RARE_NGRAM_ROWS)
+    run = np.repeat(np.arange(start.size), size)
+    members = np.flatnonzero(rare[run])
+    run, row = run[members], rows[owner[members]]
+    found = [np.zeros(0, np.int64)]
+    for d in range(1, RARE_NGRAM_ROWS):
+        same = run[:-d] == run[d:]
+        if not same.any():
+            break
+        low, high = row[:-d][same], row[d:][same]
+        low, high = np.minimum(low, high), np.maximum(low, high)
+        for lo in range(0, low.size, 1 << 20):
+            a, b = low[lo:lo + (1 << 20)], high[lo:lo + (1 << 20)]
+            chosen = keep(a, b)
+            found.append(a[chosen] * m + b[chosen])
+    return distinct(np.concatenate(found))
+
+
 def candidate_pairs(keys: np.ndarray, keep: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
-                    labels: np.ndarray | None = None, large: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                    labels: np.ndarray | None = None, large: list[np.ndarray] | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
     """Pairs (i, j), i < j, of rows that share an LSH band, sorted: the pairs
     datasketch.MinHashLSH's query returns for the same bands (band_candidates); with
     `labels`, only those of rows with different labels."""
@@ -511,7 +548,8 @@ LINKING_RUN = 1 << 16
 def near_duplicate_pairs(keys: np.ndarray, sketches: np.ndarray,
                          ngrams_of: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], threshold: float,
                          wanted: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
-                         labels: np.ndarray | None = None, linking: bool = False, large: list[int] | None = None
+                         labels: np.ndarray | None = None, linking: bool = False,
+                         large: list[np.ndarray] | None = None
                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pairs (i, j), i < j, of rows whose word n-gram sets have a Jaccard similarity of at
     least `threshold`, with that similarity, sorted: LSH candidates (from the band keys) of
@@ -523,9 +561,13 @@ def near_duplicate_pairs(keys: np.ndarray, sketches: np.ndarray,
     components) to be those of all pairs: band by band, a candidate whose rows are already
     in one group is dropped as it is found, and the others are measured in runs (_link_run).
     A question with hundreds of variants, all near-duplicates of each other, costs hundreds of
-    measurements, not tens of thousands. With `large`, each band with a bucket too large for
-    all its pairs is appended to it (band_candidates): only there can a pair reaching the
-    threshold go unmeasured."""
+    measurements, not tens of thousands.
+
+    The texts of a bucket too large for all its pairs (a template's n-grams, thousands of times
+    with a few words changed) share the band's values whatever else they share: there, two
+    texts that share an n-gram found in at most RARE_NGRAM_ROWS of those texts (the same words
+    changed) are candidates too, searched after the bands. The rows of those buckets are
+    appended to `large`."""
     def keep(low: np.ndarray, high: np.ndarray) -> np.ndarray:
         chosen = np.ones(low.size, bool) if wanted is None else wanted(low, high)  # the cheap tests first
         if labels is not None:
@@ -538,8 +580,18 @@ def near_duplicate_pairs(keys: np.ndarray, sketches: np.ndarray,
 
     m = keys.shape[0]
     grams = _NgramSets(ngrams_of, m, threshold)
+    large = [] if large is None else large
+
+    def rare_pairs() -> np.ndarray:
+        if not large:
+            return np.zeros(0, np.int64)
+        return _rare_ngram_pairs(distinct(np.concatenate(large)), ngrams_of, m, keep)
+
     if not linking:
         low, high = candidate_pairs(keys, keep, labels, large)
+        if large:
+            packed = distinct(np.concatenate((low * m + high, rare_pairs())))
+            low, high = packed // m, packed % m
         grams.add(distinct(np.concatenate((low, high))))
         some = ~grams.out_of_reach(low, high, sketches)
         low, high = low[some], high[some]
@@ -550,7 +602,10 @@ def near_duplicate_pairs(keys: np.ndarray, sketches: np.ndarray,
     group = np.arange(m)  # each row's group: the smallest row it is linked to so far
     linked: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     apart = np.zeros(0, np.int64)  # pairs measured below the threshold (packed, sorted): not again in a later band
-    for first, rest in band_candidates(keys, keep, lambda: group, large):
+    def after_the_bands() -> Iterator[tuple[np.ndarray, Callable[[], np.ndarray]]]:
+        yield rare_pairs(), lambda: np.zeros(0, np.int64)
+
+    for first, rest in chain(band_candidates(keys, keep, lambda: group, large), after_the_bands()):
         for part in (first, None):
             band = rest() if part is None else part  # the rest once the first pairs are linked
             if apart.size:

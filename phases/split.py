@@ -884,7 +884,7 @@ class _NearSearch:
         self.rows = rows[np.sort(first)]
         self.bands, self.sketches = scan.near_bands[self.rows], scan.near_sketch[self.rows]
         scan.release("near_bands", "near_sketch")
-        self.large_buckets: list[int] = []  # bands where the search met a bucket too large for all its pairs
+        self.large_buckets: list[np.ndarray] = []  # rows of the buckets too large for all their pairs
 
 
 def _near_record_pairs(scan: _Scan, search: _NearSearch, settings: Settings, linking: bool

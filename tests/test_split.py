@@ -557,27 +557,53 @@ def test_the_check_made_while_the_files_are_written_equals_one_made_after(ws):
         assert side["text"] == orjson.loads(line)["conversations"][0]["content"]
 
 
-def test_near_duplicates_of_a_bucket_too_large_for_all_its_pairs_end_in_one_split(ws, monkeypatch):
-    """A long template with two words changed: thousands of texts share LSH buckets, and the
-    grouping measures each member of a bucket above MAX_ALL_PAIRS_BUCKET against its first and
-    its neighbour only, so near-duplicate pairs of other members can stay in two splits, where
-    the check, meeting other neighbours, found them and splits-ready failed. After assignment
-    the split now searches as the check will and joins those groups (the bucket limit is
-    lowered so that 3,000 records do what 200,000 did)."""
+def templated_records(n=3000, words=300, seed=3):
+    """A long template with two words drawn from `words` changed: texts that share the first
+    word are near-duplicates (word 3-gram Jaccard 0.875), the others are not (0.76), and all
+    share most LSH buckets."""
     import random
 
+    rng = random.Random(seed)
+    vocab = [f"w{i}" for i in range(words)]
+    template = "Classify the sentiment of this short movie review as positive or negative and say why:"
+    return [record(f"{template} {' '.join(rng.sample(vocab, 2))}", f"Answer {i}.") for i in range(n)]
+
+
+def test_near_duplicates_in_an_lsh_bucket_too_large_for_all_its_pairs_are_found(ws, monkeypatch):
+    """In a bucket above MAX_ALL_PAIRS_BUCKET (lowered to 64 so that 3,000 records do what
+    100,000 do) each member was measured against the bucket's first and its neighbour only:
+    near-duplicates that met only there stayed apart, in two splits, unseen by the check too.
+    Texts of such a bucket that share a rare n-gram are now candidates: none is left, by
+    brute force."""
     from factory import textsim
 
     monkeypatch.setattr(textsim, "MAX_ALL_PAIRS_BUCKET", 64)
-    rng = random.Random(3)
-    words = [f"w{i}" for i in range(300)]
-    template = "Classify the sentiment of this short movie review as positive or negative and say why:"
-    write_input(ws, [record(f"{template} {' '.join(rng.sample(words, 2))}", f"Answer {i}.") for i in range(3000)])
+    write_input(ws, templated_records())
+    monkeypatch.setattr(textsim, "RARE_NGRAM_ROWS", 0)  # as before
+    before = run(ws)
+    missed = near_pairs_across_splits(ws)
+    assert missed > 0 and before["leakage"]["near_duplicates"] < missed
+    monkeypatch.setattr(textsim, "RARE_NGRAM_ROWS", 32)
+    after = run(ws)
+    assert near_pairs_across_splits(ws) == 0 and after["leakage"]["total"] == 0
+    assert after["groups"] == 300  # the texts of each first word, linked
+    assert after["accounting"]["balanced"] and sum(after["counts"].values()) == 3000
+
+
+def test_near_duplicates_the_check_would_find_across_splits_are_joined_after_assignment(ws, monkeypatch):
+    """Where a search misses pairs (buckets too large for all their pairs, searched without
+    the rare n-grams here), the check, reading other rows in another order, can meet some the
+    grouping did not, and splits-ready failed. After assignment the split searches as the
+    check will and moves the groups of each pair found into one split."""
+    from factory import textsim
+
+    monkeypatch.setattr(textsim, "MAX_ALL_PAIRS_BUCKET", 64)
+    monkeypatch.setattr(textsim, "RARE_NGRAM_ROWS", 0)
+    write_input(ws, templated_records())
     monkeypatch.setattr(split, "NEAR_REPAIRS", 0)
     before = run(ws)
     assert before["leakage"]["near_duplicates"] > 0 and before["near_duplicates"]["repaired_after_assignment"] == 0
-    monkeypatch.undo()
-    monkeypatch.setattr(textsim, "MAX_ALL_PAIRS_BUCKET", 64)
+    monkeypatch.setattr(split, "NEAR_REPAIRS", 10)
     after = run(ws)
     assert after["near_duplicates"]["repaired_after_assignment"] >= before["leakage"]["near_duplicates"]
     assert after["leakage"]["total"] == 0 and after["accounting"]["balanced"]
