@@ -602,7 +602,8 @@ def near_duplicate_pairs(keys: np.ndarray, sketches: np.ndarray,
     group = np.arange(m)  # each row's group: the smallest row it is linked to so far
     linked: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     apart = np.zeros(0, np.int64)  # pairs measured below the threshold (packed, sorted): not again in a later band
-    def after_the_bands() -> Iterator[tuple[np.ndarray, Callable[[], np.ndarray]]]:
+
+    def after_the_bands() -> Iterator[tuple[np.ndarray, Callable[[], np.ndarray]]]:  # once the bands' `large` is known
         yield rare_pairs(), lambda: np.zeros(0, np.int64)
 
     for first, rest in chain(band_candidates(keys, keep, lambda: group, large), after_the_bands()):
