@@ -425,9 +425,8 @@ def band_candidates(keys: np.ndarray, keep: Callable[[np.ndarray, np.ndarray], n
             found.append(kept(np.stack((head, order[in_large]))))
             chain = in_large[:-1][bucket[in_large[:-1]] == bucket[in_large[1:]]]
             found.append(kept(np.stack((order[chain], order[chain + 1]))))
-        if large is not None and in_large.size:
             huge = in_large[size[bucket[in_large]] > MAX_ALL_PAIRS_BUCKET]
-            if huge.size:
+            if large is not None and huge.size:
                 large.append(order[huge])
 
         def rest() -> np.ndarray:

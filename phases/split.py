@@ -1117,7 +1117,7 @@ def _repair(scan: _Scan, search: _NearSearch, settings: Settings, component: np.
     found = 0
     for _ in range(NEAR_REPAIRS):
         live = np.flatnonzero(record_split[record] >= 0)
-        live = live[np.argsort(key[live] & ~np.uint64(3) | record_split[record[live]].astype(np.uint64))]  # the check's order
+        live = live[np.argsort(_text_in_split(key[live], record_split[record[live]]))]  # the check's order
         low, high, _ = textsim.near_duplicate_pairs(search.bands[live], search.sketches[live],
                                                     lambda rows: scan.ngrams.read(search.rows[live[rows]]),
                                                     settings.threshold, labels=record_split[record[live]])
@@ -1464,8 +1464,7 @@ class _LeakageCheck:
         t = {f: np.frombuffer(values, np.dtype(values.typecode)) for f, values in self.grown.items()}
         shared, leaking = _shared_between_splits(t["key"], t["split"])
         # near-duplicates: each distinct text once per split; pairs of different texts in two splits
-        packed = t["near_key"] & ~np.uint64(3) | t["near_split"].astype(np.uint64)
-        _, rows = np.unique(packed, return_index=True)
+        _, rows = np.unique(_text_in_split(t["near_key"], t["near_split"]), return_index=True)
         bands = t.pop("near_bands").reshape(-1, textsim.lsh_params(settings.threshold)[0])[rows]
         sketches = t.pop("near_sketch").reshape(-1, textsim.NUM_PERM)[rows]
         del self.grown["near_bands"], self.grown["near_sketch"]  # the search's copies replace them
@@ -1490,6 +1489,14 @@ class _LeakageCheck:
         result["total"] = result["user_turns"] + result["near_duplicates"]
         result["examples"] = _leak_examples(self.ws, settings.seed, t, leaking, a, b, similarity)
         return result
+
+
+def _text_in_split(key: np.ndarray, split: np.ndarray) -> np.ndarray:
+    """One key per (text, split): the check's near-duplicate search takes each text once per
+    split, in the order of these keys (and _repair searches as it will)."""
+    import numpy as np
+
+    return key & ~np.uint64(3) | split.astype(np.uint64)
 
 
 def _check_block(job: tuple[str, int, int, int, str | None]) -> dict[str, Any]:
