@@ -747,9 +747,10 @@ def serve(
 def report(workspace: WorkspaceOpt = Path("."), debug: DebugOpt = False) -> None:
     """Write metrics/report.md and metrics/report.html from the current metrics.
 
-    `factory run` writes them after evaluate and after quantize; this regenerates them:
-    the loss curve, baseline vs fine-tuned scores and statistics, gates, flipped examples,
-    and the quantization table.
+    `factory run` writes them after split, evaluate and quantize, and after any failed gate;
+    this regenerates them: where every record went and the leakage between the splits (with
+    example pairs), the loss curve, baseline vs fine-tuned scores and statistics, gates,
+    flipped examples, and the quantization table. Before evaluate, the data alone.
     """
     from factory.report import write_report
 

@@ -2,8 +2,9 @@
 
 The loss curves (training and validation) and the score distributions of baseline vs fine-tuned
 (PNG, matplotlib), the adapter selected and why, the gate table, the paired statistics, a sample of the examples that flipped, and the
-quantization table. The runner writes the report after the gates of evaluate and of quantize
-(REPORTED_METRICS) are checked; `factory report` writes it on demand. Both forms are made from
+quantization table; before evaluate, the data alone (where every record went, leakage with
+example pairs, duplicates and contamination). The runner writes the report after the gates of
+split, evaluate and quantize (REPORTED_METRICS) are checked; `factory report` writes it on demand. Both forms are made from
 the same blocks: the Markdown links the PNGs in metrics/report/, the HTML embeds them, so the
 HTML is one self-contained file. Only metrics and gate results are read, never models.
 """
@@ -23,7 +24,7 @@ from factory.errors import InputError
 from factory.io import atomic_write_bytes, read_json_if_exists
 from factory.workspace import Workspace
 
-REPORTED_METRICS = ("evaluation", "quantization", "comparison")
+REPORTED_METRICS = ("split", "evaluation", "quantization", "comparison")
 FLIPPED_SAMPLE = 5  # examples shown per direction
 TAG_START = re.compile(r"<(?=[A-Za-z/!?])")
 QUANT_COLUMNS = ["type", "size_bytes", "bits_per_weight", "size_within_bounds", "score", "merged_score",
@@ -60,14 +61,20 @@ def write_report(ws: Workspace) -> list[Path]:
     """Write the report from the workspace's metrics; returns the files written."""
     stems = ("format", "split", "training-stats", "baseline", "evaluation", "quantization", "comparison")
     metrics = {stem: read_json_if_exists(ws.metrics_file(stem)) for stem in stems}
-    if metrics["evaluation"] is None and metrics["comparison"] is None:
-        raise InputError(f"nothing to report yet: {ws.rel(ws.metrics_file('evaluation'))} does not exist; "
-                         "run `factory run evaluate` (or `factory compare`) first")
+    if not any(metrics[stem] for stem in ("format", "split", "evaluation", "comparison")):
+        raise InputError(f"nothing to report yet: neither {ws.rel(ws.metrics_file('split'))} nor "
+                         f"{ws.rel(ws.metrics_file('evaluation'))} exists; run `factory run split` (the data) or "
+                         "`factory run evaluate` (the data and the model) first")
     from factory.gates import last_results
 
     gates = last_results(ws)
-    if metrics["evaluation"] is None:  # a workspace used only to compare models
+    if metrics["evaluation"] is None and metrics["comparison"] is not None:  # a workspace used only to compare models
         blocks = [Heading("Model comparison report"), *comparison_blocks(metrics["comparison"]), *_gate_blocks(gates)]
+    elif metrics["evaluation"] is None:  # the data phases only, so far (a failed splits-ready gate shows its pairs)
+        blocks = [Heading("Data report"),
+                  Paragraph("The data phases so far; the training, scores and quantization sections follow once "
+                            "`factory run evaluate` has run."),
+                  *_data_blocks(metrics["format"], metrics["split"]), *_gate_blocks(gates)]
     else:
         blocks = _blocks(metrics, gates)
         if metrics["comparison"] is not None:
@@ -282,8 +289,8 @@ def _data_blocks(fmt: dict | None, split: dict | None) -> list[Block]:
         return blocks
     a = split.get("accounting") or {}
     blocks.append(Paragraph(f"split: {a.get('equation', '')}; re-read by the leakage check: {a.get('reread')} "
-                            f"(balanced: {_fmt(a.get('balanced'))}). {split.get('groups')} groups, the largest "
-                            f"{split.get('largest_group')} records."))
+                            f"(balanced: {_fmt(a.get('balanced'))}). {split.get('groups')} groups, the largest of "
+                            f"{split.get('largest_group')} record{'' if split.get('largest_group') == 1 else 's'}."))
     leakage = split.get("leakage") or {}
     blocks.append(TableBlock(["splits", "shared user turns", "near-duplicate user turns"], [
         [pair.replace("_", " / "), (leakage.get(pair) or {}).get("user_turns"), (leakage.get(pair) or {}).get("near_duplicates")]

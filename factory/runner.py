@@ -124,14 +124,15 @@ def run_pipeline(
                     ran = _run_one(phase, cfg, ws, status, reporter, force, result, options or {}, cache, heartbeat,
                                    settings)
                     stale_report = ran or not (ws.metrics_dir / "report.md").exists()
+                    reported = phase.metrics in REPORTED_METRICS
                     try:
                         for gate in gates_after(gates, phase.name):
                             stale_report |= _check(gate, phase, ws, pipeline, status, reporter, result)
                     except GateFailed:
-                        stale_report = True  # a failed gate belongs in the report too
+                        stale_report = reported = True  # a failed gate belongs in the report, after any phase
                         raise
                     finally:
-                        if phase.metrics in REPORTED_METRICS and stale_report:
+                        if reported and stale_report:
                             _write_report(ws, reporter)
                     if phase.after_gates is not None:
                         _after_gates(phase, cfg, ws, reporter, result, cache)

@@ -131,7 +131,7 @@ def test_factory_report_renders_every_section_from_the_metrics(tmp_path):
 def test_report_before_quantize_says_so_and_without_evaluation_is_a_usage_error(tmp_path):
     factory("init", tmp_path, check_rc=0)
     proc = factory("report", "-C", tmp_path, check_rc=2)
-    assert "nothing to report yet: metrics/evaluation.json does not exist" in proc.stderr
+    assert "nothing to report yet: neither metrics/split.json nor metrics/evaluation.json exists" in proc.stderr
 
     ws = Workspace.at(tmp_path)
     baseline, evaluation = evaluation_metrics()

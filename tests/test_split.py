@@ -1103,20 +1103,43 @@ def test_real_dataset_has_no_shared_user_turns_and_every_record_is_accounted_for
     assert m["accounting"]["balanced"]
 
 
-def test_the_report_shows_where_records_went_and_leaking_pairs(ws):
-    from factory.io import write_json
-    from factory.report import write_report
+def test_a_failed_splits_ready_writes_a_data_report_with_the_leaking_pairs(tmp_path):
+    """`factory run split` (the CLI, format then split) leaks on purpose; the gate fails, and
+    the runner writes the report from the data's metrics alone: the equations, the gate's
+    failed row, and the pairs the check found, as split:line text of the files written."""
+    import os
+    import subprocess
+    import sys
 
+    def factory(*args):
+        return subprocess.run([sys.executable, "-m", "factory", *map(str, args)], capture_output=True, text=True,
+                              env={**os.environ, "COLUMNS": "200"})
+
+    assert factory("init", tmp_path).returncode == 0
+    config = tmp_path / "factory.yaml"
+    config.write_text(config.read_text().replace("group_by_prompt: true", "group_by_prompt: false", 1))
     questions = [f"How do I reverse list number {i} in Python?" for i in range(60)]
-    records = [record(q, f"Use reversed() on list {i}.") for i, q in enumerate(questions)]
-    records += [multi((f"Hello, I have a coding problem {i}", f"Sure {i}."), (questions[i], f"Call reverse() {i}."))
-                for i in range(60)] + unique_records(100)
-    write_input(ws, records)
-    write_json(ws.metrics_file("split"), run(ws, {"split": {"group_by_prompt": False}}))  # leaks on purpose
-    write_json(ws.metrics_file("evaluation"), {"comparison": {}, "per_metric": {}})
-    write_report(ws)
-    text = (ws.metrics_dir / "report.md").read_text()
-    m = orjson.loads(ws.metrics_file("split").read_bytes())
-    assert "## Data" in text and m["accounting"]["equation"] in text
+    messages = [[("user", q), ("assistant", f"Use reversed() on list {i}.")] for i, q in enumerate(questions)]
+    messages += [[("user", f"Hello, I have a coding problem {i}"), ("assistant", f"Sure {i}."),
+                  ("user", questions[i]), ("assistant", f"Call reverse() {i}.")] for i in range(60)]
+    messages += [[("user", f"question number {i}: what is {i} plus {i}?"), ("assistant", f"It is {2 * i}.")]
+                 for i in range(100)]
+    (tmp_path / "data" / "raw" / "chats.jsonl").write_bytes(b"".join(
+        orjson.dumps({"messages": [{"role": r, "content": c} for r, c in turns]}) + b"\n" for turns in messages))
+
+    proc = factory("run", "split", "-C", tmp_path)
+    assert proc.returncode == 1 and "gate splits-ready failed after split" in proc.stderr, proc.stderr
+    assert "report: metrics/report.md, metrics/report.html" in proc.stderr + proc.stdout
+    md = (tmp_path / "metrics" / "report.md").read_text()
+    m = orjson.loads((tmp_path / "metrics" / "split.json").read_bytes())
+    assert m["leakage"]["user_turns"] > 0
+    assert md.startswith("# Data report") and "## Data" in md and "## Training" not in md
+    assert m["accounting"]["equation"] in md
+    assert f"| splits-ready | split | split.leakage.total | {m['leakage']['total']} | == | 0 | FAIL |" in md
+    # each example pair is the text at that line of that split file, as written
     example = m["leakage"]["examples"][0]["pair"][0]
-    assert f"{example['split']}:{example['line']} {example['text']}" in text
+    assert f"{example['split']}:{example['line']} {example['text']}" in md
+    line = (tmp_path / "data" / "splits" / f"{example['split']}.jsonl").read_bytes().splitlines()[example["line"] - 1]
+    assert example["text"] in [t["content"] for t in orjson.loads(line)["conversations"] if t["role"] == "user"]
+    assert "<h1>Data report</h1>" in (tmp_path / "metrics" / "report.html").read_text()
+    assert factory("report", "-C", tmp_path).returncode == 0  # and on demand
