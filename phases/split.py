@@ -229,8 +229,8 @@ def _split(ctx: PhaseContext, workers: int | None, chunk_bytes: int, stack: Exit
             largest = int(np.bincount(component[keep]).max())
             log.info("split: %d near-duplicate pairs in two splits after assignment, found as the check looks for "
                      "them: their groups joined the split of the largest one", near_repaired)
+    signed = _Signed(scan, search, settings) if search is not None else None  # for the check, with the n-grams
     del search
-    spilled.close()
     laps("assign")
 
     # 5. decontaminate ----------------------------------------------------------------
@@ -256,7 +256,8 @@ def _split(ctx: PhaseContext, workers: int | None, chunk_bytes: int, stack: Exit
     counts = {name: int(np.count_nonzero(record_split == k)) for k, name in enumerate(SPLITS)}
     ctx.progress.start(int(sum(counts.values())), "records written")
     scan.release(*_Scan.SEARCH_FIELDS)  # the check's keys take their place
-    with _LeakageCheck(ws, settings, pool) as check:
+    with _LeakageCheck(ws, settings, pool, signed) as check:
+        del signed
         files = _write(source, blocks, scan, record_split, ws, ctx.progress, check, chunk_bytes)
         for name in SPLITS:
             files[name]["records"] = counts[name]
@@ -538,30 +539,32 @@ def _turns(lines: list[bytes], role: str | None) -> tuple[array, list[str], list
     return counts, roles, contents
 
 
-def _user_turns(texts: list[bytes], key: np.ndarray, record: np.ndarray, settings: Settings, near: bool) -> dict[str, Any]:
+def _user_turns(texts: list[bytes], key: np.ndarray, record: np.ndarray, settings: Settings, near: bool,
+                sign: bool = True) -> dict[str, Any]:
     """Keys of the normalized user turns `texts` (their keys `key`) of at least min_turn_words
-    words and, with `near`, LSH band keys of each distinct one of at least near_min_words words
-    (its first occurrence)."""
+    words and, with `near`, the rows for the near-duplicate search: each distinct one of at
+    least near_min_words words (its first occurrence), with (`sign`) its LSH band keys, sketch
+    and n-gram hashes."""
     import numpy as np
     from factory import textsim
 
     s = settings
     words = textsim.word_counts(texts)
     counted = np.flatnonzero((words > 0) & (words >= s.min_turn_words))
-    result = {"turn_record": record[counted].tobytes(), "turn_key": key[counted].tobytes()}
+    result = {"turn_record": record[counted].tobytes(), "turn_key": key[counted].tobytes(),
+              "near_record": b"", "near_key": b"", "near_bands": b"", "near_sketch": b"", "near_ngrams": b"",
+              "near_ngram_count": b""}
     if near:
         long_enough = np.flatnonzero(words >= max(1, s.near_min_words))
         _, first = np.unique(key[long_enough], return_index=True)
         rows = long_enough[np.sort(first)]
-        hashes, owner = textsim.ngram_hashes([texts[i] for i in rows.tolist()], s.ngram)
-        sig = textsim.minhash(hashes, owner, rows.size)
-        bands = textsim.band_keys(sig, *textsim.lsh_params(s.threshold))
-        result.update(near_record=record[rows].tobytes(), near_key=key[rows].tobytes(), near_bands=bands.tobytes(),
-                      near_sketch=textsim.sketch(sig).tobytes(), near_ngrams=hashes.tobytes(),
-                      near_ngram_count=np.bincount(owner, minlength=rows.size).tobytes())
-    else:
-        result.update(near_record=b"", near_key=b"", near_bands=b"", near_sketch=b"", near_ngrams=b"",
-                      near_ngram_count=b"")
+        result.update(near_record=record[rows].tobytes(), near_key=key[rows].tobytes())
+        if sign:
+            hashes, owner = textsim.ngram_hashes([texts[i] for i in rows.tolist()], s.ngram)
+            sig = textsim.minhash(hashes, owner, rows.size)
+            result.update(near_bands=textsim.band_keys(sig, *textsim.lsh_params(s.threshold)).tobytes(),
+                          near_sketch=textsim.sketch(sig).tobytes(), near_ngrams=hashes.tobytes(),
+                          near_ngram_count=np.bincount(owner, minlength=rows.size).tobytes())
     return result
 
 
@@ -1389,11 +1392,72 @@ def measure_leakage(ws, settings: Settings, workers: int = 1, chunk_bytes: int =
         path = ws.split_file(name)
         if not path.is_file():
             raise InputError(f"{ws.rel(path)} not found: run `factory run split` to write the splits")
-        jobs += [(str(path), a, b, k, None) for a, b in _blocks(path, chunk_bytes)]
+        jobs += [(str(path), a, b, k, None, True) for a, b in _blocks(path, chunk_bytes)]
     with _LeakageCheck(ws, settings) as check:
         for part in _map_blocks(_check_block, jobs, settings, workers, log, pool):
             check.add(part, progress)
         return check.result(progress)
+
+
+class _Signed:
+    """The LSH band keys, sketches and n-gram hashes the scan computed for the texts of its
+    near-duplicate search, found by the normalized text's key. A text's signature is a
+    function of the text alone, so the leakage check, which reads, parses, normalizes and
+    keys the written files itself, signs their texts by looking them up here instead of
+    hashing every n-gram 64 times again (a third of its work). A text the scan did not sign
+    (none while the split files hold lines of the file the scan read, as the split writes
+    them) is signed afresh from its file: the measurement does not rest on that."""
+
+    def __init__(self, scan: _Scan, search: _NearSearch, settings: Settings) -> None:
+        import numpy as np
+
+        keys = scan.near_key[search.rows]
+        self.order = np.argsort(keys)
+        self.keys = keys[self.order]
+        self.rows, self.bands, self.sketches = search.rows, search.bands, search.sketches
+        self.ngrams, self.settings = scan.ngrams, settings
+
+    def sign(self, keys: np.ndarray, text_of: Callable[[int], bytes]
+             ) -> tuple[np.ndarray, np.ndarray, Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]]:
+        """(band keys, sketches, ngrams_of) for these text keys, as _user_turns signs them;
+        text_of(i) gives the normalized text of keys[i] where it must be signed afresh."""
+        import numpy as np
+        from factory import textsim
+        from factory.textsim import index_ranges
+
+        at = np.minimum(np.searchsorted(self.keys, keys), max(0, self.keys.size - 1))
+        found = self.keys[at] == keys if self.keys.size else np.zeros(keys.size, bool)
+        which = np.where(found, self.order[at] if self.keys.size else 0, 0)  # 0 where signed afresh below
+        if self.keys.size:  # one copy each (a masked assignment would add a temporary of the same size)
+            bands, sketches = self.bands[which], self.sketches[which]
+        else:
+            bands = np.zeros((keys.size, self.bands.shape[1]), self.bands.dtype)
+            sketches = np.zeros((keys.size, self.sketches.shape[1]), self.sketches.dtype)
+        self.bands = self.sketches = None  # the check signs once, for its final search: their memory goes now
+        row = np.full(keys.size, -1, np.int64)  # in the spilled n-grams
+        row[found] = self.rows[which[found]]
+        fresh = np.flatnonzero(~found)
+        hashes, owner = textsim.ngram_hashes([text_of(i) for i in fresh.tolist()], self.settings.ngram)
+        if fresh.size:
+            sig = textsim.minhash(hashes, owner, fresh.size)
+            bands[fresh] = textsim.band_keys(sig, *textsim.lsh_params(self.settings.threshold))
+            sketches[fresh] = textsim.sketch(sig)
+        count = np.bincount(owner, minlength=fresh.size)
+        start = np.cumsum(count) - count
+
+        def ngrams_of(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            spilled = row[rows] >= 0
+            if spilled.all():
+                return self.ngrams.read(row[rows])
+            kept, afresh = np.flatnonzero(spilled), np.flatnonzero(~spilled)
+            read, read_owner = self.ngrams.read(row[rows[kept]])
+            slot = np.searchsorted(fresh, rows[afresh])
+            own = hashes[index_ranges(start[slot], count[slot])]
+            which = np.concatenate((kept[read_owner], np.repeat(afresh, count[slot])))
+            order = np.argsort(which, kind="stable")
+            return np.concatenate((read, own))[order], which[order]
+
+        return bands, sketches, ngrams_of
 
 
 class _LeakageCheck:
@@ -1402,13 +1466,14 @@ class _LeakageCheck:
     and every pair of different user turns in two splits whose word n-gram Jaccard reaches
     dedup.near_threshold (MinHash LSH candidates, measured exactly). The files are read back
     in parts (_check_block), in the pool's workers while the split's process writes the rest
-    (submit), or handed in (add); each file's parts in order."""
+    (submit), or handed in (add); each file's parts in order. With `signed`, the texts'
+    signatures are looked up there (_Signed) instead of computed by the parts."""
 
     FIELDS = {"split": "b", "key": "Q", "offset": "q", "line": "q", "near_split": "b", "near_key": "Q",
               "near_offset": "q", "near_line": "q", "near_bands": "Q", "near_sketch": "B"}
 
-    def __init__(self, ws, settings: Settings, pool=None) -> None:
-        self.ws, self.settings, self.pool = ws, settings, pool
+    def __init__(self, ws, settings: Settings, pool=None, signed: _Signed | None = None) -> None:
+        self.ws, self.settings, self.pool, self.signed = ws, settings, pool, signed
         self.records = dict.fromkeys(SPLITS, 0)
         self.lines = dict.fromkeys(SPLITS, 0)
         self.grown = {f: array(code) for f, code in self.FIELDS.items()}  # grown in place, as the scan's
@@ -1426,7 +1491,7 @@ class _LeakageCheck:
 
     def submit(self, output: AtomicOutput, start: int, end: int, split: int) -> None:
         """Check bytes [start, end) of a split file being written (flushed, whole lines)."""
-        job = (str(output.partial), start, end, split, str(output.path))
+        job = (str(output.partial), start, end, split, str(output.path), self.signed is None)
         if self.pool is None:
             self.add(_check_block(job))
             return
@@ -1465,16 +1530,26 @@ class _LeakageCheck:
         shared, leaking = _shared_between_splits(t["key"], t["split"])
         # near-duplicates: each distinct text once per split; pairs of different texts in two splits
         _, rows = np.unique(_text_in_split(t["near_key"], t["near_split"]), return_index=True)
-        bands = t.pop("near_bands").reshape(-1, textsim.lsh_params(settings.threshold)[0])[rows]
-        sketches = t.pop("near_sketch").reshape(-1, textsim.NUM_PERM)[rows]
-        del self.grown["near_bands"], self.grown["near_sketch"]  # the search's copies replace them
+        if self.signed is None:
+            bands = t.pop("near_bands").reshape(-1, textsim.lsh_params(settings.threshold)[0])[rows]
+            sketches = t.pop("near_sketch").reshape(-1, textsim.NUM_PERM)[rows]
+            del self.grown["near_bands"], self.grown["near_sketch"]  # the search's copies replace them
+
+            def ngrams_of(found: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                return self.spilled.read(rows[found])
+        else:
+            def text_of(i: int) -> bytes:
+                with open(self.ws.split_file(SPLITS[t["near_split"][rows[i]]]), "rb") as f:
+                    text = _user_turn_with_key(f, int(t["near_offset"][rows[i]]), int(t["near_key"][rows[i]]), settings.seed)
+                return textsim.normalize_batch([text])[0]
+
+            bands, sketches, ngrams_of = self.signed.sign(t["near_key"][rows], text_of)
 
         def different(low: np.ndarray, high: np.ndarray) -> np.ndarray:  # one text in two splits: a shared turn
             return t["near_key"][rows[low]] != t["near_key"][rows[high]]
 
-        low, high, similarity = textsim.near_duplicate_pairs(bands, sketches,
-                                                             lambda found: self.spilled.read(rows[found]),
-                                                             settings.threshold, different, t["near_split"][rows])
+        low, high, similarity = textsim.near_duplicate_pairs(bands, sketches, ngrams_of, settings.threshold,
+                                                             different, t["near_split"][rows])
         a, b = rows[low], rows[high]  # all across splits: only those were candidates
         pair_of = t["near_split"][a].astype(np.int64) + t["near_split"][b]  # 1 train-val, 2 train-test, 3 val-test
         result: dict[str, Any] = {
@@ -1499,11 +1574,11 @@ def _text_in_split(key: np.ndarray, split: np.ndarray) -> np.ndarray:
     return key & ~np.uint64(3) | split.astype(np.uint64)
 
 
-def _check_block(job: tuple[str, int, int, int, str | None]) -> dict[str, Any]:
+def _check_block(job: tuple[str, int, int, int, str | None, bool]) -> dict[str, Any]:
     import numpy as np
     from factory import textsim
 
-    path, start, end, split, complete = job
+    path, start, end, split, complete, sign = job
     try:
         data = _read_block(path, start, end)
     except FileNotFoundError:  # written while this waited, and renamed in place: the same bytes
@@ -1513,7 +1588,8 @@ def _check_block(job: tuple[str, int, int, int, str | None]) -> dict[str, Any]:
         data = _read_block(path, start, end)
     block = _Block(complete or path, data, start, role="user")
     texts = textsim.normalize_batch(block.contents)
-    part = _user_turns(texts, textsim.text_keys(texts, _SETTINGS.seed), block.record_of_turn, _SETTINGS, near=True)
+    part = _user_turns(texts, textsim.text_keys(texts, _SETTINGS.seed), block.record_of_turn, _SETTINGS, near=True,
+                       sign=sign)
     turn_record = np.frombuffer(part["turn_record"], np.int64)
     near_record = np.frombuffer(part["near_record"], np.int64)
     return {"split": split, "records": block.records, "lines": block.lines,

@@ -532,20 +532,25 @@ def test_a_user_turn_shared_by_single_and_multi_turn_conversations_stays_in_one_
     assert a["text"] in [t["content"] for t in orjson.loads(line)["conversations"]]
 
 
-def test_the_check_made_while_the_files_are_written_equals_one_made_after(ws):
+@pytest.mark.parametrize("data", [{"dedup": {"near": "off"}}, {"split": {"group_by_prompt": False}}],
+                         ids=["near-off", "not-grouped"])
+def test_the_check_made_while_the_files_are_written_equals_one_made_after(ws, data):
     """The split's check reads each part of a split file back as it is written (in the
     workers, small parts here): it finds what a check of the finished files finds. With
-    dedup.near off nothing links near-duplicate questions, so some end up in two splits."""
+    dedup.near off nothing links near-duplicate questions, so some end up in two splits; the
+    check then signs every text itself. Searched but not grouped, the check takes the
+    signatures of the scan (_Signed), and measure_leakage, which signs every text itself,
+    finds the same pairs."""
     long_q = "Describe step by step how a bill becomes a law in a parliament with two chambers and a head of state {}"
     records = [record(long_q.format(f"example {i}"), f"Answer {i}.") for i in range(120)]  # Jaccard 0.9 to each other
     write_input(ws, records + unique_records(600))
-    m = run(ws, {"dedup": {"near": "off"}}, workers=2, chunk_bytes=4 << 10)
+    m = run(ws, data, workers=2, chunk_bytes=4 << 10)
     assert m["leakage"]["near_duplicates"] > 0 and m["leakage"]["user_turns"] == 0
     # every pair across splits, counted by brute force: LSH finds a pair at 0.9 with probability 0.99998
     # (12 bands of 5 rows; 0.997 with 9 of 7)
     across = near_pairs_across_splits(ws)
     assert 0.999 * across <= m["leakage"]["near_duplicates"] <= across and across > 1000
-    cfg = parse_config({"data": {"dedup": {"near": "off"}}})
+    cfg = parse_config({"data": data})
     settings = split.Settings(seed=cfg.data.split.seed, stratify=None, min_turn_words=cfg.data.split.min_turn_words,
                               ngram=3, near=False, threshold=0.8)
     after = split.measure_leakage(ws, settings, workers=2, chunk_bytes=64 << 10, log=logging.getLogger("test.split"))
@@ -636,10 +641,10 @@ def test_a_part_checked_after_its_file_was_renamed_is_read_from_the_finished_fil
     size = path.stat().st_size
     gone = path.with_name(f".{path.name}.partial")
     assert not gone.exists()
-    late = split._check_block((str(gone), 0, size, 0, str(path)))
-    assert late == split._check_block((str(path), 0, size, 0, None)) and late["records"] == 40
+    late = split._check_block((str(gone), 0, size, 0, str(path), True))
+    assert late == split._check_block((str(path), 0, size, 0, None, True)) and late["records"] == 40
     with pytest.raises(FileNotFoundError):
-        split._check_block((str(gone), 0, size, 0, None))
+        split._check_block((str(gone), 0, size, 0, None, True))
 
 
 def test_the_leakage_check_fails_on_split_files_that_leak(ws):
@@ -1143,3 +1148,83 @@ def test_a_failed_splits_ready_writes_a_data_report_with_the_leaking_pairs(tmp_p
     assert example["text"] in [t["content"] for t in orjson.loads(line)["conversations"] if t["role"] == "user"]
     assert "<h1>Data report</h1>" in (tmp_path / "metrics" / "report.html").read_text()
     assert factory("report", "-C", tmp_path).returncode == 0  # and on demand
+
+
+def test_a_text_the_scan_did_not_sign_is_signed_afresh_and_both_kinds_mix(ws):
+    """The split's check takes each text's signature from the scan (_Signed) and signs one
+    the scan did not (a record whose first copy was dropped) from its text: band keys,
+    sketches and n-gram hashes equal what _user_turns computes for the same texts, whichever
+    way each came, and n-grams asked for in any mix of the two."""
+    from factory import textsim
+
+    write_input(ws, unique_records(200))
+    settings = split.Settings(seed=parse_config({}).data.split.seed, stratify=None, min_turn_words=0, ngram=3,
+                              near=True, threshold=0.8)
+    textsim.prepare(settings.threshold)
+    split._init_worker(settings)
+    with split.SpilledNgrams(ws.formatted_dir) as spilled:
+        scan = split._Scan(textsim.lsh_params(settings.threshold)[0], spilled)
+        scan.add(split._scan_block((str(ws.formatted_file), 0, ws.formatted_file.stat().st_size)))
+        scan.finish()
+        signed = split._Signed(scan, split._NearSearch(scan, np.ones(scan.records, bool)), settings)
+        seen = [textsim.normalize(f"question number {i}: what is {i} plus {i}?").encode() for i in range(0, 200, 7)]
+        unseen = [textsim.normalize(f"a question the scan never read, number {i}, asked here").encode() for i in range(29)]
+        texts = [t for pair in zip(unseen, seen) for t in pair]  # afresh, looked up, afresh, ...
+        keys = textsim.text_keys(texts, settings.seed)
+        assert np.isin(keys, scan.near_key).tolist() == [False, True] * 29
+        bands, sketches, ngrams_of = signed.sign(keys, lambda i: texts[i])
+
+        expected = split._user_turns(texts, keys, np.arange(len(texts)), settings, near=True)
+        assert np.frombuffer(expected["near_key"], np.uint64).tolist() == keys.tolist()  # every text a row, in order
+        assert bands.tobytes() == expected["near_bands"] and sketches.tobytes() == expected["near_sketch"]
+        hashes = np.frombuffer(expected["near_ngrams"], np.uint64)
+        counts = np.frombuffer(expected["near_ngram_count"], np.int64)
+        ends = np.cumsum(counts)
+        for rows in (np.arange(len(texts)), np.array([1, 3, 5]), np.array([0, 2]), np.array([2, 3, 4, 40, 57])):
+            got, owner = ngrams_of(rows)
+            want = np.concatenate([hashes[ends[r] - counts[r]:ends[r]] for r in rows])
+            assert got.tolist() == want.tolist()
+            assert owner.tolist() == np.repeat(np.arange(rows.size), counts[rows]).tolist()
+
+    write_input(ws, [record(f"hello {i}", "x") for i in range(50)])  # two words: the scan signs no text
+    with split.SpilledNgrams(ws.formatted_dir) as spilled:
+        scan = split._Scan(textsim.lsh_params(settings.threshold)[0], spilled)
+        scan.add(split._scan_block((str(ws.formatted_file), 0, ws.formatted_file.stat().st_size)))
+        scan.finish()
+        signed = split._Signed(scan, split._NearSearch(scan, np.ones(scan.records, bool)), settings)
+        assert scan.near_key.size == 0
+        bands, sketches, ngrams_of = signed.sign(keys, lambda i: texts[i])
+        assert bands.tobytes() == expected["near_bands"] and sketches.tobytes() == expected["near_sketch"]
+        assert ngrams_of(np.arange(len(texts)))[0].tolist() == hashes.tolist()
+
+
+def test_the_check_with_the_scans_signatures_finds_what_a_check_signing_everything_finds(ws):
+    """The split's check with the scan's signatures (_Signed), on split files that hold texts
+    the scan read and texts it did not (signed afresh from the files), all near-duplicates of
+    each other across the three splits: the same leakage, pairs and examples as
+    measure_leakage, which signs every text itself."""
+    from factory import textsim
+
+    long_q = "Describe step by step how a bill becomes a law in a parliament with two chambers and a head of state {}"
+    questions = [record(long_q.format(f"example {i}"), f"Answer {i}.") for i in range(60)]  # Jaccard 0.9 to each other
+    write_input(ws, questions[::2] + unique_records(100))  # what the scan reads: every other question
+    settings = split.Settings(seed=parse_config({}).data.split.seed, stratify=None, min_turn_words=0, ngram=3,
+                              near=True, threshold=0.8)
+    textsim.prepare(settings.threshold)
+    split._init_worker(settings)
+    ws.splits_dir.mkdir(parents=True)
+    for k, name in enumerate(SPLITS):
+        ws.split_file(name).write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in questions[k::3]))
+    with split.SpilledNgrams(ws.formatted_dir) as spilled:
+        scan = split._Scan(textsim.lsh_params(settings.threshold)[0], spilled)
+        scan.add(split._scan_block((str(ws.formatted_file), 0, ws.formatted_file.stat().st_size)))
+        scan.finish()
+        signed = split._Signed(scan, split._NearSearch(scan, np.ones(scan.records, bool)), settings)
+        with split._LeakageCheck(ws, settings, signed=signed) as check:
+            for k, name in enumerate(SPLITS):
+                size = ws.split_file(name).stat().st_size
+                check.add(split._check_block((str(ws.split_file(name)), 0, size, k, None, False)))
+            leakage = check.result()
+    assert leakage == split.measure_leakage(ws, settings)
+    across = near_pairs_across_splits(ws)  # 20 x 20 for each pair of splits; LSH finds a pair at 0.89 with p 0.99995
+    assert across == 1200 and 0.998 * across <= leakage["near_duplicates"] <= across
