@@ -229,7 +229,8 @@ def _split(ctx: PhaseContext, workers: int | None, chunk_bytes: int, stack: Exit
             largest = int(np.bincount(component[keep]).max())
             log.info("split: %d near-duplicate pairs in two splits after assignment, found as the check looks for "
                      "them: their groups joined the split of the largest one", near_repaired)
-    signed = _Signed(scan, search, settings) if search is not None else None  # for the check, with the n-grams
+    # the check looks up the texts the search signed (with their n-grams); it signs them itself where none was
+    signed = _Signed(scan, search, settings) if search is not None and search.rows.size else None
     del search
     laps("assign")
 
@@ -1409,6 +1410,7 @@ class _Signed:
     them) is signed afresh from its file: the measurement does not rest on that."""
 
     def __init__(self, scan: _Scan, search: _NearSearch, settings: Settings) -> None:
+        """From a search of at least one text."""
         import numpy as np
 
         keys = scan.near_key[search.rows]
@@ -1425,17 +1427,13 @@ class _Signed:
         from factory import textsim
         from factory.textsim import index_ranges
 
-        at = np.minimum(np.searchsorted(self.keys, keys), max(0, self.keys.size - 1))
-        found = self.keys[at] == keys if self.keys.size else np.zeros(keys.size, bool)
-        which = np.where(found, self.order[at] if self.keys.size else 0, 0)  # 0 where signed afresh below
-        if self.keys.size:  # one copy each (a masked assignment would add a temporary of the same size)
-            bands, sketches = self.bands[which], self.sketches[which]
-        else:
-            bands = np.zeros((keys.size, self.bands.shape[1]), self.bands.dtype)
-            sketches = np.zeros((keys.size, self.sketches.shape[1]), self.sketches.dtype)
+        at = np.minimum(np.searchsorted(self.keys, keys), self.keys.size - 1)
+        found = self.keys[at] == keys
+        which = np.where(found, self.order[at], 0)  # 0 where signed afresh below
+        # one copy each (a masked assignment would add a temporary of the same size)
+        bands, sketches = self.bands[which], self.sketches[which]
         self.bands = self.sketches = None  # the check signs once, for its final search: their memory goes now
-        row = np.full(keys.size, -1, np.int64)  # in the spilled n-grams
-        row[found] = self.rows[which[found]]
+        row = np.where(found, self.rows[which], -1)  # in the spilled n-grams
         fresh = np.flatnonzero(~found)
         hashes, owner = textsim.ngram_hashes([text_of(i) for i in fresh.tolist()], self.settings.ngram)
         if fresh.size:

@@ -1,5 +1,5 @@
 """metrics/report.md and report.html: from hand-written metrics through `factory report`, and
-written by the runner after the gates of evaluate (passed or not) and of quantize."""
+written by the runner after the gates of split, evaluate (passed or not) and quantize."""
 
 import base64
 import io
@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import orjson
 import pytest
 from PIL import Image
 
@@ -139,6 +140,40 @@ def test_report_before_quantize_says_so_and_without_evaluation_is_a_usage_error(
     factory("report", "-C", tmp_path, check_rc=0)
     md = (tmp_path / "metrics" / "report.md").read_text()
     assert "Not quantized yet" in md and "No training statistics" in md and not (tmp_path / "metrics" / "report" / "loss.png").exists()
+
+
+def test_a_failed_splits_ready_writes_a_data_report_with_the_leaking_pairs(tmp_path):
+    """`factory run split` (the CLI, format then split) leaks on purpose; the gate fails, and
+    the runner writes the report from the data's metrics alone: the equations, the gate's
+    failed row, and the pairs the check found, as split:line text of the files written."""
+    factory("init", tmp_path, check_rc=0)
+    config = tmp_path / "factory.yaml"
+    config.write_text(config.read_text().replace("group_by_prompt: true", "group_by_prompt: false", 1))
+    questions = [f"How do I reverse list number {i} in Python?" for i in range(60)]
+    messages = [[("user", q), ("assistant", f"Use reversed() on list {i}.")] for i, q in enumerate(questions)]
+    messages += [[("user", f"Hello, I have a coding problem {i}"), ("assistant", f"Sure {i}."),
+                  ("user", questions[i]), ("assistant", f"Call reverse() {i}.")] for i in range(60)]
+    messages += [[("user", f"question number {i}: what is {i} plus {i}?"), ("assistant", f"It is {2 * i}.")]
+                 for i in range(100)]
+    (tmp_path / "data" / "raw" / "chats.jsonl").write_bytes(b"".join(
+        orjson.dumps({"messages": [{"role": r, "content": c} for r, c in turns]}) + b"\n" for turns in messages))
+
+    proc = factory("run", "split", "-C", tmp_path, check_rc=1)
+    assert "gate splits-ready failed after split" in proc.stderr
+    assert "report: metrics/report.md, metrics/report.html" in proc.stderr + proc.stdout
+    md = (tmp_path / "metrics" / "report.md").read_text()
+    m = orjson.loads((tmp_path / "metrics" / "split.json").read_bytes())
+    assert m["leakage"]["user_turns"] > 0
+    assert md.startswith("# Data report") and "## Data" in md and "## Training" not in md
+    assert m["accounting"]["equation"] in md
+    assert f"| splits-ready | split | split.leakage.total | {m['leakage']['total']} | == | 0 | FAIL |" in md
+    # each example pair is the text at that line of that split file, as written
+    example = m["leakage"]["examples"][0]["pair"][0]
+    assert f"{example['split']}:{example['line']} {example['text']}" in md
+    line = (tmp_path / "data" / "splits" / f"{example['split']}.jsonl").read_bytes().splitlines()[example["line"] - 1]
+    assert example["text"] in [t["content"] for t in orjson.loads(line)["conversations"] if t["role"] == "user"]
+    assert "<h1>Data report</h1>" in (tmp_path / "metrics" / "report.html").read_text()
+    factory("report", "-C", tmp_path, check_rc=0)  # and on demand
 
 
 def _phase(name, stem, doc):

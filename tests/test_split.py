@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 from collections import Counter, defaultdict
+from contextlib import contextmanager
 
 import numpy as np
 import orjson
@@ -1108,56 +1109,12 @@ def test_real_dataset_has_no_shared_user_turns_and_every_record_is_accounted_for
     assert m["accounting"]["balanced"]
 
 
-def test_a_failed_splits_ready_writes_a_data_report_with_the_leaking_pairs(tmp_path):
-    """`factory run split` (the CLI, format then split) leaks on purpose; the gate fails, and
-    the runner writes the report from the data's metrics alone: the equations, the gate's
-    failed row, and the pairs the check found, as split:line text of the files written."""
-    import os
-    import subprocess
-    import sys
-
-    def factory(*args):
-        return subprocess.run([sys.executable, "-m", "factory", *map(str, args)], capture_output=True, text=True,
-                              env={**os.environ, "COLUMNS": "200"})
-
-    assert factory("init", tmp_path).returncode == 0
-    config = tmp_path / "factory.yaml"
-    config.write_text(config.read_text().replace("group_by_prompt: true", "group_by_prompt: false", 1))
-    questions = [f"How do I reverse list number {i} in Python?" for i in range(60)]
-    messages = [[("user", q), ("assistant", f"Use reversed() on list {i}.")] for i, q in enumerate(questions)]
-    messages += [[("user", f"Hello, I have a coding problem {i}"), ("assistant", f"Sure {i}."),
-                  ("user", questions[i]), ("assistant", f"Call reverse() {i}.")] for i in range(60)]
-    messages += [[("user", f"question number {i}: what is {i} plus {i}?"), ("assistant", f"It is {2 * i}.")]
-                 for i in range(100)]
-    (tmp_path / "data" / "raw" / "chats.jsonl").write_bytes(b"".join(
-        orjson.dumps({"messages": [{"role": r, "content": c} for r, c in turns]}) + b"\n" for turns in messages))
-
-    proc = factory("run", "split", "-C", tmp_path)
-    assert proc.returncode == 1 and "gate splits-ready failed after split" in proc.stderr, proc.stderr
-    assert "report: metrics/report.md, metrics/report.html" in proc.stderr + proc.stdout
-    md = (tmp_path / "metrics" / "report.md").read_text()
-    m = orjson.loads((tmp_path / "metrics" / "split.json").read_bytes())
-    assert m["leakage"]["user_turns"] > 0
-    assert md.startswith("# Data report") and "## Data" in md and "## Training" not in md
-    assert m["accounting"]["equation"] in md
-    assert f"| splits-ready | split | split.leakage.total | {m['leakage']['total']} | == | 0 | FAIL |" in md
-    # each example pair is the text at that line of that split file, as written
-    example = m["leakage"]["examples"][0]["pair"][0]
-    assert f"{example['split']}:{example['line']} {example['text']}" in md
-    line = (tmp_path / "data" / "splits" / f"{example['split']}.jsonl").read_bytes().splitlines()[example["line"] - 1]
-    assert example["text"] in [t["content"] for t in orjson.loads(line)["conversations"] if t["role"] == "user"]
-    assert "<h1>Data report</h1>" in (tmp_path / "metrics" / "report.html").read_text()
-    assert factory("report", "-C", tmp_path).returncode == 0  # and on demand
-
-
-def test_a_text_the_scan_did_not_sign_is_signed_afresh_and_both_kinds_mix(ws):
-    """The split's check takes each text's signature from the scan (_Signed) and signs one
-    the scan did not (a record whose first copy was dropped) from its text: band keys,
-    sketches and n-gram hashes equal what _user_turns computes for the same texts, whichever
-    way each came, and n-grams asked for in any mix of the two."""
+@contextmanager
+def signatures_of_the_formatted_file(ws):
+    """(settings, scan, _Signed) of data/formatted/all.jsonl, scanned as one block the way the
+    split scans it, in this process; the scan's n-grams spilled until the context ends."""
     from factory import textsim
 
-    write_input(ws, unique_records(200))
     settings = split.Settings(seed=parse_config({}).data.split.seed, stratify=None, min_turn_words=0, ngram=3,
                               near=True, threshold=0.8)
     textsim.prepare(settings.threshold)
@@ -1166,7 +1123,18 @@ def test_a_text_the_scan_did_not_sign_is_signed_afresh_and_both_kinds_mix(ws):
         scan = split._Scan(textsim.lsh_params(settings.threshold)[0], spilled)
         scan.add(split._scan_block((str(ws.formatted_file), 0, ws.formatted_file.stat().st_size)))
         scan.finish()
-        signed = split._Signed(scan, split._NearSearch(scan, np.ones(scan.records, bool)), settings)
+        yield settings, scan, split._Signed(scan, split._NearSearch(scan, np.ones(scan.records, bool)), settings)
+
+
+def test_a_text_the_scan_did_not_sign_is_signed_afresh_and_both_kinds_mix(ws):
+    """The split's check takes each text's signature from the scan (_Signed) and signs one
+    the scan did not from its text: band keys, sketches and n-gram hashes equal what
+    _user_turns computes for the same texts, whichever way each came, and n-grams asked for
+    in any mix of the two."""
+    from factory import textsim
+
+    write_input(ws, unique_records(200))
+    with signatures_of_the_formatted_file(ws) as (settings, scan, signed):
         seen = [textsim.normalize(f"question number {i}: what is {i} plus {i}?").encode() for i in range(0, 200, 7)]
         unseen = [textsim.normalize(f"a question the scan never read, number {i}, asked here").encode() for i in range(29)]
         texts = [t for pair in zip(unseen, seen) for t in pair]  # afresh, looked up, afresh, ...
@@ -1186,40 +1154,19 @@ def test_a_text_the_scan_did_not_sign_is_signed_afresh_and_both_kinds_mix(ws):
             assert got.tolist() == want.tolist()
             assert owner.tolist() == np.repeat(np.arange(rows.size), counts[rows]).tolist()
 
-    write_input(ws, [record(f"hello {i}", "x") for i in range(50)])  # two words: the scan signs no text
-    with split.SpilledNgrams(ws.formatted_dir) as spilled:
-        scan = split._Scan(textsim.lsh_params(settings.threshold)[0], spilled)
-        scan.add(split._scan_block((str(ws.formatted_file), 0, ws.formatted_file.stat().st_size)))
-        scan.finish()
-        signed = split._Signed(scan, split._NearSearch(scan, np.ones(scan.records, bool)), settings)
-        assert scan.near_key.size == 0
-        bands, sketches, ngrams_of = signed.sign(keys, lambda i: texts[i])
-        assert bands.tobytes() == expected["near_bands"] and sketches.tobytes() == expected["near_sketch"]
-        assert ngrams_of(np.arange(len(texts)))[0].tolist() == hashes.tolist()
-
 
 def test_the_check_with_the_scans_signatures_finds_what_a_check_signing_everything_finds(ws):
     """The split's check with the scan's signatures (_Signed), on split files that hold texts
     the scan read and texts it did not (signed afresh from the files), all near-duplicates of
     each other across the three splits: the same leakage, pairs and examples as
     measure_leakage, which signs every text itself."""
-    from factory import textsim
-
     long_q = "Describe step by step how a bill becomes a law in a parliament with two chambers and a head of state {}"
     questions = [record(long_q.format(f"example {i}"), f"Answer {i}.") for i in range(60)]  # Jaccard 0.9 to each other
     write_input(ws, questions[::2] + unique_records(100))  # what the scan reads: every other question
-    settings = split.Settings(seed=parse_config({}).data.split.seed, stratify=None, min_turn_words=0, ngram=3,
-                              near=True, threshold=0.8)
-    textsim.prepare(settings.threshold)
-    split._init_worker(settings)
     ws.splits_dir.mkdir(parents=True)
     for k, name in enumerate(SPLITS):
         ws.split_file(name).write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in questions[k::3]))
-    with split.SpilledNgrams(ws.formatted_dir) as spilled:
-        scan = split._Scan(textsim.lsh_params(settings.threshold)[0], spilled)
-        scan.add(split._scan_block((str(ws.formatted_file), 0, ws.formatted_file.stat().st_size)))
-        scan.finish()
-        signed = split._Signed(scan, split._NearSearch(scan, np.ones(scan.records, bool)), settings)
+    with signatures_of_the_formatted_file(ws) as (settings, _, signed):
         with split._LeakageCheck(ws, settings, signed=signed) as check:
             for k, name in enumerate(SPLITS):
                 size = ws.split_file(name).stat().st_size
