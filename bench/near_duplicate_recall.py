@@ -22,12 +22,13 @@ import random
 import shutil
 import subprocess
 import sys
-from itertools import combinations
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 OUT = ROOT / "bench" / "out"
+
+from brute_force import near_pairs_across_splits  # noqa: E402  (the tests' count)
 
 
 def write_workspace(ws: Path, questions: int, records: int, seed: int = 7) -> None:
@@ -40,26 +41,6 @@ def write_workspace(ws: Path, questions: int, records: int, seed: int = 7) -> No
     (ws / "data" / "raw").mkdir(parents=True)
     (ws / "data" / "raw" / "questions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (ws / "factory.yaml").write_text("data:\n  inputs: [data/raw/questions.jsonl]\n")
-
-
-def missed_pairs(ws: Path, threshold: float = 0.8, n: int = 3) -> int:
-    from factory.textsim import normalize
-
-    grams: dict[str, dict[str, set]] = {}
-    for name in ("train", "val", "test"):
-        grams[name] = {}
-        for line in (ws / "data" / "splits" / f"{name}.jsonl").read_text().splitlines():
-            for turn in json.loads(line)["conversations"]:
-                words = normalize(turn["content"]).split(" ")
-                if turn["role"] == "user" and len(words) >= n:
-                    grams[name][" ".join(words)] = {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
-    missed = 0
-    for a, b in combinations(("train", "val", "test"), 2):
-        for x, sx in grams[a].items():
-            for y, sy in grams[b].items():
-                if x != y and len(sx & sy) >= threshold * len(sx | sy) - 1e-9:
-                    missed += 1
-    return missed
 
 
 def main() -> None:
@@ -81,7 +62,7 @@ def main() -> None:
     bands, rows = near["lsh_bands_rows"]
     print(f"{args.records:,} records, {args.questions} questions: LSH {bands} bands x {rows} rows, "
           f"{metrics['groups']:,} groups, {near['pairs']:,} near pairs linked, "
-          f"leakage check {metrics['leakage']['near_duplicates']}, brute-force pairs across splits {missed_pairs(ws):,}")
+          f"leakage check {metrics['leakage']['near_duplicates']}, brute-force pairs across splits {near_pairs_across_splits(ws / 'data' / 'splits'):,}")
 
 
 if __name__ == "__main__":

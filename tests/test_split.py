@@ -13,6 +13,7 @@ import numpy as np
 import orjson
 import pytest
 
+from brute_force import near_pairs_across_splits
 from factory.config import parse_config
 from factory.errors import InputError
 from factory.phase import PhaseContext
@@ -549,7 +550,7 @@ def test_the_check_made_while_the_files_are_written_equals_one_made_after(ws, da
     assert m["leakage"]["near_duplicates"] > 0 and m["leakage"]["user_turns"] == 0
     # every pair across splits, counted by brute force: LSH finds a pair at 0.9 with probability 0.99998
     # (12 bands of 5 rows; 0.997 with 9 of 7)
-    across = near_pairs_across_splits(ws)
+    across = near_pairs_across_splits(ws.splits_dir)
     assert 0.999 * across <= m["leakage"]["near_duplicates"] <= across and across > 1000
     cfg = parse_config({"data": data})
     settings = split.Settings(seed=cfg.data.split.seed, stratify=None, min_turn_words=cfg.data.split.min_turn_words,
@@ -587,11 +588,11 @@ def test_near_duplicates_in_an_lsh_bucket_too_large_for_all_its_pairs_are_found(
     write_input(ws, templated_records())
     monkeypatch.setattr(textsim, "RARE_NGRAM_ROWS", 0)  # as before
     before = run(ws)
-    missed = near_pairs_across_splits(ws)
+    missed = near_pairs_across_splits(ws.splits_dir)
     assert missed > 0 and before["leakage"]["near_duplicates"] < missed
     monkeypatch.setattr(textsim, "RARE_NGRAM_ROWS", 32)
     after = run(ws)
-    assert near_pairs_across_splits(ws) == 0 and after["leakage"]["total"] == 0
+    assert near_pairs_across_splits(ws.splits_dir) == 0 and after["leakage"]["total"] == 0
     assert after["groups"] == 300  # the texts of each first word, linked
     assert after["accounting"]["balanced"] and sum(after["counts"].values()) == 3000
 
@@ -614,20 +615,6 @@ def test_near_duplicates_the_check_would_find_across_splits_are_joined_after_ass
     assert after["near_duplicates"]["repaired_after_assignment"] >= before["leakage"]["near_duplicates"]
     assert after["leakage"]["total"] == 0 and after["accounting"]["balanced"]
     assert after["groups"] < before["groups"] and sum(after["counts"].values()) == 3000
-
-
-def near_pairs_across_splits(ws, threshold=0.8, n=3):
-    """Pairs of different user turns (each once per split) in two split files whose word
-    n-gram sets reach `threshold`, by comparing every pair (Python sets)."""
-    from factory import textsim
-
-    texts = {(k, textsim.normalize(turn["content"])) for k, name in enumerate(SPLITS)
-             for line in ws.split_file(name).read_bytes().splitlines()
-             for turn in orjson.loads(line)["conversations"] if turn["role"] == "user"}
-    grams = [(k, t, {tuple(t.split()[i:i + n]) for i in range(len(t.split()) - n + 1)}) for k, t in sorted(texts)]
-    grams = [g for g in grams if g[2]]
-    return sum(1 for i, (k, t, a) in enumerate(grams) for (l, u, b) in grams[i + 1:]
-               if k != l and t != u and len(a & b) >= threshold * len(a | b) - 1e-9)
 
 
 def test_a_part_checked_after_its_file_was_renamed_is_read_from_the_finished_file(ws):
@@ -1173,5 +1160,5 @@ def test_the_check_with_the_scans_signatures_finds_what_a_check_signing_everythi
                 check.add(split._check_block((str(ws.split_file(name)), 0, size, k, None, False)))
             leakage = check.result()
     assert leakage == split.measure_leakage(ws, settings)
-    across = near_pairs_across_splits(ws)  # 20 x 20 for each pair of splits; LSH finds a pair at 0.89 with p 0.99995
+    across = near_pairs_across_splits(ws.splits_dir)  # 20 x 20 for each pair of splits; LSH finds a pair at 0.89 with p 0.99995
     assert across == 1200 and 0.998 * across <= leakage["near_duplicates"] <= across
