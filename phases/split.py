@@ -64,7 +64,7 @@ import xxhash
 from factory.errors import InputError
 from factory.io import AtomicOutput
 from factory.phase import Phase, PhaseContext
-from factory.workers import default_workers, worker_pool
+from factory.workers import default_workers, without_huge_pages, worker_pool
 
 SPLITS = ("train", "val", "test")
 PAIRS = (("train", "val"), ("train", "test"), ("val", "test"))
@@ -98,7 +98,7 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
 
 
 def split_records(ctx: PhaseContext, workers: int | None = None, chunk_bytes: int = CHUNK_BYTES) -> dict[str, Any]:
-    with ExitStack() as stack:
+    with ExitStack() as stack, without_huge_pages():
         return _split(ctx, workers, chunk_bytes, stack)
 
 

@@ -538,6 +538,30 @@ def test_csv_field_size_limit_is_restored_after_a_csv_input(tmp_path):
     assert csv.field_size_limit() == before
 
 
+def test_the_split_runs_on_4_kb_pages_and_restores_numpys_setting(tmp_path, monkeypatch):
+    from numpy._core.multiarray import _set_madvise_hugepage
+
+    import phases
+    import phases.split
+
+    def huge_pages() -> bool:
+        state = _set_madvise_hugepage(True)
+        _set_madvise_hugepage(state)
+        return state
+
+    during = []
+    split = phases.split._split
+    monkeypatch.setattr(phases.split, "_split", lambda *args: during.append(huge_pages()) or split(*args))
+    ws = Workspace.at(tmp_path)
+    (tmp_path / "data" / "raw").mkdir(parents=True)
+    (tmp_path / "data" / "raw" / "qa.jsonl").write_text(
+        "".join(json.dumps({"instruction": f"question number {i} here", "output": f"a{i}"}) + "\n" for i in range(300)))
+    before = huge_pages()
+    run_pipeline(parse_config({}), ws, phases.PIPELINE, target="split")
+    assert read(ws.metrics_file("split"))["records_in"] == 300
+    assert during == [False] and huge_pages() == before
+
+
 NATIVE_STDERR = textwrap.dedent("""
     import os, sys
     from factory import cli, llama_cpp
