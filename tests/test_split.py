@@ -864,6 +864,22 @@ def test_minhash_signatures_are_datasketchs_and_lsh_finds_what_datasketch_finds(
     assert all((x == y).all() for x, y in zip(again, (a, b, similarity)))
 
 
+@pytest.mark.parametrize("rows", [0, 1, 2, 50, 200_000])
+def test_the_rows_searched_in_a_band_hold_every_row_that_shares_its_key(rows):
+    from factory import textsim
+
+    rng = np.random.default_rng(rows)
+    keys = textsim.fmix64(rng.integers(0, 1 << 63, rows, dtype=np.int64).astype(np.uint64))
+    keys[rng.random(rows) < 0.1] = keys[0] if rows else 0  # one key shared by a tenth of the rows
+    pairs = rng.integers(0, rows, (2, rows // 20)) if rows else np.zeros((2, 0), np.int64)
+    keys[pairs[0]] = keys[pairs[1]]  # and pairs
+    _, inverse, count = np.unique(keys, return_inverse=True, return_counts=True)
+    shared = np.flatnonzero(count[inverse] > 1)
+    searched = textsim.maybe_shared(keys)
+    assert (np.diff(searched) > 0).all() and np.isin(shared, searched).all()
+    assert searched.size - shared.size <= 0.25 * (rows - shared.size)  # not all rows: the point of it
+
+
 def variants(n, at=None):
     """A long question and n variants of it, each with four words of its own at the end: every
     variant is a near-duplicate of the question (Jaccard of word 3-grams 18/22), no two variants
