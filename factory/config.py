@@ -153,7 +153,8 @@ class SplitConfig(Section):
 
     min_turn_words: int = Field(0, ge=0)
     """User turns with fewer words than this neither link records into one group nor count
-    as leakage (they still count as part of a whole prompt). 0: every user turn counts. Raise
+    as leakage (they still count as part of a whole prompt). 0: every user turn counts, an
+    empty or blank one too (records with one are then one group). Raise
     it (e.g. to 3) when short generic turns such as "continue" or "thanks" tie many
     conversations into one group (metrics/split.json lists the most shared turns)."""
 

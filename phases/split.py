@@ -551,7 +551,7 @@ def _user_turns(texts: list[bytes], key: np.ndarray, record: np.ndarray, setting
 
     s = settings
     words = textsim.word_counts(texts)
-    counted = np.flatnonzero((words > 0) & (words >= s.min_turn_words))
+    counted = np.flatnonzero(words >= s.min_turn_words)  # with 0, an empty turn too: it is shared like any other
     result = {"turn_record": record[counted].tobytes(), "turn_key": key[counted].tobytes(),
               "near_record": b"", "near_key": b"", "near_bands": b"", "near_sketch": b"", "near_ngrams": b"",
               "near_ngram_count": b""}

@@ -494,7 +494,7 @@ def recount_shared_user_turns(ws, min_words=0):
     turns = {}
     for name in SPLITS:
         turns[name] = {norm(t["content"]) for rec in outputs(ws)[name] for t in rec["conversations"]
-                       if t["role"] == "user" and norm(t["content"]) and len(norm(t["content"]).split()) >= min_words}
+                       if t["role"] == "user" and len(norm(t["content"]).split()) >= min_words}
     return {f"{a}_{b}": len(turns[a] & turns[b]) for a, b in split.PAIRS}
 
 
@@ -764,6 +764,23 @@ def test_short_generic_turns_can_be_kept_from_linking(ws):
     m = run(ws, {"split": {"min_turn_words": 2}})
     assert m["groups"] == 100 and m["leakage"]["total"] == 0
     assert recount_shared_user_turns(ws, min_words=2) == {"train_val": 0, "train_test": 0, "val_test": 0}
+
+
+def test_an_empty_user_turn_is_shared_like_any_other(ws):
+    """An empty (or blank) user turn inside a conversation passes `format`: with min_turn_words 0
+    the conversations that hold one are one group, as for any user turn they share."""
+    records = [multi((f"Tell me a story about dragon number {i} please", f"Once upon a time {i}."),
+                     (" " if i % 2 else "", f"And then dragon {i} flew away."))
+               for i in range(40)]
+    write_input(ws, records + unique_records(200))
+    m = run(ws)
+    assert m["largest_group"] == 40 and m["leakage"]["total"] == 0
+    assert recount_shared_user_turns(ws) == {"train_val": 0, "train_test": 0, "val_test": 0}
+    where = {name for name, recs in outputs(ws).items() for rec in recs if len(rec["conversations"]) == 4}
+    assert len(where) == 1
+    m = run(ws, {"split": {"min_turn_words": 1}})  # an empty turn links nothing, and is no leakage
+    assert m["largest_group"] == 1 and m["leakage"]["total"] == 0
+    assert recount_shared_user_turns(ws, min_words=1) == {"train_val": 0, "train_test": 0, "val_test": 0}
 
 
 def test_decontamination_removes_train_hits_and_reports_the_rest(ws):
