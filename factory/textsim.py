@@ -469,6 +469,18 @@ def maybe_shared(keys: np.ndarray) -> np.ndarray:
     return np.flatnonzero(crowded[slot])
 
 
+def first_of_each(keys: np.ndarray) -> np.ndarray:
+    """The positions (sorted) of each distinct key's first occurrence: np.unique's
+    return_index, in file order, with only the rows maybe_shared keeps sorted."""
+    maybe = maybe_shared(keys)
+    _, first = np.unique(keys[maybe], return_index=True)
+    later = np.ones(maybe.size, bool)
+    later[first] = False
+    kept = np.ones(keys.size, bool)
+    kept[maybe[later]] = False
+    return np.flatnonzero(kept)
+
+
 def _rare_ngram_pairs(rows: np.ndarray, ngrams_of: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
                       m: int, keep: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> np.ndarray:
     """Pairs (i, j), i < j, of `rows` (sorted, distinct, of m) that share an n-gram found in 2 to

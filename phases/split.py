@@ -804,7 +804,9 @@ def _mark_duplicates(keys: np.ndarray, among: np.ndarray, duplicate_of: np.ndarr
     """Among the records `among` (in file order), each one whose key an earlier one has is
     marked a duplicate of the first record with that key."""
     import numpy as np
+    from factory import textsim
 
+    among = among[textsim.maybe_shared(keys[among])]  # a key no other record has marks nothing
     _, first, inverse = np.unique(keys[among], return_index=True, return_inverse=True)
     original = among[first[inverse.reshape(-1)]]
     repeated = original != among
@@ -823,12 +825,14 @@ def _normalized_keys(scan: _Scan, among: np.ndarray, source: Path, blocks: list[
     answers only for prompts shared within a block. Returns at once, the pool's workers at
     work: the function returned gives the keys."""
     import numpy as np
+    from factory import textsim
 
     # whether the scan has a record's normalized key depends on its block (a prompt shared in
     # it), so a record whose prompt no other one has keeps its exact key, whatever the blocks
     keys = scan.exact.copy()
-    _, inverse, counts = np.unique(scan.prompt[among], return_inverse=True, return_counts=True)
-    sharing = among[counts[inverse.reshape(-1)] > 1]
+    maybe = among[textsim.maybe_shared(scan.prompt[among])]
+    _, inverse, counts = np.unique(scan.prompt[maybe], return_inverse=True, return_counts=True)
+    sharing = maybe[counts[inverse.reshape(-1)] > 1]
     keys[sharing] = scan.norm[sharing]
     shared = sharing[scan.norm[sharing] == 0]
     block_of = np.searchsorted(np.cumsum(scan.block_records), shared, side="right")
@@ -882,10 +886,10 @@ class _NearSearch:
 
     def __init__(self, scan: _Scan, alive: np.ndarray) -> None:
         import numpy as np
+        from factory import textsim
 
         rows = np.flatnonzero(alive[scan.near_record])
-        _, first = np.unique(scan.near_key[rows], return_index=True)
-        self.rows = rows[np.sort(first)]
+        self.rows = rows[textsim.first_of_each(scan.near_key[rows])]
         self.bands, self.sketches = scan.near_bands[self.rows], scan.near_sketch[self.rows]
         scan.release("near_bands", "near_sketch")
         self.large_buckets: list[np.ndarray] = []  # rows of the buckets too large for all their pairs
@@ -957,6 +961,8 @@ def _components(scan: _Scan, keep: np.ndarray, norm: np.ndarray, near_a: np.ndar
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
+    from factory import textsim
+
     n = scan.records
     alive = np.zeros(n, bool)
     alive[keep] = True
@@ -970,6 +976,8 @@ def _components(scan: _Scan, keep: np.ndarray, norm: np.ndarray, near_a: np.ndar
     if not by_prompt:
         edges_a, edges_b = [], []
     for records, keys in sources:
+        maybe = textsim.maybe_shared(keys)  # a key no other record has links nothing
+        records, keys = records[maybe], keys[maybe]
         order = np.lexsort((records, keys))
         r, k = records[order], keys[order]
         same = k[1:] == k[:-1]
