@@ -88,11 +88,12 @@ def _keep_heap_top() -> None:
 def without_huge_pages() -> Iterator[None]:
     """numpy asks the kernel for 2 MB pages (madvise MADV_HUGEPAGE) for each array of 4 MB or
     more. Under the kernel's default THP defrag setting (`madvise`), a first touch of such an
-    array compacts memory before it can be served, and once the page cache holds the files a
-    data phase reads and writes, memory is fragmented enough for that to stall: gathering
-    750,000 rows of band keys took 0.35 s instead of 0.09 s, and the split's dedup 4.4 s
-    instead of 2.8 s at 1M records. The split's arrays are built once and read a few times:
-    4 KB pages serve them. Workers forked inside inherit the setting."""
+    array must find a free 2 MB block, compacting memory when none is at hand (and on a VM
+    that hands free memory back to its host, fault there too). Once the page cache holds the
+    files a data phase reads and writes, that stalls: in the split, gathering 750,000 rows of
+    band keys took 0.35 s instead of 0.09 s, and the dedup step 3.9 s instead of 2.8 s at 1M
+    records. The split's arrays are built once and read a few times: 4 KB pages serve them.
+    Workers forked inside inherit the setting."""
     try:
         from numpy._core.multiarray import _set_madvise_hugepage
     except ImportError:  # numpy 1.x

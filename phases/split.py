@@ -557,8 +557,7 @@ def _user_turns(texts: list[bytes], key: np.ndarray, record: np.ndarray, setting
               "near_ngram_count": b""}
     if near:
         long_enough = np.flatnonzero(words >= max(1, s.near_min_words))
-        _, first = np.unique(key[long_enough], return_index=True)
-        rows = long_enough[np.sort(first)]
+        rows = long_enough[textsim.first_of_each(key[long_enough])]
         result.update(near_record=record[rows].tobytes(), near_key=key[rows].tobytes())
         if sign:
             hashes, owner = textsim.ngram_hashes([texts[i] for i in rows.tolist()], s.ngram)
