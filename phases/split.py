@@ -1036,14 +1036,44 @@ def _assign(group_keys: np.ndarray, group_size: np.ndarray, group_stratum: np.nd
             ratios: tuple[float, float, float], strata: int) -> np.ndarray:
     """Split index (0 train, 1 val, 2 test) per group.
 
-    Groups are laid out stratum after stratum, each stratum in key order, and each split
-    takes a contiguous run of its stratum: a group goes to the split whose run holds its
-    midpoint. Per-stratum run lengths come from one apportionment sequence over all records
-    (Sainte-Lague order of seats), so the totals match the ratios as closely as whole
-    numbers allow (100 records at 0.8/0.1/0.1 give exactly 80/10/10), each stratum keeps
-    the ratios to within a record per split, and many small strata still spread over
-    all splits.
+    Each split's share of the records comes from one apportionment sequence over all records
+    (Sainte-Lague order of seats), so the totals match the ratios as closely as whole numbers
+    allow (100 records at 0.8/0.1/0.1 give exactly 80/10/10). A group of more than half the
+    smallest split's share would swallow that split wherever it fell (short generic turns can
+    tie much of a chat corpus into one group): such groups go first, largest first, each to
+    the split furthest below its share. The other groups then share out what each split still
+    lacks, as _lay_out places them.
     """
+    import numpy as np
+
+    seats = _seat_sequence(int(group_size.sum()), ratios)
+    share = np.bincount(seats, minlength=3)
+    large = np.flatnonzero(group_size > max(1, int(share[share > 0].min()) // 2))
+    if not large.size:
+        return _lay_out(group_keys, group_size, group_stratum, seats, strata)
+    split = np.full(group_size.size, -1, np.int8)
+    taken = np.zeros(3, np.int64)
+    open_splits = np.array([r > 0 for r in ratios])
+    for g in large[np.lexsort((group_keys[large], -group_size[large]))].tolist():
+        k = int(np.argmax(np.where(open_splits, share - taken, np.iinfo(np.int64).min)))
+        split[g] = k
+        taken[k] += group_size[g]
+    rest = np.flatnonzero(split < 0)
+    if rest.size:
+        lacking = np.maximum(share - taken, 0)  # at least the records of `rest` in all
+        seats = _seat_sequence(int(group_size[rest].sum()), tuple((lacking / lacking.sum()).tolist()))
+        split[rest] = _lay_out(group_keys[rest], group_size[rest], group_stratum[rest], seats, strata)
+    return split
+
+
+def _lay_out(group_keys: np.ndarray, group_size: np.ndarray, group_stratum: np.ndarray, seats: np.ndarray,
+             strata: int) -> np.ndarray:
+    """Split index per group, as `seats` (_seat_sequence over these groups' records) shares
+    them out: groups are laid out stratum after stratum, each stratum in key order, and each
+    split takes a contiguous run of its stratum: a group goes to the split whose run holds its
+    midpoint. A stratum's run lengths are the seats won within its records, so each stratum
+    keeps the ratios to within a record per split, and many small strata still spread over
+    all splits."""
     import numpy as np
 
     order = np.lexsort((group_keys, group_stratum))
@@ -1051,12 +1081,10 @@ def _assign(group_keys: np.ndarray, group_size: np.ndarray, group_stratum: np.nd
     stratum = group_stratum[order]
     end = np.cumsum(size)
     twice_mid = 2 * end - size
-    total = int(end[-1]) if end.size else 0
 
     stratum_records = np.bincount(stratum, weights=size, minlength=strata).astype(np.int64)
     stratum_end = np.cumsum(stratum_records)
     stratum_start = stratum_end - stratum_records
-    seats = _seat_sequence(total, ratios)
     # seats of each split among the first x records, at every stratum boundary
     won = [np.searchsorted(np.flatnonzero(seats == k), stratum_end) -
            np.searchsorted(np.flatnonzero(seats == k), stratum_start) for k in range(3)]

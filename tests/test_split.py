@@ -783,6 +783,22 @@ def test_an_empty_user_turn_is_shared_like_any_other(ws):
     assert recount_shared_user_turns(ws, min_words=1) == {"train_val": 0, "train_test": 0, "val_test": 0}
 
 
+@pytest.mark.parametrize("seed", [3407, 1, 2])
+def test_a_group_larger_than_val_and_test_goes_to_train_and_the_rest_fills_them_evenly(ws, seed):
+    """850 of 1,000 conversations share a follow-up turn: their group cannot fit val's or
+    test's 100 records. Laid out among the others by key it left val or test a few records
+    or none; it now goes to train, and the other 150 records are val's and test's, 75 each."""
+    records = [multi((f"Summarize article number {i} for me", f"Article {i} says {i}."),
+                     ("Please explain that again in more detail.", f"In detail, article {i}...")) for i in range(850)]
+    write_input(ws, records + unique_records(150))
+    m = run(ws, {"split": {"seed": seed}})
+    files = outputs(ws)
+    assert [len(files[name]) for name in SPLITS] == [850, 75, 75]
+    assert all(len(rec["conversations"]) == 4 for rec in files["train"])
+    assert recount_shared_user_turns(ws) == {"train_val": 0, "train_test": 0, "val_test": 0}
+    assert m["largest_group"] == 850 and m["leakage"]["total"] == 0
+
+
 def test_decontamination_removes_train_hits_and_reports_the_rest(ws):
     bench = [{"instruction": f"Natalia sold clips to {i} of her friends in April and then she sold half as many "
                              f"clips in May. How many clips did Natalia sell altogether in April and May?",
