@@ -1090,8 +1090,13 @@ def _lay_out(group_keys: np.ndarray, group_size: np.ndarray, group_stratum: np.n
            np.searchsorted(np.flatnonzero(seats == k), stratum_start) for k in range(3)]
     first_cut = stratum_start + won[0]
     second_cut = first_cut + won[1]
-    split = ((twice_mid >= 2 * first_cut[stratum]).astype(np.int8) +
-             (twice_mid >= 2 * second_cut[stratum]).astype(np.int8))
+    low, high = 2 * first_cut[stratum], 2 * second_cut[stratum]
+    # a group whose midpoint is on a cut (an even number of records, as a group of two alone in
+    # its stratum) takes the two sides in turn: the later side each time would fill test before val
+    on_low, on_high = twice_mid == low, twice_mid == high
+    later_low = on_low & (np.cumsum(on_low) % 2 == 0)
+    later_high = np.where(low == high, later_low, on_high & (np.cumsum(on_high) % 2 == 0))
+    split = ((twice_mid > low) | later_low).astype(np.int8) + ((twice_mid > high) | later_high)
     result = np.empty_like(split)
     result[order] = split
     return result

@@ -799,6 +799,26 @@ def test_a_group_larger_than_val_and_test_goes_to_train_and_the_rest_fills_them_
     assert m["largest_group"] == 850 and m["leakage"]["total"] == 0
 
 
+
+@pytest.mark.parametrize("seed", [3407, 1, 2])
+def test_groups_of_two_each_its_own_stratum_fill_val_and_test_alike(ws, seed):
+    """200 topics, each two conversations sharing a follow-up question: a group of two alone in
+    its stratum, whose midpoint falls on a cut between val and test. Always sent to the later
+    side, val got 2 records and test 80; ties now take the two sides in turn: 40 each, give or
+    take a group."""
+    records = []
+    for i in range(200):
+        for j in range(2):
+            pair = multi((f"Opening question {i}-{j} about the weather today", f"Sunny {i}{j}."),
+                         (f"Shared follow-up question number {i} here", f"Yes {i}{j}."))
+            records.append({**pair, "meta": {"topic": f"t{i}"}})
+    write_input(ws, records)
+    m = run(ws, {"split": {"stratify": "topic", "seed": seed}})
+    files = outputs(ws)
+    assert len(files["train"]) == 320 and m["groups"] == 200
+    assert abs(len(files["val"]) - 40) <= 2 and abs(len(files["test"]) - 40) <= 2
+    assert recount_shared_user_turns(ws) == {"train_val": 0, "train_test": 0, "val_test": 0}
+
 def test_decontamination_removes_train_hits_and_reports_the_rest(ws):
     bench = [{"instruction": f"Natalia sold clips to {i} of her friends in April and then she sold half as many "
                              f"clips in May. How many clips did Natalia sell altogether in April and May?",
