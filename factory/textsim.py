@@ -392,8 +392,15 @@ def band_candidates(keys: np.ndarray, keep: Callable[[np.ndarray, np.ndarray], n
     def band_pairs(k: int) -> tuple[np.ndarray, Callable[[], np.ndarray]]:
         # most rows are alone in a band and cannot pair: only the others are searched
         order = maybe_shared(keys[:, k])
-        order = order[np.argsort(keys[order, k], kind="stable")]
-        sorted_keys = keys[order, k]
+        # one sort of (key, row) packed in 64 bits, the row in the key's low bits: a bucket's
+        # rows come in row order (its first member is its smallest row). Keys that differ only
+        # in those bits share a bucket (about 2^-44 per pair of rows at 1M): a candidate more,
+        # measured as any other
+        bits = np.uint64(max(1, (m - 1).bit_length()))
+        packed_rows = np.sort(keys[order, k] >> bits << bits | order.astype(np.uint64))
+        order = (packed_rows & ~(~np.uint64(0) << bits)).astype(np.int64)
+        sorted_keys = packed_rows >> bits
+        del packed_rows
         repeated = sorted_keys[1:] == sorted_keys[:-1]
         shared = np.zeros(order.size, bool)
         shared[1:] = repeated
@@ -744,11 +751,12 @@ class _NgramSets:
             few = size < self.small
             size[~few] = -1  # not needed
             some = few[which]
-            found, which = found[some], which[some]
-            order = np.lexsort((found, which))
-            found, which = found[order], which[order]
-            new = np.concatenate(([True], (found[1:] != found[:-1]) | (which[1:] != which[:-1])))[:found.size]
-            size[few] = np.bincount(which[new], minlength=run.size)[few]
+            # (row, n-gram) packed in 64 bits and sorted: the n-gram hash gives up its low bits
+            # to the row (two n-grams of one set alike in the rest: about 2^-48)
+            bits = np.uint64(64 - max(1, (run.size - 1).bit_length()))
+            key = np.sort(which[some].astype(np.uint64) << bits | found[some] >> (np.uint64(64) - bits))
+            new = np.concatenate(([True], key[1:] != key[:-1]))[:key.size]
+            size[few] = np.bincount((key[new] >> bits).astype(np.int64), minlength=run.size)[few]
             self.size.frombytes(size.astype(np.int64).tobytes())
         self.slot[rows] = self.count + np.arange(rows.size)
         self.count += rows.size
@@ -780,8 +788,9 @@ PAIR_CHUNK = 1 << 20
 
 def pair_jaccard(hashes: np.ndarray, owner: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """For each i, the Jaccard similarity of the sets of n-gram hashes of texts a[i] and b[i]
-    (`hashes, owner` as ngram_hashes gives them), exactly, in numpy: for a run of pairs both
-    sides' n-grams are laid out by pair and sorted; each distinct (pair, n-gram) is in the
+    (`hashes, owner` as ngram_hashes gives them), exactly (up to the n-gram hashes' top 44
+    bits or more being alike), in numpy: for a run of pairs both sides' n-grams are laid out
+    by pair and sorted; each distinct (pair, n-gram) is in the
     union, and in the intersection when both sides have it. No Python set per text (about
     1 KB each for short texts) and no copy of all n-grams beyond the run's. Runs are
     measured THREADS at a time."""
@@ -801,12 +810,18 @@ def pair_jaccard(hashes: np.ndarray, owner: np.ndarray, a: np.ndarray, b: np.nda
         values = np.concatenate((hashes[index_ranges(start_a[lo:hi], left)],
                                  hashes[index_ranges(start_b[lo:hi], right)]))
         on_right = np.arange(values.size) >= int(left.sum())
-        order = np.lexsort((values, pairs))
-        values, pairs, on_right = values[order], pairs[order], on_right[order]
-        first = np.flatnonzero(np.concatenate(([True], (values[1:] != values[:-1]) | (pairs[1:] != pairs[:-1]))))
+        # (pair, n-gram) packed in 64 bits and sorted: the n-gram hash gives up its low bits to
+        # the pair (two n-grams of one pair alike in the rest: about 2^-44 at a million pairs)
+        bits = np.uint64(64 - max(1, (hi - lo - 1).bit_length()))
+        key = pairs.astype(np.uint64) << bits | values >> (np.uint64(64) - bits)
+        del pairs, values
+        order = np.argsort(key)
+        key, on_right = key[order], on_right[order]
+        first = np.flatnonzero(np.concatenate(([True], key[1:] != key[:-1])))
         in_both = np.logical_or.reduceat(~on_right, first) & np.logical_or.reduceat(on_right, first)
-        union = np.bincount(pairs[first], minlength=hi - lo)
-        both = np.bincount(pairs[first][in_both], minlength=hi - lo)
+        pair_of = (key[first] >> bits).astype(np.int64)
+        union = np.bincount(pair_of, minlength=hi - lo)
+        both = np.bincount(pair_of[in_both], minlength=hi - lo)
         np.divide(both, union, out=out[lo:hi], where=union > 0)
 
     with ThreadPoolExecutor(THREADS) as pool:
