@@ -216,7 +216,10 @@ def write_canonical(raw: Path, path: Path) -> int:
 
 
 def measure(command: list[str], env: dict) -> dict:
-    """Run a command; wall time, CPU time and peak RSS of its process tree."""
+    """Run a command; wall time, CPU time and peak RSS of its process tree. Writes still
+    pending (the generated records, the run before) go to disk first: a run would otherwise
+    pay for the writeback of files it did not write."""
+    os.sync()
     load_before = os.getloadavg()[0]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
