@@ -790,10 +790,9 @@ def pair_jaccard(hashes: np.ndarray, owner: np.ndarray, a: np.ndarray, b: np.nda
     """For each i, the Jaccard similarity of the sets of n-gram hashes of texts a[i] and b[i]
     (`hashes, owner` as ngram_hashes gives them), exactly (up to the n-gram hashes' top 44
     bits or more being alike), in numpy: for a run of pairs both sides' n-grams are laid out
-    by pair and sorted; each distinct (pair, n-gram) is in the
-    union, and in the intersection when both sides have it. No Python set per text (about
-    1 KB each for short texts) and no copy of all n-grams beyond the run's. Runs are
-    measured THREADS at a time."""
+    by pair and sorted; each distinct (pair, n-gram) is in the union, and in the intersection
+    when both sides have it. No Python set per text (about 1 KB each for short texts) and no
+    copy of all n-grams beyond the run's. Runs are measured THREADS at a time."""
     # each side's n-grams: where they start in `hashes` and how many (owner is sorted)
     start_a, start_b = np.searchsorted(owner, a), np.searchsorted(owner, b)
     size_a, size_b = np.searchsorted(owner, a, "right") - start_a, np.searchsorted(owner, b, "right") - start_b
