@@ -1166,6 +1166,78 @@ def test_real_dataset_has_no_shared_user_turns_and_every_record_is_accounted_for
     assert m["accounting"]["balanced"]
 
 
+
+ODD_TEXTS = ["ｆｕｌｌ ｗｉｄｔｈ", "e\u0301cole", "école", "ΣΊΣΥΦΟΣ", "straße", "STRASSE", "日本語のテキストです",
+             "emoji 🎉🎉 party", "zero\u200bwidth", "tab\there", "nul\x00char", "rtl עברית טקסט", "x = a + b",
+             "x = a - b", "-5", "5", '{"a": 1}', '{"a": 2}', "line\r\nbreak", "\u2028sep", "  spaced   out  ",
+             "ǅ digraph", "İstanbul", "ﬁ ligature", "a\u0308\u0301 combining", "\u00a0nbsp\u00a0", "back\\slash",
+             'quote"s', "🧑‍🤝‍🧑 family", "한국어 문장입니다", "ไทย ข้อความ"]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_odd_text_in_three_formats_through_the_cli_leaves_no_user_turn_in_two_splits(tmp_path, seed):
+    """1,500 records as ShareGPT, OpenAI and Alpaca files, their user turns drawn from 250
+    questions (odd Unicode, symbols, a NUL, CJK, whitespace of every kind), copied with case
+    and spacing changed or a word replaced, some single- and some multi-turn: `factory run
+    split` exits 0, every record is counted, no normalized user turn is in two split files
+    (re-counted here with NFKC, casefold and whitespace), and val and test stay alike in size
+    although one group holds most records."""
+    import random
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    rng = random.Random(seed)
+
+    def words(n):
+        return " ".join(rng.choice(ODD_TEXTS) if rng.random() < 0.05 else f"w{rng.randrange(3000)}" for _ in range(n))
+
+    questions = [words(rng.choice([1, 2, 5, 8, 12, 30])) for _ in range(250)] + ODD_TEXTS
+
+    def question():
+        text, r = rng.choice(questions), rng.random()
+        if r < 0.1:
+            return text.upper()
+        if r < 0.2:
+            return "  " + text.replace(" ", " \t ") + "\n"
+        if r < 0.3 and text.split():
+            changed = text.split()
+            changed[rng.randrange(len(changed))] = "changed"
+            return " ".join(changed)
+        return text
+
+    share, chat, alpaca = [], [], []
+    for i in range(1500):
+        turns = rng.choice([1, 1, 1, 2, 3])
+        pairs = [(question(), f"answer {i}.{k}") for k in range(turns)]
+        if i % 3 == 0:
+            share.append({"conversations": [t for q, a in pairs for t in ({"from": "human", "value": q},
+                                                                          {"from": "gpt", "value": a})]})
+        elif i % 3 == 1:
+            chat.append({"messages": [t for q, a in pairs for t in ({"role": "user", "content": q},
+                                                                    {"role": "assistant", "content": a})]})
+        else:
+            alpaca.append({"instruction": pairs[0][0] or "say hi", "input": "", "output": pairs[0][1]})
+    raw = tmp_path / "data" / "raw"
+    raw.mkdir(parents=True)
+    (raw / "share.jsonl").write_text("".join(json.dumps(r, ensure_ascii=bool(seed)) + "\n" for r in share))
+    (raw / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chat))
+    (raw / "alpaca.json").write_text(json.dumps(alpaca, ensure_ascii=False))
+    (tmp_path / "factory.yaml").write_text("data:\n  inputs: [data/raw/share.jsonl, data/raw/chat.jsonl, data/raw/alpaca.json]\n")
+    proc = subprocess.run([sys.executable, "-m", "factory", "run", "split", "-C", str(tmp_path)], capture_output=True,
+                          text=True, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ws = Workspace.at(tmp_path)
+    f = json.loads(ws.metrics_file("format").read_text())
+    m = json.loads(ws.metrics_file("split").read_text())
+    assert recount_lines(ws.formatted_file) + recount_lines(ws.formatted_dir / "rejects.jsonl") == 1500
+    assert recount_lines(ws.formatted_file) == sum(recount_lines(ws.split_file(n)) for n in SPLITS) + \
+        recount_lines(ws.duplicates_file)
+    assert f["accounting"]["balanced"] and m["accounting"]["balanced"]
+    assert recount_shared_user_turns(ws) == {"train_val": 0, "train_test": 0, "val_test": 0}
+    val, test = recount_lines(ws.split_file("val")), recount_lines(ws.split_file("test"))
+    assert m["largest_group"] > 1000 and min(val, test) >= 0.6 * max(val, test) > 0
+
 @contextmanager
 def signatures_of_the_formatted_file(ws):
     """(settings, scan, _Signed) of data/formatted/all.jsonl, scanned as one block the way the
