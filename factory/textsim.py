@@ -310,7 +310,8 @@ def signatures(texts: list[str] | list[bytes], n: int, num_perm: int = NUM_PERM,
 def minhash(hashes: np.ndarray, owner: np.ndarray, count: int, num_perm: int = NUM_PERM,
             seed: int = MINHASH_SEED) -> np.ndarray:
     """signatures() of `count` texts from their n-gram hashes (as ngram_hashes gives them:
-    every text has some)."""
+    every text has some), as the transpose of a (num_perm, count) array: band_keys reads a
+    permutation's values for every text at once."""
     if not count:
         return np.zeros((0, num_perm), np.uint32)
     first = np.flatnonzero(np.concatenate(([True], owner[1:] != owner[:-1])))
@@ -329,7 +330,7 @@ def minhash(hashes: np.ndarray, owner: np.ndarray, count: int, num_perm: int = N
             products = np.multiply(a[:, None], mixed[None, s0:s1])
             products += b[:, None]
             out[:, lo:hi] = np.minimum.reduceat(products, first[lo:hi] - s0, axis=1)
-    return np.ascontiguousarray(out.T)
+    return out.T
 
 
 @lru_cache(maxsize=None)
@@ -352,16 +353,16 @@ def prepare(threshold: float, num_perm: int = NUM_PERM, seed: int = MINHASH_SEED
 
 
 def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
-    """(len(sig), bands) uint64: each band's rows mixed into one 64-bit key."""
-    keys = np.empty((sig.shape[0], bands), _U64)
+    """(len(sig), bands) uint64: each band's rows mixed into one 64-bit key (band k's: the sum
+    of its j-th row's values times _MIX[j], plus k). All bands at once, along the texts: three
+    times as fast on minhash()'s layout as band by band."""
+    mix = np.array([_MIX[j % len(_MIX)] for j in range(rows)], _U64)
     with np.errstate(over="ignore"):
-        for k in range(bands):
-            part = sig[:, k * rows:(k + 1) * rows].astype(_U64)
-            mixed = part[:, 0] * _MIX[0] + _U64(k)
-            for j in range(1, rows):
-                mixed += part[:, j] * _MIX[j % len(_MIX)]
-            keys[:, k] = fmix64(mixed)
-    return keys
+        part = sig.T[:bands * rows].reshape(bands, rows, -1).astype(_U64)
+        part *= mix[:, None]
+        mixed = part.sum(axis=1, dtype=_U64)
+        mixed += np.arange(bands, dtype=_U64)[:, None]
+    return np.ascontiguousarray(fmix64(mixed).T)
 
 
 def band_candidates(keys: np.ndarray, keep: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
