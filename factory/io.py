@@ -88,10 +88,18 @@ class AtomicOutput:
     together: one that completes inside another waits, written and synced, until the
     outermost completes, and is removed if it fails; a phase never leaves `b` new and `a`
     missing.
+
+    `drop_old`: the file now at `path` is removed when writing starts, for a large output whose
+    last version is stale by then (its phase's last success is forgotten when the phase
+    starts). Its pages in the page cache are then free for the new file's: on a VM that hands
+    free memory back to its host (BENCHMARKS.md's), a 900 MB output written while the old one
+    was still there took 3.9-4.5 s of `format` against 2.6-3.0 s, its pages coming from the
+    host.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, drop_old: bool = False):
         self.path = Path(path)
+        self.drop_old = drop_old
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.partial = self.path.with_name(f".{self.path.name}.partial")  # where it is written until complete
         self._file = None
@@ -100,6 +108,8 @@ class AtomicOutput:
         self._written = self._written_back = 0  # bytes written, and those handed to the disk (WRITEBACK_BYTES)
 
     def __enter__(self) -> "AtomicOutput":
+        if self.drop_old:
+            self.path.unlink(missing_ok=True)
         self._file = open(self.partial, "wb", buffering=1 << 20)
         _open_outputs().append(self)
         return self

@@ -149,7 +149,7 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
     ctx.progress.start(None, "records")
     per_file: dict[str, dict[str, Any]] = {}
     shutil.rmtree(_ranges_folder(ws.formatted_file), ignore_errors=True)  # left by a run that was killed outright
-    with AtomicOutput(ws.formatted_file) as out, AtomicOutput(ws.rejects_file) as rejects:
+    with AtomicOutput(ws.formatted_file, drop_old=True) as out, AtomicOutput(ws.rejects_file) as rejects:
         for path, spec in files:
             rel = ws.rel(path)
             per_file[rel] = format_any(FileReader(path, spec, rel, ws.root), out, rejects, ctx.progress, ctx.log,

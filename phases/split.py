@@ -1325,7 +1325,7 @@ def _write(source: Path, blocks: list[tuple[int, int]], scan: _Scan, record_spli
     """
     import numpy as np
 
-    outputs = [AtomicOutput(ws.split_file(name)) for name in SPLITS]
+    outputs = [AtomicOutput(ws.split_file(name), drop_old=True) for name in SPLITS]
     offsets = scan.offset
     position = 0
     written, checked = [0, 0, 0], [0, 0, 0]  # bytes of each file written, and handed to the check

@@ -30,6 +30,7 @@ import yaml
 
 from factory.config import parse_config
 from factory.errors import UnsafePath
+from factory.io import AtomicOutput
 from factory.phase import Phase
 from factory.resources import validate
 from factory.runner import run_pipeline
@@ -986,6 +987,29 @@ def assert_disk_full(root: Path, point: Path, proc: subprocess.CompletedProcess)
     assert training is None or training["running"] is False
     assert partial_files(root) == []
 
+
+
+def test_a_large_output_that_drops_its_old_version_is_replaced_on_a_disk_with_room_for_one(tmpfs):
+    """format's and split's large outputs drop their last version when writing starts
+    (AtomicOutput(drop_old=True)): 40 MB replaced on a 64 MB disk, where keeping the old file
+    until the new one is complete runs out of space (and then keeps the old one whole)."""
+    import errno
+
+    point = tmpfs("disk")
+    target = point / "all.jsonl"
+    old, new = b"old line\n" * ((40 << 20) // 9), b"new line\n" * ((40 << 20) // 9)
+    target.write_bytes(old)
+    with pytest.raises(OSError) as raised:
+        with AtomicOutput(target) as out:
+            for lo in range(0, len(new), 1 << 20):
+                out.write(new[lo:lo + (1 << 20)])
+    assert raised.value.errno == errno.ENOSPC
+    assert target.read_bytes() == old and [p.name for p in point.iterdir()] == ["all.jsonl"]
+    with AtomicOutput(target, drop_old=True) as out:
+        assert not target.exists()  # gone as writing starts
+        for lo in range(0, len(new), 1 << 20):
+            out.write(new[lo:lo + (1 << 20)])
+    assert target.read_bytes() == new and [p.name for p in point.iterdir()] == ["all.jsonl"]
 
 def test_a_full_disk_while_workers_convert_ranges_leaves_nothing_behind(tmp_path, tmpfs, monkeypatch):
     """Format's workers write each range's records to a file of their own beside the output:
