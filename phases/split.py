@@ -516,7 +516,10 @@ def _turns(lines: list[bytes], role: str | None) -> tuple[array, list[str], list
     would be read first-wins here and last-wins by orjson; `format` writes none."""
     import simdjson
 
-    document = simdjson.Parser().parse(b"[" + b",".join(lines) + b"]")
+    framed = list(lines) or [b""]  # the brackets on the first and last line: one copy of the block, not three
+    framed[0] = b"[" + framed[0]
+    framed[-1] += b"]"
+    document = simdjson.Parser().parse(b",".join(framed))
     if len(document) != len(lines):  # a line with two values
         raise ValueError
     counts, roles, contents = array("q"), [], []
