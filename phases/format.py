@@ -261,6 +261,9 @@ def _local_files(ws: Workspace, path: str, key: str, excluded: set[Path]) -> lis
         raise InputError(f"{key}: {ws.rel(root)} does not exist; {NO_INPUT_FIX} (or fix the path)")
     if root.is_dir():
         return _walk(root, excluded)
+    if root.resolve().parent in excluded:  # format drops its last output as it starts writing the new one
+        raise InputError(f"{key}: {ws.rel(root)} is an output of the factory (data/formatted/ and data/splits/ are "
+                         f"written anew by each run); copy it elsewhere, e.g. to data/raw/, and point the path there")
     if file_kind(root) is None:
         raise InputError(f"{key}: {ws.rel(root)} is not a .jsonl, .json, .csv, .tsv, .txt or .parquet file (nor a "
                          ".gz, .bz2 or .xz of a text one); convert it or point the path at a supported file")

@@ -467,6 +467,18 @@ def test_input_folder_containing_outputs_does_not_read_them(tmp_path):
     assert list(metrics["per_file"]) == ["data/raw/a.jsonl"]
 
 
+def test_an_input_that_is_an_output_of_the_factory_is_refused_and_left_whole(tmp_path):
+    """format removes its last all.jsonl as it starts writing the new one: named as an input,
+    it is refused before anything is removed, with the key and the fix."""
+    write(tmp_path, "data/raw/a.jsonl", jsonl({"prompt": "p", "completion": "c"}))
+    run_format(tmp_path)
+    before = (tmp_path / "data/formatted/all.jsonl").read_bytes()
+    for path in ("data/formatted/all.jsonl", "data/formatted/../formatted/all.jsonl"):
+        with pytest.raises(InputError, match=r"data\.inputs\[1\]\.path: .*output of the factory.*data/raw/"):
+            run_format(tmp_path, ["data/raw", path])
+    assert (tmp_path / "data/formatted/all.jsonl").read_bytes() == before
+
+
 def test_several_inputs_each_with_its_own_settings(tmp_path):
     write(tmp_path, "raw1/a.jsonl", jsonl({"instruction": "i", "input": "x", "output": "o"}))
     write(tmp_path, "raw2/b.csv", "q,a\nquestion,answer\n")
