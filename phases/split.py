@@ -1044,7 +1044,9 @@ def _assign(group_keys: np.ndarray, group_size: np.ndarray, group_stratum: np.nd
     allow (100 records at 0.8/0.1/0.1 give exactly 80/10/10). A group of more than half the
     smallest split's share would swallow that split wherever it fell (short generic turns can
     tie much of a chat corpus into one group): such groups go first, largest first, each to
-    the split furthest below its share. The other groups then share out what each split still
+    the split it fits in (what the split still lacks holds it) that lacks the largest part of
+    its share, or, fitting in none, to the split that lacks the most records (train, for a
+    group of most of the records). The other groups then share out what each split still
     lacks, as _lay_out places them.
     """
     import numpy as np
@@ -1058,7 +1060,10 @@ def _assign(group_keys: np.ndarray, group_size: np.ndarray, group_stratum: np.nd
     taken = np.zeros(3, np.int64)
     open_splits = np.array([r > 0 for r in ratios])
     for g in large[np.lexsort((group_keys[large], -group_size[large]))].tolist():
-        k = int(np.argmax(np.where(open_splits, share - taken, np.iinfo(np.int64).min)))
+        lacking = share - taken
+        fits = open_splits & (lacking >= group_size[g])
+        k = int(np.argmax(np.where(fits, lacking / np.maximum(share, 1), -np.inf)) if fits.any()
+                else np.argmax(np.where(open_splits, lacking, np.iinfo(np.int64).min)))
         split[g] = k
         taken[k] += group_size[g]
     rest = np.flatnonzero(split < 0)

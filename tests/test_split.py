@@ -800,6 +800,25 @@ def test_a_group_larger_than_val_and_test_goes_to_train_and_the_rest_fills_them_
 
 
 
+
+@pytest.mark.parametrize("seed", [3407, 1, 2])
+def test_groups_that_fit_in_val_or_test_are_spread_over_the_splits(ws, seed):
+    """Ten topics of 60 conversations each (a shared follow-up question) and 400 others: each
+    topic group is above half of val's 100 records, so it is placed first; one that fits goes
+    to the split lacking the largest part of its share, so val and test each hold a topic,
+    and the totals are still exactly 800/100/100."""
+    records = [multi((f"Topic {t} question number {i} asked here", f"A {t} {i}."),
+                     (f"Tell me more about topic number {t} please", f"D {i}.")) for t in range(10) for i in range(60)]
+    write_input(ws, records + unique_records(400))
+    m = run(ws, {"split": {"seed": seed}})
+    files = outputs(ws)
+    topics = {name: {rec["conversations"][2]["content"] for rec in recs if len(rec["conversations"]) == 4}
+              for name, recs in files.items()}
+    assert [len(files[name]) for name in SPLITS] == [800, 100, 100]
+    assert [len(topics[name]) for name in SPLITS] == [8, 1, 1]
+    assert recount_shared_user_turns(ws) == {"train_val": 0, "train_test": 0, "val_test": 0}
+    assert m["largest_group"] == 60 and m["leakage"]["total"] == 0
+
 @pytest.mark.parametrize("seed", [3407, 1, 2])
 def test_groups_of_two_each_its_own_stratum_fill_val_and_test_alike(ws, seed):
     """200 topics, each two conversations sharing a follow-up question: a group of two alone in
