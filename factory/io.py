@@ -108,10 +108,18 @@ class AtomicOutput:
         self._written = self._written_back = 0  # bytes written, and those handed to the disk (WRITEBACK_BYTES)
 
     def __enter__(self) -> "AtomicOutput":
-        if self.drop_old:
-            self.path.unlink(missing_ok=True)
-        self._file = open(self.partial, "wb", buffering=1 << 20)
-        _open_outputs().append(self)
+        try:
+            if self.drop_old:
+                self.path.unlink(missing_ok=True)
+            self._file = open(self.partial, "wb", buffering=1 << 20)
+            _open_outputs().append(self)
+        except BaseException:  # Ctrl-C can land here, where `with` calls no __exit__: no partial file is left
+            if self._file is not None:
+                self._file.close()
+            self.partial.unlink(missing_ok=True)
+            if self in _open_outputs():
+                _open_outputs().remove(self)
+            raise
         return self
 
     def write(self, data: bytes) -> None:

@@ -1011,6 +1011,29 @@ def test_a_large_output_that_drops_its_old_version_is_replaced_on_a_disk_with_ro
             out.write(new[lo:lo + (1 << 20)])
     assert target.read_bytes() == new and [p.name for p in point.iterdir()] == ["all.jsonl"]
 
+
+def test_ctrl_c_while_an_output_opens_leaves_no_partial_file(tmp_path, monkeypatch):
+    """Ctrl-C can land inside AtomicOutput.__enter__, after its partial file is created, where
+    `with` calls no __exit__ (the data phases' Ctrl-C test met it once: `.rejects.jsonl.partial`
+    was left): the partial file goes, and the outputs opened before it are discarded as usual."""
+    import factory.io
+
+    real, calls = factory.io._open_outputs, []
+
+    def interrupted_once():
+        calls.append(1)
+        if len(calls) == 2:  # the second output's registration
+            raise KeyboardInterrupt
+        return real()
+
+    monkeypatch.setattr(factory.io, "_open_outputs", interrupted_once)
+    (tmp_path / "all.jsonl").write_bytes(b"old\n")
+    with pytest.raises(KeyboardInterrupt):
+        with AtomicOutput(tmp_path / "all.jsonl", drop_old=True) as out, AtomicOutput(tmp_path / "rejects.jsonl"):
+            out.write(b"never\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    assert real() == []
+
 def test_a_full_disk_while_workers_convert_ranges_leaves_nothing_behind(tmp_path, tmpfs, monkeypatch):
     """Format's workers write each range's records to a file of their own beside the output:
     when the disk fills there, the error is a full disk and neither the ranges nor a partial
