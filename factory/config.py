@@ -101,6 +101,12 @@ class InputSpec(Section):
     user_template: str | None = None
     """Wrap the user text, e.g. "Sentiment of: {text}". `{text}` is replaced by the field's value."""
 
+    meta: list[FieldPath] = Field(default_factory=list)
+    """Fields of each source record to keep in the record's `meta` (names, paths or column
+    numbers), e.g. [category] for Dolly: then `data.split.stratify: category` keeps each
+    category's share in every split. A field a record lacks is left out of its meta; a key
+    the format already puts there (an OpenAI record's `label`) keeps its value."""
+
     @model_validator(mode="after")
     def _mapping_means_mapped(self) -> "InputSpec":
         if self.messages is not None and (self.format not in ("auto", "openai", "sharegpt") or self.mapping):
@@ -116,6 +122,9 @@ class InputSpec(Section):
             raise ValueError("`header: false` needs a `mapping` with column numbers, e.g. {user: 0, assistant: 1}")
         if self.transform is not None and (self.transform.count(":") != 1 or not all(self.transform.split(":"))):
             raise ValueError("`transform` must be 'module:function', e.g. my_transforms:to_chat")
+        for field in self.meta:
+            if isinstance(field, int) and field < 0:
+                raise ValueError(f"meta: column numbers start at 0, got {field}")
         for role, fields in (self.mapping or {}).items():
             for field in fields if isinstance(fields, list) else [fields]:
                 if isinstance(field, int) and field < 0:
@@ -142,8 +151,9 @@ class SplitConfig(Section):
 
     stratify: str | None = None
     """Keep each split's mix of this field's values, e.g. the assistant answer of a
-    classification task: `assistant` (the last assistant turn) or a top-level field kept in
-    the record."""
+    classification task: `assistant` (the last assistant turn), or a key of the records'
+    `meta`: `label` (OpenAI records' label, a mapped label's raw value) or a source field an
+    input keeps with `meta: [field]`."""
 
     group_by_prompt: bool = True
     """Records that share a key go to the same split, so no test question was seen in
@@ -213,7 +223,7 @@ class DecontaminateConfig(Section):
 class DataConfig(Section):
     inputs: list[InputSpec] = Field(default_factory=lambda: [InputSpec()])
     """Where the raw data is: paths (strings) or objects with path, format, records, mapping,
-    header, tree_paths, transform, label_map, system_prompt, user_template."""
+    header, tree_paths, transform, label_map, system_prompt, user_template, meta."""
 
     split: SplitConfig = Field(default_factory=SplitConfig)
     dedup: DedupConfig = Field(default_factory=DedupConfig)

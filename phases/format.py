@@ -1057,6 +1057,8 @@ def choose_converter(spec: InputSpec, kind: str, first: list[Any], rel: str
         }.get(fmt) or mapped(spec)
     if spec.system_prompt or spec.user_template:
         convert = with_prompts(convert, spec.system_prompt, spec.user_template)
+    if spec.meta and kind != "txt":
+        convert = with_meta(convert, spec.meta)
     if spec.transform:
         convert = each_of(convert)
     return fmt, convert, by_name
@@ -1547,6 +1549,20 @@ def with_prompts(convert: Callable[[Any], dict], system_prompt: str | None, user
                 conversation.insert(0, {"role": "system", "content": system_prompt})
 
     return convert_with_prompts
+
+
+def with_meta(convert: Callable[[Any], Any], fields: list[Any]) -> Callable[[Any], Any]:
+    """Keep an input's `meta` fields of each source record in the meta of what it converts to."""
+
+    def convert_with_meta(item: Any) -> Any:
+        result = convert(item)
+        kept = {str(field): value for field in fields if (value := _mapped_value(item, field)) is not None}
+        if kept:
+            for record in result if type(result) is list else [result]:
+                record["meta"] = {**kept, **record.get("meta", {})}
+        return result
+
+    return convert_with_meta
 
 
 # --- validation helpers ------------------------------------------------------------------

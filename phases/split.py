@@ -206,7 +206,8 @@ def _split(ctx: PhaseContext, workers: int | None, chunk_bytes: int, stack: Exit
         if scan.missing == n:
             raise InputError(
                 f"data.split.stratify: {cfg.stratify!r} is in no record: use `assistant` (the last "
-                f"assistant turn), a key of the records' `meta`, or a top-level key"
+                f"assistant turn) or a key of the records' `meta`; to keep a field of the source records "
+                f"there, name it in its input's `meta`, e.g. data.inputs: [{{path: data/raw, meta: [{cfg.stratify}]}}]"
             )
         if scan.missing:
             log.warning("split: %d of %d records have no %r; they form the stratum %r",

@@ -298,6 +298,42 @@ def test_stratify_field_missing_everywhere(ws):
         run(ws, {"split": {"stratify": "labl"}})
 
 
+def test_a_source_field_kept_in_meta_through_the_cli_is_a_stratum(tmp_path):
+    """Dolly's `category` was dropped by `format`, so `stratify: category` stopped with exit 2.
+    An input's `meta: [category, info.source]` keeps those fields (a path too; a headerless
+    CSV's by column number), and the split files, counted here, hold each category in the
+    requested share."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    categories = ["open_qa"] * 6 + ["closed_qa"] * 3 + ["brainstorming"]
+    rows = [{"instruction": f"Question {i} about topic {i * 7919 % 1000}?", "context": "",
+             "response": f"Answer {i}.", "category": categories[i % 10], "info": {"source": f"s{i % 2}"}}
+            for i in range(1000)]
+    raw = tmp_path / "data" / "raw"
+    raw.mkdir(parents=True)
+    (raw / "dolly.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (raw / "extra.csv").write_text("".join(f"Extra question {i}?,Extra answer {i}.,open_qa\n" for i in range(100)))
+    (tmp_path / "factory.yaml").write_text(
+        "data:\n  inputs:\n    - {path: data/raw/dolly.jsonl, meta: [category, info.source]}\n"
+        "    - {path: data/raw/extra.csv, header: false, mapping: {user: 0, assistant: 1}, meta: [2]}\n"
+        "  split: {stratify: category}\n")
+    proc = subprocess.run([sys.executable, "-m", "factory", "run", "split", "-C", str(tmp_path)], capture_output=True,
+                          text=True, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ws = Workspace.at(tmp_path)
+    formatted = [json.loads(line) for line in ws.formatted_file.read_text().splitlines()]
+    assert formatted[0]["meta"] == {"category": "open_qa", "info.source": "s0"}
+    assert formatted[-1]["meta"] == {"2": "open_qa"}
+    counts = {name: Counter(json.loads(line)["meta"].get("category") for line in ws.split_file(name).read_text().splitlines())
+              for name in SPLITS}
+    assert sum(c[None] for c in counts.values()) == 100  # the CSV's column is kept as `2`, not `category`
+    for category, total in Counter(categories * 100).items():
+        for name, ratio in zip(SPLITS, (0.8, 0.1, 0.1)):
+            assert abs(counts[name][category] - ratio * total) <= 1, (category, name, counts)
+
+
 def test_zero_ratio_split_is_written_empty(ws):
     write_input(ws, unique_records(10))
     m = run(ws, {"split": {"train": 0.7, "val": 0.3, "test": 0.0}})
