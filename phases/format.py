@@ -599,7 +599,7 @@ class FileReader:
         for index, record, raw in json_items(f, self.path, _ijson_prefix(self.spec.records)):
             if type(record) is Reject and record.reason in ("truncated_json", "invalid_json"):
                 self.incomplete = {"reason": record.reason, "records_lost": None, "at": index,
-                                   "detail": f"the JSON breaks at record {index}: {record.detail}"}
+                                   "detail": record.detail}
             yield index, record, raw
 
     def _converted(self, items: Iterator[tuple[Any, Any, Any]]) -> Iterator[tuple[Any, Any, Any]]:

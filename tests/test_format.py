@@ -876,6 +876,7 @@ def test_a_json_array_that_breaks_is_recorded_as_incomplete_and_fails_data_valid
     (incomplete,) = metrics["incomplete_files"]
     assert incomplete["file"] == "data/raw/a.json" and incomplete["records_lost"] is None
     assert incomplete["reason"] == "invalid_json" and 0 < incomplete["at"] < 200
+    assert incomplete["detail"].count(f"record {incomplete['at']}") == 1, incomplete["detail"]  # said once
     assert metrics["accounting"]["files_with_unknown_loss"] == ["data/raw/a.json"]
     assert result["passed"] is False
     row = next(c for c in result["criteria"] if c["metric"] == "format.files_incomplete")
