@@ -357,6 +357,8 @@ def test_gguf_tokenizer_template_and_stop_tokens(run, name):
     ending a chat completion there; the Modelfile stops at it."""
     import llama_cpp
 
+    from factory import llama_cpp as factory_llama_cpp
+
     tokenizer = _tokenizer(run)
     quantization = metrics(run, "quantization")
     (gguf,) = quantization["types"]
@@ -365,7 +367,9 @@ def test_gguf_tokenizer_template_and_stop_tokens(run, name):
     # greedy chats with the embedded template answer as greedy completions from the Hugging Face
     # prompt ids (Phi-3's lost BOS in llama-cpp-python's chats; Qwen 3's reasoning block)
     assert gguf["chat_matches_greedy"] == 1.0
-    llm = llama_cpp.Llama(str(path), n_ctx=256, n_threads=1, verbose=False)
+    # loaded as the product loads a GGUF: on an AMX CPU, ggml's AMX and repacked kernels crash
+    # on these tiny models (factory.llama_cpp.placement), and llama_cpp.Llama's defaults use them
+    llm = factory_llama_cpp.load(path, n_ctx=256, threads=1)
     assert llm.metadata["general.architecture"] == REAL[name]["arch"]
     records = [json.loads(line) for line in (run / "data" / "splits" / "test.jsonl").read_text().splitlines()]
     texts = [tokenizer.apply_chat_template(_template_messages(r), tokenize=False) for r in [*records, MULTI_TURN]]
