@@ -62,9 +62,10 @@ RECORDS = 400  # 360 train, 20 val, 20 test records (the splits-ready gate wants
 # training steps of batch 4: enough for some answers to end at end of turn; the tiny Gemma's
 # steps cost little (a 400-token vocabulary) and it needs more of them to stop; so does the tiny
 # Qwen 3, whose output embedding is its input embedding, frozen (80 steps: no answer stopped);
-# and the tiny Phi-3 on some draws of the split (80 steps, split seeds 3406-3409: 7, 0, 3 and 8
-# of 8 answers stopped; 160 steps, seeds 3404, 3407-3409: 8, 7, 5 and 7)
-STEPS = {"gemma-3": 240, "gemma-3-vision": 240, "qwen-3": 200, "phi-3": 160}
+# and the tiny Phi-3 on some draws of the split and some CPUs (80 steps, split seeds 3406-3409:
+# 7, 0, 3 and 8 of 8 answers stopped; 160 steps, seeds 3404, 3407-3409: 8, 7, 5 and 7 on an AMD
+# EPYC, 0 of 8 on an Intel Xeon with AVX-512, where 240 steps stop 8 of 8)
+STEPS = {"gemma-3": 240, "gemma-3-vision": 240, "qwen-3": 200, "phi-3": 240}
 DEFAULT_STEPS = 80
 EXAMPLES = 8  # evaluation.max_examples: test examples generated and scored
 MAX_NEW_TOKENS = 32  # the example's evaluation.max_new_tokens
