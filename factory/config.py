@@ -122,13 +122,12 @@ class InputSpec(Section):
             raise ValueError("`header: false` needs a `mapping` with column numbers, e.g. {user: 0, assistant: 1}")
         if self.transform is not None and (self.transform.count(":") != 1 or not all(self.transform.split(":"))):
             raise ValueError("`transform` must be 'module:function', e.g. my_transforms:to_chat")
-        for field in self.meta:
+        named = [("meta", field) for field in self.meta] + [
+            (f"mapping.{role}", field) for role, fields in (self.mapping or {}).items()
+            for field in (fields if isinstance(fields, list) else [fields])]
+        for key, field in named:
             if isinstance(field, int) and field < 0:
-                raise ValueError(f"meta: column numbers start at 0, got {field}")
-        for role, fields in (self.mapping or {}).items():
-            for field in fields if isinstance(fields, list) else [fields]:
-                if isinstance(field, int) and field < 0:
-                    raise ValueError(f"mapping.{role}: column numbers start at 0, got {field}")
+                raise ValueError(f"{key}: column numbers start at 0, got {field}")
         wildcard = {str(f).split("[*]")[0] for fs in (self.mapping or {}).values()
                     for f in (fs if isinstance(fs, list) else [fs]) if "[*]" in str(f)}
         if len(wildcard) > 1:

@@ -118,6 +118,15 @@ def test_a_messages_field_with_a_mapping_or_another_format_is_refused():
     assert parse_config({"data": {"inputs": [{"path": "x", "messages": "dialog", "format": "sharegpt"}]}})
 
 
+def test_a_negative_column_number_is_refused_naming_its_key():
+    for spec, key in (({"meta": [0, -1]}, "meta"), ({"header": False, "mapping": {"user": [0, -2], "assistant": 1}},
+                                                     "mapping.user")):
+        with pytest.raises(ConfigError, match=rf"data.inputs.0: {key}: column numbers start at 0, got -"):
+            parse_config({"data": {"inputs": [{"path": "x", **spec}]}})
+    assert parse_config({"data": {"inputs": [{"path": "x", "header": False, "meta": [2],
+                                              "mapping": {"user": [0, 1], "assistant": 3}}]}})
+
+
 def test_yaml_syntax_error_names_file_and_line(tmp_path):
     path = tmp_path / "factory.yaml"
     path.write_text("data:\n  inputs: [a\n  split: {}\n")

@@ -988,7 +988,6 @@ def assert_disk_full(root: Path, point: Path, proc: subprocess.CompletedProcess)
     assert partial_files(root) == []
 
 
-
 def test_a_large_output_that_drops_its_old_version_is_replaced_on_a_disk_with_room_for_one(tmpfs):
     """format's and split's large outputs drop their last version when writing starts
     (AtomicOutput(drop_old=True)): 40 MB replaced on a 64 MB disk, where keeping the old file
@@ -1033,6 +1032,7 @@ def test_ctrl_c_while_an_output_opens_leaves_no_partial_file(tmp_path, monkeypat
             out.write(b"never\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
     assert real() == []
+
 
 def test_a_full_disk_while_workers_convert_ranges_leaves_nothing_behind(tmp_path, tmpfs, monkeypatch):
     """Format's workers write each range's records to a file of their own beside the output:

@@ -6,8 +6,11 @@ the phase."""
 import hashlib
 import json
 import logging
+import subprocess
+import sys
 from collections import Counter, defaultdict
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import orjson
@@ -55,6 +58,15 @@ def run(ws, data=None, **kwargs):
     cfg = parse_config({"data": data or {}})
     ctx = PhaseContext(cfg, ws, Progress(), logging.getLogger("test.split"))
     return split.split_records(ctx, **kwargs) if kwargs else PHASE.run(ctx)
+
+
+def run_cli(root):
+    """`factory run split` (format, then split, with their gates) in a subprocess, as a user
+    types it; the workspace, once it exited 0."""
+    proc = subprocess.run([sys.executable, "-m", "factory", "run", "split", "-C", str(root)], capture_output=True,
+                          text=True, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return Workspace.at(root)
 
 
 def outputs(ws):
@@ -303,10 +315,6 @@ def test_a_source_field_kept_in_meta_through_the_cli_is_a_stratum(tmp_path):
     An input's `meta: [category, info.source]` keeps those fields (a path too; a headerless
     CSV's by column number), and the split files, counted here, hold each category in the
     requested share."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
     categories = ["open_qa"] * 6 + ["closed_qa"] * 3 + ["brainstorming"]
     rows = [{"instruction": f"Question {i} about topic {i * 7919 % 1000}?", "context": "",
              "response": f"Answer {i}.", "category": categories[i % 10], "info": {"source": f"s{i % 2}"}}
@@ -319,10 +327,7 @@ def test_a_source_field_kept_in_meta_through_the_cli_is_a_stratum(tmp_path):
         "data:\n  inputs:\n    - {path: data/raw/dolly.jsonl, meta: [category, info.source]}\n"
         "    - {path: data/raw/extra.csv, header: false, mapping: {user: 0, assistant: 1}, meta: [2]}\n"
         "  split: {stratify: category}\n")
-    proc = subprocess.run([sys.executable, "-m", "factory", "run", "split", "-C", str(tmp_path)], capture_output=True,
-                          text=True, cwd=Path(__file__).resolve().parents[1])
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ws = Workspace.at(tmp_path)
+    ws = run_cli(tmp_path)
     formatted = [json.loads(line) for line in ws.formatted_file.read_text().splitlines()]
     assert formatted[0]["meta"] == {"category": "open_qa", "info.source": "s0"}
     assert formatted[-1]["meta"] == {"2": "open_qa"}
@@ -835,8 +840,6 @@ def test_a_group_larger_than_val_and_test_goes_to_train_and_the_rest_fills_them_
     assert m["largest_group"] == 850 and m["leakage"]["total"] == 0
 
 
-
-
 @pytest.mark.parametrize("seed", [3407, 1, 2])
 def test_groups_that_fit_in_val_or_test_are_spread_over_the_splits(ws, seed):
     """Ten topics of 60 conversations each (a shared follow-up question) and 400 others: each
@@ -854,6 +857,7 @@ def test_groups_that_fit_in_val_or_test_are_spread_over_the_splits(ws, seed):
     assert [len(topics[name]) for name in SPLITS] == [8, 1, 1]
     assert recount_shared_user_turns(ws) == {"train_val": 0, "train_test": 0, "val_test": 0}
     assert m["largest_group"] == 60 and m["leakage"]["total"] == 0
+
 
 @pytest.mark.parametrize("seed", [3407, 1, 2])
 def test_groups_of_two_each_its_own_stratum_fill_val_and_test_alike(ws, seed):
@@ -1199,8 +1203,6 @@ REAL_SPLITS = [("glaive_toolcall_en_demo.json", {}), ("kto_en_demo.json", {}), (
 @pytest.mark.datasets
 @pytest.mark.parametrize(("name", "settings"), REAL_SPLITS, ids=[r[0] for r in REAL_SPLITS])
 def test_real_dataset_has_no_shared_user_turns_and_every_record_is_accounted_for(tmp_path, name, settings):
-    from pathlib import Path
-
     from phases.format import PHASE as FORMAT
 
     datasets = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
@@ -1238,9 +1240,6 @@ def test_odd_text_in_three_formats_through_the_cli_leaves_no_user_turn_in_two_sp
     (re-counted here with NFKC, casefold and whitespace), and val and test stay alike in size
     although one group holds most records."""
     import random
-    import subprocess
-    import sys
-    from pathlib import Path
 
     rng = random.Random(seed)
 
@@ -1279,10 +1278,7 @@ def test_odd_text_in_three_formats_through_the_cli_leaves_no_user_turn_in_two_sp
     (raw / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chat))
     (raw / "alpaca.json").write_text(json.dumps(alpaca, ensure_ascii=False))
     (tmp_path / "factory.yaml").write_text("data:\n  inputs: [data/raw/share.jsonl, data/raw/chat.jsonl, data/raw/alpaca.json]\n")
-    proc = subprocess.run([sys.executable, "-m", "factory", "run", "split", "-C", str(tmp_path)], capture_output=True,
-                          text=True, cwd=Path(__file__).resolve().parents[1])
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ws = Workspace.at(tmp_path)
+    ws = run_cli(tmp_path)
     f = json.loads(ws.metrics_file("format").read_text())
     m = json.loads(ws.metrics_file("split").read_text())
     assert recount_lines(ws.formatted_file) + recount_lines(ws.formatted_dir / "rejects.jsonl") == 1500
