@@ -1355,3 +1355,35 @@ def test_the_check_with_the_scans_signatures_finds_what_a_check_signing_everythi
     assert leakage == split.measure_leakage(ws, settings)
     across = near_pairs_across_splits(ws.splits_dir)  # 20 x 20 for each pair of splits; LSH finds a pair at 0.89 with p 0.99995
     assert across == 1200 and 0.998 * across <= leakage["near_duplicates"] <= across
+
+
+def test_the_check_takes_the_turns_the_scan_read_by_line_and_parses_any_other_line(ws):
+    """With _KnownLines the check keys each line it reads back and takes the user turns the
+    scan parsed from the same bytes: a part of lines the scan read gives what parsing it gives
+    (_check_block); a part with a line the scan did not read is parsed afresh. Over split files
+    of both, the leakage equals that of measure_leakage, which parses every line."""
+    long_q = "Describe step by step how a bill becomes a law in a parliament with two chambers and a head of state {}"
+    questions = [record(long_q.format(f"example {i}"), f"Answer {i}.") for i in range(60)]  # Jaccard 0.9 to each other
+    write_input(ws, questions[::2] + unique_records(100))  # what the scan reads: every other question
+    read = ws.formatted_file.read_bytes().splitlines(keepends=True)
+    ws.splits_dir.mkdir(parents=True)
+    for k, name in enumerate(SPLITS):  # lines the scan read, then others
+        ws.split_file(name).write_bytes(b"".join(read[k::3] + [orjson.dumps(r) + b"\n" for r in questions[1::2][k::3]]))
+    looked_up = parsed = 0
+    with signatures_of_the_formatted_file(ws) as (settings, scan, signed):
+        known = split._KnownLines(scan)
+        with split._LeakageCheck(ws, settings, signed=signed, known=known) as check:
+            for k, name in enumerate(SPLITS):
+                path = ws.split_file(name)
+                for start, end in split._blocks(path, 1 << 10):
+                    job = (str(path), start, end, k, None, False)
+                    part = known.part(split._key_lines(job))
+                    if part is None:
+                        parsed += 1
+                    else:
+                        assert part == split._check_block(job)
+                        looked_up += 1
+                    check.add(split._key_lines(job))
+            leakage = check.result()
+    assert looked_up >= 10 and parsed >= 3
+    assert leakage == split.measure_leakage(ws, settings) and leakage["near_duplicates"] > 100
