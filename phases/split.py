@@ -758,9 +758,6 @@ class SpilledNgrams:
     they cost no memory (the page cache holds them), and reading one back is a slice, where
     the text cost reading, splitting into words and hashing again in this process."""
 
-    WINDOW = 1 << 22
-    """Rows asked for together are read in runs of about this many bytes of the file."""
-
     def __init__(self, folder: Path) -> None:
         self.file = tempfile.TemporaryFile(dir=folder)
         self.ends = array("q")  # where each row's hashes end (in hashes)
@@ -785,7 +782,11 @@ class SpilledNgrams:
 
     def read(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The n-gram hashes of these rows, row after row in this order, and for each hash
-        the index in `rows` of its row (as textsim.ngram_hashes gives them)."""
+        the index in `rows` of its row (as textsim.ngram_hashes gives them). Gathered from a
+        map of the file: only the pages of these rows are touched, and nothing is copied but
+        their hashes (reading the file a window at a time copied every row of each window)."""
+        import mmap
+
         import numpy as np
         from factory.textsim import index_ranges
 
@@ -793,20 +794,14 @@ class SpilledNgrams:
         end = ends[rows]
         start = np.where(rows > 0, ends[rows - 1], 0)
         length = end - start
-        placed = np.cumsum(length) - length  # where each row's hashes go in the result
-        hashes = np.empty(int(length.sum()), np.uint64)
-        order = np.argsort(start, kind="stable")  # read in file order, a window at a time
-        in_order = start[order]
-        i = 0
-        while i < rows.size:
-            low = int(in_order[i])
-            j = max(i + 1, int(np.searchsorted(in_order, low + self.WINDOW // 8)))
-            chunk = order[i:j]
-            self.file.seek(8 * low)
-            data = np.frombuffer(self.file.read(8 * (int(end[chunk].max()) - low)), np.uint64)
-            hashes[index_ranges(placed[chunk], length[chunk])] = data[index_ranges(start[chunk] - low, length[chunk])]
-            i = j
-        return hashes, np.repeat(np.arange(rows.size), length)
+        if not ends.size or not ends[-1]:
+            return np.zeros(0, np.uint64), np.zeros(0, np.int64)
+        self.file.flush()
+        with mmap.mmap(self.file.fileno(), 8 * int(ends[-1]), access=mmap.ACCESS_READ) as mapped:
+            hashes = np.frombuffer(mapped, np.uint64)
+            found = hashes[index_ranges(start, length)]
+            del hashes  # the map cannot close while numpy holds it
+        return found, np.repeat(np.arange(rows.size), length)
 
 
 # --- 2. dedup --------------------------------------------------------------------------

@@ -755,17 +755,15 @@ def test_near_duplicates_dropped_are_written_with_the_record_they_duplicate(ws):
     assert recount_lines(ws.formatted_file) == sum(recount_lines(ws.split_file(n)) for n in SPLITS) + len(entries)
 
 
-def test_near_duplicate_ngrams_spilled_from_workers_match_one_process(tmp_path, monkeypatch):
+def test_near_duplicate_ngrams_spilled_from_workers_match_one_process(tmp_path):
     """The near-duplicate candidates' n-gram hashes, spilled block by block as the worker
-    processes send them (blocks of 2 KB) and read back in windows of 64 bytes: the same pairs,
-    drops and files as in one process with one window."""
+    processes send them (blocks of 2 KB) and read back: the same pairs, drops and files as in
+    one process."""
     base, near = paraphrases(30)
     records = [record(q, f"Answer A{i}") for i, q in enumerate(base)] + unique_records(80)
     records += [record(q, f"Answer B{i}") for i, q in enumerate(near)]
     results = []
     for i, workers in enumerate((1, 2)):
-        if workers == 2:
-            monkeypatch.setattr(split.SpilledNgrams, "WINDOW", 64)
         ws = Workspace.at(tmp_path / str(i))
         write_input(ws, records)
         m = run(ws, {"dedup": {"near": "drop"}}, workers=workers, chunk_bytes=2 << 10)
@@ -777,9 +775,10 @@ def test_near_duplicate_ngrams_spilled_from_workers_match_one_process(tmp_path, 
     assert results[0][0]["near_duplicates"]["dropped"] >= 28
 
 
-def test_spilled_ngrams_read_back_in_any_order_and_window(tmp_path, monkeypatch):
+def test_spilled_ngrams_read_back_in_any_order_as_the_file_grows(tmp_path):
     """Rows of n-gram hashes added in blocks (some rows with none) read back as asked: any
-    order, any window, each row's hashes in order and the index of its row beside each."""
+    order, each row's hashes in order and the index of its row beside each; rows added after
+    a read are read as well as the earlier ones."""
     rng = np.random.default_rng(5)
     counts = rng.integers(0, 9, 300)
     hashes = rng.integers(0, 2**63, int(counts.sum()), dtype=np.uint64)
@@ -788,9 +787,7 @@ def test_spilled_ngrams_read_back_in_any_order_and_window(tmp_path, monkeypatch)
         for lo, hi in ((0, 7), (7, 8), (8, 150), (150, 300)):
             a, b = (ends[lo - 1] if lo else 0), ends[hi - 1]
             spilled.add(hashes[a:b].tobytes(), counts[lo:hi].astype(np.int64).tobytes())
-        for window in (8, 64, 1 << 22):
-            monkeypatch.setattr(split.SpilledNgrams, "WINDOW", window)
-            rows = rng.permutation(300)[:120]
+            rows = rng.permutation(hi)[:120]
             got, owner = spilled.read(rows)
             expected = [hashes[ends[r] - counts[r]:ends[r]] for r in rows]
             assert got.tolist() == np.concatenate(expected).tolist()
