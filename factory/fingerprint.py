@@ -63,7 +63,10 @@ def library_version(distribution: str) -> str | None:
 
 
 class HashCache:
-    """Content digests of files, recognised by (size, mtime, ctime, inode) while unchanged."""
+    """Content digests of files, recognised by (size, mtime, ctime, inode) while unchanged. A
+    file changed in the last RACY_SECONDS is not saved for the next run (a change in the same
+    clock tick would leave its key as it was), but kept for this one: a phase's output, just
+    written and hashed as the phase ends, is the next phase's input (900 MB: 0.15 s each)."""
 
     def __init__(self, ws: Workspace):
         self.file = ws.hash_cache_file
@@ -71,15 +74,16 @@ class HashCache:
             self.entries: dict[str, list] = orjson.loads(self.file.read_bytes())["files"]
         except (FileNotFoundError, orjson.JSONDecodeError, KeyError, TypeError):
             self.entries = {}
+        self.racy: dict[str, list] = {}  # for this run only
         self.dirty = False
 
     def file_digest(self, path: Path) -> str:
         path = Path(os.path.abspath(path))
         stat = path.stat()
         key = [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
-        cached = self.entries.get(str(path))
-        if cached is not None and cached[:4] == key:
-            return cached[4]
+        for cached in (self.entries.get(str(path)), self.racy.get(str(path))):
+            if cached is not None and cached[:4] == key:
+                return cached[4]
         digest = xxhash.xxh3_128()
         with open(path, "rb") as f:
             while chunk := f.read(CHUNK):
@@ -88,6 +92,8 @@ class HashCache:
         if time.time_ns() - max(stat.st_mtime_ns, stat.st_ctime_ns) > RACY_SECONDS * 1e9:
             self.entries[str(path)] = [*key, value]
             self.dirty = True
+        else:
+            self.racy[str(path)] = [*key, value]
         return value
 
     def path_digest(self, path: Path) -> str | None:

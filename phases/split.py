@@ -758,6 +758,9 @@ class SpilledNgrams:
     they cost no memory (the page cache holds them), and reading one back is a slice, where
     the text cost reading, splitting into words and hashing again in this process."""
 
+    WINDOW = 1 << 24
+    """Rows asked for together are gathered from maps of about this many bytes of the file."""
+
     def __init__(self, folder: Path) -> None:
         self.file = tempfile.TemporaryFile(dir=folder)
         self.ends = array("q")  # where each row's hashes end (in hashes)
@@ -782,9 +785,10 @@ class SpilledNgrams:
 
     def read(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The n-gram hashes of these rows, row after row in this order, and for each hash
-        the index in `rows` of its row (as textsim.ngram_hashes gives them). Gathered from a
-        map of the file: only the pages of these rows are touched, and nothing is copied but
-        their hashes (reading the file a window at a time copied every row of each window)."""
+        the index in `rows` of its row (as textsim.ngram_hashes gives them). Gathered in file
+        order from maps of the file a window at a time: only the pages of these rows are
+        touched, and only their hashes copied (read a window at a time, every row of the
+        window was copied), and no more than a window of the file is mapped at once."""
         import mmap
 
         import numpy as np
@@ -794,14 +798,25 @@ class SpilledNgrams:
         end = ends[rows]
         start = np.where(rows > 0, ends[rows - 1], 0)
         length = end - start
-        if not ends.size or not ends[-1]:
-            return np.zeros(0, np.uint64), np.zeros(0, np.int64)
+        placed = np.cumsum(length) - length  # where each row's hashes go in the result
+        hashes = np.empty(int(length.sum()), np.uint64)
+        order = np.argsort(start, kind="stable")
+        in_order = start[order]
         self.file.flush()
-        with mmap.mmap(self.file.fileno(), 8 * int(ends[-1]), access=mmap.ACCESS_READ) as mapped:
-            hashes = np.frombuffer(mapped, np.uint64)
-            found = hashes[index_ranges(start, length)]
-            del hashes  # the map cannot close while numpy holds it
-        return found, np.repeat(np.arange(rows.size), length)
+        i = 0
+        while i < rows.size:
+            low = 8 * int(in_order[i]) // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY  # in bytes
+            j = max(i + 1, int(np.searchsorted(in_order, (low + self.WINDOW) // 8)))
+            chunk = order[i:j]
+            high = 8 * int(end[chunk].max())
+            if high > low:  # else only rows without n-grams
+                with mmap.mmap(self.file.fileno(), high - low, access=mmap.ACCESS_READ, offset=low) as mapped:
+                    data = np.frombuffer(mapped, np.uint64)
+                    hashes[index_ranges(placed[chunk], length[chunk])] = \
+                        data[index_ranges(start[chunk] - low // 8, length[chunk])]
+                    del data  # a map cannot close while numpy holds it
+            i = j
+        return hashes, np.repeat(np.arange(rows.size), length)
 
 
 # --- 2. dedup --------------------------------------------------------------------------
@@ -1652,6 +1667,7 @@ class _LeakageCheck:
 
         while self.pending:
             self.add(self.pending.popleft().result(), progress)
+        self.known = None  # every part is in: its memory goes before the search's
         settings = self.settings
         t = {f: np.frombuffer(values, np.dtype(values.typecode)) for f, values in self.grown.items()}
         shared, leaking = _shared_between_splits(t["key"], t["split"])

@@ -163,3 +163,21 @@ def test_second_run_on_same_workspace_is_refused(ws):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_file_written_this_run_is_hashed_once_in_it_and_again_in_the_next(ws):
+    """A phase's output, hashed as the phase ends, is the next phase's input: its digest is
+    kept for the run (not read again), but not saved for the next run, since a change in the
+    same clock tick would leave its key as it was. A change of the file is still seen."""
+    from factory.fingerprint import HashCache
+
+    path = ws.root / "data" / "formatted" / "all.jsonl"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"first\n")
+    cache = HashCache(ws)
+    digest = cache.file_digest(path)
+    assert list(cache.racy) == [str(path)] and cache.file_digest(path) == digest
+    cache.save()
+    assert str(path) not in HashCache(ws).entries
+    path.write_bytes(b"second\n")
+    assert cache.file_digest(path) != digest

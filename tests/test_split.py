@@ -775,23 +775,25 @@ def test_near_duplicate_ngrams_spilled_from_workers_match_one_process(tmp_path):
     assert results[0][0]["near_duplicates"]["dropped"] >= 28
 
 
-def test_spilled_ngrams_read_back_in_any_order_as_the_file_grows(tmp_path):
+def test_spilled_ngrams_read_back_in_any_order_and_window_as_the_file_grows(tmp_path, monkeypatch):
     """Rows of n-gram hashes added in blocks (some rows with none) read back as asked: any
-    order, each row's hashes in order and the index of its row beside each; rows added after
-    a read are read as well as the earlier ones."""
+    order, any window, each row's hashes in order and the index of its row beside each; rows
+    added after a read are read as well as the earlier ones."""
     rng = np.random.default_rng(5)
-    counts = rng.integers(0, 9, 300)
+    counts = rng.integers(0, 9, 3000)
     hashes = rng.integers(0, 2**63, int(counts.sum()), dtype=np.uint64)
     ends = np.cumsum(counts)
     with split.SpilledNgrams(tmp_path) as spilled:
-        for lo, hi in ((0, 7), (7, 8), (8, 150), (150, 300)):
+        for lo, hi in ((0, 7), (7, 8), (8, 1500), (1500, 3000)):
             a, b = (ends[lo - 1] if lo else 0), ends[hi - 1]
             spilled.add(hashes[a:b].tobytes(), counts[lo:hi].astype(np.int64).tobytes())
-            rows = rng.permutation(hi)[:120]
-            got, owner = spilled.read(rows)
-            expected = [hashes[ends[r] - counts[r]:ends[r]] for r in rows]
-            assert got.tolist() == np.concatenate(expected).tolist()
-            assert owner.tolist() == np.repeat(np.arange(rows.size), counts[rows]).tolist()
+            for window in (8, 8192, 1 << 24):
+                monkeypatch.setattr(split.SpilledNgrams, "WINDOW", window)
+                rows = rng.permutation(hi)[:1200]
+                got, owner = spilled.read(rows)
+                expected = [hashes[ends[r] - counts[r]:ends[r]] for r in rows]
+                assert got.tolist() == np.concatenate(expected).tolist()
+                assert owner.tolist() == np.repeat(np.arange(rows.size), counts[rows]).tolist()
 
 
 def test_short_generic_turns_can_be_kept_from_linking(ws):
