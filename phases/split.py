@@ -1008,10 +1008,12 @@ def _components(scan: _Scan, keep: np.ndarray, norm: np.ndarray, near_a: np.ndar
     a = np.concatenate(edges_a) if edges_a else np.zeros(0, np.int64)
     b = np.concatenate(edges_b) if edges_b else np.zeros(0, np.int64)
     graph = coo_matrix((np.ones(a.size, np.int8), (a, b)), shape=(n, n))
-    _, labels = connected_components(graph, directed=False)
-    _, labels = np.unique(labels[keep], return_inverse=True)
+    count, labels = connected_components(graph, directed=False)
+    # the kept records' labels numbered 0, 1, ... in order (np.unique's inverse, without its sort)
+    present = np.zeros(count, bool)
+    present[labels[keep]] = True
     component = np.full(n, -1, np.int64)
-    component[keep] = labels.reshape(-1)
+    component[keep] = (np.cumsum(present) - 1)[labels[keep]]
     return component
 
 
