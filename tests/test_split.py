@@ -265,8 +265,14 @@ def test_records_sharing_a_prompt_never_cross_splits(ws):
     assert abs(m["counts"]["test"] - 0.1 * m["records_out"]) <= 6
 
 
-def test_leakage_is_measured_when_prompt_grouping_is_off(ws):
-    records = [record(f"Prompt {i % 20}", f"Answer {i}") for i in range(200)]
+@pytest.mark.parametrize("prompt", ["Prompt {}", "Tell me about prompt number {} in detail"],
+                         ids=["parsed", "keyed"])
+def test_leakage_is_measured_when_prompt_grouping_is_off(ws, prompt):
+    """Nothing keeps records that share a user turn together, and the check counts them in
+    every pair of splits, as the files say. Prompts of three words or more are near-duplicate
+    candidates: the check then keys the lines it reads and takes their turns from the scan
+    (_KnownLines); shorter ones it parses."""
+    records = [record(prompt.format(i % 20), f"Answer {i}") for i in range(200)]
     write_input(ws, records)
     m = run(ws, {"split": {"group_by_prompt": False}})
     assert m["groups"] == 200
