@@ -82,6 +82,9 @@ SHOWN_CHARS = 200
 NEAR_REPAIRS = 10
 """Rounds of the search for near-duplicate pairs left in two splits after assignment (_repair)."""
 MOST_SHARED = 5
+KEYED_LINES = 1 << 16
+"""The check looks up the user turns of a split file's keyed lines (_KnownLines) this many
+lines at a time: a lookup's cost is mostly per call, and a part holds about a thousand."""
 BOILERPLATE_RECORDS = 10
 """A benchmark n-gram found in this many benchmark records or more is template text, not a
 test item, and is not matched."""
@@ -1622,6 +1625,7 @@ class _LeakageCheck:
         ws.splits_dir.mkdir(parents=True, exist_ok=True)
         self.spilled = SpilledNgrams(ws.splits_dir)  # the n-gram hashes of each near_* row
         self.pending: deque = deque()  # submitted parts, in order
+        self.keyed: dict[int, list[dict]] = {k: [] for k in range(len(SPLITS))}  # each file's, not looked up yet
         _init_worker(settings)  # for the parts checked in this process
 
     def __enter__(self) -> "_LeakageCheck":
@@ -1645,7 +1649,11 @@ class _LeakageCheck:
         import numpy as np
 
         if "line_key" in part:
-            part = self.known.part(part) or _check_block(part["job"])
+            keyed = self.keyed[part["job"][3]]
+            keyed.append(part)
+            if sum(p["records"] for p in keyed) >= KEYED_LINES:
+                self._look_up(keyed, progress)
+            return
         grown = self.grown
         name = SPLITS[part["split"]]
         base_line = self.lines[name]
@@ -1662,6 +1670,25 @@ class _LeakageCheck:
         if progress is not None:
             progress.advance(part["records"])
 
+    def _look_up(self, keyed: list[dict], progress) -> None:
+        """Add one file's keyed parts (in order) with the user turns _KnownLines finds for their
+        lines, all in one lookup; where a line is not known, part by part, those with such a
+        line checked afresh."""
+        import numpy as np
+
+        lines_before = np.cumsum([0] + [p["lines"] for p in keyed[:-1]])
+        merged = {"job": keyed[0]["job"], "records": sum(p["records"] for p in keyed),
+                  "lines": sum(p["lines"] for p in keyed),
+                  "line_key": b"".join(p["line_key"] for p in keyed),
+                  "line_offset": b"".join(p["line_offset"] for p in keyed),
+                  "line_line": np.concatenate([np.frombuffer(p["line_line"], np.int64) + before
+                                               for p, before in zip(keyed, lines_before.tolist())]).tobytes()}
+        part = self.known.part(merged)
+        parts = [part] if part is not None else [self.known.part(p) or _check_block(p["job"]) for p in keyed]
+        keyed.clear()
+        for part in parts:
+            self.add(part, progress)
+
     def result(self, progress=None) -> dict[str, Any]:
         """The leakage once every part is in (the submitted ones are waited for)."""
         import numpy as np
@@ -1669,6 +1696,9 @@ class _LeakageCheck:
 
         while self.pending:
             self.add(self.pending.popleft().result(), progress)
+        for keyed in self.keyed.values():
+            if keyed:
+                self._look_up(keyed, progress)
         self.known = None  # every part is in: its memory goes before the search's
         settings = self.settings
         t = {f: np.frombuffer(values, np.dtype(values.typecode)) for f, values in self.grown.items()}

@@ -1362,11 +1362,15 @@ def test_the_check_with_the_scans_signatures_finds_what_a_check_signing_everythi
     assert across == 1200 and 0.998 * across <= leakage["near_duplicates"] <= across
 
 
-def test_the_check_takes_the_turns_the_scan_read_by_line_and_parses_any_other_line(ws):
+@pytest.mark.parametrize("batch", [8, split.KEYED_LINES], ids=["batches-of-8-lines", "one-batch"])
+def test_the_check_takes_the_turns_the_scan_read_by_line_and_parses_any_other_line(ws, monkeypatch, batch):
     """With _KnownLines the check keys each line it reads back and takes the user turns the
     scan parsed from the same bytes: a part of lines the scan read gives what parsing it gives
     (_check_block); a part with a line the scan did not read is parsed afresh. Over split files
-    of both, the leakage equals that of measure_leakage, which parses every line."""
+    of both, looked up a few parts at a time or all at once, every user turn is found at the
+    offset and line parsing finds it, and the leakage equals that of measure_leakage, which
+    parses every line."""
+    monkeypatch.setattr(split, "KEYED_LINES", batch)
     long_q = "Describe step by step how a bill becomes a law in a parliament with two chambers and a head of state {}"
     questions = [record(long_q.format(f"example {i}"), f"Answer {i}.") for i in range(60)]  # Jaccard 0.9 to each other
     write_input(ws, questions[::2] + unique_records(100))  # what the scan reads: every other question
@@ -1377,7 +1381,8 @@ def test_the_check_takes_the_turns_the_scan_read_by_line_and_parses_any_other_li
     looked_up = parsed = 0
     with signatures_of_the_formatted_file(ws) as (settings, scan, signed):
         known = split._KnownLines(scan)
-        with split._LeakageCheck(ws, settings, signed=signed, known=known) as check:
+        with split._LeakageCheck(ws, settings, signed=signed, known=known) as check, \
+                split._LeakageCheck(ws, settings, signed=signed) as parsing:
             for k, name in enumerate(SPLITS):
                 path = ws.split_file(name)
                 for start, end in split._blocks(path, 1 << 10):
@@ -1389,6 +1394,9 @@ def test_the_check_takes_the_turns_the_scan_read_by_line_and_parses_any_other_li
                         assert part == split._check_block(job)
                         looked_up += 1
                     check.add(split._key_lines(job))
+                    parsing.add(split._check_block(job))
             leakage = check.result()
+            for field in ("split", "key", "offset", "line"):  # each user turn, where it is, in file order
+                assert check.grown[field] == parsing.grown[field]
     assert looked_up >= 10 and parsed >= 3
     assert leakage == split.measure_leakage(ws, settings) and leakage["near_duplicates"] > 100
