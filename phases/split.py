@@ -1582,9 +1582,10 @@ class _SortedKeys:
         import numpy as np
 
         self.keys = keys
-        bits = max(1, int(keys.size).bit_length())
+        bits = max(1, int(keys.size).bit_length() - 1)  # one or two keys a bucket: 2 to 4 bytes a key
         self.shift = np.uint64(64 - bits)
-        self.start = np.append(np.searchsorted(keys, np.arange(1 << bits, dtype=np.uint64) << self.shift), keys.size)
+        starts = np.searchsorted(keys, np.arange(1 << bits, dtype=np.uint64) << self.shift)
+        self.start = np.append(starts, keys.size).astype(np.int32 if keys.size < 2**31 else np.int64)
 
     def find(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(where each of `keys` is, whether it is there at all)."""
