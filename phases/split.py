@@ -1612,7 +1612,8 @@ class _LeakageCheck:
     in parts (_check_block), in the pool's workers while the split's process writes the rest
     (submit), or handed in (add); each file's parts in order. With `signed`, the texts'
     signatures are looked up there (_Signed) instead of computed by the parts; with `known`,
-    each part's lines are only keyed, and their user turns looked up there (_KnownLines)."""
+    each part's lines are only keyed, and their user turns looked up there (_KnownLines),
+    KEYED_LINES lines of a file at a time."""
 
     FIELDS = {"split": "b", "key": "Q", "offset": "q", "line": "q", "near_split": "b", "near_key": "Q",
               "near_offset": "q", "near_line": "q", "near_bands": "Q", "near_sketch": "B"}
