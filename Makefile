@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/factory setup-gguf
 	# Bytecode for our own packages, as a regular pip install compiles them: an editable install
 	# does not, and with PYTHONDONTWRITEBYTECODE set every `factory` command compiled them afresh
-	# (0.1 s each). A source edited later is compiled in memory, as before.
+	# (a run with nothing to do: 0.53 s, against 0.30 s compiled). A source edited later is compiled in
+	# memory, as before.
 	$(BIN)/python -m compileall -q factory phases
 	rm -f $(VENV)/.installed-* && touch $@
 
