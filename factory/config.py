@@ -107,6 +107,12 @@ class InputSpec(Section):
     category's share in every split. A field a record lacks is left out of its meta; a key
     the format already puts there (an OpenAI record's `label`) keeps its value."""
 
+    @property
+    def mapped_fields(self) -> list[tuple[str, FieldPath]]:
+        """(role, field) for every field `mapping` names, a role's list of fields one by one."""
+        return [(role, field) for role, fields in (self.mapping or {}).items()
+                for field in (fields if isinstance(fields, list) else [fields])]
+
     @model_validator(mode="after")
     def _mapping_means_mapped(self) -> "InputSpec":
         if self.messages is not None and (self.format not in ("auto", "openai", "sharegpt") or self.mapping):
@@ -122,14 +128,11 @@ class InputSpec(Section):
             raise ValueError("`header: false` needs a `mapping` with column numbers, e.g. {user: 0, assistant: 1}")
         if self.transform is not None and (self.transform.count(":") != 1 or not all(self.transform.split(":"))):
             raise ValueError("`transform` must be 'module:function', e.g. my_transforms:to_chat")
-        named = [("meta", field) for field in self.meta] + [
-            (f"mapping.{role}", field) for role, fields in (self.mapping or {}).items()
-            for field in (fields if isinstance(fields, list) else [fields])]
+        named = [("meta", field) for field in self.meta] + [(f"mapping.{role}", f) for role, f in self.mapped_fields]
         for key, field in named:
             if isinstance(field, int) and field < 0:
                 raise ValueError(f"{key}: column numbers start at 0, got {field}")
-        wildcard = {str(f).split("[*]")[0] for fs in (self.mapping or {}).values()
-                    for f in (fs if isinstance(fs, list) else [fs]) if "[*]" in str(f)}
+        wildcard = {str(f).split("[*]")[0] for _, f in self.mapped_fields if "[*]" in str(f)}
         if len(wildcard) > 1:
             raise ValueError(f"mapping: fields with `[*]` must share one list (got {', '.join(sorted(wildcard))}[*])")
         return self

@@ -551,8 +551,8 @@ class FileReader:
             items = _within(items, self.spec.records)
         if self.spec.transform:
             items = _transformed(items, _transform(self.spec.transform, self.root))
-        if self.spec.mapping and _fan_out_list(self.spec.mapping):
-            items = _fanned_out(items, _fan_out_list(self.spec.mapping))
+        if list_path := _fan_out_list(self.spec):
+            items = _fanned_out(items, list_path)
         return items
 
     def _unreadable_encoding(self, head: bytes, f) -> bool:
@@ -948,13 +948,9 @@ def _walk_path(value: Any, tokens: tuple) -> Iterator[Any]:
         yield from _walk_path(value[token], rest)
 
 
-def _fan_out_list(mapping: dict) -> str | None:
+def _fan_out_list(spec: InputSpec) -> str | None:
     """The list (a path) whose elements become records, from mapping fields with `[*]`."""
-    for fields in mapping.values():
-        for field in fields if isinstance(fields, list) else [fields]:
-            if isinstance(field, str) and "[*]" in field:
-                return field.split("[*]")[0]
-    return None
+    return next((f.split("[*]")[0] for _, f in spec.mapped_fields if isinstance(f, str) and "[*]" in f), None)
 
 
 def _fanned_out(items: Iterator, list_path: str) -> Iterator[tuple[Any, Any, Any]]:
@@ -1237,7 +1233,7 @@ def _text_path(record: dict, field: str) -> str:
 
 
 def _check_columns(spec: InputSpec, header_row: dict, kind: str, rel: str) -> None:
-    named = [f for fields in spec.mapping.values() for f in (fields if isinstance(fields, list) else [fields])]
+    named = [f for _, f in spec.mapped_fields]
     missing = [str(f) for f in named if isinstance(f, str) and f not in header_row]
     missing += [str(f) for f in named if isinstance(f, int) and f >= len(header_row)]
     if missing:
