@@ -18,7 +18,7 @@ from factory import modeling, scoring
 from factory.chat import is_plain_text, last_user_text, messages as chat_messages, reference
 from factory.config import FactoryConfig
 from factory.errors import InputError
-from factory.io import file_sha256
+from factory.io import file_digest
 from factory.phase import PhaseContext
 from factory.workspace import Workspace
 
@@ -195,4 +195,4 @@ def perplexity(loss: float) -> float | None:
 
 
 def split_identity(ws: Workspace, path: Path) -> dict[str, str]:
-    return {"file": ws.rel(path), "sha256": file_sha256(path)}
+    return {"file": ws.rel(path), "xxh3_128": file_digest(path)}

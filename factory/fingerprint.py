@@ -8,9 +8,10 @@ A phase's fingerprint holds:
 - the content of its input files and folders (`Phase.inputs`);
 - for a phase that reads `model`, a hub model id's resolved commit (factory.hub).
 
-Content hashes of large inputs are kept in .factory/hash-cache.json by (size, mtime, ctime,
-inode), as DVC's state cache does: an 8 GB model folder is read once, and later runs only
-`stat` it. A file modified within the last seconds is not cached (its timestamp may not yet
+Content hashes (factory.io.content_digest) of large inputs are kept in .factory/hash-cache.json
+by (size, mtime, ctime, inode), as DVC's state cache does: an 8 GB model folder is read once,
+and later runs only `stat` it. A file a phase wrote through AtomicOutput is not read at all:
+its digest was computed as it was written. A file modified within the last seconds is not cached (its timestamp may not yet
 tell two writes apart), so it is hashed again next time.
 """
 
@@ -25,11 +26,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import orjson
-import xxhash
 
 from factory import __version__
 from factory.config import FactoryConfig
-from factory.io import write_json
+from factory.io import content_digest, file_digest, stat_key, write_json, written_digest
 from factory.workspace import Workspace
 
 if TYPE_CHECKING:
@@ -37,13 +37,12 @@ if TYPE_CHECKING:
 
 CODE_PACKAGES = ("factory", "phases")
 RACY_SECONDS = 2.0  # files changed more recently than this are hashed again next time
-CHUNK = 1 << 22
 
 
 @functools.cache
 def code_digest() -> str:
     """One hash over every file of the installed factory and phases packages (names included)."""
-    digest = xxhash.xxh3_128()
+    digest = content_digest()
     for package in CODE_PACKAGES:
         spec = importlib.util.find_spec(package)
         root = Path(spec.origin).parent
@@ -66,7 +65,7 @@ class HashCache:
     """Content digests of files, recognised by (size, mtime, ctime, inode) while unchanged. A
     file changed in the last RACY_SECONDS is not saved for the next run (a change in the same
     clock tick would leave its key as it was), but kept for this one: a phase's output, just
-    written and hashed as the phase ends, is the next phase's input (900 MB: 0.15 s each)."""
+    hashed as the phase ends, is the next phase's input."""
 
     def __init__(self, ws: Workspace):
         self.file = ws.hash_cache_file
@@ -80,15 +79,11 @@ class HashCache:
     def file_digest(self, path: Path) -> str:
         path = Path(os.path.abspath(path))
         stat = path.stat()
-        key = [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
+        key = stat_key(stat)
         for cached in (self.entries.get(str(path)), self.racy.get(str(path))):
             if cached is not None and cached[:4] == key:
                 return cached[4]
-        digest = xxhash.xxh3_128()
-        with open(path, "rb") as f:
-            while chunk := f.read(CHUNK):
-                digest.update(chunk)
-        value = digest.hexdigest()
+        value = written_digest(path, key) or file_digest(path)
         if time.time_ns() - max(stat.st_mtime_ns, stat.st_ctime_ns) > RACY_SECONDS * 1e9:
             self.entries[str(path)] = [*key, value]
             self.dirty = True
@@ -103,7 +98,7 @@ class HashCache:
             return None
         if not path.is_dir():
             return self.file_digest(path)
-        digest = xxhash.xxh3_128()
+        digest = content_digest()
         for file in sorted(p for p in path.rglob("*") if p.is_file()):
             digest.update(f"{file.relative_to(path).as_posix()}\0{self.file_digest(file)}\0".encode())
         return digest.hexdigest()

@@ -1,11 +1,10 @@
-"""Small file helpers shared by the engine and the phases: atomic writes, hashing, and a few
-switches scoped to where they are needed."""
+"""Small file helpers shared by the engine and the phases: atomic writes, content digests, and
+a few switches scoped to where they are needed."""
 
 from __future__ import annotations
 
 import csv
 import ctypes
-import hashlib
 import json
 import os
 import sys
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import orjson
+import xxhash
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -73,6 +73,38 @@ def libc_function(name: str):
         return None
 
 
+def content_digest() -> "xxhash.xxh3_128":
+    """The one hash that identifies a file's content in factory: the metrics' digests of data
+    files, the fingerprints' inputs and outputs. xxh3-128 (`xxhsum -H2` prints it), not
+    SHA-256: 8.6 GB/s against 1.6 GB/s here, and SHA-256 of each 900 MB file took 0.5 s of
+    the data phases' CPU at 1M records. It tells files apart, it does not authenticate them."""
+    return xxhash.xxh3_128()
+
+
+def file_digest(path: Path) -> str:
+    """content_digest() of a file, hex."""
+    digest = content_digest()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def stat_key(stat: os.stat_result) -> list[int]:
+    """What tells a file's versions apart without reading it (DVC's state key)."""
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
+
+
+_WRITTEN: dict[str, tuple[list[int], str]] = {}  # path -> (stat_key, digest) of each AtomicOutput completed
+
+
+def written_digest(path: Path, key: list[int]) -> str | None:
+    """The digest an AtomicOutput computed as it wrote `path` in this process, if the file is
+    still as it left it (same stat_key): the file need not be read again to be hashed."""
+    written = _WRITTEN.get(os.path.abspath(path))
+    return written[1] if written is not None and written[0] == key else None
+
+
 _OPEN_OUTPUTS = threading.local()  # the AtomicOutputs open in this thread, outermost first
 
 
@@ -81,8 +113,8 @@ class AtomicOutput:
 
     Use as a context manager: on an exception (a full disk included, which can also surface
     when the last buffer is flushed) the partial file is removed, so an interrupted phase
-    never leaves a half-written artifact where the next phase reads. Keeps a running SHA-256
-    of what was written.
+    never leaves a half-written artifact where the next phase reads. Keeps a running
+    content_digest() of what was written, and hands it to written_digest() when complete.
 
     Outputs opened together (`with AtomicOutput(a) as x, AtomicOutput(b) as y:`) appear
     together: one that completes inside another waits, written and synced, until the
@@ -104,7 +136,7 @@ class AtomicOutput:
         self.partial = self.path.with_name(f".{self.path.name}.partial")  # where it is written until complete
         self._file = None
         self._waiting: list[AtomicOutput] = []  # completed inner outputs, renamed when this one is
-        self.sha256 = hashlib.sha256()
+        self.digest = content_digest()
         self._written = self._written_back = 0  # bytes written, and those handed to the disk (WRITEBACK_BYTES)
 
     def __enter__(self) -> "AtomicOutput":
@@ -124,7 +156,7 @@ class AtomicOutput:
 
     def write(self, data: bytes) -> None:
         self._file.write(data)
-        self.sha256.update(data)
+        self.digest.update(data)
         self._written += len(data)
         if self._written - self._written_back >= WRITEBACK_BYTES:
             self._start_writeback()
@@ -161,6 +193,7 @@ class AtomicOutput:
         else:
             for output in (*self._waiting, self):
                 os.replace(output.partial, output.path)
+                _WRITTEN[os.path.abspath(output.path)] = (stat_key(output.path.stat()), output.digest.hexdigest())
 
     def _discard(self) -> None:
         for output in (self, *self._waiting):
@@ -171,14 +204,6 @@ def _open_outputs() -> list[AtomicOutput]:
     if not hasattr(_OPEN_OUTPUTS, "stack"):
         _OPEN_OUTPUTS.stack = []
     return _OPEN_OUTPUTS.stack
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_yaml(text: str) -> Any:

@@ -12,9 +12,10 @@ datasketch 2.0 (each 32-bit shingle hash pre-mixed with the MurmurHash3 finalize
 `a * h + b mod 2^32` per permutation, with the permutations of `datasketch.MinHash(num_perm,
 seed)`), computed for a whole block of texts in a few numpy operations instead of one
 `MinHash.update_batch` call per text (35 us a text with datasketch's objects, under 5 us
-here; tests/test_split.py checks the values are identical). Candidates come from LSH
-banding with the (bands, rows) that `datasketch.MinHashLSH` picks for the threshold,
-weighted towards recall; candidates whose MinHash estimate is near the threshold are then
+here). Candidates come from LSH banding with the (bands, rows) that `datasketch.MinHashLSH`
+picks for the threshold, weighted towards recall. The permutations and the (bands, rows) are
+derived here as datasketch derives them, since importing it imports scipy (0.3 s);
+tests/test_split.py checks that signatures, parameters and candidates are datasketch's; candidates whose MinHash estimate is near the threshold are then
 measured exactly on their n-gram sets, and a pair is a near-duplicate when its Jaccard
 similarity reaches the threshold (exact, so the grouping and the leakage check agree).
 """
@@ -280,10 +281,13 @@ def _ngram_hashes(texts: list[str] | list[bytes], n: int) -> tuple[np.ndarray, n
 
 @lru_cache(maxsize=None)
 def _permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    from datasketch import MinHash
-
-    a, b = MinHash(num_perm=num_perm, seed=seed, scheme="affine32").permutations
-    return a.astype(np.uint32), b.astype(np.uint32)
+    """datasketch.MinHash(num_perm, seed, scheme="affine32").permutations, drawn as it draws
+    them (MinHash._init_permutations): importing datasketch imports scipy, 0.3 s of every
+    split. tests/test_split.py compares the signatures with datasketch's."""
+    generator = np.random.RandomState(seed)
+    a = generator.randint(0, 1 << 31, num_perm, dtype=np.uint32) * np.uint32(2) + np.uint32(1)  # odd: a bijection
+    b = generator.randint(0, 1 << 32, num_perm, dtype=np.uint32)
+    return a, b
 
 
 def _fmix32(h: np.ndarray) -> np.ndarray:
@@ -335,18 +339,31 @@ def minhash(hashes: np.ndarray, owner: np.ndarray, count: int, num_perm: int = N
 
 @lru_cache(maxsize=None)
 def lsh_params(threshold: float, num_perm: int = NUM_PERM) -> tuple[int, int]:
-    """(bands, rows per band) that datasketch.MinHashLSH picks for this threshold."""
-    from datasketch import MinHashLSH
-
-    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=LSH_WEIGHTS)
-    return lsh.b, lsh.r
+    """(bands, rows per band) that datasketch.MinHashLSH picks for this threshold with
+    LSH_WEIGHTS: of every (b, r) with b * r <= num_perm, in its order, the first that minimises
+    the weighted integrals of the false positive probability 1 - (1 - s^r)^b over [0,
+    threshold] and of the false negative one over [threshold, 1] (lsh._optimal_param). It
+    integrates with scipy's quad; these are polynomials of degree b * r, which Gauss-Legendre
+    quadrature with num_perm // 2 + 1 nodes integrates exactly, without importing scipy.
+    tests/test_split.py compares the choice with datasketch's over thresholds 0.01-0.99."""
+    nodes, weights = np.polynomial.legendre.leggauss(num_perm // 2 + 1)
+    below, above = (nodes + 1) * threshold / 2, threshold + (nodes + 1) * (1 - threshold) / 2
+    weights_below, weights_above = weights * threshold / 2, weights * (1 - threshold) / 2
+    best, params = float("inf"), (0, 0)
+    for b in range(1, num_perm + 1):
+        for r in range(1, num_perm // b + 1):
+            false_positive = weights_below @ (1 - (1 - below ** r) ** b)
+            false_negative = weights_above @ ((1 - above ** r) ** b)
+            error = false_positive * LSH_WEIGHTS[0] + false_negative * LSH_WEIGHTS[1]
+            if error < best:
+                best, params = error, (b, r)
+    return params
 
 
 def prepare(threshold: float, num_perm: int = NUM_PERM, seed: int = MINHASH_SEED) -> None:
-    """Compute and cache the permutations, the LSH parameters and the plain characters. The
-    first two import datasketch, which imports scipy (about a second of CPU), the last reads
-    Unicode's tables (0.2 s): done once before worker processes are forked, they inherit the
-    caches instead of each paying it."""
+    """Compute and cache the permutations, the LSH parameters and the plain characters (the
+    last reads Unicode's tables: 0.2 s): done once before worker processes are forked, they
+    inherit the caches instead of each paying it."""
     _permutations(num_perm, seed)
     lsh_params(threshold, num_perm)
     _plain_text()

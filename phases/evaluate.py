@@ -28,7 +28,7 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
     baseline = _read_baseline(ctx)
     test_file = ws.split_file("test")
     identity = evaluation.split_identity(ws, test_file)
-    if baseline["test_split"]["sha256"] != identity["sha256"]:
+    if baseline["test_split"].get("xxh3_128") != identity["xxh3_128"]:
         raise InputError("the test split changed since the baseline was scored; run `factory run baseline --force`")
     if baseline["decoding"] != evaluation.decoding(cfg):
         raise InputError("the evaluation settings changed since the baseline was scored; run `factory run baseline --force`")

@@ -46,7 +46,7 @@ from factory.config import SHARDING_STRATEGIES, FactoryConfig
 from factory.chat import named_templates
 from factory.errors import InputError
 from factory.fingerprint import HashCache, base_model_identity
-from factory.io import file_sha256, write_json
+from factory.io import file_digest, write_json
 from factory.phase import TRAINING_LIBRARIES, Phase, PhaseContext
 from factory.workspace import Workspace, output_folder, staged_dir
 
@@ -197,9 +197,9 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
                         "end_of_turn_appended": chat.eot_appended, "stop_token_ids": chat.stop_token_ids,
                         "pad_token": chat.tokenizer.pad_token, "instruction_part": chat.instruction_part,
                         "response_part": chat.response_part},
-        "train_sha256": file_sha256(train_file),
+        "train_xxh3_128": file_digest(train_file),
         "val_records": len(val_records),
-        "val_sha256": file_sha256(val_file) if val_records else None,
+        "val_xxh3_128": file_digest(val_file) if val_records else None,
     }
 
 

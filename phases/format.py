@@ -206,7 +206,7 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
         "per_reason": dict(sorted(per_reason.items())),
         "skipped_files": skipped,
         "output": ws.rel(ws.formatted_file),
-        "output_sha256": out.sha256.hexdigest(),
+        "output_xxh3_128": out.digest.hexdigest(),
         "rejects": ws.rel(ws.rejects_file),
         "seconds": round(time.perf_counter() - started, 3),
     }

@@ -1390,7 +1390,7 @@ def _write(source: Path, blocks: list[tuple[int, int]], scan: _Scan, record_spli
         for k in range(len(SPLITS)):
             if written[k] > checked[k]:
                 hand_over(k)
-    return {name: {"path": ws.rel(out.path), "records": 0, "sha256": out.sha256.hexdigest()}
+    return {name: {"path": ws.rel(out.path), "records": 0, "xxh3_128": out.digest.hexdigest()}
             for name, out in zip(SPLITS, outputs)}
 
 

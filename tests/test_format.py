@@ -3,12 +3,12 @@ real datasets in ../shared/datasets (skipped when that folder is absent)."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 
 import orjson
 import pytest
+import xxhash
 
 from factory.config import parse_config
 from factory.errors import InputError
@@ -46,7 +46,7 @@ def run_format(root: Path, inputs=None, progress=None, workers=None) -> dict:
     assert sum(metrics["per_reason"].values()) == metrics["rejected"]
     assert len(records(root)) == metrics["records_out"]
     assert len(rejects(root)) == metrics["rejected"]
-    assert metrics["output_sha256"] == hashlib.sha256((root / metrics["output"]).read_bytes()).hexdigest()
+    assert metrics["output_xxh3_128"] == xxhash.xxh3_128((root / metrics["output"]).read_bytes()).hexdigest()
     assert progress.advanced == metrics["records_out"] + metrics["rejected"] + metrics["filtered"]
     return metrics
 
@@ -328,7 +328,7 @@ def test_a_large_file_read_by_field_names_in_ranges_gives_the_bytes_of_one_pass(
     assert progress.calls > 10  # the ranges were used
     for name in ("all.jsonl", "rejects.jsonl"):
         assert (tmp_path / "ranges/data/formatted" / name).read_bytes() == (tmp_path / "one/data/formatted" / name).read_bytes()
-    drop = ("seconds", "output_sha256")
+    drop = ("seconds", "output_xxh3_128")
     assert {k: v for k, v in parallel.items() if k not in drop} == {k: v for k, v in serial.items() if k not in drop}
     assert serial["rejected"] == 60 and serial["per_file"]["data/raw/d.jsonl"]["mapping_by_name"] == {
         "user": ["instruction", "context"], "assistant": "response"}
@@ -679,7 +679,7 @@ def test_every_output_line_matches_the_record_schema_and_runs_are_deterministic(
     assert first["records_out"] == 6
     first_bytes = (tmp_path / "data/formatted/all.jsonl").read_bytes()
     second = run_format(tmp_path)
-    assert second["output_sha256"] == first["output_sha256"]
+    assert second["output_xxh3_128"] == first["output_xxh3_128"]
     assert (tmp_path / "data/formatted/all.jsonl").read_bytes() == first_bytes
 
 
@@ -975,7 +975,7 @@ def test_a_large_jsonl_file_converted_in_ranges_by_workers_gives_the_bytes_of_on
         for name in ("all.jsonl", "rejects.jsonl"):
             assert (in_ranges / "data/formatted" / name).read_bytes() == (one_pass / "data/formatted" / name).read_bytes()
         assert {k: v for k, v in parallel.items() if k not in drop} == {k: v for k, v in serial.items() if k not in drop}
-        assert parallel["output_sha256"] == hashlib.sha256((in_ranges / "data/formatted/all.jsonl").read_bytes()).hexdigest()
+        assert parallel["output_xxh3_128"] == xxhash.xxh3_128((in_ranges / "data/formatted/all.jsonl").read_bytes()).hexdigest()
     blank = sum(1 for n in range(0, 400, 9) if not bad[n % 7].strip())
     assert serial["per_file"]["data/raw/a.jsonl"]["format"] == "alpaca" and serial["rejected"] == 1 + 45 - blank + 1
     assert serial["incomplete_files"][0]["reason"] == "truncated_file"

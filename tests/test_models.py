@@ -310,7 +310,7 @@ def test_quantize_offline_gives_verified_gguf_files_that_do_the_task(example):
     for card in (merged / "README.md", example / "models" / "quantized" / "README.md"):
         text = card.read_text()
         assert "| quantization-verified | passed |" in text and "| model-performance | passed |" in text
-        assert metrics(example, "split")["files"]["test"]["sha256"] in text and "model-Q4_K_M.gguf" in text
+        assert metrics(example, "split")["files"]["test"]["xxh3_128"] in text and "model-Q4_K_M.gguf" in text
     assert "llama-server -m models/quantized/model-Q8_0.gguf" in proc.stderr and "ollama create" in proc.stderr
 
     # factory sample runs the GGUF through llama.cpp

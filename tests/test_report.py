@@ -51,7 +51,7 @@ def evaluation_metrics(n=40, right=34):
     baseline = {"num_examples": n, "scores": {"exact_match": 0.0}, "primary": "exact_match", "examples": base}
     evaluation = {
         "model": "models/base", "adapter": "models/checkpoints/lora", "num_examples": n,
-        "test_split": {"file": "data/splits/test.jsonl", "sha256": "0" * 64}, "primary": "exact_match",
+        "test_split": {"file": "data/splits/test.jsonl", "xxh3_128": "0" * 32}, "primary": "exact_match",
         "scores": {"exact_match": right / n},
         "comparison": {"metric": "exact_match", "n": n, "baseline": 0.0, "finetuned": right / n,
                        "improvement": right / n, "relative_improvement": None, "test": "mcnemar_exact",

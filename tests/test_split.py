@@ -3,7 +3,6 @@ cross splits, stratification, leakage measured from the written files, determini
 the errors a user can meet. No mocks: each test writes data/formatted/all.jsonl and runs
 the phase."""
 
-import hashlib
 import json
 import logging
 import subprocess
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 import pytest
+import xxhash
 
 from brute_force import near_pairs_across_splits
 from factory.config import parse_config
@@ -99,7 +99,7 @@ def test_exact_ratios_and_metrics(ws):
     for name in SPLITS:
         data = ws.split_file(name).read_bytes()
         assert m["files"][name] == {"path": f"data/splits/{name}.jsonl", "records": len(got[name]),
-                                     "sha256": hashlib.sha256(data).hexdigest()}
+                                     "xxh3_128": xxhash.xxh3_128(data).hexdigest()}
 
 
 def test_lines_are_copied_unchanged_in_input_order(ws):
@@ -124,7 +124,7 @@ def test_same_seed_same_bytes_other_seed_other_split(tmp_path):
         ws = Workspace.at(tmp_path / str(i))
         write_input(ws, records)
         m = run(ws, {"split": {"seed": seed}})
-        digests.append({name: m["files"][name]["sha256"] for name in SPLITS})
+        digests.append({name: m["files"][name]["xxh3_128"] for name in SPLITS})
     assert digests[0] == digests[1]
     assert digests[0]["test"] != digests[2]["test"]
 
@@ -506,7 +506,7 @@ def test_scan_workers_start_safely_beside_other_threads(tmp_path):
             m = run(ws, workers=2, chunk_bytes=8 << 10)
         finally:
             stop.set()
-        results.append([m["files"][name]["sha256"] for name in SPLITS])
+        results.append([m["files"][name]["xxh3_128"] for name in SPLITS])
     assert results[0] == results[1]
 
 
@@ -979,6 +979,19 @@ def test_minhash_signatures_are_datasketchs_and_lsh_finds_what_datasketch_finds(
     monkeypatch.setattr(textsim, "NGRAMS_RUN", 7)  # the candidates' n-grams asked for a few at a time: the same pairs
     again = textsim.near_duplicate_pairs(keys, textsim.sketch(sig), ngrams_of, 0.8)
     assert all((x == y).all() for x, y in zip(again, (a, b, similarity)))
+
+
+def test_lsh_parameters_are_the_ones_datasketch_picks():
+    """textsim derives MinHashLSH's (bands, rows) without importing datasketch: the same for
+    every threshold a user can set (two decimals), and at another signature length."""
+    from datasketch import MinHashLSH
+
+    from factory import textsim
+
+    for num_perm, thresholds in ((textsim.NUM_PERM, np.arange(1, 100) / 100), (128, (0.3, 0.5, 0.8, 0.9, 0.95))):
+        for threshold in map(float, thresholds):
+            theirs = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=textsim.LSH_WEIGHTS)
+            assert textsim.lsh_params(threshold, num_perm) == (theirs.b, theirs.r), threshold
 
 
 @pytest.mark.parametrize("rows", [0, 1, 2, 50, 200_000])
