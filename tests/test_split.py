@@ -510,6 +510,26 @@ def test_scan_workers_start_safely_beside_other_threads(tmp_path):
     assert results[0] == results[1]
 
 
+def test_workers_hand_their_results_over_through_files_that_are_gone_after_the_run(tmp_path):
+    """The scan's workers write their results to files for the split's process to read: the
+    same metrics and files as a scan in one process, and the folder is gone after the run; a
+    killed run's leftover folder does not stop the next."""
+    base, near = paraphrases(30)
+    records = unique_records(300) + [record(t, f"Answer {i}.") for i, t in enumerate(base + near)]
+    results = []
+    for i, workers in enumerate((1, 2)):
+        ws = Workspace.at(tmp_path / str(i))
+        write_input(ws, records)
+        leftover = ws.formatted_dir / ".scan.partial"
+        leftover.mkdir()
+        (leftover / "0.bin").write_bytes(b"a killed run's")
+        m = run(ws, workers=workers, chunk_bytes=8 << 10)
+        assert not leftover.exists() and sorted(p.name for p in ws.formatted_dir.iterdir()) == [
+            "all.jsonl", "duplicates.jsonl"]
+        results.append({k: v for k, v in m.items() if k not in ("seconds", "seconds_by_step")})
+    assert results[0] == results[1] and results[0]["near_duplicates"]["pairs"] >= 30
+
+
 def test_empty_input(ws):
     write_input(ws, [])
     with pytest.raises(InputError, match="0 record"):
@@ -1319,7 +1339,7 @@ def signatures_of_the_formatted_file(ws):
     split._init_worker(settings)
     with split.SpilledNgrams(ws.formatted_dir) as spilled:
         scan = split._Scan(textsim.lsh_params(settings.threshold)[0], spilled)
-        scan.add(split._scan_block((str(ws.formatted_file), 0, ws.formatted_file.stat().st_size)))
+        scan.add(split._scan_block((str(ws.formatted_file), 0, ws.formatted_file.stat().st_size, None)))
         scan.finish()
         yield settings, scan, split._Signed(scan, split._NearSearch(scan, np.ones(scan.records, bool)), settings)
 
