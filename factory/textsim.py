@@ -498,7 +498,7 @@ def first_of_each(keys: np.ndarray) -> np.ndarray:
     """The positions (sorted) of each distinct key's first occurrence: np.unique's
     return_index, in file order, with only the rows maybe_shared keeps sorted."""
     maybe = maybe_shared(keys)
-    _, first = np.unique(keys[maybe], return_index=True)
+    first = first_occurrences(keys[maybe])
     later = np.ones(maybe.size, bool)
     later[first] = False
     kept = np.ones(keys.size, bool)
@@ -547,6 +547,25 @@ def candidate_pairs(keys: np.ndarray, keep: Callable[[np.ndarray, np.ndarray], n
     for first, rest in band_candidates(keys, keep, None if labels is None else lambda: labels, large):
         packed = distinct(np.concatenate((packed, first, rest())), runs=True)  # three sorted runs
     return packed // m, packed % m
+
+
+def first_occurrences(keys: np.ndarray, inverse: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """np.unique(keys, return_index=True)[1]: the position of each distinct key's first
+    occurrence, in the order of the keys; with `inverse`, also np.unique's return_inverse (each
+    key's distinct number). np.unique sorts stably (timsort on 64-bit integers); the least
+    position of each run of equal keys needs only numpy's default sort (SIMD on x86): 0.05 s
+    against 0.15 s for 1.3M keys here."""
+    order = np.argsort(keys)
+    ordered = keys[order]
+    new = np.empty(keys.size, bool)
+    new[:1] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=new[1:])
+    first = np.minimum.reduceat(order, np.flatnonzero(new)) if keys.size else order
+    if not inverse:
+        return first
+    number = np.empty(keys.size, np.int64)
+    number[order] = np.cumsum(new) - 1
+    return first, number
 
 
 def distinct(values: np.ndarray, runs: bool = False) -> np.ndarray:
@@ -697,7 +716,7 @@ def _link_run(a: np.ndarray, b: np.ndarray, estimate: np.ndarray, group: np.ndar
         return group
     ga, gb = group[a[pending]], group[b[pending]]
     low_g, high_g = np.minimum(ga, gb), np.maximum(ga, gb)
-    _, first = np.unique(low_g * m + high_g, return_index=True)  # pending is by estimate: the best per pair of groups
+    first = first_occurrences(low_g * m + high_g)  # pending is by estimate: the best per pair of groups
     choice = pending[first]
     labels = distinct(np.concatenate((low_g[first], high_g[first])))
     ia, ib = np.searchsorted(labels, low_g[first]), np.searchsorted(labels, high_g[first])

@@ -877,8 +877,8 @@ def _mark_duplicates(keys: np.ndarray, among: np.ndarray, duplicate_of: np.ndarr
     from factory import textsim
 
     among = among[textsim.maybe_shared(keys[among])]  # a key no other record has marks nothing
-    _, first, inverse = np.unique(keys[among], return_index=True, return_inverse=True)
-    original = among[first[inverse.reshape(-1)]]
+    first, inverse = textsim.first_occurrences(keys[among], inverse=True)
+    original = among[first[inverse]]
     repeated = original != among
     duplicate_of[among[repeated]] = original[repeated]
     kind[among[repeated]] = code
@@ -1746,7 +1746,7 @@ class _LeakageCheck:
         t = {f: np.frombuffer(values, np.dtype(values.typecode)) for f, values in self.grown.items()}
         shared, leaking = _shared_between_splits(t["key"], t["split"])
         # near-duplicates: each distinct text once per split; pairs of different texts in two splits
-        _, rows = np.unique(_text_in_split(t["near_key"], t["near_split"]), return_index=True)
+        rows = textsim.first_occurrences(_text_in_split(t["near_key"], t["near_split"]))
         if self.signed is None:
             bands = t.pop("near_bands").reshape(-1, textsim.lsh_params(settings.threshold)[0])[rows]
             sketches = t.pop("near_sketch").reshape(-1, textsim.NUM_PERM)[rows]

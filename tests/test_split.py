@@ -1029,6 +1029,9 @@ def test_the_rows_searched_in_a_band_hold_every_row_that_shares_its_key(rows):
     assert (np.diff(searched) > 0).all() and np.isin(shared, searched).all()
     assert searched.size - shared.size <= 0.25 * (rows - shared.size)  # not all rows: the point of it
     assert textsim.first_of_each(keys).tolist() == np.sort(np.unique(keys, return_index=True)[1]).tolist()
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    assert textsim.first_occurrences(keys).tolist() == first.tolist()
+    assert all((x == y).all() for x, y in zip(textsim.first_occurrences(keys, inverse=True), (first, inverse)))
 
 
 def variants(n, at=None):
