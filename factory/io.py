@@ -161,6 +161,21 @@ class AtomicOutput:
         if self._written - self._written_back >= WRITEBACK_BYTES:
             self._start_writeback()
 
+    def written_elsewhere(self, end: int) -> None:
+        """Take in the bytes up to `end` that other processes wrote into `partial` (all of
+        them by now): read back into the digest, and handed to the disk as write() hands its
+        own."""
+        with open(self.partial, "rb") as f:
+            f.seek(self._written)
+            while self._written < end:
+                chunk = f.read(min(4 << 20, end - self._written))
+                if not chunk:
+                    raise OSError(f"{self.partial} ends at byte {self._written}, before the {end} written")
+                self.digest.update(chunk)
+                self._written += len(chunk)
+        if self._written - self._written_back >= WRITEBACK_BYTES:
+            self._start_writeback()
+
     def _start_writeback(self) -> None:
         sync_file_range = libc_function("sync_file_range")  # Linux only: elsewhere the fsync does it all
         if sync_file_range is not None:

@@ -419,17 +419,19 @@ def test_the_turns_simdjson_reads_are_those_orjson_reads(tmp_path):
             split._Block(str(tmp_path / "all.jsonl"), two, 0, role)
 
 
-def test_blank_lines_and_a_missing_final_newline(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_blank_lines_and_a_missing_final_newline(tmp_path, workers):
     lines = [orjson.dumps(r) for r in unique_records(40)]
     for i, chunk_bytes in enumerate((1 << 20, 300)):  # one block; many blocks, some with blank lines
         ws = Workspace.at(tmp_path / str(i))
         ws.formatted_file.parent.mkdir(parents=True)
-        ws.formatted_file.write_bytes(b"\n".join(lines[:10]) + b"\n\n\n" + b"\n".join(lines[10:]))
-        m = run(ws, chunk_bytes=chunk_bytes)
+        ws.formatted_file.write_bytes(b"\n\n" + b"\n".join(lines[:10]) + b"\n\n\n" + b"\n".join(lines[10:]))
+        m = run(ws, chunk_bytes=chunk_bytes, workers=workers)
         assert m["records_in"] == 40 and m["counts"] == {"train": 32, "val": 4, "test": 4}
         written = [ws.split_file(name).read_bytes() for name in SPLITS]
         assert all(data.endswith(b"\n") and b"\n\n" not in data for data in written)
         assert sorted(b"".join(written).splitlines()) == sorted(lines)
+        assert [m["files"][name]["xxh3_128"] for name in SPLITS] == [xxhash.xxh3_128(d).hexdigest() for d in written]
 
 
 def test_other_json_layouts_get_the_same_keys(ws):
