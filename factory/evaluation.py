@@ -68,7 +68,6 @@ model-performance gate read it like any other score."""
 
 def score_language_model(ctx: PhaseContext, model, chat, records: list[dict], *, what: str) -> dict[str, Any]:
     """Plain-text documents: loss and perplexity per document, nothing generated."""
-    cfg = ctx.config.evaluation
     ctx.progress.start(len(records), f"documents ({what})")
     started = time.monotonic()
     examples, total, tokens = [], 0.0, 0

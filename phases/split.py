@@ -7,7 +7,7 @@ Reads top to bottom:
             8-byte keys in flat arrays, never the record: the exact line, the normalized
             prompt (every turn but a last answer), each normalized user turn, LSH band keys
             of the user turns' MinHash signatures (near-duplicates), benchmark matches
-            (data.decontaminate), the stratum, and the line's offset
+            (data.decontaminate), the stratum, and the line's offset and length
 2. dedup    drop exact, then normalized duplicates (the first occurrence is kept: only records
             sharing a normalized prompt can be one, and only their answers are normalized,
             in the scan when the prompt is shared within a block, else read back), then with
@@ -18,16 +18,18 @@ Reads top to bottom:
             train/val/test by cumulative record counts, per stratum when
             `data.split.stratify` is set
 5. decontaminate   leave contaminated train records out (or only count them)
-6. write    copy each kept line unchanged into its split file; every dropped record goes to
+6. write    copy each kept line unchanged into its split file (worker processes, a block at a
+            time, each piece at its place in its file); every dropped record goes to
             data/formatted/duplicates.jsonl or contaminated.jsonl with the record it matched
-7. check    re-read the three split files and measure leakage on its own: normalized user
-            turns found in two splits, and near-duplicate user turns across splits
+7. check    re-read the three split files (each piece as soon as it is written) and measure
+            leakage on its own: normalized user turns found in two splits, and
+            near-duplicate user turns across splits
 8. account  every record of all.jsonl is in a split or in one of the dropped counts
 
 Normalization (factory.textsim.normalize): Unicode NFKC, case folded, whitespace runs made
 one space; symbols, punctuation and digits are kept.
 
-Memory: about 60 bytes a record plus, with near-duplicates on, 152 bytes per distinct user
+Memory: about 70 bytes a record plus, with near-duplicates on, 152 bytes per distinct user
 turn of at least `dedup.ngram` words (LSH band keys 72, a signature sketch 64, record and
 key), plus two blocks per worker; LSH candidates are filtered band by band as found, and
 the ones kept are measured exactly (textsim.pair_jaccard, numpy arrays, no Python set per
@@ -49,8 +51,7 @@ import shutil
 import tempfile
 import time
 from array import array
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from functools import cached_property
@@ -266,7 +267,7 @@ def _split(ctx: PhaseContext, workers: int | None, chunk_bytes: int, stack: Exit
     counts = {name: int(np.count_nonzero(record_split == k)) for k, name in enumerate(SPLITS)}
     ctx.progress.start(int(sum(counts.values())), "records written")
     scan.release(*_Scan.SEARCH_FIELDS)  # the check's keys take their place
-    with _LeakageCheck(ws, settings, pool, signed, known) as check:
+    with _LeakageCheck(ws, settings, signed, known) as check:
         del signed, known
         files = _write(source, blocks, scan, record_split, ws, ctx.progress, check, pool, log)
         for name in SPLITS:
@@ -879,7 +880,6 @@ class SpilledNgrams:
 def _mark_duplicates(keys: np.ndarray, among: np.ndarray, duplicate_of: np.ndarray, kind: np.ndarray, code: int) -> None:
     """Among the records `among` (in file order), each one whose key an earlier one has is
     marked a duplicate of the first record with that key."""
-    import numpy as np
     from factory import textsim
 
     among = among[textsim.maybe_shared(keys[among])]  # a key no other record has marks nothing
@@ -1677,24 +1677,22 @@ class _LeakageCheck:
     normalized user turn (of at least data.split.min_turn_words words) found in two splits,
     and every pair of different user turns in two splits whose word n-gram Jaccard reaches
     dedup.near_threshold (MinHash LSH candidates, measured exactly). The files are read back
-    in parts (_check_block), in the pool's workers while the split's process writes the rest
-    (submit), or handed in (add); each file's parts in order. With `signed`, the texts'
-    signatures are looked up there (_Signed) instead of computed by the parts; with `known`,
-    each part's lines are only keyed, and their user turns looked up there (_KnownLines),
-    KEYED_LINES lines of a file at a time."""
+    in parts (_check_block, or _key_lines with `known`) by the workers that write them
+    (_write_block) or afresh (measure_leakage), and handed in (add), each file's parts in
+    order. With `signed`, the texts' signatures are looked up there (_Signed) instead of
+    computed by the parts; with `known`, each part's lines are only keyed, and their user
+    turns looked up there (_KnownLines), KEYED_LINES lines of a file at a time."""
 
     FIELDS = {"split": "b", "key": "Q", "offset": "q", "line": "q", "near_split": "b", "near_key": "Q",
               "near_offset": "q", "near_line": "q", "near_bands": "Q", "near_sketch": "B"}
 
-    def __init__(self, ws, settings: Settings, pool=None, signed: _Signed | None = None,
-                 known: _KnownLines | None = None) -> None:
-        self.ws, self.settings, self.pool, self.signed, self.known = ws, settings, pool, signed, known
+    def __init__(self, ws, settings: Settings, signed: _Signed | None = None, known: _KnownLines | None = None) -> None:
+        self.ws, self.settings, self.signed, self.known = ws, settings, signed, known
         self.records = dict.fromkeys(SPLITS, 0)
         self.lines = dict.fromkeys(SPLITS, 0)
         self.grown = {f: array(code) for f, code in self.FIELDS.items()}  # grown in place, as the scan's
         ws.splits_dir.mkdir(parents=True, exist_ok=True)
         self.spilled = SpilledNgrams(ws.splits_dir)  # the n-gram hashes of each near_* row
-        self.pending: deque = deque()  # submitted parts, in order
         self.keyed: dict[int, list[dict]] = {k: [] for k in range(len(SPLITS))}  # each file's, not looked up yet
         _init_worker(settings)  # for the parts checked in this process
 
@@ -1703,17 +1701,6 @@ class _LeakageCheck:
 
     def __exit__(self, *exc) -> None:
         self.spilled.close()
-
-    def submit(self, output: AtomicOutput, start: int, end: int, split: int) -> None:
-        """Check bytes [start, end) of a split file being written (flushed, whole lines)."""
-        job = (str(output.partial), start, end, split, str(output.path), self.signed is None)
-        function = _check_block if self.known is None else _key_lines
-        if self.pool is None:
-            self.add(function(job))
-            return
-        self.pending.append(self.pool.submit(function, job))
-        while self.pending and self.pending[0].done():
-            self.add(self.pending.popleft().result())
 
     def add(self, part: dict[str, Any], progress=None) -> None:
         import numpy as np
@@ -1760,12 +1747,10 @@ class _LeakageCheck:
             self.add(part, progress)
 
     def result(self, progress=None) -> dict[str, Any]:
-        """The leakage once every part is in (the submitted ones are waited for)."""
+        """The leakage once every part is in."""
         import numpy as np
         from factory import textsim
 
-        while self.pending:
-            self.add(self.pending.popleft().result(), progress)
         for keyed in self.keyed.values():
             if keyed:
                 self._look_up(keyed, progress)
