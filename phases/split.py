@@ -182,6 +182,9 @@ def _split(ctx: PhaseContext, workers: int | None, chunk_bytes: int, stack: Exit
             f"{', '.join(needed)} each need at least one: add data to data/raw, or set the ratio of a split to 0 in data.split"
         )
     laps("dedup")
+    # the check's lookup tables, built on the second core while this thread groups and assigns:
+    # they depend on the scan and the search alone
+    lookups = stack.enter_context(ThreadPoolExecutor(1)).submit(_check_lookups, scan, search, settings)
 
     # 3. group ------------------------------------------------------------------------
     component = _components(scan, keep, norm, near_a, near_b, cfg.group_by_prompt)
@@ -238,10 +241,8 @@ def _split(ctx: PhaseContext, workers: int | None, chunk_bytes: int, stack: Exit
             largest = int(np.bincount(component[keep]).max())
             log.info("split: %d near-duplicate pairs in two splits after assignment, found as the check looks for "
                      "them: their groups joined the split of the largest one", near_repaired)
-    # the check looks up the texts the search signed (with their n-grams); it signs them itself where none was
-    signed = _Signed(scan, search, settings) if search is not None and search.rows.size else None
-    known = _KnownLines(scan) if signed is not None else None
-    del search
+    signed, known = lookups.result()
+    del search, lookups
     laps("assign")
 
     # 5. decontaminate ----------------------------------------------------------------
@@ -342,6 +343,16 @@ def _split(ctx: PhaseContext, workers: int | None, chunk_bytes: int, stack: Exit
              "-> train %d, val %d, test %d", n, dropped["exact"], dropped["normalized"], dropped["near"],
              removed.size, group_count, counts["train"], counts["val"], counts["test"])
     return metrics
+
+
+def _check_lookups(scan: _Scan, search: _NearSearch | None, settings: Settings
+                   ) -> tuple[_Signed | None, _KnownLines | None]:
+    """What the check looks up: the texts the search signed (with their n-grams), and the
+    user turns of each line the scan read. Without them (no near-duplicate search, or nothing
+    long enough to search) it signs and parses every line itself."""
+    if search is None or not search.rows.size:
+        return None, None
+    return _Signed(scan, search, settings), _KnownLines(scan)
 
 
 def _outputs(cfg, ws) -> list[Path]:
