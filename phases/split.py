@@ -1043,7 +1043,8 @@ def _components(scan: _Scan, keep: np.ndarray, norm: np.ndarray, near_a: np.ndar
                 by_prompt: bool) -> np.ndarray:
     """Connected components of the kept records over their shared keys (a component number
     per record; dropped records get their own). Records sharing a key are linked in a chain
-    (each to the next in key order), which connects them with one edge per record."""
+    (each to the next in key order, in any order among equal keys: the components are the
+    same), which connects them with one edge per record."""
     import numpy as np
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
@@ -1065,7 +1066,7 @@ def _components(scan: _Scan, keep: np.ndarray, norm: np.ndarray, near_a: np.ndar
     for records, keys in sources:
         maybe = textsim.maybe_shared(keys)  # a key no other record has links nothing
         records, keys = records[maybe], keys[maybe]
-        order = np.lexsort((records, keys))
+        order = np.argsort(keys)
         r, k = records[order], keys[order]
         same = k[1:] == k[:-1]
         edges_a.append(r[:-1][same])
