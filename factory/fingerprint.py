@@ -11,8 +11,8 @@ A phase's fingerprint holds:
 Content hashes (factory.io.content_digest) of large inputs are kept in .factory/hash-cache.json
 by (size, mtime, ctime, inode), as DVC's state cache does: an 8 GB model folder is read once,
 and later runs only `stat` it. A file a phase wrote through AtomicOutput is not read at all:
-its digest was computed as it was written. A file modified within the last seconds is not cached (its timestamp may not yet
-tell two writes apart), so it is hashed again next time.
+its digest was computed as it was written. A file modified within the last seconds is not
+cached (its timestamp may not yet tell two writes apart), so it is hashed again next time.
 """
 
 from __future__ import annotations

@@ -185,11 +185,6 @@ class AtomicOutput:
                             ctypes.c_uint(SYNC_FILE_RANGE_WRITE))
         self._written_back = self._written
 
-    def flush(self) -> None:
-        """Pass what was written to the operating system: it can be read back from `partial`
-        (or from `path`, once the output is complete)."""
-        self._file.flush()
-
     def __exit__(self, exc_type, exc, tb) -> None:
         stack = _open_outputs()
         stack.remove(self)

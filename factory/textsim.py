@@ -15,8 +15,9 @@ seed)`), computed for a whole block of texts in a few numpy operations instead o
 here). Candidates come from LSH banding with the (bands, rows) that `datasketch.MinHashLSH`
 picks for the threshold, weighted towards recall. The permutations and the (bands, rows) are
 derived here as datasketch derives them, since importing it imports scipy (0.3 s);
-tests/test_split.py checks that signatures, parameters and candidates are datasketch's; candidates whose MinHash estimate is near the threshold are then
-measured exactly on their n-gram sets, and a pair is a near-duplicate when its Jaccard
+tests/test_split.py checks that signatures, parameters and candidates are datasketch's.
+Candidates whose MinHash estimate is near the threshold are then measured exactly on their
+n-gram sets, and a pair is a near-duplicate when its Jaccard
 similarity reaches the threshold (exact, so the grouping and the leakage check agree).
 """
 

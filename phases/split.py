@@ -487,7 +487,7 @@ class _Block:
     def __init__(self, path: str, data: bytes, start: int, role: str | None = None):
         import numpy as np
 
-        lines, self.offset, self.line, self.lines = _lines(data, start)
+        lines, self.offset, self.length, self.line, self.lines = _lines(data, start)
         self.records = len(lines)
         self.raw_lines = lines
         try:
@@ -528,10 +528,10 @@ class _Block:
         return np.fromiter(map(codes.__getitem__, self.roles), np.uint64, len(self.roles))
 
 
-def _lines(data: bytes, start: int) -> tuple[list[bytes], np.ndarray, np.ndarray, int]:
+def _lines(data: bytes, start: int) -> tuple[list[bytes], np.ndarray, np.ndarray, np.ndarray, int]:
     """The non-empty lines of a block that starts at byte `start` of its file, without their
-    newlines; each one's offset in the file and line in the block (0-based); the block's
-    number of lines (its newlines, and a last line without one)."""
+    newlines; each one's offset in the file, length and line in the block (0-based); the
+    block's number of lines (its newlines, and a last line without one)."""
     import numpy as np
 
     raw = data.split(b"\n")
@@ -539,7 +539,7 @@ def _lines(data: bytes, start: int) -> tuple[list[bytes], np.ndarray, np.ndarray
     filled = np.flatnonzero(length)
     offset = (start + np.cumsum(length + 1) - length - 1)[filled]
     lines = raw[:-1] if filled.size == len(raw) - 1 and not raw[-1] else [raw[i] for i in filled.tolist()]
-    return lines, offset, filled, len(raw) - 1 + bool(raw[-1])
+    return lines, offset, length[filled], filled, len(raw) - 1 + bool(raw[-1])
 
 
 def _turns(lines: list[bytes], role: str | None) -> tuple[array, list[str], list[str]]:
@@ -671,7 +671,7 @@ def _scan_block(job: tuple[str, int, int, str | None]) -> dict[str, Any]:
     part = {"records": n, "lines": block.lines, "blank": block.lines - n,
             "exact": textsim.text_keys(block.raw_lines, seed).tobytes(), "prompt": prompt.tobytes(),
             "prompt_sum": prompt_sum.tobytes(), "norm": norm.tobytes(), "offset": block.offset.tobytes(),
-            "length": np.fromiter(map(len, block.raw_lines), np.uint64, n).tobytes(), "line": block.line.tobytes()}
+            "length": block.length.tobytes(), "line": block.line.tobytes()}
     part.update(_user_turns([texts[i] for i in user.tolist()], turn_key[user], block.record_of_turn[user], s, s.near))
     names: dict[int, str] = {}
     missing = 0
@@ -1430,8 +1430,8 @@ def _write(source: Path, blocks: list[tuple[int, int]], scan: _Scan, record_spli
     size = np.zeros((len(blocks), len(SPLITS)), np.int64)  # of each block's piece of each file
     np.add.at(size, (np.repeat(np.arange(len(blocks)), count)[kept], record_split[kept]),
               scan.length[kept].astype(np.int64) + 1)
-    place = np.cumsum(size, axis=0) - size
     ends = np.cumsum(size, axis=0)
+    place = ends - size
     with outputs[0], outputs[1], outputs[2], ThreadPoolExecutor(1) as reader:
         partial, complete = tuple(str(o.partial) for o in outputs), tuple(str(o.path) for o in outputs)
         jobs = [(str(source), start, end, record_split[a:a + n].tobytes(), scan.offset[a:a + n].tobytes(), blank,
@@ -1853,7 +1853,7 @@ def _key_lines(job: tuple[str, int, int, int, str | None, bool]) -> dict[str, An
     from factory import textsim
 
     path, start, end, split, complete, _ = job
-    lines, offset, line, count = _lines(_read_part(path, start, end, complete), start)
+    lines, offset, _, line, count = _lines(_read_part(path, start, end, complete), start)
     return {"job": job, "records": len(lines), "lines": count,
             "line_key": textsim.text_keys(lines, _SETTINGS.seed).tobytes(),
             "line_offset": offset.tobytes(), "line_line": line.tobytes()}
