@@ -194,6 +194,13 @@ def _run_one(phase: Phase, cfg: FactoryConfig, ws: Workspace, status: StatusWrit
         metrics = distributed.run_phase(phase, context) if distributed.launches(phase, cfg) else phase.run(context)
         _raise_if_signalled()  # a cancellation the phase's code swallowed is still one
     except BaseException as exc:
+        # after a signal the run is cancelled, whatever error the cancellation surfaced as on
+        # its way out: a library's cleanup it broke (torch's "trying to pop from empty mode
+        # stack" during model loading, then reported as a model that cannot be loaded, exit 2)
+        cancellation = _cancellation()
+        if cancellation is not None and not isinstance(exc, (KeyboardInterrupt, Cancelled)):
+            cancellation.__context__ = exc
+            exc = cancellation
         exc = _as_user_error(exc, ws, f"running {phase.name}")  # while the disk is as the failure left it
         try:
             discard_unfinished(ws)  # on a full disk, that is the space the final status needs
@@ -346,16 +353,25 @@ def _cancel(signum: int, frame) -> None:
     _raise_if_signalled()
 
 
-def _raise_if_signalled() -> None:
-    """Raise the cancellation a signal asked for (Cancelled for SIGTERM, KeyboardInterrupt for
-    Ctrl-C). The handler raises it at once; this raises it again at the next progress step and
-    at the end of each phase, because Python drops an exception raised while a finalizer runs
-    ("Exception ignored in ...: KeyboardInterrupt", a weakref callback during garbage
-    collection): a Ctrl-C during quantize was lost that way and the run went on to succeed."""
+def _cancellation() -> BaseException | None:
+    """The cancellation a signal asked for (Cancelled for SIGTERM, KeyboardInterrupt for
+    Ctrl-C), or None when none came."""
     if _signalled == signal.SIGTERM:
-        raise Cancelled("terminated by SIGTERM")
+        return Cancelled("terminated by SIGTERM")
     if _signalled == signal.SIGINT:
-        raise KeyboardInterrupt
+        return KeyboardInterrupt()
+    return None
+
+
+def _raise_if_signalled() -> None:
+    """Raise the cancellation a signal asked for. The handler raises it at once; this raises it
+    again at the next progress step and at the end of each phase, because Python drops an
+    exception raised while a finalizer runs ("Exception ignored in ...: KeyboardInterrupt", a
+    weakref callback during garbage collection): a Ctrl-C during quantize was lost that way and
+    the run went on to succeed."""
+    cancellation = _cancellation()
+    if cancellation is not None:
+        raise cancellation
 
 
 @contextmanager
