@@ -365,7 +365,9 @@ def format_in_ranges(reader: "FileReader", fmt: str, by_name: dict[str, Any] | N
     folder beside the output, and this process appends those files and the rejects in file
     order. The converted text does not come back through the pool's pipe: pickled, sent and
     unpickled, it cost this process more CPU than the workers' conversion left it. At most
-    two ranges per worker are in flight, so memory does not grow with the file. A worker
+    two ranges per worker are in flight, so memory does not grow with the file, and as many
+    files take turns: each is written over from its start, never removed or emptied between
+    ranges (a file a range: 0.26 s of this process at 1M records in removing them). A worker
     numbers its range's lines from 1, and this process adds the lines of the ranges before
     it to the line numbers of its rejects: reading the file here to count them first made
     the phase 0.3 s slower at 1M records (3.1-3.4 s against 2.9-3.1).
@@ -376,8 +378,9 @@ def format_in_ranges(reader: "FileReader", fmt: str, by_name: dict[str, Any] | N
     spec = reader.spec.model_copy(update={"mapping": by_name}) if by_name else reader.spec
     folder = _ranges_folder(out.path)
     folder.mkdir()
-    jobs = ((reader.path, spec, reader.rel, reader.root, fmt, byte_range, folder / f"{byte_range[0]}.jsonl")
-            for byte_range in _line_ranges(reader.path, RANGE_BYTES))
+    in_flight = 2 * workers
+    jobs = ((reader.path, spec, reader.rel, reader.root, fmt, byte_range, folder / f"{k % in_flight}.jsonl")
+            for k, byte_range in enumerate(_line_ranges(reader.path, RANGE_BYTES)))
     lines_before = 0
     try:
         with worker_pool(workers, log, "format") as pool:
@@ -385,11 +388,10 @@ def format_in_ranges(reader: "FileReader", fmt: str, by_name: dict[str, Any] | N
             for job in chain(jobs, [None]):
                 if job is not None:
                     pending.append(pool.submit(_format_range, job))
-                while pending and (job is None or len(pending) >= 2 * workers):
+                while pending and (job is None or len(pending) >= in_flight):
                     part = pending.popleft().result()
-                    converted = part.pop("out")
-                    out.write(converted.read_bytes())
-                    converted.unlink()
+                    with open(part.pop("out"), "rb") as converted:
+                        out.write(converted.read(part.pop("size")))
                     rejects.write(_lines_moved(part.pop("rejects"), lines_before))
                     for key in ("records_in", "records_out", "converted", "rejected", "filtered"):
                         stats[key] += part[key]
@@ -443,14 +445,16 @@ class _NoProgress:
 
 
 def _format_range(job: tuple) -> dict:
-    """format_file on one range of a JSONL file (in a worker process), into the file `target`;
+    """format_file on one range of a JSONL file (in a worker process), written over the start
+    of the file `target` (which may be longer: `size` says where this range's output ends);
     with the number of lines in the range."""
     path, spec, rel, root, fmt, byte_range, target = job
     rejects = io.BytesIO()
     reader = FileReader(path, spec, rel, root, fmt, byte_range)
-    with open(target, "wb") as out:
+    with open(os.open(target, os.O_WRONLY | os.O_CREAT, 0o644), "wb") as out:
         stats = format_file(reader, out, rejects, _NoProgress())
-    return {**stats, "out": target, "rejects": rejects.getvalue(), "lines": reader.lines}
+        size = out.tell()
+    return {**stats, "out": target, "size": size, "rejects": rejects.getvalue(), "lines": reader.lines}
 
 
 def canonical_records(path: Path, spec: InputSpec, rel: str, root: Path | None = None):
