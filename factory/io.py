@@ -105,6 +105,25 @@ def written_digest(path: Path, key: list[int]) -> str | None:
     return written[1] if written is not None and written[0] == key else None
 
 
+def drop_in_background(paths: list[Path]) -> threading.Thread:
+    """Remove these files (those there) in a thread, moved aside at once: stale outputs about
+    to be written again (AtomicOutput's drop_old), removed while other work goes on. Freeing
+    the disk blocks of a 900 MB file takes 0.15 s here. Join the thread before writing them:
+    their freed pages in the page cache are then there for the new files (see drop_old)."""
+    aside = []
+    for path in map(Path, paths):
+        moved = path.with_name(f".{path.name}.dropped")
+        moved.unlink(missing_ok=True)  # a killed run's
+        try:
+            os.replace(path, moved)
+        except FileNotFoundError:
+            continue
+        aside.append(moved)
+    thread = threading.Thread(target=lambda: [p.unlink(missing_ok=True) for p in aside], daemon=True)
+    thread.start()
+    return thread
+
+
 _OPEN_OUTPUTS = threading.local()  # the AtomicOutputs open in this thread, outermost first
 
 

@@ -65,7 +65,7 @@ import xxhash
 # numpy and factory.textsim are imported in the functions that use them: a `factory run` with
 # nothing to do imports this module for its PHASE only, and should not pay for numpy.
 from factory.errors import InputError
-from factory.io import AtomicOutput
+from factory.io import AtomicOutput, drop_in_background
 from factory.phase import Phase, PhaseContext
 from factory.workers import default_workers, without_huge_pages, worker_pool
 
@@ -146,6 +146,8 @@ def _split(ctx: PhaseContext, workers: int | None, chunk_bytes: int, stack: Exit
     laps("scan")
 
     # 2. dedup ------------------------------------------------------------------------
+    # the last split files go while this process searches with a core to spare (_write waits)
+    dropping = drop_in_background([ws.split_file(name) for name in SPLITS])
     duplicate_of = np.full(n, -1, np.int64)
     kind = np.zeros(n, np.int8)
     if data.dedup.exact:
@@ -270,6 +272,7 @@ def _split(ctx: PhaseContext, workers: int | None, chunk_bytes: int, stack: Exit
     scan.release(*_Scan.SEARCH_FIELDS)  # the check's keys take their place
     with _LeakageCheck(ws, settings, signed, known) as check:
         del signed, known
+        dropping.join()
         files = _write(source, blocks, scan, record_split, ws, ctx.progress, check, pool, log)
         for name in SPLITS:
             files[name]["records"] = counts[name]
@@ -1423,7 +1426,7 @@ def _write(source: Path, blocks: list[tuple[int, int]], scan: _Scan, record_spli
     """
     import numpy as np
 
-    outputs = [AtomicOutput(ws.split_file(name), drop_old=True) for name in SPLITS]
+    outputs = [AtomicOutput(ws.split_file(name)) for name in SPLITS]  # the last ones dropped after the scan
     count = np.array(scan.block_records, np.int64)
     first = np.cumsum(count) - count
     kept = record_split >= 0

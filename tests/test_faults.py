@@ -30,7 +30,7 @@ import yaml
 
 from factory.config import parse_config
 from factory.errors import UnsafePath
-from factory.io import AtomicOutput
+from factory.io import AtomicOutput, drop_in_background
 from factory.phase import Phase
 from factory.resources import validate
 from factory.runner import run_pipeline
@@ -989,7 +989,7 @@ def assert_disk_full(root: Path, point: Path, proc: subprocess.CompletedProcess)
 
 
 def test_a_large_output_that_drops_its_old_version_is_replaced_on_a_disk_with_room_for_one(tmpfs):
-    """format's and split's large outputs drop their last version when writing starts
+    """format's large output drops its last version when writing starts
     (AtomicOutput(drop_old=True)): 40 MB replaced on a 64 MB disk, where keeping the old file
     until the new one is complete runs out of space (and then keeps the old one whole)."""
     import errno
@@ -1009,6 +1009,24 @@ def test_a_large_output_that_drops_its_old_version_is_replaced_on_a_disk_with_ro
         for lo in range(0, len(new), 1 << 20):
             out.write(new[lo:lo + (1 << 20)])
     assert target.read_bytes() == new and [p.name for p in point.iterdir()] == ["all.jsonl"]
+
+
+def test_outputs_dropped_in_the_background_make_room_and_leave_nothing(tmpfs):
+    """The split drops its last split files while it searches (drop_in_background): moved
+    aside at once, removed by a thread, with what a killed run left aside; then a new 40 MB
+    file fits on the 64 MB disk that held a 40 MB old one."""
+    point = tmpfs("disk")
+    old, leftover, absent = point / "train.jsonl", point / ".val.jsonl.dropped", point / "test.jsonl"
+    old.write_bytes(b"old line\n" * ((40 << 20) // 9))
+    leftover.write_bytes(b"killed run\n")
+    dropping = drop_in_background([old, point / "val.jsonl", absent])
+    assert not old.exists()  # at once
+    dropping.join()
+    assert list(point.iterdir()) == []
+    with AtomicOutput(old) as out:
+        for _ in range(40):
+            out.write(b"x" * (1 << 20))
+    assert old.stat().st_size == 40 << 20
 
 
 def test_ctrl_c_while_an_output_opens_leaves_no_partial_file(tmp_path, monkeypatch):
