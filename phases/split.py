@@ -73,7 +73,10 @@ SPLITS = ("train", "val", "test")
 PAIRS = (("train", "val"), ("train", "test"), ("val", "test"))
 
 CHUNK_BYTES = 1 << 20
-"""The scan, the check and the write work on line-aligned blocks of about this size."""
+"""The scan and the check work on line-aligned blocks of about this size."""
+
+WRITE_BLOCKS = 2
+"""The write works on this many of the scan's blocks at a time."""
 
 MAX_STRATA_SHOWN = 100
 """Metrics list per-split counts for at most this many stratum values (the most frequent)."""
@@ -1427,7 +1430,11 @@ def _write(source: Path, blocks: list[tuple[int, int]], scan: _Scan, record_spli
     import numpy as np
 
     outputs = [AtomicOutput(ws.split_file(name)) for name in SPLITS]  # the last ones dropped after the scan
-    count = np.array(scan.block_records, np.int64)
+    # the scan's blocks, WRITE_BLOCKS a block: fewer, larger jobs (1.1 s against 1.2 for this step)
+    joined = np.arange(0, len(blocks), WRITE_BLOCKS)
+    count = np.add.reduceat(np.array(scan.block_records, np.int64), joined) if blocks else np.zeros(0, np.int64)
+    blanks = np.add.reduceat(np.array(scan.block_blanks, np.int64), joined).tolist() if blocks else []
+    blocks = [(blocks[b][0], blocks[min(b + WRITE_BLOCKS, len(blocks)) - 1][1]) for b in joined.tolist()]
     first = np.cumsum(count) - count
     kept = record_split >= 0
     size = np.zeros((len(blocks), len(SPLITS)), np.int64)  # of each block's piece of each file
@@ -1439,8 +1446,7 @@ def _write(source: Path, blocks: list[tuple[int, int]], scan: _Scan, record_spli
         partial, complete = tuple(str(o.partial) for o in outputs), tuple(str(o.path) for o in outputs)
         jobs = [(str(source), start, end, record_split[a:a + n].tobytes(), scan.offset[a:a + n].tobytes(), blank,
                  partial, complete, place[b].tolist(), size[b].tolist(), check.known is not None, check.signed is None)
-                for b, ((start, end), a, n, blank) in enumerate(zip(blocks, first.tolist(), count.tolist(),
-                                                                    scan.block_blanks))]
+                for b, ((start, end), a, n, blank) in enumerate(zip(blocks, first.tolist(), count.tolist(), blanks))]
         digested = []  # in order: the one helper thread takes each block's after the last
         for b, parts in enumerate(_map_blocks(_write_block, jobs, check.settings, 1, log, pool)):
             for part in parts:
