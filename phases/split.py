@@ -587,9 +587,9 @@ def _turns(lines: list[bytes], role: str | None) -> tuple[array, list[str], list
 def _user_turns(texts: list[bytes], key: np.ndarray, record: np.ndarray, settings: Settings, near: bool,
                 sign: bool = True) -> dict[str, Any]:
     """Keys of the normalized user turns `texts` (their keys `key`) of at least min_turn_words
-    words and, with `near`, the rows for the near-duplicate search: each distinct one of at
-    least near_min_words words (its first occurrence), with (`sign`) its LSH band keys, sketch
-    and n-gram hashes."""
+    words, each with whether it is long enough to search (`turn_near`), and, with `near`, the
+    rows for the near-duplicate search: each distinct one of at least near_min_words words (its
+    first occurrence), with (`sign`) its LSH band keys, sketch and n-gram hashes."""
     import numpy as np
     from factory import textsim
 
@@ -597,6 +597,7 @@ def _user_turns(texts: list[bytes], key: np.ndarray, record: np.ndarray, setting
     words = textsim.word_counts(texts)
     counted = np.flatnonzero(words >= s.min_turn_words)  # with 0, an empty turn too: it is shared like any other
     result = {"turn_record": record[counted].tobytes(), "turn_key": key[counted].tobytes(),
+              "turn_near": (words[counted] >= max(1, s.near_min_words) if near else np.zeros(counted.size, bool)).tobytes(),
               "near_record": b"", "near_key": b"", "near_bands": b"", "near_sketch": b"", "near_ngrams": b"",
               "near_ngram_count": b""}
     if near:
@@ -766,9 +767,10 @@ class _Scan:
     large array grows by remapping its pages, not by a copy: no second copy at the end)."""
 
     FIELDS = ("exact", "prompt", "prompt_sum", "norm", "offset", "length", "line", "stratum")
-    TURN_FIELDS = {"turn_record": "q", "turn_key": "Q", "near_record": "q", "near_key": "Q", "near_bands": "Q",
-                   "near_sketch": "B", "hit_record": "q", "hit_kind": "b", "hit_benchmark": "q"}
-    SEARCH_FIELDS = ("exact", "prompt", "prompt_sum", "norm", "turn_record", "turn_key", "near_record", "near_key")
+    TURN_FIELDS = {"turn_record": "q", "turn_key": "Q", "turn_near": "b", "near_record": "q", "near_key": "Q",
+                   "near_bands": "Q", "near_sketch": "B", "hit_record": "q", "hit_kind": "b", "hit_benchmark": "q"}
+    SEARCH_FIELDS = ("exact", "prompt", "prompt_sum", "norm", "turn_record", "turn_key", "turn_near", "near_record",
+                     "near_key")
     """The keys for de-duplication and grouping, not needed once records are assigned (the
     near-duplicate search lets go of near_bands and near_sketch itself)."""
 
@@ -1450,6 +1452,9 @@ def _write(source: Path, blocks: list[tuple[int, int]], scan: _Scan, record_spli
         digested = []  # in order: the one helper thread takes each block's after the last
         for b, parts in enumerate(_map_blocks(_write_block, jobs, check.settings, 1, log, pool)):
             for part in parts:
+                if "line_key" in part:  # the records written there, in order, for _KnownLines to verify
+                    part["scan_records"] = first[b] + np.flatnonzero(record_split[first[b]:first[b] + count[b]]
+                                                                     == part["job"][3])
                 check.add(part)
             digested.append(reader.submit(lambda upto: [o.written_elsewhere(e) for o, e in zip(outputs, upto)],
                                           ends[b].tolist()))
@@ -1620,36 +1625,37 @@ class _Signed:
 
 
 class _KnownLines:
-    """The keys of the counted user turns the scan found in each line of the formatted file,
-    found by the line's key (the seeded hash of its bytes, as exact de-duplication compares
-    lines). The split files hold lines of that file, unchanged: the check reads each line
-    back and keys it (_key_lines), and takes the user turns the scan parsed from the same
-    bytes, a function of the bytes alone, instead of parsing, normalizing and keying them
-    again (most of its work). A part with a line the scan did not read is checked afresh
-    (_check_block): the measurement does not rest on the lookup. For the near-duplicate
-    search, a text is one the scan searched (long enough) or none."""
+    """The keys of the counted user turns the scan found in each line of the formatted file.
+    The split files hold lines of that file, unchanged: the check reads each line back and
+    keys it (_key_lines), as exact de-duplication keys lines, and where every line of a part
+    has the key of the record the write put there (`scan_records`), takes the user turns the
+    scan parsed from the same bytes, a function of the bytes alone, instead of parsing,
+    normalizing and keying them again (most of its work). A part with any other line is
+    checked afresh (_check_block): the measurement does not rest on the lookup. For the
+    near-duplicate search, a text is one the scan searched (long enough) or none."""
 
     def __init__(self, scan: _Scan) -> None:
         import numpy as np
 
-        self.lines = _SortedKeys(scan.exact)  # of equal keys, any: the same bytes
+        self.exact = scan.exact
         self.turn_start = np.concatenate(([0], np.cumsum(np.bincount(scan.turn_record, minlength=scan.records))))
         self.turn_key = scan.turn_key
-        self.near_keys = _SortedKeys(scan.near_key)
+        self.turn_near = scan.turn_near.view(bool)
 
     def part(self, lines: dict[str, Any]) -> dict[str, Any] | None:
         """The part as _check_block gives it (the scan's signatures to be looked up), or None
-        where a line is not one the scan read."""
+        where a line is not the record the write put there."""
         import numpy as np
         from factory import textsim
 
-        record, found = self.lines.find(np.frombuffer(lines["line_key"], np.uint64))
-        if not found.all():
+        record = lines["scan_records"]
+        if record.size != lines["records"] or (self.exact[record] != np.frombuffer(lines["line_key"], np.uint64)).any():
             return None
         count = self.turn_start[record + 1] - self.turn_start[record]
-        key = self.turn_key[textsim.index_ranges(self.turn_start[record], count)]
+        turns = textsim.index_ranges(self.turn_start[record], count)
+        key = self.turn_key[turns]
         line_of_turn = np.repeat(np.arange(record.size), count)
-        near = np.flatnonzero(self.near_keys.find(key)[1])
+        near = np.flatnonzero(self.turn_near[turns])
         near = near[textsim.first_of_each(key[near])]
         offset = np.frombuffer(lines["line_offset"], np.int64)[line_of_turn]
         line = np.frombuffer(lines["line_line"], np.int64)[line_of_turn]
@@ -1758,6 +1764,7 @@ class _LeakageCheck:
         merged = {"job": keyed[0]["job"], "records": sum(p["records"] for p in keyed),
                   "lines": sum(p["lines"] for p in keyed),
                   "line_key": b"".join(p["line_key"] for p in keyed),
+                  "scan_records": np.concatenate([p["scan_records"] for p in keyed]),
                   "line_offset": b"".join(p["line_offset"] for p in keyed),
                   "line_line": np.concatenate([np.frombuffer(p["line_line"], np.int64) + before
                                                for p, before in zip(keyed, lines_before.tolist())]).tobytes()}
@@ -1858,7 +1865,8 @@ def _check_block(job: tuple[str, int, int, int, str | None, bool]) -> dict[str, 
 
 def _key_lines(job: tuple[str, int, int, int, str | None, bool]) -> dict[str, Any]:
     """Each line of a part of a split file keyed by its bytes, as the scan keys lines for
-    exact de-duplication (_KnownLines finds the record of the formatted file it copies)."""
+    exact de-duplication (_KnownLines compares it with the record of the formatted file the
+    write copied there)."""
     from factory import textsim
 
     path, start, end, split, complete, _ = job

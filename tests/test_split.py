@@ -1402,10 +1402,11 @@ def test_the_check_with_the_scans_signatures_finds_what_a_check_signing_everythi
 
 @pytest.mark.parametrize("batch", [8, split.KEYED_LINES], ids=["batches-of-8-lines", "one-batch"])
 def test_the_check_takes_the_turns_the_scan_read_by_line_and_parses_any_other_line(ws, monkeypatch, batch):
-    """With _KnownLines the check keys each line it reads back and takes the user turns the
-    scan parsed from the same bytes: a part of lines the scan read gives what parsing it gives
-    (_check_block); a part with a line the scan did not read is parsed afresh. Over split files
-    of both, looked up a few parts at a time or all at once, every user turn is found at the
+    """With _KnownLines the check keys each line it reads back and, where each is the record
+    the write says it put there, takes the user turns the scan parsed from the same bytes: a
+    part of such lines gives what parsing it gives (_check_block); a part with a line the scan
+    did not read, or another record than the one said, is parsed afresh. Over split files of
+    all three, looked up a few parts at a time or all at once, every user turn is found at the
     offset and line parsing finds it, and the leakage equals that of measure_leakage, which
     parses every line."""
     monkeypatch.setattr(split, "KEYED_LINES", batch)
@@ -1414,8 +1415,20 @@ def test_the_check_takes_the_turns_the_scan_read_by_line_and_parses_any_other_li
     write_input(ws, questions[::2] + unique_records(100))  # what the scan reads: every other question
     read = ws.formatted_file.read_bytes().splitlines(keepends=True)
     ws.splits_dir.mkdir(parents=True)
+    said = {}  # (split, offset of a line) -> the record of the formatted file the write would say is there
     for k, name in enumerate(SPLITS):  # lines the scan read, then others
-        ws.split_file(name).write_bytes(b"".join(read[k::3] + [orjson.dumps(r) + b"\n" for r in questions[1::2][k::3]]))
+        lines = read[k::3] + [orjson.dumps(r) + b"\n" for r in questions[1::2][k::3]]
+        records = list(range(k, len(read), 3)) + [0] * (len(lines) - len(read[k::3]))
+        records[7] = records[8]  # a line the scan read, said to be another
+        ws.split_file(name).write_bytes(b"".join(lines))
+        offsets = np.cumsum([0] + [len(line) for line in lines[:-1]])
+        said.update({(k, int(offset)): r for offset, r in zip(offsets, records)})
+
+    def keyed(job):
+        part = split._key_lines(job)
+        part["scan_records"] = np.array([said[job[3], offset] for offset in np.frombuffer(part["line_offset"], np.int64)])
+        return part
+
     looked_up = parsed = 0
     with signatures_of_the_formatted_file(ws) as (settings, scan, signed):
         known = split._KnownLines(scan)
@@ -1425,13 +1438,13 @@ def test_the_check_takes_the_turns_the_scan_read_by_line_and_parses_any_other_li
                 path = ws.split_file(name)
                 for start, end in split._blocks(path, 1 << 10):
                     job = (str(path), start, end, k, None, False)
-                    part = known.part(split._key_lines(job))
+                    part = known.part(keyed(job))
                     if part is None:
                         parsed += 1
                     else:
                         assert part == split._check_block(job)
                         looked_up += 1
-                    check.add(split._key_lines(job))
+                    check.add(keyed(job))
                     parsing.add(split._check_block(job))
             leakage = check.result()
             for field in ("split", "key", "offset", "line"):  # each user turn, where it is, in file order
