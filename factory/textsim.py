@@ -409,17 +409,9 @@ def band_candidates(keys: np.ndarray, keep: Callable[[np.ndarray, np.ndarray], n
         return distinct(low[low != high] * m + high[low != high])
 
     def band_pairs(k: int) -> tuple[np.ndarray, Callable[[], np.ndarray]]:
-        # most rows are alone in a band and cannot pair: only the others are searched
-        order = maybe_shared(keys[:, k])
-        # one sort of (key, row) packed in 64 bits, the row in the key's low bits: a bucket's
-        # rows come in row order (its first member is its smallest row). Keys that differ only
-        # in those bits share a bucket (about 2^-44 per pair of rows at 1M): a candidate more,
-        # measured as any other
-        bits = np.uint64(max(1, (m - 1).bit_length()))
-        packed_rows = np.sort(keys[order, k] >> bits << bits | order.astype(np.uint64))
-        order = (packed_rows & ~(~np.uint64(0) << bits)).astype(np.int64)
-        sorted_keys = packed_rows >> bits
-        del packed_rows
+        # a bucket's rows come in row order (its first member is its smallest row). Keys that
+        # differ only in their low bits share a bucket: a candidate more, measured as any other
+        order, sorted_keys = _packed_sort(keys[:, k])
         repeated = sorted_keys[1:] == sorted_keys[:-1]
         shared = np.zeros(order.size, bool)
         shared[1:] = repeated
@@ -482,17 +474,25 @@ def band_candidates(keys: np.ndarray, keep: Callable[[np.ndarray, np.ndarray], n
 
 def maybe_shared(keys: np.ndarray) -> np.ndarray:
     """The rows (sorted) whose key may be another row's: every row that shares its key, and
-    a fifth of the others or fewer. Keys (well-mixed 64-bit) are placed by their low bits in a
-    table of 4 slots or more per row; a row is kept when another row lands in its slot. Three
-    passes over the rows instead of a sort of them all: 27 ms against 63 for 750,000 rows."""
-    slots = 1 << (4 * keys.size - 1).bit_length()
-    slot = (keys & np.uint64(slots - 1)).astype(np.intp)
-    rows = np.arange(keys.size, dtype=np.int32)
-    last = np.empty(slots, np.int32)
-    last[slot] = rows  # of the rows in a slot, the last one's number stays
-    crowded = np.zeros(slots, bool)
-    crowded[slot[last[slot] != rows]] = True
-    return np.flatnonzero(crowded[slot])
+    rarely another (keys alike in all but their low bits: see _packed_sort). 11 ms for
+    750,000 rows, where a table of slots, placed by the keys' low bits, took 33 (its random
+    writes miss the cache; numpy's sort of 64-bit integers is vectorized)."""
+    rows, sorted_keys = _packed_sort(keys)
+    repeated = sorted_keys[1:] == sorted_keys[:-1]
+    shared = np.zeros(keys.size, bool)
+    shared[1:] = repeated
+    shared[:-1] |= repeated
+    return np.sort(rows[shared])
+
+
+def _packed_sort(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, keys) in key order (a key's rows in row order), from one sort of (key, row)
+    packed in 64 bits, the row in the key's low bits, which the keys give up (the keys
+    returned are shifted right by as many bits): keys that differ only there sort as equal
+    (about 2^-44 per pair of rows at 1M rows)."""
+    bits = np.uint64(max(1, (keys.size - 1).bit_length()))
+    packed = np.sort(keys >> bits << bits | np.arange(keys.size, dtype=np.uint64))
+    return (packed & ~(~np.uint64(0) << bits)).astype(np.int64), packed >> bits
 
 
 def first_of_each(keys: np.ndarray) -> np.ndarray:
