@@ -18,7 +18,7 @@ from factory import modeling, scoring
 from factory.chat import is_plain_text, last_user_text, messages as chat_messages, reference
 from factory.config import FactoryConfig
 from factory.errors import InputError
-from factory.io import file_digest
+from factory.fingerprint import HashCache
 from factory.phase import PhaseContext
 from factory.workspace import Workspace
 
@@ -194,4 +194,4 @@ def perplexity(loss: float) -> float | None:
 
 
 def split_identity(ws: Workspace, path: Path) -> dict[str, str]:
-    return {"file": ws.rel(path), "xxh3_128": file_digest(path)}
+    return {"file": ws.rel(path), "xxh3_128": HashCache(ws).file_digest(path)}  # known to the run: not read again

@@ -46,7 +46,7 @@ from factory.config import SHARDING_STRATEGIES, FactoryConfig
 from factory.chat import named_templates
 from factory.errors import InputError
 from factory.fingerprint import HashCache, base_model_identity
-from factory.io import file_digest, write_json
+from factory.io import write_json
 from factory.phase import TRAINING_LIBRARIES, Phase, PhaseContext
 from factory.workspace import Workspace, output_folder, staged_dir
 
@@ -197,9 +197,9 @@ def run(ctx: PhaseContext) -> dict[str, Any]:
                         "end_of_turn_appended": chat.eot_appended, "stop_token_ids": chat.stop_token_ids,
                         "pad_token": chat.tokenizer.pad_token, "instruction_part": chat.instruction_part,
                         "response_part": chat.response_part},
-        "train_xxh3_128": file_digest(train_file),
+        "train_xxh3_128": HashCache(ws).file_digest(train_file),  # known to the run: not read again
         "val_records": len(val_records),
-        "val_xxh3_128": file_digest(val_file) if val_records else None,
+        "val_xxh3_128": HashCache(ws).file_digest(val_file) if val_records else None,
     }
 
 
@@ -853,10 +853,10 @@ def _fingerprint(cfg: FactoryConfig, ws: Workspace, train_file: Path, val_file: 
     digest.update(orjson.dumps(sections, option=orjson.OPT_SORT_KEYS))
     # model.name can stay while the model changes (a folder rebuilt, a new hub commit): a
     # checkpoint's adapter fits the weights it was trained on only
-    digest.update(base_model_identity(cfg, ws, HashCache(ws)).encode())
+    cache = HashCache(ws)  # the run's digests: the split files are not read again, nor held whole in memory
+    digest.update(base_model_identity(cfg, ws, cache).encode())
     digest.update(repr(resolved).encode())
-    digest.update(train_file.read_bytes())
-    digest.update(val_file.read_bytes() if val_file.exists() else b"")
+    digest.update(f"{cache.path_digest(train_file)}\0{cache.path_digest(val_file)}".encode())
     return digest.hexdigest()
 
 

@@ -2,6 +2,8 @@
 gates stop the run, status stays schema-valid, and a final state is written on SIGTERM and
 Ctrl-C in a real subprocess."""
 
+import builtins
+import io
 import json
 import signal
 import subprocess
@@ -217,3 +219,35 @@ def test_an_output_is_hashed_as_it_is_written_and_read_again_once_changed(ws, mo
     path.write_bytes(b"changed\n")
     assert fingerprint.HashCache(ws).file_digest(path) == xxhash.xxh3_128(b"changed\n").hexdigest()
     assert reads == [path]
+
+
+def test_the_model_phases_take_a_split_files_digest_from_the_runs_hash_cache(ws, monkeypatch):
+    """baseline and evaluate name the test split by its digest, finetune the train and val
+    splits (and its checkpoints' fingerprint by theirs): the digest the runner's hash cache
+    holds, not the file read again (a 700 MB train split at 1M records, which the checkpoint
+    fingerprint also held whole in memory); a split changed since is read."""
+    from factory import evaluation, fingerprint
+
+    path = ws.split_file("test")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b'{"conversations": []}\n' * 100)
+    monkeypatch.setattr(fingerprint, "RACY_SECONDS", 0.0)  # as if written a while ago: the cache keeps it
+    cache = fingerprint.HashCache(ws)
+    cache.file_digest(path)  # as the runner fingerprints the phase's inputs
+    cache.save()
+    expected = xxhash.xxh3_128(path.read_bytes()).hexdigest()
+    reads = []
+    real_open = io.open
+
+    def opened(file, *args, **kwargs):  # any read of the split, by whatever function
+        if Path(str(file)) == path:
+            reads.append(path)
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(io, "open", opened)
+    monkeypatch.setattr(builtins, "open", opened)
+    assert evaluation.split_identity(ws, path)["xxh3_128"] == expected
+    assert reads == []
+    monkeypatch.undo()
+    path.write_bytes(b'{"conversations": []}\n')
+    assert evaluation.split_identity(ws, path)["xxh3_128"] == xxhash.xxh3_128(b'{"conversations": []}\n').hexdigest()
